@@ -1,0 +1,1 @@
+"""Quantizers, integer checkpoints, fake-quant / DRQ / integer-only runtimes and evaluation."""

@@ -1,0 +1,179 @@
+"""Finding quantizable layers in a ``torch.export`` GraphModule and rewriting around them.
+
+An exported program's ``.module()`` has no ``nn.Conv2d`` modules to hook: its layers are aten
+calls (``aten.conv2d``, ``aten.linear``, ``aten.convolution`` after decompositions) whose weight
+argument is a ``get_attr`` of the original parameter FQN (``features.0.weight``). A layer is
+named by that FQN minus ``.weight`` (torchao-style FQN keys), which is what plans, sensitivity
+tables and checkpoints use.
+
+To act on a layer's input (activation quantization, activation-Hessian probes, DRQ), a small
+``nn.Module`` is inserted as a ``call_module`` node between the input and the op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+_CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+_LINEAR_OPS = {aten.linear.default}
+# (op, index of the eps argument, index of the training flag or None)
+_BN_OPS = {
+    aten.batch_norm.default: (7, 5),
+    aten._native_batch_norm_legit_no_training.default: (6, None),
+    aten._native_batch_norm_legit.default: (7, 5),
+    aten._native_batch_norm_legit_functional.default: (7, 5),
+}
+
+
+@dataclass(frozen=True)
+class GraphLayer:
+    """Static facts about one quantizable op in an exported graph."""
+
+    name: str  # parameter FQN prefix, e.g. "features.0"
+    kind: str  # "conv1d" | "conv2d" | "linear"
+    node: str  # fx node name of the op
+    weight: str  # FQN of the weight parameter
+    bias: str | None  # FQN of the bias parameter, if any
+    weight_shape: tuple[int, ...]
+    groups: int = 1
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    bn: str | None = None  # FQN prefix of the BatchNorm applied directly to the output
+    bn_eps: float | None = None
+    bn_training: bool = False  # the BN node was exported in training mode
+
+
+def _attr_target(node: object) -> str | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return str(node.target)
+    return None
+
+
+def _tuple(v: object, n: int, default: int) -> tuple[int, ...]:
+    if v is None:
+        return (default,) * n
+    if isinstance(v, int):
+        return (v,) * n
+    t = tuple(int(x) for x in v)  # type: ignore[union-attr]
+    return t * n if len(t) == 1 else t
+
+
+def _conv_args(node: fx.Node, nd: int) -> dict:
+    a = list(node.args) + [None] * 8
+    kw = node.kwargs
+    stride = _tuple(kw.get("stride", a[3]), nd, 1)
+    raw_padding = kw.get("padding", a[4])
+    padding = raw_padding if isinstance(raw_padding, str) else _tuple(raw_padding, nd, 0)
+    dilation = _tuple(kw.get("dilation", a[5]), nd, 1)
+    groups = int(kw.get("groups", a[6]) or 1)
+    return {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+
+
+def _classify(node: fx.Node, params: Mapping[str, torch.Tensor]) -> GraphLayer | None:
+    if node.op != "call_function":
+        return None
+    target = node.target
+    weight = _attr_target(node.args[1]) if len(node.args) > 1 else None
+    if weight is None or weight not in params:
+        return None
+    bias = _attr_target(node.args[2]) if len(node.args) > 2 else None
+    shape = tuple(params[weight].shape)
+    name = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+    if target in _LINEAR_OPS:
+        return GraphLayer(name, "linear", node.name, weight, bias, shape)
+    if target in _CONV_OPS:
+        nd = _CONV_OPS[target]
+        if nd == 3:
+            return None
+        return GraphLayer(name, f"conv{nd}d", node.name, weight, bias, shape, **_conv_args(node, nd))
+    if target == aten.convolution.default:
+        # (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        a = node.args
+        if a[6]:  # transposed convolutions are not quantized
+            return None
+        nd = len(shape) - 2
+        if nd not in (1, 2):
+            return None
+        return GraphLayer(
+            name, f"conv{nd}d", node.name, weight, bias, shape,
+            groups=int(a[8]), stride=_tuple(a[3], nd, 1), padding=_tuple(a[4], nd, 0),
+            dilation=_tuple(a[5], nd, 1),
+        )
+    return None
+
+
+def _following_bn(node: fx.Node) -> tuple[str | None, float | None, bool]:
+    users = list(node.users)
+    if len(users) != 1:
+        return None, None, False
+    user = users[0]
+    if user.op != "call_function" or user.target not in _BN_OPS or user.args[0] is not node:
+        return None, None, False
+    eps_index, train_index = _BN_OPS[user.target]
+    weight = _attr_target(user.args[1])
+    mean = _attr_target(user.args[3])
+    if weight is None or mean is None:
+        return None, None, False
+    training = bool(user.args[train_index]) if train_index is not None else False
+    return weight[: -len(".weight")], float(user.args[eps_index]), training
+
+
+def find_layers(gm: fx.GraphModule) -> list[GraphLayer]:
+    """All Conv1d/Conv2d/Linear ops of ``gm`` in graph order, with the BN that follows each.
+
+    A weight used by several ops (weight sharing) is reported once, at its first use.
+    """
+    params = dict(gm.named_parameters())
+    layers: list[GraphLayer] = []
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        layer = _classify(node, params)
+        if layer is None or layer.weight in seen:
+            continue
+        seen.add(layer.weight)
+        bn, eps, training = _following_bn(node)
+        if bn is not None:
+            layer = GraphLayer(**{**layer.__dict__, "bn": bn, "bn_eps": eps, "bn_training": training})
+        layers.append(layer)
+    return layers
+
+
+def node_by_name(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(f"no node named {name!r} in the graph")
+
+
+def module_name(layer_name: str, prefix: str) -> str:
+    """A submodule name that cannot collide with the model's own FQNs."""
+    return f"_bitplan_{prefix}_" + layer_name.replace(".", "_")
+
+
+def insert_input_modules(
+    gm: fx.GraphModule, layers: list[GraphLayer], modules: Mapping[str, nn.Module], prefix: str
+) -> fx.GraphModule:
+    """Insert ``modules[layer.name]`` on the input of each listed layer's op, in place.
+
+    Only the layer's own use of the input is rewired; other consumers still see the original
+    tensor. Returns ``gm`` (recompiled).
+    """
+    for layer in layers:
+        if layer.name not in modules:
+            continue
+        op = node_by_name(gm, layer.node)
+        target = module_name(layer.name, prefix)
+        gm.add_submodule(target, modules[layer.name])
+        with gm.graph.inserting_before(op):
+            new = gm.graph.call_module(target, (op.args[0],))
+        op.args = (new,) + tuple(op.args[1:])
+    gm.graph.lint()
+    gm.recompile()
+    return gm

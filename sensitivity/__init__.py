@@ -1,0 +1,1 @@
+"""Model intake, Hessian-trace sensitivity and DRQ region calibration."""

@@ -1,0 +1,173 @@
+"""Small reference models and real data (scikit-learn's bundled digits) for tests, benchmarks
+and the demo. Nothing here downloads anything.
+
+``digits_data`` gives 1797 real 8x8 handwritten digits (optionally resized), normalised to
+[0, 1]; the models are tiny enough to train in a few seconds on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+
+def digits_data(image_size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N, 1, S, S] float32 in [0, 1], labels [N] int64), shuffled with ``seed``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    return x[perm].contiguous(), y[perm].contiguous()
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class DigitsCNN(nn.Module):
+    """conv-BN-ReLU x2, global average pool, linear."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class DigitsResNet(nn.Module):
+    """A stem, one residual basic block (add of two requantised branches), pool, linear."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem_bn(self.stem(x)))
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        x = F.relu(x + y)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNet18Like(nn.Module):
+    """ResNet-18 topology for 32x32 inputs (CIFAR stem): 21 conv/linear layers."""
+
+    def __init__(self, width: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, cin = [], width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            cout = width * mult
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 15,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> nn.Module:
+    """Deterministic Adam training; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = perm[i : i + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(dim=1) == y).float().mean())
+
+
+def export(
+    model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch dimension unless ``dynamic_batch`` is False."""
+    shapes = None
+    if dynamic_batch:
+        shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
+    return torch.export.export(model.eval(), (example,), dynamic_shapes=shapes)
+
+
+def save_model(model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True) -> Path:
+    path = Path(path)
+    torch.export.save(export(model, example, dynamic_batch), str(path))
+    return path
+
+
+def save_calibration(path: str | Path, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
+    """Write a calibration file in bitplan's format: ``inputs`` and optional ``labels``."""
+    path = Path(path)
+    tensors = {"inputs": inputs.contiguous()}
+    if labels is not None:
+        tensors["labels"] = labels.contiguous()
+    save_file(tensors, str(path))
+    return path

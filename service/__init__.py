@@ -1,0 +1,1 @@
+"""bitplan service: REST API, job store, task queue, pipeline and CLI."""
