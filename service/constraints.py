@@ -1,0 +1,166 @@
+"""The constraints of a request (``POST /plan``'s ``constraints`` field, ``bitplan plan``'s flags).
+
+Exactly the schema of DESIGN.md "Constraints", version 1. Every field but ``limits`` has a
+default; unknown fields, non-positive or non-finite numbers, bit widths outside 2..8 and
+contradictory limits are refused with a message naming the field. Units: MB = 1e6 bytes,
+``bops_g`` = 1e9 bit operations per sample, latency in milliseconds; ``*_ratio`` limits are
+relative to the same model with every candidate layer at INT8 weights and activations.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from solver.errors import BadConstraintsError
+
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Bits = Annotated[int, Field(ge=2, le=8)]
+
+RESOURCES = ("size", "bops", "latency")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    """Upper bounds on the quantized model. Give at least one; per resource either the absolute
+    limit or the ratio, not both."""
+
+    size_mb: Positive | None = Field(None, description="packed weights + scales, MB = 1e6 bytes")
+    bops_g: Positive | None = Field(None, description="1e9 bit operations per sample")
+    latency_ms: Positive | None = Field(None, description="needs hardware or latency_table")
+    size_ratio: Positive | None = Field(None, description="fraction of the all-INT8 size")
+    bops_ratio: Positive | None = Field(None, description="fraction of the all-INT8 BOPS")
+    latency_ratio: Positive | None = Field(None, description="fraction of the all-INT8 latency")
+
+    @model_validator(mode="after")
+    def _one_per_resource(self) -> Limits:
+        given = 0
+        for absolute, ratio in (
+            ("size_mb", "size_ratio"),
+            ("bops_g", "bops_ratio"),
+            ("latency_ms", "latency_ratio"),
+        ):
+            a, r = getattr(self, absolute), getattr(self, ratio)
+            if a is not None and r is not None:
+                raise ValueError(f"give {absolute} or {ratio}, not both")
+            given += (a is not None) + (r is not None)
+        if given == 0:
+            raise ValueError(
+                "give at least one limit: size_mb, bops_g, latency_ms or a *_ratio of the "
+                "all-INT8 model"
+            )
+        return self
+
+    @property
+    def wants_latency(self) -> bool:
+        return self.latency_ms is not None or self.latency_ratio is not None
+
+
+class DRQ(_Strict):
+    """Region-based activation precision (used when activation_bits allows less than 8)."""
+
+    enabled: bool = True
+    region_sizes: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        default_factory=lambda: [2, 4, 8], min_length=1, max_length=8
+    )
+    sensitive_fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.5], min_length=1, max_length=16
+    )
+
+    @field_validator("region_sizes", "sensitive_fractions")
+    @classmethod
+    def _unique_sorted(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError("values must be distinct")
+        return sorted(v)
+
+
+class Pin(_Strict):
+    """Weight bits forced on the first / last quantizable layer (null: not pinned)."""
+
+    first: Bits | None = 8
+    last: Bits | None = 8
+
+
+class Hessian(_Strict):
+    """Hutchinson trace estimation: stop when every layer's running mean moves less than
+    ``tol`` (relative) or after ``max_iter`` Hessian-vector products."""
+
+    max_iter: int = Field(200, ge=1, le=100_000)
+    tol: float = Field(0.05, gt=0, lt=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class Constraints(_Strict):
+    """A request's constraints (DESIGN.md "Constraints", version 1)."""
+
+    version: Literal[1] = 1
+    limits: Limits
+    weight_bits: list[Bits] = Field(default_factory=lambda: [4, 8], min_length=1, max_length=7)
+    activation_bits: list[Bits] = Field(default_factory=lambda: [8], min_length=1, max_length=7)
+    drq: DRQ = Field(default_factory=DRQ)
+    pin: Pin = Field(default_factory=Pin)
+    hardware: str | None = Field(None, min_length=1, max_length=64)
+    latency_table: dict[str, dict[str, Positive]] | None = None
+    hessian: Hessian = Field(default_factory=Hessian)
+
+    @field_validator("weight_bits", "activation_bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("bit widths must be distinct")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Constraints:
+        if self.limits.wants_latency and self.hardware is None and self.latency_table is None:
+            raise ValueError(
+                "a latency limit needs a hardware profile (hardware) or a latency_table"
+            )
+        if self.hardware is not None and self.latency_table is not None:
+            raise ValueError("give hardware or latency_table, not both")
+        if self.latency_table is not None and not self.latency_table:
+            raise ValueError("latency_table is empty")
+        return self
+
+    @property
+    def uses_drq(self) -> bool:
+        """DRQ regions are calibrated only when enabled and some activations may go below 8."""
+        return self.drq.enabled and min(self.activation_bits) < 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _messages(exc: ValidationError) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "constraints"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (see the constraints schema in the README)"
+        out.append({"field": loc, "message": msg})
+    return out
+
+
+def parse_constraints(raw: str | bytes | dict[str, Any]) -> Constraints:
+    """Validate a constraints document (JSON text or a dict). Raises BadConstraintsError with
+    one ``{field, message}`` per problem in ``detail``."""
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadConstraintsError(f"constraints are not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BadConstraintsError("constraints must be a JSON object with at least 'limits'")
+    try:
+        return Constraints.model_validate(raw)
+    except ValidationError as exc:
+        problems = _messages(exc)
+        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise BadConstraintsError(f"invalid constraints: {text}", detail=problems) from None

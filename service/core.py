@@ -1,0 +1,131 @@
+"""What the routes call: submit a plan request, read jobs, cancel, find artifacts.
+
+The routes translate HTTP into these calls and typed errors back into HTTP; everything with
+state (files, the job store, the queue) happens here or below.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from solver.errors import NotFoundError
+
+from . import jobs as J
+from .constraints import parse_constraints
+from .errors import ConflictError
+from .jobs import Job, JobStore, is_job_id, new_job_id
+from .queue import JobQueue
+from .settings import Settings
+from .uploads import receive_plan_upload
+from .validation import validate_submission
+
+log = logging.getLogger(__name__)
+
+# artifact name -> (file name in the job's output directory, media type)
+ARTIFACTS: dict[str, tuple[str, str]] = {
+    "plan": ("plan.json", "application/json"),
+    "report": ("report.json", "application/json"),
+    "checkpoint": ("model.safetensors", "application/octet-stream"),
+    "sensitivity": ("sensitivity.json", "application/json"),
+}
+
+
+class BitplanService:
+    """The service's state: settings, job store and queue."""
+
+    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BitplanService:
+        store = JobStore(settings.resolved_database_url)
+        return cls(settings, store, JobQueue(settings, store))
+
+    def job_dir(self, job_id: str) -> Path:
+        if not is_job_id(job_id):  # ids become directory names: never anything path-like
+            raise NotFoundError(f"no job {job_id!r}")
+        return self.settings.jobs_dir / job_id
+
+    async def submit(
+        self,
+        content_type: str | None,
+        content_length: str | None,
+        body: AsyncIterator[bytes],
+    ) -> Job:
+        """Stream the upload into a new job directory, validate it, record and enqueue the job.
+
+        Raises TooLargeError, BadRequestError, BadModelError, BadCalibrationError,
+        BadConstraintsError; nothing is kept on disk when it raises.
+        """
+        job_id = new_job_id()
+        job_dir = self.job_dir(job_id)
+        upload_dir = job_dir / "upload"
+        upload_dir.mkdir(parents=True)
+        try:
+            upload = await receive_plan_upload(
+                content_type, content_length, body, upload_dir, self.settings.max_upload_bytes
+            )
+            constraints = parse_constraints(upload.fields["constraints"])
+            await run_in_threadpool(
+                validate_submission,
+                upload.files["model"],
+                upload.files["calibration"],
+                constraints,
+                self.settings.holdout_fraction,
+                self.settings.max_upload_bytes,
+            )
+            job = self.store.create(
+                job_id,
+                constraints.to_dict(),
+                str(upload.files["model"].resolve()),
+                str(upload.files["calibration"].resolve()),
+                str((job_dir / "out").resolve()),
+                model_name=upload.filenames.get("model"),
+            )
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        self.queue.enqueue(job_id)
+        log.info("job %s queued (%d bytes uploaded)", job_id, upload.total_bytes)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def list(self, offset: int, limit: int, status: str | None) -> tuple[list[Job], int]:
+        return self.store.list(offset, limit, status)
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job. Raises NotFoundError, ConflictError (finished)."""
+        job = self.store.get(job_id)
+        if not self.queue.cancel(job_id):
+            job = self.store.get(job_id)
+            raise ConflictError(f"job {job_id} has already {job.status}; nothing to cancel")
+        return self.store.get(job.id)
+
+    def artifact(self, job_id: str, name: str) -> tuple[Path, str]:
+        """(path, media type) of a finished job's artifact.
+
+        Raises NotFoundError, ConflictError when the job has not produced it (yet).
+        """
+        job = self.store.get(job_id)
+        filename, media_type = ARTIFACTS[name]
+        path = Path(job.out_dir) / filename
+        # The plan of an infeasible job exists (it carries the diagnosis); other artifacts only
+        # exist for succeeded jobs.
+        if path.is_file() and (job.status == J.SUCCEEDED or name == "plan"):
+            return path, media_type
+        if job.status in J.ACTIVE:
+            raise ConflictError(f"job {job_id} is {job.status}; the {name} is not ready yet")
+        raise NotFoundError(f"job {job_id} {job.status} without a {name}")
+
+    def close(self) -> None:
+        self.store.close()

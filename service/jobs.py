@@ -1,0 +1,408 @@
+"""The job store: one table of jobs in SQLAlchemy 2.x (SQLite by default, PostgreSQL by URL).
+
+This is the only module that talks SQL. Every state change is one conditional UPDATE
+(``... WHERE status IN (...)``) so that concurrent workers, the API and the reaper never move a
+job backwards: a cancelled job stays cancelled even if its pipeline finishes a moment later, and
+only one worker can claim a queued job.
+
+States: ``queued -> running -> succeeded | failed | cancelled``; ``running -> queued`` when a
+worker died and the job gets another attempt; ``queued -> cancelled``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from solver.errors import NotFoundError
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+ACTIVE = (QUEUED, RUNNING)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+def new_job_id() -> str:
+    """A fresh job id: 32 lowercase hex digits (uuid4)."""
+    return uuid.uuid4().hex
+
+
+def is_job_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes even for timezone=True columns; they were stored as UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class JobRow(_Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str | None] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_detail: Mapped[Any] = mapped_column(JSON, nullable=True)
+    constraints: Mapped[Any] = mapped_column(JSON)
+    model_name: Mapped[str | None] = mapped_column(String(255))
+    model_path: Mapped[str] = mapped_column(Text)
+    calib_path: Mapped[str] = mapped_column(Text)
+    out_dir: Mapped[str] = mapped_column(Text)
+    summary: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A detached snapshot of one job row (times are timezone-aware UTC)."""
+
+    id: str
+    status: str
+    stage: str | None
+    progress: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    attempts: int
+    error_code: str | None
+    error_message: str | None
+    error_detail: Any
+    constraints: Any
+    model_name: str | None
+    model_path: str
+    calib_path: str
+    out_dir: str
+    summary: Any
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        if self.error_code is None:
+            return None
+        return {"code": self.error_code, "message": self.error_message, "detail": self.error_detail}
+
+    @classmethod
+    def _from_row(cls, row: JobRow) -> Job:
+        return cls(
+            id=row.id,
+            status=row.status,
+            stage=row.stage,
+            progress=row.progress,
+            created_at=_utc(row.created_at),
+            started_at=_utc(row.started_at),
+            finished_at=_utc(row.finished_at),
+            heartbeat_at=_utc(row.heartbeat_at),
+            attempts=row.attempts,
+            error_code=row.error_code,
+            error_message=row.error_message,
+            error_detail=row.error_detail,
+            constraints=row.constraints,
+            model_name=row.model_name,
+            model_path=row.model_path,
+            calib_path=row.calib_path,
+            out_dir=row.out_dir,
+            summary=row.summary,
+        )
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and a busy timeout so API and workers can share it."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class JobStore:
+    """Create, read and move jobs between states. Thread-safe (a session per call)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        _Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Reading --------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        """The job ``job_id``. Raises NotFoundError."""
+        with self._session() as s:
+            row = s.get(JobRow, job_id) if is_job_id(job_id) else None
+            if row is None:
+                raise NotFoundError(f"no job {job_id!r}: check the id returned by POST /plan")
+            return Job._from_row(row)
+
+    def list(
+        self, offset: int = 0, limit: int = 50, status: str | None = None
+    ) -> tuple[list[Job], int]:
+        """(jobs newest first, total count), optionally only those with ``status``."""
+        with self._session() as s:
+            query = select(JobRow)
+            count = select(func.count()).select_from(JobRow)
+            if status is not None:
+                query = query.where(JobRow.status == status)
+                count = count.where(JobRow.status == status)
+            query = query.order_by(JobRow.created_at.desc(), JobRow.id).offset(offset).limit(limit)
+            rows = s.scalars(query).all()
+            return [Job._from_row(r) for r in rows], int(s.scalar(count) or 0)
+
+    def ids_with_status(self, status: str, created_before: datetime | None = None) -> list[str]:
+        with self._session() as s:
+            query = select(JobRow.id).where(JobRow.status == status)
+            if created_before is not None:
+                query = query.where(JobRow.created_at < created_before)
+            return list(s.scalars(query.order_by(JobRow.created_at)).all())
+
+    def status(self, job_id: str) -> str | None:
+        with self._session() as s:
+            return s.scalar(select(JobRow.status).where(JobRow.id == job_id))
+
+    # Writing --------------------------------------------------------------------------------
+
+    def create(
+        self,
+        job_id: str,
+        constraints: dict[str, Any],
+        model_path: str,
+        calib_path: str,
+        out_dir: str,
+        model_name: str | None = None,
+    ) -> Job:
+        """Record a new queued job."""
+        row = JobRow(
+            id=job_id,
+            status=QUEUED,
+            stage=None,
+            progress=0.0,
+            created_at=_now(),
+            attempts=0,
+            constraints=constraints,
+            model_name=model_name,
+            model_path=model_path,
+            calib_path=calib_path,
+            out_dir=out_dir,
+        )
+        with self._session.begin() as s:
+            s.add(row)
+        return self.get(job_id)
+
+    def _transition(self, job_id: str, from_states: Iterable[str], **values: Any) -> bool:
+        with self._session.begin() as s:
+            result = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status.in_(tuple(from_states)))
+                .values(**values)
+            )
+            return result.rowcount == 1
+
+    def claim(self, job_id: str) -> Job | None:
+        """Move a queued job to running (one attempt more); None when it is not queued."""
+        now = _now()
+        with self._session.begin() as s:
+            result = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == QUEUED)
+                .values(
+                    status=RUNNING,
+                    started_at=now,
+                    heartbeat_at=now,
+                    attempts=JobRow.attempts + 1,
+                    stage="queued",
+                    progress=0.0,
+                )
+            )
+            if result.rowcount != 1:
+                return None
+        return self.get(job_id)
+
+    def update_progress(self, job_id: str, stage: str, progress: float) -> bool:
+        """Record progress (and a heartbeat); False when the job is no longer running."""
+        return self._transition(
+            job_id,
+            (RUNNING,),
+            stage=stage,
+            progress=min(max(float(progress), 0.0), 1.0),
+            heartbeat_at=_now(),
+        )
+
+    def heartbeat(self, job_id: str) -> bool:
+        """Mark the running job alive; False when it is no longer running."""
+        return self._transition(job_id, (RUNNING,), heartbeat_at=_now())
+
+    def mark_succeeded(self, job_id: str, summary: Any = None) -> bool:
+        return self._transition(
+            job_id,
+            (RUNNING,),
+            status=SUCCEEDED,
+            stage="done",
+            progress=1.0,
+            finished_at=_now(),
+            summary=summary,
+            error_code=None,
+            error_message=None,
+            error_detail=None,
+        )
+
+    def mark_failed(self, job_id: str, code: str, message: str, detail: Any = None) -> bool:
+        """Fail a queued or running job with an error ``{code, message, detail}``."""
+        return self._transition(
+            job_id,
+            ACTIVE,
+            status=FAILED,
+            finished_at=_now(),
+            error_code=code,
+            error_message=message,
+            error_detail=detail,
+        )
+
+    def mark_cancelled(self, job_id: str) -> bool:
+        """Cancel a queued or running job; False when it had already finished."""
+        return self._transition(
+            job_id,
+            ACTIVE,
+            status=CANCELLED,
+            finished_at=_now(),
+            error_code="cancelled",
+            error_message="the job was cancelled by a DELETE request",
+            error_detail=None,
+        )
+
+    def release(self, job_id: str) -> bool:
+        """Put a running job back in the queue without counting the attempt (worker shutdown)."""
+        return self._transition(
+            job_id,
+            (RUNNING,),
+            status=QUEUED,
+            stage="requeued",
+            progress=0.0,
+            started_at=None,
+            heartbeat_at=None,
+            attempts=JobRow.attempts - 1,
+        )
+
+    def requeue_stale(
+        self, stale_before: datetime, max_attempts: int
+    ) -> tuple[list[str], list[str]]:
+        """Running jobs whose last heartbeat is older than ``stale_before`` lost their worker.
+
+        Those with attempts left go back to queued; the others fail with code ``worker_lost``.
+        Returns (requeued ids, failed ids); the caller enqueues the requeued ones.
+        """
+        requeued, failed = [], []
+        with self._session() as s:
+            rows = s.execute(
+                select(JobRow.id, JobRow.attempts).where(
+                    JobRow.status == RUNNING, JobRow.heartbeat_at < stale_before
+                )
+            ).all()
+        for job_id, attempts in rows:
+            if attempts < max_attempts:
+                if self._transition(
+                    job_id,
+                    (RUNNING,),
+                    status=QUEUED,
+                    stage="requeued",
+                    progress=0.0,
+                    started_at=None,
+                    heartbeat_at=None,
+                ):
+                    requeued.append(job_id)
+            elif self._transition(
+                job_id,
+                (RUNNING,),
+                status=FAILED,
+                finished_at=_now(),
+                error_code="worker_lost",
+                error_message=(
+                    f"the worker running this job stopped responding {attempts} time(s); "
+                    "it is not retried again. Resubmit it, and check the worker's logs "
+                    "(out of memory?)"
+                ),
+                error_detail={"attempts": attempts},
+            ):
+                failed.append(job_id)
+        return requeued, failed
+
+    def fail_overdue(self, started_before: datetime, timeout_s: float) -> list[str]:
+        """Fail running jobs started before ``started_before`` (they exceeded the job timeout)."""
+        with self._session() as s:
+            ids = list(
+                s.scalars(
+                    select(JobRow.id).where(
+                        JobRow.status == RUNNING, JobRow.started_at < started_before
+                    )
+                ).all()
+            )
+        return [
+            job_id
+            for job_id in ids
+            if self._transition(
+                job_id,
+                (RUNNING,),
+                status=FAILED,
+                finished_at=_now(),
+                error_code="timeout",
+                error_message=(
+                    f"the job ran longer than BITPLAN_JOB_TIMEOUT_S={timeout_s:g} s; lower "
+                    "hessian.max_iter or the calibration size, or raise the timeout"
+                ),
+                error_detail={"timeout_s": timeout_s},
+            )
+        ]
+
+
+def age_cutoff(seconds: float) -> datetime:
+    """The instant ``seconds`` ago, for the stale / overdue queries."""
+    return _now() - timedelta(seconds=seconds)

@@ -1,0 +1,266 @@
+"""The task queue (Huey) and the worker that runs jobs.
+
+- ``make_huey(settings)``: ``SqliteHuey`` under the data directory (embedded, durable across
+  restarts) or ``RedisHuey`` when ``BITPLAN_REDIS_URL`` is set (workers on other machines run
+  the same code against the same Redis and job database).
+- ``JobQueue``: enqueue jobs and run one (``run_job``, the one Huey task) through the pipeline,
+  writing progress and heartbeats to the job store.
+- ``Worker``: a Huey consumer (``max_concurrent_jobs`` threads) plus a reaper that requeues jobs
+  whose worker died (stale heartbeat; once, then they fail with a reason), fails jobs that
+  exceed the job timeout, and re-enqueues queued jobs missing from the queue.
+
+Cancellation is cooperative: DELETE marks the job cancelled in the store; a queued job is then
+skipped when its task comes up, a running pipeline sees ``should_cancel()`` turn true at its
+next progress point and raises ``CancelledError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from huey import RedisHuey, SqliteHuey
+from huey.api import Huey
+
+from solver.errors import CancelledError
+
+from . import jobs as J
+from .errors import job_error
+from .jobs import JobStore, age_cutoff
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "bitplan.run_job"
+
+# Share of the whole job spent in each stage, for the job's overall progress 0..1.
+STAGE_WEIGHTS: dict[str, float] = {
+    "intake": 0.05,
+    "sensitivity": 0.45,
+    "regions": 0.10,
+    "solve": 0.10,
+    "quantize": 0.15,
+    "evaluate": 0.15,
+}
+
+Pipeline = Callable[..., Any]
+
+
+def overall_progress(stage: str, fraction: float) -> float:
+    """Progress of the whole job when ``stage`` is ``fraction`` done (stages in order)."""
+    done = 0.0
+    for name, weight in STAGE_WEIGHTS.items():
+        if name == stage:
+            return min(1.0, done + weight * min(max(fraction, 0.0), 1.0))
+        done += weight
+    return done
+
+
+def make_huey(settings: Settings) -> Huey:
+    """Huey on Redis when ``redis_url`` is set, else SQLite under ``data_dir``."""
+    if settings.redis_url:
+        return RedisHuey("bitplan", url=settings.redis_url, results=False)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return SqliteHuey("bitplan", filename=str(settings.queue_path), results=False)
+
+
+def _default_pipeline(*args: Any, **kwargs: Any) -> Any:
+    from .pipeline import run_pipeline  # torch and friends load only where jobs run
+
+    return run_pipeline(*args, **kwargs)
+
+
+class JobQueue:
+    """Enqueue jobs; run them (the Huey task ``run_job``) through ``pipeline``."""
+
+    def __init__(
+        self, settings: Settings, store: JobStore, pipeline: Pipeline | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.pipeline = pipeline or _default_pipeline
+        self.huey = make_huey(settings)
+        self.task = self.huey.task(name=TASK_NAME)(self.run_job)
+        self._stopping = threading.Event()
+        self._in_flight: set[str] = set()
+        self._lock = threading.Lock()
+
+    # Producer side ---------------------------------------------------------------------------
+
+    def enqueue(self, job_id: str) -> None:
+        self.task(job_id)
+
+    def pending_ids(self) -> set[str]:
+        """Job ids waiting in the queue (not yet taken by a worker)."""
+        return {t.args[0] for t in self.huey.pending() if t.name == TASK_NAME and t.args}
+
+    def cancel(self, job_id: str) -> bool:
+        """Mark a queued or running job cancelled; False when it had already finished."""
+        return self.store.mark_cancelled(job_id)
+
+    # Consumer side ---------------------------------------------------------------------------
+
+    def run_job(self, job_id: str) -> None:
+        """Run one job to a final state (the Huey task). Never raises for a job's failure."""
+        job = self.store.claim(job_id)
+        if job is None:
+            log.info("job %s skipped: it is %s", job_id, self.store.status(job_id))
+            return
+        with self._lock:
+            self._in_flight.add(job_id)
+        try:
+            self._run_claimed(job)
+        finally:
+            with self._lock:
+                self._in_flight.discard(job_id)
+
+    def _run_claimed(self, job: J.Job) -> None:
+        job_id = job.id
+        stop_beats = threading.Event()
+        lost = threading.Event()  # the store says the job is no longer running (cancel/timeout)
+
+        def beat() -> None:
+            while not stop_beats.wait(self.settings.heartbeat_interval_s):
+                if not self.store.heartbeat(job_id):
+                    lost.set()
+                    return
+
+        beater = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
+        beater.start()
+        last_write = [0.0, ""]
+
+        def progress(stage: str, fraction: float) -> None:
+            now = time.monotonic()
+            if stage == last_write[1] and fraction < 1.0 and now - last_write[0] < 0.5:
+                return
+            last_write[0], last_write[1] = now, stage
+            if not self.store.update_progress(job_id, stage, overall_progress(stage, fraction)):
+                lost.set()
+
+        last_check = [0.0]
+
+        def should_cancel() -> bool:
+            if lost.is_set() or self._stopping.is_set():
+                return True
+            now = time.monotonic()
+            if now - last_check[0] >= 0.25:
+                last_check[0] = now
+                if self.store.status(job_id) != J.RUNNING:
+                    lost.set()
+            return lost.is_set()
+
+        try:
+            result = self.pipeline(
+                Path(job.model_path),
+                Path(job.calib_path),
+                job.constraints,
+                Path(job.out_dir),
+                device=self.settings.torch_device(),
+                progress=progress,
+                should_cancel=should_cancel,
+                holdout_fraction=self.settings.holdout_fraction,
+            )
+        except CancelledError:
+            if self._stopping.is_set() and not lost.is_set() and self.store.release(job_id):
+                # The worker is shutting down, not the user: the job runs again later.
+                log.info("job %s put back in the queue (worker stopping)", job_id)
+                self.enqueue(job_id)
+            elif self.store.status(job_id) == J.RUNNING:
+                self.store.mark_cancelled(job_id)
+        except BaseException as exc:  # noqa: BLE001 - every failure must end the job
+            err = job_error(exc)
+            self.store.mark_failed(job_id, err["code"], err["message"], err["detail"])
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            summary = result.summary() if hasattr(result, "summary") else None
+            if not self.store.mark_succeeded(job_id, summary):
+                log.info("job %s finished but was %s meanwhile", job_id, self.store.status(job_id))
+        finally:
+            stop_beats.set()
+
+    # Recovery --------------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, list[str]]:
+        """Requeue orphaned running jobs (or fail them after ``max_attempts``), fail overdue
+        ones, and re-enqueue queued jobs that are missing from the queue."""
+        s = self.settings
+        overdue = self.store.fail_overdue(age_cutoff(s.job_timeout_s), s.job_timeout_s)
+        requeued, failed = self.store.requeue_stale(
+            age_cutoff(s.heartbeat_timeout_s), s.max_attempts
+        )
+        for job_id in requeued:
+            self.enqueue(job_id)
+        pending = self.pending_ids()
+        with self._lock:
+            mine = set(self._in_flight)
+        missing = [
+            job_id
+            for job_id in self.store.ids_with_status(J.QUEUED)
+            if job_id not in pending and job_id not in mine and job_id not in requeued
+        ]
+        for job_id in missing:
+            self.enqueue(job_id)
+        report = {"requeued": requeued, "failed": failed, "overdue": overdue, "missing": missing}
+        if any(report.values()):
+            log.warning("recovery: %s", report)
+        return report
+
+    def stop_jobs(self) -> None:
+        """Ask running pipelines to stop at their next progress point (worker shutdown)."""
+        self._stopping.set()
+
+
+class Worker:
+    """A Huey consumer running ``queue``'s jobs in threads, plus the periodic reaper."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        s = queue.settings
+        self.consumer = queue.huey.create_consumer(
+            workers=s.max_concurrent_jobs,
+            worker_type="thread",
+            periodic=False,
+            initial_delay=min(0.1, s.poll_interval_s),
+            max_delay=s.poll_interval_s,
+            check_worker_health=False,
+        )
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="bitplan-reaper", daemon=True)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                self.queue.recover()
+            except Exception:  # noqa: BLE001 - a database hiccup must not kill the reaper
+                log.exception("recovery pass failed")
+            if self._stop.wait(self.queue.settings.heartbeat_interval_s):
+                return
+
+    def start(self) -> None:
+        """Start the consumer threads and the reaper (returns at once)."""
+        self.consumer.start()
+        self._reaper.start()
+
+    def run(self) -> None:
+        """Start, then block until SIGINT / SIGTERM (the ``bitplan worker`` command)."""
+        self.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after start(): replaces Huey's handlers
+            signal.signal(sig, lambda *_: self._stop.set())
+        while not self._stop.wait(1.0):
+            pass
+        self.stop()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking jobs, ask running ones to stop (they go back to the queue), wait a bit."""
+        self._stop.set()
+        self.queue.stop_jobs()
+        self.consumer.stop_flag.set()
+        deadline = time.monotonic() + grace_s
+        for _, thread in self.consumer.worker_threads:
+            thread.join(max(0.0, deadline - time.monotonic()))

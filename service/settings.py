@@ -1,0 +1,109 @@
+"""The service's settings: one pydantic-settings class, read from ``BITPLAN_*`` variables.
+
+Only the service reads settings; the library packages take plain values (a ``torch.device``, a
+``HessianConfig``...) from the pipeline. Validators refuse values that would make the service
+unsafe or useless (a non-positive upload limit, a heartbeat timeout shorter than the interval
+between heartbeats, ...) with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variables are ``BITPLAN_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="BITPLAN_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(Path("data"), description="uploads, artifacts, SQLite files")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the job store (default sqlite under data_dir)"
+    )
+    redis_url: str | None = Field(
+        None, description="Huey on Redis when set (workers on other machines), else SqliteHuey"
+    )
+    api_key: str | None = Field(None, description="when set, every route but /healthz needs it")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    device: str = Field("auto", description='"auto" (CUDA when present), "cpu" or "cuda[:N]"')
+    max_upload_mb: PositiveFloat = Field(200.0, description="whole POST /plan body, MB = 1e6 B")
+    max_concurrent_jobs: int = Field(1, ge=1, le=64, description="worker threads per worker")
+    job_timeout_s: PositiveFloat = Field(3600.0, description="a running job is failed after this")
+    heartbeat_interval_s: PositiveFloat = Field(5.0, description="how often a running job beats")
+    heartbeat_timeout_s: PositiveFloat = Field(
+        60.0, description="a running job whose last beat is older is taken as orphaned"
+    )
+    max_attempts: int = Field(2, ge=1, le=10, description="runs of a job before it is failed")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of the calibration samples kept for evaluation"
+    )
+    poll_interval_s: PositiveFloat = Field(0.5, description="longest idle wait of a worker")
+    embedded_worker: bool = Field(True, description="`bitplan serve` also runs a worker")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda"):
+            return v
+        if v.startswith("cuda:") and v[5:].isdigit():
+            return v
+        raise ValueError(f'BITPLAN_DEVICE must be "auto", "cpu", "cuda" or "cuda:N", not {v!r}')
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if len(v) < 8:
+            raise ValueError("BITPLAN_API_KEY must be at least 8 characters (or unset)")
+        return v
+
+    @field_validator("database_url", "redis_url")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @model_validator(mode="after")
+    def _timing(self) -> Settings:
+        if self.heartbeat_timeout_s < 3 * self.heartbeat_interval_s:
+            raise ValueError(
+                "BITPLAN_HEARTBEAT_TIMEOUT_S must be at least 3 x BITPLAN_HEARTBEAT_INTERVAL_S, "
+                "or live jobs would be taken for dead ones"
+            )
+        if self.job_timeout_s < self.heartbeat_interval_s:
+            raise ValueError("BITPLAN_JOB_TIMEOUT_S must exceed BITPLAN_HEARTBEAT_INTERVAL_S")
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(math.floor(self.max_upload_mb * 1e6))
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def queue_path(self) -> Path:
+        return self.data_dir / "queue.db"
+
+    def torch_device(self):  # -> torch.device (imported lazily: settings must stay light)
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
