@@ -1,0 +1,257 @@
+"""The quantize stage's entry points: ``apply`` (plan -> checkpoint + report) and ``load``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from solver.errors import BadModelError
+
+from .calibrate import calibrate
+from .checkpoint import Checkpoint, read_checkpoint
+from .config import QuantizeConfig
+from .data import CalibrationSet
+from .evaluate import evaluate
+from .fakequant import build_fake_quant
+from .fold import fold_layers
+from .graph import find_layers
+from .points import Grid, find_points
+from .primitives import dyadic, pack_nibbles, quantize_weight
+from .rows import PlanRow, match_rows, parse_rows
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, float], None]
+REPORT_VERSION = 1
+
+
+@dataclass
+class QuantizeResult:
+    """The checkpoint's tensors and metadata, the evaluation report, and the fake-quant module."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    report: dict[str, Any]
+    checkpoint: Checkpoint = field(repr=False)
+    module: nn.Module | None = field(default=None, repr=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the checkpoint to ``path`` and ``report.json`` in the same directory."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.checkpoint.save(path)
+        (path.parent / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+        return path
+
+
+def _layer_tensors(
+    row: PlanRow,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g_in: Grid,
+    g_out: Grid,
+) -> dict[str, torch.Tensor]:
+    """Quantized weight, integer bias and dyadic requantisation of one (folded) layer."""
+    weight = weight.detach().cpu().to(torch.float32)
+    out = weight.shape[0]
+    bias = torch.zeros(out) if bias is None else bias.detach().cpu().to(torch.float32)
+    codes, s_w = quantize_weight(weight, row.w_bits)
+    s_w = s_w.to(torch.float32)
+    acc_scale = s_w.to(torch.float64) * g_in.scale  # scale of one accumulator unit
+    bias_q = torch.round(bias.to(torch.float64) / acc_scale)
+    if bool((bias_q.abs() > 2**31 - 1).any()):
+        raise BadModelError(
+            f"layer {row.name!r}: the folded bias does not fit int32 at the accumulator scale; "
+            "the layer's input range is degenerate"
+        )
+    pairs = [dyadic(float(m)) for m in acc_scale / g_out.scale]
+    p = row.name + "."
+    t = {
+        p + "weight_q": pack_nibbles(codes) if row.w_bits <= 4 else codes.to(torch.int8),
+        p + "weight_scale": s_w,
+        p + "bias": bias,
+        p + "bias_q": bias_q.to(torch.int32),
+        p + "input_scale": torch.tensor(g_in.scale, dtype=torch.float32),
+        p + "output_scale": torch.tensor(g_out.scale, dtype=torch.float32),
+        p + "requant_b": torch.tensor([b for b, _ in pairs], dtype=torch.int32),
+        p + "requant_c": torch.tensor([c for _, c in pairs], dtype=torch.int32),
+    }
+    if row.drq is not None:
+        t[p + "drq_threshold"] = torch.tensor(row.drq.threshold, dtype=torch.int32)
+        t[p + "drq_region"] = torch.tensor(list(row.drq.region), dtype=torch.int32)
+    return t
+
+
+def _report(
+    ckpt: Checkpoint,
+    rows: dict[str, PlanRow],
+    model_layers: int,
+    metrics: dict[str, Any],
+    cfg: QuantizeConfig,
+    calibration_samples: int,
+    drq_fractions: dict[str, float],
+) -> dict[str, Any]:
+    layers = []
+    for name, row in rows.items():
+        t = {k: v for k, v in ckpt.tensors.items() if k.startswith(name + ".")}
+        params = math.prod(ckpt.weight_shape(name))
+        g_in = ckpt.input_grid(name)
+        layers.append({
+            "name": name,
+            "kind": row.kind,
+            "w_bits": row.w_bits,
+            "a_bits": row.a_bits,
+            "input_bits": g_in.bits,
+            "input_signed": g_in.signed,
+            "input_scale": g_in.scale,
+            "output_scale": ckpt.output_grid(name).scale,
+            "params": params,
+            "weight_bytes": t[name + ".weight_q"].nbytes,
+            "scale_bytes": t[name + ".weight_scale"].nbytes,
+            "checkpoint_bytes": sum(v.nbytes for v in t.values()),
+            "nominal_weight_bytes": math.ceil(params * row.w_bits / 8),
+            "plan_size_bytes": row.size_bytes,
+            "fp32_bytes": 4 * params,
+            "drq": None if row.drq is None else {
+                "region": list(row.drq.region),
+                "threshold": row.drq.threshold,
+                "planned_sensitive_fraction": row.drq.sensitive_fraction,
+                "holdout_int4_fraction": drq_fractions.get(name),
+            },
+        })
+
+    def total(key: str) -> float:
+        return sum(layer[key] for layer in layers)
+
+    plan_sizes = [layer["plan_size_bytes"] for layer in layers]
+    weight_scale = total("weight_bytes") + total("scale_bytes")
+    return {
+        "version": REPORT_VERSION,
+        "format": "bitplan-report/1",
+        "config": cfg.to_dict(),
+        "calibration_samples": calibration_samples,
+        "metrics": metrics,
+        "layers": layers,
+        "totals": {
+            "quantized_layers": len(layers),
+            "float_layers": model_layers - len(layers),
+            "quantized_params": total("params"),
+            "weight_bytes": total("weight_bytes"),
+            "scale_bytes": total("scale_bytes"),
+            "checkpoint_bytes": total("checkpoint_bytes"),
+            "nominal_weight_bytes": total("nominal_weight_bytes"),
+            "plan_size_bytes": None if None in plan_sizes else sum(plan_sizes),
+            "fp32_bytes": total("fp32_bytes"),
+            "compression": total("fp32_bytes") / weight_scale if weight_scale else None,
+        },
+    }
+
+
+def _drq_hooks(module: nn.Module) -> tuple[dict[str, list[float]], list[Any]]:
+    seen: dict[str, list[float]] = {}
+    handles = []
+    for mname, sub in module.named_modules():
+        if type(sub).__name__ == "DRQConv2d":
+            name = mname.removeprefix("_bitplan_drq_")
+            seen[name] = []
+
+            def hook(mod: nn.Module, _in: Any, _out: Any, key: str = name) -> None:
+                frac = getattr(mod, "last_int4_fraction", None)
+                if frac is not None:
+                    seen[key].append(float(frac))
+
+            handles.append(sub.register_forward_hook(hook))
+    return seen, handles
+
+
+def apply(
+    program: torch.export.ExportedProgram,
+    plan: dict[str, Any],
+    train: CalibrationSet,
+    holdout: CalibrationSet,
+    cfg: QuantizeConfig | None = None,
+    batch_size: int | None = None,
+    device: torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> QuantizeResult:
+    """Quantize ``program`` as ``plan`` says, calibrating on ``train``; evaluate on ``holdout``.
+
+    ``batch_size`` is the program's fixed export batch size (None when the batch dimension is
+    dynamic; then ``cfg.batch_size`` chunks are used). Raises BadPlanError when the plan does
+    not fit the model, BadCalibrationError for unusable calibration data, BadModelError for a
+    model that cannot be folded or quantized.
+    """
+    cfg = cfg or QuantizeConfig()
+    device = device or torch.device("cpu")
+    gm = program.module()
+    layers = find_layers(gm)
+    rows = match_rows(parse_rows(plan), layers)
+    qlayers = {layer.name: layer for layer in layers if layer.name in rows}
+    if progress is not None:
+        progress("quantize", 0.0)
+    folded = fold_layers(gm, list(qlayers.values()))
+    points = find_points(gm, qlayers)
+    in_grids, free_grids = calibrate(
+        gm, qlayers, {n: r.input_bits for n, r in rows.items()},
+        [n for n, r in rows.items() if r.drq is not None], points, train, cfg, batch_size,
+        device, progress,
+    )
+    grids = {p.node: in_grids[p.consumer] if p.consumer else free_grids[p.node] for p in points}
+    layer_point = {p.layer: p for p in points if p.kind == "layer"}
+    tensors: dict[str, torch.Tensor] = {}
+    quant_layers: dict[str, Any] = {}
+    for name, row in rows.items():
+        g_in, g_out = in_grids[name], grids[layer_point[name].node]
+        tensors.update(_layer_tensors(row, *folded[name], g_in, g_out))
+        quant_layers[name] = {
+            "kind": row.kind,
+            "w_bits": row.w_bits,
+            "weight_shape": list(qlayers[name].weight_shape),
+            "bn": qlayers[name].bn,
+            "input": g_in.to_dict(),
+            "output": g_out.to_dict(),
+        }
+    quant = {
+        "version": 1,
+        "config": cfg.to_dict(),
+        "layers": quant_layers,
+        "points": [
+            {"node": p.node, "kind": p.kind, "end": p.end, "layer": p.layer,
+             "consumer": p.consumer, "grid": grids[p.node].to_dict()}
+            for p in points
+        ],
+    }
+    ckpt = Checkpoint(tensors, json.loads(json.dumps(plan)), quant)
+    ckpt.validate()
+    if progress is not None:
+        progress("quantize", 1.0)
+    qmodule = build_fake_quant(program, ckpt).to(device)
+    fractions, handles = _drq_hooks(qmodule)
+    fixed = batch_size is not None
+    metrics = evaluate(
+        program.module().to(device), qmodule, holdout, batch_size or cfg.batch_size,
+        fixed=fixed, device=device, progress=progress,
+    )
+    for h in handles:
+        h.remove()
+    drq_fractions = {k: sum(v) / len(v) for k, v in fractions.items() if v}
+    report = _report(ckpt, rows, len(layers), metrics, cfg, len(train), drq_fractions)
+    log.info("quantized %d layers; metrics %s", len(rows), metrics)
+    return QuantizeResult(tensors, ckpt.metadata(), report, ckpt, qmodule)
+
+
+def load(checkpoint_path: str | Path, program: torch.export.ExportedProgram) -> nn.Module:
+    """A runnable fake-quant module for a checkpoint written by :func:`apply`.
+
+    Raises BadCheckpointError for a foreign, tampered or mismatched file, BadPlanError when its
+    plan does not fit ``program``.
+    """
+    return build_fake_quant(program, read_checkpoint(checkpoint_path))

@@ -1,0 +1,170 @@
+"""Activation calibration: per-tensor ranges observed on the calibration set, streamed.
+
+Observers are small modules inserted into a copy of the (BN-folded, float) program: one on the
+input of every quantized layer (``quantize.graph.insert_input_modules``) and one after every
+materialisation point whose grid is not a layer input grid (see ``quantize.points``). They keep
+running statistics only (min / max, and for the percentile method a fixed-size histogram filled
+in a second pass), never whole tensors. Padding samples of fixed-size batches are excluded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from solver.errors import BadCalibrationError
+
+from .config import QuantizeConfig
+from .data import CalibrationSet, run_batch
+from .graph import GraphLayer, insert_input_modules
+from .points import Grid, Point
+from .primitives import activation_scale
+
+ProgressFn = Callable[[str, float], None]
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to float32, so grids stored as float32 tensors are reproduced exactly."""
+    return float(np.float32(x))
+
+
+class _BatchInfo:
+    """Shared by the observers of one module: which leading rows of a batch are real."""
+
+    def __init__(self) -> None:
+        self.full: int | None = None
+        self.valid: int | None = None
+
+
+class RangeObserver(nn.Module):
+    """Identity module that records the range (and, in phase 1, a histogram) of its input."""
+
+    def __init__(self, info: _BatchInfo, bins: int) -> None:
+        super().__init__()
+        self.info = info
+        self.bins = bins
+        self.phase = 0
+        self.amin = math.inf
+        self.amax = -math.inf
+        self.count = 0
+        self.hist: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.detach()
+        if self.info.valid is not None and v.dim() and v.shape[0] == self.info.full:
+            v = v[: self.info.valid]
+        if v.numel() == 0:
+            return x
+        v = v.float()
+        if not bool(torch.isfinite(v).all()):
+            raise BadCalibrationError(
+                "a layer input became non-finite on the calibration data; check the inputs"
+            )
+        if self.phase == 0:
+            self.amin = min(self.amin, float(v.min()))
+            self.amax = max(self.amax, float(v.max()))
+            self.count += v.numel()
+        elif self.amax > self.amin:
+            h = torch.histc(v, bins=self.bins, min=self.amin, max=self.amax).to(torch.float64)
+            self.hist = h if self.hist is None else self.hist + h
+        return x
+
+    def value_range(self, method: str, percentile: float) -> tuple[float, float]:
+        """(amin, amax) by min/max or by the percentile pair of the streamed histogram."""
+        if self.count == 0:
+            raise BadCalibrationError(
+                "a quantized layer never ran on the calibration data; is it reachable?"
+            )
+        if method == "minmax" or self.hist is None or self.amax <= self.amin:
+            return self.amin, self.amax
+        cdf = torch.cumsum(self.hist, 0)
+        total = float(cdf[-1])
+        width = (self.amax - self.amin) / self.bins
+        q_hi = percentile / 100.0
+        hi_bin = int(torch.searchsorted(cdf, torch.tensor(q_hi * total, dtype=torch.float64)))
+        amax = min(self.amax, self.amin + (hi_bin + 1) * width)
+        amin = self.amin
+        if self.amin < 0:  # clip the low tail only for signed tensors; ReLU outputs keep 0
+            lo_bin = int(
+                torch.searchsorted(cdf, torch.tensor((1 - q_hi) * total, dtype=torch.float64))
+            )
+            amin = min(max(self.amin, self.amin + lo_bin * width), 0.0)
+        return amin, max(amax, 0.0)
+
+
+def _insert_after(gm: fx.GraphModule, node_name: str, module: nn.Module, target: str) -> None:
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    gm.add_submodule(target, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(target, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
+def insert_after(gm: fx.GraphModule, modules: dict[str, nn.Module], prefix: str) -> fx.GraphModule:
+    """Insert ``modules[node]`` right after each named node (all uses rewired), in place."""
+    for node_name, module in modules.items():
+        _insert_after(gm, node_name, module, f"_bitplan_{prefix}_{node_name}")
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def calibrate(
+    gm: fx.GraphModule,
+    layers: dict[str, GraphLayer],
+    input_bits: dict[str, int],
+    minmax_only: Iterable[str],
+    points: list[Point],
+    data: CalibrationSet,
+    cfg: QuantizeConfig,
+    batch_size: int | None,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, Grid], dict[str, Grid]]:
+    """Calibrated input grid of each quantized layer and grid of each free point.
+
+    ``gm`` (a BN-folded float copy) is modified: observers are inserted. ``input_bits`` maps a
+    layer name to its input bits; layers in ``minmax_only`` (DRQ) ignore the percentile method.
+    A free point is one with no consumer layer; its grid has ``cfg.out_bits``.
+    Raises BadCalibrationError when a tensor never shows up or is non-finite.
+    """
+    info = _BatchInfo()
+    in_obs = {name: RangeObserver(info, cfg.histogram_bins) for name in input_bits}
+    out_obs = {
+        p.end: RangeObserver(info, cfg.histogram_bins) for p in points if p.consumer is None
+    }
+    insert_after(gm, out_obs, "obs_out")
+    insert_input_modules(gm, [layers[n] for n in input_bits], in_obs, "obs_in")
+    gm.to(device)
+    fixed = batch_size is not None
+    size = batch_size if fixed else cfg.batch_size
+    phases = 2 if cfg.calibration == "percentile" else 1
+    n_batches = max(1, math.ceil(len(data) / size))
+    for phase in range(phases):
+        for obs in [*in_obs.values(), *out_obs.values()]:
+            obs.phase = phase
+        with torch.no_grad():
+            for i, batch in enumerate(data.batches(size, fixed=fixed)):
+                first = batch.args[0] if batch.args else next(iter(batch.kwargs.values()))
+                info.full, info.valid = int(first.shape[0]), batch.size
+                run_batch(gm, batch.to(device))
+                if progress is not None:
+                    progress("calibrate", (phase * n_batches + i + 1) / (phases * n_batches))
+    minmax = set(minmax_only)
+    in_grids: dict[str, Grid] = {}
+    for name, obs in in_obs.items():
+        method = "minmax" if name in minmax else cfg.calibration
+        amin, amax = obs.value_range(method, cfg.percentile)
+        scale, signed = activation_scale(amin, amax, input_bits[name])
+        in_grids[name] = Grid(f32(scale), input_bits[name], signed)
+    out_grids: dict[str, Grid] = {}
+    for p in points:
+        if p.consumer is None:
+            amin, amax = out_obs[p.end].value_range(cfg.calibration, cfg.percentile)
+            scale, signed = activation_scale(amin, amax, cfg.out_bits)
+            out_grids[p.node] = Grid(f32(scale), cfg.out_bits, signed)
+    return in_grids, out_grids

@@ -1,0 +1,251 @@
+"""Integer-only reference executor for a quantized checkpoint.
+
+It interprets the BN-folded graph with integer tensors only: the float model input is
+quantized once onto the first layer's input grid, then every value is a tensor of integer codes
+on a known grid (``quantize.points``):
+
+- conv / linear: int32 accumulation of int codes (computed exactly in int64 and checked to fit
+  int32), ``+ bias_q``, then the per-channel dyadic requantisation ``(acc * b + 2^(c-1)) >> c``
+  (round half up, ``quantize.primitives.dyadic_requantize``) and a clamp to the output grid;
+- ReLU: ``max(q, 0)``; flatten / view / reshape act on the codes;
+- residual add: both inputs requantised with their own dyadic multiplier ``S_x / S_add`` onto
+  the add's grid, summed, clamped (two requantisations);
+- global average pool (``mean``): an integer sum, then one dyadic rescale
+  ``S_x / (count * S_next)`` onto the next grid;
+- a layer whose input sits on another grid (two consumers with different bits) requantises it
+  with the dyadic ``S_x / S_in``.
+
+Supported are the graphs of the reference models (``sensitivity.zoo`` DigitsMLP, DigitsCNN,
+DigitsResNet) and anything built from the same ops; anything else raises UnsupportedOpError
+naming the op. Dyadic constants are derived from the checkpoint's float32 scales when the
+executor is built (once), never during inference.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from solver.errors import BadModelError
+
+from .checkpoint import Checkpoint, read_checkpoint
+from .fakequant import prepare
+from .points import RELU_OPS, TRANSPARENT_OPS, Grid, Point
+from .primitives import dyadic, dyadic_requantize, quantize_activation
+
+aten = torch.ops.aten
+
+_INT32 = (-(2**31), 2**31 - 1)
+_LAYOUT_OPS = TRANSPARENT_OPS - RELU_OPS
+
+
+class UnsupportedOpError(BadModelError):
+    """The integer reference cannot execute an op of the model's graph."""
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """Integer codes (int32) on a per-tensor grid: value = codes * grid.scale."""
+
+    codes: torch.Tensor
+    grid: Grid
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.to(torch.float64) * self.grid.scale
+
+
+def _dyadic_tensor(m: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c = dyadic(m)
+    return torch.tensor(b, dtype=torch.int64), torch.tensor(c, dtype=torch.int64)
+
+
+def requantize(q: QTensor, grid: Grid) -> torch.Tensor:
+    """Codes of ``q`` moved onto ``grid`` (dyadic rescale when the scales differ; no clamp)."""
+    if q.grid.scale == grid.scale:
+        return q.codes
+    b, c = _dyadic_tensor(q.grid.scale / grid.scale)
+    return dyadic_requantize(q.codes, b, c).to(torch.int64)
+
+
+def clamp(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
+    lo, hi = grid.qrange
+    return codes.clamp(lo, hi).to(torch.int32)
+
+
+def _check_int32(acc: torch.Tensor, what: str) -> None:
+    if acc.numel() and (int(acc.min()) < _INT32[0] or int(acc.max()) > _INT32[1]):
+        raise UnsupportedOpError(f"{what}: the accumulator overflows int32")
+
+
+def int_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """Exact integer convolution (1-D or 2-D) of int codes; returns int64 ``[N, O, ...]``."""
+    nd = w.dim() - 2
+    if nd == 1:
+        x, w = x.unsqueeze(2), w.unsqueeze(2)
+        stride, dilation = (1, *stride), (1, *dilation)
+        if not isinstance(padding, str):
+            padding = (0, *padding)
+    kh, kw = w.shape[2], w.shape[3]
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        else:
+            raise UnsupportedOpError(f"convolution padding mode {padding!r}")
+    else:
+        pads = (padding[1], padding[1], padding[0], padding[0])
+    x = F.pad(x.to(torch.int64), pads)
+    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    cols = x.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])
+    cols = cols[..., :: dilation[0], :: dilation[1]]  # [N, C, Ho, Wo, kh, kw]
+    n, c, ho, wo = cols.shape[:4]
+    o = w.shape[0]
+    cols = cols.reshape(n, groups, c // groups, ho, wo, kh, kw)
+    wg = w.to(torch.int64).reshape(groups, o // groups, c // groups, kh, kw)
+    acc = torch.einsum("ngchwij,gocij->ngohw", cols, wg).reshape(n, o, ho, wo)
+    return acc.squeeze(2) if nd == 1 else acc
+
+
+class IntegerExecutor:
+    """Runs a checkpoint on integer tensors. ``forward(*inputs) -> QTensor`` (the model output).
+
+    Raises UnsupportedOpError for an op (or a float layer) it cannot run on integers.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.gm, qlayers, rows = prepare(program, ckpt)
+        drq = [n for n, r in rows.items() if r.drq is not None]
+        if drq:
+            raise UnsupportedOpError(
+                f"the integer reference does not run DRQ layers ({', '.join(drq)})"
+            )
+        self.layers = {layer.node: layer for layer in qlayers.values()}
+        self.points: dict[str, tuple[Point, Grid]] = {p.node: (p, g) for p, g in ckpt.points()}
+        self.weights = {name: ckpt.codes(name) for name in qlayers}
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, program: torch.export.ExportedProgram
+    ) -> IntegerExecutor:
+        return cls(program, read_checkpoint(path))
+
+    def _layer(self, node: fx.Node, x: object) -> QTensor:
+        layer = self.layers[node.name]
+        name = layer.name
+        t = self.ckpt.tensors
+        g_in = self.ckpt.input_grid(name)
+        if isinstance(x, QTensor):
+            codes = clamp(requantize(x, g_in), g_in)
+        elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            # The one float -> int conversion: the model input, at the graph boundary.
+            codes = quantize_activation(x, g_in.scale, g_in.bits, g_in.signed).to(torch.int32)
+        else:
+            raise UnsupportedOpError(f"layer {name!r} reads a value the integer model lacks")
+        w = self.weights[name]
+        if layer.kind == "linear":
+            acc = torch.matmul(codes.to(torch.int64), w.to(torch.int64).t())
+            ch_dim = acc.dim() - 1
+        else:
+            acc = int_conv(codes, w, layer.stride, layer.padding, layer.dilation, layer.groups)
+            ch_dim = 1
+        _check_int32(acc, f"layer {name!r}")
+        shape = [1] * acc.dim()
+        shape[ch_dim] = -1
+        acc = acc + t[f"{name}.bias_q"].to(torch.int64).reshape(shape)
+        _check_int32(acc, f"layer {name!r} (with bias)")
+        b = t[f"{name}.requant_b"].to(torch.int64).reshape(shape)
+        c = t[f"{name}.requant_c"].to(torch.int64).reshape(shape)
+        g_out = self.ckpt.output_grid(name)
+        return QTensor(clamp(dyadic_requantize(acc, b, c), g_out), g_out)
+
+    def _call(self, node: fx.Node, env: dict[str, object]) -> object:
+        def val(a: object) -> object:
+            if isinstance(a, fx.Node):
+                return env[a.name]
+            if isinstance(a, (list, tuple)):
+                return type(a)(val(v) for v in a)
+            return a
+
+        if node.name in self.layers:
+            return self._layer(node, val(node.args[0]))
+        args = [val(a) for a in node.args]
+        kwargs = {k: val(v) for k, v in node.kwargs.items()}
+        target = node.target
+        x = args[0] if args else None
+        if node.name in self.points:
+            point, grid = self.points[node.name]
+            if point.kind == "add":
+                a, b = args
+                return QTensor(clamp(requantize(a, grid) + requantize(b, grid), grid), grid)
+            if point.kind == "pool":
+                dims = [d % x.codes.dim() for d in args[1]]
+                keep = bool(args[2]) if len(args) > 2 else bool(kwargs.get("keepdim", False))
+                count = math.prod(x.codes.shape[d] for d in dims)
+                total = x.codes.to(torch.int64).sum(dim=dims, keepdim=keep)
+                b, c = _dyadic_tensor(x.grid.scale / (count * grid.scale))
+                return QTensor(clamp(dyadic_requantize(total, b, c), grid), grid)
+        if target in RELU_OPS and isinstance(x, QTensor):
+            return QTensor(x.codes.clamp_min(0), x.grid)
+        if target in _LAYOUT_OPS:
+            if isinstance(x, QTensor):
+                return QTensor(target(x.codes, *args[1:], **kwargs), x.grid)
+            if isinstance(x, torch.Tensor):
+                return target(x, *args[1:], **kwargs)  # layout only, on the raw model input
+        if target is aten.sym_size.int and isinstance(x, (QTensor, torch.Tensor)):
+            shape = x.codes.shape if isinstance(x, QTensor) else x.shape
+            return int(shape[args[1]])
+        if target is operator.getitem and isinstance(x, (tuple, list)):
+            return x[args[1]]
+        raise UnsupportedOpError(
+            f"the integer reference does not support {target} (node {node.name!r}); "
+            "only quantized conv/linear, ReLU, flatten/view, residual add and global mean are"
+        )
+
+    def forward(self, *inputs: torch.Tensor) -> QTensor:
+        env: dict[str, object] = {}
+        feed = iter(inputs)
+        out = None
+        with torch.no_grad():
+            for node in self.gm.graph.nodes:
+                if node.op == "placeholder":
+                    try:
+                        env[node.name] = next(feed)
+                    except StopIteration:
+                        raise UnsupportedOpError("too few inputs for the model") from None
+                elif node.op == "get_attr":
+                    env[node.name] = None  # weights come from the checkpoint
+                elif node.op == "call_module":
+                    if not str(node.target).startswith("_guards"):
+                        raise UnsupportedOpError(f"module call {node.target!r} is not supported")
+                    env[node.name] = None
+                elif node.op == "call_function":
+                    env[node.name] = self._call(node, env)
+                elif node.op == "output":
+                    res = node.args[0]
+                    res = res[0] if isinstance(res, (tuple, list)) else res
+                    out = env[res.name]
+        if not isinstance(out, QTensor):
+            raise UnsupportedOpError("the model output is not produced by a quantized op")
+        return out
+
+    __call__ = forward
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The dequantized model output (float32)."""
+        return self.forward(*inputs).dequantize().to(torch.float32)

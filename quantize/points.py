@@ -1,0 +1,137 @@
+"""Where the integer model materialises tensors, and on which grid (scale, bits, signedness).
+
+Both the fake-quant module and the integer reference quantize at exactly these points, which is
+what makes their outputs agree to within one LSB:
+
+- the input of every quantized layer, on the layer's calibrated input grid;
+- the output of every quantized layer (after its folded BN), on the grid ``S_out``;
+- every residual ``add`` whose two inputs are quantized (each input requantised onto the add's
+  grid, then summed and clamped);
+- every ``mean`` (global average pool) of a quantized tensor (integer sum, dyadic rescale).
+
+Choosing ``S_out``: starting at the producer, follow single-user ops that do not change the
+grid (ReLU, flatten, view/reshape, clone): these commute with rounding onto a grid (ReLU after
+clamping to an unsigned grid is the clamp itself). If the tensor at the end of that chain is
+read by a quantized layer, the producer writes straight onto that layer's input grid (so no
+second requantisation is needed). Otherwise (it feeds an add, a pool, a float op, or the model
+output) the grid is calibrated on that tensor with ``QuantizeConfig.out_bits``. An average pool
+is not treated as transparent: its input spans a wider range than its output, so the pool
+input gets its own grid and the pool rescales onto its consumer's grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .graph import GraphLayer
+from .primitives import activation_qrange
+
+aten = torch.ops.aten
+
+TRANSPARENT_OPS = {
+    aten.relu.default,
+    aten.relu_.default,
+    aten.flatten.using_ints,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.clone.default,
+    aten.alias.default,
+}
+RELU_OPS = {aten.relu.default, aten.relu_.default}
+ADD_OPS = {aten.add.Tensor}
+POOL_OPS = {aten.mean.dim}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A per-tensor integer grid: value = code * scale, codes in ``qrange``."""
+
+    scale: float
+    bits: int
+    signed: bool
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return activation_qrange(self.bits, self.signed)
+
+    def to_dict(self) -> dict:
+        return {"scale": float(self.scale), "bits": int(self.bits), "signed": bool(self.signed)}
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> Grid:
+        return cls(float(obj["scale"]), int(obj["bits"]), bool(obj["signed"]))
+
+
+@dataclass(frozen=True)
+class Point:
+    """A materialisation point: the fx node that produces a new grid."""
+
+    node: str  # producer node (the layer op, the add, the mean)
+    kind: str  # "layer" | "add" | "pool"
+    end: str  # last node of the grid-preserving chain after the producer
+    layer: str | None = None  # layer name for kind == "layer"
+    consumer: str | None = None  # quantized layer whose input grid this point writes onto
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target in ADD_OPS
+        and len(node.args) == 2
+        and all(isinstance(a, fx.Node) for a in node.args)
+        and node.kwargs.get("alpha", 1) == 1
+    )
+
+
+def chain_end(node: fx.Node) -> fx.Node:
+    """Follow single-user grid-preserving ops from ``node``."""
+    end = node
+    while len(end.users) == 1:
+        user = next(iter(end.users))
+        if user.op != "call_function" or user.target not in TRANSPARENT_OPS:
+            break
+        if user.args[0] is not end:
+            break
+        end = user
+    return end
+
+
+def find_points(gm: fx.GraphModule, layers: dict[str, GraphLayer]) -> list[Point]:
+    """The materialisation points of ``gm`` (BN already removed) for the quantized ``layers``."""
+    by_node = {layer.node: layer for layer in layers.values()}
+    quantized: set[str] = set()  # nodes whose value lies on a quantized grid
+    points: list[Point] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        kind = None
+        if node.name in by_node:
+            kind = "layer"
+        elif node.target in TRANSPARENT_OPS:
+            if isinstance(node.args[0], fx.Node) and node.args[0].name in quantized:
+                quantized.add(node.name)
+            continue
+        elif _is_add(node) and all(a.name in quantized for a in node.args):
+            kind = "add"
+        elif (
+            node.target in POOL_OPS
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].name in quantized
+        ):
+            kind = "pool"
+        if kind is None:
+            continue
+        quantized.add(node.name)
+        end = chain_end(node)
+        consumer = None
+        for user in end.users:
+            if user.name in by_node and user.args[0] is end:
+                consumer = by_node[user.name].name
+                break
+        layer = by_node[node.name].name if kind == "layer" else None
+        points.append(Point(node.name, kind, end.name, layer, consumer))
+    return points
