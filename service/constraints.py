@@ -15,9 +15,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from solver.errors import BadConstraintsError
+from solver.hardware import profiles
+from solver.options import ALLOWED_BITS
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Bits = Annotated[int, Field(ge=2, le=8)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Bits = Annotated[int, Field(ge=min(ALLOWED_BITS), le=max(ALLOWED_BITS))]
+
+
+def _check_bits(v: int | None) -> int | None:
+    if v is not None and v not in ALLOWED_BITS:
+        raise ValueError(f"{v} bits is not supported; allowed bits: {list(ALLOWED_BITS)}")
+    return v
 
 RESOURCES = ("size", "bops", "latency")
 
@@ -86,12 +95,17 @@ class Pin(_Strict):
     first: Bits | None = 8
     last: Bits | None = 8
 
+    @field_validator("first", "last")
+    @classmethod
+    def _allowed(cls, v: int | None) -> int | None:
+        return _check_bits(v)
+
 
 class Hessian(_Strict):
     """Hutchinson trace estimation: stop when every layer's running mean moves less than
     ``tol`` (relative) or after ``max_iter`` Hessian-vector products."""
 
-    max_iter: int = Field(200, ge=1, le=100_000)
+    max_iter: int = Field(200, ge=2, le=100_000)
     tol: float = Field(0.05, gt=0, lt=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -106,7 +120,9 @@ class Constraints(_Strict):
     drq: DRQ = Field(default_factory=DRQ)
     pin: Pin = Field(default_factory=Pin)
     hardware: str | None = Field(None, min_length=1, max_length=64)
-    latency_table: dict[str, dict[str, Positive]] | None = None
+    latency_table: dict[str, dict[str, NonNegative]] | None = Field(
+        None, description="{layer name: {option tag (e.g. w4a8): ms}}"
+    )
     hessian: Hessian = Field(default_factory=Hessian)
 
     @field_validator("weight_bits", "activation_bits")
@@ -114,7 +130,16 @@ class Constraints(_Strict):
     def _bits(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v):
             raise ValueError("bit widths must be distinct")
+        for b in v:
+            _check_bits(b)
         return sorted(v)
+
+    @field_validator("hardware")
+    @classmethod
+    def _profile(cls, v: str | None) -> str | None:
+        if v is not None and v not in profiles():
+            raise ValueError(f"unknown hardware profile {v!r}; known: {sorted(profiles())}")
+        return v
 
     @model_validator(mode="after")
     def _coherent(self) -> Constraints:

@@ -46,6 +46,7 @@ class BitplanService:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BitplanService:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.resolved_database_url)
         return cls(settings, store, JobQueue(settings, store))
 

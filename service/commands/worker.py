@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs is not None:
         overrides["max_concurrent_jobs"] = args.jobs
     settings = Settings(**overrides)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.resolved_database_url)
     queue = JobQueue(settings, store)
     print(
