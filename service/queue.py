@@ -244,7 +244,16 @@ class Worker:
 
     def start(self) -> None:
         """Start the consumer threads and the reaper (returns at once)."""
+        # Huey's start() installs its own SIGINT/SIGTERM/SIGHUP handlers, meant for its own
+        # main loop, which we do not run: keep the host's (uvicorn's, pytest's) handlers.
+        saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if sig is not None:
+                    saved[sig] = signal.getsignal(sig)
         self.consumer.start()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
         self._reaper.start()
 
     def run(self) -> None:

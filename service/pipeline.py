@@ -1,0 +1,346 @@
+"""The pipeline shared by the worker and ``bitplan plan``: model + calibration + constraints in,
+plan / checkpoint / report (and the sensitivity table) out.
+
+Stages (the names given to ``progress``): ``intake`` -> ``sensitivity`` -> ``regions`` (DRQ,
+only when the constraints allow activations below 8 bits and DRQ is enabled) -> ``solve``
+(options, ILP, plan) -> ``quantize`` -> ``evaluate``. ``should_cancel`` is polled at every
+progress point; when it turns true the pipeline raises ``CancelledError`` from inside the stage
+that reported.
+
+An infeasible problem is a result of the solver, not a crash: ``plan.json`` is still written
+(status ``infeasible`` with the diagnosis) and ``InfeasibleError`` carries the diagnosis as
+``detail``, so the job fails with code ``infeasible`` and the user sees what is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from solver.errors import CancelledError, InfeasibleError
+
+from .constraints import Constraints, parse_constraints
+from .progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
+
+STAGES = ("intake", "sensitivity", "regions", "solve", "quantize", "evaluate")
+PLAN_FILE, CHECKPOINT_FILE, REPORT_FILE = "plan.json", "model.safetensors", "report.json"
+SENSITIVITY_FILE, REGIONS_FILE, PROBLEM_FILE, SOLUTION_FILE = (
+    "sensitivity.json",
+    "regions.json",
+    "problem.json",
+    "solution.json",
+)
+
+
+def never_cancel() -> bool:
+    return False
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run wrote (paths under ``out_dir``) and the plan / report it produced."""
+
+    out_dir: Path
+    plan: dict[str, Any]
+    report: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def plan_path(self) -> Path:
+        return self.out_dir / PLAN_FILE
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_FILE
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / REPORT_FILE
+
+    @property
+    def sensitivity_path(self) -> Path:
+        return self.out_dir / SENSITIVITY_FILE
+
+    def summary(self) -> dict[str, Any]:
+        """The short version kept on the job record (totals vs limits, bits, accuracy)."""
+        bits: dict[str, int] = {}
+        for row in self.plan.get("layers", []):
+            key = f"w{row['w_bits']}a{row['a_bits']:g}" + ("+drq" if row.get("drq") else "")
+            bits[key] = bits.get(key, 0) + 1
+        return {
+            "status": self.plan.get("status"),
+            "totals": self.plan.get("totals"),
+            "limits": self.plan.get("limits"),
+            "binding": self.plan.get("binding"),
+            "layers": bits,
+            "metrics": self.report.get("metrics"),
+            "checkpoint_bytes": self.checkpoint_path.stat().st_size
+            if self.checkpoint_path.is_file()
+            else None,
+            "seconds": self.seconds,
+        }
+
+
+class _Guard:
+    """Wraps the progress callback: records stage times and raises CancelledError when asked."""
+
+    def __init__(self, progress: ProgressFn, should_cancel: Callable[[], bool]) -> None:
+        self.progress = progress
+        self.should_cancel = should_cancel
+        self.seconds: dict[str, float] = {}
+        self._stage: str | None = None
+        self._t0 = time.perf_counter()
+
+    def check(self) -> None:
+        if self.should_cancel():
+            raise CancelledError("the job was cancelled")
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        self.check()
+        if stage != self._stage:
+            now = time.perf_counter()
+            if self._stage is not None:
+                self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._t0
+            self._stage, self._t0 = stage, now
+        self.progress(stage, fraction)
+
+    def finish(self) -> None:
+        if self._stage is not None:
+            now = time.perf_counter()
+            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._t0
+            self._stage = None
+
+
+def shared_input_ties(module: torch.fx.GraphModule, layers: Sequence[Any]) -> list[tuple[str, str]]:
+    """Pairs of layers that read the same input tensor: they must share one activation
+    quantizer, hence one precision choice (e.g. a residual block's conv1 and its 1x1
+    downsample). ``layers`` are intake ``LayerInfo`` rows (with ``.graph.node``)."""
+    nodes = {n.name: n for n in module.graph.nodes}
+    by_input: dict[str, list[str]] = {}
+    for layer in layers:
+        node = nodes.get(layer.graph.node)
+        if node is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        by_input.setdefault(node.args[0].name, []).append(layer.name)
+    ties = []
+    for names in by_input.values():
+        ties.extend((names[0], other) for other in names[1:])
+    return ties
+
+
+def model_summary(program: torch.export.ExportedProgram, layers: Sequence[Any]) -> dict[str, Any]:
+    """The plan's ``model`` block: layer count, parameters (all / in quantized layers), MACs."""
+    total = sum(int(p.numel()) for p in program.state_dict.values() if p.is_floating_point())
+    quantized = sum(int(layer.params) for layer in layers)
+    return {
+        "layers": len(layers),
+        "params": total,
+        "macs": sum(int(layer.macs) for layer in layers),
+        "quantized_params": quantized,
+        "other_params": max(total - quantized, 0),
+    }
+
+
+def _layer_specs(
+    intake: Any, sens: Any, regions: Any | None
+) -> list[Any]:
+    from solver.options import ActivationMode, LayerSpec
+
+    by_name = {s.name: s for s in sens.layers}
+    specs = []
+    for layer in intake.layers:
+        s = by_name[layer.name]
+        modes = []
+        if regions is not None:
+            try:
+                calibrated = regions.layer(layer.name)
+            except KeyError:
+                calibrated = None
+            if calibrated is not None:
+                modes = [
+                    ActivationMode(m.tag, float(m.expected_bits), float(m.omega), m.drq_dict())
+                    for m in calibrated.modes
+                ]
+        specs.append(
+            LayerSpec(
+                name=layer.name,
+                kind=layer.kind,
+                params=int(layer.params),
+                macs=int(layer.macs),
+                out_channels=int(layer.out_channels),
+                input_numel=int(layer.input_numel),
+                omega_w={int(b): float(v) for b, v in s.omega_w.items()},
+                omega_a={int(b): float(v) for b, v in s.omega_a.items()},
+                activation_modes=modes,
+                weight_trace=float(s.weight_trace) if s.weight_trace is not None else None,
+            )
+        )
+    return specs
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _diagnosis_text(diagnosis: Mapping[str, Any] | None) -> str:
+    if not diagnosis:
+        return "no precision assignment meets the limits"
+    message = diagnosis.get("message")
+    if isinstance(message, str) and message:
+        return message
+    return "no precision assignment meets the limits: " + json.dumps(diagnosis, default=str)
+
+
+def run_pipeline(
+    model_path: str | Path,
+    calib_path: str | Path,
+    constraints: Constraints | Mapping[str, Any] | str,
+    out_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn = no_progress,
+    should_cancel: Callable[[], bool] = never_cancel,
+    holdout_fraction: float = 0.2,
+) -> PipelineResult:
+    """Run every stage and write ``plan.json``, ``model.safetensors``, ``report.json``,
+    ``sensitivity.json`` (plus ``problem.json`` / ``solution.json``, and ``regions.json`` with
+    DRQ) into ``out_dir``.
+
+    Raises BadModelError / BadCalibrationError / BadConstraintsError for unusable inputs,
+    InfeasibleError (detail: the solver's diagnosis) when no plan meets the limits,
+    CancelledError when ``should_cancel()`` turns true.
+    """
+    from quantize import QuantizeConfig, apply
+    from sensitivity.intake import IntakeConfig
+    from sensitivity.intake import intake as run_intake
+    from solver import SolveConfig, build_problem, make_plan, solve
+    from solver.options import OptionsConfig, limits_from_constraints
+
+    if not isinstance(constraints, Constraints):
+        constraints = parse_constraints(
+            dict(constraints) if isinstance(constraints, Mapping) else constraints
+        )
+    device = torch.device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tick = _Guard(progress, should_cancel)
+
+    # 1. intake
+    tick("intake", 0.0)
+    intake = run_intake(
+        model_path,
+        calib_path,
+        IntakeConfig(holdout_fraction=holdout_fraction, seed=constraints.hessian.seed),
+    )
+    tick("intake", 1.0)
+
+    # 2. sensitivity
+    sens = _measure(intake, constraints, device, tick)
+    (out / SENSITIVITY_FILE).write_text(sens.to_json())
+    tick("sensitivity", 1.0)
+
+    # 3. regions (DRQ)
+    regions = None
+    if constraints.uses_drq:
+        regions = _regions(intake, sens, constraints, device, tick)
+        (out / REGIONS_FILE).write_text(regions.to_json())
+        tick("regions", 1.0)
+
+    # 4-5. options, solve, plan
+    tick("solve", 0.0)
+    opts = OptionsConfig(
+        weight_bits=tuple(constraints.weight_bits),
+        activation_bits=tuple(constraints.activation_bits),
+        pin_first=constraints.pin.first,
+        pin_last=constraints.pin.last,
+        hardware=constraints.hardware,
+        latency_table=constraints.latency_table,
+    )
+    specs = _layer_specs(intake, sens, regions)
+    limits = limits_from_constraints(
+        constraints.limits.model_dump(exclude_none=True), specs, opts
+    )
+    problem = build_problem(specs, opts, limits, shared_input_ties(intake.module, intake.layers))
+    (out / PROBLEM_FILE).write_text(problem.to_json())
+    tick("solve", 0.2)
+    solution = solve(problem, SolveConfig())
+    (out / SOLUTION_FILE).write_text(solution.to_json(indent=2))
+    plan = make_plan(
+        problem,
+        solution,
+        specs,
+        constraints.to_dict(),
+        model_summary(intake.program, intake.layers),
+    )
+    _write_json(out / PLAN_FILE, plan)
+    if not solution.choices:
+        tick.finish()
+        raise InfeasibleError(_diagnosis_text(solution.diagnosis), detail=solution.diagnosis)
+    tick("solve", 1.0)
+
+    # 6-7. quantize, evaluate
+    result = apply(
+        intake.program,
+        plan,
+        intake.train,
+        intake.holdout,
+        QuantizeConfig(),
+        batch_size=intake.batch_size,
+        device=device,
+        progress=tick,
+    )
+    tick.check()
+    result.save(out / CHECKPOINT_FILE)  # writes report.json beside it
+    tick("evaluate", 1.0)
+    tick.finish()
+    log.info("pipeline done in %s", tick.seconds)
+    return PipelineResult(out, plan, result.report, dict(tick.seconds))
+
+
+def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: _Guard) -> Any:
+    from sensitivity import measure
+    from sensitivity.hessian import HessianConfig
+
+    h = constraints.hessian
+    cfg = HessianConfig(
+        max_iter=h.max_iter, tol=h.tol, seed=h.seed, min_iter=min(10, h.max_iter)
+    )
+    tick("sensitivity", 0.0)
+    return measure(intake, cfg, device, tick)
+
+
+def _regions(
+    intake: Any, sens: Any, constraints: Constraints, device: torch.device, tick: _Guard
+) -> Any:
+    from sensitivity.regions import RegionConfig, calibrate
+
+    cfg = RegionConfig(
+        region_sizes=tuple(constraints.drq.region_sizes),
+        sensitive_fractions=tuple(constraints.drq.sensitive_fractions),
+    )
+    traces = {
+        s.name: (float(s.activation_trace), int(s.activation_numel))
+        for s in sens.layers
+        if s.activation_trace is not None
+    }
+    tick("regions", 0.0)
+    return calibrate(
+        intake.module,
+        [layer.graph for layer in intake.layers],
+        intake.train,
+        intake.holdout,
+        cfg,
+        activation_traces=traces or None,
+        batch_size=intake.batch_size,
+        device=device,
+        progress=tick,
+    )

@@ -1,0 +1,212 @@
+"""The worker side with a scripted pipeline: final states, progress, cancellation while running,
+recovery of orphaned jobs, and durability of the real SqliteHuey queue across instances."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.jobs import JobStore, new_job_id
+from service.queue import JobQueue, Worker, overall_progress
+from service.settings import Settings
+from solver.errors import BadCalibrationError, CancelledError, InfeasibleError
+
+
+class FakeResult:
+    def summary(self) -> dict[str, Any]:
+        return {"status": "optimal"}
+
+
+class Script:
+    """A pipeline that walks the stages, optionally failing or waiting to be cancelled."""
+
+    def __init__(self, fail: BaseException | None = None, spin: bool = False) -> None:
+        self.fail, self.spin = fail, spin
+        self.calls: list[tuple] = []
+        self.progress_points = 0
+        self.started = threading.Event()
+
+    def __call__(self, model, calib, constraints, out_dir, *, device, progress, should_cancel,
+                 holdout_fraction):
+        self.calls.append((model, calib, constraints, out_dir, str(device), holdout_fraction))
+        self.started.set()
+        for stage in ("intake", "sensitivity"):
+            progress(stage, 1.0)
+        deadline = time.monotonic() + 20
+        while self.spin and time.monotonic() < deadline:
+            self.progress_points += 1
+            if should_cancel():
+                raise CancelledError("cancelled")
+            progress("sensitivity", 0.5)
+            time.sleep(0.02)
+        if self.fail is not None:
+            raise self.fail
+        return FakeResult()
+
+
+def _job(store: JobStore, tmp_path: Path) -> str:
+    job_id = new_job_id()
+    store.create(job_id, {"limits": {"size_mb": 1}}, str(tmp_path / "m.pt2"),
+                 str(tmp_path / "c.safetensors"), str(tmp_path / "out"), "m.pt2")
+    return job_id
+
+
+@pytest.fixture
+def store(settings: Settings):
+    settings.data_dir.mkdir(parents=True)
+    s = JobStore(settings.resolved_database_url)
+    yield s
+    s.close()
+
+
+def test_overall_progress_is_monotonic() -> None:
+    points = [overall_progress(s, f) for s in ("intake", "sensitivity", "regions", "solve",
+                                                 "quantize", "evaluate") for f in (0, 0.5, 1)]
+    assert points == sorted(points) and points[0] == 0 and points[-1] == pytest.approx(1.0)
+
+
+def test_success_records_progress_and_summary(settings, store, tmp_path) -> None:
+    script = Script()
+    q = JobQueue(settings, store, script)
+    job_id = _job(store, tmp_path)
+    q.run_job(job_id)
+    job = store.get(job_id)
+    assert job.status == "succeeded" and job.progress == 1.0 and job.attempts == 1
+    assert job.summary == {"status": "optimal"} and job.error is None
+    model, calib, constraints, out_dir, device, holdout = script.calls[0]
+    assert constraints == {"limits": {"size_mb": 1}} and holdout == settings.holdout_fraction
+    assert device == "cpu" and str(out_dir).endswith("out")
+    q.run_job(job_id)  # a duplicate task for a finished job does nothing
+    assert len(script.calls) == 1
+
+
+@pytest.mark.parametrize(
+    "exc,code,detail",
+    [
+        (InfeasibleError("size 1 MB < 2 MB reachable", {"min_size_bytes": 2e6}), "infeasible",
+         {"min_size_bytes": 2e6}),
+        (BadCalibrationError("NaN in inputs"), "bad_calibration", None),
+        (ZeroDivisionError("boom"), "internal", None),
+        (MemoryError(), "out_of_memory", None),
+    ],
+)
+def test_failures_become_job_errors(settings, store, tmp_path, exc, code, detail) -> None:
+    q = JobQueue(settings, store, Script(fail=exc))
+    job_id = _job(store, tmp_path)
+    q.run_job(job_id)
+    job = store.get(job_id)
+    assert job.status == "failed" and job.finished_at is not None
+    assert job.error["code"] == code and job.error["message"]
+    assert job.error["detail"] == detail
+
+
+def test_cancel_while_running_stops_the_pipeline(settings, store, tmp_path) -> None:
+    script = Script(spin=True)
+    q = JobQueue(settings, store, script)
+    job_id = _job(store, tmp_path)
+    t = threading.Thread(target=q.run_job, args=(job_id,))
+    t.start()
+    assert script.started.wait(10)
+    time.sleep(0.1)
+    assert store.get(job_id).status == "running"
+    assert q.cancel(job_id)
+    t.join(10)
+    assert not t.is_alive()
+    assert store.get(job_id).status == "cancelled"
+    assert script.progress_points < 200  # stopped within a few progress points, not at the end
+
+
+def test_orphaned_job_is_retried_once_then_failed(settings, store, tmp_path) -> None:
+    q = JobQueue(settings, store, Script())
+    job_id = _job(store, tmp_path)
+    assert store.claim(job_id) is not None  # a worker took it ... and died (no heartbeats)
+    time.sleep(settings.heartbeat_timeout_s + 0.1)
+    report = q.recover()
+    assert report["requeued"] == [job_id]
+    job = store.get(job_id)
+    assert job.status == "queued" and job.attempts == 1
+    assert q.pending_ids() == {job_id}
+    assert store.claim(job_id).attempts == 2  # the second worker dies too
+    time.sleep(settings.heartbeat_timeout_s + 0.1)
+    report = q.recover()
+    assert report["failed"] == [job_id]
+    job = store.get(job_id)
+    assert job.status == "failed" and job.error["code"] == "worker_lost"
+    assert "2 time(s)" in job.error["message"]
+
+
+def test_live_job_keeps_beating_and_is_not_recovered(settings, store, tmp_path) -> None:
+    script = Script(spin=True)
+    q = JobQueue(settings, store, script)
+    job_id = _job(store, tmp_path)
+    t = threading.Thread(target=q.run_job, args=(job_id,))
+    t.start()
+    assert script.started.wait(10)
+    time.sleep(settings.heartbeat_timeout_s * 1.5)
+    assert q.recover()["requeued"] == []
+    assert store.get(job_id).status == "running"
+    q.cancel(job_id)
+    t.join(10)
+
+
+def test_overdue_job_is_failed_and_its_pipeline_stops(tmp_path) -> None:
+    settings = Settings(data_dir=tmp_path, job_timeout_s=0.5, heartbeat_interval_s=0.1,
+                        heartbeat_timeout_s=5)
+    store = JobStore(settings.resolved_database_url)
+    script = Script(spin=True)
+    q = JobQueue(settings, store, script)
+    job_id = _job(store, tmp_path)
+    t = threading.Thread(target=q.run_job, args=(job_id,))
+    t.start()
+    assert script.started.wait(10)
+    time.sleep(0.7)
+    assert q.recover()["overdue"] == [job_id]
+    t.join(10)
+    job = store.get(job_id)
+    assert job.status == "failed" and job.error["code"] == "timeout"
+    store.close()
+
+
+def test_sqlite_queue_survives_a_new_instance_and_worker_runs_it(settings, store,
+                                                                 tmp_path) -> None:
+    job_id = _job(store, tmp_path)
+    JobQueue(settings, store, Script()).enqueue(job_id)  # this "process" goes away
+    script = Script()
+    q2 = JobQueue(settings, store, script)  # a new one, same data directory
+    assert q2.pending_ids() == {job_id}
+    worker = Worker(q2)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 15
+        while store.get(job_id).status != "succeeded" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert store.get(job_id).status == "succeeded" and len(script.calls) == 1
+
+
+def test_queued_job_missing_from_the_queue_is_enqueued(settings, store, tmp_path) -> None:
+    q = JobQueue(settings, store, Script())
+    job_id = _job(store, tmp_path)  # recorded, but its task was lost (died between the two)
+    assert q.pending_ids() == set()
+    assert q.recover()["missing"] == [job_id]
+    assert q.pending_ids() == {job_id}
+    assert q.recover()["missing"] == []  # not twice
+
+
+def test_worker_shutdown_puts_the_running_job_back(settings, store, tmp_path) -> None:
+    script = Script(spin=True)
+    q = JobQueue(settings, store, script)
+    job_id = _job(store, tmp_path)
+    q.enqueue(job_id)
+    worker = Worker(q)
+    worker.start()
+    assert script.started.wait(15)
+    worker.stop()
+    job = store.get(job_id)
+    assert job.status == "queued" and job.attempts == 0
+    assert JobQueue(settings, store).pending_ids() == {job_id}
