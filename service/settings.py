@@ -51,12 +51,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        v = v.strip().lower()
-        if v in ("auto", "cpu", "cuda"):
-            return v
-        if v.startswith("cuda:") and v[5:].isdigit():
-            return v
-        raise ValueError(f'BITPLAN_DEVICE must be "auto", "cpu", "cuda" or "cuda:N", not {v!r}')
+        return check_device(v)
 
     @field_validator("api_key")
     @classmethod
@@ -101,9 +96,23 @@ class Settings(BaseSettings):
     def queue_path(self) -> Path:
         return self.data_dir / "queue.db"
 
-    def torch_device(self):  # -> torch.device (imported lazily: settings must stay light)
-        import torch
+    def torch_device(self):  # -> torch.device (torch is imported lazily)
+        return resolve_device(self.device)
 
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+
+def check_device(value: str) -> str:
+    """Normalise a device setting; raises ValueError unless auto / cpu / cuda / cuda:N."""
+    v = value.strip().lower()
+    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise ValueError(f'BITPLAN_DEVICE must be "auto", "cpu", "cuda" or "cuda:N", not {value!r}')
+
+
+def resolve_device(value: str):  # -> torch.device
+    """The torch device for a device setting: ``auto`` is CUDA when present, else CPU."""
+    import torch
+
+    v = check_device(value)
+    if v == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(v)

@@ -1,0 +1,199 @@
+"""``bitplan plan``: the whole pipeline locally (sensitivity -> solve -> quantize -> evaluate),
+the same function the service's worker runs, with a progress bar and a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from solver.errors import BadConstraintsError, InfeasibleError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 4,8, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.1,0.3, got {text!r}") from None
+
+
+def _pin(text: str) -> int | None:
+    if text.lower() in ("none", "null", "off"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bits or 'none', got {text!r}") from None
+
+
+def _device(text: str) -> str:
+    from ..settings import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="search a mixed-precision plan and quantize, locally",
+        description="Run sensitivity -> regions -> solve -> quantize -> evaluate on one model "
+        "and write plan.json, model.safetensors, report.json and sensitivity.json to --out. "
+        "Limits: MB = 1e6 bytes, bops-g = 1e9 bit operations per sample; *-ratio limits are "
+        "relative to the all-INT8 model.",
+    )
+    p.add_argument("model", type=Path, help="torch.export program (.pt2)")
+    p.add_argument("--calib", type=Path, required=True, help="calibration .safetensors")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--constraints", type=Path, help="a constraints JSON file (flags override)")
+    lim = p.add_argument_group("limits (at least one, here or in --constraints)")
+    for flag, what in (
+        ("--size-mb", "packed weights + scales, MB"),
+        ("--bops-g", "giga bit-operations per sample"),
+        ("--latency-ms", "latency (needs --hardware or --latency-table)"),
+        ("--size-ratio", "size relative to all-INT8"),
+        ("--bops-ratio", "BOPS relative to all-INT8"),
+        ("--latency-ratio", "latency relative to all-INT8"),
+    ):
+        lim.add_argument(flag, type=float, help=what)
+    p.add_argument("--weight-bits", type=_ints, help="candidate weight bits, e.g. 4,8")
+    p.add_argument("--activation-bits", type=_ints, help="candidate activation bits, e.g. 4,8")
+    p.add_argument("--no-drq", action="store_true", help="no region-based activation precision")
+    p.add_argument("--region-sizes", type=_ints, help="DRQ region sides, e.g. 2,4,8")
+    p.add_argument("--sensitive-fractions", type=_floats, help="DRQ fractions, e.g. 0.1,0.3")
+    p.add_argument("--pin-first", type=_pin, default=argparse.SUPPRESS,
+                   help="bits of the first layer, or none (default 8)")
+    p.add_argument("--pin-last", type=_pin, default=argparse.SUPPRESS,
+                   help="bits of the last layer, or none (default 8)")
+    p.add_argument("--hardware", help="hardware profile name (solver/profiles)")
+    p.add_argument("--latency-table", type=Path, help="JSON {layer: {tag: ms}}")
+    p.add_argument("--max-iter", type=int, help="Hutchinson samples at most")
+    p.add_argument("--tol", type=float, help="Hutchinson relative tolerance")
+    p.add_argument("--seed", type=int, help="seed of every random draw")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--holdout-fraction", type=float, default=0.2, help="samples kept for eval")
+    p.add_argument("--json", action="store_true", help="print the job summary as JSON")
+    p.set_defaults(func=run)
+
+
+def constraints_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The constraints document the flags (and an optional --constraints file) describe."""
+    doc: dict[str, Any] = {}
+    if args.constraints is not None:
+        try:
+            doc = json.loads(args.constraints.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadConstraintsError(f"cannot read {args.constraints}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise BadConstraintsError(f"{args.constraints} must hold a JSON object")
+    limits = dict(doc.get("limits") or {})
+    for key in ("size_mb", "bops_g", "latency_ms", "size_ratio", "bops_ratio", "latency_ratio"):
+        value = getattr(args, key)
+        if value is not None:
+            limits[key] = value
+    doc["limits"] = limits
+    for key in ("weight_bits", "activation_bits", "hardware"):
+        if getattr(args, key) is not None:
+            doc[key] = getattr(args, key)
+    if args.latency_table is not None:
+        try:
+            doc["latency_table"] = json.loads(args.latency_table.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadConstraintsError(f"cannot read {args.latency_table}: {exc}") from None
+    drq = dict(doc.get("drq") or {})
+    if args.no_drq:
+        drq["enabled"] = False
+    if args.region_sizes is not None:
+        drq["region_sizes"] = args.region_sizes
+    if args.sensitive_fractions is not None:
+        drq["sensitive_fractions"] = args.sensitive_fractions
+    if drq:
+        doc["drq"] = drq
+    pin = dict(doc.get("pin") or {})
+    for key in ("first", "last"):
+        # SUPPRESS default: the attribute exists only when the flag was given ("none" -> None)
+        if hasattr(args, f"pin_{key}"):
+            pin[key] = getattr(args, f"pin_{key}")
+    if pin:
+        doc["pin"] = pin
+    hessian = dict(doc.get("hessian") or {})
+    for key in ("max_iter", "tol", "seed"):
+        if getattr(args, key) is not None:
+            hessian[key] = getattr(args, key)
+    if hessian:
+        doc["hessian"] = hessian
+    return doc
+
+
+def format_summary(result: Any) -> str:
+    """A few lines for the terminal: status, totals vs limits, bits per layer, accuracy."""
+    plan, report = result.plan, result.report
+    lines = [f"plan: {plan['status']} (objective {plan['objective']:.4g})"]
+    for key, unit, scale in (("size_bytes", "MB", 1e6), ("bops", "GBOPs", 1e9),
+                             ("latency_ms", "ms", 1.0)):
+        total, limit = plan["totals"].get(key), plan["limits"].get(key)
+        if total is None:
+            continue
+        bound = f" <= {limit / scale:.4g}" if limit is not None else ""
+        binding = " (binding)" if key in plan.get("binding", []) else ""
+        lines.append(f"  {key:<11} {total / scale:.4g} {unit}{bound}{binding}")
+    lines.append("  layer                          w  a     drq")
+    for row in plan["layers"]:
+        drq = row.get("drq")
+        drq_text = f"{drq['region'][0]}x{drq['region'][1]} f={drq['sensitive_fraction']:.2f}" \
+            if drq else "-"
+        lines.append(f"  {row['name']:<30} {row['w_bits']}  {row['a_bits']:<5g} {drq_text}")
+    m = report.get("metrics", {})
+    if m.get("fp32_accuracy") is not None:
+        lines.append(
+            f"accuracy on {m['samples']} held-out samples: fp32 {m['fp32_accuracy']:.4f}, "
+            f"quantized {m['quant_accuracy']:.4f}"
+        )
+    if m.get("top1_agreement") is not None:
+        lines.append(f"top-1 agreement with fp32: {m['top1_agreement']:.4f}")
+    lines.append(f"wrote {result.out_dir}/plan.json, model.safetensors, report.json")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..constraints import parse_constraints
+    from ..pipeline import run_pipeline
+    from ..progress import TerminalProgress
+    from ..settings import resolve_device
+
+    constraints = parse_constraints(constraints_from_args(args))
+    device = resolve_device(args.device)
+    bar = TerminalProgress()
+    try:
+        result = run_pipeline(
+            args.model,
+            args.calib,
+            constraints,
+            args.out,
+            device=device,
+            progress=bar,
+            holdout_fraction=args.holdout_fraction,
+        )
+    except InfeasibleError as exc:
+        bar.close()
+        print(f"bitplan: infeasible: {exc.message}", file=sys.stderr)
+        print(f"bitplan: the diagnosis is in {args.out / 'plan.json'}", file=sys.stderr)
+        return 3
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print(format_summary(result))
+    return 0
