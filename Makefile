@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bitplan-installed
 
-.PHONY: install serve test lint demo clean
+.PHONY: install serve worker test test-service lint demo docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,25 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/bitplan serve
 
+worker: $(STAMP)
+	$(BIN)/bitplan worker
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-service: $(STAMP)
+	$(BIN)/python -m pytest -q tests/service
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Needs a running service: `make serve` in another terminal first.
 demo: $(STAMP)
 	$(BIN)/bitplan demo
+
+# Needs a Docker engine (none on the machine bitplan was written on: untested).
+docker:
+	docker build -f docker/Dockerfile -t bitplan .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
