@@ -1,0 +1,211 @@
+"""``sensitivity.measure`` (defined here): Hessian traces -> Omega tables -> ``SensitivityResult``.
+
+Omega scaling (both are about twice the second-order increase of the mean calibration loss L):
+- weights: ``omega_w[b] = Tr(H_w) / n * ||Q_b(W) - W||^2``, n the weight count, Q_b the
+  symmetric per-output-channel quantizer. With the isotropic model H_w ~ (Tr / n) I, the loss
+  increase is 1/2 dW^T H dW ~ 1/2 omega_w.
+- activations: ``omega_a[a] = Tr(H_x) / numel * ||Q_a(x) - x||^2`` where x is the layer's input
+  over all N train calibration samples, numel = N * per-sample size (the size of the block whose
+  trace was measured), Q_a the per-tensor quantizer with the min/max scale of those samples
+  (``quantize.primitives.activation_scale``). Tr(H_x) is the trace of d2L/dx2 for the mean
+  loss L, so the same 1/2 dx^T H dx argument gives 1/2 omega_a.
+BatchNorm is not folded for sensitivity: the traces are those of the weights the user trained,
+and the Omega uses their quantization error; folding changes per-channel ranges, which the
+quantize stage accounts for when it writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from quantize.primitives import activation_scale, fake_quantize_activation, weight_quant_error
+
+from .hessian import HessianConfig, Prepared, ProgressFn, hutchinson, prepare
+from .intake import Intake
+from .structure import gauss_newton_exact
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+WEIGHT_BITS = (2, 3, 4, 5, 6, 8)
+ACTIVATION_BITS = (4, 8)
+
+
+@dataclass
+class LayerSensitivity:
+    """One layer's traces (Tr, not divided by n), their standard errors and Omega tables."""
+
+    name: str
+    kind: str
+    params: int
+    macs: int
+    weight_trace: float
+    weight_trace_stderr: float
+    activation_trace: float | None
+    activation_trace_stderr: float | None
+    activation_numel: int
+    omega_w: dict[int, float]
+    omega_a: dict[int, float]
+    weight_iterations: int = 0
+    activation_iterations: int = 0
+    weight_converged: bool = False
+    activation_converged: bool = False
+    weight_estimator: str = "hvp"
+    activation_estimator: str = "hvp"
+    out_channels: int = 0
+    bn: str | None = None
+
+    @property
+    def average_trace(self) -> float:
+        return self.weight_trace / self.params
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["omega_w"] = {str(b): v for b, v in self.omega_w.items()}
+        d["omega_a"] = {str(a): v for a, v in self.omega_a.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerSensitivity:
+        d = dict(d)
+        d["omega_w"] = {int(b): float(v) for b, v in d["omega_w"].items()}
+        d["omega_a"] = {int(a): float(v) for a, v in d["omega_a"].items()}
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class SensitivityResult:
+    layers: list[LayerSensitivity]
+    iterations: int
+    seconds: float
+    model: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION
+
+    def layer(self, name: str) -> LayerSensitivity:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "model": self.model,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "iterations": self.iterations, "seconds": self.seconds, "config": self.config,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SensitivityResult:
+        if d.get("version") != VERSION:
+            raise ValueError(f"unsupported sensitivity format version {d.get('version')!r}")
+        return cls(
+            layers=[LayerSensitivity.from_dict(x) for x in d["layers"]],
+            iterations=int(d["iterations"]), seconds=float(d["seconds"]),
+            model=dict(d.get("model", {})), config=dict(d.get("config", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SensitivityResult:
+        return cls.from_dict(json.loads(text))
+
+
+def activation_errors(p: Prepared, bits: tuple[int, ...] = ACTIVATION_BITS,
+                      ) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
+    """Per layer input: {bits: ||Q_a(x) - x||^2 summed over the calibration samples} and the
+    element count, with one per-tensor min/max scale per layer (padding rows excluded)."""
+    lo = {n: math.inf for n in p.names}
+    hi = {n: -math.inf for n in p.names}
+    err = {n: dict.fromkeys(bits, 0.0) for n in p.names}
+    numel = dict.fromkeys(p.names, 0)
+
+    def run(observer_for) -> None:
+        for name, leaf in p.leaves.items():
+            leaf.active, leaf.observer = False, observer_for(name)
+        try:
+            with torch.no_grad():
+                for b in p.chunks:
+                    for leaf in p.leaves.values():
+                        leaf.rows = b.size
+                    p.module(*b.args, **b.kwargs)
+        finally:
+            for leaf in p.leaves.values():
+                leaf.observer, leaf.rows = None, None
+
+    def ranges(name: str):
+        def obs(x: torch.Tensor) -> None:
+            lo[name] = min(lo[name], float(x.min()))
+            hi[name] = max(hi[name], float(x.max()))
+            numel[name] += x.numel()
+        return obs
+
+    run(ranges)
+    scales = {n: {a: activation_scale(lo[n], hi[n], a) for a in bits} for n in p.names}
+
+    def errors(name: str):
+        def obs(x: torch.Tensor) -> None:
+            for a in bits:
+                scale, signed = scales[name][a]
+                q = fake_quantize_activation(x.float(), scale, a, signed)
+                err[name][a] += float((q - x.float()).double().pow(2).sum())
+        return obs
+
+    run(errors)
+    return err, numel
+
+
+def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.device | str | None
+            = None, progress: ProgressFn | None = None) -> SensitivityResult:
+    """Per-layer Hessian traces (weights and input activations) and Omega tables.
+
+    ``device``: where the HVPs run (default CPU). ``progress(stage, fraction)`` is called as the
+    sweep proceeds. Deterministic given ``cfg.seed``.
+    """
+    cfg = cfg or HessianConfig()
+    device = torch.device(device or "cpu")
+    start = time.perf_counter()
+    graphs = [layer.graph for layer in intake.layers]
+    p = prepare(intake.module, graphs, intake.train, intake.loss_kind,
+                intake.chunk_size(cfg.batch_size), intake.batch_size is not None, device)
+    exact = gauss_newton_exact(intake.module, graphs, intake.loss_kind)
+    if progress is not None:
+        progress("sensitivity", 0.0)
+    est = hutchinson(p, cfg, progress, "sensitivity", exact)
+    a_err, a_numel = activation_errors(p) if cfg.activations else ({}, {})
+    rows = []
+    for info in intake.layers:
+        w = est.weight[info.name]
+        weight = dict(p.module.named_parameters())[info.graph.weight]
+        n = info.params
+        omega_w = {b: w.mean / n * weight_quant_error(weight, b) for b in WEIGHT_BITS}
+        a = est.activation.get(info.name)
+        if a is not None:
+            numel = a_numel[info.name]
+            omega_a = {bits: a.mean / numel * a_err[info.name][bits] for bits in ACTIVATION_BITS}
+        else:
+            numel, omega_a = len(intake.train) * info.input_numel, {}
+        rows.append(LayerSensitivity(
+            name=info.name, kind=info.kind, params=n, macs=info.macs,
+            weight_trace=w.mean, weight_trace_stderr=w.stderr, activation_trace=None if a is None
+            else a.mean, activation_trace_stderr=None if a is None else a.stderr,
+            activation_numel=numel, omega_w=omega_w, omega_a=omega_a,
+            weight_iterations=w.n, activation_iterations=0 if a is None else a.n,
+            weight_converged=w.converged(cfg.tol),
+            activation_converged=False if a is None else a.converged(cfg.tol),
+            weight_estimator=w.estimator, activation_estimator="" if a is None else a.estimator,
+            out_channels=info.out_channels, bn=info.bn,
+        ))
+    seconds = time.perf_counter() - start
+    model = {**intake.summary(), "device": str(device), "hvp_mode": est.method}
+    return SensitivityResult(rows, est.iterations, seconds, model, cfg.to_dict())

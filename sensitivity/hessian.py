@@ -1,0 +1,484 @@
+"""Per-layer Hessian traces (weights and input activations) by Hutchinson's estimator.
+
+The loss is the mean over the train calibration set, L = sum_c (n_c / N) L_c over chunks c of
+n_c real samples (a fixed-batch program's padded rows are dropped from L_c). Each quantizable
+layer's weight W_i and input activation x_i (made a differentiable leaf: a probe module adds a
+zero tensor that requires grad, one per chunk) is a block of one joint vector z.
+
+One Hessian-vector product over all blocks with a Rademacher v gives, for every block i,
+v_i . (H v)_i, whose expectation is Tr(H_ii) (the cross blocks have zero mean), so one sweep
+estimates every layer at once: one HVP per sample instead of one per layer and block. Chunks
+draw independent vectors (still unbiased: Tr(H) = sum_c Tr(H_c)), which also lowers variance.
+
+Per forward/backward pass (``create_graph`` gradient of one chunk), ``vectors_per_pass``
+HVPs reuse the graph, either looped (pyhessian's ``hessian_vector_product``) or as one batched
+``torch.autograd.grad(is_grads_batched=True)`` call. ``bench/sensitivity.py`` measures both.
+
+Stopping rule (pyhessian 0.1's divides by the signed running mean and can stop after two
+samples): a block has converged when its running mean is positive and its standard error is
+below ``tol`` times the mean. The sweep stops when every block has converged (after
+``min_iter`` samples) or at ``max_iter``; a block with a trace near zero or negative can only
+stop at ``max_iter`` and is reported as not converged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pyhessian.utils import group_product, hessian_vector_product
+from torch import fx, nn
+
+from quantize.data import Batch, CalibrationSet
+from quantize.graph import GraphLayer, insert_input_modules
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, float], None]
+LOSS_KINDS = ("cross_entropy", "kl", "mse")
+ESTIMATORS = ("auto", "hvp")
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """Hutchinson settings.
+
+    ``max_iter``: most Rademacher samples; ``tol``: target relative standard error per block;
+    ``min_iter``: samples before the stopping rule may fire (a standard error from a handful of
+    samples is itself too noisy to trust); ``batch_size``: samples per forward pass for a
+    dynamic-batch program (None: the whole train set; a fixed-batch program always uses its
+    export batch); ``vectors_per_pass``: HVPs per forward/backward pass; ``method``: how those
+    HVPs run (``auto`` = batched when the graph supports it, else looped); ``activations``:
+    also estimate the input-activation traces.
+    """
+
+    max_iter: int = 200
+    tol: float = 0.05
+    seed: int = 0
+    batch_size: int | None = None
+    min_iter: int = 10
+    vectors_per_pass: int = 8
+    estimator: str = "auto"
+    vectorize: bool | None = None
+    activations: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_iter < 2:
+            raise ValueError(f"max_iter must be at least 2, got {self.max_iter}")
+        if not 0.0 < self.tol < 1.0:
+            raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        if self.min_iter < 2:
+            raise ValueError(f"min_iter must be at least 2, got {self.min_iter}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.vectors_per_pass < 1:
+            raise ValueError("vectors_per_pass must be at least 1")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HessianConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown HessianConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class BlockStats:
+    """Running Hutchinson samples of one block's trace."""
+
+    samples: list[float] = field(default_factory=list)
+    converged_at: int | None = None  # sample count when the rule first held
+    estimator: str = "hvp"  # "output-probe" (Gauss-Newton-exact block) or "hvp"
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return math.fsum(self.samples) / self.n if self.samples else 0.0
+
+    @property
+    def stderr(self) -> float:
+        if self.n < 2:
+            return math.inf
+        m = self.mean
+        var = math.fsum((s - m) ** 2 for s in self.samples) / (self.n - 1)
+        return math.sqrt(var / self.n)
+
+    def converged(self, tol: float) -> bool:
+        m = self.mean
+        return self.n >= 2 and m > 0.0 and self.stderr <= tol * m
+
+
+@dataclass
+class TraceEstimates:
+    """Per-layer weight and activation trace statistics after a sweep."""
+
+    weight: dict[str, BlockStats]
+    activation: dict[str, BlockStats]
+    iterations: int
+    method: str
+    passes: int
+
+
+class _Leaf(nn.Module):
+    """Adds a fresh zero leaf (requires grad) to its input, so d loss / d x is reachable.
+
+    In ``observe`` mode it records min/max of the input's real rows instead (no leaf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaf: torch.Tensor | None = None
+        self.active = False
+        self.rows: int | None = None  # real (unpadded) rows of the current chunk
+        self.observer: Callable[[torch.Tensor], None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x if self.rows is None else x[: self.rows])
+        if not self.active:
+            return x
+        leaf = torch.zeros_like(x, requires_grad=True)
+        self.leaf = leaf
+        return x + leaf
+
+
+@dataclass
+class Prepared:
+    """A private copy of the module with probes, its weights and the calibration chunks."""
+
+    module: fx.GraphModule
+    names: list[str]
+    weights: list[torch.Tensor]
+    leaves: dict[str, _Leaf]
+    chunks: list[Batch]
+    targets: list[torch.Tensor | None]
+    n_total: int
+    loss_kind: str
+
+
+def prepare(
+    module: fx.GraphModule,
+    layers: Sequence[GraphLayer],
+    data: CalibrationSet,
+    loss_kind: str,
+    chunk: int,
+    fixed: bool,
+    device: torch.device,
+) -> Prepared:
+    """Copy ``module`` to ``device``, add input probes, chunk the data, compute FP32 targets
+    for the self-distillation losses."""
+    if loss_kind not in LOSS_KINDS:
+        raise ValueError(f"loss_kind must be one of {LOSS_KINDS}")
+    gm = copy.deepcopy(module).to(device)
+    params = dict(gm.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    weights = []
+    for layer in layers:
+        w = params[layer.weight]
+        w.requires_grad_(True)
+        weights.append(w)
+    leaves = {layer.name: _Leaf() for layer in layers}
+    insert_input_modules(gm, list(layers), leaves, "hessian_probe")
+    chunks = [b.to(device) for b in data.batches(chunk, fixed=fixed)]
+    targets: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for b in chunks:
+            if loss_kind == "cross_entropy":
+                targets.append(None)
+            else:
+                targets.append(_output(gm, b).detach())
+    return Prepared(gm, [layer.name for layer in layers], weights, leaves, chunks, targets,
+                    len(data), loss_kind)
+
+
+def _output(gm: nn.Module, b: Batch) -> torch.Tensor:
+    out = gm(*b.args, **b.kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out[: b.size]
+
+
+def chunk_loss(p: Prepared, i: int) -> torch.Tensor:
+    """(n_c / N) * mean loss of chunk ``i`` (padding excluded), so chunk terms sum to L."""
+    b = p.chunks[i]
+    out = _output(p.module, b)
+    if p.loss_kind == "cross_entropy":
+        loss = F.cross_entropy(out, b.labels[: b.size])
+    elif p.loss_kind == "kl":
+        # KL(p_fp32 || q_model), mean over samples; zero with zero gradient at the FP32 point.
+        target = F.log_softmax(p.targets[i], dim=1)
+        loss = F.kl_div(F.log_softmax(out, dim=1), target, log_target=True,
+                        reduction="batchmean")
+    else:
+        loss = F.mse_loss(out, p.targets[i])
+    return loss * (b.size / p.n_total)
+
+
+def rademacher(shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """+-1 entries drawn on the CPU generator (so results do not depend on the device)."""
+    v = torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.int8)
+    return (v.to(dtype) * 2 - 1).to(device)
+
+
+def _graph(p: Prepared, i: int, activations: bool) -> tuple[list[torch.Tensor],
+                                                            list[torch.Tensor]]:
+    """Forward + create_graph gradient of chunk i: (inputs, their gradients)."""
+    for leaf in p.leaves.values():
+        leaf.active = activations
+        leaf.leaf = None
+    with torch.enable_grad():
+        loss = chunk_loss(p, i)
+        inputs = list(p.weights)
+        if activations:
+            inputs += [p.leaves[n].leaf for n in p.names]
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+    return inputs, grads
+
+
+def _hvp_loop(inputs: list[torch.Tensor], grads: list[torch.Tensor],
+              vs: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[k, blocks] of v_b . (H v)_b, one pyhessian HVP per vector."""
+    live = [j for j, g in enumerate(grads) if g.requires_grad]
+    out = torch.zeros(len(vs), len(inputs), dtype=torch.float64, device=inputs[0].device)
+    for r, v in enumerate(vs):
+        if not live:
+            break
+        try:
+            hv = hessian_vector_product([grads[j] for j in live], inputs, [v[j] for j in live])
+        except RuntimeError:
+            # An input the gradient graph never reaches (its Hessian rows are zero);
+            # pyhessian's helper has no allow_unused, so ask autograd directly.
+            hv = torch.autograd.grad([grads[j] for j in live], inputs,
+                                     grad_outputs=[v[j] for j in live], retain_graph=True,
+                                     allow_unused=True)
+        for b, (vb, hb) in enumerate(zip(v, hv, strict=True)):
+            if hb is not None:
+                out[r, b] = group_product([vb], [hb]).double()
+    return out
+
+
+def _hvp_batched(inputs: list[torch.Tensor], grads: list[torch.Tensor],
+                 vs: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Same as :func:`_hvp_loop` with all k vectors in one vmapped backward."""
+    live = [j for j, g in enumerate(grads) if g.requires_grad]
+    out = torch.zeros(len(vs), len(inputs), dtype=torch.float64, device=inputs[0].device)
+    if not live:
+        return out
+    stacked = [torch.stack([v[j] for v in vs]) for j in range(len(inputs))]
+    hv = torch.autograd.grad([grads[j] for j in live], inputs,
+                             grad_outputs=[stacked[j] for j in live], retain_graph=True,
+                             allow_unused=True, is_grads_batched=True)
+    for b, hb in enumerate(hv):
+        if hb is not None:
+            out[:, b] = (stacked[b] * hb).flatten(1).sum(1).double()
+    return out
+
+
+def _output_factor(p: Prepared, z: torch.Tensor, i: int, u: torch.Tensor) -> torch.Tensor:
+    """B u with B B^T = d2L/dz2 for chunk ``i``'s real rows (L the mean loss over N samples).
+
+    Softmax losses (CE, and KL at any target): d2l/dz2 = diag(p) - p p^T = B B^T with
+    B = (I - p 1^T) diag(sqrt p), p = softmax(z); so B u = sqrt(p) u - p (sqrt(p) . u).
+    MSE (mean over N * d elements): B = sqrt(2 / (N d)) I.
+    """
+    if p.loss_kind == "mse":
+        d = z[0].numel()
+        return u * math.sqrt(2.0 / (p.n_total * d))
+    prob = torch.softmax(z.detach(), dim=1)
+    root = prob.sqrt()
+    bu = root * u - prob * (root * u).sum(dim=-1, keepdim=True)
+    return bu / math.sqrt(p.n_total)
+
+
+def _forward(p: Prepared, i: int, inputs_for: Sequence[str], activations: bool):
+    """Forward of chunk i with activation leaves: (z of the real rows, weight+leaf inputs)."""
+    for leaf in p.leaves.values():
+        leaf.active = activations
+        leaf.leaf = None
+    with torch.enable_grad():
+        z = _output(p.module, p.chunks[i])
+    inputs = list(p.weights)
+    if activations:
+        inputs += [p.leaves[n].leaf for n in inputs_for]
+    return z, inputs
+
+
+def _probe_loop(z: torch.Tensor, inputs: list[torch.Tensor], ws: list[torch.Tensor],
+                blocks: list[int]) -> torch.Tensor:
+    """[k, blocks] of ||J_b^T w||^2, one backward per output-space vector w."""
+    out = torch.zeros(len(ws), len(blocks), dtype=torch.float64, device=z.device)
+    sel = [inputs[b] for b in blocks]
+    for r, w in enumerate(ws):
+        g = torch.autograd.grad(z, sel, grad_outputs=w, retain_graph=True, allow_unused=True)
+        for j, gb in enumerate(g):
+            if gb is not None:
+                out[r, j] = gb.double().pow(2).sum()
+    return out
+
+
+def _probe_batched(z: torch.Tensor, inputs: list[torch.Tensor], ws: list[torch.Tensor],
+                   blocks: list[int]) -> torch.Tensor:
+    out = torch.zeros(len(ws), len(blocks), dtype=torch.float64, device=z.device)
+    sel = [inputs[b] for b in blocks]
+    g = torch.autograd.grad(z, sel, grad_outputs=torch.stack(ws), retain_graph=True,
+                            allow_unused=True, is_grads_batched=True)
+    for j, gb in enumerate(g):
+        if gb is not None:
+            out[:, j] = gb.double().pow(2).flatten(1).sum(1)
+    return out
+
+
+def _hvp_blocks(p: Prepared, i: int, blocks: list[int], n_layers: int, k: int,
+                gen: torch.Generator, batched: bool) -> torch.Tensor:
+    """Joint HVP Hutchinson over ``blocks`` only (v is zero elsewhere): [k, len(blocks)]."""
+    activations = any(b >= n_layers for b in blocks)
+    for leaf in p.leaves.values():
+        leaf.active = activations
+        leaf.leaf = None
+    with torch.enable_grad():
+        loss = chunk_loss(p, i)
+        inputs = [p.weights[b] if b < n_layers else p.leaves[p.names[b - n_layers]].leaf
+                  for b in blocks]
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+    vs = [[rademacher(x.shape, gen, x.dtype, x.device) for x in inputs] for _ in range(k)]
+    return (_hvp_batched if batched else _hvp_loop)(inputs, grads, vs)
+
+
+def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = None,
+               stage: str = "sensitivity", exact: dict[str, tuple[bool, bool]] | None = None,
+               ) -> TraceEstimates:
+    """Hutchinson estimates of every layer's weight (and input-activation) Hessian trace.
+
+    Blocks marked in ``exact`` (H_ii equals its Gauss-Newton block, see ``structure.py``) are
+    estimated in output space: for Rademacher u (per sample, in R^C), g = J^T B u is one
+    backward pass and ||g_i||^2 is an unbiased estimate of Tr(J_i^T B B^T J_i) = Tr(H_ii) for
+    every such block at once, with no cross-layer noise. Other blocks share joint HVPs
+    (v zero on the exact blocks). ``cfg.estimator == "hvp"`` sends every block to HVPs.
+    """
+    activations = cfg.activations
+    n = len(p.names)
+    if cfg.estimator == "hvp" or exact is None:
+        exact = {name: (False, False) for name in p.names}
+    gn_blocks = [i for i, name in enumerate(p.names) if exact[name][0]]
+    hvp_blocks = [i for i, name in enumerate(p.names) if not exact[name][0]]
+    if activations:
+        gn_blocks += [n + i for i, name in enumerate(p.names) if exact[name][1]]
+        hvp_blocks += [n + i for i, name in enumerate(p.names) if not exact[name][1]]
+    batched = cfg.vectorize if cfg.vectorize is not None else p.chunks[0].args[0].is_cuda if (
+        p.chunks[0].args) else False
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stats = [BlockStats() for _ in range(2 * n)]
+    blocks_of = {"gn": gn_blocks, "hvp": hvp_blocks}
+    done = {"gn": 0, "hvp": 0}
+    cached = None  # single chunk: the forward graph is built once for every probe pass
+    passes = 0
+
+    def pending(kind: str) -> bool:
+        bl = blocks_of[kind]
+        return bool(bl) and done[kind] < cfg.max_iter and (
+            done[kind] < cfg.min_iter or not all(stats[b].converged(cfg.tol) for b in bl))
+
+    while pending("gn") or pending("hvp"):
+        passes += 1
+        for kind in ("gn", "hvp"):
+            if not pending(kind):
+                continue
+            bl = blocks_of[kind]
+            k = min(cfg.vectors_per_pass, cfg.max_iter - done[kind])
+            total = torch.zeros(k, len(bl), dtype=torch.float64)
+            for c in range(len(p.chunks)):
+                if kind == "hvp":
+                    total += _hvp_blocks(p, c, bl, n, k, gen, batched).cpu()
+                    continue
+                if cached is not None:
+                    z, inputs = cached
+                else:
+                    z, inputs = _forward(p, c, p.names, activations)
+                    if len(p.chunks) == 1:
+                        cached = (z, inputs)
+                ws = [_output_factor(p, z, c, rademacher(z.shape, gen, z.dtype, z.device))
+                      for _ in range(k)]
+                total += (_probe_batched if batched else _probe_loop)(z, inputs, ws, bl).cpu()
+            done[kind] += k
+            for j, b in enumerate(bl):
+                s = stats[b]
+                s.samples.extend(total[:, j].tolist())
+                if s.converged_at is None and s.n >= cfg.min_iter and s.converged(cfg.tol):
+                    s.converged_at = s.n
+        if progress is not None:
+            work = [done[k] / cfg.max_iter for k in ("gn", "hvp") if blocks_of[k]]
+            progress(stage, min(1.0, max(work) if work else 1.0))
+    del cached
+    for leaf in p.leaves.values():
+        leaf.active, leaf.leaf = False, None
+    if progress is not None:
+        progress(stage, 1.0)
+    w_stats = {name: stats[i] for i, name in enumerate(p.names)}
+    a_stats = {name: stats[n + i] for i, name in enumerate(p.names)} if activations else {}
+    for i, name in enumerate(p.names):
+        w_stats[name].estimator = "output-probe" if i in gn_blocks else "hvp"
+        if activations:
+            a_stats[name].estimator = "output-probe" if n + i in gn_blocks else "hvp"
+    stuck = [nm for nm, s in [*w_stats.items(), *a_stats.items()] if not s.converged(cfg.tol)]
+    if stuck:
+        log.info("%d block(s) did not reach tol=%s: %s", len(stuck), cfg.tol, stuck[:10])
+    return TraceEstimates(w_stats, a_stats, max(done.values()),
+                          "batched" if batched else "loop", passes)
+
+
+def per_layer_loop(p: Prepared, cfg: HessianConfig, which: str = "weight",
+                   progress: ProgressFn | None = None) -> TraceEstimates:
+    """The naive baseline: pyhessian-style Hutchinson run separately for each layer (v nonzero
+    on that layer's block only, one full HVP per layer per sample, same stopping rule).
+    Used by the benchmark and as an independent reference in tests."""
+    activations = which == "activation"
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stats = {n: BlockStats() for n in p.names}
+    graphs = None
+    n = len(p.names)
+    for li, name in enumerate(p.names):
+        s = stats[name]
+        block = n + li if activations else li
+        while s.n < cfg.max_iter:
+            total = 0.0
+            for c in range(len(p.chunks)):
+                if graphs is not None and len(p.chunks) == 1:
+                    inputs, grads = graphs
+                else:
+                    inputs, grads = _graph(p, c, activations)
+                    graphs = (inputs, grads)
+                v = [torch.zeros_like(x) for x in inputs]
+                v[block] = rademacher(inputs[block].shape, gen, inputs[block].dtype,
+                                      inputs[block].device)
+                hv = hessian_vector_product(grads, inputs, v)
+                total += float(group_product([v[block]], [hv[block]]))
+            s.samples.append(total)
+            if s.n >= cfg.min_iter and s.converged(cfg.tol):
+                s.converged_at = s.n
+                break
+        if progress is not None:
+            progress("baseline", (li + 1) / n)
+    for leaf in p.leaves.values():
+        leaf.active, leaf.leaf = False, None
+    iters = max(s.n for s in stats.values())
+    empty: dict[str, BlockStats] = {}
+    if activations:
+        return TraceEstimates(empty, stats, iters, "per-layer", 0)
+    return TraceEstimates(stats, empty, iters, "per-layer", 0)
