@@ -21,6 +21,9 @@ from solver.options import ALLOWED_BITS
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Bits = Annotated[int, Field(ge=min(ALLOWED_BITS), le=max(ALLOWED_BITS))]
+# Activation bits the sensitivity engine measures Omega for (sensitivity.engine.ACTIVATION_BITS;
+# a test keeps the two equal) and plan rows carry; DRQ adds its 8/4 mixes on top.
+ACTIVATION_CHOICES = (4, 8)
 
 
 def _check_bits(v: int | None) -> int | None:
@@ -133,6 +136,16 @@ class Constraints(_Strict):
         for b in v:
             _check_bits(b)
         return sorted(v)
+
+    @field_validator("activation_bits")
+    @classmethod
+    def _activation_bits(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b not in ACTIVATION_CHOICES]
+        if bad:
+            raise ValueError(
+                f"activation bits {bad} are not supported; choose from {list(ACTIVATION_CHOICES)}"
+            )
+        return v
 
     @field_validator("hardware")
     @classmethod

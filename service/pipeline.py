@@ -91,13 +91,16 @@ class PipelineResult:
 
 
 class _Guard:
-    """Wraps the progress callback: records stage times and raises CancelledError when asked."""
+    """Wraps the progress callback: raises CancelledError when asked to, reports only the six
+    stage names (a package's own sub-stage, e.g. quantize's ``calibrate``, counts as the stage
+    it runs in), keeps each stage's fraction non-decreasing and records stage times."""
 
     def __init__(self, progress: ProgressFn, should_cancel: Callable[[], bool]) -> None:
         self.progress = progress
         self.should_cancel = should_cancel
         self.seconds: dict[str, float] = {}
         self._stage: str | None = None
+        self._fraction = 0.0
         self._t0 = time.perf_counter()
 
     def check(self) -> None:
@@ -106,12 +109,17 @@ class _Guard:
 
     def __call__(self, stage: str, fraction: float) -> None:
         self.check()
+        if stage not in STAGES:
+            stage = self._stage or STAGES[0]
+        fraction = min(max(float(fraction), 0.0), 1.0)
         if stage != self._stage:
             now = time.perf_counter()
             if self._stage is not None:
                 self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._t0
-            self._stage, self._t0 = stage, now
-        self.progress(stage, fraction)
+            self._stage, self._t0, self._fraction = stage, now, fraction
+        else:
+            self._fraction = max(self._fraction, fraction)
+        self.progress(stage, self._fraction)
 
     def finish(self) -> None:
         if self._stage is not None:

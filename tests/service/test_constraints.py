@@ -75,6 +75,15 @@ def test_bad_documents_name_the_field(doc: dict, field: str) -> None:
     assert info.value.detail and all("field" in p for p in info.value.detail)
 
 
+def test_activation_choices_match_what_the_engine_measures() -> None:
+    from sensitivity.engine import ACTIVATION_BITS
+    from service.constraints import ACTIVATION_CHOICES
+
+    assert tuple(ACTIVATION_CHOICES) == tuple(ACTIVATION_BITS)
+    with pytest.raises(BadConstraintsError, match="activation bits"):
+        parse_constraints({"limits": {"size_mb": 1}, "activation_bits": [6, 8]})
+
+
 def test_schema_is_published() -> None:
     schema = Constraints.model_json_schema()
     assert schema["required"] == ["limits"]

@@ -123,7 +123,8 @@ def _constraints(**extra) -> dict:
 
 def test_submit_poll_download_and_load(start_server, mlp_pt2, calib_path, tmp_path) -> None:
     server = start_server()
-    ok = server.submit(mlp_pt2, calib_path, _constraints(limits={"size_ratio": 0.7}))
+    ok = server.submit(mlp_pt2, calib_path,
+                       _constraints(limits={"size_ratio": 0.7}, pin={"first": None}))
     bad = server.submit(mlp_pt2, calib_path, _constraints(limits={"size_mb": 1e-6}))
     job = server.wait(ok)
     assert job["status"] == "succeeded", job.get("error")

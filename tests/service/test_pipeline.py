@@ -24,10 +24,14 @@ def _cons(**extra) -> dict:
     return {"hessian": FAST_HESSIAN, **extra}
 
 
+# The MLP has two layers: with the default pins (first and last at 8 bits) nothing could move.
+FREE_FIRST = {"first": None, "last": 8}
+
+
 def test_pipeline_writes_plan_checkpoint_report(mlp_pt2, calib_path, tmp_path) -> None:
     calls: list[tuple[str, float]] = []
     result = run_pipeline(
-        mlp_pt2, calib_path, _cons(limits={"size_ratio": 0.7}), tmp_path / "out",
+        mlp_pt2, calib_path, _cons(limits={"size_ratio": 0.7}, pin=FREE_FIRST), tmp_path / "out",
         progress=lambda s, f: calls.append((s, f)),
     )
     out = tmp_path / "out"
@@ -44,7 +48,8 @@ def test_pipeline_writes_plan_checkpoint_report(mlp_pt2, calib_path, tmp_path) -
     # output channel (fc1: 32, fc2: 10)
     int8 = sum(row["params"] for row in plan["layers"]) + 4 * (32 + 10)
     assert plan["limits"]["size_bytes"] == pytest.approx(0.7 * int8)
-    assert [row["w_bits"] for row in plan["layers"]][0] == 8  # pin.first
+    bits = {row["name"]: row["w_bits"] for row in plan["layers"]}
+    assert bits == {"fc1": 4, "fc2": 8}  # fc2 pinned; fc1 must drop to fit 0.7 x INT8
     module = quantize.load(out / "model.safetensors", load_program(mlp_pt2))
     assert module(torch.rand(3, 1, 8, 8)).shape == (3, 10)
     summary = result.summary()
@@ -76,8 +81,8 @@ def test_cancel_stops_at_a_progress_point(mlp_pt2, calib_path, tmp_path) -> None
         return len(polls) > 3
 
     with pytest.raises(CancelledError):
-        run_pipeline(mlp_pt2, calib_path, _cons(limits={"size_ratio": 0.7}), tmp_path,
-                     should_cancel=should_cancel)
+        run_pipeline(mlp_pt2, calib_path, _cons(limits={"size_ratio": 0.7}, pin=FREE_FIRST),
+                     tmp_path, should_cancel=should_cancel)
     assert len(polls) == 4
     assert not (tmp_path / "model.safetensors").exists()
 
