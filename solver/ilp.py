@@ -15,9 +15,10 @@ Exact reductions applied before the solver runs (each keeps the optimum value un
 - if some limit is below the sum of its per-group minima the problem is infeasible, also
   without a solver.
 
-Rows are scaled to O(1) (each limit row by the resource's largest reachable total, the
-objective by the largest |Omega|), which keeps CBC's absolute tolerances meaningful for
-byte counts around 1e7 and BOPs around 1e11. Reported objective and totals are always
+Limit rows are scaled to O(1) (each by the resource's largest reachable total), which keeps
+the solvers' absolute tolerances meaningful for byte counts around 1e7 and BOPs around 1e11;
+the objective is scaled so its largest coefficient is OBJ_MAX (see there), and CBC's cutoff
+increment is set to ~0 so that it keeps every strictly better incumbent. Reported objective and totals are always
 recomputed from the chosen options in layer order, never read back from the solver.
 """
 
@@ -28,6 +29,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,6 +45,9 @@ SOLVERS = ("cbc", "highs")
 STATUSES = ("optimal", "infeasible", "time_limit")
 # A total counts as within a limit up to this relative tolerance (float sums of many layers).
 FEAS_RTOL = 1e-9
+# The objective is scaled so its largest coefficient is this: solvers prune with absolute
+# tolerances around 1e-6, which lose optima when the scaled objective is O(1e-2) in total.
+OBJ_MAX = 1e3
 
 
 def within(total: float, limit: float) -> bool:
@@ -273,6 +278,18 @@ class _Model:
         limits: dict[str, float],
         scale: dict[str, float],
     ) -> None:
+        # PuLP 3.x warns about its 4.0 API on every variable; the 3.x API is what we pin.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._build(groups, key, limits, scale)
+
+    def _build(
+        self,
+        groups: list[list[_GOpt]],
+        key: str,
+        limits: dict[str, float],
+        scale: dict[str, float],
+    ) -> None:
         self.groups = groups
         self.key = key
         self.resources = list(limits)
@@ -280,7 +297,7 @@ class _Model:
         self.prob = pulp.LpProblem("bitplan", pulp.LpMinimize)
         self.vars: list[list[pulp.LpVariable] | None] = []
         self.const = {r: 0.0 for r in self.resources}
-        objscale = max((abs(o.value(key)) for g in groups for o in g), default=1.0) or 1.0
+        objscale = (max((abs(o.value(key)) for g in groups for o in g), default=1.0) or 1.0) / OBJ_MAX
         obj: dict[pulp.LpVariable, float] = {}
         rows: dict[str, dict[pulp.LpVariable, float]] = {r: {} for r in self.resources}
         n_cons = 0
@@ -330,8 +347,9 @@ class _Model:
                 if vs:
                     for v, o in zip(vs, opts, strict=True):
                         v.setInitialValue(1 if o is w else 0)
-        cmd = _solver_cmd(cfg, warm is not None)
-        self.prob.solve(cmd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.prob.solve(_solver_cmd(cfg, warm is not None))
         status = self.prob.status
         sol_status = getattr(self.prob, "sol_status", None)
         if status == pulp.LpStatusInfeasible:
@@ -368,6 +386,9 @@ def _solver_cmd(cfg: SolveConfig, warm: bool) -> pulp.LpSolver:
     return pulp.PULP_CBC_CMD(
         msg=False, timeLimit=cfg.time_limit_s, gapRel=cfg.gap_rel, gapAbs=0.0,
         threads=cfg.threads, warmStart=warm,
+        # CBC only accepts incumbents better by its cutoff increment (default 1e-4 absolute),
+        # which silently loses optima on a small objective; ask for any strict improvement.
+        options=["increment 1e-12"],
     )
 
 

@@ -1,0 +1,159 @@
+"""Solver speed: bitplan's ILP against the straightforward HAWQ-style PuLP formulation.
+
+Instances: N layers x 12 options (weights {2,3,4,5,6,8} x activations {4,8}) built by
+``solver.options.build_problem`` from random layer tables (log-normal params / MACs / traces,
+Omega ~ trace * 4^-bits), T4 roofline latency, every 9th layer tied to the next, and limits at
+fixed fractions between each resource's smallest and largest reachable total.
+
+The baseline is what HAWQ's notebook does, generalised to 12 options: one binary per
+layer-option, constraints built with ``lpSum`` over lists, one equality per tag for each tie,
+bundled CBC with the same (exact) gap. Both are timed including the model build; both must
+reach the same objective. Run: ``.venv/bin/python bench/solver.py [--repeat 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# This file is named solver.py: drop its own folder from the path so `solver` is the package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import pulp  # noqa: E402
+
+from solver import (  # noqa: E402
+    LayerSpec,
+    Limits,
+    OptionsConfig,
+    SolveConfig,
+    build_problem,
+    pareto,
+    solve,
+)
+from solver.ilp import _groups, _Model, _prune, _scales, within  # noqa: E402
+from solver.problem import Problem  # noqa: E402
+
+W_BITS = (2, 3, 4, 5, 6, 8)
+A_BITS = (4, 8)
+
+
+def random_specs(n: int, seed: int) -> list[LayerSpec]:
+    rng = random.Random(seed)
+    specs = []
+    for i in range(n):
+        cin = rng.choice([16, 32, 64, 128, 256, 512])
+        cout = rng.choice([16, 32, 64, 128, 256, 512])
+        k = rng.choice([1, 3])
+        hw = rng.choice([7, 14, 28, 56])
+        params = cin * cout * k * k
+        trace = math.exp(rng.gauss(0, 1.5))
+        atrace = math.exp(rng.gauss(-1, 1.5))
+        specs.append(LayerSpec(
+            name=f"layer{i}", kind="conv2d", params=params, macs=params * hw * hw,
+            out_channels=cout, input_numel=cin * hw * hw,
+            omega_w={b: trace * params * 4.0 ** -b * rng.uniform(0.8, 1.2) for b in W_BITS},
+            omega_a={b: atrace * cin * hw * hw * 4.0 ** -b * rng.uniform(0.8, 1.2)
+                     for b in A_BITS},
+        ))
+    return specs
+
+
+def instance(n: int, seed: int, fractions: dict[str, float]) -> Problem:
+    specs = random_specs(n, seed)
+    cfg = OptionsConfig(weight_bits=W_BITS, activation_bits=A_BITS, pin_first=None,
+                        pin_last=None, hardware="nvidia-t4")
+    ties = [(f"layer{i}", f"layer{i + 1}") for i in range(0, n - 1, 9)]
+    free = build_problem(specs, cfg, Limits(), ties)
+    lim = {}
+    for r, f in fractions.items():
+        lo = sum(min(o.cost(r) for o in la.options) for la in free.layers)
+        hi = sum(max(o.cost(r) for o in la.options) for la in free.layers)
+        lim[r] = lo + f * (hi - lo)
+    return build_problem(specs, cfg, Limits(**lim), ties)
+
+
+def straightforward(problem: Problem) -> tuple[float, float]:
+    """HAWQ-notebook style formulation; returns (objective, seconds incl. build)."""
+    t0 = time.perf_counter()
+    prob = pulp.LpProblem("hawq", pulp.LpMinimize)
+    x = {}
+    for i, la in enumerate(problem.layers):
+        for k in range(len(la.options)):
+            x[i, k] = pulp.LpVariable(f"x_{i}_{k}", cat="Binary")
+    prob += pulp.lpSum([la.options[k].omega * x[i, k]
+                        for i, la in enumerate(problem.layers) for k in range(len(la.options))])
+    for i, la in enumerate(problem.layers):
+        prob += pulp.lpSum([x[i, k] for k in range(len(la.options))]) == 1
+    for r in problem.limits.active():
+        prob += pulp.lpSum([getattr(la.options[k], r) * x[i, k]
+                            for i, la in enumerate(problem.layers)
+                            for k in range(len(la.options))]) <= problem.limits.get(r)
+    index = {la.name: i for i, la in enumerate(problem.layers)}
+    for a, b in problem.ties:
+        ia, ib = index[a], index[b]
+        kb = {o.tag: k for k, o in enumerate(problem.layers[ib].options)}
+        for k, o in enumerate(problem.layers[ia].options):
+            prob += x[ia, k] == x[ib, kb[o.tag]]
+    prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0, threads=1))
+    seconds = time.perf_counter() - t0
+    assert pulp.LpStatus[prob.status] == "Optimal", pulp.LpStatus[prob.status]
+    obj = math.fsum(la.options[k].omega for (i, k), v in x.items()
+                    for la in [problem.layers[i]] if (v.varValue or 0) > 0.5)
+    return obj, seconds
+
+
+def timed(fn, repeat: int) -> tuple[object, float]:
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sizes", default="54,200,1000")
+    ap.add_argument("--solver", default="cbc", choices=["cbc", "highs"])
+    args = ap.parse_args()
+    cfg = SolveConfig(solver=args.solver)
+    scenarios = {
+        "size": {"size_bytes": 0.35},
+        "size+bops": {"size_bytes": 0.5, "bops": 0.3},
+        "size+bops+lat": {"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5},
+    }
+    print(f"solver={args.solver}  median of {args.repeat}; times include the model build")
+    print(f"{'instance':>22} {'build ms':>9} {'ours ms':>9} {'vars':>6} {'baseline ms':>12} "
+          f"{'ratio':>6}  objective match")
+    for n in (int(s) for s in args.sizes.split(",")):
+        for label, fr in scenarios.items():
+            prob = instance(n, seed=n, fractions=fr)
+            t0 = time.perf_counter()
+            groups = _groups(prob)
+            res = prob.limits.active()
+            opts = [_prune(g.options, "omega", res) for g in groups]
+            _Model(opts, "omega", {r: prob.limits.get(r) for r in res}, _scales(groups, res))
+            build = time.perf_counter() - t0
+            sol, ours = timed(lambda p=prob: solve(p, cfg), args.repeat)
+            (bobj, _), base = timed(lambda p=prob: straightforward(p), max(1, args.repeat - 2))
+            match = math.isclose(sol.objective, bobj, rel_tol=1e-9)
+            print(f"{n:>5}x12 {label:>15} {build * 1e3:9.1f} {ours * 1e3:9.1f} "
+                  f"{sol.solver['variables']:6d} {base * 1e3:12.1f} {base / ours:6.1f}  "
+                  f"{match} ({sol.status}, binding {sol.binding})")
+            assert all(within(sol.totals[r], prob.limits.get(r)) for r in res)
+    prob = instance(54, seed=54, fractions={"size_bytes": 0.5})
+    pts, sweep = timed(lambda: pareto(prob, "size_bytes", 20, cfg), args.repeat)
+    objs = [p.objective for p in pts]
+    mono = all(a >= b - 1e-12 for a, b in zip(objs, objs[1:], strict=False))
+    print(f"pareto 54x12 size_bytes 20 points: {sweep * 1e3:.1f} ms, monotone={mono}, "
+          f"statuses={sorted({p.status for p in pts})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Turn a model's layer table and sensitivity results into a solver :class:`Problem`.
+
+Per layer and candidate (w, a) bits: ``omega = omega_w[w] + omega_a[a]`` (the weight and
+activation perturbations add, as in HAWQ), ``size_bytes = ceil(params * w / 8) + 4 *
+out_channels`` (bit-packed weights plus one float32 scale per output channel), ``bops = macs
+* w * a`` (bit operations per sample), and latency from a named hardware profile (roofline) or
+a user table ``{layer: {tag: ms}}``. A DRQ :class:`ActivationMode` adds options whose
+activation bits are the expected bits ``8 f + 4 (1 - f)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import BadConstraintsError
+from .hardware import check_latency_table, get_profile, table_latency
+from .problem import LayerOptions, Limits, Option, Problem
+
+ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
+SCALE_BYTES = 4  # one float32 scale per output channel
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class ActivationMode:
+    """A DRQ activation mode of one layer: ``tag`` (e.g. ``"drq2x2f0.3"``; the option tag is
+    ``"w<bits>" + tag``), expected activation bits, its activation Omega, and the DRQ
+    parameters carried into the plan (region, threshold, sensitive_fraction, high/low bits)."""
+
+    tag: str
+    expected_bits: float
+    omega: float
+    drq: dict
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One quantizable layer as the solver sees it (no tensors). ``macs`` per sample,
+    ``input_numel`` = elements of the layer's input per sample, ``omega_w`` / ``omega_a`` map
+    bits to the weight / activation perturbation at those bits."""
+
+    name: str
+    kind: str
+    params: int
+    macs: int
+    out_channels: int
+    input_numel: int
+    omega_w: dict[int, float]
+    omega_a: dict[int, float]
+    activation_modes: list[ActivationMode] = field(default_factory=list)
+    weight_trace: float | None = None
+
+
+def _bits(values: Any, what: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(sorted({int(b) for b in values}))
+    except (TypeError, ValueError) as exc:
+        raise BadConstraintsError(f"{what} must be a list of integers, got {values!r}") from exc
+    if not bits:
+        raise BadConstraintsError(f"{what} must not be empty")
+    bad = [b for b in bits if b not in ALLOWED_BITS]
+    if bad:
+        raise BadConstraintsError(f"{what} {bad} not supported; allowed bits: {list(ALLOWED_BITS)}")
+    return bits
+
+
+@dataclass(frozen=True)
+class OptionsConfig:
+    """Candidate bit sets, pins and the latency model. ``pin_first`` / ``pin_last``: bits that
+    the first / last layer keep for both weights and activations (None = not pinned).
+    ``hardware``: a profile name from :func:`solver.hardware.profiles`; ``latency_table``:
+    ``{layer: {tag: ms}}``; give at most one (none = no latency costs)."""
+
+    weight_bits: tuple[int, ...] = (4, 8)
+    activation_bits: tuple[int, ...] = (8,)
+    pin_first: int | None = 8
+    pin_last: int | None = 8
+    hardware: str | None = None
+    latency_table: dict | None = None
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_bits", _bits(self.weight_bits, "weight_bits"))
+        object.__setattr__(self, "activation_bits", _bits(self.activation_bits, "activation_bits"))
+        for name in ("pin_first", "pin_last"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or v not in ALLOWED_BITS):
+                raise BadConstraintsError(
+                    f"{name} must be null or one of {list(ALLOWED_BITS)}, got {v!r}"
+                )
+        if self.hardware is not None and self.latency_table is not None:
+            raise BadConstraintsError("give either a hardware profile or a latency_table, not both")
+        if self.hardware is not None:
+            get_profile(self.hardware)
+        if self.latency_table is not None:
+            check_latency_table(self.latency_table)
+        if self.version != VERSION:
+            raise BadConstraintsError(f"OptionsConfig version {self.version!r} is not supported")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weight_bits"] = list(self.weight_bits)
+        d["activation_bits"] = list(self.activation_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> OptionsConfig:
+        unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise BadConstraintsError(f"OptionsConfig has unknown keys {unknown}")
+        return cls(**obj)
+
+
+def size_bytes(params: int, w_bits: int, out_channels: int) -> float:
+    """Bit-packed weight bytes (rounded up to a whole byte) plus float32 per-channel scales."""
+    return float(math.ceil(params * w_bits / 8) + SCALE_BYTES * out_channels)
+
+
+def _omega(table: dict[int, float], bits: int, layer: str, what: str) -> float:
+    if bits not in table:
+        raise BadConstraintsError(
+            f"layer {layer!r} has no {what} for {bits} bits (has {sorted(table)}); measure "
+            f"sensitivity at every candidate bit width"
+        )
+    v = float(table[bits])
+    if not math.isfinite(v):
+        raise BadConstraintsError(f"layer {layer!r} {what}[{bits}] is not finite")
+    return v
+
+
+def _latency(spec: LayerSpec, cfg: OptionsConfig, w: int, a: float, tag: str,
+             drq: dict | None) -> float | None:
+    if cfg.hardware is not None:
+        return get_profile(cfg.hardware).latency_ms(
+            spec.macs, spec.params, w, a, spec.input_numel, drq
+        )
+    if cfg.latency_table is not None:
+        return table_latency(cfg.latency_table, spec.name, tag)
+    return None
+
+
+def _option(spec: LayerSpec, cfg: OptionsConfig, w: int, a: int) -> Option:
+    tag = f"w{w}a{a}"
+    return Option(
+        w_bits=w,
+        a_bits=a,
+        omega=_omega(spec.omega_w, w, spec.name, "omega_w") + _omega(spec.omega_a, a, spec.name,
+                                                                     "omega_a"),
+        size_bytes=size_bytes(spec.params, w, spec.out_channels),
+        bops=float(spec.macs * w * a),
+        latency_ms=_latency(spec, cfg, w, a, tag, None),
+        tag=tag,
+    )
+
+
+def _drq_option(spec: LayerSpec, cfg: OptionsConfig, w: int, mode: ActivationMode) -> Option:
+    tag = f"w{w}{mode.tag}"
+    return Option(
+        w_bits=w,
+        a_bits=float(mode.expected_bits),
+        omega=_omega(spec.omega_w, w, spec.name, "omega_w") + float(mode.omega),
+        size_bytes=size_bytes(spec.params, w, spec.out_channels),
+        bops=float(spec.macs * w * mode.expected_bits),
+        latency_ms=_latency(spec, cfg, w, mode.expected_bits, tag, mode.drq),
+        tag=tag,
+        drq=dict(mode.drq),
+    )
+
+
+def layer_options(spec: LayerSpec, cfg: OptionsConfig, pin: int | None = None) -> list[Option]:
+    """All candidate options of one layer (only (pin, pin) when pinned)."""
+    if pin is not None:
+        return [_option(spec, cfg, pin, pin)]
+    opts = [_option(spec, cfg, w, a) for w in cfg.weight_bits for a in cfg.activation_bits]
+    for w in cfg.weight_bits:
+        for mode in spec.activation_modes:
+            opts.append(_drq_option(spec, cfg, w, mode))
+    return opts
+
+
+def build_problem(
+    specs: Sequence[LayerSpec],
+    cfg: OptionsConfig,
+    limits: Limits,
+    ties: Iterable[tuple[str, str]] = (),
+) -> Problem:
+    """The solver problem for ``specs`` (in model order: the first and last may be pinned).
+
+    Tied layers keep only the tags they all offer (a pin on one member pins the group);
+    raises BadConstraintsError when a tie group has no common tag, or for bad bits / tables.
+    """
+    if not specs:
+        raise BadConstraintsError("the model has no quantizable layers")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise BadConstraintsError("layer names must be unique")
+    per: dict[str, list[Option]] = {}
+    for i, s in enumerate(specs):
+        pin = None
+        if i == 0 and cfg.pin_first is not None:
+            pin = cfg.pin_first
+        if i == len(specs) - 1 and cfg.pin_last is not None:
+            pin = cfg.pin_last
+        per[s.name] = layer_options(s, cfg, pin)
+    ties = [tuple(t) for t in ties]
+    for t in ties:
+        for n in t:
+            if n not in per:
+                raise BadConstraintsError(f"tie {list(t)} names unknown layer {n!r}")
+    # Restrict every tie group to its common tags; groups come from the Problem's own logic.
+    probe = Problem(
+        tuple(LayerOptions(n, (per[n][0],)) for n in names),
+        ties=tuple(ties),  # type: ignore[arg-type]
+    ) if ties else None
+    if probe is not None:
+        for group in probe.tie_groups():
+            common = set.intersection(*({o.tag for o in per[n]} for n in group))
+            if not common:
+                raise BadConstraintsError(
+                    f"tied layers {group} share no candidate precision (pins or DRQ modes "
+                    "differ); unpin one or allow more bits"
+                )
+            for n in group:
+                per[n] = [o for o in per[n] if o.tag in common]
+    return Problem(
+        tuple(LayerOptions(n, tuple(per[n])) for n in names),
+        limits=limits,
+        ties=tuple(ties),  # type: ignore[arg-type]
+    )
+
+
+def reference_totals(
+    specs: Sequence[LayerSpec], cfg: OptionsConfig, w_bits: int = 8, a_bits: int = 8
+) -> dict[str, float | None]:
+    """Totals of the all-(w_bits, a_bits) model (default INT8), the base of ``*_ratio`` limits."""
+    size = bops = 0.0
+    lat: float | None = 0.0
+    for s in specs:
+        size += size_bytes(s.params, w_bits, s.out_channels)
+        bops += float(s.macs * w_bits * a_bits)
+        ms = _latency(s, cfg, w_bits, a_bits, f"w{w_bits}a{a_bits}", None)
+        lat = None if ms is None or lat is None else lat + ms
+    return {"size_bytes": size, "bops": bops, "latency_ms": lat}
+
+
+_LIMIT_KEYS = {"size_mb", "bops_g", "latency_ms", "size_ratio", "bops_ratio", "latency_ratio"}
+
+
+def limits_from_constraints(
+    limits: dict[str, Any], specs: Sequence[LayerSpec], cfg: OptionsConfig
+) -> Limits:
+    """Convert the constraints' ``limits`` object (``size_mb`` = 1e6 bytes, ``bops_g`` = 1e9
+    BOPs, ``latency_ms``, or ``*_ratio`` of the all-INT8 model) to :class:`Limits`."""
+    if not isinstance(limits, dict):
+        raise BadConstraintsError("limits must be an object")
+    unknown = sorted(set(limits) - _LIMIT_KEYS)
+    if unknown:
+        raise BadConstraintsError(f"limits has unknown keys {unknown}; allowed {sorted(_LIMIT_KEYS)}")
+    ref = None
+    out: dict[str, float | None] = {}
+    for res, absolute, unit in (("size_bytes", "size_mb", 1e6), ("bops", "bops_g", 1e9),
+                                ("latency_ms", "latency_ms", 1.0)):
+        ratio = res.split("_")[0] + "_ratio"
+        a, r = limits.get(absolute), limits.get(ratio)
+        if a is not None and r is not None:
+            raise BadConstraintsError(f"give {absolute} or {ratio}, not both")
+        for key, v in ((absolute, a), (ratio, r)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or not math.isfinite(v) or v <= 0):
+                raise BadConstraintsError(f"limit {key} must be a finite number > 0, got {v!r}")
+        if a is not None:
+            out[res] = float(a) * unit
+        elif r is not None:
+            ref = ref or reference_totals(specs, cfg)
+            if ref[res] is None:
+                raise BadConstraintsError(
+                    f"{ratio} needs latencies: set a hardware profile or a latency_table"
+                )
+            out[res] = float(r) * ref[res]
+        else:
+            out[res] = None
+    if out["latency_ms"] is not None and cfg.hardware is None and cfg.latency_table is None:
+        raise BadConstraintsError(
+            "a latency limit needs a hardware profile or a latency_table to cost layers"
+        )
+    return Limits(**out)
