@@ -16,7 +16,7 @@ from torch import nn
 from solver.errors import BadModelError
 
 from .calibrate import calibrate
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, encode_weight, read_checkpoint
 from .config import QuantizeConfig
 from .data import CalibrationSet
 from .evaluate import evaluate
@@ -24,7 +24,7 @@ from .fakequant import build_fake_quant
 from .fold import fold_layers
 from .graph import find_layers
 from .points import Grid, find_points
-from .primitives import dyadic, pack_nibbles, quantize_weight
+from .primitives import dyadic, quantize_weight
 from .rows import PlanRow, match_rows, parse_rows
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _layer_tensors(
     pairs = [dyadic(float(m)) for m in acc_scale / g_out.scale]
     p = row.name + "."
     t = {
-        p + "weight_q": pack_nibbles(codes) if row.w_bits <= 4 else codes.to(torch.int8),
+        p + "weight_q": encode_weight(codes, row.w_bits),
         p + "weight_scale": s_w,
         p + "bias": bias,
         p + "bias_q": bias_q.to(torch.int32),
@@ -225,7 +225,7 @@ def apply(
         "layers": quant_layers,
         "points": [
             {"node": p.node, "kind": p.kind, "end": p.end, "layer": p.layer,
-             "consumer": p.consumer, "grid": grids[p.node].to_dict()}
+             "consumer": p.consumer, "final": p.final, "grid": grids[p.node].to_dict()}
             for p in points
         ],
     }
@@ -246,6 +246,21 @@ def apply(
     report = _report(ckpt, rows, len(layers), metrics, cfg, len(train), drq_fractions)
     log.info("quantized %d layers; metrics %s", len(rows), metrics)
     return QuantizeResult(tensors, ckpt.metadata(), report, ckpt, qmodule)
+
+
+def fixed_batch_size(program: torch.export.ExportedProgram) -> int | None:
+    """The batch size a program was exported with when its batch dimension is static, else None.
+
+    Looks at dim 0 of the first tensor user input: a plain int there means every call must use
+    exactly that many rows (``CalibrationSet.batches(fixed=True)`` pads to it).
+    """
+    user = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 0:
+                return val.shape[0] if isinstance(val.shape[0], int) else None
+    return None
 
 
 def load(checkpoint_path: str | Path, program: torch.export.ExportedProgram) -> nn.Module:

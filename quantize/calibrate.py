@@ -129,7 +129,8 @@ def calibrate(
 
     ``gm`` (a BN-folded float copy) is modified: observers are inserted. ``input_bits`` maps a
     layer name to its input bits; layers in ``minmax_only`` (DRQ) ignore the percentile method.
-    A free point is one with no consumer layer; its grid has ``cfg.out_bits``.
+    A free point is one with no consumer layer; its grid has ``cfg.out_bits`` bits, or
+    ``cfg.final_bits`` when it is a model output.
     Raises BadCalibrationError when a tensor never shows up or is non-finite.
     """
     info = _BatchInfo()
@@ -165,6 +166,7 @@ def calibrate(
     for p in points:
         if p.consumer is None:
             amin, amax = out_obs[p.end].value_range(cfg.calibration, cfg.percentile)
-            scale, signed = activation_scale(amin, amax, cfg.out_bits)
-            out_grids[p.node] = Grid(f32(scale), cfg.out_bits, signed)
+            bits = cfg.final_bits if p.final else cfg.out_bits
+            scale, signed = activation_scale(amin, amax, bits)
+            out_grids[p.node] = Grid(f32(scale), bits, signed)
     return in_grids, out_grids

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from solver.errors import BadCheckpointError, BadPlanError
 
 from .points import Grid, Point
-from .primitives import unpack_nibbles
+from .primitives import pack_nibbles, qmax_signed, unpack_nibbles
 from .rows import PlanRow, parse_rows
 
 FORMAT = "bitplan-qckpt/1"
@@ -60,6 +60,27 @@ _DRQ_SUFFIXES = ("drq_threshold", "drq_region")
 def packed(w_bits: int) -> bool:
     """Whether weights of this width are stored as nibbles (<= 4 bits) rather than int8."""
     return w_bits <= 4
+
+
+def storage_bits(w_bits: int) -> int:
+    """Bits one weight occupies in the file: 4 (nibbles) for <= 4 bits, else 8 (int8)."""
+    return 4 if packed(w_bits) else 8
+
+
+def encode_weight(codes: torch.Tensor, w_bits: int) -> torch.Tensor:
+    """Stored form of signed weight codes: int8 (same shape) for 5..8 bits, packed nibbles
+    (uint8, ``ceil(numel / 2)``, low nibble first) for <= 4 bits."""
+    q = qmax_signed(w_bits)
+    if codes.numel() and (int(codes.min()) < -q or int(codes.max()) > q):
+        raise ValueError(f"weight codes exceed the {w_bits}-bit range [-{q}, {q}]")
+    return pack_nibbles(codes) if packed(w_bits) else codes.to(torch.int8)
+
+
+def decode_weight(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`encode_weight`: int32 codes of ``shape``."""
+    if stored.dtype == torch.uint8:
+        stored = unpack_nibbles(stored, math.prod(shape))
+    return stored.to(torch.int32).reshape(shape)
 
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
@@ -117,11 +138,7 @@ class Checkpoint:
 
     def codes(self, name: str) -> torch.Tensor:
         """Integer weight codes (int32) in the weight's shape."""
-        shape = self.weight_shape(name)
-        q = self.tensors[f"{name}.weight_q"]
-        if q.dtype == torch.uint8:
-            q = unpack_nibbles(q, math.prod(shape))
-        return q.to(torch.int32).reshape(shape)
+        return decode_weight(self.tensors[f"{name}.weight_q"], self.weight_shape(name))
 
     def dequantized_weight(self, name: str) -> torch.Tensor:
         """codes * S_w in float32, the weight the fake-quant module computes with."""
@@ -140,7 +157,8 @@ class Checkpoint:
     def points(self) -> list[tuple[Point, Grid]]:
         out = []
         for p in self.quant["points"]:
-            point = Point(p["node"], p["kind"], p["end"], p.get("layer"), p.get("consumer"))
+            point = Point(p["node"], p["kind"], p["end"], p.get("layer"), p.get("consumer"),
+                          bool(p.get("final", False)))
             if point.kind == "layer":
                 out.append((point, self.output_grid(str(point.layer))))
             else:

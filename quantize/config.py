@@ -21,7 +21,9 @@ class QuantizeConfig:
     - ``percentile``: in (50, 100], e.g. 99.99.
     - ``histogram_bins``: resolution of the percentile histogram.
     - ``out_bits``: bits of tensors the integer model materialises that no quantized layer reads
-      directly (residual-add outputs, pool inputs, the model output).
+      directly (residual-add outputs, pool inputs, outputs handed to float ops).
+    - ``final_bits``: bits of a quantized layer's output that is a model output (the logits): a
+      runtime keeps them wide, and rounding them to 8 bits would cost accuracy for nothing.
     - ``batch_size``: samples per forward pass when the program accepts any batch size (a
       program exported with a fixed batch size always runs at that size).
     """
@@ -31,6 +33,7 @@ class QuantizeConfig:
     percentile: float = 99.99
     histogram_bins: int = 2048
     out_bits: int = 8
+    final_bits: int = 16
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -48,6 +51,8 @@ class QuantizeConfig:
             )
         if not 2 <= int(self.out_bits) <= 16:
             raise BadConstraintsError(f"out_bits must be in 2..16, got {self.out_bits}")
+        if not 2 <= int(self.final_bits) <= 16:
+            raise BadConstraintsError(f"final_bits must be in 2..16, got {self.final_bits}")
         if int(self.batch_size) < 1:
             raise BadConstraintsError(f"batch_size must be >= 1, got {self.batch_size}")
 

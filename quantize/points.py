@@ -7,14 +7,17 @@ what makes their outputs agree to within one LSB:
 - the output of every quantized layer (after its folded BN), on the grid ``S_out``;
 - every residual ``add`` whose two inputs are quantized (each input requantised onto the add's
   grid, then summed and clamped);
-- every ``mean`` (global average pool) of a quantized tensor (integer sum, dyadic rescale).
+- every ``mean`` (global average pool) of a quantized tensor (integer sum, dyadic rescale);
+  adds and pools only where their result reaches a quantized layer (directly or through
+  other such points), so a float tail of a partly quantized model sees no extra rounding.
 
 Choosing ``S_out``: starting at the producer, follow single-user ops that do not change the
 grid (ReLU, flatten, view/reshape, clone): these commute with rounding onto a grid (ReLU after
 clamping to an unsigned grid is the clamp itself). If the tensor at the end of that chain is
 read by a quantized layer, the producer writes straight onto that layer's input grid (so no
 second requantisation is needed). Otherwise (it feeds an add, a pool, a float op, or the model
-output) the grid is calibrated on that tensor with ``QuantizeConfig.out_bits``. An average pool
+output) the grid is calibrated on that tensor with ``QuantizeConfig.out_bits`` (``final_bits``
+for a model output, 16 by default, as runtimes keep logits wide). An average pool
 is not treated as transparent: its input spans a wider range than its output, so the pool
 input gets its own grid and the pool rescales onto its consumer's grid.
 """
@@ -75,6 +78,7 @@ class Point:
     end: str  # last node of the grid-preserving chain after the producer
     layer: str | None = None  # layer name for kind == "layer"
     consumer: str | None = None  # quantized layer whose input grid this point writes onto
+    final: bool = False  # the chain end is a model output
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -133,5 +137,23 @@ def find_points(gm: fx.GraphModule, layers: dict[str, GraphLayer]) -> list[Point
                 consumer = by_node[user.name].name
                 break
         layer = by_node[node.name].name if kind == "layer" else None
-        points.append(Point(node.name, kind, end.name, layer, consumer))
-    return points
+        final = any(u.op == "output" for u in end.users)
+        points.append(Point(node.name, kind, end.name, layer, consumer, final))
+    return _prune(gm, points, set(by_node))
+
+
+def _prune(gm: fx.GraphModule, points: list[Point], layer_nodes: set[str]) -> list[Point]:
+    """Drop add / pool points whose result never reaches a quantized layer: where the integer
+    part of the model hands over to float ops, rounding an add or a pool again is only error.
+    Layer outputs are always kept (the integer model's layers write integer outputs)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    kept: set[str] = set(layer_nodes)
+    out: list[Point] = []
+    for p in reversed(points):
+        if p.kind != "layer":
+            users = nodes[p.end].users
+            if not any(u.name in kept for u in users):
+                continue
+        kept.add(p.node)
+        out.append(p)
+    return out[::-1]

@@ -1,0 +1,88 @@
+"""Fixtures for the quantize tests: plans built per PLAN_FORMAT, programs, data splits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from quantize import QuantizeConfig, apply
+from quantize.data import CalibrationSet
+from quantize.graph import find_layers
+
+
+def make_plan(
+    program: torch.export.ExportedProgram,
+    w_bits: Callable[[int, str], int] | int = 8,
+    a_bits: Callable[[int, str], int] | int = 8,
+    only: set[str] | None = None,
+    drq: dict[str, dict] | None = None,
+) -> dict:
+    """A plan.json (version 1) for ``program``: every layer (or those in ``only``) with the
+    given bits. ``size_bytes`` counts packed weights plus one float32 scale per channel."""
+    rows = []
+    for i, layer in enumerate(find_layers(program.module())):
+        if only is not None and layer.name not in only:
+            continue
+        wb = w_bits(i, layer.name) if callable(w_bits) else w_bits
+        ab = a_bits(i, layer.name) if callable(a_bits) else a_bits
+        params = math.prod(layer.weight_shape)
+        size = math.ceil(params * wb / 8) + 4 * layer.weight_shape[0]
+        spec = (drq or {}).get(layer.name)
+        rows.append({
+            "name": layer.name, "kind": layer.kind, "params": params, "macs": 0,
+            "w_bits": wb, "a_bits": ab if spec is None else 8 * spec["sensitive_fraction"]
+            + 4 * (1 - spec["sensitive_fraction"]),
+            "weight_trace": None, "omega": 0.0, "size_bytes": float(size), "bops": 0.0,
+            "latency_ms": None, "drq": spec,
+        })
+    total = sum(r["size_bytes"] for r in rows)
+    params = sum(math.prod(layer.weight_shape) for layer in find_layers(program.module()))
+    qparams = sum(r["params"] for r in rows)
+    return {
+        "version": 1, "format": "bitplan-plan/1",
+        "model": {"layers": len(rows), "params": params, "macs": 0,
+                  "quantized_params": qparams, "other_params": params - qparams},
+        "constraints": {}, "status": "optimal", "objective": 0.0,
+        "totals": {"size_bytes": total, "bops": 0.0, "latency_ms": None},
+        "limits": {"size_bytes": None, "bops": None, "latency_ms": None},
+        "binding": [], "layers": rows, "diagnosis": None,
+    }
+
+
+@pytest.fixture(scope="session")
+def plan_for() -> Callable[..., dict]:
+    """:func:`make_plan`, as a fixture (test modules do not import conftest)."""
+    return make_plan
+
+
+@pytest.fixture(scope="session")
+def split(calib_digits) -> tuple[CalibrationSet, CalibrationSet]:
+    """The 397 digits no model saw: 159 to calibrate, 238 to evaluate (so that one flipped
+    prediction is less than half a point)."""
+    x, y = calib_digits
+    return CalibrationSet((x,), labels=y).split(0.6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cnn_program(cnn_pt2) -> torch.export.ExportedProgram:
+    return torch.export.load(str(cnn_pt2))
+
+
+@pytest.fixture(scope="session")
+def mlp_program(mlp_pt2) -> torch.export.ExportedProgram:
+    return torch.export.load(str(mlp_pt2))
+
+
+@pytest.fixture(scope="session")
+def resnet_program(resnet_pt2) -> torch.export.ExportedProgram:
+    return torch.export.load(str(resnet_pt2))
+
+
+@pytest.fixture(scope="session")
+def cnn_int8(cnn_program, split):
+    """The digits CNN quantized with an all-8-bit plan."""
+    train, holdout = split
+    return apply(cnn_program, make_plan(cnn_program), train, holdout, QuantizeConfig())
