@@ -33,25 +33,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        BITPLAN_DATA_DIR=str(data_dir),
+        BITPLAN_HEARTBEAT_INTERVAL_S="0.5",
+        BITPLAN_HEARTBEAT_TIMEOUT_S="5",
+        BITPLAN_POLL_INTERVAL_S="0.2",
+        BITPLAN_MAX_CONCURRENT_JOBS="1",
+        BITPLAN_DEVICE="cpu",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(overrides)
+    env.pop("BITPLAN_API_KEY", None)
+    return env
+
+
 class Server:
-    def __init__(self, data_dir: Path, log: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, log: Path, *extra: str, **env: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
-        env.update(
-            BITPLAN_DATA_DIR=str(data_dir),
-            BITPLAN_HEARTBEAT_INTERVAL_S="0.5",
-            BITPLAN_HEARTBEAT_TIMEOUT_S="5",
-            BITPLAN_POLL_INTERVAL_S="0.2",
-            BITPLAN_MAX_CONCURRENT_JOBS="1",
-            BITPLAN_DEVICE="cpu",
-            PYTHONPATH=str(ROOT),
-        )
-        env.pop("BITPLAN_API_KEY", None)
         self.log = log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), *extra],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=_env(data_dir, **env), stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
         deadline = time.monotonic() + START_TIMEOUT
@@ -66,6 +71,12 @@ class Server:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server did not answer within {START_TIMEOUT} s; see {log}")
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies mid-job, nothing is cleaned up."""
+        self.proc.kill()
+        self.proc.wait(10)
+        self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -88,25 +99,27 @@ class Server:
         assert r.status_code == 202, r.text
         return r.json()["job_id"]
 
-    def wait(self, job_id: str, timeout: float = JOB_TIMEOUT) -> dict:
+    def wait(self, job_id: str, timeout: float = JOB_TIMEOUT, until=None) -> dict:
+        """Poll until the job is finished (or ``until(job)`` holds)."""
+        until = until or (lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
         deadline = time.monotonic() + timeout
         seen = []
         while time.monotonic() < deadline:
             job = self.client.get(f"/jobs/{job_id}").json()
             seen.append((job["status"], job["stage"], job["progress"]))
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if until(job):
                 job["seen"] = seen
                 return job
             time.sleep(0.2)
-        raise AssertionError(f"job {job_id} not finished in {timeout} s: last {seen[-3:]}")
+        raise AssertionError(f"job {job_id} not there in {timeout} s: last {seen[-3:]}")
 
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(*extra: str) -> Server:
-        server = Server(tmp_path / "data", tmp_path / "server.log", *extra)
+    def start(*extra: str, **env: str) -> Server:
+        server = Server(tmp_path / "data", tmp_path / "server.log", *extra, **env)
         servers.append(server)
         return server
 
@@ -183,3 +196,48 @@ def test_job_queued_before_a_restart_runs_after_it(start_server, cnn_pt2, calib_
     plan = server.client.get(f"/jobs/{job_id}/plan").json()
     assert plan["constraints"]["activation_bits"] == [4, 8]
     assert len(plan["layers"]) == 3
+
+
+def test_dead_worker_job_is_retried_and_a_running_job_cancels(start_server, mlp_pt2,
+                                                              calib_path) -> None:
+    fast_reaper = {"BITPLAN_HEARTBEAT_TIMEOUT_S": "3"}
+    server = start_server(**fast_reaper)
+    # a sensitivity sweep that would take minutes: the job is surely running when killed
+    slow = {"limits": {"size_ratio": 0.9}, "pin": {"first": None},
+            "hessian": {"max_iter": 100000, "tol": 1e-6, "seed": 0}}
+    job_id = server.submit(mlp_pt2, calib_path, slow)
+    server.wait(job_id, until=lambda j: j["stage"] == "sensitivity")
+    server.kill()
+
+    server = start_server(**fast_reaper)  # its reaper finds the stale heartbeat
+    job = server.wait(job_id, until=lambda j: j["attempts"] == 2 and j["status"] == "running")
+    assert job["started_at"] is not None
+    r = server.client.delete(f"/jobs/{job_id}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    t0 = time.monotonic()
+    server.stop()  # the worker's pipeline noticed: a graceful stop does not wait for the sweep
+    assert time.monotonic() - t0 < 15
+    final = start_server("--no-worker").client.get(f"/jobs/{job_id}").json()
+    assert final["status"] == "cancelled" and final["attempts"] == 2
+
+
+def test_api_and_separate_worker_processes(start_server, mlp_pt2, calib_path,
+                                           tmp_path) -> None:
+    api = start_server("--no-worker")
+    job_id = api.submit(mlp_pt2, calib_path,
+                        _constraints(limits={"bops_ratio": 0.8}, pin={"first": None}))
+    log = (tmp_path / "worker.log").open("ab")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        cwd=ROOT, env=_env(tmp_path / "data"), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        job = api.wait(job_id)
+        assert job["status"] == "succeeded", job.get("error")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+        log.close()
