@@ -18,7 +18,8 @@ Exact reductions applied before the solver runs (each keeps the optimum value un
 Limit rows are scaled to O(1) (each by the resource's largest reachable total), which keeps
 the solvers' absolute tolerances meaningful for byte counts around 1e7 and BOPs around 1e11;
 the objective is scaled so its largest coefficient is OBJ_MAX (see there), and CBC's cutoff
-increment is set to ~0 so that it keeps every strictly better incumbent. Reported objective and totals are always
+increment is set to ~0 so that it keeps every strictly better incumbent. Reported objective
+and totals are always
 recomputed from the chosen options in layer order, never read back from the solver.
 """
 
@@ -297,7 +298,8 @@ class _Model:
         self.prob = pulp.LpProblem("bitplan", pulp.LpMinimize)
         self.vars: list[list[pulp.LpVariable] | None] = []
         self.const = {r: 0.0 for r in self.resources}
-        objscale = (max((abs(o.value(key)) for g in groups for o in g), default=1.0) or 1.0) / OBJ_MAX
+        top = max((abs(o.value(key)) for g in groups for o in g), default=1.0) or 1.0
+        objscale = top / OBJ_MAX
         obj: dict[pulp.LpVariable, float] = {}
         rows: dict[str, dict[pulp.LpVariable, float]] = {r: {} for r in self.resources}
         n_cons = 0
@@ -331,17 +333,20 @@ class _Model:
             n_cons += 1
         self.n_vars = sum(len(v) for v in self.vars if v)
         self.n_cons = n_cons
+        self.limits: dict[str, float] = {}
         for r, lim in limits.items():
             self.set_limit(r, lim)
 
     def set_limit(self, resource: str, limit: float) -> None:
+        self.limits[resource] = limit
         # LpConstraint stores "expr + constant <= 0"; constant = -rhs.
         self.rows[resource].constant = -(limit - self.const[resource]) / self.scale[resource]
 
     def run(self, cfg: SolveConfig, warm: list[_GOpt] | None = None) -> tuple[str, list | None]:
         """Solve; returns (status, picked options per group or None)."""
-        if self.n_vars == 0:
-            return "optimal", [g[0] for g in self.groups]
+        if self.n_vars == 0:  # every group fixed: only the limits can still fail
+            ok = all(within(self.const[r], lim) for r, lim in self.limits.items())
+            return ("optimal", [g[0] for g in self.groups]) if ok else ("infeasible", None)
         if warm is not None:
             for vs, opts, w in zip(self.vars, self.groups, warm, strict=True):
                 if vs:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import BadConstraintsError
 from .hardware import check_latency_table, get_profile, table_latency
-from .problem import LayerOptions, Limits, Option, Problem
+from .problem import LayerOptions, Limits, Option, Problem, tie_components
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
 SCALE_BYTES = 4  # one float32 scale per output channel
@@ -210,21 +210,18 @@ def build_problem(
         for n in t:
             if n not in per:
                 raise BadConstraintsError(f"tie {list(t)} names unknown layer {n!r}")
-    # Restrict every tie group to its common tags; groups come from the Problem's own logic.
-    probe = Problem(
-        tuple(LayerOptions(n, (per[n][0],)) for n in names),
-        ties=tuple(ties),  # type: ignore[arg-type]
-    ) if ties else None
-    if probe is not None:
-        for group in probe.tie_groups():
-            common = set.intersection(*({o.tag for o in per[n]} for n in group))
-            if not common:
-                raise BadConstraintsError(
-                    f"tied layers {group} share no candidate precision (pins or DRQ modes "
-                    "differ); unpin one or allow more bits"
-                )
-            for n in group:
-                per[n] = [o for o in per[n] if o.tag in common]
+    # Restrict every tie group to its common tags (a pin on one member pins the group).
+    for group in tie_components(names, ties):
+        if len(group) < 2:
+            continue
+        common = set.intersection(*({o.tag for o in per[n]} for n in group))
+        if not common:
+            raise BadConstraintsError(
+                f"tied layers {group} share no candidate precision (pins or DRQ modes "
+                "differ); unpin one or allow more bits"
+            )
+        for n in group:
+            per[n] = [o for o in per[n] if o.tag in common]
     return Problem(
         tuple(LayerOptions(n, tuple(per[n])) for n in names),
         limits=limits,
@@ -258,7 +255,9 @@ def limits_from_constraints(
         raise BadConstraintsError("limits must be an object")
     unknown = sorted(set(limits) - _LIMIT_KEYS)
     if unknown:
-        raise BadConstraintsError(f"limits has unknown keys {unknown}; allowed {sorted(_LIMIT_KEYS)}")
+        raise BadConstraintsError(
+            f"limits has unknown keys {unknown}; allowed {sorted(_LIMIT_KEYS)}"
+        )
     ref = None
     out: dict[str, float | None] = {}
     for res, absolute, unit in (("size_bytes", "size_mb", 1e6), ("bops", "bops_g", 1e9),

@@ -50,6 +50,28 @@ def _check_keys(obj: Any, allowed: set[str], required: set[str], what: str) -> N
         raise BadProblemError(f"{what} is missing keys {missing}")
 
 
+def tie_components(names: list[str], ties: Any) -> list[list[str]]:
+    """Connected components of the tie graph over ``names`` (each in ``names`` order, ordered
+    by first member); every layer is in exactly one component."""
+    index = {n: i for i, n in enumerate(names)}
+    parent = list(range(len(names)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in ties:
+        ra, rb = find(index[a]), find(index[b])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[str]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(find(i), []).append(n)
+    return list(groups.values())
+
+
 @dataclass(frozen=True)
 class Option:
     """One candidate precision of one layer and what it costs.
@@ -221,23 +243,7 @@ class Problem:
 
     def tie_groups(self) -> list[list[str]]:
         """Connected components of the tie graph, each in layer order, ordered by first layer."""
-        index = {la.name: i for i, la in enumerate(self.layers)}
-        parent = list(range(len(self.layers)))
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        for a, b in self.ties:
-            ra, rb = find(index[a]), find(index[b])
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-        groups: dict[int, list[str]] = {}
-        for i, la in enumerate(self.layers):
-            groups.setdefault(find(i), []).append(la.name)
-        return list(groups.values())
+        return tie_components([la.name for la in self.layers], self.ties)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from bitplan_solver_cases import brute_force, problems
 from hypothesis import HealthCheck, given, settings
 
 from solver import Limits, Problem, Solution, SolveConfig, solve
 from solver.errors import BadProblemError
 from solver.ilp import diagnose, min_reachable, totals_of, within
 from solver.problem import RESOURCES, LayerOptions, Option
-
-from bitplan_solver_cases import brute_force, problems
 
 FAST = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,129 @@
+"""Building options from layer specs: costs, pins, ties, DRQ modes, latency sources."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from solver import ActivationMode, LayerSpec, Limits, OptionsConfig, build_problem, solve
+from solver.errors import BadConstraintsError
+from solver.hardware import get_profile
+from solver.options import limits_from_constraints, reference_totals
+
+DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "high_bits": 8,
+       "low_bits": 4}
+
+
+def spec(name: str, params: int = 1001, modes=()) -> LayerSpec:
+    return LayerSpec(
+        name=name, kind="conv2d", params=params, macs=params * 16, out_channels=7,
+        input_numel=500,
+        omega_w={b: 2.0 ** -b * params for b in (2, 3, 4, 5, 6, 8)},
+        omega_a={b: 0.5 * 2.0 ** -b for b in (4, 8)},
+        activation_modes=list(modes), weight_trace=1.5,
+    )
+
+
+def test_costs_and_tags() -> None:
+    cfg = OptionsConfig(weight_bits=(3, 4, 8), activation_bits=(4, 8), pin_first=None,
+                        pin_last=None)
+    p = build_problem([spec("a")], cfg, Limits())
+    opts = {o.tag: o for o in p.layers[0].options}
+    assert sorted(opts) == ["w3a4", "w3a8", "w4a4", "w4a8", "w8a4", "w8a8"]
+    o = opts["w3a8"]
+    assert o.size_bytes == math.ceil(1001 * 3 / 8) + 4 * 7  # 376 + 28
+    assert o.bops == 1001 * 16 * 3 * 8
+    assert o.omega == pytest.approx(2.0 ** -3 * 1001 + 0.5 * 2.0 ** -8)
+    assert o.latency_ms is None and o.drq is None
+
+
+def test_pins_and_default_bits() -> None:
+    specs = [spec("first"), spec("mid"), spec("last")]
+    p = build_problem(specs, OptionsConfig(), Limits(size_bytes=1.0e9))
+    assert [o.tag for o in p.layers[0].options] == ["w8a8"]
+    assert [o.tag for o in p.layers[1].options] == ["w4a8", "w8a8"]
+    assert [o.tag for o in p.layers[2].options] == ["w8a8"]
+    sol = solve(build_problem(specs, OptionsConfig(), Limits(size_bytes=1.0)))
+    assert sol.status == "infeasible"  # pins hold even when nothing fits
+    tight = solve(build_problem(specs, OptionsConfig(pin_first=4, pin_last=None), Limits()))
+    assert p.layers[0].options[0].w_bits == 8
+    assert sol.diagnosis["limits"]["size_bytes"]["min_reachable"] > 1.0
+    assert tight.choices["first"] == 0
+
+
+def test_tie_with_a_pinned_layer_pins_the_group() -> None:
+    specs = [spec("first"), spec("mid"), spec("last")]
+    p = build_problem(specs, OptionsConfig(pin_last=None), Limits(), [("first", "mid")])
+    assert [o.tag for o in p.layers[1].options] == ["w8a8"]
+    with pytest.raises(BadConstraintsError, match="share no candidate"):
+        build_problem(specs, OptionsConfig(pin_first=4, weight_bits=(8,)), Limits(),
+                      [("first", "mid")])
+
+
+def test_drq_modes_give_fractional_options() -> None:
+    mode = ActivationMode("drq2x2f0.3", 8 * 0.3 + 4 * 0.7, 0.01, DRQ)
+    cfg = OptionsConfig(pin_first=None, pin_last=None, hardware="nvidia-t4")
+    p = build_problem([spec("a", modes=[mode])], cfg, Limits())
+    opts = {o.tag: o for o in p.layers[0].options}
+    o = opts["w4drq2x2f0.3"]
+    assert o.a_bits == pytest.approx(5.2) and o.drq == DRQ
+    assert o.omega == pytest.approx(2.0 ** -4 * 1001 + 0.01)
+    assert o.bops == pytest.approx(1001 * 16 * 4 * 5.2)
+    t4 = get_profile("nvidia-t4")
+    assert o.latency_ms == pytest.approx(t4.latency_ms(1001 * 16, 1001, 4, 5.2, 500, DRQ))
+
+
+def test_latency_table() -> None:
+    table = {"a": {"w4a8": 1.0, "w8a8": 2.0}}
+    cfg = OptionsConfig(pin_first=None, pin_last=None, latency_table=table)
+    p = build_problem([spec("a")], cfg, Limits(latency_ms=1.5))
+    assert [o.latency_ms for o in p.layers[0].options] == [1.0, 2.0]
+    assert solve(p).choices == {"a": 0}
+    with pytest.raises(BadConstraintsError, match="'b'"):
+        build_problem([spec("a"), spec("b")], cfg, Limits())
+    with pytest.raises(BadConstraintsError, match="'w4a8'"):
+        build_problem([spec("a")], OptionsConfig(pin_first=None, pin_last=None,
+                                                 latency_table={"a": {"w8a8": 1.0}}), Limits())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"weight_bits": (4, 7)}, "allowed bits"),
+    ({"activation_bits": ()}, "must not be empty"),
+    ({"pin_first": 16}, "pin_first"),
+    ({"hardware": "tpu-v9"}, "unknown hardware profile"),
+    ({"hardware": "nvidia-t4", "latency_table": {}}, "not both"),
+    ({"latency_table": {"a": {"w4a8": -1}}}, "finite number >= 0"),
+])
+def test_config_validation(kwargs, match) -> None:
+    with pytest.raises(BadConstraintsError, match=match):
+        OptionsConfig(**kwargs)
+
+
+def test_config_round_trip() -> None:
+    cfg = OptionsConfig(weight_bits=(2, 4, 8), activation_bits=(4, 8), hardware="nvidia-a100")
+    assert OptionsConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(BadConstraintsError, match="unknown keys"):
+        OptionsConfig.from_dict({"bits": 4})
+
+
+def test_missing_omega_names_layer_and_bits() -> None:
+    with pytest.raises(BadConstraintsError, match=r"'a' has no omega_a for 2 bits"):
+        build_problem([spec("a")], OptionsConfig(activation_bits=(2, 4), pin_first=None,
+                                                 pin_last=None), Limits())
+
+
+def test_reference_totals_and_ratio_limits() -> None:
+    specs = [spec("a"), spec("b", params=3000)]
+    cfg = OptionsConfig(hardware="nvidia-t4")
+    ref = reference_totals(specs, cfg)
+    assert ref["size_bytes"] == 1001 + 28 + 3000 + 28
+    assert ref["bops"] == (1001 + 3000) * 16 * 64
+    lim = limits_from_constraints({"size_ratio": 0.5, "bops_g": 2.0}, specs, cfg)
+    assert lim.size_bytes == pytest.approx(0.5 * ref["size_bytes"]) and lim.bops == 2e9
+    with pytest.raises(BadConstraintsError, match="not both"):
+        limits_from_constraints({"size_mb": 1, "size_ratio": 0.5}, specs, cfg)
+    with pytest.raises(BadConstraintsError, match="unknown keys"):
+        limits_from_constraints({"size_gb": 1}, specs, cfg)
+    with pytest.raises(BadConstraintsError, match="latency"):
+        limits_from_constraints({"latency_ms": 1.0}, specs, OptionsConfig())
