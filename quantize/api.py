@@ -22,7 +22,7 @@ from .data import CalibrationSet
 from .evaluate import evaluate
 from .fakequant import build_fake_quant
 from .fold import fold_layers
-from .graph import find_layers
+from .graph import find_layers, module_name
 from .points import Grid, find_points
 from .primitives import dyadic, quantize_weight
 from .rows import PlanRow, match_rows, parse_rows
@@ -155,21 +155,10 @@ def _report(
     }
 
 
-def _drq_hooks(module: nn.Module) -> tuple[dict[str, list[float]], list[Any]]:
-    seen: dict[str, list[float]] = {}
-    handles = []
-    for mname, sub in module.named_modules():
-        if type(sub).__name__ == "DRQConv2d":
-            name = mname.removeprefix("_bitplan_drq_")
-            seen[name] = []
-
-            def hook(mod: nn.Module, _in: Any, _out: Any, key: str = name) -> None:
-                frac = getattr(mod, "last_int4_fraction", None)
-                if frac is not None:
-                    seen[key].append(float(frac))
-
-            handles.append(sub.register_forward_hook(hook))
-    return seen, handles
+def _drq_modules(module: nn.Module, rows: dict[str, PlanRow]) -> dict[str, nn.Module]:
+    """The DRQ runtime module of each DRQ row, by layer name."""
+    names = {module_name(n, "drq"): n for n, r in rows.items() if r.drq is not None}
+    return {names[m]: sub for m, sub in module.named_modules() if m in names}
 
 
 def apply(
@@ -234,15 +223,15 @@ def apply(
     if progress is not None:
         progress("quantize", 1.0)
     qmodule = build_fake_quant(program, ckpt).to(device)
-    fractions, handles = _drq_hooks(qmodule)
+    drq_modules = _drq_modules(qmodule, rows)
+    for m in drq_modules.values():
+        m.reset_stats()
     fixed = batch_size is not None
     metrics = evaluate(
         program.module().to(device), qmodule, holdout, batch_size or cfg.batch_size,
         fixed=fixed, device=device, progress=progress,
     )
-    for h in handles:
-        h.remove()
-    drq_fractions = {k: sum(v) / len(v) for k, v in fractions.items() if v}
+    drq_fractions = {k: float(m.int4_fraction) for k, m in drq_modules.items()}
     report = _report(ckpt, rows, len(layers), metrics, cfg, len(train), drq_fractions)
     log.info("quantized %d layers; metrics %s", len(rows), metrics)
     return QuantizeResult(tensors, ckpt.metadata(), report, ckpt, qmodule)
