@@ -7,9 +7,9 @@ Exact reductions applied before the solver runs (each keeps the optimum value un
 
 - tied layers are merged into one group whose options are the shared tags (joint costs and
   Omega are the members' sums), so a tie costs no constraint and no variable;
-- an option is dropped when another option of the same group is no worse in Omega and in every
-  *limited* resource (costs nobody limits cannot make a choice infeasible); among exact
-  duplicates the first in (Omega, costs, tag order) survives;
+- (opt-in, ``SolveConfig.prune``) an option is dropped when another option of the same
+  group is no worse in Omega and in every *limited* resource (costs nobody limits cannot
+  make a choice infeasible); among exact duplicates the first in (Omega, costs, tag order) survives;
 - groups left with one option become constants;
 - if the per-group minimum-Omega choice fits every limit it is optimal and no solver runs;
 - if some limit is below the sum of its per-group minima the problem is infeasible, also
@@ -19,8 +19,12 @@ Limit rows are scaled to O(1) (each by the resource's largest reachable total), 
 the solvers' absolute tolerances meaningful for byte counts around 1e7 and BOPs around 1e11;
 the objective is scaled so its largest coefficient is OBJ_MAX (see there), and CBC's cutoff
 increment is set to ~0 so that it keeps every strictly better incumbent. Reported objective
-and totals are always
-recomputed from the chosen options in layer order, never read back from the solver.
+and totals are always recomputed from the chosen options in layer order, never read back from
+the solver.
+
+Exact (gap 0) solves of random multi-limit instances with many near-equivalent options can take
+CBC seconds or more (bench/solver.py); the time limit then returns ``status="time_limit"`` with
+the best assignment found, and HiGHS (``solver="highs"``) is often faster there.
 """
 
 from __future__ import annotations
@@ -60,14 +64,17 @@ def within(total: float, limit: float) -> bool:
 class SolveConfig:
     """How to solve. ``solver``: ``"cbc"`` (bundled with PuLP) or ``"highs"`` (needs highspy);
     ``time_limit_s``: wall-clock limit per solver call (None = none); ``gap_rel``: relative
-    optimality gap at which the solver may stop (0 = exact); ``prune``/``shortcut``: the exact
-    reductions described in the module docstring (switch off only to test them)."""
+    optimality gap at which the solver may stop (0 = exact); ``prune``: drop dominated options
+    before the solver (exact, but measured slower with CBC, hence off); ``shortcut``: skip the
+    solver when the minimum-Omega choice fits or a limit is unreachable (exact)."""
 
     solver: str = "cbc"
     time_limit_s: float | None = 60.0
     gap_rel: float = 0.0
     threads: int = 1
-    prune: bool = True
+    # Measured (bench/solver.py): handing CBC the dominated options too is usually faster than
+    # pruning them, although pruning is exact; so pruning is opt-in.
+    prune: bool = False
     shortcut: bool = True
     version: int = VERSION
 
