@@ -1,0 +1,619 @@
+"""DRQ region calibration: per conv layer, region sizes, thresholds, reached fractions, Omega.
+
+For every conv2d layer of an exported program this measures, on the calibration data, how the
+layer's input behaves under the DRQ predictor (see ``quantize.drq``) and turns each candidate
+(region size, target sensitive fraction f) into a ``DRQMode`` the solver can choose:
+
+- the INT8 input grid: min/max of the input over the train part ->
+  ``quantize.primitives.activation_scale`` (the same scale the quantize stage uses);
+- the threshold: the (1 - f) quantile of the region means over the train part, on the integer
+  grid of INT8 code units the plan stores. Because a region is sensitive iff
+  ``mean >= T`` and T is an integer, ``mean >= T`` iff ``floor(mean) >= T``; a histogram of
+  ``floor(mean)`` (one bin per INT8 code) therefore gives the exact reached fraction of every
+  admissible threshold. Of all integers, the one whose reached fraction is closest to f is
+  chosen (ties: the lower threshold, i.e. more regions at INT8). When many regions share one
+  integer bin the reached fraction can differ from f; it is reported, and the expected bits
+  use it, not f;
+- the reached fraction on the train part and on the held-out part (same scale, same T);
+- ``Omega = activation_trace / activation_numel * E||Q_drq(a) - a||^2``, sensitive regions at
+  INT8, the rest at INT4 (INT4 grid over the same range). The squared error of every region at
+  INT8 and at INT4 is accumulated per histogram bin, so the error of each threshold is exact
+  without another pass.
+
+Memory stays bounded: batches are streamed and each (layer, region size) keeps three vectors of
+``2^high_bits`` numbers (counts, INT8 error, INT4 error), never the feature maps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from quantize.data import CalibrationSet
+from quantize.drq import DRQLayerSettings, low_scale, region_grid, region_sums
+from quantize.graph import GraphLayer, insert_input_modules
+from quantize.primitives import activation_qrange, activation_scale, quantize_activation
+from solver.errors import BadCalibrationError, BadConstraintsError
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+FORMAT = "bitplan-regions/1"
+STAGE = "regions"
+
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """Candidates and limits of the region calibration.
+
+    ``region_sizes``: square region sides in pixels (a size larger than a layer's map is skipped
+    for that layer); ``sensitive_fractions``: target fractions f in (0, 1) of regions at
+    ``high_bits``; ``max_samples``: at most this many train (and held-out) samples are used
+    (the first ones; None = all); ``batch_size``: samples per forward pass when the program
+    does not fix it. Raises BadConstraintsError when a field is out of range.
+    """
+
+    region_sizes: tuple[int, ...] = (2, 4, 8)
+    sensitive_fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    high_bits: int = 8
+    low_bits: int = 4
+    max_samples: int | None = 1024
+    batch_size: int = 64
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        sizes = tuple(self.region_sizes)
+        fracs = tuple(float(f) for f in self.sensitive_fractions)
+        object.__setattr__(self, "region_sizes", sizes)
+        object.__setattr__(self, "sensitive_fractions", fracs)
+        if self.version != VERSION:
+            raise BadConstraintsError(
+                f"region config version {self.version} is not supported; use 1"
+            )
+        if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
+            raise BadConstraintsError(
+                f"drq region_sizes must be a non-empty list of positive integers, got {list(sizes)}"
+            )
+        if len(set(sizes)) != len(sizes):
+            raise BadConstraintsError(f"drq region_sizes has duplicates: {list(sizes)}")
+        if not fracs or any(not (0.0 < f < 1.0) or not math.isfinite(f) for f in fracs):
+            raise BadConstraintsError(
+                "drq sensitive_fractions must be numbers strictly between 0 and 1, "
+                f"got {list(fracs)}"
+            )
+        if len(set(fracs)) != len(fracs):
+            raise BadConstraintsError(f"drq sensitive_fractions has duplicates: {list(fracs)}")
+        if not (2 <= self.low_bits < self.high_bits <= 16):
+            raise BadConstraintsError(
+                f"drq bits need 2 <= low_bits < high_bits <= 16, got low_bits={self.low_bits}, "
+                f"high_bits={self.high_bits}"
+            )
+        if self.max_samples is not None and self.max_samples < 1:
+            raise BadConstraintsError(
+                f"max_samples must be positive or null, got {self.max_samples}"
+            )
+        if self.batch_size < 1:
+            raise BadConstraintsError(f"batch_size must be positive, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["region_sizes"] = list(self.region_sizes)
+        d["sensitive_fractions"] = list(self.sensitive_fractions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RegionConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadConstraintsError(
+                f"unknown region config fields {unknown}; known: {sorted(known)}"
+            )
+        kw = dict(d)
+        for key in ("region_sizes", "sensitive_fractions"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> RegionConfig:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class DRQMode:
+    """One DRQ candidate of a layer.
+
+    ``threshold`` in INT8 code units (regions with mean |code| >= threshold run at INT8);
+    ``fraction_calib`` / ``fraction_holdout``: fraction of regions at INT8 reached on the train /
+    held-out part; ``omega``: activation perturbation (see module doc); ``mse``: mean squared
+    error per input element under this mode (train part); ``expected_bits`` =
+    high_bits * fraction_calib + low_bits * (1 - fraction_calib).
+    """
+
+    region: tuple[int, int]
+    target_fraction: float
+    threshold: int
+    fraction_calib: float
+    fraction_holdout: float
+    omega: float
+    expected_bits: float
+    mse: float = 0.0
+    high_bits: int = 8
+    low_bits: int = 4
+
+    @property
+    def tag(self) -> str:
+        """A short stable name for the solver's option tag, e.g. ``drq-4x4-f0.3``."""
+        return f"drq-{self.region[0]}x{self.region[1]}-f{self.target_fraction:g}"
+
+    def drq_dict(self) -> dict[str, Any]:
+        """The plan row's ``drq`` entry."""
+        return {
+            "region": [self.region[0], self.region[1]],
+            "threshold": int(self.threshold),
+            "sensitive_fraction": float(self.fraction_calib),
+            "high_bits": self.high_bits,
+            "low_bits": self.low_bits,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["region"] = list(self.region)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DRQMode:
+        kw = dict(d)
+        kw["region"] = tuple(int(v) for v in kw["region"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class LayerRegions:
+    """Region calibration of one conv layer.
+
+    ``scale`` / ``signed``: the INT8 input grid used (and to be used by the runtime);
+    ``input_shape``: per-sample (C, H, W); ``samples`` / ``holdout_samples``: samples seen;
+    ``omega_high`` / ``omega_low``: Omega of the whole input at high / low bits under the same
+    normalisation as the modes (for comparison with the sensitivity engine's omega_a).
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    scale: float
+    signed: bool
+    samples: int
+    holdout_samples: int
+    omega_high: float
+    omega_low: float
+    modes: list[DRQMode] = field(default_factory=list)
+
+    def mode(self, region: int | tuple[int, int], fraction: float) -> DRQMode:
+        """The mode for a region size and target fraction; KeyError when absent."""
+        r = (region, region) if isinstance(region, int) else tuple(region)
+        for m in self.modes:
+            if m.region == r and math.isclose(m.target_fraction, fraction):
+                return m
+        raise KeyError(f"layer {self.name!r} has no DRQ mode region={r} fraction={fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "scale": self.scale,
+            "signed": self.signed,
+            "samples": self.samples,
+            "holdout_samples": self.holdout_samples,
+            "omega_high": self.omega_high,
+            "omega_low": self.omega_low,
+            "modes": [m.to_dict() for m in self.modes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerRegions:
+        kw = dict(d)
+        kw["input_shape"] = tuple(kw["input_shape"])
+        kw["modes"] = [DRQMode.from_dict(m) for m in kw["modes"]]
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class RegionResult:
+    """Per conv layer DRQ statistics. ``omega_is_raw``: no activation traces were given, so
+    every omega is the bare error term E||Q_drq(a) - a||^2 (per sample), not trace-weighted."""
+
+    layers: list[LayerRegions]
+    config: RegionConfig
+    omega_is_raw: bool
+    seconds: float = 0.0
+    version: int = VERSION
+
+    def layer(self, name: str) -> LayerRegions:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no region calibration for layer {name!r}")
+
+    def drq_settings(
+        self, choice: Mapping[str, DRQMode], w_bits: int | Mapping[str, int] = 8
+    ) -> dict[str, DRQLayerSettings]:
+        """Runtime settings (``quantize.drq.apply_drq``) for a chosen mode per layer."""
+        out = {}
+        for name, mode in choice.items():
+            layer = self.layer(name)
+            bits = w_bits if isinstance(w_bits, int) else w_bits[name]
+            out[name] = DRQLayerSettings(
+                layer.scale, layer.signed, mode.region, mode.threshold, bits,
+                mode.high_bits, mode.low_bits,
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "omega_is_raw": self.omega_is_raw,
+            "seconds": self.seconds,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RegionResult:
+        if d.get("version") != VERSION or d.get("format", FORMAT) != FORMAT:
+            raise ValueError(
+                f"not a version-{VERSION} region result (format {d.get('format')!r}, "
+                f"version {d.get('version')!r})"
+            )
+        return cls(
+            layers=[LayerRegions.from_dict(layer) for layer in d["layers"]],
+            config=RegionConfig.from_dict(d["config"]),
+            omega_is_raw=bool(d["omega_is_raw"]),
+            seconds=float(d.get("seconds", 0.0)),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RegionResult:
+        return cls.from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass
+class RegionStats:
+    """Streaming per-bin statistics of one (layer, region size).
+
+    Bin k holds the regions whose mean |INT8 code| over channels and pixels has floor k.
+    ``count[k]``: regions; ``err_high[k]`` / ``err_low[k]``: summed squared error of their
+    elements at the high / low grid.
+    """
+
+    region: tuple[int, int]
+    count: torch.Tensor
+    err_high: torch.Tensor
+    err_low: torch.Tensor
+
+    @classmethod
+    def empty(cls, region: tuple[int, int], bins: int, device: torch.device) -> RegionStats:
+        z = torch.zeros(bins, dtype=torch.float64, device=device)
+        return cls(region, z.clone(), z.clone(), z.clone())
+
+    @property
+    def total(self) -> float:
+        return float(self.count.sum())
+
+    def reached(self) -> torch.Tensor:
+        """reached[T] = fraction of regions with mean >= T, for T = 0 .. bins (last is 0)."""
+        tail = torch.cat([self.count.flip(0).cumsum(0).flip(0), self.count.new_zeros(1)])
+        return tail / max(self.total, 1.0)
+
+    def error(self, threshold: int) -> float:
+        """Summed squared error with regions of mean >= threshold at high bits, others low."""
+        t = min(max(int(threshold), 0), self.count.numel())
+        return float(self.err_high[t:].sum() + self.err_low[:t].sum())
+
+
+def _omega(err: float, numel: int, samples: int, trace: tuple[float, int] | None) -> float:
+    """Omega from a summed squared error over ``numel`` input elements of ``samples`` samples.
+
+    With ``trace = (Tr(H_a), n_a)`` (the trace over an activation of n_a elements):
+    ``Tr / n_a * E||Q(a) - a||^2`` where the expected squared error over those n_a elements is
+    ``n_a`` times the mean squared error per element measured here, so Omega = Tr * mse
+    whatever n_a counts (one sample or the whole set), as long as trace and n_a agree. Without
+    a trace: the raw error term E||Q(a) - a||^2 per sample.
+    """
+    if trace is None:
+        return err / samples
+    tr, n_a = trace
+    return tr / n_a * (err / numel * n_a)
+
+
+def choose_threshold(reached: torch.Tensor, fraction: float) -> int:
+    """The integer threshold whose reached fraction is closest to ``fraction`` (ties: lower)."""
+    gap = (reached - fraction).abs()
+    return int(torch.nonzero(gap == gap.min())[0, 0])
+
+
+def update_stats(
+    stats: RegionStats,
+    a: torch.Tensor,
+    scale: float,
+    signed: bool,
+    high_bits: int,
+    low_bits: int,
+    with_error: bool = True,
+) -> None:
+    """Add a batch of layer inputs ``a`` ([N, C, H, W], float) to ``stats``."""
+    codes = quantize_activation(a, scale, high_bits, signed)
+    sums, counts = region_sums(codes, stats.region)
+    # floor(sum / count) is exact here: sums and counts are exact integers far below 2^53.
+    bins = torch.floor(sums / counts).to(torch.int64).clamp_(0, stats.count.numel() - 1).reshape(-1)
+    stats.count += torch.bincount(bins, minlength=stats.count.numel()).to(torch.float64)
+    if not with_error:
+        return
+    s_low = low_scale(scale, signed, high_bits, low_bits)
+    e_high = (codes * scale - a).pow(2)
+    e_low = (quantize_activation(a, s_low, low_bits, signed) * s_low - a).pow(2)
+    for err, acc in ((e_high, stats.err_high), (e_low, stats.err_low)):
+        per_region = region_sums(err.to(torch.float64), stats.region)[0].reshape(-1)
+        acc += torch.bincount(bins, weights=per_region, minlength=acc.numel())
+
+
+# --------------------------------------------------------------------------------------------
+# Collecting layer inputs
+
+
+class _Probe(nn.Module):
+    """Passes its input through and hands the real samples to a callback."""
+
+    def __init__(self, name: str, sink: Callable[[str, torch.Tensor], None]) -> None:
+        super().__init__()
+        self.name = name
+        self.sink = sink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sink(self.name, x.detach())
+        return x
+
+
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copied graph that shares the parameters (no weight copy)."""
+    with warnings.catch_warnings():
+        # torch's own pytree spec copy warns about a deprecated isinstance check.
+        warnings.simplefilter("ignore", FutureWarning)
+        return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def _first(data: CalibrationSet, limit: int | None) -> CalibrationSet:
+    if limit is None or len(data) <= limit:
+        return data
+    return data.subset(torch.arange(limit))
+
+
+class _Runner:
+    """Streams a calibration set through the probed module, calling ``fn(name, a)`` per layer
+    input (padding of fixed-size batches dropped)."""
+
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        convs: list[GraphLayer],
+        batch_size: int,
+        fixed: bool,
+        device: torch.device,
+    ) -> None:
+        self._fn: Callable[[str, torch.Tensor], None] | None = None
+        self._size = 0
+        probes = {layer.name: _Probe(layer.name, self._sink) for layer in convs}
+        self.module = insert_input_modules(_graph_copy(module), convs, probes, STAGE).to(device)
+        self.batch_size = batch_size
+        self.fixed = fixed
+        self.device = device
+
+    def _sink(self, name: str, x: torch.Tensor) -> None:
+        if self._fn is not None:
+            self._fn(name, x[: self._size])
+
+    @torch.no_grad()
+    def run(
+        self,
+        data: CalibrationSet,
+        fn: Callable[[str, torch.Tensor], None],
+        tick: Callable[[], None],
+    ) -> None:
+        self._fn = fn
+        try:
+            for batch in data.batches(self.batch_size, self.fixed):
+                self._size = batch.size
+                b = batch.to(self.device)
+                self.module(*b.args, **b.kwargs)
+                tick()
+        finally:
+            self._fn = None
+
+
+def calibrate(
+    module: fx.GraphModule,
+    layers: Sequence[GraphLayer],
+    train: CalibrationSet,
+    holdout: CalibrationSet,
+    cfg: RegionConfig | None = None,
+    activation_traces: Mapping[str, tuple[float, int]] | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+) -> RegionResult:
+    """DRQ region calibration of every conv2d layer in ``layers`` (others are ignored).
+
+    ``module``: the exported program's GraphModule (left unchanged: probes go on a copy that
+    shares its parameters); ``train`` fixes scales and thresholds, ``holdout`` only reports the
+    reached fractions; ``activation_traces``: ``{layer: (Tr(H_a), numel of the activation the
+    trace was taken over)}`` from the sensitivity engine (None: omega is the raw error term and
+    ``omega_is_raw`` is set); ``batch_size``: the program's fixed export batch size (batches are
+    then padded to it), else ``cfg.batch_size`` samples per pass. ``progress("regions", f)``
+    is called once a batch. Raises BadCalibrationError for empty data, a non-4-D conv input or
+    non-finite activations; ValueError when ``activation_traces`` lacks a conv layer.
+    """
+    cfg = cfg or RegionConfig()
+    device = torch.device(device)
+    start = time.perf_counter()
+    convs = [layer for layer in layers if layer.kind == "conv2d"]
+    if activation_traces is not None:
+        missing = [layer.name for layer in convs if layer.name not in activation_traces]
+        if missing:
+            raise ValueError(f"activation_traces has no entry for conv layers {missing}")
+    if not convs:
+        return RegionResult([], cfg, activation_traces is None, time.perf_counter() - start)
+    train = _first(train, cfg.max_samples)
+    holdout = _first(holdout, cfg.max_samples)
+    if len(train) == 0 or len(holdout) == 0:
+        raise BadCalibrationError(
+            "region calibration needs at least one train and one held-out sample"
+        )
+
+    fixed = batch_size is not None
+    bs = batch_size if batch_size is not None else cfg.batch_size
+    runner = _Runner(module, convs, bs, fixed, device)
+    n_batches = -(-len(train) // bs) * 2 + -(-len(holdout) // bs)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(STAGE, done[0] / n_batches)
+
+    # Pass 1: input range per layer -> INT8 grid.
+    lo = {layer.name: math.inf for layer in convs}
+    hi = {layer.name: -math.inf for layer in convs}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def ranges(name: str, a: torch.Tensor) -> None:
+        if a.dim() != 4:
+            raise BadCalibrationError(
+                f"conv layer {name!r} gets a {a.dim()}-D input; DRQ needs [N, C, H, W] maps"
+            )
+        if not bool(torch.isfinite(a).all()):
+            raise BadCalibrationError(
+                f"the input of layer {name!r} has NaN/inf values on the calibration data"
+            )
+        shapes[name] = tuple(a.shape[1:])
+        lo[name] = min(lo[name], float(a.min()))
+        hi[name] = max(hi[name], float(a.max()))
+
+    runner.run(train, ranges, tick)
+    grids = {n: activation_scale(lo[n], hi[n], cfg.high_bits) for n in lo}
+    bins = activation_qrange(cfg.high_bits, False)[1] + 1  # mean |code| lies in [0, qmax]
+
+    def fresh() -> dict[str, list[RegionStats]]:
+        out = {}
+        for name, (_, h, w) in shapes.items():
+            sizes = [s for s in cfg.region_sizes if s <= h and s <= w]
+            out[name] = [RegionStats.empty((s, s), bins, device) for s in sizes]
+        return out
+
+    train_stats, hold_stats = fresh(), fresh()
+    # A layer whose map is smaller than every region size gets no modes, but its whole-map
+    # errors at high / low bits are still reported (one region covering the map).
+    whole = {
+        name: [RegionStats.empty((w, h), bins, device)]
+        for name, (_, h, w) in shapes.items()
+        if not train_stats[name]
+    }
+
+    def collect(table: dict[str, list[RegionStats]], with_error: bool) -> Callable:
+        def fn(name: str, a: torch.Tensor) -> None:
+            scale, signed = grids[name]
+            for st in table.get(name, ()):
+                update_stats(st, a, scale, signed, cfg.high_bits, cfg.low_bits, with_error)
+
+        return fn
+
+    # Pass 2: region statistics on the train part (thresholds, errors); pass 3: held-out counts.
+    train_fn, whole_fn = collect(train_stats, True), collect(whole, True)
+
+    def both(name: str, a: torch.Tensor) -> None:
+        train_fn(name, a)
+        whole_fn(name, a)
+
+    runner.run(train, both, tick)
+    runner.run(holdout, collect(hold_stats, False), tick)
+
+    results = []
+    for layer in convs:
+        name = layer.name
+        scale, signed = grids[name]
+        c, h, w = shapes[name]
+        numel = len(train) * c * h * w
+        trace = None if activation_traces is None else activation_traces[name]
+
+        def to_omega(err: float, numel: int = numel, trace: tuple | None = trace) -> float:
+            return _omega(err, numel, len(train), trace)
+
+        modes = []
+        for st, hst in zip(train_stats[name], hold_stats[name], strict=True):
+            reached = st.reached()
+            reached_hold = hst.reached()
+            for f in cfg.sensitive_fractions:
+                t = choose_threshold(reached, f)
+                frac = float(reached[t])
+                err = st.error(t)
+                modes.append(
+                    DRQMode(
+                        region=st.region,
+                        target_fraction=f,
+                        threshold=t,
+                        fraction_calib=frac,
+                        fraction_holdout=float(reached_hold[t]),
+                        omega=to_omega(err),
+                        expected_bits=cfg.high_bits * frac + cfg.low_bits * (1.0 - frac),
+                        mse=err / numel,
+                        high_bits=cfg.high_bits,
+                        low_bits=cfg.low_bits,
+                    )
+                )
+        # Pure high / low grids: any region size's bins hold the whole error.
+        st0 = (train_stats[name] or whole[name])[0]
+        omega_high, omega_low = to_omega(st0.error(0)), to_omega(st0.error(bins))
+        if not train_stats[name]:
+            log.info("layer %s: map %dx%d is smaller than every region size", name, h, w)
+        results.append(
+            LayerRegions(
+                name, (c, h, w), scale, signed, len(train), len(holdout),
+                omega_high, omega_low, modes,
+            )
+        )
+    return RegionResult(results, cfg, activation_traces is None, time.perf_counter() - start)
+
+
+__all__ = [
+    "DRQMode",
+    "LayerRegions",
+    "RegionConfig",
+    "RegionResult",
+    "RegionStats",
+    "calibrate",
+    "choose_threshold",
+    "region_grid",
+    "update_stats",
+]
