@@ -1,7 +1,8 @@
 """Model intake, Hessian-trace sensitivity and DRQ region calibration.
 
 Entry point: ``sensitivity.measure(intake, HessianConfig(...), device, progress)`` ->
-``SensitivityResult``; the intake comes from ``sensitivity.intake.intake(model, calib, cfg)`` (``sensitivity.intake`` is the module).
+``SensitivityResult``; the intake comes from ``sensitivity.intake.intake(model, calib, cfg)``
+(``sensitivity.intake`` stays the module, so ``intake`` is not re-exported here).
 Names are resolved lazily so ``import sensitivity`` does not load torch or pyhessian.
 """
 

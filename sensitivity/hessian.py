@@ -290,7 +290,8 @@ def _hvp_batched(inputs: list[torch.Tensor], grads: list[torch.Tensor],
     return out
 
 
-def _output_factor(p: Prepared, z: torch.Tensor, i: int, u: torch.Tensor) -> torch.Tensor:
+def _output_factor(p: Prepared, z: torch.Tensor, u: torch.Tensor,
+                   prob: torch.Tensor | None) -> torch.Tensor:
     """B u with B B^T = d2L/dz2 for chunk ``i``'s real rows (L the mean loss over N samples).
 
     Softmax losses (CE, and KL at any target): d2l/dz2 = diag(p) - p p^T = B B^T with
@@ -300,7 +301,6 @@ def _output_factor(p: Prepared, z: torch.Tensor, i: int, u: torch.Tensor) -> tor
     if p.loss_kind == "mse":
         d = z[0].numel()
         return u * math.sqrt(2.0 / (p.n_total * d))
-    prob = torch.softmax(z.detach(), dim=1)
     root = prob.sqrt()
     bu = root * u - prob * (root * u).sum(dim=-1, keepdim=True)
     return bu / math.sqrt(p.n_total)
@@ -408,12 +408,13 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
                     total += _hvp_blocks(p, c, bl, n, k, gen, batched).cpu()
                     continue
                 if cached is not None:
-                    z, inputs = cached
+                    z, inputs, prob = cached
                 else:
                     z, inputs = _forward(p, c, p.names, activations)
+                    prob = None if p.loss_kind == "mse" else torch.softmax(z.detach(), dim=1)
                     if len(p.chunks) == 1:
-                        cached = (z, inputs)
-                ws = [_output_factor(p, z, c, rademacher(z.shape, gen, z.dtype, z.device))
+                        cached = (z, inputs, prob)
+                ws = [_output_factor(p, z, rademacher(z.shape, gen, z.dtype, z.device), prob)
                       for _ in range(k)]
                 total += (_probe_batched if batched else _probe_loop)(z, inputs, ws, bl).cpu()
             done[kind] += k

@@ -1,0 +1,132 @@
+"""measure(): Omega tables, JSON format, determinism, chunked / fixed-batch data, label-free."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from quantize.primitives import activation_scale, fake_quantize_activation, weight_quant_error
+from sensitivity import HessianConfig, SensitivityResult, measure
+from sensitivity.engine import ACTIVATION_BITS, WEIGHT_BITS
+from sensitivity.intake import intake
+
+LAYER_KEYS = {"name", "kind", "params", "macs", "weight_trace", "weight_trace_stderr",
+              "activation_trace", "activation_trace_stderr", "omega_w", "omega_a"}
+FAST = HessianConfig(max_iter=24, min_iter=8, tol=0.05, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cnn_result(cnn_pt2, tiny_calib):
+    it = intake(cnn_pt2, tiny_calib)
+    return it, measure(it, FAST)
+
+
+def test_json_schema_and_round_trip(cnn_result):
+    _, res = cnn_result
+    d = json.loads(res.to_json())
+    assert d["version"] == 1
+    assert {"model", "layers", "iterations", "seconds"} <= set(d)
+    assert d["model"]["layers"] == 3 and d["model"]["loss"] == "cross_entropy"
+    for row in d["layers"]:
+        assert LAYER_KEYS <= set(row)
+        assert set(row["omega_w"]) == {str(b) for b in WEIGHT_BITS}
+        assert set(row["omega_a"]) == {str(a) for a in ACTIVATION_BITS}
+    back = SensitivityResult.from_json(res.to_json())
+    assert back.to_json() == res.to_json()
+    with pytest.raises(ValueError):
+        SensitivityResult.from_dict({**d, "version": 2})
+
+
+def test_omega_tables(cnn_result):
+    it, res = cnn_result
+    params = dict(it.module.named_parameters())
+    for info, row in zip(it.layers, res.layers, strict=True):
+        w = params[info.graph.weight]
+        for b in WEIGHT_BITS:
+            expect = row.weight_trace / info.params * weight_quant_error(w, b)
+            assert row.omega_w[b] == pytest.approx(expect, rel=1e-9)
+        # fewer bits, more error
+        assert row.omega_w[2] > row.omega_w[4] > row.omega_w[8] > 0
+        assert row.omega_a[4] > row.omega_a[8] > 0
+        assert row.activation_numel == len(it.train) * math.prod(info.input_shape)
+
+
+def test_activation_omega_matches_direct_computation(cnn_result):
+    it, res = cnn_result
+    # the input of conv1 is the calibration images themselves
+    x = it.train.args[0]
+    for a in ACTIVATION_BITS:
+        scale, signed = activation_scale(float(x.min()), float(x.max()), a)
+        err = float((fake_quantize_activation(x, scale, a, signed) - x).double().pow(2).sum())
+        row = res.layer("conv1")
+        assert row.omega_a[a] == pytest.approx(row.activation_trace / x.numel() * err, rel=1e-6)
+
+
+def test_deterministic_given_seed(cnn_pt2, tiny_calib, cnn_result):
+    it, _ = cnn_result
+    res = measure(it, FAST)
+    again = measure(intake(cnn_pt2, tiny_calib), FAST)
+    other = measure(it, HessianConfig(**{**FAST.to_dict(), "seed": 1}))
+    for a, b, c in zip(res.layers, again.layers, other.layers, strict=True):
+        assert a.to_dict() == b.to_dict()
+        assert a.weight_trace != c.weight_trace
+
+
+def test_progress_is_reported(cnn_result):
+    it, _ = cnn_result
+    calls: list[tuple[str, float]] = []
+    measure(it, FAST, progress=lambda s, f: calls.append((s, f)))
+    fractions = [f for s, f in calls if s == "sensitivity"]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert fractions == sorted(fractions) and len(fractions) > 3
+
+
+def test_chunked_and_fixed_batch_agree_with_one_batch(cnn_pt2, cnn_fixed_batch_pt2, calib_path):
+    """The same mean-loss Hessian fed three ways: one chunk, chunks of 64 (dynamic program),
+    and the fixed-batch-16 export with a padded last chunk. Estimates of the same traces must
+    agree within their joint error bars."""
+    cfg = HessianConfig(max_iter=64, min_iter=32, tol=0.02, seed=2)
+    one = measure(intake(cnn_pt2, calib_path), cfg)
+    chunked = measure(intake(cnn_pt2, calib_path), HessianConfig(**{**cfg.to_dict(),
+                                                                    "batch_size": 64}))
+    fixed_it = intake(cnn_fixed_batch_pt2, calib_path)
+    assert len(fixed_it.train) % 16 != 0  # the last chunk really is padded
+    fixed = measure(fixed_it, cfg)
+    assert fixed.model["batch_size"] == 16
+    for a, b, c in zip(one.layers, chunked.layers, fixed.layers, strict=True):
+        for x, y in [(a, b), (a, c)]:
+            se = math.hypot(x.weight_trace_stderr, y.weight_trace_stderr)
+            assert abs(x.weight_trace - y.weight_trace) < 4 * se, (x.name, x.weight_trace,
+                                                                  y.weight_trace, se)
+            se = math.hypot(x.activation_trace_stderr, y.activation_trace_stderr)
+            assert abs(x.activation_trace - y.activation_trace) < 4 * se
+        assert c.activation_numel == a.activation_numel  # padding rows are not counted
+
+
+def test_label_free_calibration(cnn_pt2, calib_unlabelled_path):
+    it = intake(cnn_pt2, calib_unlabelled_path)
+    assert it.loss_kind == "kl"
+    res = measure(it, FAST)
+    assert res.model["loss"] == "kl"
+    assert all(r.weight_trace > 0 and r.activation_trace > 0 for r in res.layers)
+
+
+def test_weights_only(cnn_result):
+    it, _ = cnn_result
+    res = measure(it, HessianConfig(max_iter=8, min_iter=4, activations=False))
+    row = res.layers[0]
+    assert row.activation_trace is None and row.omega_a == {}
+    assert json.loads(res.to_json())["layers"][0]["activation_trace"] is None
+
+
+def test_measure_leaves_intake_module_untouched(cnn_result):
+    it, _ = cnn_result
+    names = [n.name for n in it.module.graph.nodes]
+    assert not any("hessian_probe" in n for n in names)
+    assert all(p.requires_grad for p in it.module.parameters())
+    x = it.train.args[0][:2]
+    with torch.no_grad():
+        assert it.module(x).shape == (2, 10)

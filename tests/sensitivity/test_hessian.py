@@ -1,0 +1,122 @@
+"""Hutchinson traces against exact Hessian blocks from torch.func.hessian."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import exact_traces
+
+from sensitivity import HessianConfig, measure
+from sensitivity.hessian import BlockStats
+from sensitivity.intake import intake
+
+CASES = {
+    # id: (model fixture, calibration fixture, estimator, expected estimator of every block)
+    "mlp-ce-probe": ("mlp_pt2", "tiny_calib", "auto", "output-probe"),
+    "mlp-ce-hvp": ("mlp_pt2", "tiny_calib", "hvp", "hvp"),
+    "cnn-ce-probe": ("cnn_pt2", "tiny_calib", "auto", "output-probe"),
+    "cnn-kl-probe": ("cnn_pt2", "tiny_calib_unlabelled", "auto", "output-probe"),
+    "tanh-ce-mixed": ("tanh_pt2", "tiny_calib", "auto", None),
+    "tanh-kl-probe": ("tanh_pt2", "tiny_calib_unlabelled", "auto", "output-probe"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_traces_match_exact_blocks(case, request):
+    model, calib, estimator, expected = CASES[case]
+    it = intake(request.getfixturevalue(model), request.getfixturevalue(calib))
+    exact_w, exact_a = exact_traces(it)
+    # joint HVPs carry cross-block noise and need more samples for the same error bar
+    max_iter = 2000 if estimator == "hvp" else 400
+    cfg = HessianConfig(max_iter=max_iter, tol=0.02, min_iter=100, seed=3, estimator=estimator,
+                        vectors_per_pass=16)
+    res = measure(it, cfg)
+    for row in res.layers:
+        for est, se, exact, how in [
+            (row.weight_trace, row.weight_trace_stderr, exact_w[row.name], row.weight_estimator),
+            (row.activation_trace, row.activation_trace_stderr, exact_a[row.name],
+             row.activation_estimator),
+        ]:
+            assert exact > 0
+            # meaningful: the error bar is small next to the value it brackets
+            assert se < 0.15 * exact, (row.name, est, se, exact)
+            assert abs(est - exact) < 3 * se, (row.name, how, est, se, exact)
+            if expected is not None:
+                assert how == expected
+
+
+def test_non_piecewise_linear_layer_uses_hvps(tanh_pt2, tiny_calib):
+    it = intake(tanh_pt2, tiny_calib)
+    res = measure(it, HessianConfig(max_iter=20, min_iter=10))
+    # fc1 feeds tanh: its block has a curvature term the Gauss-Newton factor misses
+    assert res.layer("fc1").weight_estimator == "hvp"
+    assert res.layer("fc1").activation_estimator == "hvp"
+    assert res.layer("fc2").weight_estimator == "output-probe"
+
+
+def test_stopping_rule_and_iterations(mlp_pt2, tiny_calib):
+    it = intake(mlp_pt2, tiny_calib)
+    loose = measure(it, HessianConfig(max_iter=400, tol=0.2, min_iter=10, vectors_per_pass=2))
+    assert all(r.weight_converged and r.activation_converged for r in loose.layers)
+    assert loose.iterations < 400
+    for r in loose.layers:
+        assert r.weight_trace_stderr <= 0.2 * r.weight_trace
+    capped = measure(it, HessianConfig(max_iter=6, tol=1e-3, min_iter=2, vectors_per_pass=4))
+    assert capped.iterations == 6
+    assert all(r.weight_iterations == 6 and not r.weight_converged for r in capped.layers)
+
+
+def test_block_stats_rule():
+    s = BlockStats([1.0, 1.1, 0.9, 1.0])
+    assert math.isclose(s.mean, 1.0)
+    assert s.converged(0.1)
+    neg = BlockStats([-1.0, -1.1, -0.9])
+    assert not neg.converged(0.5)  # a negative mean never satisfies the relative rule
+    assert not BlockStats([2.0]).converged(0.5)
+
+
+def test_vectorized_and_looped_agree(cnn_pt2, tiny_calib):
+    it = intake(cnn_pt2, tiny_calib)
+    cfg = dict(max_iter=16, min_iter=16, seed=5)
+    a = measure(it, HessianConfig(vectorize=False, **cfg))
+    b = measure(it, HessianConfig(vectorize=True, **cfg))
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert x.weight_trace == pytest.approx(y.weight_trace, rel=1e-4)
+        assert x.activation_trace == pytest.approx(y.activation_trace, rel=1e-4)
+    h1 = measure(it, HessianConfig(estimator="hvp", vectorize=False, **cfg))
+    h2 = measure(it, HessianConfig(estimator="hvp", vectorize=True, **cfg))
+    for x, y in zip(h1.layers, h2.layers, strict=True):
+        assert x.weight_trace == pytest.approx(y.weight_trace, rel=1e-3, abs=1e-6)
+
+
+def test_config_validation_and_json():
+    cfg = HessianConfig(max_iter=50, tol=0.1, seed=4, batch_size=16, estimator="hvp")
+    assert HessianConfig.from_dict(cfg.to_dict()) == cfg
+    import json
+
+    assert HessianConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for bad in [dict(max_iter=1), dict(tol=0), dict(tol=1.5), dict(batch_size=0),
+                dict(estimator="exact"), dict(min_iter=1), dict(vectors_per_pass=0)]:
+        with pytest.raises(ValueError):
+            HessianConfig(**bad)
+    with pytest.raises(ValueError):
+        HessianConfig.from_dict({"max_iters": 3})
+
+
+def test_runs_on_given_device(mlp_pt2, tiny_calib):
+    it = intake(mlp_pt2, tiny_calib)
+    res = measure(it, HessianConfig(max_iter=4, min_iter=2), device=torch.device("cpu"))
+    assert res.model["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(cnn_pt2, tiny_calib):
+    it = intake(cnn_pt2, tiny_calib)
+    cfg = HessianConfig(max_iter=32, min_iter=32, seed=1)
+    a = measure(it, cfg, device="cpu")
+    b = measure(it, cfg, device="cuda")
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert x.weight_trace == pytest.approx(y.weight_trace, rel=1e-3)
+        assert x.activation_trace == pytest.approx(y.activation_trace, rel=1e-3)
