@@ -13,7 +13,11 @@ Exact reductions applied before the solver runs (each keeps the optimum value un
 - groups left with one option become constants;
 - if the per-group minimum-Omega choice fits every limit it is optimal and no solver runs;
 - if some limit is below the sum of its per-group minima the problem is infeasible, also
-  without a solver.
+  without a solver;
+- Lagrangian reduced-cost fixing (solver.lagrange): with a feasible incumbent of value UB and
+  any multipliers lam >= 0, options whose reduced cost exceeds UB - L(lam) cannot be in any
+  optimum and are dropped; the incumbent warm-starts the solver, and when one option per group
+  is left it is optimal without one.
 
 Limit rows are scaled to O(1) (each by the resource's largest reachable total), which keeps
 the solvers' absolute tolerances meaningful for byte counts around 1e7 and BOPs around 1e11;
@@ -40,24 +44,18 @@ from typing import Any
 
 import pulp
 
+from . import lagrange
 from .errors import BadProblemError
-from .problem import RESOURCES, Problem
+from .problem import FEAS_RTOL, RESOURCES, Problem, within
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 SOLVERS = ("cbc", "highs")
 STATUSES = ("optimal", "infeasible", "time_limit")
-# A total counts as within a limit up to this relative tolerance (float sums of many layers).
-FEAS_RTOL = 1e-9
 # The objective is scaled so its largest coefficient is this: solvers prune with absolute
 # tolerances around 1e-6, which lose optima when the scaled objective is O(1e-2) in total.
 OBJ_MAX = 1e3
-
-
-def within(total: float, limit: float) -> bool:
-    """True when ``total`` meets ``limit`` up to :data:`FEAS_RTOL` (relative)."""
-    return total <= limit + FEAS_RTOL * max(abs(limit), 1e-300)
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,8 @@ class SolveConfig:
     ``time_limit_s``: wall-clock limit per solver call (None = none); ``gap_rel``: relative
     optimality gap at which the solver may stop (0 = exact); ``prune``: drop dominated options
     before the solver (exact, but measured slower with CBC, hence off); ``shortcut``: skip the
-    solver when the minimum-Omega choice fits or a limit is unreachable (exact)."""
+    solver when the minimum-Omega choice fits or a limit is unreachable (exact); ``fix``:
+    Lagrangian reduced-cost fixing with a heuristic incumbent (exact, solver.lagrange)."""
 
     solver: str = "cbc"
     time_limit_s: float | None = 60.0
@@ -76,6 +75,7 @@ class SolveConfig:
     # pruning them, although pruning is exact; so pruning is opt-in.
     prune: bool = False
     shortcut: bool = True
+    fix: bool = True
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -445,9 +445,17 @@ def solve(problem: Problem, cfg: SolveConfig | None = None) -> Solution:
     ):
         status, picked = "optimal", best
     else:
-        model = _Model(opts, "omega", limits, _scales(groups, resources))
-        n_vars, n_cons = model.n_vars, model.n_cons
-        status, picked = model.run(cfg)
+        warm = None
+        if cfg.fix:
+            opts, warm, _ = lagrange.fix(opts, limits)
+        if warm is not None and all(len(g) == 1 for g in opts):
+            status, picked = "optimal", warm  # the bound proves the incumbent optimal
+        else:
+            model = _Model(opts, "omega", limits, _scales(groups, resources))
+            n_vars, n_cons = model.n_vars, model.n_cons
+            status, picked = model.run(cfg, warm=warm)
+            if status == "time_limit" and picked is None and warm is not None:
+                picked = warm  # the solver found nothing better in time: keep the incumbent
 
     return _finish(problem, groups, cfg, status, picked, t0, n_vars, n_cons)
 

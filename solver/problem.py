@@ -18,11 +18,18 @@ from .errors import BadProblemError
 
 VERSION = 1
 RESOURCES: tuple[str, ...] = ("size_bytes", "bops", "latency_ms")
+# A total counts as within a limit up to this relative tolerance (float sums of many layers).
+FEAS_RTOL = 1e-9
 
 _OPTION_KEYS = {"w_bits", "a_bits", "omega", "size_bytes", "bops", "latency_ms", "tag", "drq"}
 _OPTION_REQUIRED = {"w_bits", "a_bits", "omega", "size_bytes", "bops", "tag"}
 _LAYER_KEYS = {"name", "options"}
 _PROBLEM_KEYS = {"version", "layers", "limits", "ties", "source"}
+
+
+def within(total: float, limit: float) -> bool:
+    """True when ``total`` meets ``limit`` up to :data:`FEAS_RTOL` (relative)."""
+    return total <= limit + FEAS_RTOL * max(abs(limit), 1e-300)
 
 
 def _finite(value: Any, what: str, *, nonneg: bool = False, allow_none: bool = False) -> Any:

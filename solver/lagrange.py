@@ -1,0 +1,159 @@
+"""Exact variable fixing from a Lagrangian bound (reduced-cost fixing before the MILP).
+
+For multipliers lam_r >= 0 on the limits sum_g c_r(x_g) <= cap_r, every feasible assignment x
+satisfies
+
+    Omega(x) >= L(lam) + sum_g rc_g(x_g),
+    L(lam) = sum_g min_k (Omega_gk + lam . c_gk) - lam . cap,
+    rc_g(k) = Omega_gk + lam . c_gk - min_k' (Omega_gk' + lam . c_gk') >= 0,
+
+because lam . (cap - c(x)) >= 0. So with a feasible incumbent of value UB, any assignment that is
+at least as good has rc_g(x_g) <= UB - L(lam) in every group, and options with a larger reduced
+cost can be dropped without losing any optimum. This holds for *any* lam >= 0, so the
+multipliers only decide how much is fixed, never whether the result is exact. They come from a
+projected subgradient ascent (Polyak steps); the incumbent is the best feasible Lagrangian
+choice seen, improved by single-group moves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .problem import within
+
+if TYPE_CHECKING:
+    from .ilp import _GOpt as GOpt
+
+
+def _choose(om: list[list[float]], cs: list[list[list[float]]], lam: Sequence[float]):
+    """Per group the option minimising Omega + lam . c; returns (indices, sum of minima)."""
+    picks = []
+    total = 0.0
+    nres = len(lam)
+    for g, oms in enumerate(om):
+        cg = cs[g]
+        best_k, best_v = 0, math.inf
+        for k, w in enumerate(oms):
+            v = w
+            for r in range(nres):
+                v += lam[r] * cg[r][k]
+            if v < best_v:
+                best_k, best_v = k, v
+        picks.append(best_k)
+        total += best_v
+    return picks, total
+
+
+def fix(
+    groups: list[list[GOpt]],
+    limits: dict[str, float],
+    iterations: int = 40,
+) -> tuple[list[list[GOpt]], list[GOpt] | None, dict[str, Any]]:
+    """Drop options that no optimal assignment can use. Returns (reduced groups, incumbent or
+    None, info). The incumbent's options always survive; when every group is left with one
+    option the incumbent is optimal."""
+    res = list(limits)
+    scale = {r: (limits[r] if limits[r] > 0 else 1.0) for r in res}
+    cap = [limits[r] / scale[r] for r in res]
+    om = [[o.omega for o in g] for g in groups]
+    cs = [[[o.costs[r] / scale[r] for o in g] for r in res] for g in groups]
+    nres = len(res)
+
+    def usage(picks: list[int]) -> list[float]:
+        return [math.fsum(cs[g][r][k] for g, k in enumerate(picks)) for r in range(nres)]
+
+    def feasible(picks: list[int]) -> bool:
+        return all(within(math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)),
+                          limits[r]) for r in res)
+
+    def value(picks: list[int]) -> float:
+        return math.fsum(om[g][k] for g, k in enumerate(picks))
+
+    lam = [0.0] * nres
+    best_l, best_lam = -math.inf, list(lam)
+    inc: list[int] | None = None
+    ub = math.inf
+    # Without an incumbent, the Polyak target is a guess above the bound that is refined.
+    theta, stall = 1.0, 0
+    spread = max((max(o) - min(o) for o in om), default=1.0) or 1.0
+    for _ in range(iterations):
+        picks, s = _choose(om, cs, lam)
+        lval = s - sum(lam[r] * cap[r] for r in range(nres))
+        if lval > best_l + 1e-12 * (abs(best_l) if math.isfinite(best_l) else 1.0):
+            best_l, best_lam, stall = lval, list(lam), 0
+        else:
+            stall += 1
+            if stall >= 4:
+                theta, stall = theta / 2, 0
+        if feasible(picks):
+            v = value(picks)
+            if v < ub:
+                inc, ub = picks, v
+        grad = [u - c for u, c in zip(usage(picks), cap, strict=True)]
+        # Stop when the bound meets the incumbent or the subgradient vanishes on the free set.
+        if inc is not None and ub - best_l <= 1e-12 * max(1.0, abs(ub)):
+            break
+        norm = sum(gr * gr for gr in grad)
+        if norm <= 0:
+            break
+        target = ub if math.isfinite(ub) else lval + spread
+        step = theta * (target - lval) / norm
+        lam = [max(0.0, lam[r] + step * grad[r]) for r in range(nres)]
+
+    if inc is None:
+        return groups, None, {"bound": best_l, "incumbent": None, "kept": None}
+    inc = _improve(inc, om, groups, limits, res)
+    ub = value(inc)
+
+    _, s = _choose(om, cs, best_lam)
+    lbound = s - sum(best_lam[r] * cap[r] for r in range(nres))
+    gap = ub - lbound
+    # Keep more rather than less: a generous tolerance can only weaken the fixing.
+    tol = 1e-7 * (abs(ub) + abs(lbound) + spread)
+    out = []
+    for g, opts in enumerate(groups):
+        vals = [om[g][k] + sum(best_lam[r] * cs[g][r][k] for r in range(nres))
+                for k in range(len(opts))]
+        m = min(vals)
+        keep = [o for k, o in enumerate(opts) if vals[k] - m <= gap + tol or k == inc[g]]
+        out.append(keep)
+    incumbent = [groups[g][k] for g, k in enumerate(inc)]
+    kept = sum(len(g) for g in out)
+    return out, incumbent, {"bound": lbound, "incumbent": ub, "kept": kept}
+
+
+def _improve(
+    picks: list[int],
+    om: list[list[float]],
+    groups: list[list[GOpt]],
+    limits: dict[str, float],
+    res: list[str],
+) -> list[int]:
+    """Greedy single-group moves to a lower Omega that keep every limit (a few passes)."""
+    start, picks = picks, list(picks)
+    used = {r: math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)) for r in res}
+    for _ in range(3):
+        changed = False
+        for g, opts in enumerate(groups):
+            cur = opts[picks[g]]
+            best_k, best_w = picks[g], om[g][picks[g]]
+            for k, o in enumerate(opts):
+                if om[g][k] < best_w and all(
+                    within(used[r] - cur.costs[r] + o.costs[r], limits[r]) for r in res
+                ):
+                    best_k, best_w = k, om[g][k]
+            if best_k != picks[g]:
+                new = opts[best_k]
+                for r in res:
+                    used[r] = used[r] - cur.costs[r] + new.costs[r]
+                picks[g] = best_k
+                changed = True
+        if not changed:
+            break
+    # Recompute exactly: the running sums above may drift by rounding.
+    if not all(within(math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)), limits[r])
+               for r in res):
+        return start
+    return picks
