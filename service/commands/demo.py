@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--url", default=os.environ.get("BITPLAN_URL", "http://127.0.0.1:8000"))
     p.add_argument("--api-key", default=os.environ.get("BITPLAN_API_KEY"))
-    p.add_argument("--size-ratio", type=float, default=0.5,
-                   help="size limit relative to the all-INT8 model (default 0.5)")
+    p.add_argument("--size-ratio", type=float, default=0.65,
+                   help="size limit relative to the all-INT8 model (default 0.65)")
+    p.add_argument("--bops-ratio", type=float, default=0.5,
+                   help="bit-operation limit relative to the all-INT8 model (default 0.5)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
     p.add_argument("--out", type=Path, help="also save plan / report / checkpoint here")
     p.set_defaults(func=run)
@@ -41,7 +43,7 @@ def make_demo_files(folder: Path) -> tuple[Path, Path, float]:
     from sensitivity import zoo
 
     x, y = zoo.digits_data(image_size=8, seed=0)
-    model = zoo.train(zoo.DigitsCNN(), x[:1400], y[:1400], epochs=15, seed=0)
+    model = zoo.train(zoo.DigitsCNN(), x[:1400], y[:1400], epochs=30, seed=0)
     acc = zoo.accuracy(model, x[1400:], y[1400:])
     model_path = zoo.save_model(model, x[:4], folder / "digits_cnn.pt2")
     calib_path = zoo.save_calibration(folder / "digits_calib.safetensors", x[1400:], y[1400:])
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         model_path, calib_path, acc = make_demo_files(Path(tmp))
         print(f"  fp32 accuracy on 397 held-out digits: {acc:.3f}")
         constraints = {
-            "limits": {"size_ratio": args.size_ratio},
+            "limits": {"size_ratio": args.size_ratio, "bops_ratio": args.bops_ratio},
             "weight_bits": [2, 4, 8],
             "activation_bits": [4, 8],
             "hessian": {"max_iter": 50, "tol": 0.1, "seed": 0},

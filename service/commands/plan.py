@@ -136,18 +136,27 @@ def constraints_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def _human(key: str, value: float) -> str:
+    if key == "latency_ms":
+        return f"{value:.4g} ms"
+    unit = "B" if key == "size_bytes" else "BOPs"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.4g} {prefix}{unit}"
+    return f"{value:.4g} {unit}"
+
+
 def format_summary(result: Any) -> str:
     """A few lines for the terminal: status, totals vs limits, bits per layer, accuracy."""
     plan, report = result.plan, result.report
     lines = [f"plan: {plan['status']} (objective {plan['objective']:.4g})"]
-    for key, unit, scale in (("size_bytes", "MB", 1e6), ("bops", "GBOPs", 1e9),
-                             ("latency_ms", "ms", 1.0)):
+    for key in ("size_bytes", "bops", "latency_ms"):
         total, limit = plan["totals"].get(key), plan["limits"].get(key)
         if total is None:
             continue
-        bound = f" <= {limit / scale:.4g}" if limit is not None else ""
+        bound = f" <= {_human(key, limit)}" if limit is not None else ""
         binding = " (binding)" if key in plan.get("binding", []) else ""
-        lines.append(f"  {key:<11} {total / scale:.4g} {unit}{bound}{binding}")
+        lines.append(f"  {key:<11} {_human(key, total)}{bound}{binding}")
     lines.append("  layer                          w  a     drq")
     for row in plan["layers"]:
         drq = row.get("drq")
