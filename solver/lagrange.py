@@ -75,36 +75,76 @@ def fix(
     best_l, best_lam = -math.inf, list(lam)
     inc: list[int] | None = None
     ub = math.inf
-    # Without an incumbent, the Polyak target is a guess above the bound that is refined.
-    theta, stall = 1.0, 0
     spread = max((max(o) - min(o) for o in om), default=1.0) or 1.0
-    for _ in range(iterations):
-        picks, s = _choose(om, cs, lam)
-        lval = s - sum(lam[r] * cap[r] for r in range(nres))
-        if lval > best_l + 1e-12 * (abs(best_l) if math.isfinite(best_l) else 1.0):
-            best_l, best_lam, stall = lval, list(lam), 0
-        else:
-            stall += 1
-            if stall >= 4:
-                theta, stall = theta / 2, 0
+
+    def visit(mult: list[float]) -> tuple[list[int], float]:
+        nonlocal best_l, best_lam, inc, ub
+        picks, s = _choose(om, cs, mult)
+        lval = s - sum(mult[r] * cap[r] for r in range(nres))
+        if lval > best_l:
+            best_l, best_lam = lval, list(mult)
         if feasible(picks):
             v = value(picks)
             if v < ub:
                 inc, ub = picks, v
-        grad = [u - c for u, c in zip(usage(picks), cap, strict=True)]
-        # Stop when the bound meets the incumbent or the subgradient vanishes on the free set.
-        if inc is not None and ub - best_l <= 1e-12 * max(1.0, abs(ub)):
-            break
-        norm = sum(gr * gr for gr in grad)
-        if norm <= 0:
-            break
-        target = ub if math.isfinite(ub) else lval + spread
-        step = theta * (target - lval) / norm
-        lam = [max(0.0, lam[r] + step * grad[r]) for r in range(nres)]
+        return picks, lval
 
-    if inc is None:
+    # Phase 1: scalar search along lam = mu * (1, ..., 1) for the smallest mu whose Lagrangian
+    # choice meets every limit. With one limit this is the LP dual (the best bound), and the
+    # choice there is the LP solution rounded to the feasible side: a strong incumbent.
+    visit(lam)
+    hi = spread
+    ok = False
+    for _ in range(40):
+        picks, _ = visit([hi] * nres)
+        if feasible(picks):
+            ok = True
+            break
+        hi *= 4.0
+    if ok:
+        lo = 0.0
+        for _ in range(48):
+            mid = 0.5 * (lo + hi)
+            picks, _ = visit([mid] * nres)
+            if feasible(picks):
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo <= 1e-12 * hi:
+                break
+    # Phase 2 (several limits): projected subgradient ascent with Polyak steps.
+    if nres > 1:
+        lam = list(best_lam)
+        theta, stall = 1.0, 0
+        for _ in range(iterations):
+            before = best_l
+            picks, lval = visit(lam)
+            if best_l <= before:
+                stall += 1
+                if stall >= 3:
+                    theta, stall = theta / 2, 0
+            grad = [u - c for u, c in zip(usage(picks), cap, strict=True)]
+            if inc is not None and ub - best_l <= 1e-12 * max(1.0, abs(ub)):
+                break
+            norm = sum(gr * gr for gr in grad)
+            if norm <= 0:
+                break
+            target = ub if math.isfinite(ub) else lval + spread
+            step = theta * (target - lval) / norm
+            lam = [max(0.0, lam[r] + step * grad[r]) for r in range(nres)]
+
+    # Two incumbent candidates: the best feasible Lagrangian choice, improved; and the choice
+    # at the best bound (usually just over a limit), repaired then improved.
+    cands = []
+    if inc is not None:
+        cands.append(_improve(inc, om, groups, limits, res))
+    at_bound, _ = _choose(om, cs, best_lam)
+    repaired = _improve(at_bound, om, groups, limits, res)
+    if feasible(repaired):
+        cands.append(repaired)
+    if not cands:
         return groups, None, {"bound": best_l, "incumbent": None, "kept": None}
-    inc = _improve(inc, om, groups, limits, res)
+    inc = min(cands, key=value)
     ub = value(inc)
 
     _, s = _choose(om, cs, best_lam)
@@ -131,27 +171,63 @@ def _improve(
     limits: dict[str, float],
     res: list[str],
 ) -> list[int]:
-    """Greedy single-group moves to a lower Omega that keep every limit (a few passes)."""
+    """Repair (if needed) then improve an assignment by single-group moves.
+
+    Repair: while a limit is exceeded, take the move that removes the most normalised excess
+    per unit of Omega added. Improve: while possible, take the feasible move with the largest
+    Omega decrease per unit of normalised cost added. Returns the input if repair fails."""
     start, picks = picks, list(picks)
+    scale = {r: (limits[r] if limits[r] > 0 else 1.0) for r in res}
     used = {r: math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)) for r in res}
-    for _ in range(3):
-        changed = False
+
+    def excess(u: dict[str, float]) -> float:
+        return sum(max(0.0, u[r] - limits[r]) / scale[r] for r in res)
+
+    def apply(g: int, k: int) -> None:
+        cur, new = groups[g][picks[g]], groups[g][k]
+        for r in res:
+            used[r] = used[r] - cur.costs[r] + new.costs[r]
+        picks[g] = k
+
+    for _ in range(4 * len(groups) + 8):
+        ex = excess(used)
+        if ex <= 0:
+            break
+        best, best_score = None, -math.inf
         for g, opts in enumerate(groups):
             cur = opts[picks[g]]
-            best_k, best_w = picks[g], om[g][picks[g]]
             for k, o in enumerate(opts):
-                if om[g][k] < best_w and all(
-                    within(used[r] - cur.costs[r] + o.costs[r], limits[r]) for r in res
-                ):
-                    best_k, best_w = k, om[g][k]
-            if best_k != picks[g]:
-                new = opts[best_k]
-                for r in res:
-                    used[r] = used[r] - cur.costs[r] + new.costs[r]
-                picks[g] = best_k
-                changed = True
-        if not changed:
+                if k == picks[g]:
+                    continue
+                moved = {r: used[r] - cur.costs[r] + o.costs[r] for r in res}
+                drop = ex - excess(moved)
+                if drop <= 0:
+                    continue
+                score = drop / (max(0.0, om[g][k] - om[g][picks[g]]) + 1e-300)
+                if score > best_score:
+                    best, best_score = (g, k), score
+        if best is None:
+            return start
+        apply(*best)
+
+    for _ in range(4 * len(groups) + 8):
+        best, best_score = None, 0.0
+        for g, opts in enumerate(groups):
+            cur = opts[picks[g]]
+            w0 = om[g][picks[g]]
+            for k, o in enumerate(opts):
+                gain = w0 - om[g][k]
+                if gain <= 0:
+                    continue
+                if not all(within(used[r] - cur.costs[r] + o.costs[r], limits[r]) for r in res):
+                    continue
+                extra = sum(max(0.0, o.costs[r] - cur.costs[r]) / scale[r] for r in res)
+                score = gain / (extra + 1e-300)
+                if score > best_score:
+                    best, best_score = (g, k), score
+        if best is None:
             break
+        apply(*best)
     # Recompute exactly: the running sums above may drift by rounding.
     if not all(within(math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)), limits[r])
                for r in res):
