@@ -162,3 +162,19 @@ def test_constraints_file_and_flags_merge(tmp_path: Path) -> None:
     doc.write_text("[1, 2]")
     with pytest.raises(BadConstraintsError):
         constraints_from_args(build_parser().parse_args(parser_args))
+
+
+@pytest.mark.parametrize(
+    "model_fixture,calib_fixture",
+    [("cnn_fixed_batch_pt2", "calib_path"), ("mlp_pt2", "calib_unlabelled_path")],
+)
+def test_fixed_batch_export_and_unlabelled_data(model_fixture, calib_fixture, request,
+                                                tmp_path) -> None:
+    model = request.getfixturevalue(model_fixture)
+    calib = request.getfixturevalue(calib_fixture)
+    result = run_pipeline(model, calib,
+                          _cons(limits={"size_ratio": 0.8}, pin={"first": None}), tmp_path)
+    metrics = result.report["metrics"]
+    assert result.plan["status"] == "optimal" and metrics["samples"] > 0
+    assert metrics["top1_agreement"] > 0.5
+    assert (metrics["fp32_accuracy"] is None) == (calib_fixture == "calib_unlabelled_path")
