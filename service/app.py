@@ -18,7 +18,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "too_large", 422: "bad_request"}
+          409: "conflict", 413: "too_large", 422: "bad_request", 503: "unavailable"}
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:

@@ -176,6 +176,15 @@ class JobStore:
 
     # Reading --------------------------------------------------------------------------------
 
+    def ping(self) -> bool:
+        """True when the database answers."""
+        try:
+            with self._session() as s:
+                s.execute(select(1))
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not healthy"
+            return False
+
     def get(self, job_id: str) -> Job:
         """The job ``job_id``. Raises NotFoundError."""
         with self._session() as s:

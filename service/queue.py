@@ -175,11 +175,14 @@ class JobQueue:
         except BaseException as exc:  # noqa: BLE001 - every failure must end the job
             err = job_error(exc)
             self.store.mark_failed(job_id, err["code"], err["message"], err["detail"])
+            log.warning("job %s failed [%s]: %s", job_id, err["code"], err["message"])
             if not isinstance(exc, Exception):
                 raise
         else:
             summary = result.summary() if hasattr(result, "summary") else None
-            if not self.store.mark_succeeded(job_id, summary):
+            if self.store.mark_succeeded(job_id, summary):
+                log.info("job %s succeeded", job_id)
+            else:
                 log.info("job %s finished but was %s meanwhile", job_id, self.store.status(job_id))
         finally:
             stop_beats.set()
