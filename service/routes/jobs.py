@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 
 from solver.errors import BitplanError
 
+from ..core import BitplanService
 from ..deps import ApiKeyDep, JobId, ServiceDep
 from ..jobs import STATUSES
 from ..schemas import ErrorResponse, JobPublic, JobsPublic
@@ -51,7 +52,9 @@ def cancel_job(job_id: JobId, svc: ServiceDep) -> JobPublic:
         raise http_error(exc) from None
 
 
-def _artifact(svc, job_id: str, name: str, download: str | None = None) -> FileResponse:
+def _artifact(
+    svc: BitplanService, job_id: str, name: str, download: str | None = None
+) -> FileResponse:
     try:
         path, media_type = svc.artifact(job_id, name)
     except BitplanError as exc:

@@ -21,6 +21,7 @@ from svc_helpers import FAST_HESSIAN
 
 import quantize
 from sensitivity.intake import load_calibration, load_program
+from service.jobs import JobStore
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 90.0
@@ -199,7 +200,7 @@ def test_job_queued_before_a_restart_runs_after_it(start_server, cnn_pt2, calib_
 
 
 def test_dead_worker_job_is_retried_and_a_running_job_cancels(start_server, mlp_pt2,
-                                                              calib_path) -> None:
+                                                              calib_path, tmp_path) -> None:
     fast_reaper = {"BITPLAN_HEARTBEAT_TIMEOUT_S": "3"}
     server = start_server(**fast_reaper)
     # a sensitivity sweep that would take minutes: the job is surely running when killed
@@ -217,8 +218,10 @@ def test_dead_worker_job_is_retried_and_a_running_job_cancels(start_server, mlp_
     t0 = time.monotonic()
     server.stop()  # the worker's pipeline noticed: a graceful stop does not wait for the sweep
     assert time.monotonic() - t0 < 15
-    final = start_server("--no-worker").client.get(f"/jobs/{job_id}").json()
-    assert final["status"] == "cancelled" and final["attempts"] == 2
+    store = JobStore(f"sqlite:///{tmp_path / 'data' / 'jobs.db'}")
+    final = store.get(job_id)
+    store.close()
+    assert final.status == "cancelled" and final.attempts == 2
 
 
 def test_api_and_separate_worker_processes(start_server, mlp_pt2, calib_path,
