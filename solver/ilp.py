@@ -344,6 +344,15 @@ class _Model:
         for r, lim in limits.items():
             self.set_limit(r, lim)
 
+    def restrict(self, kept: list[list[_GOpt]]) -> None:
+        """Allow only the options in ``kept`` (per group, a subset of the model's options);
+        the others get an upper bound of 0. Used to reuse one model across Pareto budgets."""
+        for vs, opts, keep in zip(self.vars, self.groups, kept, strict=True):
+            if vs:
+                ids = {id(o) for o in keep}
+                for v, o in zip(vs, opts, strict=True):
+                    v.upBound = 1 if id(o) in ids else 0
+
     def set_limit(self, resource: str, limit: float) -> None:
         self.limits[resource] = limit
         # LpConstraint stores "expr + constant <= 0"; constant = -rhs.

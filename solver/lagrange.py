@@ -32,17 +32,21 @@ def _choose(om: list[list[float]], cs: list[list[list[float]]], lam: Sequence[fl
     picks = []
     total = 0.0
     nres = len(lam)
-    for g, oms in enumerate(om):
-        cg = cs[g]
-        best_k, best_v = 0, math.inf
-        for k, w in enumerate(oms):
-            v = w
+    for oms, cg in zip(om, cs, strict=True):
+        if nres == 1:
+            l0 = lam[0]
+            vals = [w + l0 * a for w, a in zip(oms, cg[0], strict=True)]
+        elif nres == 2:
+            l0, l1 = lam
+            vals = [w + l0 * a + l1 * b for w, a, b in zip(oms, cg[0], cg[1], strict=True)]
+        else:
+            vals = list(oms)
             for r in range(nres):
-                v += lam[r] * cg[r][k]
-            if v < best_v:
-                best_k, best_v = k, v
-        picks.append(best_k)
-        total += best_v
+                lr = lam[r]
+                vals = [v + lr * a for v, a in zip(vals, cg[r], strict=True)]
+        v = min(vals)
+        picks.append(vals.index(v))
+        total += v
     return picks, total
 
 
@@ -110,7 +114,7 @@ def fix(
                 hi = mid
             else:
                 lo = mid
-            if hi - lo <= 1e-12 * hi:
+            if hi - lo <= 1e-9 * hi:
                 break
     # Phase 2 (several limits): projected subgradient ascent with Polyak steps.
     if nres > 1:
@@ -175,35 +179,38 @@ def _improve(
 
     Repair: while a limit is exceeded, take the move that removes the most normalised excess
     per unit of Omega added. Improve: while possible, take the feasible move with the largest
-    Omega decrease per unit of normalised cost added. Returns the input if repair fails."""
+    Omega decrease per unit of normalised cost added. Works on normalised costs for speed and
+    re-checks the result exactly; returns the input if repair fails."""
     start, picks = picks, list(picks)
-    scale = {r: (limits[r] if limits[r] > 0 else 1.0) for r in res}
-    used = {r: math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)) for r in res}
-
-    def excess(u: dict[str, float]) -> float:
-        return sum(max(0.0, u[r] - limits[r]) / scale[r] for r in res)
+    nres = len(res)
+    scale = [limits[r] if limits[r] > 0 else 1.0 for r in res]
+    cap = [limits[r] / sc for r, sc in zip(res, scale, strict=True)]
+    cn = [[tuple(o.costs[r] / scale[i] for i, r in enumerate(res)) for o in g] for g in groups]
+    used = [math.fsum(cn[g][k][i] for g, k in enumerate(picks)) for i in range(nres)]
+    slack_tol = [1e-12 * max(1.0, c) for c in cap]
 
     def apply(g: int, k: int) -> None:
-        cur, new = groups[g][picks[g]], groups[g][k]
-        for r in res:
-            used[r] = used[r] - cur.costs[r] + new.costs[r]
+        cur, new = cn[g][picks[g]], cn[g][k]
+        for i in range(nres):
+            used[i] += new[i] - cur[i]
         picks[g] = k
 
     for _ in range(4 * len(groups) + 8):
-        ex = excess(used)
+        ex = sum(max(0.0, used[i] - cap[i]) for i in range(nres))
         if ex <= 0:
             break
         best, best_score = None, -math.inf
-        for g, opts in enumerate(groups):
-            cur = opts[picks[g]]
-            for k, o in enumerate(opts):
-                if k == picks[g]:
-                    continue
-                moved = {r: used[r] - cur.costs[r] + o.costs[r] for r in res}
-                drop = ex - excess(moved)
+        for g, row in enumerate(cn):
+            cur = row[picks[g]]
+            w0 = om[g][picks[g]]
+            for k, c in enumerate(row):
+                after = 0.0
+                for i in range(nres):
+                    after += max(0.0, used[i] - cur[i] + c[i] - cap[i])
+                drop = ex - after
                 if drop <= 0:
                     continue
-                score = drop / (max(0.0, om[g][k] - om[g][picks[g]]) + 1e-300)
+                score = drop / (max(0.0, om[g][k] - w0) + 1e-300)
                 if score > best_score:
                     best, best_score = (g, k), score
         if best is None:
@@ -212,23 +219,32 @@ def _improve(
 
     for _ in range(4 * len(groups) + 8):
         best, best_score = None, 0.0
-        for g, opts in enumerate(groups):
-            cur = opts[picks[g]]
+        room = [cap[i] + slack_tol[i] - used[i] for i in range(nres)]
+        for g, row in enumerate(cn):
+            cur = row[picks[g]]
             w0 = om[g][picks[g]]
-            for k, o in enumerate(opts):
+            for k, c in enumerate(row):
                 gain = w0 - om[g][k]
                 if gain <= 0:
                     continue
-                if not all(within(used[r] - cur.costs[r] + o.costs[r], limits[r]) for r in res):
+                extra = 0.0
+                ok = True
+                for i in range(nres):
+                    d = c[i] - cur[i]
+                    if d > room[i]:
+                        ok = False
+                        break
+                    if d > 0:
+                        extra += d
+                if not ok:
                     continue
-                extra = sum(max(0.0, o.costs[r] - cur.costs[r]) / scale[r] for r in res)
                 score = gain / (extra + 1e-300)
                 if score > best_score:
                     best, best_score = (g, k), score
         if best is None:
             break
         apply(*best)
-    # Recompute exactly: the running sums above may drift by rounding.
+    # Recompute exactly on the raw costs: the normalised running sums may drift by rounding.
     if not all(within(math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)), limits[r])
                for r in res):
         return start

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from . import lagrange
 from .errors import BadProblemError
 from .ilp import (
     SolveConfig,
@@ -23,6 +24,14 @@ from .ilp import (
     within,
 )
 from .problem import RESOURCES, Problem
+
+
+def _value(picked: list) -> float:
+    return math.fsum(o.omega for o in picked)
+
+
+def within_all(picked: list, limits: dict[str, float], resources: list[str]) -> bool:
+    return all(within(math.fsum(o.costs[r] for o in picked), limits[r]) for r in resources)
 
 
 @dataclass
@@ -82,10 +91,28 @@ def pareto(
         if cfg.shortcut and others_fit and within(best_cost[resource], b):
             status, picked = "optimal", best
         else:
-            if model is None:
-                model = _Model(opts, "omega", limits, _scales(groups, resources))
-            model.set_limit(resource, b)
-            status, picked = model.run(cfg, warm=warm)
+            here = dict(limits, **{resource: b})
+            kept, inc = opts, None
+            if cfg.fix and all(within(math.fsum(min(o.costs[r] for o in g) for g in opts),
+                                      here[r]) for r in resources):
+                kept, inc, _ = lagrange.fix(opts, here)
+            if inc is not None and all(len(g) == 1 for g in kept):
+                status, picked = "optimal", inc
+            else:
+                if model is None:
+                    model = _Model(opts, "omega", limits, _scales(groups, resources))
+                model.set_limit(resource, b)
+                model.restrict(kept)
+                start = inc
+                if warm is not None and within_all(warm, here, resources) and (
+                        inc is None or _value(warm) < _value(inc)):
+                    start = warm  # the previous optimum is feasible and better here
+                if start is not None and not all(
+                        any(o is s for o in g) for g, s in zip(kept, start, strict=True)):
+                    start = inc
+                status, picked = model.run(cfg, warm=start)
+                if picked is None and status == "time_limit" and start is not None:
+                    picked = start
         if picked is not None:
             warm = picked
             choices = _choices_from(problem, groups, picked)
