@@ -126,7 +126,12 @@ class JobQueue:
 
         def beat() -> None:
             while not stop_beats.wait(self.settings.heartbeat_interval_s):
-                if not self.store.heartbeat(job_id):
+                try:
+                    alive = self.store.heartbeat(job_id)
+                except Exception:  # noqa: BLE001 - a database hiccup: beat again next time
+                    log.warning("heartbeat of job %s failed", job_id, exc_info=True)
+                    continue
+                if not alive:
                     lost.set()
                     return
 
@@ -139,7 +144,14 @@ class JobQueue:
             if stage == last_write[1] and fraction < 1.0 and now - last_write[0] < 0.5:
                 return
             last_write[0], last_write[1] = now, stage
-            if not self.store.update_progress(job_id, stage, overall_progress(stage, fraction)):
+            try:  # progress is best effort: a failed write must not fail the job
+                still_running = self.store.update_progress(
+                    job_id, stage, overall_progress(stage, fraction)
+                )
+            except Exception:  # noqa: BLE001
+                log.warning("progress of job %s not recorded", job_id, exc_info=True)
+                return
+            if not still_running:
                 lost.set()
 
         last_check = [0.0]
@@ -150,7 +162,11 @@ class JobQueue:
             now = time.monotonic()
             if now - last_check[0] >= 0.25:
                 last_check[0] = now
-                if self.store.status(job_id) != J.RUNNING:
+                try:
+                    status = self.store.status(job_id)
+                except Exception:  # noqa: BLE001 - unknown is not "cancelled"
+                    status = J.RUNNING
+                if status != J.RUNNING:
                     lost.set()
             return lost.is_set()
 

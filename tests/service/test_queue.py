@@ -210,3 +210,18 @@ def test_worker_shutdown_puts_the_running_job_back(settings, store, tmp_path) ->
     job = store.get(job_id)
     assert job.status == "queued" and job.attempts == 0
     assert JobQueue(settings, store).pending_ids() == {job_id}
+
+
+def test_database_hiccups_in_progress_do_not_fail_the_job(settings, store, tmp_path,
+                                                          monkeypatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    def flaky(*args, **kwargs):
+        raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(store, "update_progress", flaky)
+    monkeypatch.setattr(store, "heartbeat", flaky)
+    q = JobQueue(settings, store, Script())
+    job_id = _job(store, tmp_path)
+    q.run_job(job_id)
+    assert store.get(job_id).status == "succeeded"
