@@ -493,6 +493,9 @@ def _finish(
         objective = objective_of(problem, choices)
         totals = totals_of(problem, choices)
         binding = binding_of(problem, totals)
+        over = [r for r in problem.limits.active() if not within(totals[r], limits[r])]
+        if over:  # a solver accepted a point within its own (looser) feasibility tolerance
+            log.warning("solution exceeds %s by more than %g relative", over, FEAS_RTOL)
     return Solution(
         status=status,
         objective=objective,

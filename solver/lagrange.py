@@ -116,36 +116,44 @@ def fix(
                 lo = mid
             if hi - lo <= 1e-9 * hi:
                 break
-    # Phase 2 (several limits): projected subgradient ascent with Polyak steps.
-    if nres > 1:
+    # Incumbent candidates: the best feasible Lagrangian choice, improved; and the choice at
+    # the best bound (usually just over a limit), repaired then improved.
+    def candidates(mult: list[float]) -> list[list[int]]:
+        out = []
+        if inc is not None:
+            out.append(_improve(inc, om, groups, limits, res))
+        repaired = _improve(_choose(om, cs, mult)[0], om, groups, limits, res)
+        if feasible(repaired):
+            out.append(repaired)
+        return out
+
+    cands = candidates(best_lam)
+    if cands:
+        inc = min(cands, key=value)
+        ub = value(inc)
+    # Phase 2 (several limits): projected subgradient ascent with Polyak steps towards the
+    # incumbent's value, restarting from the best multipliers when progress stalls.
+    if nres > 1 and inc is not None:
         lam = list(best_lam)
         theta, stall = 1.0, 0
         for _ in range(iterations):
             before = best_l
             picks, lval = visit(lam)
+            if ub - best_l <= 1e-12 * max(1.0, abs(ub)):
+                break
             if best_l <= before:
                 stall += 1
                 if stall >= 3:
                     theta, stall = theta / 2, 0
+                    lam = list(best_lam)
+                    picks, lval = visit(lam)
             grad = [u - c for u, c in zip(usage(picks), cap, strict=True)]
-            if inc is not None and ub - best_l <= 1e-12 * max(1.0, abs(ub)):
-                break
             norm = sum(gr * gr for gr in grad)
             if norm <= 0:
                 break
-            target = ub if math.isfinite(ub) else lval + spread
-            step = theta * (target - lval) / norm
+            step = theta * (ub - lval) / norm
             lam = [max(0.0, lam[r] + step * grad[r]) for r in range(nres)]
-
-    # Two incumbent candidates: the best feasible Lagrangian choice, improved; and the choice
-    # at the best bound (usually just over a limit), repaired then improved.
-    cands = []
-    if inc is not None:
-        cands.append(_improve(inc, om, groups, limits, res))
-    at_bound, _ = _choose(om, cs, best_lam)
-    repaired = _improve(at_bound, om, groups, limits, res)
-    if feasible(repaired):
-        cands.append(repaired)
+        cands = candidates(best_lam) + [inc]
     if not cands:
         return groups, None, {"bound": best_l, "incumbent": None, "kept": None}
     inc = min(cands, key=value)
@@ -195,7 +203,9 @@ def _improve(
             used[i] += new[i] - cur[i]
         picks[g] = k
 
-    for _ in range(4 * len(groups) + 8):
+    # Repair best-first, one full rescan per move: from the choice at the best bound only a
+    # few moves are needed, and taking them one by one keeps the incumbent close to optimal.
+    for _ in range(256):
         ex = sum(max(0.0, used[i] - cap[i]) for i in range(nres))
         if ex <= 0:
             break
@@ -216,8 +226,43 @@ def _improve(
         if best is None:
             return start
         apply(*best)
+    if any(used[i] > cap[i] for i in range(nres)):
+        return start
 
-    for _ in range(4 * len(groups) + 8):
+    # Improve: each pass scores every single-group move once and applies them best-first while
+    # they still fit (O(moves log moves) per pass instead of a full rescan per move).
+    for _ in range(8):
+        cands = []
+        for g, row in enumerate(cn):
+            cur = row[picks[g]]
+            w0 = om[g][picks[g]]
+            for k, c in enumerate(row):
+                gain = w0 - om[g][k]
+                if gain <= 0:
+                    continue
+                extra = 0.0
+                for i in range(nres):
+                    d = c[i] - cur[i]
+                    if d > 0:
+                        extra += d
+                cands.append((-gain / (extra + 1e-300), g, k))
+        cands.sort()
+        changed = False
+        moved = set()
+        for _, g, k in cands:
+            if g in moved:
+                continue
+            cur, c = cn[g][picks[g]], cn[g][k]
+            if om[g][k] >= om[g][picks[g]]:
+                continue
+            if all(c[i] - cur[i] <= cap[i] + slack_tol[i] - used[i] for i in range(nres)):
+                apply(g, k)
+                moved.add(g)
+                changed = True
+        if not changed:
+            break
+    # Then a few exact best-first moves (full rescans) to polish what the batches left.
+    for _ in range(64):
         best, best_score = None, 0.0
         room = [cap[i] + slack_tol[i] - used[i] for i in range(nres)]
         for g, row in enumerate(cn):
@@ -236,11 +281,8 @@ def _improve(
                         break
                     if d > 0:
                         extra += d
-                if not ok:
-                    continue
-                score = gain / (extra + 1e-300)
-                if score > best_score:
-                    best, best_score = (g, k), score
+                if ok and gain / (extra + 1e-300) > best_score:
+                    best, best_score = (g, k), gain / (extra + 1e-300)
         if best is None:
             break
         apply(*best)

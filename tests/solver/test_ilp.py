@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 
 from solver import Limits, Problem, Solution, SolveConfig, solve
 from solver.errors import BadProblemError
-from solver import lagrange
-from solver.ilp import _groups, diagnose, min_reachable, totals_of, within
+from solver.ilp import diagnose, min_reachable, totals_of, within
 from solver.problem import RESOURCES, LayerOptions, Option
 
 FAST = settings(max_examples=60, deadline=None,
@@ -51,27 +50,6 @@ def test_reductions_never_change_the_optimum(problem: Problem) -> None:
     if fast.objective is not None:
         assert plain.objective == pytest.approx(fast.objective, rel=1e-9, abs=1e-9)
         _check_valid(problem, plain)
-
-
-@settings(max_examples=60, deadline=None)
-@given(problems(max_layers=6, max_options=4))
-def test_lagrangian_fixing_keeps_every_optimum(problem: Problem) -> None:
-    """Reduced-cost fixing must keep every optimal assignment, not just one."""
-    best, optima = brute_force(problem)
-    limits = {r: problem.limits.get(r) for r in problem.limits.active()}
-    if best is None or not limits:
-        return
-    groups = _groups(problem)
-    kept, incumbent, info = lagrange.fix([list(g.options) for g in groups], limits)
-    if incumbent is None:
-        return
-    assert info["bound"] <= best + 1e-9 * max(1.0, abs(best))
-    assert math.fsum(o.omega for o in incumbent) >= best - 1e-9 * max(1.0, abs(best))
-    for combo in optima:
-        for g, opts in zip(groups, kept, strict=True):
-            k = combo[g.members[0]]
-            tag = problem.layers[g.members[0]].options[k].tag
-            assert tag in {o.tag for o in opts}
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from solver import ActivationMode, LayerSpec, Limits, OptionsConfig, build_problem, solve
 from solver.errors import BadConstraintsError
@@ -127,3 +129,39 @@ def test_reference_totals_and_ratio_limits() -> None:
         limits_from_constraints({"size_gb": 1}, specs, cfg)
     with pytest.raises(BadConstraintsError, match="latency"):
         limits_from_constraints({"latency_ms": 1.0}, specs, OptionsConfig())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_pins_and_ties_hold_in_every_solution(data) -> None:
+    n = data.draw(st.integers(2, 6))
+    specs = []
+    for i in range(n):
+        params = data.draw(st.integers(1, 5000))
+        specs.append(LayerSpec(
+            name=f"l{i}", kind="linear", params=params, macs=params * 3, out_channels=4,
+            input_numel=50,
+            omega_w={b: data.draw(st.floats(0, 10)) for b in (2, 4, 8)},
+            omega_a={b: data.draw(st.floats(0, 10)) for b in (4, 8)}))
+    pin_first = data.draw(st.sampled_from([None, 4, 8]))
+    pin_last = data.draw(st.sampled_from([None, 4, 8]))
+    cfg = OptionsConfig(weight_bits=(2, 4, 8), activation_bits=(4, 8), pin_first=pin_first,
+                        pin_last=pin_last)
+    ties = []
+    if n >= 3 and data.draw(st.booleans()):
+        ties = [("l1", "l2")]
+    free = build_problem(specs, cfg, Limits(), ties)
+    lo = sum(min(o.size_bytes for o in la.options) for la in free.layers)
+    hi = sum(max(o.size_bytes for o in la.options) for la in free.layers)
+    frac = data.draw(st.floats(0, 1))
+    problem = build_problem(specs, cfg, Limits(size_bytes=lo + frac * (hi - lo)), ties)
+    sol = solve(problem)
+    assert sol.status == "optimal"
+    chosen = {la.name: la.options[sol.choices[la.name]] for la in problem.layers}
+    if pin_first is not None:
+        assert (chosen["l0"].w_bits, chosen["l0"].a_bits) == (pin_first, pin_first)
+    if pin_last is not None:
+        last = chosen[f"l{n - 1}"]
+        assert (last.w_bits, last.a_bits) == (pin_last, pin_last)
+    for a, b in ties:
+        assert chosen[a].tag == chosen[b].tag
