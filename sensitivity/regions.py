@@ -373,10 +373,11 @@ def update_stats(
     if not with_error:
         return
     s_low = low_scale(scale, signed, high_bits, low_bits)
-    e_high = (codes * scale - a).pow(2)
-    e_low = (quantize_activation(a, s_low, low_bits, signed) * s_low - a).pow(2)
+    # Differences in the activation dtype (as the runtime computes them), squares in float64.
+    e_high = (codes * scale - a).to(torch.float64).pow(2)
+    e_low = (quantize_activation(a, s_low, low_bits, signed) * s_low - a).to(torch.float64).pow(2)
     for err, acc in ((e_high, stats.err_high), (e_low, stats.err_low)):
-        per_region = region_sums(err.to(torch.float64), stats.region)[0].reshape(-1)
+        per_region = region_sums(err, stats.region)[0].reshape(-1)
         acc += torch.bincount(bins, weights=per_region, minlength=acc.numel())
 
 
@@ -606,6 +607,34 @@ def calibrate(
     return RegionResult(results, cfg, activation_traces is None, time.perf_counter() - start)
 
 
+def calibrate_intake(
+    intake: Any,
+    sens: Any | None = None,
+    cfg: RegionConfig | None = None,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+) -> RegionResult:
+    """:func:`calibrate` on a ``sensitivity.intake.Intake`` (module, layers, train / held-out
+    split, fixed batch size) with the activation traces of a ``SensitivityResult`` (None:
+    raw error terms). A conv layer without an activation trace in ``sens`` makes every omega
+    raw (flagged), so that no two scales are mixed."""
+    layers = [info.graph for info in intake.layers]
+    traces = None
+    if sens is not None:
+        traces = {
+            s.name: (float(s.activation_trace), int(s.activation_numel))
+            for s in sens.layers
+            if s.activation_trace is not None and s.activation_numel
+        }
+        if any(g.kind == "conv2d" and g.name not in traces for g in layers):
+            log.warning("some conv layers have no activation trace; DRQ omegas are raw errors")
+            traces = None
+    return calibrate(
+        intake.module, layers, intake.train, intake.holdout, cfg, traces,
+        intake.batch_size, device, progress,
+    )
+
+
 __all__ = [
     "DRQMode",
     "LayerRegions",
@@ -613,6 +642,7 @@ __all__ = [
     "RegionResult",
     "RegionStats",
     "calibrate",
+    "calibrate_intake",
     "choose_threshold",
     "region_grid",
     "update_stats",
