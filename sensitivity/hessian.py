@@ -353,9 +353,9 @@ def _probe_batched(z: torch.Tensor, inputs: list[torch.Tensor], ws: list[torch.T
     return out
 
 
-def _hvp_blocks(p: Prepared, i: int, blocks: list[int], n_layers: int, k: int,
-                gen: torch.Generator, batched: bool) -> torch.Tensor:
-    """Joint HVP Hutchinson over ``blocks`` only (v is zero elsewhere): [k, len(blocks)]."""
+def _hvp_graph(p: Prepared, i: int, blocks: list[int], n_layers: int,
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """create_graph gradient of chunk i's loss w.r.t. ``blocks`` (weights, then leaves)."""
     activations = any(b >= n_layers for b in blocks)
     for leaf in p.leaves.values():
         leaf.active = activations
@@ -366,8 +366,7 @@ def _hvp_blocks(p: Prepared, i: int, blocks: list[int], n_layers: int, k: int,
                   for b in blocks]
         grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
-    vs = [[rademacher(x.shape, gen, x.dtype, x.device) for x in inputs] for _ in range(k)]
-    return (_hvp_batched if batched else _hvp_loop)(inputs, grads, vs)
+    return inputs, grads
 
 
 def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = None,
@@ -398,6 +397,7 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     blocks_of = {"gn": gn_blocks, "hvp": hvp_blocks}
     done = {"gn": 0, "hvp": 0}
     cached = None  # single chunk: the forward graph is built once for every probe pass
+    cached_hvp = None  # ... and so is the create_graph gradient for the HVPs
     passes = 0
 
     def pending(kind: str) -> bool:
@@ -415,7 +415,15 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
             total = torch.zeros(k, len(bl), dtype=torch.float64)
             for c in range(len(p.chunks)):
                 if kind == "hvp":
-                    total += _hvp_blocks(p, c, bl, n, k, gen, batched).cpu()
+                    if cached_hvp is not None:
+                        inputs, grads = cached_hvp
+                    else:
+                        inputs, grads = _hvp_graph(p, c, bl, n)
+                        if len(p.chunks) == 1:
+                            cached_hvp = (inputs, grads)
+                    vs = [[rademacher(x.shape, gen, x.dtype, x.device) for x in inputs]
+                          for _ in range(k)]
+                    total += (_hvp_batched if batched else _hvp_loop)(inputs, grads, vs).cpu()
                     continue
                 if cached is not None:
                     z, inputs, prob = cached
@@ -436,7 +444,7 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
         if progress is not None:
             work = [done[k] / cfg.max_iter for k in ("gn", "hvp") if blocks_of[k]]
             progress(stage, min(1.0, max(work) if work else 1.0))
-    del cached
+    del cached, cached_hvp
     for leaf in p.leaves.values():
         leaf.active, leaf.leaf = False, None
     if progress is not None:

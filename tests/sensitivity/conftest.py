@@ -71,13 +71,14 @@ def exact_traces(it: Intake) -> tuple[dict[str, float], dict[str, float]]:
             return _loss(it.loss_kind, out, labels, target)
 
         h = torch.func.hessian(f_w)(w0)
-        weights[layer.name] = float(h.reshape(w0.numel(), w0.numel()).diagonal().sum())
+        weights[layer.name] = float(h.detach().reshape(w0.numel(), -1).diagonal().sum())
         total = 0.0
         probe = probes[layer.name]
         with torch.no_grad():
             shape = _input_shape(gm, probe, x)
         for n in range(x.shape[0]):
-            def f_a(d: torch.Tensor, n: int = n) -> torch.Tensor:
+            def f_a(d: torch.Tensor, n: int = n, shape: tuple[int, ...] = shape,
+                    probe: AddDelta = probe) -> torch.Tensor:
                 full = torch.zeros(shape, dtype=d.dtype)
                 full = full.index_put((torch.tensor([n]),), d.unsqueeze(0))
                 probe.delta = full
@@ -124,8 +125,8 @@ def tanh_pt2(digits, artifacts) -> Path:
     return zoo.save_model(model, x[:4], artifacts / "tanh_mlp.pt2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+@pytest.fixture()
+def one_thread():
     """Tiny graphs run faster on one thread, and far faster when other jobs share the cores
     (OpenMP workers spin against each other)."""
     before = torch.get_num_threads()

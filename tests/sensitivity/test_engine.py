@@ -13,6 +13,8 @@ from sensitivity import HessianConfig, SensitivityResult, measure
 from sensitivity.engine import ACTIVATION_BITS, WEIGHT_BITS
 from sensitivity.intake import intake
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LAYER_KEYS = {"name", "kind", "params", "macs", "weight_trace", "weight_trace_stderr",
               "activation_trace", "activation_trace_stderr", "omega_w", "omega_a"}
 FAST = HessianConfig(max_iter=24, min_iter=8, tol=0.05, seed=0)

@@ -12,6 +12,8 @@ from sensitivity import HessianConfig, measure
 from sensitivity.hessian import BlockStats
 from sensitivity.intake import intake
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CASES = {
     # id: (model fixture, calibration fixture, estimator, expected estimator of every block)
     "mlp-ce-probe": ("mlp_pt2", "tiny_calib", "auto", "output-probe"),

@@ -17,6 +17,8 @@ from sensitivity import zoo
 from sensitivity.intake import IntakeConfig, intake, load_calibration, load_program
 from solver.errors import BadCalibrationError, BadModelError, TooLargeError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ------------------------------------------------------------------ bad model files
 
 
@@ -272,8 +274,8 @@ def test_attention_model_with_keyword_inputs(tmp_path):
     torch.manual_seed(0)
     model = _Attention().eval()
     x, mask = torch.rand(6, 5, 8), torch.ones(6, 5, 8)
-    ep = torch.export.export(model, (x[:2], mask[:2]),
-                             dynamic_shapes=({0: torch.export.Dim("b")}, {0: torch.export.Dim("b")}))
+    batch = torch.export.Dim("b")
+    ep = torch.export.export(model, (x[:2], mask[:2]), dynamic_shapes=({0: batch}, {0: batch}))
     torch.export.save(ep, tmp_path / "attn.pt2")
     save_file({"input.x": x, "input.mask": mask, "labels": torch.arange(6) % 3},
               str(tmp_path / "c.safetensors"))

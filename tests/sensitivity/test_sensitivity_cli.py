@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from service.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYER_KEYS = {"name", "kind", "params", "macs", "weight_trace", "weight_trace_stderr",
               "activation_trace", "activation_trace_stderr", "omega_w", "omega_a"}

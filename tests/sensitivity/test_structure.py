@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +10,8 @@ from torch import nn
 from quantize.graph import find_layers
 from sensitivity import zoo
 from sensitivity.structure import gauss_newton_exact
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Mixed(nn.Module):
