@@ -145,6 +145,8 @@ class Solution:
                 "solver", "diagnosis"}
         if not isinstance(obj, dict):
             raise BadProblemError("a solution must be a JSON object")
+        # `bitplan solve --pareto` adds its sweep beside the solution; it is not part of it.
+        obj = {k: v for k, v in obj.items() if k != "pareto"}
         if set(obj) != keys:
             raise BadProblemError(
                 f"solution keys must be {sorted(keys)}; got {sorted(obj)}"

@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .problem import within
+from .problem import FEAS_RTOL, within
 
 if TYPE_CHECKING:
     from .ilp import _GOpt as GOpt
@@ -118,9 +118,9 @@ def fix(
                 break
     # Incumbent candidates: the best feasible Lagrangian choice, improved; and the choice at
     # the best bound (usually just over a limit), repaired then improved.
-    def candidates(mult: list[float]) -> list[list[int]]:
+    def candidates(mult: list[float], with_inc: bool = True) -> list[list[int]]:
         out = []
-        if inc is not None:
+        if inc is not None and with_inc:
             out.append(_improve(inc, om, groups, limits, res))
         repaired = _improve(_choose(om, cs, mult)[0], om, groups, limits, res)
         if feasible(repaired):
@@ -134,7 +134,7 @@ def fix(
     # Phase 2 (several limits): projected subgradient ascent with Polyak steps towards the
     # incumbent's value, restarting from the best multipliers when progress stalls.
     if nres > 1 and inc is not None:
-        lam = list(best_lam)
+        lam, start_lam, start_inc = list(best_lam), list(best_lam), inc
         theta, stall = 1.0, 0
         for _ in range(iterations):
             before = best_l
@@ -153,7 +153,9 @@ def fix(
                 break
             step = theta * (ub - lval) / norm
             lam = [max(0.0, lam[r] + step * grad[r]) for r in range(nres)]
-        cands = candidates(best_lam) + [inc]
+        cands = [inc]
+        if best_lam != start_lam:
+            cands += candidates(best_lam, with_inc=inc is not start_inc)
     if not cands:
         return groups, None, {"bound": best_l, "incumbent": None, "kept": None}
     inc = min(cands, key=value)
@@ -162,8 +164,10 @@ def fix(
     _, s = _choose(om, cs, best_lam)
     lbound = s - sum(best_lam[r] * cap[r] for r in range(nres))
     gap = ub - lbound
-    # Keep more rather than less: a generous tolerance can only weaken the fixing.
-    tol = 1e-7 * (abs(ub) + abs(lbound) + spread)
+    # Keep more rather than less: a generous tolerance can only weaken the fixing. The second
+    # term covers assignments that exceed a limit within FEAS_RTOL (they count as feasible).
+    tol = 1e-7 * (abs(ub) + abs(lbound) + spread) + 2 * FEAS_RTOL * sum(
+        best_lam[r] * max(cap[r], 1.0) for r in range(nres))
     out = []
     for g, opts in enumerate(groups):
         vals = [om[g][k] + sum(best_lam[r] * cs[g][r][k] for r in range(nres))
@@ -205,18 +209,25 @@ def _improve(
 
     # Repair best-first, one full rescan per move: from the choice at the best bound only a
     # few moves are needed, and taking them one by one keeps the incumbent close to optimal.
-    for _ in range(256):
+    # Full rescans cost O(options); cap them so large problems stay fast (batch moves below).
+    work = max(1, sum(len(row) for row in cn) * nres)
+    for _ in range(min(256, 300_000 // work)):
         ex = sum(max(0.0, used[i] - cap[i]) for i in range(nres))
         if ex <= 0:
             break
         best, best_score = None, -math.inf
+        over = [i for i in range(nres) if used[i] > cap[i]]
         for g, row in enumerate(cn):
             cur = row[picks[g]]
             w0 = om[g][picks[g]]
             for k, c in enumerate(row):
+                if all(c[i] >= cur[i] for i in over):
+                    continue  # cannot lower any exceeded total
                 after = 0.0
                 for i in range(nres):
-                    after += max(0.0, used[i] - cur[i] + c[i] - cap[i])
+                    v = used[i] - cur[i] + c[i] - cap[i]
+                    if v > 0:
+                        after += v
                 drop = ex - after
                 if drop <= 0:
                     continue
@@ -226,6 +237,33 @@ def _improve(
         if best is None:
             return start
         apply(*best)
+    # Batch repair for what the capped rescans left: score all moves once, apply best-first.
+    for _ in range(8):
+        ex = sum(max(0.0, used[i] - cap[i]) for i in range(nres))
+        if ex <= 0:
+            break
+        cands = []
+        for g, row in enumerate(cn):
+            cur = row[picks[g]]
+            w0 = om[g][picks[g]]
+            for k, c in enumerate(row):
+                after = sum(max(0.0, used[i] - cur[i] + c[i] - cap[i]) for i in range(nres))
+                if ex - after > 0:
+                    cands.append((-(ex - after) / (max(0.0, om[g][k] - w0) + 1e-300), g, k))
+        if not cands:
+            return start
+        cands.sort()
+        moved: set[int] = set()
+        for _, g, k in cands:
+            ex = sum(max(0.0, used[i] - cap[i]) for i in range(nres))
+            if ex <= 0:
+                break
+            if g in moved:
+                continue
+            cur, c = cn[g][picks[g]], cn[g][k]
+            if sum(max(0.0, used[i] - cur[i] + c[i] - cap[i]) for i in range(nres)) < ex:
+                apply(g, k)
+                moved.add(g)
     if any(used[i] > cap[i] for i in range(nres)):
         return start
 
@@ -262,7 +300,7 @@ def _improve(
         if not changed:
             break
     # Then a few exact best-first moves (full rescans) to polish what the batches left.
-    for _ in range(64):
+    for _ in range(min(64, 300_000 // work)):
         best, best_score = None, 0.0
         room = [cap[i] + slack_tol[i] - used[i] for i in range(nres)]
         for g, row in enumerate(cn):

@@ -27,6 +27,9 @@ def test_solve_with_pareto(tmp_path, capsys) -> None:
     assert rc == 0
     obj = json.loads(out.read_text())
     assert obj["pareto"]["resource"] == "size_bytes" and len(obj["pareto"]["points"]) == 4
+    assert Solution.from_json(out.read_text()).status == "optimal"
+    objs = [p["objective"] for p in obj["pareto"]["points"]]
+    assert objs == sorted(objs, reverse=True)
     assert "pareto size_bytes: 4 points" in capsys.readouterr().out
 
 
