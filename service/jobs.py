@@ -342,14 +342,17 @@ class JobStore:
         )
 
     def requeue_stale(
-        self, stale_before: datetime, max_attempts: int
+        self, stale_before: datetime, max_attempts: int, alive: Iterable[str] = ()
     ) -> tuple[list[str], list[str]]:
         """Running jobs whose last heartbeat is older than ``stale_before`` lost their worker.
 
         Those with attempts left go back to queued; the others fail with code ``worker_lost``.
-        Returns (requeued ids, failed ids); the caller enqueues the requeued ones.
+        ``alive``: jobs the caller is running itself (never orphaned, whatever the clock says;
+        their heartbeat is refreshed). Returns (requeued ids, failed ids); the caller enqueues
+        the requeued ones.
         """
         requeued, failed = [], []
+        alive = set(alive)
         with self._session() as s:
             rows = s.execute(
                 select(JobRow.id, JobRow.attempts).where(
@@ -357,6 +360,9 @@ class JobStore:
                 )
             ).all()
         for job_id, attempts in rows:
+            if job_id in alive:
+                self.heartbeat(job_id)
+                continue
             if attempts < max_attempts:
                 if self._transition(
                     job_id,

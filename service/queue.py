@@ -210,14 +210,18 @@ class JobQueue:
         ones, and re-enqueue queued jobs that are missing from the queue."""
         s = self.settings
         overdue = self.store.fail_overdue(age_cutoff(s.job_timeout_s), s.job_timeout_s)
+        with self._lock:
+            mine = set(self._in_flight)
+        # A job this worker runs is alive even if its heartbeat looks old (a wall-clock step,
+        # a starved heartbeat thread): only other workers' jobs can be orphaned.
         requeued, failed = self.store.requeue_stale(
-            age_cutoff(s.heartbeat_timeout_s), s.max_attempts
+            age_cutoff(s.heartbeat_timeout_s), s.max_attempts, alive=mine
         )
         for job_id in requeued:
             self.enqueue(job_id)
         pending = self.pending_ids()
         with self._lock:
-            mine = set(self._in_flight)
+            mine |= self._in_flight
         missing = [
             job_id
             for job_id in self.store.ids_with_status(J.QUEUED)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +148,31 @@ def test_live_job_keeps_beating_and_is_not_recovered(settings, store, tmp_path) 
     t.start()
     assert script.started.wait(10)
     time.sleep(settings.heartbeat_timeout_s * 1.5)
+    other_worker = JobQueue(settings, store, Script())  # sees the heartbeats, not the thread
+    assert other_worker.recover()["requeued"] == []
     assert q.recover()["requeued"] == []
     assert store.get(job_id).status == "running"
+    q.cancel(job_id)
+    t.join(10)
+
+
+def test_own_job_is_never_taken_for_orphaned(settings, store, tmp_path, monkeypatch) -> None:
+    script = Script(spin=True)
+    q = JobQueue(settings, store, script)
+    job_id = _job(store, tmp_path)
+    # beats and progress stop reaching the database (as if its clock jumped ahead)
+    monkeypatch.setattr(store, "heartbeat", lambda job_id: True)
+    monkeypatch.setattr(store, "update_progress", lambda *args: True)
+    t = threading.Thread(target=q.run_job, args=(job_id,))
+    t.start()
+    assert script.started.wait(10)
+    time.sleep(settings.heartbeat_timeout_s + 0.2)
+    job = store.get(job_id)
+    assert job.heartbeat_at < job.started_at + timedelta(seconds=0.5)  # looks orphaned
+    assert q.recover()["requeued"] == []  # but its own worker knows it is alive
+    job = store.get(job_id)
+    assert job.status == "running" and job.attempts == 1
+    monkeypatch.undo()
     q.cancel(job_id)
     t.join(10)
 
