@@ -13,7 +13,7 @@ import torch
 from quantize.data import CalibrationSet
 from quantize.drq import apply_drq, drq_fake_quantize, drq_modules, region_means
 from quantize.graph import find_layers, insert_input_modules
-from quantize.primitives import activation_scale
+from quantize.primitives import activation_scale, fake_quantize_activation
 from sensitivity import zoo
 from sensitivity.regions import (
     DRQMode,
@@ -105,6 +105,14 @@ def test_against_brute_force_on_whole_maps(program, split, result) -> None:
             f = mode.fraction_calib
             assert math.isclose(mode.expected_bits, 8 * f + 4 * (1 - f))
         assert layer.omega_high < layer.omega_low
+        # Same normalisation as the sensitivity engine's omega_a[a] (sensitivity/engine.py):
+        # Tr / numel * ||Q_a(x) - x||^2 summed over the train inputs, numel = their count, Q_a
+        # the per-tensor min/max grid at a bits.
+        for bits, omega in ((8, layer.omega_high), (4, layer.omega_low)):
+            s_a, signed_a = activation_scale(float(a.min()), float(a.max()), bits)
+            err = float((fake_quantize_activation(a, s_a, bits, signed_a) - a).double()
+                        .pow(2).sum())
+            assert math.isclose(omega, trace / a.numel() * err, rel_tol=1e-6), bits
 
 
 @pytest.mark.parametrize("size", [2, 4])
