@@ -15,6 +15,7 @@ why the output-space probes are used.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -31,13 +32,25 @@ from sensitivity.hessian import per_layer_loop, prepare  # noqa: E402
 from sensitivity.intake import IntakeConfig, intake  # noqa: E402
 
 
-def _report(name: str, seconds: float, rows: list[tuple[str, float, float, int]],
+def _report(name: str, wall: float, cpu: float, rows: list[tuple[str, float, float, int]],
             tol: float) -> list[str]:
     stuck = [n for n, mean, se, _ in rows if not (mean > 0 and se <= tol * mean)]
     iters = [it for *_, it in rows]
-    print(f"{name:<34} {seconds:8.2f} s   samples/layer {min(iters)}..{max(iters)}   "
-          f"not at tol: {len(stuck)}/{len(rows)} {stuck[:4]}")
+    print(f"{name:<44} wall {wall:7.2f} s  cpu {cpu:7.2f} s  samples/block "
+          f"{min(iters)}..{max(iters)}  not at tol: {len(stuck)}/{len(rows)} {stuck[:3]}")
     return stuck
+
+
+class _Clock:
+    """Wall and process-CPU seconds: on a shared machine the CPU time is the steadier one."""
+
+    def __enter__(self) -> _Clock:
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.w
+        self.cpu = time.process_time() - self.c
 
 
 def main() -> None:
@@ -65,6 +78,7 @@ def main() -> None:
         zoo.save_calibration(Path(tmp) / "c.safetensors", x, y)
         it = intake(Path(tmp) / "r.pt2", Path(tmp) / "c.safetensors",
                     IntakeConfig(holdout_fraction=1 / (args.samples + 1)))
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"ResNet18Like width={args.width} 32x32, {len(it.layers)} layers, "
           f"{sum(x.params for x in it.layers)} weights, {len(it.train)} samples, "
           f"tol={args.tol}, max_iter={args.max_iter}, threads={torch.get_num_threads()}, "
@@ -76,9 +90,8 @@ def main() -> None:
                 vectorize: bool | None = None) -> tuple[float, list[str]]:
         c = HessianConfig(**{**cfg.to_dict(), "activations": activations,
                              "estimator": estimator, "vectorize": vectorize})
-        t0 = time.perf_counter()
-        res = measure(it, c, device)
-        sec = time.perf_counter() - t0
+        with _Clock() as clock:
+            res = measure(it, c, device)
         rows = [(r.name, r.weight_trace, r.weight_trace_stderr, r.weight_iterations)
                 for r in res.layers]
         if activations:
@@ -87,7 +100,8 @@ def main() -> None:
         what = "weights+activations" if activations else "weights"
         label = f"bitplan {estimator} ({what})" + ("" if vectorize is None else
                                                    f" vmap={vectorize}")
-        return sec, _report(label, sec, rows, args.tol)
+        stuck = _report(label, clock.wall, clock.cpu, rows, args.tol)
+        return clock, stuck
 
     t_w, stuck_w = bitplan(False)
     t_wa, stuck_wa = bitplan(True)
@@ -97,13 +111,15 @@ def main() -> None:
 
     p = prepare(it.module, [x.graph for x in it.layers], it.train, it.loss_kind,
                 len(it.train), False, device)
-    t0 = time.perf_counter()
-    base = per_layer_loop(p, cfg, "weight")
-    t_base = time.perf_counter() - t0
+    with _Clock() as base_clock:
+        base = per_layer_loop(p, cfg, "weight")
     rows = [(n, s.mean, s.stderr, s.n) for n, s in base.weight.items()]
-    stuck_b = _report("per-layer pyhessian loop (weights)", t_base, rows, args.tol)
-    print(f"speed-up, weights:              {t_base / t_w:6.1f}x")
-    print(f"speed-up, bitplan also doing activations: {t_base / t_wa:6.1f}x")
+    stuck_b = _report("per-layer pyhessian loop (weights)", base_clock.wall, base_clock.cpu,
+                      rows, args.tol)
+    for label, t in [("weights", t_w), ("bitplan doing weights+activations", t_wa)]:
+        print(f"speed-up, {label}: wall {base_clock.wall / t.wall:6.1f}x   "
+              f"cpu {base_clock.cpu / t.cpu:6.1f}x")
+    print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if stuck_b:
         print("note: the baseline stopped at max_iter on some layers, so its time (and the "
               "ratio) is a lower bound")

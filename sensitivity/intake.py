@@ -433,8 +433,10 @@ class Intake:
 
 def _input_names(program: torch.export.ExportedProgram) -> tuple[list[str], list[str]]:
     """(positional argument names, keyword argument names) of the exported forward."""
-    args, kwargs = program.example_inputs or ((), {})
     user = list(program.graph_signature.user_inputs)
+    if program.example_inputs is None:  # no record of how it was called: all positional
+        return user, []
+    args, kwargs = program.example_inputs
     return user[: len(args)], list(kwargs) or user[len(args):]
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
@@ -288,3 +290,25 @@ def test_attention_model_with_keyword_inputs(tmp_path):
     res = measure(it, HessianConfig(max_iter=8, min_iter=4))  # HVPs through decomposed SDPA
     assert res.layer("qkv").weight_estimator == "hvp"  # softmax attention is not linear
     assert all(r.weight_trace == r.weight_trace for r in res.layers)  # finite, no NaN
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    cin=st.sampled_from([1, 2, 4]), mult=st.integers(1, 3), k=st.integers(1, 4),
+    stride=st.integers(1, 3), pad=st.integers(0, 2), dil=st.integers(1, 2),
+    depthwise=st.booleans(), size=st.integers(7, 12),
+)
+def test_conv_macs_property(tmp_path_factory, cin, mult, k, stride, pad, dil, depthwise, size):
+    groups = cin if depthwise else 1
+    cout = cin * mult
+    if size + 2 * pad < dil * (k - 1) + 1:
+        return
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups)
+    tmp = tmp_path_factory.mktemp("macs")
+    path = zoo.save_model(nn.Sequential(conv), torch.rand(2, cin, size, size), tmp / "c.pt2")
+    cal = zoo.save_calibration(tmp / "c.safetensors", torch.rand(3, cin, size, size))
+    (layer,) = intake(path, cal).layers
+    out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1  # the conv output-size formula
+    assert layer.output_shape == (cout, out, out)
+    assert layer.macs == cout * out * out * (cin // groups) * k * k
+    assert layer.params == cout * (cin // groups) * k * k and layer.groups == groups
