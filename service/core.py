@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -25,6 +27,8 @@ from .uploads import receive_plan_upload
 from .validation import validate_submission
 
 log = logging.getLogger(__name__)
+
+MAX_CONCURRENT_VALIDATIONS = 2
 
 # artifact name -> (file name in the job's output directory, media type)
 ARTIFACTS: dict[str, tuple[str, str]] = {
@@ -42,6 +46,7 @@ class BitplanService:
         self.settings = settings
         self.store = store
         self.queue = queue
+        self._validations = threading.BoundedSemaphore(MAX_CONCURRENT_VALIDATIONS)
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -76,7 +81,7 @@ class BitplanService:
             )
             constraints = parse_constraints(upload.fields["constraints"])
             await run_in_threadpool(
-                validate_submission,
+                self._validate,
                 upload.files["model"],
                 upload.files["calibration"],
                 constraints,
@@ -97,6 +102,12 @@ class BitplanService:
         self.queue.enqueue(job_id)
         log.info("job %s queued (%d bytes uploaded)", job_id, upload.total_bytes)
         return job
+
+    def _validate(self, *args: Any) -> None:
+        # Validation loads the model and runs it over the calibration data: bound how many run
+        # at once so a burst of uploads cannot exhaust the API's memory.
+        with self._validations:
+            validate_submission(*args)
 
     def get(self, job_id: str) -> Job:
         return self.store.get(job_id)
