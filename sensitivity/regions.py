@@ -398,12 +398,19 @@ class _Probe(nn.Module):
         return x
 
 
-def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule with a copied graph that shares the parameters (no weight copy)."""
+def _graph_copy(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """A GraphModule with a copied graph on ``device``. It shares the parameters when they are
+    on ``device`` already (no weight copy); otherwise the weights are copied, because moving
+    shared parameters would move the caller's module too."""
+    on_device = all(
+        t.device == device for t in [*gm.parameters(), *gm.buffers()]
+    )
     with warnings.catch_warnings():
         # torch's own pytree spec copy warns about a deprecated isinstance check.
         warnings.simplefilter("ignore", FutureWarning)
-        return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        if on_device:
+            return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        return copy.deepcopy(gm).to(device)
 
 
 def _first(data: CalibrationSet, limit: int | None) -> CalibrationSet:
@@ -427,7 +434,7 @@ class _Runner:
         self._fn: Callable[[str, torch.Tensor], None] | None = None
         self._size = 0
         probes = {layer.name: _Probe(layer.name, self._sink) for layer in convs}
-        self.module = insert_input_modules(_graph_copy(module), convs, probes, STAGE).to(device)
+        self.module = insert_input_modules(_graph_copy(module, device), convs, probes, STAGE)
         self.batch_size = batch_size
         self.fixed = fixed
         self.device = device
@@ -478,6 +485,8 @@ def calibrate(
     """
     cfg = cfg or RegionConfig()
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     start = time.perf_counter()
     convs = [layer for layer in layers if layer.kind == "conv2d"]
     if activation_traces is not None:
