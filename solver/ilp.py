@@ -357,8 +357,11 @@ class _Model:
 
     def set_limit(self, resource: str, limit: float) -> None:
         self.limits[resource] = limit
-        # LpConstraint stores "expr + constant <= 0"; constant = -rhs.
-        self.rows[resource].constant = -(limit - self.const[resource]) / self.scale[resource]
+        # LpConstraint stores "expr + constant <= 0"; constant = -rhs. The FEAS_RTOL cushion is
+        # the tolerance within() grants, so a total exactly at the limit is never cut off by
+        # rounding in the scaled row.
+        rhs = limit + FEAS_RTOL * abs(limit) - self.const[resource]
+        self.rows[resource].constant = -rhs / self.scale[resource]
 
     def run(self, cfg: SolveConfig, warm: list[_GOpt] | None = None) -> tuple[str, list | None]:
         """Solve; returns (status, picked options per group or None)."""
@@ -405,7 +408,7 @@ def _solver_cmd(cfg: SolveConfig, warm: bool) -> pulp.LpSolver:
         return pulp.HiGHS(
             msg=False, timeLimit=cfg.time_limit_s, gapRel=cfg.gap_rel, gapAbs=0.0,
             threads=cfg.threads, random_seed=0,
-            # Defaults (1e-6 / 1e-7) accept points over a limit by ~1e-6 relative.
+            # The default MIP tolerance (1e-6) accepted a point ~1e-6 over a limit.
             mip_feasibility_tolerance=1e-9, primal_feasibility_tolerance=1e-9,
         )
     return pulp.PULP_CBC_CMD(
@@ -414,7 +417,8 @@ def _solver_cmd(cfg: SolveConfig, warm: bool) -> pulp.LpSolver:
         # CBC only accepts incumbents better by its cutoff increment (default 1e-4 absolute),
         # which silently loses optima on a small objective; ask for any strict improvement.
         # Its default integrality / primal tolerances (1e-6 / 1e-7) let it stop ~3e-6 (relative)
-        # above the optimum on 1000-layer instances with near-ties; 1e-9 closes that.
+        # above the optimum on a 1000-layer instance with near-ties; 1e-9 closes that (limit
+        # rows carry a FEAS_RTOL cushion so that optima exactly at a limit stay feasible).
         options=["increment 1e-12", "integerT 1e-9", "primalT 1e-9"],
     )
 
