@@ -1,18 +1,27 @@
 """The runnable fake-quant module rebuilt from a checkpoint and the exported program.
 
 It computes in floating point but rounds at exactly the points the integer model materialises
-tensors (``quantize.points``), with the checkpoint's scales:
+tensors (``quantize.points``), with the checkpoint's scales and the same dyadic arithmetic, so
+that it reproduces the integer reference (``quantize.integer``) code for code:
 
 - each quantized layer: BN node removed, weight = codes * S_w, bias = bias_q * S_w * S_in (the
-  bias the integer model adds, so rounding it is simulated too), input fake-quantized on its
-  input grid, output rounded onto its output grid;
-- residual adds: each input rounded onto the add's grid, summed, clamped (two requantisations);
-- global average pools: the float mean, rounded onto the next grid by the consumer's input
-  quantizer (or onto the pool's own grid);
-- DRQ rows: the op becomes ``quantize.drq.DRQConv2d`` (folded float bias, dequantized weight).
+  bias the integer model adds, so its rounding is simulated too), input fake-quantized on its
+  input grid (``FakeQuant``; a ``Requant`` when it arrives on another grid); the output is
+  rounded onto the accumulator grid S_w * S_in and requantised with the checkpoint's
+  ``requant_b`` / ``requant_c`` (round half up), then clamped to the output grid (``Requant``);
+- residual adds: each input requantised onto the add's grid, summed, clamped (``QuantAdd``);
+- global average pools: integer sum of the input codes and one dyadic rescale (``QuantMean``);
+- DRQ rows: the op becomes ``quantize.drq.DRQConv2d`` (folded float bias, dequantized weight),
+  its float output rounded onto the output grid.
+
+Rounding a float value back to integer codes is exact while its accumulated float error stays
+below half a step (float32 conv accumulators below about 2^22 units; the reference models are
+far below). The dyadic products run in float64, exact while ``|codes * b| < 2^53``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import fx, nn
@@ -23,8 +32,8 @@ from .calibrate import insert_after
 from .checkpoint import Checkpoint
 from .fold import remove_bn, set_layer_params
 from .graph import GraphLayer, find_layers, insert_input_modules, module_name, node_by_name
-from .points import Grid
-from .primitives import fake_quantize_activation
+from .points import TRANSPARENT_OPS, Grid
+from .primitives import dyadic, fake_quantize_activation
 from .rows import PlanRow, match_rows
 
 
@@ -42,21 +51,96 @@ class FakeQuant(nn.Module):
         return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
 
 
-class QuantAdd(nn.Module):
-    """``a + b`` as the integer model computes it: each input requantised onto the grid, then
-    summed and clamped to the grid's range."""
+def dyadic_round(codes: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``floor(codes * b / 2^c + 1/2)`` in float64: the integer path's round-half-up
+    multiply-shift, exact while ``|codes * b| < 2^53``."""
+    return torch.floor(codes * b.to(torch.float64) / torch.exp2(c.to(torch.float64)) + 0.5)
 
-    def __init__(self, grid: Grid) -> None:
+
+class Requant(nn.Module):
+    """Moves a tensor from a source grid (per-tensor, or per channel for an accumulator) onto
+    ``grid`` with the dyadic multiplier ``b / 2^c``, as the integer model does.
+
+    The input's codes are recovered by rounding ``x / src_scale`` (exact while the float error
+    of ``x`` is below half a source step, e.g. a float32 accumulator of < 2^22 units)."""
+
+    def __init__(self, src_scale: torch.Tensor, b: torch.Tensor, c: torch.Tensor, grid: Grid,
+                 channel_dim: int = 1) -> None:
         super().__init__()
+        self.register_buffer("src_scale", src_scale.to(torch.float64).reshape(-1))
+        self.register_buffer("b", b.to(torch.int64).reshape(-1))
+        self.register_buffer("c", c.to(torch.int64).reshape(-1))
         self.scale, self.bits, self.signed = grid.scale, grid.bits, grid.signed
         self.lo, self.hi = grid.qrange
+        self.channel_dim = channel_dim
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        q = torch.round(a / self.scale) + torch.round(b / self.scale)
-        return q.clamp(self.lo, self.hi) * self.scale
+    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if t.numel() == 1:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[self.channel_dim % x.dim()] = -1
+        return t.reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = torch.round(x.detach().to(torch.float64) / self._view(self.src_scale, x))
+        q = dyadic_round(codes, self._view(self.b, x), self._view(self.c, x))
+        out = (q.clamp(self.lo, self.hi) * self.scale).to(x.dtype)
+        return x + (out - x).detach()
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
+
+
+def _dyadic_pair(m: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c = dyadic(m)
+    return torch.tensor(b, dtype=torch.int64), torch.tensor(c, dtype=torch.int64)
+
+
+class QuantAdd(nn.Module):
+    """``a + b`` as the integer model computes it: each input requantised onto the add's grid
+    (dyadic ``S_in / S_add``; unchanged when the scales are equal), summed and clamped."""
+
+    def __init__(self, grid: Grid, in_a: Grid, in_b: Grid) -> None:
+        super().__init__()
+        self.scale, self.bits, self.signed = grid.scale, grid.bits, grid.signed
+        self.lo, self.hi = grid.qrange
+        self.in_scales = (in_a.scale, in_b.scale)
+        self.pairs = [None if s == grid.scale else _dyadic_pair(s / grid.scale)
+                      for s in self.in_scales]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        total = None
+        for x, s, pair in zip((a, b), self.in_scales, self.pairs, strict=True):
+            codes = torch.round(x.detach().to(torch.float64) / s)
+            q = codes if pair is None else dyadic_round(codes, *pair)
+            total = q if total is None else total + q
+        return (total.clamp(self.lo, self.hi) * self.scale).to(a.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
+
+
+class QuantMean(nn.Module):
+    """Global average pool as the integer model computes it: the sum of the input codes, then
+    one dyadic rescale ``S_in / (count * S_out)`` onto the output grid."""
+
+    def __init__(self, dims: list[int], keepdim: bool, src: Grid, grid: Grid) -> None:
+        super().__init__()
+        self.dims, self.keepdim = list(dims), bool(keepdim)
+        self.src_scale = src.scale
+        self.scale, self.bits, self.signed = grid.scale, grid.bits, grid.signed
+        self.lo, self.hi = grid.qrange
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [d % x.dim() for d in self.dims]
+        count = math.prod(x.shape[d] for d in dims)
+        codes = torch.round(x.detach().to(torch.float64) / self.src_scale)
+        total = codes.sum(dim=dims, keepdim=self.keepdim)
+        q = dyadic_round(total, *_dyadic_pair(self.src_scale / (count * self.scale)))
+        return (q.clamp(self.lo, self.hi) * self.scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, scale={self.scale:.6g}, bits={self.bits}"
 
 
 def prepare(
@@ -108,6 +192,30 @@ def _drq_module(layer: GraphLayer, row: PlanRow, ckpt: Checkpoint) -> nn.Module:
     )
 
 
+def value_grids(gm: fx.GraphModule, points: dict[str, Grid]) -> dict[str, Grid]:
+    """Grid of every node whose value lies on a quantized grid (points and the grid-preserving
+    ops after them)."""
+    grids: dict[str, Grid] = {}
+    for node in gm.graph.nodes:
+        if node.name in points:
+            grids[node.name] = points[node.name]
+        elif (
+            node.op == "call_function" and node.target in TRANSPARENT_OPS
+            and isinstance(node.args[0], fx.Node) and node.args[0].name in grids
+        ):
+            grids[node.name] = grids[node.args[0].name]
+    return grids
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target: str, module: nn.Module,
+             args: tuple) -> None:
+    gm.add_submodule(target, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(target, args)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) -> fx.GraphModule:
     """The fake-quant GraphModule for ``ckpt`` on ``program``.
 
@@ -119,35 +227,51 @@ def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) ->
         s_in = float(ckpt.tensors[f"{name}.input_scale"])
         bias = (ckpt.tensors[f"{name}.bias_q"].to(torch.float64) * s_w * s_in).to(torch.float32)
         set_layer_params(gm, layer, ckpt.dequantized_weight(name), bias)
-    adds: dict[str, Grid] = {}
+    points = ckpt.points()
+    grids = value_grids(gm, {p.node: g for p, g in points})
+    sources = {n: grids.get(node_by_name(gm, layer.node).args[0].name)
+               for n, layer in qlayers.items()}
     after: dict[str, nn.Module] = {}
-    for point, grid in ckpt.points():
+    for point, grid in points:
+        node = node_by_name(gm, point.node)
         if point.kind == "add":
-            adds[point.node] = grid
+            a, b = node.args
+            module = QuantAdd(grid, grids[a.name], grids[b.name])
+            _replace(gm, node, f"_bitplan_add_{point.node}", module, tuple(node.args))
+        elif point.kind == "pool":
+            x = node.args[0]
+            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            module = QuantMean(list(node.args[1]), bool(keep), grids[x.name], grid)
+            _replace(gm, node, f"_bitplan_pool_{point.node}", module, (x,))
+        elif rows[point.layer].drq is not None:
+            after[point.node] = FakeQuant(grid)  # the DRQ conv's float output
         else:
-            after[point.node] = FakeQuant(grid)
-    for node_name, grid in adds.items():
-        node = node_by_name(gm, node_name)
-        target = f"_bitplan_add_{node_name}"
-        gm.add_submodule(target, QuantAdd(grid))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(target, tuple(node.args))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+            name = str(point.layer)
+            acc = ckpt.tensors[f"{name}.weight_scale"].to(torch.float64) * float(
+                ckpt.tensors[f"{name}.input_scale"])
+            after[point.node] = Requant(
+                acc, ckpt.tensors[f"{name}.requant_b"], ckpt.tensors[f"{name}.requant_c"], grid,
+                channel_dim=-1 if qlayers[name].kind == "linear" else 1,
+            )
     insert_after(gm, after, "outq")
-    plain = {n: FakeQuant(ckpt.input_grid(n)) for n, row in rows.items() if row.drq is None}
-    insert_input_modules(gm, list(qlayers.values()), plain, "inq")
+    inputs: dict[str, nn.Module] = {}
+    for name, row in rows.items():
+        if row.drq is not None:
+            continue
+        g_in = ckpt.input_grid(name)
+        src = sources[name]
+        if src is None or src.scale == g_in.scale:
+            inputs[name] = FakeQuant(g_in)  # float source (model input), or already on grid
+        else:
+            b, c = _dyadic_pair(src.scale / g_in.scale)
+            inputs[name] = Requant(torch.tensor(src.scale), b, c, g_in)
+    insert_input_modules(gm, list(qlayers.values()), inputs, "inq")
     for name, row in rows.items():
         if row.drq is None:
             continue
         layer = qlayers[name]
         op = node_by_name(gm, layer.node)
-        target = module_name(name, "drq")
-        gm.add_submodule(target, _drq_module(layer, row, ckpt))
-        with gm.graph.inserting_before(op):
-            new = gm.graph.call_module(target, (op.args[0],))
-        op.replace_all_uses_with(new)
-        gm.graph.erase_node(op)
+        _replace(gm, op, module_name(name, "drq"), _drq_module(layer, row, ckpt), (op.args[0],))
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -14,10 +14,10 @@ DRQ = {"region": [2, 2], "threshold": 40, "sensitive_fraction": 0.3, "high_bits"
 
 
 @pytest.fixture(scope="module")
-def drq_result(cnn_program, plan_for, split):
+def drq_result(cnn_program, plan_for, heldout_eval):
     plan = plan_for(cnn_program, drq={"conv2": DRQ})
     cfg = QuantizeConfig(calibration="percentile", percentile=99.0)
-    return apply(cnn_program, plan, *split, cfg)
+    return apply(cnn_program, plan, *heldout_eval, cfg)
 
 
 def test_drq_tensors_and_report(drq_result, cnn_int8) -> None:

@@ -33,7 +33,8 @@ def test_integer_matches_fake_quant_within_one_lsb(model, bits, request, plan_fo
     fq_codes = torch.round(fq.to(torch.float64) / out.grid.scale)
     lsb = (out.codes.to(torch.float64) - fq_codes).abs()
     assert float(lsb.max()) <= 1.0
-    assert float((lsb > 0).float().mean()) < 0.01  # almost always bit-exact
+    # same dyadic arithmetic at the same points: in practice bit-exact
+    assert float((lsb > 0).float().mean()) < 0.001
     # and the integer model classifies like the fake-quant one
     agree = (out.codes.argmax(1) == fq.argmax(1)).float().mean()
     assert float(agree) > 0.99

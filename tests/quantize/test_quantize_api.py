@@ -13,9 +13,9 @@ from quantize.fakequant import FakeQuant
 from solver.errors import BadCalibrationError, BadPlanError
 
 
-def test_all_int8_cnn_loses_under_half_a_point(cnn_int8, split) -> None:
+def test_all_int8_cnn_loses_under_half_a_point(cnn_int8, heldout_eval) -> None:
     m = cnn_int8.report["metrics"]
-    assert m["samples"] == len(split[1])
+    assert m["samples"] == len(heldout_eval[1]) == 397
     assert m["fp32_accuracy"] > 0.7  # a real, trained model
     assert m["fp32_accuracy"] - m["quant_accuracy"] < 0.005
     assert m["top1_agreement"] > 0.97
@@ -82,9 +82,10 @@ def test_fixed_batch_program(cnn_fixed_batch_pt2, plan_for, split) -> None:
     assert res.report["metrics"]["top1_agreement"] > 0.97
 
 
-def test_percentile_calibration_clips_the_range(cnn_program, plan_for, split, cnn_int8) -> None:
+def test_percentile_calibration_clips_the_range(cnn_program, plan_for, heldout_eval,
+                                                cnn_int8) -> None:
     cfg = QuantizeConfig(calibration="percentile", percentile=99.0)
-    res = apply(cnn_program, plan_for(cnn_program), *split, cfg)
+    res = apply(cnn_program, plan_for(cnn_program), *heldout_eval, cfg)
     for name in ("conv2", "fc"):
         clipped = res.checkpoint.input_grid(name)
         full = cnn_int8.checkpoint.input_grid(name)
@@ -93,8 +94,8 @@ def test_percentile_calibration_clips_the_range(cnn_program, plan_for, split, cn
     assert res.report["metrics"]["top1_agreement"] > 0.9
 
 
-def test_first_layer_input_grid_matches_the_data_range(cnn_int8, split) -> None:
-    x = split[0].args[0]
+def test_first_layer_input_grid_matches_the_data_range(cnn_int8, heldout_eval) -> None:
+    x = heldout_eval[0].args[0]
     grid = cnn_int8.checkpoint.input_grid("conv1")
     assert not grid.signed and grid.bits == 8
     assert grid.scale == pytest.approx(float(x.max()) / 255, rel=1e-6)
