@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="upper percentile for --calibration percentile (default 99.99)")
     p.add_argument("--out-bits", type=int, default=8,
                    help="bits of materialised tensors no quantized layer reads (default 8)")
+    p.add_argument("--final-bits", type=int, default=16,
+                   help="bits of quantized layer outputs that are model outputs (default 16)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="samples per forward pass when the batch dimension is dynamic")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadConstraintsError("--holdout-fraction must be in (0, 1)")
     cfg = quantize.QuantizeConfig(
         calibration=args.calibration, percentile=args.percentile, out_bits=args.out_bits,
-        batch_size=args.batch_size,
+        final_bits=args.final_bits, batch_size=args.batch_size,
     )
     plan = _read_plan(Path(args.plan))
     data = intake(args.model, args.calib,
