@@ -50,7 +50,9 @@ class CalibrationSet:
             None if self.labels is None else self.labels[index],
         )
 
-    def split(self, holdout_fraction: float, seed: int = 0) -> tuple[CalibrationSet, CalibrationSet]:
+    def split(
+        self, holdout_fraction: float, seed: int = 0
+    ) -> tuple[CalibrationSet, CalibrationSet]:
         """Deterministic (train, holdout) split; both parts keep at least one sample."""
         n = len(self)
         if n < 2:

@@ -92,7 +92,9 @@ def _classify(node: fx.Node, params: Mapping[str, torch.Tensor]) -> GraphLayer |
         nd = _CONV_OPS[target]
         if nd == 3:
             return None
-        return GraphLayer(name, f"conv{nd}d", node.name, weight, bias, shape, **_conv_args(node, nd))
+        return GraphLayer(
+            name, f"conv{nd}d", node.name, weight, bias, shape, **_conv_args(node, nd)
+        )
     if target == aten.convolution.default:
         # (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
         a = node.args
@@ -102,8 +104,15 @@ def _classify(node: fx.Node, params: Mapping[str, torch.Tensor]) -> GraphLayer |
         if nd not in (1, 2):
             return None
         return GraphLayer(
-            name, f"conv{nd}d", node.name, weight, bias, shape,
-            groups=int(a[8]), stride=_tuple(a[3], nd, 1), padding=_tuple(a[4], nd, 0),
+            name,
+            f"conv{nd}d",
+            node.name,
+            weight,
+            bias,
+            shape,
+            groups=int(a[8]),
+            stride=_tuple(a[3], nd, 1),
+            padding=_tuple(a[4], nd, 0),
             dilation=_tuple(a[5], nd, 1),
         )
     return None
@@ -140,7 +149,9 @@ def find_layers(gm: fx.GraphModule) -> list[GraphLayer]:
         seen.add(layer.weight)
         bn, eps, training = _following_bn(node)
         if bn is not None:
-            layer = GraphLayer(**{**layer.__dict__, "bn": bn, "bn_eps": eps, "bn_training": training})
+            layer = GraphLayer(
+                **{**layer.__dict__, "bn": bn, "bn_eps": eps, "bn_training": training}
+            )
         layers.append(layer)
     return layers
 

@@ -93,7 +93,9 @@ def quantize_activation(x: torch.Tensor, scale: float, bits: int, signed: bool) 
     return torch.round(x / scale).clamp_(lo, hi)
 
 
-def fake_quantize_activation(x: torch.Tensor, scale: float, bits: int, signed: bool) -> torch.Tensor:
+def fake_quantize_activation(
+    x: torch.Tensor, scale: float, bits: int, signed: bool
+) -> torch.Tensor:
     """Q_a(x) in float. Gradients pass straight through (STE) so it can sit in a graph."""
     q = quantize_activation(x.detach(), scale, bits, signed) * scale
     return x + (q - x).detach()
@@ -147,5 +149,7 @@ def dyadic_requantize(acc: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> to
     acc64 = acc.to(torch.int64)
     b64 = b.to(torch.int64)
     c64 = c.to(torch.int64)
-    half = torch.where(c64 > 0, torch.ones_like(c64) << (c64 - 1).clamp_min(0), torch.zeros_like(c64))
+    half = torch.where(
+        c64 > 0, torch.ones_like(c64) << (c64 - 1).clamp_min(0), torch.zeros_like(c64)
+    )
     return (acc64 * b64 + half) >> c64

@@ -157,13 +157,17 @@ def export(
     return torch.export.export(model.eval(), (example,), dynamic_shapes=shapes)
 
 
-def save_model(model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True) -> Path:
+def save_model(
+    model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True
+) -> Path:
     path = Path(path)
     torch.export.save(export(model, example, dynamic_batch), str(path))
     return path
 
 
-def save_calibration(path: str | Path, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
+def save_calibration(
+    path: str | Path, inputs: torch.Tensor, labels: torch.Tensor | None = None
+) -> Path:
     """Write a calibration file in bitplan's format: ``inputs`` and optional ``labels``."""
     path = Path(path)
     tensors = {"inputs": inputs.contiguous()}
