@@ -1,11 +1,17 @@
 """Turn a model's layer table and sensitivity results into a solver :class:`Problem`.
 
 Per layer and candidate (w, a) bits: ``omega = omega_w[w] + omega_a[a]`` (the weight and
-activation perturbations add, as in HAWQ), ``size_bytes = ceil(params * w / 8) + 4 *
-out_channels`` (bit-packed weights plus one float32 scale per output channel), ``bops = macs
-* w * a`` (bit operations per sample), and latency from a named hardware profile (roofline) or
-a user table ``{layer: {tag: ms}}``. A DRQ :class:`ActivationMode` adds options whose
-activation bits are the expected bits ``8 f + 4 (1 - f)``.
+activation perturbations add, as in HAWQ), ``size_bytes = ceil(params * s / 8) + 4 *
+out_channels`` where ``s`` is the *storage* width of the checkpoint format (two's-complement
+nibbles for w <= 4, int8 for 5..8 bits), so the planned size is what the checkpoint holds;
+plus one float32 scale per output channel. ``bops = macs * w * a`` (bit operations per sample),
+and latency from a named hardware profile (roofline) or a user table ``{layer: {tag: ms}}``.
+
+A DRQ :class:`ActivationMode` adds options whose activation bits are the expected bits
+``8 f + 4 (1 - f)``. The DRQ runtime computes insensitive regions with the weights requantised
+to ``min(w, low_bits)`` bits, so a DRQ option's weight perturbation is the mixture
+``f * omega_w[w] + (1 - f) * omega_w[min(w, low_bits)]`` (f = sensitive fraction reached on the
+calibration data), added to the mode's activation perturbation.
 """
 
 from __future__ import annotations
@@ -114,9 +120,15 @@ class OptionsConfig:
         return cls(**obj)
 
 
+def storage_bits(w_bits: int) -> int:
+    """Bits one weight occupies in the checkpoint (bitplan-qckpt/1): nibbles up to 4 bits, int8
+    above."""
+    return 4 if w_bits <= 4 else 8
+
+
 def size_bytes(params: int, w_bits: int, out_channels: int) -> float:
-    """Bit-packed weight bytes (rounded up to a whole byte) plus float32 per-channel scales."""
-    return float(math.ceil(params * w_bits / 8) + SCALE_BYTES * out_channels)
+    """Checkpoint weight bytes (packed, rounded up to a whole byte) plus float32 scales."""
+    return float(math.ceil(params * storage_bits(w_bits) / 8) + SCALE_BYTES * out_channels)
 
 
 def _omega(table: dict[int, float], bits: int, layer: str, what: str) -> float:
@@ -156,12 +168,23 @@ def _option(spec: LayerSpec, cfg: OptionsConfig, w: int, a: int) -> Option:
     )
 
 
+def _drq_weight_omega(spec: LayerSpec, w: int, drq: dict) -> float:
+    """Weight perturbation of a DRQ layer: sensitive regions use W at w bits, the rest W at
+    min(w, low_bits) bits (see the module docstring)."""
+    f = float(drq.get("sensitive_fraction", 1.0))
+    low = min(w, int(drq.get("low_bits", 4)))
+    high_omega = _omega(spec.omega_w, w, spec.name, "omega_w")
+    if low == w or f >= 1.0:
+        return high_omega
+    return f * high_omega + (1.0 - f) * _omega(spec.omega_w, low, spec.name, "omega_w")
+
+
 def _drq_option(spec: LayerSpec, cfg: OptionsConfig, w: int, mode: ActivationMode) -> Option:
     tag = f"w{w}{mode.tag}"
     return Option(
         w_bits=w,
         a_bits=float(mode.expected_bits),
-        omega=_omega(spec.omega_w, w, spec.name, "omega_w") + float(mode.omega),
+        omega=_drq_weight_omega(spec, w, mode.drq) + float(mode.omega),
         size_bytes=size_bytes(spec.params, w, spec.out_channels),
         bops=float(spec.macs * w * mode.expected_bits),
         latency_ms=_latency(spec, cfg, w, mode.expected_bits, tag, mode.drq),

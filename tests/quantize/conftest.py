@@ -11,6 +11,7 @@ import torch
 from quantize import QuantizeConfig, apply
 from quantize.data import CalibrationSet
 from quantize.graph import find_layers
+from solver.options import size_bytes
 
 
 def make_plan(
@@ -21,7 +22,7 @@ def make_plan(
     drq: dict[str, dict] | None = None,
 ) -> dict:
     """A plan.json (version 1) for ``program``: every layer (or those in ``only``) with the
-    given bits. ``size_bytes`` counts packed weights plus one float32 scale per channel."""
+    given bits. ``size_bytes`` is the solver's (packed storage plus float32 scales)."""
     rows = []
     for i, layer in enumerate(find_layers(program.module())):
         if only is not None and layer.name not in only:
@@ -29,7 +30,7 @@ def make_plan(
         wb = w_bits(i, layer.name) if callable(w_bits) else w_bits
         ab = a_bits(i, layer.name) if callable(a_bits) else a_bits
         params = math.prod(layer.weight_shape)
-        size = math.ceil(params * wb / 8) + 4 * layer.weight_shape[0]
+        size = size_bytes(params, wb, layer.weight_shape[0])  # the solver's accounting
         spec = (drq or {}).get(layer.name)
         rows.append({
             "name": layer.name, "kind": layer.kind, "params": params, "macs": 0,

@@ -39,19 +39,23 @@ def test_weight_bytes_equal_plan_size_within_scale_overhead(cnn_int8, cnn_progra
     assert totals["weight_bytes"] + totals["scale_bytes"] == totals["plan_size_bytes"]
 
 
-@pytest.mark.parametrize("model", ["cnn", "resnet"])
-def test_mixed_4_8_plans_run_and_pack(model, request, plan_for, split) -> None:
+@pytest.mark.parametrize(("model", "low", "high"),
+                         [("cnn", 4, 8), ("resnet", 4, 8), ("cnn", 3, 6), ("resnet", 2, 5)])
+def test_mixed_plans_run_and_pack(model, low, high, request, plan_for, split) -> None:
     program = request.getfixturevalue(f"{model}_program")
-    plan = plan_for(program, w_bits=lambda i, _: 4 if i % 2 else 8,
+    plan = plan_for(program, w_bits=lambda i, _: low if i % 2 else high,
                     a_bits=lambda i, _: 4 if i == 1 else 8)
     res = apply(program, plan, *split)
     for row in plan["layers"]:
         q = res.tensors[row["name"] + ".weight_q"]
         assert q.dtype == (torch.uint8 if row["w_bits"] <= 4 else torch.int8)
         assert q.nbytes == math.ceil(row["params"] * storage_bits(row["w_bits"]) / 8)
+        scales = res.tensors[row["name"] + ".weight_scale"].nbytes
+        assert q.nbytes + scales == row["size_bytes"]  # the plan's size is what is stored
         assert res.checkpoint.input_grid(row["name"]).bits == row["a_bits"]
     m = res.report["metrics"]
-    assert 0.5 < m["quant_accuracy"] <= 1.0 and m["top1_agreement"] > 0.5
+    if low >= 3:  # 2-bit weights on these tiny models are not expected to keep accuracy
+        assert 0.5 < m["quant_accuracy"] <= 1.0 and m["top1_agreement"] > 0.5
     with torch.no_grad():
         out = res.module(split[1].args[0][:8])
     assert out.shape == (8, 10) and torch.isfinite(out).all()

@@ -34,7 +34,10 @@ def test_costs_and_tags() -> None:
     opts = {o.tag: o for o in p.layers[0].options}
     assert sorted(opts) == ["w3a4", "w3a8", "w4a4", "w4a8", "w8a4", "w8a8"]
     o = opts["w3a8"]
-    assert o.size_bytes == math.ceil(1001 * 3 / 8) + 4 * 7  # 376 + 28
+    # 3-bit codes are stored as nibbles in the checkpoint, so they cost 4 bits each
+    assert o.size_bytes == math.ceil(1001 * 4 / 8) + 4 * 7  # 501 + 28
+    assert opts["w4a8"].size_bytes == o.size_bytes
+    assert opts["w8a8"].size_bytes == 1001 + 4 * 7
     assert o.bops == 1001 * 16 * 3 * 8
     assert o.omega == pytest.approx(2.0 ** -3 * 1001 + 0.5 * 2.0 ** -8)
     assert o.latency_ms is None and o.drq is None
@@ -71,6 +74,9 @@ def test_drq_modes_give_fractional_options() -> None:
     o = opts["w4drq2x2f0.3"]
     assert o.a_bits == pytest.approx(5.2) and o.drq == DRQ
     assert o.omega == pytest.approx(2.0 ** -4 * 1001 + 0.01)
+    # at 8-bit weights the insensitive 70% of regions run with W requantised to 4 bits
+    o8 = opts["w8drq2x2f0.3"]
+    assert o8.omega == pytest.approx(0.3 * 2.0 ** -8 * 1001 + 0.7 * 2.0 ** -4 * 1001 + 0.01)
     assert o.bops == pytest.approx(1001 * 16 * 4 * 5.2)
     t4 = get_profile("nvidia-t4")
     assert o.latency_ms == pytest.approx(t4.latency_ms(1001 * 16, 1001, 4, 5.2, 500, DRQ))
