@@ -17,7 +17,6 @@ both terms, this equals running each region at its own precision.
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from quantize import fold
 from quantize.graph import GraphLayer, module_name, node_by_name
 from quantize.primitives import (
     activation_qrange,
@@ -265,48 +265,6 @@ class DRQLayerSettings:
     low_bits: int = 4
 
 
-def _tensor_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    if not isinstance(obj, torch.Tensor):
-        raise KeyError(f"{target!r} is not a tensor of the module")
-    return obj
-
-
-def _bn_to_fold(op: fx.Node, layer: GraphLayer) -> fx.Node | None:
-    """The BN node after ``op`` when it can be folded (eval mode, output used as a tensor)."""
-    if layer.bn is None or layer.bn_training:
-        return None
-    users = list(op.users)
-    if len(users) != 1:
-        return None
-    bn = users[0]
-    if bn.target == aten.batch_norm.default:
-        return bn
-    if bn.target == aten._native_batch_norm_legit_no_training.default:
-        # A tuple output: fold only when nothing but element 0 (the normalised tensor) is read.
-        if all(u.target is operator.getitem and u.args[1] == 0 for u in bn.users):
-            return bn
-    return None
-
-
-def fold_bn(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """W' = W * gamma / sqrt(var + eps) per output channel; b' = beta + (b - mean) * same."""
-    k = gamma / torch.sqrt(var + eps)
-    w = weight * k.reshape((-1,) + (1,) * (weight.dim() - 1))
-    b = torch.zeros_like(mean) if bias is None else bias
-    return w, beta + (b - mean) * k
-
-
 def apply_drq(
     gm: fx.GraphModule, layers: list[GraphLayer], settings: Mapping[str, DRQLayerSettings]
 ) -> fx.GraphModule:
@@ -325,43 +283,25 @@ def apply_drq(
         layer = by_name[name]
         if layer.kind != "conv2d":
             raise ValueError(f"DRQ applies to conv2d layers only; {name!r} is {layer.kind}")
-        op = node_by_name(gm, layer.node)
-        weight = _tensor_attr(gm, layer.weight).detach()
-        bias = None if layer.bias is None else _tensor_attr(gm, layer.bias).detach()
-        bn = _bn_to_fold(op, layer)
-        if bn is not None:
-            prefix = layer.bn
-            weight, bias = fold_bn(
-                weight, bias,
-                _tensor_attr(gm, f"{prefix}.weight").detach(),
-                _tensor_attr(gm, f"{prefix}.bias").detach(),
-                _tensor_attr(gm, f"{prefix}.running_mean").detach(),
-                _tensor_attr(gm, f"{prefix}.running_var").detach(),
-                float(layer.bn_eps if layer.bn_eps is not None else 1e-5),
-            )
+        weight = fold.fetch(gm, layer.weight).detach()
+        bias = None if layer.bias is None else fold.fetch(gm, layer.bias).detach()
+        folded = layer.bn is not None and not layer.bn_training
+        if folded:  # fold as the checkpoint does; the BN's users then read the op directly
+            weight, bias = fold.fold_bn(weight, bias, *fold.bn_params(gm, layer))
+            fold.remove_bn(gm, layer)
         module = DRQConv2d(
             weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
             s.input_scale, s.input_signed, s.region, s.threshold, s.w_bits,
             s.high_bits, s.low_bits,
         )
+        op = node_by_name(gm, layer.node)
         target = module_name(name, DRQ_PREFIX)
         gm.add_submodule(target, module)
         with gm.graph.inserting_before(op):
             new = gm.graph.call_module(target, (op.args[0],))
-        if bn is None:
-            op.replace_all_uses_with(new)
-            gm.graph.erase_node(op)
-        elif bn.target == aten.batch_norm.default:
-            bn.replace_all_uses_with(new)
-            gm.graph.erase_node(bn)
-            gm.graph.erase_node(op)
-        else:
-            for item in list(bn.users):
-                item.replace_all_uses_with(new)
-                gm.graph.erase_node(item)
-            gm.graph.erase_node(bn)
-            gm.graph.erase_node(op)
-        log.debug("DRQ on %s: %s (BN folded: %s)", name, module.extra_repr(), bn is not None)
+        op.replace_all_uses_with(new)
+        gm.graph.erase_node(op)
+        log.debug("DRQ on %s: %s (BN folded: %s)", name, module.extra_repr(), folded)
     gm.graph.lint()
     gm.recompile()
     return gm
