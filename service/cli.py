@@ -8,6 +8,7 @@ import importlib
 import logging
 import pkgutil
 import sys
+import warnings
 
 from solver.errors import BitplanError
 
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # torch.export.load trips a deprecation inside torch itself on every load; it is noise
+    # on a user's terminal, not something they can act on.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
