@@ -44,7 +44,7 @@ from typing import Any
 
 import pulp
 
-from . import lagrange
+from . import bnb, lagrange
 from .errors import BadProblemError
 from .problem import FEAS_RTOL, RESOURCES, Problem, within
 
@@ -76,6 +76,11 @@ class SolveConfig:
     prune: bool = False
     shortcut: bool = True
     fix: bool = True
+    # The exact in-process presolve and branch-and-bound (solver.bnb); the MILP solver only
+    # sees what it does not close within ``bnb_nodes`` search nodes (a node budget rather than a
+    # time budget keeps results deterministic; 0 = always hand over after the presolve).
+    presolve: bool = True
+    bnb_nodes: int = 30_000
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -89,6 +94,9 @@ class SolveConfig:
             raise BadProblemError(f"gap_rel must be in [0, 1), got {self.gap_rel!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise BadProblemError(f"threads must be an int >= 1, got {self.threads!r}")
+        if isinstance(self.bnb_nodes, bool) or not isinstance(self.bnb_nodes, int) \
+                or self.bnb_nodes < 0:
+            raise BadProblemError(f"bnb_nodes must be an int >= 0, got {self.bnb_nodes!r}")
         if self.version != VERSION:
             raise BadProblemError(f"SolveConfig version {self.version!r} is not supported")
 
@@ -454,6 +462,9 @@ def solve(problem: Problem, cfg: SolveConfig | None = None) -> Solution:
     n_vars = n_cons = 0
     status: str
     picked: list[_GOpt] | None
+    # closed_by: which engine settled the answer ("shortcut", "branch-and-bound", "lagrange",
+    # or the MILP solver's name).
+    extra: dict[str, Any] = {"closed_by": "shortcut"}
 
     mins = {r: math.fsum(min(o.costs[r] for o in g) for g in opts) for r in resources}
     best = [g[0] for g in opts]  # minimum-Omega option of each group
@@ -465,18 +476,33 @@ def solve(problem: Problem, cfg: SolveConfig | None = None) -> Solution:
         status, picked = "optimal", best
     else:
         warm = None
-        if cfg.fix:
+        closed_by = None
+        if cfg.presolve:
+            arr = bnb.prune_dominated(opts, "omega", resources)
+            res = bnb.solve_arrays(arr, limits, node_limit=cfg.bnb_nodes)
+            extra["nodes"] = res.info.get("nodes", 0)
+            if res.status != "open":
+                status, picked = res.status, res.incumbent
+                closed_by = res.info.get("closed_by", "branch-and-bound")
+            else:
+                opts, warm = res.groups, res.incumbent
+        elif cfg.fix:
             opts, warm, _ = lagrange.fix(opts, limits)
-        if warm is not None and all(len(g) == 1 for g in opts):
-            status, picked = "optimal", warm  # the bound proves the incumbent optimal
+            if warm is not None and all(len(g) == 1 for g in opts):
+                status, picked = "optimal", warm  # the bound proves the incumbent optimal
+                closed_by = "lagrange"
+        if closed_by is not None:
+            extra["closed_by"] = closed_by
         else:
+            extra["presolve_seconds"] = time.perf_counter() - t0
             model = _Model(opts, "omega", limits, _scales(groups, resources))
             n_vars, n_cons = model.n_vars, model.n_cons
             status, picked = model.run(cfg, warm=warm)
             if status == "time_limit" and picked is None and warm is not None:
                 picked = warm  # the solver found nothing better in time: keep the incumbent
+            extra["closed_by"] = cfg.solver
 
-    return _finish(problem, groups, cfg, status, picked, t0, n_vars, n_cons)
+    return _finish(problem, groups, cfg, status, picked, t0, n_vars, n_cons, extra)
 
 
 def _finish(
@@ -488,6 +514,7 @@ def _finish(
     t0: float,
     n_vars: int,
     n_cons: int,
+    extra: dict[str, Any] | None = None,
 ) -> Solution:
     limits = problem.limits.to_dict()
     diagnosis = None
@@ -518,6 +545,7 @@ def _finish(
             "seconds": time.perf_counter() - t0,
             "variables": n_vars,
             "constraints": n_cons,
+            **(extra or {}),
         },
         diagnosis=diagnosis,
     )

@@ -41,10 +41,43 @@ def test_matches_brute_force(problem: Problem) -> None:
         assert sol.totals == totals_of(problem, sol.choices)
 
 
+def _check_against_brute_force(problem: Problem, sol: Solution) -> None:
+    best, _ = brute_force(problem)
+    if best is None:
+        assert sol.status == "infeasible" and sol.choices == {} and sol.objective is None
+        assert sol.diagnosis is not None and sol.diagnosis["message"]
+    else:
+        assert sol.status == "optimal"
+        assert sol.objective == pytest.approx(best, rel=1e-9, abs=1e-9)
+        _check_valid(problem, sol)
+        assert sol.totals == totals_of(problem, sol.choices)
+
+
+@FAST
+@given(problems(max_layers=7, max_options=4))
+def test_branch_and_bound_alone_matches_brute_force(problem: Problem) -> None:
+    """Without the minimum-Omega shortcut and with a generous node budget, every instance is
+    settled in process (no MILP solver) and equals brute force."""
+    sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    _check_against_brute_force(problem, sol)
+    assert sol.solver["closed_by"] in ("shortcut", "branch-and-bound")
+    assert sol.solver["variables"] == 0
+
+
+@FAST
+@given(problems(max_layers=6, max_options=4))
+def test_milp_fallback_after_presolve_matches_brute_force(problem: Problem) -> None:
+    """A node budget of 0 hands every open instance, reduced by the presolve and warm-started
+    with its incumbent, to CBC; still exact."""
+    sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=0))
+    _check_against_brute_force(problem, sol)
+    assert sol.solver["closed_by"] in ("shortcut", "branch-and-bound", "cbc")
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_reductions_never_change_the_optimum(problem: Problem) -> None:
-    plain = solve(problem, SolveConfig(prune=False, shortcut=False, fix=False))
+    plain = solve(problem, SolveConfig(prune=False, shortcut=False, fix=False, presolve=False))
     fast = solve(problem, SolveConfig(prune=True, shortcut=True, fix=True))
     assert plain.status == fast.status
     if fast.objective is not None:
@@ -174,8 +207,8 @@ def test_solve_config_validation_and_round_trip() -> None:
 def test_highs_agrees_with_cbc(limits: Limits) -> None:
     pytest.importorskip("highspy")
     p = _two_layer(limits)
-    h = solve(p, SolveConfig(solver="highs", shortcut=False))
-    c = solve(p, SolveConfig(shortcut=False))
+    h = solve(p, SolveConfig(solver="highs", shortcut=False, presolve=False))
+    c = solve(p, SolveConfig(shortcut=False, presolve=False))
     assert h.solver["name"] == "highs"
     assert (h.status, h.objective) == (c.status, c.objective)  # choices may differ (a tie)
 
@@ -185,8 +218,21 @@ def test_highs_agrees_with_cbc(limits: Limits) -> None:
 def test_highs_matches_brute_force(problem: Problem) -> None:
     pytest.importorskip("highspy")
     best, _ = brute_force(problem)
-    sol = solve(problem, SolveConfig(solver="highs", shortcut=False))
+    sol = solve(problem, SolveConfig(solver="highs", shortcut=False, presolve=False))
     if best is None:
         assert sol.status == "infeasible"
     else:
         assert math.isclose(sol.objective, best, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_closed_by_reports_the_engine() -> None:
+    p = _two_layer(Limits(size_bytes=1.5e6))
+    assert solve(p).solver["closed_by"] == "branch-and-bound"
+    assert solve(_two_layer(Limits())).solver["closed_by"] == "shortcut"
+    forced = solve(p, SolveConfig(bnb_nodes=0))
+    assert forced.solver["closed_by"] == "cbc" and forced.solver["variables"] > 0
+    assert (forced.status, forced.objective) == ("optimal", solve(p).objective)
+    old = solve(p, SolveConfig(presolve=False, fix=False))
+    assert old.solver["closed_by"] == "cbc" and old.objective == forced.objective
+    with pytest.raises(BadProblemError, match="bnb_nodes"):
+        SolveConfig(bnb_nodes=-1)
