@@ -324,12 +324,24 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
     mu = [float(x) for x in lam]
     top = max(mu)
     mu = [x / top for x in mu] if top > 0 else [1.0] * R
-    # Surrogate directions: the best multipliers, and with several limits each limit alone
-    # (the max of valid bounds is a valid bound; which one is tightest varies by node).
-    dirs = [mu] + ([[1.0 if i == r else 0.0 for i in range(R)] for r in range(R)]
-                   if R > 1 else [])
+    # Bounding knapsacks j = (weights d_j, multipliers l_j): keep the single constraint
+    # sum d_j . c <= d_j . cap and move l_j . c into the objective (minus l_j . cap). First the
+    # surrogate of all limits along the best multipliers; with several limits also each limit
+    # kept exactly with the others Lagrangian-relaxed at the root multipliers (at the root that
+    # is the full LP bound; deeper it follows the remaining capacity of that limit). The max of
+    # valid bounds is a valid bound.
+    zero = [0.0] * R
+    dirs = [(mu, zero)]
+    if R > 1:
+        for r in range(R):
+            e_r = [1.0 if i == r else 0.0 for i in range(R)]
+            dirs.append((e_r, zero))
+            dirs.append((e_r, [0.0 if i == r else float(lam[i]) for i in range(R)]))
     J = len(dirs)
-    wroom0 = [sum(m * x for m, x in zip(dj, room0, strict=True)) for dj in dirs]
+    wroom0 = [sum(m * x for m, x in zip(dj, room0, strict=True)) for dj, _ in dirs]
+    # the objective's constant part per knapsack: fixed groups' multiplied use minus l_j . cap
+    jbase = tuple(om_fixed + sum(lj[r] * (fixed_use[r] - (room0[r] + fixed_use[r]))
+                                 for r in range(R)) for _, lj in dirs)
     fptol = FP_REL * (float(np.abs(om).max(axis=1).sum()) + abs(om_fixed)) + 1e-300
 
     # Branch first on the heaviest groups (largest spread of surrogate weight): once they are
@@ -349,11 +361,13 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
         row = []
         for k in ks:
             c = tuple(float(cn[r, g, k]) for r in range(R))
-            w = tuple(sum(m * x for m, x in zip(dj, c, strict=True)) for dj in dirs)
-            row.append((float(rc[g, k]), k, float(om[g, k]), c, w))
+            w = tuple(sum(m * x for m, x in zip(dj, c, strict=True)) for dj, _ in dirs)
+            omk = float(om[g, k])
+            oj = tuple(omk + sum(m * x for m, x in zip(lj, c, strict=True)) for _, lj in dirs)
+            row.append((float(rc[g, k]), k, omk, c, w, oj))
         opts.append(row)
         for j in range(J):
-            start, gi = _hull_increments([(o[4][j], o[2]) for o in row])
+            start, gi = _hull_increments([(o[4][j], o[5][j]) for o in row])
             starts[j].append(start)
             incs[j].extend((e, dw, do, p) for e, dw, do in gi)
     for j in range(J):
@@ -389,15 +403,16 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
         work[0] += len(incs[j]) >> 4
         return val
 
-    def promising(d: int, o: float, w: tuple) -> bool:
+    def promising(d: int, o: tuple, w: tuple) -> bool:
         """Whether the LP bounds leave room below the cut for the positions >= d."""
         for j in range(J):
-            if o + lp(j, d, wroom0[j] - w[j]) >= cut:
+            if o[j] + lp(j, d, wroom0[j] - w[j]) >= cut:
                 return False
         return True
 
     thr = thr_of(ub)
-    cut = ub - EPS_REL * abs(ub) + fptol  # a completion must be below this to be searched
+    # a completion must be below this to be searched (inf - inf would be nan: no incumbent)
+    cut = math.inf if math.isinf(ub) else ub - EPS_REL * abs(ub) + fptol
     nodes = 0
     if n == 0:
         picks = list(base)
@@ -410,6 +425,7 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
     acc = [0.0] * (n + 1)
     oacc = [om_fixed] * (n + 1)
     wacc = [(0.0,) * J] * (n + 1)
+    jacc = [jbase] * (n + 1)
     used = [[0.0] * R for _ in range(n + 1)]
     cur = list(base)
     d = 0
@@ -422,10 +438,11 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
         a0 = acc[d]
         o0 = oacc[d]
         w0 = wacc[d]
+        j0 = jacc[d]
         moved = False
         last = d == n - 1
         while k < len(ol):
-            rck, kk, omk, c, w = ol[k]
+            rck, kk, omk, c, w, oj = ol[k]
             nodes += 1
             if a0 + rck > thr:
                 k = len(ol)  # sorted by reduced cost: the rest are worse
@@ -435,8 +452,9 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
                 if u[r] + c[r] + s[r] > room0[r]:
                     fits = False
                     break
-            if fits and (last or promising(d + 1, o0 + omk,
-                                           tuple(a + b for a, b in zip(w0, w, strict=True)))):
+            if fits and (last or promising(
+                    d + 1, tuple(a + b for a, b in zip(j0, oj, strict=True)),
+                    tuple(a + b for a, b in zip(w0, w, strict=True)))):
                 moved = True
                 break
             k += 1
@@ -457,7 +475,7 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
                 picks = list(cur)
                 if exact_ok(picks):
                     val = value(picks)
-                    if val < ub - EPS_REL * abs(ub):
+                    if math.isinf(ub) or val < ub - EPS_REL * abs(ub):
                         inc, ub = picks, val
                         thr = thr_of(ub)
                         cut = ub - EPS_REL * abs(ub) + fptol
@@ -465,6 +483,7 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
         acc[d + 1] = a0 + rck
         oacc[d + 1] = o0 + omk
         wacc[d + 1] = tuple(a + b for a, b in zip(w0, w, strict=True))
+        jacc[d + 1] = tuple(a + b for a, b in zip(j0, oj, strict=True))
         nu = used[d + 1]
         for r in range(R):
             nu[r] = u[r] + c[r]
