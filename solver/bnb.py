@@ -115,8 +115,11 @@ def solve_arrays(
     limits: dict[str, float],
     node_limit: int = 200_000,
     time_limit_s: float | None = None,
+    start: list[GOpt] | None = None,
 ) -> Result:
-    """Exact presolve and branch-and-bound of ``arr`` under ``limits`` (keys = ``arr.res``)."""
+    """Exact presolve and branch-and-bound of ``arr`` under ``limits`` (keys = ``arr.res``).
+    ``start``: a candidate assignment (one option per group, e.g. the previous Pareto point);
+    used as an incumbent when it is feasible and made of kept options."""
     t0 = time.perf_counter()
     res = arr.res
     R = len(res)
@@ -219,8 +222,15 @@ def solve_arrays(
     starts = [v.argmin(axis=1).tolist()]
     if inc is not None:
         starts.append(list(inc))
+    if start is not None:
+        pos = [{id(o): k for k, o in enumerate(g)} for g in groups]
+        ks = [p.get(id(o)) for p, o in zip(pos, start, strict=True)]
+        if all(k is not None for k in ks):
+            starts.append(ks)
+    sizes = arr.sizes
     for s in starts:
         cand = _improve(s, oml, groups, limits, res)
+        cand = pair_improve(om, cn, cap, sizes, cand)
         if exact_ok(cand):
             val = value(cand)
             if val < ub:
@@ -272,6 +282,59 @@ def solve_arrays(
     incumbent = None if inc is None else [groups[g][k] for g, k in enumerate(inc)]
     info["kept"] = sum(len(g) for g in reduced)
     return Result("open", incumbent, reduced, info)
+
+
+def pair_improve(
+    om: np.ndarray, cn: np.ndarray, cap: np.ndarray, sizes: list[int], picks: list[int],
+    rounds: int = 64,
+) -> list[int]:
+    """Improve a feasible assignment by the best single or paired option change (two groups
+    at once) that lowers Omega and stays within the limits, until none is left (or ``rounds``).
+    Vectorised over all pairs of moves. Returns ``picks`` unchanged if it does not fit."""
+    G, K = om.shape
+    R = cn.shape[0]
+    pk = np.array(picks)
+    rows = np.arange(G)
+    valid = np.arange(K)[None, :] < np.array(sizes)[:, None]
+    gid = np.broadcast_to(rows[:, None], (G, K))
+    for _ in range(rounds):
+        used = cn[:, rows, pk].sum(axis=1)
+        slack = cap - used
+        if np.any(slack < 0):
+            break
+        d_om = om - om[rows, pk][:, None]
+        d_c = cn - cn[:, rows, pk][:, :, None]
+        mask = valid & (np.arange(K)[None, :] != pk[:, None])
+        mo = d_om[mask]
+        mc = d_c[:, mask]
+        mg = gid[mask]
+        mk = np.broadcast_to(np.arange(K)[None, :], (G, K))[mask]
+        # moves that could be part of an improving pair: keep the ones that lower Omega, or
+        # that free some resource (the partner then spends it)
+        best_gain, best = -1e-12 * (1.0 + abs(float(om[rows, pk].sum()))), None
+        single = (mo < 0) & np.all(mc <= slack[:, None], axis=0)
+        if single.any():
+            i = int(np.argmin(np.where(single, mo, np.inf)))
+            if mo[i] < best_gain:
+                best_gain, best = float(mo[i]), ((int(mg[i]), int(mk[i])),)
+        down = np.flatnonzero(mo < 0)
+        free_ = np.flatnonzero(np.any(mc < 0, axis=0))
+        if down.size and free_.size:
+            dsum = mo[down][:, None] + mo[free_][None, :]
+            ok = (mg[down][:, None] != mg[free_][None, :]) & (dsum < 0)
+            for r in range(R):
+                ok &= mc[r, down][:, None] + mc[r, free_][None, :] <= slack[r]
+            if ok.any():
+                flat = int(np.argmin(np.where(ok, dsum, np.inf)))
+                a, b = divmod(flat, free_.size)
+                if dsum[a, b] < best_gain:
+                    i, j = down[a], free_[b]
+                    best = ((int(mg[i]), int(mk[i])), (int(mg[j]), int(mk[j])))
+        if best is None:
+            break
+        for g, k in best:
+            pk[g] = k
+    return pk.tolist()
 
 
 def _hull_increments(pts: list[tuple[float, float]]) -> tuple[tuple[float, float], list]:
@@ -344,12 +407,12 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
                                  for r in range(R)) for _, lj in dirs)
     fptol = FP_REL * (float(np.abs(om).max(axis=1).sum()) + abs(om_fixed)) + 1e-300
 
-    # Branch first on the heaviest groups (largest spread of surrogate weight): once they are
+    # Branch first on the heaviest groups (largest spread in some limit): once they are
     # fixed, the rest is fine-grained and the LP bound is tight (a few huge layers are what
     # makes the LP gap large).
     def spread(g: int) -> float:
-        ws = [sum(m * float(cn[r, g, k]) for r, m in enumerate(mu)) for k in keep[g]]
-        return -(max(ws) - min(ws))
+        ks = keep[g]
+        return -max(float(cn[r, g, ks].max() - cn[r, g, ks].min()) for r in range(R))
 
     order = sorted(free, key=spread)
     n = len(order)
@@ -421,7 +484,10 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
             if val < ub:
                 inc, ub = picks, val
         return (inc, ub, True), 0
-    pos = [-1] * n
+    # Children of the node at each depth, best bound first (best-child-first diving finds
+    # good incumbents early, and a good incumbent is what makes the tree small).
+    kids: list[list | None] = [None] * n
+    pos = [0] * n
     acc = [0.0] * (n + 1)
     oacc = [om_fixed] * (n + 1)
     wacc = [(0.0,) * J] * (n + 1)
@@ -431,59 +497,77 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
     d = 0
     next_check = 4096
     while d >= 0:
-        ol = opts[d]
-        k = pos[d] + 1
-        u = used[d]
-        s = suf[d + 1]
-        a0 = acc[d]
-        o0 = oacc[d]
-        w0 = wacc[d]
-        j0 = jacc[d]
-        moved = False
+        lst = kids[d]
         last = d == n - 1
-        while k < len(ol):
-            rck, kk, omk, c, w, oj = ol[k]
-            nodes += 1
-            if a0 + rck > thr:
-                k = len(ol)  # sorted by reduced cost: the rest are worse
-                break
-            fits = True
-            for r in range(R):
-                if u[r] + c[r] + s[r] > room0[r]:
-                    fits = False
-                    break
-            if fits and (last or promising(
-                    d + 1, tuple(a + b for a, b in zip(j0, oj, strict=True)),
-                    tuple(a + b for a, b in zip(w0, w, strict=True)))):
-                moved = True
-                break
-            k += 1
-        if nodes + work[0] >= node_limit:
-            return (inc, ub, False), nodes + work[0]
-        if nodes + work[0] >= next_check:
-            next_check += 4096
-            if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
-                return (inc, ub, False), nodes
-        if not moved:
-            pos[d] = -1
+        if lst is None:
+            u = used[d]
+            s = suf[d + 1]
+            a0 = acc[d]
+            o0 = oacc[d]
+            w0 = wacc[d]
+            j0 = jacc[d]
+            lst = []
+            for opt in opts[d]:
+                rck, kk, omk, c, w, oj = opt
+                nodes += 1
+                if a0 + rck > thr:
+                    break  # sorted by reduced cost: the rest are worse
+                fits = True
+                for r in range(R):
+                    if u[r] + c[r] + s[r] > room0[r]:
+                        fits = False
+                        break
+                if not fits:
+                    continue
+                if last:
+                    b = o0 + omk
+                    if b < cut:
+                        lst.append((b, opt, None, None))
+                    continue
+                jn = tuple(a + b for a, b in zip(j0, oj, strict=True))
+                wn = tuple(a + b for a, b in zip(w0, w, strict=True))
+                b = -math.inf
+                for j in range(J):
+                    b = max(b, jn[j] + lp(j, d + 1, wroom0[j] - wn[j]))
+                    if b >= cut:
+                        break
+                if b < cut:
+                    lst.append((b, opt, jn, wn))
+            lst.sort(key=lambda t: t[0])
+            kids[d] = lst
+            pos[d] = 0
+            if nodes + work[0] >= node_limit:
+                return (inc, ub, False), nodes + work[0]
+            if nodes + work[0] >= next_check:
+                next_check += 4096
+                if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+                    return (inc, ub, False), nodes + work[0]
+        p = pos[d]
+        if p >= len(lst) or lst[p][0] >= cut:  # sorted: the rest cannot beat the cut either
+            kids[d] = None
             d -= 1
             continue
-        pos[d] = k
+        pos[d] = p + 1
+        _, (rck, kk, omk, c, w, oj), jn, wn = lst[p]
         cur[order[d]] = kk
         if last:
-            if o0 + omk < cut:
-                picks = list(cur)
-                if exact_ok(picks):
-                    val = value(picks)
-                    if math.isinf(ub) or val < ub - EPS_REL * abs(ub):
-                        inc, ub = picks, val
-                        thr = thr_of(ub)
-                        cut = ub - EPS_REL * abs(ub) + fptol
+            picks = list(cur)
+            if exact_ok(picks):
+                val = value(picks)
+                if math.isinf(ub) or val < ub - EPS_REL * abs(ub):
+                    # polish the new incumbent: a better cut early saves most of the tree
+                    better = pair_improve(om, cn, cap, arr.sizes, picks)
+                    if better != picks and exact_ok(better) and value(better) < val:
+                        picks, val = better, value(better)
+                    inc, ub = picks, val
+                    thr = thr_of(ub)
+                    cut = ub - EPS_REL * abs(ub) + fptol
             continue
-        acc[d + 1] = a0 + rck
-        oacc[d + 1] = o0 + omk
-        wacc[d + 1] = tuple(a + b for a, b in zip(w0, w, strict=True))
-        jacc[d + 1] = tuple(a + b for a, b in zip(j0, oj, strict=True))
+        acc[d + 1] = acc[d] + rck
+        oacc[d + 1] = oacc[d] + omk
+        wacc[d + 1] = wn
+        jacc[d + 1] = jn
+        u = used[d]
         nu = used[d + 1]
         for r in range(R):
             nu[r] = u[r] + c[r]
