@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 # A completion is only searched for when it could beat the incumbent by more than this relative
 # amount; "optimal" therefore means: no assignment is better by more than EPS_REL * |UB|.
 EPS_REL = 1e-12
+# Scalings of the best multipliers whose Lagrangian choices seed the incumbent search.
+SCALES = (0.9, 1.05, 1.1, 1.25, 1.5)
 # Relative floating-point allowance on the bound (sums over up to ~1e5 terms in float64).
 FP_REL = 1e-11
 
@@ -220,6 +222,11 @@ def solve_arrays(
     lam = best_lam
     v = om + np.tensordot(lam, cn, axes=1)
     starts = [v.argmin(axis=1).tolist()]
+    # a few nearby multipliers give diverse starting points (each repaired and polished)
+    for f in SCALES:
+        ch = (om + np.tensordot(lam * f, cn, axes=1)).argmin(axis=1).tolist()
+        if ch not in starts:
+            starts.append(ch)
     if inc is not None:
         starts.append(list(inc))
     if start is not None:
@@ -250,6 +257,7 @@ def solve_arrays(
         return u - EPS_REL * abs(u) - lbound + tol
 
     info["bound"] = lbound
+    info["first_incumbent"] = ub
     thr = thr_of(ub)
     sizes = arr.sizes
     keep: list[list[int]] = []

@@ -80,7 +80,7 @@ class SolveConfig:
     # sees what it does not close within ``bnb_nodes`` search nodes (a node budget rather than a
     # time budget keeps results deterministic; 0 = always hand over after the presolve).
     presolve: bool = True
-    bnb_nodes: int = 30_000
+    bnb_nodes: int = 150_000
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -209,6 +209,14 @@ def _groups(problem: Problem) -> list[_Group]:
         members = [index[n] for n in names]
         first = problem.layers[members[0]]
         g = _Group(members)
+        if len(members) == 1:  # the common case: no sums needed
+            g.options = [
+                _GOpt(o.tag, (k,), o.omega, {"size_bytes": o.size_bytes, "bops": o.bops,
+                                              "latency_ms": o.latency_ms})
+                for k, o in enumerate(first.options)
+            ]
+            out.append(g)
+            continue
         tag_pos = [{o.tag: k for k, o in enumerate(problem.layers[m].options)} for m in members]
         for opt in first.options:
             picks = tuple(tp[opt.tag] for tp in tag_pos)

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import lagrange
+from . import bnb, lagrange
 from .errors import BadProblemError
 from .ilp import (
     SolveConfig,
@@ -87,20 +87,30 @@ def pareto(
     model: _Model | None = None
     warm = None
     out = []
+    arr = bnb.prune_dominated(opts, "omega", resources) if cfg.presolve else None
     for b in budgets:
         if cfg.shortcut and others_fit and within(best_cost[resource], b):
             status, picked = "optimal", best
         else:
             here = dict(limits, **{resource: b})
             kept, inc = opts, None
-            if cfg.fix and all(within(math.fsum(min(o.costs[r] for o in g) for g in opts),
-                                      here[r]) for r in resources):
+            if arr is not None:
+                # exact presolve + branch-and-bound, seeded with the previous (smaller-budget)
+                # optimum, which stays feasible as the budget grows
+                res = bnb.solve_arrays(arr, here, node_limit=cfg.bnb_nodes, start=warm)
+                kept, inc = res.groups, res.incumbent
+                if res.status != "open":
+                    status, picked = res.status, res.incumbent
+            elif cfg.fix and all(within(math.fsum(min(o.costs[r] for o in g) for g in opts),
+                                        here[r]) for r in resources):
                 kept, inc, _ = lagrange.fix(opts, here)
-            if inc is not None and all(len(g) == 1 for g in kept):
-                status, picked = "optimal", inc
-            else:
+                if inc is not None and all(len(g) == 1 for g in kept):
+                    status, picked = "optimal", inc
+            if not ((arr is not None and res.status != "open")
+                    or (arr is None and inc is not None and all(len(g) == 1 for g in kept))):
                 if model is None:
-                    model = _Model(opts, "omega", limits, _scales(groups, resources))
+                    base = arr.groups if arr is not None else opts
+                    model = _Model(base, "omega", limits, _scales(groups, resources))
                 model.set_limit(resource, b)
                 model.restrict(kept)
                 start = inc

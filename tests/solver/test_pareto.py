@@ -58,3 +58,19 @@ def test_bad_arguments() -> None:
         pareto(problem, "energy", 5)
     with pytest.raises(BadProblemError, match="at least 2"):
         pareto(problem, "bops", 1)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(max_layers=5, max_options=3))
+def test_sweep_engines_agree(problem: Problem) -> None:
+    """The in-process branch-and-bound, the MILP fallback (node budget 0) and the old path
+    (presolve off) give the same sweep."""
+    from solver import SolveConfig
+
+    runs = [pareto(problem, "bops", 4, cfg) for cfg in (
+        SolveConfig(), SolveConfig(bnb_nodes=0), SolveConfig(presolve=False))]
+    for pts in zip(*runs, strict=True):
+        assert len({p.status for p in pts}) == 1
+        if pts[0].objective is not None:
+            assert all(p.objective == pytest.approx(pts[0].objective, rel=1e-9, abs=1e-9)
+                       for p in pts)
