@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 EPS_REL = 1e-12
 # Scalings of the best multipliers whose Lagrangian choices seed the incumbent search.
 SCALES = (0.9, 1.05, 1.1, 1.25, 1.5)
+# Extra incumbent seeds only up to this many options in all (their repair is pure Python).
+SEED_MAX_OPTIONS = 2000
+# Pair-move polish: at most this many (move pair) evaluations per call, in scans of all pairs.
+PAIR_WORK_MAX = 50_000_000
 # Relative floating-point allowance on the bound (sums over up to ~1e5 terms in float64).
 FP_REL = 1e-11
 
@@ -223,7 +227,8 @@ def solve_arrays(
     v = om + np.tensordot(lam, cn, axes=1)
     starts = [v.argmin(axis=1).tolist()]
     # a few nearby multipliers give diverse starting points (each repaired and polished)
-    for f in SCALES:
+    # (extra seeds only where the repair heuristic is cheap: it is pure Python)
+    for f in SCALES if sum(arr.sizes) <= SEED_MAX_OPTIONS else ():
         ch = (om + np.tensordot(lam * f, cn, axes=1)).argmin(axis=1).tolist()
         if ch not in starts:
             starts.append(ch)
@@ -235,8 +240,14 @@ def solve_arrays(
         if all(k is not None for k in ks):
             starts.append(ks)
     sizes = arr.sizes
+    # Repair + single moves on every seed; the (costlier, all-pairs) polish on the best two.
+    cands = []
     for s in starts:
         cand = _improve(s, oml, groups, limits, res)
+        if exact_ok(cand):
+            cands.append((value(cand), cand))
+    cands.sort(key=lambda t: t[0])
+    for _, cand in cands[:2]:
         cand = pair_improve(om, cn, cap, sizes, cand)
         if exact_ok(cand):
             val = value(cand)
@@ -295,17 +306,25 @@ def solve_arrays(
 def pair_improve(
     om: np.ndarray, cn: np.ndarray, cap: np.ndarray, sizes: list[int], picks: list[int],
     rounds: int = 64,
+    stats: list[int] | None = None,
 ) -> list[int]:
     """Improve a feasible assignment by the best single or paired option change (two groups
     at once) that lowers Omega and stays within the limits, until none is left (or ``rounds``).
-    Vectorised over all pairs of moves. Returns ``picks`` unchanged if it does not fit."""
+    Vectorised over all pairs of moves. Returns ``picks`` unchanged if it does not fit.
+    ``stats[0]`` (if given) is increased by the number of scans done."""
     G, K = om.shape
     R = cn.shape[0]
     pk = np.array(picks)
     rows = np.arange(G)
     valid = np.arange(K)[None, :] < np.array(sizes)[:, None]
     gid = np.broadcast_to(rows[:, None], (G, K))
+    moves = int(sum(sizes)) - G
+    # each scan is O(moves^2): cap the scans on large problems (a heuristic, exactness is
+    # not at stake)
+    rounds = max(2, min(rounds, PAIR_WORK_MAX // (moves * moves + 1)))
     for _ in range(rounds):
+        if stats is not None:
+            stats[0] += 1
         used = cn[:, rows, pk].sum(axis=1)
         slack = cap - used
         if np.any(slack < 0):
@@ -455,6 +474,8 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
             s_om[j][d] = s_om[j][d + 1] + starts[j][d][1]
 
     work = [0]  # LP scans count towards the node budget: 16 increments scanned = 1 node
+    moves = sum(arr.sizes) - G
+    pair_work = moves * moves // 128 + 1  # one all-pairs scan, in nodes (roughly, by time)
 
     def lp(j: int, d: int, room: float) -> float:
         """LP bound of surrogate knapsack j over positions >= d with capacity ``room``."""
@@ -564,7 +585,9 @@ def _dfs(arr, keep, free, rc, cn, cap, cushion, lam, tol, thr_of, inc, ub, value
                 val = value(picks)
                 if math.isinf(ub) or val < ub - EPS_REL * abs(ub):
                     # polish the new incumbent: a better cut early saves most of the tree
-                    better = pair_improve(om, cn, cap, arr.sizes, picks)
+                    scans = [0]
+                    better = pair_improve(om, cn, cap, arr.sizes, picks, stats=scans)
+                    work[0] += pair_work * scans[0]  # its scans count towards the budget
                     if better != picks and exact_ok(better) and value(better) < val:
                         picks, val = better, value(better)
                     inc, ub = picks, val

@@ -14,10 +14,21 @@ Exact reductions applied before the solver runs (each keeps the optimum value un
 - if the per-group minimum-Omega choice fits every limit it is optimal and no solver runs;
 - if some limit is below the sum of its per-group minima the problem is infeasible, also
   without a solver;
-- Lagrangian reduced-cost fixing (solver.lagrange): with a feasible incumbent of value UB and
-  any multipliers lam >= 0, options whose reduced cost exceeds UB - L(lam) cannot be in any
-  optimum and are dropped; the incumbent warm-starts the solver, and when one option per group
-  is left it is optimal without one.
+- the exact in-process presolve (``SolveConfig.presolve``, on by default; solver.bnb): lossless
+  dominance pruning over the limited resources, a Lagrangian bound, a repaired and pair-move
+  polished incumbent, reduced-cost fixing, then a depth-first branch-and-bound with LP bounds of
+  single-constraint knapsacks (per-group convex hulls). When the search finishes within
+  ``SolveConfig.bnb_nodes`` it is the answer (``solver["closed_by"] == "branch-and-bound"``) and
+  no MILP solver runs, and no PuLP model is built; otherwise the reduced groups go to the MILP
+  solver, warm-started with the incumbent (``closed_by`` is then the solver's name);
+- with the presolve off, Lagrangian reduced-cost fixing (solver.lagrange): with a feasible
+  incumbent of value UB and any multipliers lam >= 0, options whose reduced cost exceeds
+  UB - L(lam) cannot be in any optimum and are dropped; the incumbent warm-starts the solver,
+  and when one option per group is left it is optimal without one.
+
+``solver`` in the Solution also carries ``closed_by`` ("shortcut", "branch-and-bound",
+"lagrange", "cbc" or "highs"), ``nodes`` (the branch-and-bound's work, in nodes) and, when a MILP
+solver ran, ``presolve_seconds`` (time spent before it started).
 
 Limit rows are scaled to O(1) (each by the resource's largest reachable total), which keeps
 the solvers' absolute tolerances meaningful for byte counts around 1e7 and BOPs around 1e11;
@@ -39,7 +50,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pulp
@@ -80,7 +91,7 @@ class SolveConfig:
     # sees what it does not close within ``bnb_nodes`` search nodes (a node budget rather than a
     # time budget keeps results deterministic; 0 = always hand over after the presolve).
     presolve: bool = True
-    bnb_nodes: int = 150_000
+    bnb_nodes: int = 200_000
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -487,7 +498,9 @@ def solve(problem: Problem, cfg: SolveConfig | None = None) -> Solution:
         closed_by = None
         if cfg.presolve:
             arr = bnb.prune_dominated(opts, "omega", resources)
-            res = bnb.solve_arrays(arr, limits, node_limit=cfg.bnb_nodes)
+            # the time limit also caps the search (it then hands over, as on the node budget)
+            res = bnb.solve_arrays(arr, limits, node_limit=cfg.bnb_nodes,
+                                   time_limit_s=cfg.time_limit_s)
             extra["nodes"] = res.info.get("nodes", 0)
             if res.status != "open":
                 status, picked = res.status, res.incumbent
@@ -502,10 +515,15 @@ def solve(problem: Problem, cfg: SolveConfig | None = None) -> Solution:
         if closed_by is not None:
             extra["closed_by"] = closed_by
         else:
-            extra["presolve_seconds"] = time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            extra["presolve_seconds"] = spent
             model = _Model(opts, "omega", limits, _scales(groups, resources))
             n_vars, n_cons = model.n_vars, model.n_cons
-            status, picked = model.run(cfg, warm=warm)
+            run_cfg = cfg
+            if cfg.time_limit_s is not None and cfg.presolve:
+                # the presolve's time counts against the limit (the solver keeps at least 1 s)
+                run_cfg = replace(cfg, time_limit_s=max(1.0, cfg.time_limit_s - spent))
+            status, picked = model.run(run_cfg, warm=warm)
             if status == "time_limit" and picked is None and warm is not None:
                 picked = warm  # the solver found nothing better in time: keep the incumbent
             extra["closed_by"] = cfg.solver
