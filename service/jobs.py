@@ -67,6 +67,13 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
+
+# The columns a running job gets back when it returns to the queue (shutdown or lost worker).
+_BACK_TO_QUEUE = {
+    "status": QUEUED, "stage": "requeued", "progress": 0.0, "started_at": None,
+    "heartbeat_at": None,
+}
+
 class _Base(DeclarativeBase):
     pass
 
@@ -330,16 +337,8 @@ class JobStore:
 
     def release(self, job_id: str) -> bool:
         """Put a running job back in the queue without counting the attempt (worker shutdown)."""
-        return self._transition(
-            job_id,
-            (RUNNING,),
-            status=QUEUED,
-            stage="requeued",
-            progress=0.0,
-            started_at=None,
-            heartbeat_at=None,
-            attempts=JobRow.attempts - 1,
-        )
+        return self._transition(job_id, (RUNNING,), **_BACK_TO_QUEUE,
+                                attempts=JobRow.attempts - 1)
 
     def requeue_stale(
         self, stale_before: datetime, max_attempts: int, alive: Iterable[str] = ()
@@ -364,15 +363,7 @@ class JobStore:
                 self.heartbeat(job_id)
                 continue
             if attempts < max_attempts:
-                if self._transition(
-                    job_id,
-                    (RUNNING,),
-                    status=QUEUED,
-                    stage="requeued",
-                    progress=0.0,
-                    started_at=None,
-                    heartbeat_at=None,
-                ):
+                if self._transition(job_id, (RUNNING,), **_BACK_TO_QUEUE):
                     requeued.append(job_id)
             elif self._transition(
                 job_id,
