@@ -127,19 +127,19 @@ def drq_input(
     threshold: float,
     high_bits: int = 8,
     low_bits: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` both ways and predict the mask.
 
-    Returns ``(x_high, x_low, m)``: the input fake-quantized (float) at ``high_bits`` with
-    ``scale`` and at ``low_bits`` on the same range, and the pixel mask ``m`` (float 0/1,
-    ``[N, 1, H, W]``) with 1 where the region is sensitive.
+    Returns ``(x_high, x_low, m, mask)``: the input fake-quantized (float) at ``high_bits``
+    with ``scale`` and at ``low_bits`` on the same range, the pixel mask ``m`` (float 0/1,
+    ``[N, 1, H, W]``) with 1 where the region is sensitive, and the region mask itself.
     """
     codes = quantize_activation(x, scale, high_bits, signed)
     mask = region_mask(codes, region, threshold)
     m = upsample_mask(mask, region, x.shape[-2], x.shape[-1]).to(x.dtype)
     s_low = low_scale(scale, signed, high_bits, low_bits)
     x_low = quantize_activation(x, s_low, low_bits, signed) * s_low
-    return codes * scale, x_low, m
+    return codes * scale, x_low, m, mask
 
 
 def drq_fake_quantize(
@@ -152,7 +152,7 @@ def drq_fake_quantize(
     low_bits: int = 4,
 ) -> torch.Tensor:
     """Q_drq(x): sensitive regions at ``high_bits``, the rest at ``low_bits`` (float)."""
-    x_high, x_low, m = drq_input(x, scale, signed, region, threshold, high_bits, low_bits)
+    x_high, x_low, m, _ = drq_input(x, scale, signed, region, threshold, high_bits, low_bits)
     return x_high * m + x_low * (1 - m)
 
 
@@ -223,17 +223,15 @@ class DRQConv2d(nn.Module):
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = quantize_activation(x, self.input_scale, self.high_bits, self.input_signed)
-        mask = region_mask(codes, self.region, self.threshold)
+        x_high, x_low, m, mask = drq_input(
+            x, self.input_scale, self.input_signed, self.region, self.threshold,
+            self.high_bits, self.low_bits,
+        )
         total = mask.numel()
         low = total - int(mask.sum())
         self.last_int4_fraction = low / total if total else 0.0
         self.int4_regions += low
         self.total_regions += total
-        m = upsample_mask(mask, self.region, x.shape[-2], x.shape[-1]).to(x.dtype)
-        x_high = codes * self.input_scale
-        s_low = low_scale(self.input_scale, self.input_signed, self.high_bits, self.low_bits)
-        x_low = quantize_activation(x, s_low, self.low_bits, self.input_signed) * s_low
         out = self._conv(x_high * m, self.weight_high.to(x.dtype))
         out = out + self._conv(x_low * (1 - m), self.weight_low.to(x.dtype))
         if self.bias is not None:
