@@ -15,6 +15,24 @@ from solver.errors import BitplanError
 from . import commands
 
 
+def _device(text: str) -> str:
+    from .settings import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--device``: auto (CUDA when present), cpu, cuda or cuda:N, checked while parsing;
+    turn it into a torch.device with ``service.settings.resolve_device``."""
+    parser.add_argument(
+        "--device", type=_device, default=default,
+        help=f"auto (CUDA when present), cpu, cuda or cuda:N (default {default})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitplan", description="Mixed-precision search for PyTorch models."

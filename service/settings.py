@@ -105,7 +105,10 @@ def check_device(value: str) -> str:
     v = value.strip().lower()
     if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
         return v
-    raise ValueError(f'BITPLAN_DEVICE must be "auto", "cpu", "cuda" or "cuda:N", not {value!r}')
+    raise ValueError(
+        f'device (BITPLAN_DEVICE / --device) must be "auto", "cpu", "cuda" or "cuda:N", '
+        f'not {value!r}'
+    )
 
 
 def resolve_device(value: str):  # -> torch.device

@@ -11,6 +11,8 @@ from typing import Any
 
 from solver.errors import BadConstraintsError, InfeasibleError
 
+from ..cli import add_device_argument
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -33,15 +35,6 @@ def _pin(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected bits or 'none', got {text!r}") from None
-
-
-def _device(text: str) -> str:
-    from ..settings import check_device
-
-    try:
-        return check_device(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-iter", type=int, help="Hutchinson samples at most")
     p.add_argument("--tol", type=float, help="Hutchinson relative tolerance")
     p.add_argument("--seed", type=int, help="seed of every random draw")
-    p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda[:N]")
+    add_device_argument(p)
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="samples kept for eval")
     p.add_argument("--json", action="store_true", help="print the job summary as JSON")
     p.set_defaults(func=run)

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 
 from solver.errors import BadConstraintsError, BadPlanError
 
+from ..cli import add_device_argument
+
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,19 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bits of quantized layer outputs that are model outputs (default 16)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="samples per forward pass when the batch dimension is dynamic")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    add_device_argument(p)
     p.set_defaults(func=run)
-
-
-def _device(name: str) -> torch.device:
-    import torch  # imported here so `bitplan --help` stays fast
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise BadConstraintsError(f"unknown device {name!r}; use auto, cpu or cuda") from exc
 
 
 def _read_plan(path: Path) -> dict:
@@ -70,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from sensitivity.intake import IntakeConfig, intake
 
     from ..progress import TerminalProgress
+    from ..settings import resolve_device
 
     if not 0.0 < args.holdout_fraction < 1.0:
         raise BadConstraintsError("--holdout-fraction must be in (0, 1)")
@@ -84,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = quantize.apply(
             data.program, plan, data.train, data.holdout, cfg, batch_size=data.batch_size,
-            device=_device(args.device), progress=progress,
+            device=resolve_device(args.device), progress=progress,
         )
     finally:
         progress.close()

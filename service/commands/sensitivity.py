@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli import add_device_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors and split")
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per forward pass (dynamic-batch models)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_device_argument(p, default="cpu")
     p.add_argument("--no-activations", action="store_true",
                    help="skip the input-activation traces")
     p.set_defaults(func=run)
@@ -31,19 +33,18 @@ def _fmt(x: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from sensitivity import HessianConfig, measure
     from sensitivity.intake import IntakeConfig, intake
     from service.progress import TerminalProgress
+    from service.settings import resolve_device
     from solver.errors import BadConstraintsError
 
     try:
         cfg = HessianConfig(max_iter=args.max_iter, tol=args.tol, seed=args.seed,
                             batch_size=args.batch_size, activations=not args.no_activations)
-        device = torch.device(args.device)
-    except (ValueError, RuntimeError) as exc:
+    except ValueError as exc:
         raise BadConstraintsError(f"invalid sensitivity settings: {exc}") from None
+    device = resolve_device(args.device)
     progress = TerminalProgress()
     try:
         progress("intake", 0.0)
