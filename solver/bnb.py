@@ -1,5 +1,6 @@
 """Exact in-process presolve: dominance pruning, Lagrangian bound, incumbent, reduced-cost
-fixing and a depth-first branch-and-bound, so that most instances close without a MILP solver.
+fixing and a breadth-first branch-and-bound over numpy arrays, so that most instances close
+without a MILP solver.
 
 The problem (after ties are merged into groups) is a multiple-choice knapsack: one option per
 group, minimise sum Omega subject to sum_g c_r(x_g) <= cap_r for each limited resource r.
@@ -19,13 +20,18 @@ Exactness, step by step:
   The multipliers come from a scalar search and coordinate line searches; any lam is valid.
 - *fixing*: with an incumbent of value UB, options with rc > UB - L(lam) + tol cannot be in a
   solution better than UB and are dropped (the incumbent's options are always kept).
-- *branch-and-bound*: depth-first over the groups with more than one option left, options in
-  increasing reduced cost; a node is cut when its accumulated reduced cost proves every
-  completion has Omega >= UB - EPS_REL * |UB| (see :data:`EPS_REL`), or when the resources
-  already used plus the smallest possible use of the remaining groups exceed a limit. Leaves are
-  re-checked exactly (math.fsum of the raw costs with :func:`within`). When the search finishes
-  inside its node and time budget the incumbent is optimal up to EPS_REL (and no incumbent means
-  infeasible); otherwise the reduced problem and the incumbent go to the MILP solver.
+- *branch-and-bound* (:class:`_Search`): over the groups with more than one option left, one
+  layer of the tree at a time. A partial assignment is cut when the smallest possible use of
+  the remaining groups exceeds a limit, or when an LP bound proves every completion has
+  Omega >= UB - EPS_REL * |UB| (see :data:`EPS_REL`), or when another partial assignment of the
+  same layer dominates it (no larger Omega and no larger use of any limit: every completion of
+  the dominated one completes the other at least as well). Complete assignments are re-checked
+  exactly (math.fsum of the raw costs with :func:`within`). When the search finishes inside
+  its budget (children evaluated, and the time limit) the incumbent is optimal up to EPS_REL
+  (and no incumbent means infeasible); otherwise the reduced problem and the incumbent go to
+  the MILP solver.
+- *order*: a small exact search first (closes most single-limit problems), then a beam search
+  (a heuristic that only sets the incumbent), fixing again with it, then the exact search.
 """
 
 from __future__ import annotations
@@ -48,9 +54,8 @@ if TYPE_CHECKING:
 EPS_REL = 1e-12
 # Width of the beam search that looks for an incumbent before the exact search (see _Search).
 BEAM_WIDTH = 64
-# States the first exact search may create before the beam search runs (see solve_arrays).
+# Children the first exact search may evaluate before the beam search runs (see solve_arrays).
 PROBE_STATES = 2000
-DOMINANCE = True
 # Pair-move polish: at most this many (move pair) evaluations per call, in scans of all pairs.
 PAIR_WORK_MAX = 50_000_000
 # Relative floating-point allowance on the bound (sums over up to ~1e5 terms in float64).
@@ -574,7 +579,7 @@ class _Search:
 
     def run(self, ub: float, max_states: int, beam_width: int | None = None,
             deadline: float | None = None) -> tuple[int, bool]:
-        """Search for completions better than ``ub``; returns (states created, finished).
+        """Search for completions better than ``ub``; returns (children evaluated, finished).
         After a finished run, :meth:`completions` lists the complete assignments kept. Without
         ``beam_width``, a finished run kept every assignment within the limits that beats
         ``ub`` by more than EPS_REL (and maybe a few that do not: the caller re-checks them
@@ -588,6 +593,10 @@ class _Search:
         back: list[np.ndarray] = []
         states = 0
         for d in range(n):
+            # the budget counts children evaluated (the work), checked before evaluating them
+            states += vals.size * len(self.om[d])
+            if states > max_states or (deadline is not None and time.perf_counter() > deadline):
+                return states, False
             val2 = (vals[:, None] + self.om[d]).ravel()
             use2 = (use[:, None, :] + self.c[d]).reshape(-1, R)
             ok = val2 < cut
@@ -609,15 +618,12 @@ class _Search:
                 idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
             else:
                 bound = val2
-            if DOMINANCE and idx.size > 1:
+            if idx.size > 1:
                 sel = _undominated(val2, use2)
                 idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
             if beam_width is not None and idx.size > beam_width:
                 sel = np.argpartition(bound, beam_width)[:beam_width]
                 idx, val2, use2 = idx[sel], val2[sel], use2[sel]
-            states += int(idx.size)
-            if states > max_states or (deadline is not None and time.perf_counter() > deadline):
-                return states, False
             back.append(idx)
             vals, use = val2, use2
             if not idx.size:

@@ -16,8 +16,9 @@ Exact reductions applied before the solver runs (each keeps the optimum value un
   without a solver;
 - the exact in-process presolve (``SolveConfig.presolve``, on by default; solver.bnb): lossless
   dominance pruning over the limited resources, a Lagrangian bound, a repaired and pair-move
-  polished incumbent, reduced-cost fixing, then a depth-first branch-and-bound with LP bounds of
-  single-constraint knapsacks (per-group convex hulls). When the search finishes within
+  polished incumbent, reduced-cost fixing, then a breadth-first branch-and-bound with LP
+  bounds of single-constraint knapsacks (per-group convex hulls), dominance between partial
+  assignments and a beam search for the incumbent. When the search finishes within
   ``SolveConfig.bnb_nodes`` it is the answer (``solver["closed_by"] == "branch-and-bound"``) and
   no MILP solver runs, and no PuLP model is built; otherwise the reduced groups go to the MILP
   solver, warm-started with the incumbent (``closed_by`` is then the solver's name);
@@ -88,8 +89,9 @@ class SolveConfig:
     shortcut: bool = True
     fix: bool = True
     # The exact in-process presolve and branch-and-bound (solver.bnb); the MILP solver only
-    # sees what it does not close within ``bnb_nodes`` search nodes (a node budget rather than a
-    # time budget keeps results deterministic; 0 = always hand over after the presolve).
+    # sees what it does not close within ``bnb_nodes`` search nodes (children evaluated: a budget
+    # of work rather than of time keeps results deterministic; 0 = always hand over after the
+    # presolve).
     presolve: bool = True
     bnb_nodes: int = 200_000
     version: int = VERSION

@@ -130,3 +130,97 @@ def test_hull_increments_are_convex() -> None:
     effs = [e for e, _, _ in incs]
     assert effs == sorted(effs, reverse=True) and all(e > 0 for e in effs)
     assert sum(dw for _, dw, _ in incs) == 3.0 and sum(do for _, _, do in incs) == -5.0
+
+
+@SETTINGS
+@given(problems(max_layers=7, max_options=4))
+def test_exact_search_alone_matches_brute_force(problem: Problem) -> None:
+    """With a beam of one state and no probe, optimality rests on the exact layered search."""
+    best, _ = brute_force(problem)
+    widths = (bnb.BEAM_WIDTH, bnb.PROBE_STATES)
+    bnb.BEAM_WIDTH, bnb.PROBE_STATES = 1, 0
+    try:
+        sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    finally:
+        bnb.BEAM_WIDTH, bnb.PROBE_STATES = widths
+    if best is None:
+        assert sol.status == "infeasible"
+    else:
+        assert sol.status == "optimal"
+        assert sol.solver["closed_by"] in ("shortcut", "branch-and-bound")
+        assert sol.objective == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def _dominates(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> bool:
+    return a[0] <= b[0] and bool(np.all(a[1] <= b[1]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 600), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_undominated_drops_only_dominated_states(n: int, r: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # few distinct values, so that ties and exact duplicates occur
+    vals = rng.integers(0, 20, n).astype(float)
+    use = rng.integers(0, 6, (n, r)).astype(float)
+    kept = bnb._undominated(vals, use)
+    assert list(kept) == sorted(set(kept.tolist()))
+    alive = set(kept.tolist())
+    states = [(vals[i], use[i]) for i in range(n)]
+    for i in range(n):
+        if i not in alive:  # a kept state covers every dropped one (transitivity)
+            assert any(_dominates(states[k], states[i]) for k in kept)
+    # the contract: a state dominated by any earlier one in value order (up to 384 states), or
+    # by one of the 32 just before it (beyond), is dropped
+    order = np.argsort(vals, kind="stable")
+    for p, i in enumerate(order):
+        earlier = order[:p] if n <= 384 else order[max(0, p - 32):p]
+        if any(_dominates(states[k], states[i]) for k in earlier):
+            assert i not in alive
+
+
+def test_layered_search_matches_cbc_on_a_mid_size_instance() -> None:
+    """30 layers x 12 options, two limits: far beyond brute force, so CBC alone is the
+    reference; the in-process search must close it and agree."""
+    rng = np.random.default_rng(7)
+    layers = []
+    for i in range(30):
+        params = float(rng.choice([1e3, 1e4, 1e5]))
+        trace = float(np.exp(rng.normal(0, 1.5)))
+        opts = []
+        for w in (2, 3, 4, 5, 6, 8):
+            for a in (4, 8):
+                omega = trace * params * (4.0 ** -w + 0.3 * 4.0 ** -a) * rng.uniform(0.8, 1.2)
+                opts.append(Option(w, a, omega, params * w / 8, params * w * a, None, f"w{w}a{a}"))
+        layers.append(LayerOptions(f"l{i}", tuple(opts)))
+    free = Problem(tuple(layers))
+    lim = {}
+    for r, f in (("size_bytes", 0.5), ("bops", 0.3)):
+        lo = sum(min(o.cost(r) for o in la.options) for la in free.layers)
+        hi = sum(max(o.cost(r) for o in la.options) for la in free.layers)
+        lim[r] = lo + f * (hi - lo)
+    problem = Problem(tuple(layers), Limits(**lim))
+    ours = solve(problem)
+    reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
+    assert ours.solver["closed_by"] == "branch-and-bound"
+    assert (ours.status, reference.status) == ("optimal", "optimal")
+    assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
+
+
+@SETTINGS
+@given(st.integers(1, 8), st.integers(1, 5), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_repair_fits_or_gives_up(groups: int, options: int, limits: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    om = rng.normal(size=(groups, options))
+    cn = rng.uniform(0, 1, size=(limits, groups, options))
+    cap = rng.uniform(0.2, 0.8, size=limits) * groups
+    start = rng.integers(0, options, groups).tolist()
+    out = bnb.repair(om, cn, cap, [options] * groups, start)
+    reachable = np.all(cn.min(axis=2).sum(axis=1) <= cap)
+    if out is None:
+        return
+    used = cn[:, np.arange(groups), out].sum(axis=1)
+    assert np.all(used <= cap + 1e-12)
+    if np.all(cn[:, np.arange(groups), start].sum(axis=1) <= cap):
+        # already fitting: improvement never raises Omega
+        assert om[np.arange(groups), out].sum() <= om[np.arange(groups), start].sum() + 1e-12
+    assert reachable
