@@ -359,13 +359,18 @@ def repair(
         if not fitted and over.any():
             after = np.maximum(used[:, None, None] + delta - cap[:, None, None], 0.0)
             gain = over.sum() - after.sum(axis=0)
-            score = np.where((gain > 1e-15) & ~invalid, gain / np.maximum(d_om, 1e-300),
-                             -np.inf)
+            ok = (gain > 1e-15) & ~invalid
+            free = ok & (d_om <= 0)  # removes excess without adding Omega: first
+            score = np.where(free, gain, -np.inf) if free.any() else \
+                np.where(ok, gain / np.where(ok, d_om, 1.0), -np.inf)
         else:
             fitted = True
             fits = np.all(delta <= (cap - used)[:, None, None], axis=0)
             extra = np.maximum(delta, 0.0).sum(axis=0)
-            score = np.where((d_om < 0) & fits & ~invalid, -d_om / (extra + 1e-300), -np.inf)
+            ok = (d_om < 0) & fits & ~invalid
+            free = ok & (extra <= 0)  # lowers Omega at no cost: first
+            score = np.where(free, -d_om, -np.inf) if free.any() else \
+                np.where(ok, -d_om / np.where(ok, extra, 1.0), -np.inf)
         best = int(np.argmax(score))
         if score.flat[best] == -np.inf:
             return pk.tolist() if fitted else None
@@ -509,10 +514,12 @@ class _Search:
 
         # Branch first on the heaviest groups (largest spread in some limit): once they are
         # fixed, the rest is fine-grained and the LP bounds are tight.
-        def spread(g: int) -> float:
-            return -float((cn[:, g, keep[g]].max(axis=1) - cn[:, g, keep[g]].min(axis=1)).max())
-
-        self.order = sorted(free, key=spread)
+        kept = np.zeros(om.shape, dtype=bool)
+        for g in free:
+            kept[g, keep[g]] = True
+        spread = (np.where(kept, cn, -np.inf).max(axis=2)
+                  - np.where(kept, cn, np.inf).min(axis=2)).max(axis=0)
+        self.order = sorted(free, key=lambda g: -spread[g])
         n = len(self.order)
         self.k: list[np.ndarray] = []  # option indices per position
         self.om: list[np.ndarray] = []

@@ -198,7 +198,7 @@ class Solution:
 # Groups: tied layers merged, options keyed by tag.
 
 
-@dataclass
+@dataclass(slots=True)
 class _GOpt:
     tag: str
     picks: tuple[int, ...]  # option index in each member layer
