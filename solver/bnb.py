@@ -56,6 +56,9 @@ EPS_REL = 1e-12
 BEAM_WIDTH = 64
 # Children the first exact search may evaluate before the beam search runs (see solve_arrays).
 PROBE_STATES = 2000
+# Consecutive groups share one layer of the search while the product of their option counts
+# stays within this.
+MERGE_MAX = 36
 # Pair-move polish: at most this many (move pair) evaluations per call, in scans of all pairs.
 PAIR_WORK_MAX = 50_000_000
 # Relative floating-point allowance on the bound (sums over up to ~1e5 terms in float64).
@@ -519,23 +522,38 @@ class _Search:
             kept[g, keep[g]] = True
         spread = (np.where(kept, cn, -np.inf).max(axis=2)
                   - np.where(kept, cn, np.inf).min(axis=2)).max(axis=0)
-        self.order = sorted(free, key=lambda g: -spread[g])
-        n = len(self.order)
-        self.k: list[np.ndarray] = []  # option indices per position
-        self.om: list[np.ndarray] = []
+        order = sorted(free, key=lambda g: -spread[g])
+        # Positions of the tree: consecutive groups in that order merged while the product of
+        # their option counts stays within MERGE_MAX (a layer costs a fixed number of numpy
+        # calls, so fewer, wider layers are faster; the LP bound of merged groups is the same,
+        # their hulls being Minkowski sums). A merged option is a mixed-radix code over the
+        # members' kept options.
+        self.members: list[list[tuple[int, np.ndarray]]] = []  # (group, its kept options)
+        self.code: list[np.ndarray] = []  # (K,) code of each option of the position
+        self.om: list[np.ndarray] = []  # (K,)
         self.c: list[np.ndarray] = []  # (K, R) normalised costs
+        for g in order:
+            ks = np.array(keep[g])
+            g_om, g_c = om[g, ks], cn[:, g, ks].T
+            if self.members and len(self.om[-1]) * len(ks) <= MERGE_MAX:
+                self.members[-1].append((g, ks))
+                self.code[-1] = (self.code[-1][:, None] * len(ks) + np.arange(len(ks))).ravel()
+                self.om[-1] = (self.om[-1][:, None] + g_om[None, :]).ravel()
+                self.c[-1] = (self.c[-1][:, None, :] + g_c[None, :, :]).reshape(-1, R)
+            else:
+                self.members.append([(g, ks)])
+                self.code.append(np.arange(len(ks)))
+                self.om.append(g_om)
+                self.c.append(g_c.copy())
+        n = len(self.members)
         start = np.zeros((2, J, n + 1))
         minc = np.zeros((n + 1, R))
         incs: list[list[tuple[float, float, float, int]]] = [[] for _ in range(J)]
-        for p, g in enumerate(self.order):
-            ks = np.array(keep[g])
-            c = cn[:, g, ks].T.copy()
-            self.k.append(ks)
-            self.om.append(om[g, ks])
-            self.c.append(c)
+        for p in range(n):
+            c = self.c[p]
             minc[p] = c.min(axis=0)
             w = (c @ self.D.T).T.tolist()
-            o = (om[g, ks][:, None] + c @ self.L.T).T.tolist()
+            o = (self.om[p][:, None] + c @ self.L.T).T.tolist()
             for j in range(J):
                 (start[0, j, p], start[1, j, p]), gi = _hull_increments(
                     list(zip(w[j], o[j], strict=True)))
@@ -647,8 +665,11 @@ class _Search:
             picks = list(self.base)
             i = int(s)
             for d in range(self.n - 1, -1, -1):
-                parent, k = divmod(int(back[d][i]), len(self.k[d]))
-                picks[self.order[d]] = int(self.k[d][k])
+                parent, k = divmod(int(back[d][i]), len(self.om[d]))
+                code = int(self.code[d][k])
+                for g, ks in reversed(self.members[d]):
+                    code, r = divmod(code, len(ks))
+                    picks[g] = int(ks[r])
                 i = parent
             yield picks
 
