@@ -14,6 +14,7 @@ reach the same objective. Run: ``.venv/bin/python bench/solver.py [--repeat 3]``
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import statistics
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--solver", default="cbc", choices=["cbc", "highs"])
     ap.add_argument("--time-limit", type=float, default=30.0, help="per solve, both sides")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: random,hawq")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="random instances per size and scenario (seed n + 1000 s)")
     args = ap.parse_args()
     cfg = SolveConfig(solver=args.solver, time_limit_s=args.time_limit)
     scenarios = {
@@ -138,22 +141,24 @@ def main() -> None:
           "Lagrangian fixing, branch-and-bound), all of 'ours' when no MILP solver runs")
     print(f"{'instance':>22} {'build ms':>9} {'ours ms':>9} {'vars':>6} {'baseline ms':>12} "
           f"{'ratio':>6}  objective match")
-    for n in (int(s) for s in args.sizes.split(",") if "random" not in args.skip):
-        for label, fr in scenarios.items():
-            prob = instance(n, seed=n, fractions=fr)
-            sol, ours = timed(lambda p=prob: solve(p, cfg), args.repeat)
-            # time in process before a MILP solver starts (all of it when none is needed)
-            build = sol.solver.get("presolve_seconds", sol.solver["seconds"])
-            (bobj, bstat), base = timed(lambda p=prob: straightforward(p, args.time_limit),
-                                        max(1, args.repeat - 2))
-            match = math.isclose(sol.objective, bobj, rel_tol=1e-9)
-            if not match:
-                match = f"ours {sol.objective:.10g} vs baseline {bobj:.10g} ({bstat})"
-            print(f"{n:>5}x12 {label:>15} {build * 1e3:9.1f} {ours * 1e3:9.1f} "
-                  f"{sol.solver['variables']:6d} {base * 1e3:12.1f} {base / ours:6.1f}  "
-                  f"{match} ({sol.status}, closed by {sol.solver['closed_by']}, "
-                  f"{sol.solver.get('nodes', 0)} nodes, binding {sol.binding})")
-            assert all(within(sol.totals[r], prob.limits.get(r)) for r in prob.limits.active())
+    sizes = [int(s) for s in args.sizes.split(",") if "random" not in args.skip]
+    for n, s, (label, fr) in itertools.product(sizes, range(args.seeds), scenarios.items()):
+        prob = instance(n, seed=n + 1000 * s, fractions=fr)
+        if args.seeds > 1:
+            label = f"{label} s{s}"
+        sol, ours = timed(lambda p=prob: solve(p, cfg), args.repeat)
+        # time in process before a MILP solver starts (all of it when none is needed)
+        build = sol.solver.get("presolve_seconds", sol.solver["seconds"])
+        (bobj, bstat), base = timed(lambda p=prob: straightforward(p, args.time_limit),
+                                    max(1, args.repeat - 2))
+        match = math.isclose(sol.objective, bobj, rel_tol=1e-9)
+        if not match:
+            match = f"ours {sol.objective:.10g} vs baseline {bobj:.10g} ({bstat})"
+        print(f"{n:>5}x12 {label:>15} {build * 1e3:9.1f} {ours * 1e3:9.1f} "
+              f"{sol.solver['variables']:6d} {base * 1e3:12.1f} {base / ours:6.1f}  "
+              f"{match} ({sol.status}, closed by {sol.solver['closed_by']}, "
+              f"{sol.solver.get('nodes', 0)} nodes, binding {sol.binding})")
+        assert all(within(sol.totals[r], prob.limits.get(r)) for r in prob.limits.active())
     hawq = Path(__file__).resolve().parents[1] / "tests" / "solver" / "data" / "hawq_v3"
     files = sorted(hawq.glob("resnet*_*[0-9].json"))
     if files and "hawq" not in args.skip:

@@ -129,7 +129,7 @@ class Result:
 def solve_arrays(
     arr: Arrays,
     limits: dict[str, float],
-    node_limit: int = 200_000,
+    node_limit: int = 500_000,
     time_limit_s: float | None = None,
     start: list[GOpt] | None = None,
 ) -> Result:

@@ -93,7 +93,7 @@ class SolveConfig:
     # of work rather than of time keeps results deterministic; 0 = always hand over after the
     # presolve).
     presolve: bool = True
-    bnb_nodes: int = 200_000
+    bnb_nodes: int = 500_000
     version: int = VERSION
 
     def __post_init__(self) -> None:
