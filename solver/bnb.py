@@ -53,12 +53,14 @@ if TYPE_CHECKING:
 # amount; "optimal" therefore means: no assignment is better by more than EPS_REL * |UB|.
 EPS_REL = 1e-12
 # Width of the beam search that looks for an incumbent before the exact search (see _Search).
-BEAM_WIDTH = 64
+BEAM_WIDTH = 16
 # Children the first exact search may evaluate before the beam search runs (see solve_arrays).
 PROBE_STATES = 2000
 # Consecutive groups share one layer of the search while the product of their option counts
 # stays within this.
 MERGE_MAX = 36
+# Rounds of coordinate line searches on the multipliers when there are several limits.
+LAGRANGE_ROUNDS = 3
 # Pair-move polish: at most this many (move pair) evaluations per call, in scans of all pairs.
 PAIR_WORK_MAX = 50_000_000
 # Relative floating-point allowance on the bound (sums over up to ~1e5 terms in float64).
@@ -211,7 +213,7 @@ def solve_arrays(
                 break
         # Several limits: coordinate line searches (bisection on the subgradient's sign).
         if R > 1:
-            for _ in range(3):
+            for _ in range(LAGRANGE_ROUNDS):
                 before = best_l
                 for r in range(R):
                     lam = best_lam.copy()
@@ -227,9 +229,8 @@ def solve_arrays(
                             break
                 if best_l <= before + 1e-12 * abs(before):
                     break
-    info["lagrange_evals_s"] = time.perf_counter() - t0
+    info["t_lagrange"] = time.perf_counter() - t0  # seconds since the start, per stage
 
-    # Incumbent: repair + improve the choice at the best bound (and polish the best feasible).
     lam = best_lam
     v = om + np.tensordot(lam, cn, axes=1)
     # Seeds: the choice at the best bound (usually just over a limit), the best feasible
@@ -287,7 +288,7 @@ def solve_arrays(
 
     info["bound"] = lbound
     info["first_incumbent"] = ub
-    info["seeds_s"] = time.perf_counter() - t0
+    info["t_incumbent"] = time.perf_counter() - t0
     keep = fixed(ub, inc)
     info["free_groups"] = sum(len(k) > 1 for k in keep)
     info["kept"] = sum(len(k) for k in keep)
@@ -324,7 +325,7 @@ def solve_arrays(
                     budget -= states
                     if finished:
                         inc, ub = better(search, inc, ub)
-        info["search_s"] = time.perf_counter() - t0
+        info["t_search"] = time.perf_counter() - t0
     info["nodes"] = node_limit - budget
     if inc is not None:
         info["incumbent"] = ub
