@@ -21,6 +21,9 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from .bnb import repair
 from .problem import FEAS_RTOL, within
 
 if TYPE_CHECKING:
@@ -117,12 +120,23 @@ def fix(
             if hi - lo <= 1e-9 * hi:
                 break
     # Incumbent candidates: the best feasible Lagrangian choice, improved; and the choice at
-    # the best bound (usually just over a limit), repaired then improved.
+    # the best bound (usually just over a limit), repaired then improved (solver.bnb.repair, on
+    # option arrays padded to a rectangle).
+    width = max(len(g) for g in groups)
+    om_arr = np.array([row + row[:1] * (width - len(row)) for row in om])
+    cn_arr = np.array([[cs[g][r] + cs[g][r][:1] * (width - len(cs[g][r])) for g in range(len(cs))]
+                       for r in range(nres)], dtype=float).reshape(nres, len(groups), width)
+    sizes = [len(g) for g in groups]
+
+    def improved(picks: list[int]) -> list[int]:
+        out = repair(om_arr, cn_arr, np.array(cap), sizes, picks)
+        return picks if out is None or not feasible(out) else out
+
     def candidates(mult: list[float], with_inc: bool = True) -> list[list[int]]:
         out = []
         if inc is not None and with_inc:
-            out.append(_improve(inc, om, groups, limits, res))
-        repaired = _improve(_choose(om, cs, mult)[0], om, groups, limits, res)
+            out.append(improved(inc))
+        repaired = improved(_choose(om, cs, mult)[0])
         if feasible(repaired):
             out.append(repaired)
         return out
@@ -178,154 +192,3 @@ def fix(
     incumbent = [groups[g][k] for g, k in enumerate(inc)]
     kept = sum(len(g) for g in out)
     return out, incumbent, {"bound": lbound, "incumbent": ub, "kept": kept}
-
-
-def _improve(
-    picks: list[int],
-    om: list[list[float]],
-    groups: list[list[GOpt]],
-    limits: dict[str, float],
-    res: list[str],
-) -> list[int]:
-    """Repair (if needed) then improve an assignment by single-group moves.
-
-    Repair: while a limit is exceeded, take the move that removes the most normalised excess
-    per unit of Omega added. Improve: while possible, take the feasible move with the largest
-    Omega decrease per unit of normalised cost added. Works on normalised costs for speed and
-    re-checks the result exactly; returns the input if repair fails."""
-    start, picks = picks, list(picks)
-    nres = len(res)
-    scale = [limits[r] if limits[r] > 0 else 1.0 for r in res]
-    cap = [limits[r] / sc for r, sc in zip(res, scale, strict=True)]
-    cn = [[tuple(o.costs[r] / scale[i] for i, r in enumerate(res)) for o in g] for g in groups]
-    used = [math.fsum(cn[g][k][i] for g, k in enumerate(picks)) for i in range(nres)]
-    slack_tol = [1e-12 * max(1.0, c) for c in cap]
-
-    def apply(g: int, k: int) -> None:
-        cur, new = cn[g][picks[g]], cn[g][k]
-        for i in range(nres):
-            used[i] += new[i] - cur[i]
-        picks[g] = k
-
-    # Repair best-first, one full rescan per move: from the choice at the best bound only a
-    # few moves are needed, and taking them one by one keeps the incumbent close to optimal.
-    # Full rescans cost O(options); cap them so large problems stay fast (batch moves below).
-    work = max(1, sum(len(row) for row in cn) * nres)
-    for _ in range(min(256, 300_000 // work)):
-        ex = sum(max(0.0, used[i] - cap[i]) for i in range(nres))
-        if ex <= 0:
-            break
-        best, best_score = None, -math.inf
-        over = [i for i in range(nres) if used[i] > cap[i]]
-        for g, row in enumerate(cn):
-            cur = row[picks[g]]
-            w0 = om[g][picks[g]]
-            for k, c in enumerate(row):
-                if all(c[i] >= cur[i] for i in over):
-                    continue  # cannot lower any exceeded total
-                after = 0.0
-                for i in range(nres):
-                    v = used[i] - cur[i] + c[i] - cap[i]
-                    if v > 0:
-                        after += v
-                drop = ex - after
-                if drop <= 0:
-                    continue
-                score = drop / (max(0.0, om[g][k] - w0) + 1e-300)
-                if score > best_score:
-                    best, best_score = (g, k), score
-        if best is None:
-            return start
-        apply(*best)
-    # Batch repair for what the capped rescans left: score all moves once, apply best-first.
-    for _ in range(8):
-        ex = sum(max(0.0, used[i] - cap[i]) for i in range(nres))
-        if ex <= 0:
-            break
-        cands = []
-        for g, row in enumerate(cn):
-            cur = row[picks[g]]
-            w0 = om[g][picks[g]]
-            for k, c in enumerate(row):
-                after = sum(max(0.0, used[i] - cur[i] + c[i] - cap[i]) for i in range(nres))
-                if ex - after > 0:
-                    cands.append((-(ex - after) / (max(0.0, om[g][k] - w0) + 1e-300), g, k))
-        if not cands:
-            return start
-        cands.sort()
-        moved: set[int] = set()
-        for _, g, k in cands:
-            ex = sum(max(0.0, used[i] - cap[i]) for i in range(nres))
-            if ex <= 0:
-                break
-            if g in moved:
-                continue
-            cur, c = cn[g][picks[g]], cn[g][k]
-            if sum(max(0.0, used[i] - cur[i] + c[i] - cap[i]) for i in range(nres)) < ex:
-                apply(g, k)
-                moved.add(g)
-    if any(used[i] > cap[i] for i in range(nres)):
-        return start
-
-    # Improve: each pass scores every single-group move once and applies them best-first while
-    # they still fit (O(moves log moves) per pass instead of a full rescan per move).
-    for _ in range(8):
-        cands = []
-        for g, row in enumerate(cn):
-            cur = row[picks[g]]
-            w0 = om[g][picks[g]]
-            for k, c in enumerate(row):
-                gain = w0 - om[g][k]
-                if gain <= 0:
-                    continue
-                extra = 0.0
-                for i in range(nres):
-                    d = c[i] - cur[i]
-                    if d > 0:
-                        extra += d
-                cands.append((-gain / (extra + 1e-300), g, k))
-        cands.sort()
-        changed = False
-        moved = set()
-        for _, g, k in cands:
-            if g in moved:
-                continue
-            cur, c = cn[g][picks[g]], cn[g][k]
-            if om[g][k] >= om[g][picks[g]]:
-                continue
-            if all(c[i] - cur[i] <= cap[i] + slack_tol[i] - used[i] for i in range(nres)):
-                apply(g, k)
-                moved.add(g)
-                changed = True
-        if not changed:
-            break
-    # Then a few exact best-first moves (full rescans) to polish what the batches left.
-    for _ in range(min(64, 300_000 // work)):
-        best, best_score = None, 0.0
-        room = [cap[i] + slack_tol[i] - used[i] for i in range(nres)]
-        for g, row in enumerate(cn):
-            cur = row[picks[g]]
-            w0 = om[g][picks[g]]
-            for k, c in enumerate(row):
-                gain = w0 - om[g][k]
-                if gain <= 0:
-                    continue
-                extra = 0.0
-                ok = True
-                for i in range(nres):
-                    d = c[i] - cur[i]
-                    if d > room[i]:
-                        ok = False
-                        break
-                    if d > 0:
-                        extra += d
-                if ok and gain / (extra + 1e-300) > best_score:
-                    best, best_score = (g, k), gain / (extra + 1e-300)
-        if best is None:
-            break
-        apply(*best)
-    # Recompute exactly on the raw costs: the normalised running sums may drift by rounding.
-    if not all(within(math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)), limits[r])
-               for r in res):
-        return start
-    return picks
