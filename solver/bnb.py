@@ -61,6 +61,8 @@ PROBE_STATES = 2000
 MERGE_MAX = 36
 # Rounds of coordinate line searches on the multipliers when there are several limits.
 LAGRANGE_ROUNDS = 3
+# Relative width at which a coordinate line search on one multiplier stops.
+LAGRANGE_TOL = 1e-4
 # Pair-move polish: at most this many (move pair) evaluations per call, in scans of all pairs.
 PAIR_WORK_MAX = 50_000_000
 # Relative floating-point allowance on the bound (sums over up to ~1e5 terms in float64).
@@ -225,7 +227,7 @@ def solve_arrays(
                             a = lam[r]
                         else:
                             b = lam[r]
-                        if b - a <= 1e-4 * b:
+                        if b - a <= LAGRANGE_TOL * b:
                             break
                 if best_l <= before + 1e-12 * abs(before):
                     break
