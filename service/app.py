@@ -1,5 +1,6 @@
-"""The FastAPI application (OpenAPI at /docs). ``create_app(settings)`` builds one; the routes
-live in ``service/routes/``, one router per resource."""
+"""The FastAPI application (OpenAPI at /docs; with an API key, only /openapi.json, keyed).
+``create_app(settings)`` builds one; the routes live in ``service/routes/``, one router per
+resource."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .core import BitplanService
+from .deps import ApiKeyDep
 from .routes import health, jobs, plans
 from .settings import Settings
 
@@ -49,12 +51,23 @@ def create_app(settings: Settings | None = None, service: BitplanService | None 
         if service is None:  # we built it, we close it
             svc.close()
 
+    # The API's description is public only when the API is (or when asked for): with a key,
+    # the interactive pages are off and the schema needs the key like every other route.
+    settings = svc.settings
+    public = settings.api_key is None if settings.docs_public is None else settings.docs_public
     app = FastAPI(
         title="bitplan",
         version="0.1.0",
         summary="Mixed-precision search for PyTorch models (HAWQ-V3 ILP + DRQ regions)",
         lifespan=lifespan,
+        docs_url="/docs" if public else None,
+        redoc_url="/redoc" if public else None,
+        openapi_url="/openapi.json" if public else None,
     )
+    if not public:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[ApiKeyDep])
+        def openapi_schema() -> dict:
+            return app.openapi()
     app.state.service = svc
     app.add_exception_handler(HTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
         None, description="Huey on Redis when set (workers on other machines), else SqliteHuey"
     )
     api_key: str | None = Field(None, description="when set, every route but /healthz needs it")
+    docs_public: bool | None = Field(
+        None, description="serve /docs, /redoc and /openapi.json without the API key "
+        "(default: only when no API key is set; with a key, /openapi.json then needs it too)"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     device: str = Field("auto", description='"auto" (CUDA when present), "cpu" or "cuda[:N]"')

@@ -217,6 +217,20 @@ def test_api_key(tmp_path: Path, good: tuple[bytes, bytes]) -> None:
         bearer = {"Authorization": "Bearer s3cret-key-123"}
         assert c.get("/jobs", headers=bearer).status_code == 200
         assert post_plan(c, *good, constraints(), headers=bearer).status_code == 202
+        # the API's description is not public either: no pages, the schema needs the key
+        assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404
+        assert c.get("/openapi.json").status_code == 401
+        assert "/plan" in c.get("/openapi.json", headers=bearer).json()["paths"]
+
+
+def test_docs_public_by_setting(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, api_key="s3cret-key-123", docs_public=True)
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/docs").status_code == 200
+        assert "/plan" in c.get("/openapi.json").json()["paths"]
+        assert c.get("/jobs").status_code == 401
+    with TestClient(create_app(Settings(data_dir=tmp_path / "b"))) as c:  # no key: public
+        assert c.get("/docs").status_code == 200
 
 
 def test_oversize_upload_is_413(tmp_path: Path, good: tuple[bytes, bytes]) -> None:
