@@ -13,7 +13,12 @@ on a known grid (``quantize.points``):
 - global average pool (``mean``): an integer sum, then one dyadic rescale
   ``S_x / (count * S_next)`` onto the next grid;
 - a layer whose input sits on another grid (two consumers with different bits) requantises it
-  with the dyadic ``S_x / S_in``.
+  with the dyadic ``S_x / S_in``;
+- DRQ conv (``quantize.drq``): the region mask from the INT8 input codes (integer sums against
+  ``threshold * count``), the input also on the low-bit grid of the same range, one integer
+  convolution per precision (W and W_low, the latter derived once at load as the fake-quant
+  module derives it), and both accumulators rescaled onto the output grid with one common
+  shift: ``((acc_8 + bias_q) b_8 + acc_4 b_4 + 2^(c-1)) >> c``.
 
 Supported are the graphs of the reference models (``sensitivity.zoo`` DigitsMLP, DigitsCNN,
 DigitsResNet) and anything built from the same ops; anything else raises UnsupportedOpError
@@ -35,9 +40,12 @@ from torch import fx
 from solver.errors import BadModelError
 
 from .checkpoint import Checkpoint, read_checkpoint
+from .drq import low_scale, region_mask, upsample_mask
 from .fakequant import prepare
+from .graph import GraphLayer
 from .points import RELU_OPS, TRANSPARENT_OPS, Grid, Point
-from .primitives import dyadic, dyadic_requantize, quantize_activation
+from .primitives import dyadic, dyadic_requantize, quantize_activation, quantize_weight
+from .rows import PlanRow
 
 aten = torch.ops.aten
 
@@ -121,6 +129,40 @@ def int_conv(
     return acc.squeeze(2) if nd == 1 else acc
 
 
+@dataclass(frozen=True)
+class _DRQLayer:
+    """What a DRQ conv needs beyond its INT8 weights, derived once from the checkpoint."""
+
+    region: tuple[int, int]
+    threshold: int
+    low: Grid  # the low-bit input grid (same range as the INT8 input grid)
+    weight_low: torch.Tensor  # int codes at min(w_bits, low_bits)
+    b_high: torch.Tensor  # int64 [1, out, 1, 1]: S_w S_in / S_out = b_high / 2^shift
+    b_low: torch.Tensor  # int64 [1, out, 1, 1]: S_w_low S_low / S_out = b_low / 2^shift
+    shift: int
+
+
+def _drq_layer(ckpt: Checkpoint, name: str, row: PlanRow) -> _DRQLayer:
+    assert row.drq is not None
+    g_in, g_out = ckpt.input_grid(name), ckpt.output_grid(name)
+    high, low_bits = row.drq.high_bits, row.drq.low_bits
+    low = Grid(low_scale(g_in.scale, g_in.signed, high, low_bits), low_bits, g_in.signed)
+    # W_low as the fake-quant DRQ conv derives it (the dequantized weight rounded per channel
+    # at min(w_bits, low_bits)): computed once, here, not during inference.
+    weight_low, s_w_low = quantize_weight(ckpt.dequantized_weight(name), min(row.w_bits, low_bits))
+    m_high = ckpt.tensors[f"{name}.weight_scale"].to(torch.float64) * g_in.scale / g_out.scale
+    m_low = s_w_low.to(torch.float64) * low.scale / g_out.scale
+    # one shift for both terms: the largest at which every multiplier fits 30 bits, so that
+    # (int32 accumulator) x b stays below 2^61 and the sum of two below 2^63
+    _, shift = dyadic(float(torch.cat([m_high, m_low]).abs().max()), max_bits=30)
+    return _DRQLayer(
+        row.drq.region, row.drq.threshold, low, weight_low,
+        torch.round(m_high * 2**shift).to(torch.int64).reshape(1, -1, 1, 1),
+        torch.round(m_low * 2**shift).to(torch.int64).reshape(1, -1, 1, 1),
+        shift,
+    )
+
+
 class IntegerExecutor:
     """Runs a checkpoint on integer tensors. ``forward(*inputs) -> QTensor`` (the model output).
 
@@ -130,14 +172,11 @@ class IntegerExecutor:
     def __init__(self, program: torch.export.ExportedProgram, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         self.gm, qlayers, rows = prepare(program, ckpt)
-        drq = [n for n, r in rows.items() if r.drq is not None]
-        if drq:
-            raise UnsupportedOpError(
-                f"the integer reference does not run DRQ layers ({', '.join(drq)})"
-            )
         self.layers = {layer.node: layer for layer in qlayers.values()}
         self.points: dict[str, tuple[Point, Grid]] = {p.node: (p, g) for p, g in ckpt.points()}
         self.weights = {name: ckpt.codes(name) for name in qlayers}
+        self.drq = {name: _drq_layer(ckpt, name, row) for name, row in rows.items()
+                    if row.drq is not None}
 
     @classmethod
     def from_checkpoint(
@@ -158,6 +197,8 @@ class IntegerExecutor:
         else:
             raise UnsupportedOpError(f"layer {name!r} reads a value the integer model lacks")
         w = self.weights[name]
+        if name in self.drq:
+            return self._drq(layer, x, codes, w)
         if layer.kind == "linear":
             acc = torch.matmul(codes.to(torch.int64), w.to(torch.int64).t())
             ch_dim = acc.dim() - 1
@@ -173,6 +214,30 @@ class IntegerExecutor:
         c = t[f"{name}.requant_c"].to(torch.int64).reshape(shape)
         g_out = self.ckpt.output_grid(name)
         return QTensor(clamp(dyadic_requantize(acc, b, c), g_out), g_out)
+
+    def _drq(self, layer: GraphLayer, x: object, codes: torch.Tensor,
+             w: torch.Tensor) -> QTensor:
+        """A DRQ conv: sensitive regions (``quantize.drq.region_mask`` on the INT8 codes) with
+        the INT8 input and W, the rest with the low-bit input and W_low, both accumulators
+        scaled onto the output grid with one shift, so the output is rounded once."""
+        name = layer.name
+        d = self.drq[name]
+        if isinstance(x, QTensor):  # from the source grid directly, as the fake-quant conv does
+            low = clamp(requantize(x, d.low), d.low)
+        else:
+            low = quantize_activation(x, d.low.scale, d.low.bits, d.low.signed).to(torch.int32)
+        mask = region_mask(codes, d.region, d.threshold)
+        m = upsample_mask(mask, d.region, codes.shape[-2], codes.shape[-1]).to(torch.int64)
+        conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        acc_high = int_conv(codes.to(torch.int64) * m, w, *conv)
+        acc_low = int_conv(low.to(torch.int64) * (1 - m), d.weight_low, *conv)
+        _check_int32(acc_high, f"DRQ layer {name!r} (INT8 regions)")
+        _check_int32(acc_low, f"DRQ layer {name!r} (low-bit regions)")
+        bias = self.ckpt.tensors[f"{name}.bias_q"].to(torch.int64).reshape(1, -1, 1, 1)
+        acc = (acc_high + bias) * d.b_high + acc_low * d.b_low
+        out = (acc + (1 << (d.shift - 1) if d.shift else 0)) >> d.shift
+        g_out = self.ckpt.output_grid(name)
+        return QTensor(clamp(out, g_out), g_out)
 
     def _call(self, node: fx.Node, env: dict[str, object]) -> object:
         def val(a: object) -> object:

@@ -7,7 +7,8 @@ import torch
 
 from quantize import QuantizeConfig, apply, load
 from quantize.checkpoint import read_checkpoint
-from quantize.integer import IntegerExecutor, UnsupportedOpError
+from quantize.drq import DRQConv2d
+from quantize.integer import IntegerExecutor
 
 DRQ = {"region": [2, 2], "threshold": 40, "sensitive_fraction": 0.3, "high_bits": 8,
        "low_bits": 4}
@@ -44,5 +45,42 @@ def test_loaded_module_runs_drq(drq_result, cnn_program, split, tmp_path) -> Non
     with torch.no_grad():
         assert torch.equal(module(x), drq_result.module(x))
     assert 0.0 < drq[0].last_int4_fraction < 1.0
-    with pytest.raises(UnsupportedOpError, match="DRQ"):
-        IntegerExecutor(cnn_program, read_checkpoint(path))
+
+
+def test_integer_executor_runs_drq_like_fake_quant(drq_result, cnn_program, split,
+                                                   tmp_path) -> None:
+    """The integer-only DRQ conv (mask from INT8 codes, INT8 and low-bit integer convolutions,
+    one dyadic rescale) lands on the fake-quant DRQ conv's codes within one LSB when both get
+    the same input codes; end to end the two models classify alike. (One LSB upstream can flip
+    a region's mask, so whole-model outputs may differ more on the rare sample.)"""
+    path = drq_result.save(tmp_path / "drq.safetensors")
+    executor = IntegerExecutor(cnn_program, read_checkpoint(path))
+    x = split[1].args[0]
+    seen: dict[str, object] = {}
+    fake_conv = [m for m in drq_result.module.modules() if isinstance(m, DRQConv2d)][0]
+    fake_conv.register_forward_hook(lambda m, i, o: seen.update(fake_in=i[0], fake_out=o))
+    run_drq = executor._drq
+
+    def spy(layer, xin, codes, w):
+        out = run_drq(layer, xin, codes, w)
+        seen.update(int_in=xin, int_out=out)
+        return out
+
+    executor._drq = spy
+    out = executor(x)
+    with torch.no_grad():
+        fq = drq_result.module(x)
+    assert out.codes.dtype == torch.int32
+    # the DRQ layer itself, where its input codes agree
+    grid_in, grid_out = seen["int_in"].grid, seen["int_out"].grid
+    same = (torch.round(seen["fake_in"].double() / grid_in.scale)
+            == seen["int_in"].codes.double()).flatten(1).all(dim=1)
+    assert float(same.double().mean()) > 0.95
+    fake = torch.round(seen["fake_out"].double() / grid_out.scale).clamp(*grid_out.qrange)
+    lsb = (seen["int_out"].codes.double() - fake).abs()[same]
+    assert float(lsb.max()) <= 1.0 and float((lsb > 0).double().mean()) < 0.01
+    assert 0.0 < fake_conv.last_int4_fraction < 1.0  # both precisions really in use
+    # the whole model
+    final = (out.codes.double() - torch.round(fq.double() / out.grid.scale)).abs()
+    assert float((final.max(dim=1).values <= 1).double().mean()) > 0.98
+    assert float((out.codes.argmax(1) == fq.argmax(1)).double().mean()) > 0.99
