@@ -169,7 +169,10 @@ def solve_arrays(
         return Result("optimal", [groups[g][k] for g, k in enumerate(best0)], groups,
                       dict(info, closed_by="shortcut"))
 
-    rows = np.arange(G)
+    K = om.shape[1]
+    base = np.arange(G) * K  # flat index of each group's first option
+    om_flat = om.ravel()
+    cn_flat = np.ascontiguousarray(cn.reshape(R, -1).T)  # (G * K, R)
     inc: list[int] | None = None
     ub = math.inf
     best_l, best_lam = -math.inf, np.zeros(R)
@@ -178,13 +181,14 @@ def solve_arrays(
         """Lagrangian choice at lam; records the bound and feasible choices. Returns (picks,
         usage of the picks in normalised units)."""
         nonlocal best_l, best_lam, inc, ub
-        v = om + np.tensordot(lam, cn, axes=1)
-        picks = v.argmin(axis=1)
-        lval = float(v[rows, picks].sum() - lam @ cap)
+        v = om_flat + cn_flat @ lam
+        picks = v.reshape(G, K).argmin(axis=1)
+        chosen = base + picks
+        lval = float(v[chosen].sum() - lam @ cap)
         if lval > best_l:
             best_l, best_lam = lval, lam.copy()
-        usage = cn[:, rows, picks].sum(axis=1)
-        if np.all(usage <= cap + cushion * 0.5) and float(om[rows, picks].sum()) < ub:
+        usage = cn_flat[chosen].sum(axis=0)
+        if np.all(usage <= cap + cushion * 0.5) and float(om_flat[chosen].sum()) < ub:
             pl = picks.tolist()
             if exact_ok(pl):
                 val = value(pl)
