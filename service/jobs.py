@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -380,6 +381,24 @@ class JobStore:
             ):
                 failed.append(job_id)
         return requeued, failed
+
+    def delete_finished(self, ids: Iterable[str]) -> int:
+        """Delete the rows of those of ``ids`` that have ended; returns how many went."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self._session() as s:
+            gone = s.execute(delete(JobRow).where(JobRow.id.in_(ids),
+                                                  JobRow.status.in_(FINISHED))).rowcount
+            s.commit()
+        return int(gone or 0)
+
+    def ended_before(self, finished_before: datetime) -> list[str]:
+        """Ids of the jobs that ended before ``finished_before`` (oldest first)."""
+        with self._session() as s:
+            return list(s.scalars(select(JobRow.id).where(
+                JobRow.status.in_(FINISHED), JobRow.finished_at < finished_before
+            ).order_by(JobRow.finished_at)).all())
 
     def fail_overdue(self, started_before: datetime, timeout_s: float) -> list[str]:
         """Fail running jobs started before ``started_before`` (they exceeded the job timeout)."""

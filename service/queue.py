@@ -17,6 +17,7 @@ next progress point and raises ``CancelledError``.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -207,7 +208,8 @@ class JobQueue:
 
     def recover(self) -> dict[str, list[str]]:
         """Requeue orphaned running jobs (or fail them after ``max_attempts``), fail overdue
-        ones, and re-enqueue queued jobs that are missing from the queue."""
+        ones, re-enqueue queued jobs that are missing from the queue, and delete jobs past
+        their retention (:meth:`expire`)."""
         s = self.settings
         overdue = self.store.fail_overdue(age_cutoff(s.job_timeout_s), s.job_timeout_s)
         with self._lock:
@@ -232,7 +234,23 @@ class JobQueue:
         report = {"requeued": requeued, "failed": failed, "overdue": overdue, "missing": missing}
         if any(report.values()):
             log.warning("recovery: %s", report)
+        report["expired"] = self.expire()  # routine, logged by expire()
         return report
+
+    def expire(self) -> list[str]:
+        """Delete the jobs that ended more than ``retention_days`` ago: files first, then the
+        row (a crash in between leaves a row whose files are gone, deleted on the next pass)."""
+        days = self.settings.retention_days
+        if days is None:
+            return []
+        ids = self.store.ended_before(age_cutoff(days * 86400.0))
+        for job_id in ids:
+            if J.is_job_id(job_id):  # ids name directories: never anything path-like
+                shutil.rmtree(self.settings.jobs_dir / job_id, ignore_errors=True)
+        self.store.delete_finished(ids)
+        if ids:
+            log.info("deleted %d job(s) that ended more than %g days ago", len(ids), days)
+        return ids
 
     def stop_jobs(self) -> None:
         """Ask running pipelines to stop at their next progress point (worker shutdown)."""

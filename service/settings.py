@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     )
     poll_interval_s: PositiveFloat = Field(0.5, description="longest idle wait of a worker")
     embedded_worker: bool = Field(True, description="`bitplan serve` also runs a worker")
+    retention_days: float | None = Field(
+        30.0, gt=0, description="a job that ended longer ago is deleted with its files "
+        "(by a worker's maintenance pass); empty keeps jobs forever"
+    )
 
     @field_validator("device")
     @classmethod
@@ -70,6 +74,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("retention_days", mode="before")
+    @classmethod
+    def _empty_keeps_forever(cls, v: object) -> object:
+        return None if v == "" else v
 
     @model_validator(mode="after")
     def _timing(self) -> Settings:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
-from service.jobs import JobStore, new_job_id
+from service.jobs import JobRow, JobStore, age_cutoff, new_job_id
 from service.queue import JobQueue, Worker, overall_progress
 from service.settings import Settings
 from solver.errors import BadCalibrationError, CancelledError, InfeasibleError
@@ -249,3 +250,27 @@ def test_database_hiccups_in_progress_do_not_fail_the_job(settings, store, tmp_p
     job_id = _job(store, tmp_path)
     q.run_job(job_id)
     assert store.get(job_id).status == "succeeded"
+
+
+def test_jobs_past_retention_are_deleted_with_their_files(settings, store, tmp_path) -> None:
+    q = JobQueue(settings.model_copy(update={"retention_days": 1.0}), store, Script())
+    old, recent, running = (_job(store, tmp_path) for _ in range(3))
+    for job_id in (old, recent, running):
+        (settings.jobs_dir / job_id / "out").mkdir(parents=True)
+        (settings.jobs_dir / job_id / "out" / "plan.json").write_text("{}")
+        assert store.claim(job_id) is not None
+    store.mark_succeeded(old)
+    store.mark_failed(recent, "infeasible", "no")
+    # the old one ended two days ago
+    with store._session() as s:
+        s.execute(update(JobRow).where(JobRow.id == old)
+                  .values(finished_at=age_cutoff(2 * 86400.0)))
+        s.commit()
+    report = q.recover()
+    assert report["expired"] == [old]
+    assert not (settings.jobs_dir / old).exists()
+    assert {j.id for j in store.list(0, 10, None)[0]} == {recent, running}
+    assert (settings.jobs_dir / recent / "out" / "plan.json").exists()
+    # an unset retention keeps everything
+    keep = JobQueue(settings.model_copy(update={"retention_days": None}), store, Script())
+    assert keep.recover()["expired"] == []
