@@ -73,17 +73,22 @@ def float_problems(draw) -> Problem:
     return Problem(tuple(layers), Limits(**lim))
 
 
-@SETTINGS
-@given(float_problems())
-def test_branch_and_bound_float_costs_match_brute_force(problem: Problem) -> None:
-    best, _ = brute_force(problem)
-    sol = solve(problem, SolveConfig(bnb_nodes=10**7))
+def _assert_closed_in_process(sol, best: float | None) -> None:
+    """``sol`` is brute force's answer (``best``; None = infeasible), found without a MILP."""
     if best is None:
         assert sol.status == "infeasible"
     else:
         assert sol.status == "optimal"
         assert sol.solver["closed_by"] in ("shortcut", "branch-and-bound")
         assert sol.objective == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+@SETTINGS
+@given(float_problems())
+def test_branch_and_bound_float_costs_match_brute_force(problem: Problem) -> None:
+    best, _ = brute_force(problem)
+    sol = solve(problem, SolveConfig(bnb_nodes=10**7))
+    _assert_closed_in_process(sol, best)
 
 
 @SETTINGS
@@ -143,12 +148,7 @@ def test_exact_search_alone_matches_brute_force(problem: Problem) -> None:
         sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
     finally:
         bnb.BEAM_WIDTH, bnb.PROBE_STATES = widths
-    if best is None:
-        assert sol.status == "infeasible"
-    else:
-        assert sol.status == "optimal"
-        assert sol.solver["closed_by"] in ("shortcut", "branch-and-bound")
-        assert sol.objective == pytest.approx(best, rel=1e-9, abs=1e-9)
+    _assert_closed_in_process(sol, best)
 
 
 def _dominates(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> bool:
