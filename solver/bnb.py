@@ -299,7 +299,7 @@ def solve_arrays(
     info["free_groups"] = sum(len(k) > 1 for k in keep)
     info["kept"] = sum(len(k) for k in keep)
     deadline = None if time_limit_s is None else t0 + time_limit_s
-    search = _Search(arr, keep, rc, cn, cap, cushion, lam)
+    search = _Search(arr, keep, cn, cap, cushion, lam)
     budget = node_limit
     finished = False
     if budget > 0:
@@ -488,10 +488,10 @@ class _Search:
 
     ``run(beam_width=B)`` keeps only the B best-bounded children of each layer: a heuristic
     (beam search) that finds good incumbents fast. ``run()`` keeps every child that can beat
-    the incumbent: exact, within a budget of states."""
+    the incumbent: exact, within a budget of children evaluated."""
 
-    def __init__(self, arr: Arrays, keep: list[list[int]], rc: np.ndarray, cn: np.ndarray,
-                 cap: np.ndarray, cushion: np.ndarray, lam: np.ndarray) -> None:
+    def __init__(self, arr: Arrays, keep: list[list[int]], cn: np.ndarray, cap: np.ndarray,
+                 cushion: np.ndarray, lam: np.ndarray) -> None:
         R = len(arr.res)
         G = len(arr.groups)
         om = arr.om
