@@ -147,7 +147,11 @@ def solve_arrays(
     G = len(groups)
     om = arr.om
     raw_cap = np.array([limits[r] for r in res], dtype=float)
-    scale = np.where(raw_cap > 0, raw_cap, 1.0)
+    # Normalise each limit to ~1; a limit far below the costs' scale (a tiny positive limit) is
+    # floored at 1e-9 of the largest reachable total, so normalised costs stay finite products.
+    top = arr.cost.max(axis=2).sum(axis=1) if G else np.zeros(R)
+    scale = np.maximum(raw_cap, 1e-9 * top)
+    scale = np.where(scale > 0, scale, 1.0)
     cn = arr.cost / scale[:, None, None]  # normalised costs
     cap = raw_cap / scale
     cushion = FEAS_RTOL * np.maximum(np.abs(raw_cap), 1e-300) / scale
@@ -363,21 +367,24 @@ def repair(
         delta = cn - cur[:, :, None]  # (R, G, K): cost change of each move
         d_om = om - om[rows, pk][:, None]
         over = np.maximum(used - cap, 0.0)
+        # (a ratio may overflow to inf on a tiny denominator: still the best score, rightly)
         if not fitted and over.any():
             after = np.maximum(used[:, None, None] + delta - cap[:, None, None], 0.0)
             gain = over.sum() - after.sum(axis=0)
             ok = (gain > 1e-15) & ~invalid
             free = ok & (d_om <= 0)  # removes excess without adding Omega: first
-            score = np.where(free, gain, -np.inf) if free.any() else \
-                np.where(ok, gain / np.where(ok, d_om, 1.0), -np.inf)
+            with np.errstate(over="ignore"):
+                score = np.where(free, gain, -np.inf) if free.any() else \
+                    np.where(ok, gain / np.where(ok, d_om, 1.0), -np.inf)
         else:
             fitted = True
             fits = np.all(delta <= (cap - used)[:, None, None], axis=0)
             extra = np.maximum(delta, 0.0).sum(axis=0)
             ok = (d_om < 0) & fits & ~invalid
             free = ok & (extra <= 0)  # lowers Omega at no cost: first
-            score = np.where(free, -d_om, -np.inf) if free.any() else \
-                np.where(ok, -d_om / np.where(ok, extra, 1.0), -np.inf)
+            with np.errstate(over="ignore"):
+                score = np.where(free, -d_om, -np.inf) if free.any() else \
+                    np.where(ok, -d_om / np.where(ok, extra, 1.0), -np.inf)
         best = int(np.argmax(score))
         if score.flat[best] == -np.inf:
             return pk.tolist() if fitted else None

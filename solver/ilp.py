@@ -337,7 +337,7 @@ class _Model:
         self.vars: list[list[pulp.LpVariable] | None] = []
         self.const = {r: 0.0 for r in self.resources}
         top = max((abs(o.value(key)) for g in groups for o in g), default=1.0) or 1.0
-        objscale = top / OBJ_MAX
+        objscale = top / OBJ_MAX or 1.0  # (a subnormal top would underflow to 0)
         obj: dict[pulp.LpVariable, float] = {}
         rows: dict[str, dict[pulp.LpVariable, float]] = {r: {} for r in self.resources}
         n_cons = 0

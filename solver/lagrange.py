@@ -62,7 +62,9 @@ def fix(
     None, info). The incumbent's options always survive; when every group is left with one
     option the incumbent is optimal."""
     res = list(limits)
-    scale = {r: (limits[r] if limits[r] > 0 else 1.0) for r in res}
+    # each limit normalised to ~1, floored at 1e-9 of the largest reachable total (as in bnb)
+    top = {r: math.fsum(max(o.costs[r] for o in g) for g in groups) for r in res}
+    scale = {r: max(limits[r], 1e-9 * top[r]) or 1.0 for r in res}
     cap = [limits[r] / scale[r] for r in res]
     om = [[o.omega for o in g] for g in groups]
     cs = [[[o.costs[r] / scale[r] for o in g] for r in res] for g in groups]

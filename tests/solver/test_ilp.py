@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 from bitplan_solver_cases import brute_force, problems
@@ -236,3 +237,28 @@ def test_closed_by_reports_the_engine() -> None:
     assert old.solver["closed_by"] == "cbc" and old.objective == forced.objective
     with pytest.raises(BadProblemError, match="bnb_nodes"):
         SolveConfig(bnb_nodes=-1)
+
+
+@pytest.mark.parametrize("cfg", [SolveConfig(), SolveConfig(presolve=False),
+                                 SolveConfig(shortcut=False, bnb_nodes=0)])
+def test_degenerate_numbers_solve_without_warnings(cfg: SolveConfig) -> None:
+    """A limit of 5e-297 (normalised costs would overflow) and subnormal Omegas (the objective
+    scale would underflow to 0): same answers as brute force, no RuntimeWarning."""
+    options = (Option(2, 8, 0.0, 0.0, 1.0, 0.0, "t0"), Option(4, 8, 1.0, 1.0, 0.0, 0.0, "t2"),
+               Option(5, 8, 2.0, 0.0, 0.0, 0.0, "t3"))
+    tiny = Problem((LayerOptions("l0", options), LayerOptions("l1", options[:2])),
+                   Limits(size_bytes=0.0, bops=5e-297))  # infeasible: l1 breaks a limit
+    tiny_ok = Problem((LayerOptions("l0", options),), Limits(size_bytes=0.0, bops=5e-297))
+    subnormal = Problem((LayerOptions("l0", (
+        Option(2, 8, 1e-6, 1e-9, 0.0, 0.0, "t0"), Option(3, 8, 0.0, 9.7e5, 0.0, 0.0, "t1"),
+        Option(4, 8, 5e-324, 2.5e5, 0.0, 0.0, "t2"))),), Limits(size_bytes=7.8e5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for problem in (tiny, tiny_ok, subnormal):
+            sol = solve(problem, cfg)
+            best, _ = brute_force(problem)
+            if best is None:
+                assert sol.status == "infeasible"
+            else:
+                assert sol.status == "optimal"
+                assert sol.objective == pytest.approx(best, abs=1e-300)
