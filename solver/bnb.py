@@ -695,7 +695,8 @@ def _undominated(vals: np.ndarray, use: np.ndarray, window: int = 32) -> np.ndar
     beyond that the ``window`` states just before each one (most dominators are close in
     value: measured, that finds 80-95 % of the dominated states). Dropping only dominated
     states keeps the search exact; dominance is transitive, so it does not matter whether the
-    dominator itself survives."""
+    dominator itself survives. (It compares float sums, so a tie within rounding, ~1e-16
+    relative, may go either way: far inside the 1e-9 FEAS_RTOL cushion of the limits.)"""
     n = len(vals)
     order = np.argsort(vals, kind="stable")
     u = use[order]
