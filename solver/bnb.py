@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .problem import FEAS_RTOL, within
+from .problem import FEAS_RTOL, limit_scale, within
 
 if TYPE_CHECKING:
     from .ilp import _GOpt as GOpt
@@ -147,11 +147,8 @@ def solve_arrays(
     G = len(groups)
     om = arr.om
     raw_cap = np.array([limits[r] for r in res], dtype=float)
-    # Normalise each limit to ~1; a limit far below the costs' scale (a tiny positive limit) is
-    # floored at 1e-9 of the largest reachable total, so normalised costs stay finite products.
     top = arr.cost.max(axis=2).sum(axis=1) if G else np.zeros(R)
-    scale = np.maximum(raw_cap, 1e-9 * top)
-    scale = np.where(scale > 0, scale, 1.0)
+    scale = np.array([limit_scale(float(c), float(t)) for c, t in zip(raw_cap, top, strict=True)])
     cn = arr.cost / scale[:, None, None]  # normalised costs
     cap = raw_cap / scale
     cushion = FEAS_RTOL * np.maximum(np.abs(raw_cap), 1e-300) / scale

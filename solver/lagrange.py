@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .bnb import repair
-from .problem import FEAS_RTOL, within
+from .problem import FEAS_RTOL, limit_scale, within
 
 if TYPE_CHECKING:
     from .ilp import _GOpt as GOpt
@@ -62,9 +62,8 @@ def fix(
     None, info). The incumbent's options always survive; when every group is left with one
     option the incumbent is optimal."""
     res = list(limits)
-    # each limit normalised to ~1, floored at 1e-9 of the largest reachable total (as in bnb)
-    top = {r: math.fsum(max(o.costs[r] for o in g) for g in groups) for r in res}
-    scale = {r: max(limits[r], 1e-9 * top[r]) or 1.0 for r in res}
+    scale = {r: limit_scale(limits[r], math.fsum(max(o.costs[r] for o in g) for g in groups))
+             for r in res}
     cap = [limits[r] / scale[r] for r in res]
     om = [[o.omega for o in g] for g in groups]
     cs = [[[o.costs[r] / scale[r] for o in g] for r in res] for g in groups]

@@ -32,6 +32,13 @@ def within(total: float, limit: float) -> bool:
     return total <= limit + FEAS_RTOL * max(abs(limit), 1e-300)
 
 
+def limit_scale(limit: float, top: float) -> float:
+    """The unit a limit is normalised by in the solvers' arithmetic: the limit itself, floored
+    at 1e-9 of ``top`` (the largest reachable total) so that a tiny positive limit does not
+    blow costs up to overflow; 1 when both are 0."""
+    return max(limit, 1e-9 * top) or 1.0
+
+
 def _finite(value: Any, what: str, *, nonneg: bool = False, allow_none: bool = False) -> Any:
     if value is None:
         if allow_none:
