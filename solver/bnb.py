@@ -200,6 +200,7 @@ def solve_arrays(
     # Scalar search along lam = mu * (1, ..., 1): the smallest mu whose choice fits (with one
     # limit this is the LP dual optimum, the best Lagrangian bound).
     spread = float(np.max(om.max(axis=1) - om.min(axis=1))) or 1.0
+    lp_picks: list[int] | None = None
     hi, ok = spread, False
     for _ in range(60):
         _, u = visit(np.full(R, hi))
@@ -218,8 +219,16 @@ def solve_arrays(
                 lo = mid
             if hi - lo <= 1e-6 * hi:
                 break
-        # Several limits: coordinate line searches (bisection on the subgradient's sign).
-        if R > 1:
+        # Several limits: the LP relaxation's duals are the best multipliers (the Lagrangian
+        # dual of a multiple-choice knapsack equals its LP relaxation); coordinate line
+        # searches (bisection on the subgradient's sign) only when the LP solver fails. They
+        # stall at the dual's kinks: measured 7x the LP's gap on 1000x12 size+bops.
+        lp = lp_duals(om, cn, cap, arr.sizes) if R > 1 else None
+        if lp is not None:
+            info["lp_duals"] = True
+            visit(lp[0])
+            lp_picks = lp[1]
+        elif R > 1:
             for _ in range(LAGRANGE_ROUNDS):
                 before = best_l
                 for r in range(R):
@@ -243,6 +252,8 @@ def solve_arrays(
     # Seeds: the choice at the best bound (usually just over a limit), the best feasible
     # Lagrangian choice, the caller's start; each repaired, the best one polished.
     starts = [v.argmin(axis=1).tolist()]
+    if lp_picks is not None:
+        starts.append(lp_picks)
     if inc is not None:
         starts.append(list(inc))
     if start is not None:
@@ -340,6 +351,41 @@ def solve_arrays(
     incumbent = None if inc is None else [groups[g][k] for g, k in enumerate(inc)]
     info["kept"] = sum(len(g) for g in reduced)
     return Result("open", incumbent, reduced, info)
+
+
+def lp_duals(om: np.ndarray, cn: np.ndarray, cap: np.ndarray,
+             sizes: list[int]) -> tuple[np.ndarray, list[int]] | None:
+    """Multipliers of the limits at the optimum of the LP relaxation (one option per group
+    relaxed to a convex combination), from HiGHS through scipy, and the LP solution rounded to
+    each group's largest share; None when it does not solve.
+    Only a proposal: the caller evaluates the bound at these multipliers itself, so an
+    inaccurate dual costs tightness, never correctness."""
+    from scipy import sparse  # lazily: only problems with several limits get here
+    from scipy.optimize import linprog
+
+    G, K = om.shape
+    R = cn.shape[0]
+    valid = np.arange(K)[None, :] < np.array(sizes)[:, None]
+    idx = np.flatnonzero(valid.ravel())
+    # Omega shifted by each group's minimum and scaled to ~1 (duals scaled back): HiGHS's
+    # tolerances are absolute.
+    o = om - om.min(axis=1, keepdims=True)
+    o_scale = float(o.max()) or 1.0
+    one_each = sparse.csr_matrix((np.ones(idx.size), (idx // K, np.arange(idx.size))),
+                                 shape=(G, idx.size))
+    try:
+        lp = linprog((o / o_scale).ravel()[idx], A_ub=cn.reshape(R, -1)[:, idx], b_ub=cap,
+                     A_eq=one_each, b_eq=np.ones(G), bounds=(0, 1), method="highs")
+    except ValueError:  # e.g. non-finite input: fall back to the line searches
+        return None
+    if lp.status != 0:
+        return None
+    lam = -np.asarray(lp.ineqlin.marginals) * o_scale
+    if not np.all(np.isfinite(lam)):
+        return None
+    share = np.full(G * K, -1.0)
+    share[idx] = lp.x
+    return np.maximum(lam, 0.0), share.reshape(G, K).argmax(axis=1).tolist()
 
 
 def repair(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
+import pulp
 import pytest
 from bitplan_solver_cases import brute_force, problems
 from hypothesis import HealthCheck, given, settings
@@ -178,32 +180,83 @@ def test_undominated_drops_only_dominated_states(n: int, r: int, seed: int) -> N
             assert i not in alive
 
 
-def test_layered_search_matches_cbc_on_a_mid_size_instance() -> None:
-    """30 layers x 12 options, two limits: far beyond brute force, so CBC alone is the
-    reference; the in-process search must close it and agree."""
+def _mid_instance(fractions: dict[str, float], n: int = 30) -> Problem:
+    """n layers x 12 options; each limit at a fraction between its smallest and largest
+    reachable total."""
     rng = np.random.default_rng(7)
     layers = []
-    for i in range(30):
+    for i in range(n):
         params = float(rng.choice([1e3, 1e4, 1e5]))
         trace = float(np.exp(rng.normal(0, 1.5)))
         opts = []
         for w in (2, 3, 4, 5, 6, 8):
             for a in (4, 8):
                 omega = trace * params * (4.0 ** -w + 0.3 * 4.0 ** -a) * rng.uniform(0.8, 1.2)
-                opts.append(Option(w, a, omega, params * w / 8, params * w * a, None, f"w{w}a{a}"))
+                latency = params * (w + a) * rng.uniform(0.5, 1.5) * 1e-6
+                opts.append(Option(w, a, omega, params * w / 8, params * w * a, latency,
+                                   f"w{w}a{a}"))
         layers.append(LayerOptions(f"l{i}", tuple(opts)))
     free = Problem(tuple(layers))
     lim = {}
-    for r, f in (("size_bytes", 0.5), ("bops", 0.3)):
+    for r, f in fractions.items():
         lo = sum(min(o.cost(r) for o in la.options) for la in free.layers)
         hi = sum(max(o.cost(r) for o in la.options) for la in free.layers)
         lim[r] = lo + f * (hi - lo)
-    problem = Problem(tuple(layers), Limits(**lim))
+    return Problem(tuple(layers), Limits(**lim))
+
+
+def test_layered_search_matches_cbc_on_a_mid_size_instance() -> None:
+    """30 layers x 12 options, two limits: far beyond brute force, so CBC alone is the
+    reference; the in-process search must close it and agree."""
+    problem = _mid_instance({"size_bytes": 0.5, "bops": 0.3})
     ours = solve(problem)
     reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
     assert ours.solver["closed_by"] == "branch-and-bound"
     assert (ours.status, reference.status) == ("optimal", "optimal")
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
+
+
+def _lp_relaxation(problem: Problem) -> float:
+    """The LP relaxation's optimum, by CBC on the continuous model (an independent check)."""
+    lp = pulp.LpProblem("relaxed", pulp.LpMinimize)
+    x = {(i, k): lp.add_variable(f"x_{i}_{k}", 0, 1)
+         for i, la in enumerate(problem.layers) for k in range(len(la.options))}
+    lp += pulp.lpSum(problem.layers[i].options[k].omega * v for (i, k), v in x.items())
+    for i, la in enumerate(problem.layers):
+        lp += pulp.lpSum(x[i, k] for k in range(len(la.options))) == 1
+    for r in problem.limits.active():
+        lp += pulp.lpSum(problem.layers[i].options[k].cost(r) * v
+                         for (i, k), v in x.items()) <= problem.limits.get(r)
+    with warnings.catch_warnings():  # PuLP 3.x: the bundled CBC's deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lp.solve(pulp.PULP_CBC_CMD(msg=False))
+    assert lp.status == pulp.LpStatusOptimal
+    return pulp.value(lp.objective)
+
+
+@pytest.mark.parametrize("fractions", [{"size_bytes": 0.5, "bops": 0.3},
+                                       {"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}])
+def test_root_bound_is_the_lp_relaxation(fractions: dict[str, float]) -> None:
+    """With several limits the multipliers come from the LP's duals, so the Lagrangian bound
+    reaches the LP relaxation's optimum (the best any multipliers can give)."""
+    problem = _mid_instance(fractions)
+    arr, limits = _arrays(problem)
+    out = bnb.solve_arrays(arr, limits, node_limit=0)
+    assert out.info["lp_duals"]
+    assert out.info["bound"] == pytest.approx(_lp_relaxation(problem), rel=1e-7)
+
+
+def test_search_stays_exact_when_the_lp_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No LP duals (solver failure): the line searches set the multipliers; weaker bounds,
+    the same optimum."""
+    problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}, n=16)
+    with_lp = solve(problem)
+    monkeypatch.setattr(bnb, "lp_duals", lambda *a: None)
+    arr, limits = _arrays(problem)
+    assert "lp_duals" not in bnb.solve_arrays(arr, limits, node_limit=0).info
+    without = solve(problem)
+    assert (with_lp.status, without.status) == ("optimal", "optimal")
+    assert without.objective == pytest.approx(with_lp.objective, rel=1e-9)
 
 
 @SETTINGS
