@@ -130,6 +130,32 @@ def test_pair_improve_makes_a_coordinated_move() -> None:
     assert bnb.pair_improve(om, cn, np.array([1.0]), [2, 2], [1, 1]) == [1, 1]
 
 
+def test_pair_improve_only_moves_to_allowed_options() -> None:
+    om = np.array([[0.0, -1.0], [0.0, 0.5]])
+    cn = np.array([[[0.5, 1.0], [0.5, 0.0]]])
+    allowed = np.array([[True, True], [True, False]])  # the partner move is ruled out
+    assert bnb.pair_improve(om, cn, np.array([1.0]), [2, 2], [0, 0], allowed=allowed) == [0, 0]
+
+
+@SETTINGS
+@given(problems(max_layers=6, max_options=4))
+def test_a_beam_that_drops_nothing_is_the_exact_search(problem: Problem) -> None:
+    """solve_arrays treats a beam run that never had to drop a child as the exact search."""
+    if not problem.limits.active():
+        return
+    arr, limits = _arrays(problem)
+    R = len(arr.res)
+    cap = np.array([limits[r] for r in arr.res])
+    keep = [list(range(n)) for n in arr.sizes]
+    search = bnb._Search(arr, keep, arr.cost, cap, np.zeros(R), np.zeros(R))
+    assert search.run(math.inf, 10**7)[1]
+    exact = list(search.completions())
+    assert search.run(math.inf, 10**7, beam_width=10**6)[1]
+    assert not search.truncated and list(search.completions()) == exact
+    search.run(math.inf, 10**7, beam_width=1)
+    assert search.truncated == (len(exact) > 1)
+
+
 def test_hull_increments_are_convex() -> None:
     start, incs = bnb._hull_increments([(0.0, 5.0), (1.0, 3.0), (2.0, 2.5), (3.0, 0.0),
                                         (1.5, 4.0)])
@@ -213,6 +239,19 @@ def test_layered_search_matches_cbc_on_a_mid_size_instance() -> None:
     reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
     assert ours.solver["closed_by"] == "branch-and-bound"
     assert (ours.status, reference.status) == ("optimal", "optimal")
+    assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
+
+
+def test_a_greedy_beam_is_not_taken_for_the_exact_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A beam of width one (greedy) drops children, so its best completion is only an
+    incumbent: the exact search must still run and reach CBC's optimum."""
+    monkeypatch.setattr(bnb, "BEAM_WIDTH", 1)
+    monkeypatch.setattr(bnb, "BEAM_GROWTH", 1)
+    monkeypatch.setattr(bnb, "PROBE_STATES", 0)
+    problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5})
+    ours = solve(problem)
+    reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
+    assert ours.solver["closed_by"] == "branch-and-bound"
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
 
 
