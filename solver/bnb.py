@@ -295,7 +295,6 @@ def solve_arrays(
             if val < ub:
                 inc, ub = cand, val
 
-
     def fixed(ub: float, inc: list[int] | None) -> list[list[int]]:
         """Options per group that can be in an assignment better than ub (reduced-cost fixing:
         completions whose bound is >= ub - EPS_REL|ub| cannot improve ub meaningfully)."""
