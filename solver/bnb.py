@@ -283,8 +283,8 @@ def solve_arrays(
         if all(k is not None for k in ks):
             starts.append(ks)
     seeds = []
-    for s in starts:
-        cand = repair(om, cn, cap, arr.sizes, s)
+    for s in dict.fromkeys(map(tuple, starts)):  # each distinct start once
+        cand = repair(om, cn, cap, arr.sizes, list(s))
         if cand is not None and exact_ok(cand):
             seeds.append((value(cand), cand))
     if seeds:
