@@ -106,13 +106,20 @@ def test_failures_become_job_errors(settings, store, tmp_path, exc, code, detail
     assert job.error["detail"] == detail
 
 
-def test_cancel_while_running_stops_the_pipeline(settings, store, tmp_path) -> None:
+def _spinning_job(settings, store, tmp_path):
+    """A job whose pipeline spins until stopped, running in a thread of one JobQueue; returns
+    once the pipeline has started: (queue, script, job id, thread)."""
     script = Script(spin=True)
     q = JobQueue(settings, store, script)
     job_id = _job(store, tmp_path)
     t = threading.Thread(target=q.run_job, args=(job_id,))
     t.start()
     assert script.started.wait(10)
+    return q, script, job_id, t
+
+
+def test_cancel_while_running_stops_the_pipeline(settings, store, tmp_path) -> None:
+    q, script, job_id, t = _spinning_job(settings, store, tmp_path)
     time.sleep(0.1)
     assert store.get(job_id).status == "running"
     assert q.cancel(job_id)
@@ -142,12 +149,7 @@ def test_orphaned_job_is_retried_once_then_failed(settings, store, tmp_path) -> 
 
 
 def test_live_job_keeps_beating_and_is_not_recovered(settings, store, tmp_path) -> None:
-    script = Script(spin=True)
-    q = JobQueue(settings, store, script)
-    job_id = _job(store, tmp_path)
-    t = threading.Thread(target=q.run_job, args=(job_id,))
-    t.start()
-    assert script.started.wait(10)
+    q, script, job_id, t = _spinning_job(settings, store, tmp_path)
     time.sleep(settings.heartbeat_timeout_s * 1.5)
     other_worker = JobQueue(settings, store, Script())  # sees the heartbeats, not the thread
     assert other_worker.recover()["requeued"] == []
@@ -182,12 +184,7 @@ def test_overdue_job_is_failed_and_its_pipeline_stops(tmp_path) -> None:
     settings = Settings(data_dir=tmp_path, job_timeout_s=0.5, heartbeat_interval_s=0.1,
                         heartbeat_timeout_s=5)
     store = JobStore(settings.resolved_database_url)
-    script = Script(spin=True)
-    q = JobQueue(settings, store, script)
-    job_id = _job(store, tmp_path)
-    t = threading.Thread(target=q.run_job, args=(job_id,))
-    t.start()
-    assert script.started.wait(10)
+    q, script, job_id, t = _spinning_job(settings, store, tmp_path)
     time.sleep(0.7)
     assert q.recover()["overdue"] == [job_id]
     t.join(10)
