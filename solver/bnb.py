@@ -402,7 +402,10 @@ def lp_duals(om: np.ndarray, cn: np.ndarray, cap: np.ndarray,
                                  shape=(G, idx.size))
     try:
         lp = linprog((o / o_scale).ravel()[idx], A_ub=cn.reshape(R, -1)[:, idx], b_ub=cap,
-                     A_eq=one_each, b_eq=np.ones(G), bounds=(0, 1), method="highs")
+                     A_eq=one_each, b_eq=np.ones(G), bounds=(0, 1), method="highs",
+                     # HiGHS's presolve only costs here: measured 2.9 vs 3.7 ms (54x12), 46 vs
+                     # 59 ms (1000x12)
+                     options={"presolve": False})
     except ValueError:  # e.g. non-finite input: fall back to the line searches
         return None
     if lp.status != 0:
@@ -445,16 +448,34 @@ def repair(
                     np.where(ok, gain / np.where(ok, d_om, 1.0), -np.inf)
         else:
             fitted = True
-            fits = np.all(delta <= (cap - used)[:, None, None], axis=0)
+            slack = cap - used
+            fits = np.all(delta <= slack[:, None, None], axis=0)
             extra = np.maximum(delta, 0.0).sum(axis=0)
             ok = (d_om < 0) & fits & ~invalid
             free = ok & (extra <= 0)  # lowers Omega at no cost: first
             with np.errstate(over="ignore"):
                 score = np.where(free, -d_om, -np.inf) if free.any() else \
                     np.where(ok, -d_om / np.where(ok, extra, 1.0), -np.inf)
+            # A pass applies each group's best move, best score first, while it still fits:
+            # a move's score does not depend on the other groups' picks, so this is the
+            # one-at-a-time greedy except that a group's next move waits for the next pass
+            # (measured: 149-343 single moves took 26-63 ms on 1000x12).
+            k_best = score.argmax(axis=1)
+            s_best = score[rows, k_best]
+            order = np.argsort(-s_best, kind="stable")
+            order = order[s_best[order] > -np.inf]
+            if not order.size:
+                return pk.tolist()
+            room = slack.tolist()
+            moves = delta[:, order, k_best[order]].T.tolist()
+            for g, k, d in zip(order.tolist(), k_best[order].tolist(), moves, strict=True):
+                if all(x <= r for x, r in zip(d, room, strict=True)):
+                    room = [r - x for x, r in zip(d, room, strict=True)]
+                    pk[g] = k
+            continue
         best = int(np.argmax(score))
         if score.flat[best] == -np.inf:
-            return pk.tolist() if fitted else None
+            return None
         pk[best // K] = best % K
     return pk.tolist() if fitted else None
 
