@@ -316,3 +316,8 @@ def test_repair_fits_or_gives_up(groups: int, options: int, limits: int, seed: i
         # already fitting: improvement never raises Omega
         assert om[np.arange(groups), out].sum() <= om[np.arange(groups), start].sum() + 1e-12
     assert reachable
+    # the improvement passes end 1-opt: no single-group move lowers Omega and still fits
+    rows = np.arange(groups)
+    delta = cn - cn[:, rows, out][:, :, None]
+    fits = np.all(delta <= (cap - used)[:, None, None], axis=0)
+    assert not np.any(fits & (om < om[rows, out][:, None]))
