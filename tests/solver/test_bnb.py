@@ -244,13 +244,24 @@ def test_layered_search_matches_cbc_on_a_mid_size_instance() -> None:
 
 def test_a_greedy_beam_is_not_taken_for_the_exact_search(monkeypatch: pytest.MonkeyPatch) -> None:
     """A beam of width one (greedy) drops children, so its best completion is only an
-    incumbent: the exact search must still run and reach CBC's optimum."""
+    incumbent: the exact search must still run and reach CBC's optimum. Here the beams improve
+    the incumbent, so the exact search runs on a tree rebuilt with the options the better
+    incumbent still allows (fails when that rebuild fixes too much)."""
     monkeypatch.setattr(bnb, "BEAM_WIDTH", 1)
     monkeypatch.setattr(bnb, "BEAM_GROWTH", 1)
     monkeypatch.setattr(bnb, "PROBE_STATES", 0)
+    trees = []
+    build = bnb._Search.__init__
+
+    def spy(self: bnb._Search, *args: object) -> None:
+        build(self, *args)
+        trees.append(sum(len(o) for o in self.om))
+
+    monkeypatch.setattr(bnb._Search, "__init__", spy)
     problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5})
     ours = solve(problem)
     reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
+    assert len(trees) == 2 and trees[1] < trees[0]  # rebuilt, and smaller
     assert ours.solver["closed_by"] == "branch-and-bound"
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
 
