@@ -28,8 +28,8 @@ Exactness, step by step:
   Omega >= UB - EPS_REL * |UB| (see :data:`EPS_REL`), or when another partial assignment of the
   same layer dominates it (no larger Omega and no larger use of any limit: every completion of
   the dominated one completes the other at least as well; checked in layers of more than
-  DOMINANCE_MIN states). Complete assignments are re-checked
-  exactly (math.fsum of the raw costs with :func:`within`). When the search finishes inside
+  DOMINANCE_MIN states). Complete assignments are re-checked exactly (math.fsum of the raw
+  costs with :func:`within`). When the search finishes inside
   its budget (children evaluated, and the time limit) the incumbent is optimal up to EPS_REL
   (and no incumbent means infeasible); otherwise the reduced problem and the incumbent go to
   the MILP solver.
@@ -431,8 +431,9 @@ def repair(
 ) -> list[int] | None:
     """Make an assignment fit the limits (normalised units), then lower its Omega, by single-
     group moves. Repair takes the move that removes the most excess per unit of Omega added
-    (moves that remove excess without adding Omega first); improvement takes the fitting move
-    that removes the most Omega per unit of cost added (the greedy of knapsack heuristics).
+    (moves that remove excess without adding Omega first); improvement takes fitting moves in
+    order of Omega removed per unit of cost added (the greedy of knapsack heuristics), in
+    passes of at most one move per group, until no single fitting move lowers Omega.
     Returns None when the excess cannot be reduced any more."""
     G, K = om.shape
     rows = np.arange(G)
