@@ -29,13 +29,13 @@ Exactness, step by step:
   same layer dominates it (no larger Omega and no larger use of any limit: every completion of
   the dominated one completes the other at least as well; checked in layers of more than
   DOMINANCE_MIN states). Complete assignments are re-checked exactly (math.fsum of the raw
-  costs with :func:`within`). When the search finishes inside
-  its budget (children evaluated, and the time limit) the incumbent is optimal up to EPS_REL
-  (and no incumbent means infeasible); otherwise the reduced problem and the incumbent go to
-  the MILP solver.
+  costs with :func:`within`). When the search finishes inside its budget (children
+  evaluated, and the time limit) the incumbent is optimal up to EPS_REL (and no incumbent
+  means infeasible); otherwise the reduced problem and the incumbent go to the MILP solver.
 - *order*: a small exact search first (closes most single-limit problems), then beam searches
   widening while they improve the incumbent (a heuristic that only sets the incumbent; a beam
-  that never had to drop a child was the exact search), then the exact search.
+  that never had to drop a child was the exact search), then the exact search, on a tree
+  rebuilt by fixing with the better incumbent when the beams found one.
 """
 
 from __future__ import annotations
