@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -212,24 +212,9 @@ def solve_arrays(
     # limit this is the LP dual optimum, the best Lagrangian bound).
     spread = float(np.max(om.max(axis=1) - om.min(axis=1))) or 1.0
     lp_picks: list[int] | None = None
-    hi, ok = spread, False
-    for _ in range(60):
-        _, u = visit(np.full(R, hi))
-        if np.all(u <= cap):
-            ok = True
-            break
-        hi *= 4.0
-    if ok:
-        lo = 0.0
-        for _ in range(50):
-            mid = 0.5 * (lo + hi)
-            _, u = visit(np.full(R, mid))
-            if np.all(u <= cap):
-                hi = mid
-            else:
-                lo = mid
-            if hi - lo <= 1e-6 * hi:
-                break
+    hi = smallest_fitting(lambda mu: bool(np.all(visit(np.full(R, mu))[1] <= cap)), spread,
+                          grow_steps=60, bisect_steps=50, rel_tol=1e-6)
+    if hi is not None:
         # Several limits: the LP relaxation's duals are the best multipliers (the Lagrangian
         # dual of a multiple-choice knapsack equals its LP relaxation); coordinate line
         # searches (bisection on the subgradient's sign) only when the LP solver fails. They
@@ -386,6 +371,30 @@ def solve_arrays(
     incumbent = None if inc is None else [groups[g][k] for g, k in enumerate(inc)]
     info["kept"] = sum(len(g) for g in reduced)
     return Result("open", incumbent, reduced, info)
+
+
+def smallest_fitting(fits: Callable[[float], bool], start: float, grow_steps: int,
+                     bisect_steps: int, rel_tol: float) -> float | None:
+    """The smallest mu >= 0 (to ``rel_tol``) with ``fits(mu)``, for a ``fits`` monotone in mu
+    (a Lagrangian choice only gets cheaper as its multiplier grows): ``start`` times 4 until
+    it fits, then bisection on [0, that]. None when it never fits within ``grow_steps``."""
+    hi = start
+    for _ in range(grow_steps):
+        if fits(hi):
+            break
+        hi *= 4.0
+    else:
+        return None
+    lo = 0.0
+    for _ in range(bisect_steps):
+        mid = 0.5 * (lo + hi)
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= rel_tol * hi:
+            break
+    return hi
 
 
 def lp_duals(om: np.ndarray, cn: np.ndarray, cap: np.ndarray,

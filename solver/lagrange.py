@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bnb import repair
+from .bnb import repair, smallest_fitting
 from .problem import FEAS_RTOL, limit_scale, within
 
 if TYPE_CHECKING:
@@ -101,25 +101,8 @@ def fix(
     # choice meets every limit. With one limit this is the LP dual (the best bound), and the
     # choice there is the LP solution rounded to the feasible side: a strong incumbent.
     visit(lam)
-    hi = spread
-    ok = False
-    for _ in range(40):
-        picks, _ = visit([hi] * nres)
-        if feasible(picks):
-            ok = True
-            break
-        hi *= 4.0
-    if ok:
-        lo = 0.0
-        for _ in range(48):
-            mid = 0.5 * (lo + hi)
-            picks, _ = visit([mid] * nres)
-            if feasible(picks):
-                hi = mid
-            else:
-                lo = mid
-            if hi - lo <= 1e-9 * hi:
-                break
+    smallest_fitting(lambda mu: feasible(visit([mu] * nres)[0]), spread,
+                     grow_steps=40, bisect_steps=48, rel_tol=1e-9)
     # Incumbent candidates: the best feasible Lagrangian choice, improved; and the choice at
     # the best bound (usually just over a limit), repaired then improved (solver.bnb.repair, on
     # option arrays padded to a rectangle).
