@@ -94,20 +94,20 @@ def pareto(
         else:
             here = dict(limits, **{resource: b})
             kept, inc = opts, None
+            closed = False  # settled without the MILP solver
             if arr is not None:
                 # exact presolve + branch-and-bound, seeded with the previous (smaller-budget)
                 # optimum, which stays feasible as the budget grows
                 res = bnb.solve_arrays(arr, here, node_limit=cfg.bnb_nodes, start=warm)
                 kept, inc = res.groups, res.incumbent
                 if res.status != "open":
-                    status, picked = res.status, res.incumbent
+                    status, picked, closed = res.status, res.incumbent, True
             elif cfg.fix and all(within(math.fsum(min(o.costs[r] for o in g) for g in opts),
                                         here[r]) for r in resources):
                 kept, inc, _ = lagrange.fix(opts, here)
                 if inc is not None and all(len(g) == 1 for g in kept):
-                    status, picked = "optimal", inc
-            if not ((arr is not None and res.status != "open")
-                    or (arr is None and inc is not None and all(len(g) == 1 for g in kept))):
+                    status, picked, closed = "optimal", inc, True
+            if not closed:
                 if model is None:
                     base = arr.groups if arr is not None else opts
                     model = _Model(base, "omega", limits, _scales(groups, resources))
