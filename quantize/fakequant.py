@@ -57,6 +57,12 @@ def dyadic_round(codes: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch
     return torch.floor(codes * b.to(torch.float64) / torch.exp2(c.to(torch.float64)) + 0.5)
 
 
+def codes_of(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """The integer codes (float64) of a value on a grid of step ``scale``: exact while the
+    float error of ``x`` is below half a step."""
+    return torch.round(x.detach().to(torch.float64) / scale)
+
+
 class Requant(nn.Module):
     """Moves a tensor from a source grid (per-tensor, or per channel for an accumulator) onto
     ``grid`` with the dyadic multiplier ``b / 2^c``, as the integer model does.
@@ -82,7 +88,7 @@ class Requant(nn.Module):
         return t.reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = torch.round(x.detach().to(torch.float64) / self._view(self.src_scale, x))
+        codes = codes_of(x, self._view(self.src_scale, x))
         q = dyadic_round(codes, self._view(self.b, x), self._view(self.c, x))
         out = (q.clamp(self.lo, self.hi) * self.scale).to(x.dtype)
         return x + (out - x).detach()
@@ -111,7 +117,7 @@ class QuantAdd(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         total = None
         for x, s, pair in zip((a, b), self.in_scales, self.pairs, strict=True):
-            codes = torch.round(x.detach().to(torch.float64) / s)
+            codes = codes_of(x, s)
             q = codes if pair is None else dyadic_round(codes, *pair)
             total = q if total is None else total + q
         return (total.clamp(self.lo, self.hi) * self.scale).to(a.dtype)
@@ -134,7 +140,7 @@ class QuantMean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [d % x.dim() for d in self.dims]
         count = math.prod(x.shape[d] for d in dims)
-        codes = torch.round(x.detach().to(torch.float64) / self.src_scale)
+        codes = codes_of(x, self.src_scale)
         total = codes.sum(dim=dims, keepdim=self.keepdim)
         q = dyadic_round(total, *_dyadic_pair(self.src_scale / (count * self.scale)))
         return (q.clamp(self.lo, self.hi) * self.scale).to(x.dtype)
