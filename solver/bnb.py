@@ -690,6 +690,8 @@ class _Search:
         self.lroom = self.L @ self.room
         self.room_dir = self.D @ self.room
         self.proj = np.concatenate([self.D.T, self.L.T], axis=1)  # (R, 2J)
+        # each position's options projected on the first relaxation (dir, multipliers)
+        self.c_proj = [c @ self.proj[:, [0, J]] for c in self.c]
         self.limit_at = self.room - self.min_rest[1:]  # use allowed after position d, (n, R)
         self.fptol = FP_REL * (float(np.abs(om).max(axis=1).sum()) + abs(self.om_fixed)) + 1e-300
         self.n = n
@@ -756,16 +758,30 @@ class _Search:
             idx = np.flatnonzero(ok)
             val2, use2 = val2[idx], use2[idx]
             if d < n - 1 and idx.size:
-                p = use2 @ self.proj
-                rest = self.room_dir - p[:, :J]
-                base = val2[:, None] + p[:, J:] - self.lroom
-                bound = None
-                for j, (xs, ys) in enumerate(self.curves(d + 1)):
-                    # below the curve's start the remaining groups cannot fit: no completion
-                    b_j = base[:, j] + np.interp(rest[:, j], xs, ys, left=math.inf)
-                    bound = b_j if bound is None else np.maximum(bound, b_j)
+                curves = self.curves(d + 1)
+                # The first relaxation (the surrogate along the multipliers) cuts most children
+                # (measured: 87 % of those evaluated on 1000x12 with three limits): it runs on
+                # all of them, the others on its survivors. Its projections are sums over the
+                # parent and the option, so they are built from the two small tables.
+                pp = use @ self.proj[:, [0, J]] - [self.room_dir[0], self.lroom[0]]
+                po = self.c_proj[d]
+                rest = (-pp[:, :1] - po[:, 0]).ravel()[idx]  # room_dir - use2 . dir
+                base = (pp[:, 1:] + po[:, 1]).ravel()[idx] + val2  # val2 + use2 . L - lroom
+                xs, ys = curves[0]
+                # below the curve's start the remaining groups cannot fit: no completion
+                bound = base + np.interp(rest, xs, ys, left=math.inf)
                 sel = np.flatnonzero(bound < cut)
                 idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
+                if J > 1 and idx.size:
+                    p = use2 @ self.proj
+                    rest = self.room_dir - p[:, :J]
+                    base = val2[:, None] + p[:, J:] - self.lroom
+                    for j in range(1, J):
+                        xs, ys = curves[j]
+                        b_j = base[:, j] + np.interp(rest[:, j], xs, ys, left=math.inf)
+                        bound = np.maximum(bound, b_j)
+                    sel = np.flatnonzero(bound < cut)
+                    idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
             else:
                 bound = val2
             if idx.size > DOMINANCE_MIN:
