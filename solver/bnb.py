@@ -67,6 +67,18 @@ PROBE_STATES = 2000
 # Layers of the search with at most this many states skip the dominance check (it costs more
 # than the children it saves: measured 2-4 ms less per solve over the 54x12 multi-limit sweep).
 DOMINANCE_MIN = 32
+# Planes (see _Search): with several limits, extra Lagrangian bounds at the LP multipliers
+# scaled limit by limit by each combination of these factors (measured on the 200x12 bench
+# instances with three limits: the exact search at the optimum needs 0.61M children with
+# factors 0-2 against 7.9M+ without; 0-3 takes all twelve 200x12 instances in process).
+PLANE_FACTORS = (0.0, 1 / 3, 2 / 3, 1.0, 1.5, 2.0, 3.0)
+# An exact run stops evaluating the planes once, over at least PLANE_TRIAL children, they cut
+# less than PLANE_MIN_CUT of those that the other bounds keep (measured: 0.1-0.4 % on 1000x12,
+# where they only cost, 11-34 % on 200x12 with three limits). Beams keep them: there their
+# tighter bounds rank the children, which is how the beams find better incumbents (200x12
+# seed 0 with three limits, width 256: 25273.0 with planes, 25311.4 without; optimum 25271.9).
+PLANE_TRIAL = 10_000
+PLANE_MIN_CUT = 0.01
 # Consecutive groups share one layer of the search while the product of their option counts
 # stays within this.
 MERGE_MAX = 36
@@ -313,7 +325,8 @@ def solve_arrays(
     info["free_groups"] = sum(len(k) > 1 for k in keep)
     info["kept"] = sum(len(k) for k in keep)
     deadline = None if time_limit_s is None else t0 + time_limit_s
-    search = _Search(arr, keep, cn, cap, cushion, lam)
+    planes = plane_grid(lam)
+    search = _Search(arr, keep, cn, cap, cushion, lam, planes)
     budget = node_limit
     finished = False
     if budget > 0:
@@ -353,7 +366,7 @@ def solve_arrays(
                     # the better incumbent fixes more options: a smaller tree (measured on
                     # 1000x12 size+bops: 0.89M children instead of 1.07M, which overran the
                     # budget)
-                    search = _Search(arr, fixed(ub, inc), cn, cap, cushion, lam)
+                    search = _Search(arr, fixed(ub, inc), cn, cap, cushion, lam, planes)
                 states, finished = search.run(ub, budget, deadline=deadline)
                 budget -= states
                 if finished:
@@ -371,6 +384,19 @@ def solve_arrays(
     incumbent = None if inc is None else [groups[g][k] for g, k in enumerate(inc)]
     info["kept"] = sum(len(g) for g in reduced)
     return Result("open", incumbent, reduced, info)
+
+
+def plane_grid(lam: np.ndarray) -> np.ndarray:
+    """(P, R) multipliers for the planes: ``lam`` scaled limit by limit by every combination
+    of PLANE_FACTORS, less the multiples of ``lam`` itself (the first relaxation of _Search
+    already optimises along them). Empty with one limit: its first relaxation is exact."""
+    R = len(lam)
+    if R < 2:
+        return np.zeros((0, R))
+    f = np.array(PLANE_FACTORS)
+    grid = np.stack(np.meshgrid(*([f] * R), indexing="ij"), axis=-1).reshape(-1, R)
+    grid = grid[np.ptp(grid, axis=1) > 0]
+    return grid * lam
 
 
 def smallest_fitting(fits: Callable[[float], bool], start: float, grow_steps: int,
@@ -599,16 +625,21 @@ class _Search:
     the best multipliers; with several limits also each limit kept exactly, once with the
     others dropped and once with them Lagrangian-relaxed. Every assignment within the limits
     meets each of these relaxations, so each value, and their maximum, is a valid lower bound;
-    with one limit the first is the exact LP bound of the subtree. As a function of the
-    remaining capacity a knapsack's LP value is piecewise linear, so a layer's bounds are one
-    ``np.interp`` per relaxation.
+    with one limit the first is the exact LP bound of the subtree. With several limits,
+    *planes* add the plain Lagrangian bound S_d(lam) - lam . (room left) at a grid of fixed
+    multipliers (:func:`plane_grid`): one matrix product per layer, S_d precomputed for every
+    depth; the LP multipliers of a subtree drift far from the root's (measured: 0x-1.9x per
+    limit at depths 0-9 of a 200x12 instance), which the rays alone do not follow. As a
+    function of the remaining capacity a knapsack's LP value is piecewise linear, so a layer's
+    ray bounds are one ``np.interp`` per relaxation.
 
     ``run(beam_width=B)`` keeps only the B best-bounded children of each layer: a heuristic
     (beam search) that finds good incumbents fast. ``run()`` keeps every child that can beat
     the incumbent: exact, within a budget of children evaluated."""
 
     def __init__(self, arr: Arrays, keep: list[list[int]], cn: np.ndarray, cap: np.ndarray,
-                 cushion: np.ndarray, lam: np.ndarray) -> None:
+                 cushion: np.ndarray, lam: np.ndarray, planes: np.ndarray | None = None,
+                 ) -> None:
         R = len(arr.res)
         G = len(arr.groups)
         om = arr.om
@@ -699,6 +730,17 @@ class _Search:
         self.options_after = np.cumsum(counts[::-1])[::-1][1:].tolist() + [0]  # positions > d
         self._curves: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._cache = n * sum(len(t[0]) for t in self.incs) <= 1_000_000
+        # Planes: plane_const[d, p] = S_d(lam_p) - lam_p . room, where S_d(lam) is the sum over
+        # positions >= d of min_k (Omega + lam . c).
+        P = 0 if planes is None else len(planes)
+        self.plane_lam = np.zeros((0, R)) if planes is None else np.asarray(planes, float)
+        self.plane_const = np.zeros((n + 1, P))
+        if P:
+            best = np.zeros((n, P))
+            for p in range(n):
+                best[p] = (self.om[p][:, None] + self.c[p] @ self.plane_lam.T).min(axis=0)
+            self.plane_const[:-1] = np.cumsum(best[::-1], axis=0)[::-1]
+            self.plane_const -= self.plane_lam @ self.room
 
     def curves(self, d: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Breakpoints (capacity, LP value) of each relaxation over positions >= d: the start,
@@ -743,6 +785,8 @@ class _Search:
         use = np.zeros((1, R))
         self.truncated = False
         back: list[np.ndarray] = []
+        planes_on = len(self.plane_lam) > 0
+        seen = plane_cut = 0  # children the planes evaluated and cut in this run
         states = 0
         for d in range(n):
             # the budget counts children evaluated (the work), checked before evaluating them
@@ -782,6 +826,16 @@ class _Search:
                         bound = np.maximum(bound, b_j)
                     sel = np.flatnonzero(bound < cut)
                     idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
+                if planes_on and idx.size:
+                    b_p = val2 + (use2 @ self.plane_lam.T + self.plane_const[d + 1]).max(axis=1)
+                    sel = np.flatnonzero(b_p < cut)
+                    seen += idx.size
+                    plane_cut += idx.size - sel.size
+                    idx, val2, use2 = idx[sel], val2[sel], use2[sel]
+                    bound = np.maximum(bound[sel], b_p[sel])
+                    if beam_width is None and seen >= PLANE_TRIAL \
+                            and plane_cut < PLANE_MIN_CUT * seen:
+                        planes_on = False
             else:
                 bound = val2
             if idx.size > DOMINANCE_MIN:

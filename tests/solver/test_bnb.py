@@ -11,7 +11,7 @@ import numpy as np
 import pulp
 import pytest
 from bitplan_solver_cases import brute_force, problems
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from solver import Limits, Problem, SolveConfig, bnb, solve
@@ -154,6 +154,52 @@ def test_a_beam_that_drops_nothing_is_the_exact_search(problem: Problem) -> None
     assert not search.truncated and list(search.completions()) == exact
     search.run(math.inf, 10**7, beam_width=1)
     assert search.truncated == (len(exact) > 1)
+
+
+@SETTINGS
+@given(st.integers(2, 5), st.integers(2, 3), st.integers(2, 3), st.integers(0, 2**31 - 1))
+def test_planes_bound_every_completion(groups: int, options: int, limits: int,
+                                       seed: int) -> None:
+    """A plane's bound of a partial assignment is at most the value of each completion of it
+    within the limits (brute force over the remaining positions, one group per position)."""
+    rng = np.random.default_rng(seed)
+    om = rng.integers(-3, 50, size=(groups, options)).astype(float)
+    cost = rng.integers(0, 20, size=(limits, groups, options)).astype(float)
+    cap = rng.integers(0, 20 * groups, size=limits).astype(float)
+    arr = bnb.Arrays([[None] * options] * groups, "omega", [f"r{r}" for r in range(limits)],
+                     om, cost, [options] * groups)
+    lams = rng.exponential(size=(6, limits)) * rng.integers(0, 2, size=(6, limits))
+    merge, bnb.MERGE_MAX = bnb.MERGE_MAX, 1
+    try:
+        search = bnb._Search(arr, [list(range(options))] * groups, cost, cap,
+                             np.zeros(limits), np.zeros(limits), planes=lams)
+    finally:
+        bnb.MERGE_MAX = merge
+    n = search.n
+    assert n == groups
+    checked = 0
+    for d in range(n - 1):
+        for prefix in itertools.product(range(options), repeat=d + 1):
+            val = search.om_fixed + sum(search.om[q][k] for q, k in enumerate(prefix))
+            use = sum(search.c[q][k] for q, k in enumerate(prefix))
+            bound = val + float((use @ lams.T + search.plane_const[d + 1]).max())
+            for rest in itertools.product(range(options), repeat=n - d - 1):
+                total = use + sum(search.c[d + 1 + i][k] for i, k in enumerate(rest))
+                if np.all(total <= search.room):
+                    value = val + sum(search.om[d + 1 + i][k] for i, k in enumerate(rest))
+                    assert bound <= value + 1e-9 * max(1.0, abs(value))
+                    checked += 1
+    assume(checked > 0)
+
+
+def test_plane_grid_leaves_out_the_multipliers_own_ray() -> None:
+    lam = np.array([2.0, 0.5, 1.0])
+    grid = bnb.plane_grid(lam)
+    f = len(bnb.PLANE_FACTORS)
+    assert grid.shape == (f ** 3 - f, 3)
+    ratios = grid / lam
+    assert not np.any(np.ptp(ratios, axis=1) == 0)  # no multiple of lam
+    assert bnb.plane_grid(np.array([1.0])).shape == (0, 1)
 
 
 def test_hull_increments_are_convex() -> None:
