@@ -141,8 +141,9 @@ def main() -> None:
           "Lagrangian fixing, branch-and-bound), all of 'ours' when no MILP solver runs")
     print(f"{'instance':>22} {'build ms':>9} {'ours ms':>9} {'vars':>6} {'baseline ms':>12} "
           f"{'ratio':>6}  objective match")
-    # One untimed solve with two limits first: it pays the one-off lazy import of scipy's LP
-    # (~0.4 s per process, as the baseline's PuLP import is paid before timing starts).
+    # One untimed solve with two limits first: it pays the one-off lazy import of the LP
+    # solver (~0.4 s per process for scipy, without highspy), as the baseline's PuLP import is
+    # paid before timing starts.
     solve(instance(20, seed=1, fractions={"size_bytes": 0.5, "bops": 0.3}), cfg)
     sizes = [int(s) for s in args.sizes.split(",") if "random" not in args.skip]
     for n, s, (label, fr) in itertools.product(sizes, range(args.seeds), scenarios.items()):
