@@ -156,7 +156,7 @@ class Result:
 def solve_arrays(
     arr: Arrays,
     limits: dict[str, float],
-    node_limit: int = 2_000_000,
+    node_limit: int = 8_000_000,
     time_limit_s: float | None = None,
     start: list[GOpt] | None = None,
 ) -> Result:
