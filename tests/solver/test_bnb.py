@@ -312,6 +312,41 @@ def test_a_greedy_beam_is_not_taken_for_the_exact_search(monkeypatch: pytest.Mon
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
 
 
+@pytest.mark.parametrize("work", [0, 1, 1000])
+def test_exact_attempts_between_beams_keep_the_optimum(work: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact tries between widening beams (failing on a tiny budget, or finishing) either
+    close the problem at CBC's optimum or leave it to the later beams and the exact search."""
+    monkeypatch.setattr(bnb, "BEAM_WIDTH", 1)
+    monkeypatch.setattr(bnb, "PROBE_STATES", 0)
+    monkeypatch.setattr(bnb, "ATTEMPT_WIDTH", 1)
+    monkeypatch.setattr(bnb, "ATTEMPT_WORK", work)
+    runs = []
+    run = bnb._Search.run
+
+    def spy(self: bnb._Search, ub: float, max_states: int, **kw: object) -> tuple[int, bool]:
+        out = run(self, ub, max_states, **kw)
+        runs.append((kw.get("beam_width"), out[1]))
+        return out
+
+    monkeypatch.setattr(bnb._Search, "run", spy)
+    problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5})
+    ours = solve(problem)
+    reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
+    assert ours.solver["closed_by"] == "branch-and-bound"
+    assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
+    # the exact runs that follow a beam: the tries (and, after the last beam, the search)
+    tries = [done for (before, _), (width, done) in zip(runs, runs[1:], strict=False)
+             if before is not None and width is None]
+    assert tries
+    if work == 0:  # every try fails at once; a beam that dropped nothing closed it
+        assert not any(tries) and runs[-1][0] is not None
+    else:  # a try closed it
+        assert tries[-1] and runs[-1] == (None, True)
+    if work == 1000:  # ... the first one
+        assert len(tries) == 1
+
+
 def _lp_relaxation(problem: Problem) -> float:
     """The LP relaxation's optimum, by CBC on the continuous model (an independent check)."""
     lp = pulp.LpProblem("relaxed", pulp.LpMinimize)
