@@ -86,6 +86,8 @@ PLANE_FACTORS = (0.0, 1 / 3, 2 / 3, 1.0, 1.5, 2.0, 3.0)
 # seed 0 with three limits, width 256: 25273.0 with planes, 25311.4 without; optimum 25271.9).
 PLANE_TRIAL = 10_000
 PLANE_MIN_CUT = 0.01
+# Entries of the (states x planes) temporary per block (32 MB of float64).
+PLANE_BLOCK = 4_000_000
 # Consecutive groups share one layer of the search while the product of their option counts
 # stays within this.
 MERGE_MAX = 36
@@ -817,6 +819,16 @@ class _Search:
             self.plane_const[:-1] = np.cumsum(best[::-1], axis=0)[::-1]
             self.plane_const -= self.plane_lam @ self.room
 
+    def _plane_bound(self, use: np.ndarray, d: int) -> np.ndarray:
+        """Best plane bound of the positions >= d for states that used ``use`` (N, R), less
+        their value; in blocks of PLANE_BLOCK (N, planes) entries."""
+        const = self.plane_const[d]
+        step = max(1, PLANE_BLOCK // len(const))
+        if len(use) <= step:
+            return (use @ self.plane_lam.T + const).max(axis=1)
+        return np.concatenate([(use[i:i + step] @ self.plane_lam.T + const).max(axis=1)
+                               for i in range(0, len(use), step)])
+
     def curves(self, d: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Breakpoints (capacity, LP value) of each relaxation over positions >= d: the start,
         then the hull increments of those positions in decreasing efficiency (an increment of
@@ -902,7 +914,7 @@ class _Search:
                     sel = np.flatnonzero(bound < cut)
                     idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
                 if planes_on and idx.size:
-                    b_p = val2 + (use2 @ self.plane_lam.T + self.plane_const[d + 1]).max(axis=1)
+                    b_p = val2 + self._plane_bound(use2, d + 1)
                     sel = np.flatnonzero(b_p < cut)
                     seen += idx.size
                     plane_cut += idx.size - sel.size

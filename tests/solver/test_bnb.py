@@ -192,6 +192,19 @@ def test_planes_bound_every_completion(groups: int, options: int, limits: int,
     assume(checked > 0)
 
 
+def test_plane_bound_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}, n=16)
+    arr, limits = _arrays(problem)
+    cap = np.array([limits[r] for r in arr.res])
+    lam = np.array([1.0, 2.0, 0.5])
+    search = bnb._Search(arr, [list(range(n)) for n in arr.sizes], arr.cost, cap,
+                         np.zeros(3), lam, planes=bnb.plane_grid(lam))
+    use = np.random.default_rng(0).uniform(0, 1, size=(1001, 3)) * cap
+    whole = search._plane_bound(use, 1)
+    monkeypatch.setattr(bnb, "PLANE_BLOCK", 3 * len(search.plane_lam))  # blocks of 3 states
+    assert np.array_equal(search._plane_bound(use, 1), whole)
+
+
 def test_plane_grid_leaves_out_the_multipliers_own_ray() -> None:
     lam = np.array([2.0, 0.5, 1.0])
     grid = bnb.plane_grid(lam)
