@@ -798,8 +798,11 @@ class _Search:
         self.lroom = self.L @ self.room
         self.room_dir = self.D @ self.room
         self.proj = np.concatenate([self.D.T, self.L.T], axis=1)  # (R, 2J)
-        # each position's options projected on the first relaxation (dir, multipliers)
-        self.c_proj = [c @ self.proj[:, [0, J]] for c in self.c]
+        # The first relaxation's projections (dir, multipliers) and their offsets (room along
+        # dir, lam . room), and each position's options projected on it.
+        self.proj0 = self.proj[:, [0, J]]
+        self.offset0 = np.array([self.room_dir[0], self.lroom[0]])
+        self.c_proj = [c @ self.proj0 for c in self.c]
         self.limit_at = self.room - self.min_rest[1:]  # use allowed after position d, (n, R)
         self.fptol = FP_REL * (float(np.abs(om).max(axis=1).sum()) + abs(self.om_fixed)) + 1e-300
         self.n = n
@@ -894,7 +897,7 @@ class _Search:
                 # (measured: 87 % of those evaluated on 1000x12 with three limits): it runs on
                 # all of them, the others on its survivors. Its projections are sums over the
                 # parent and the option, so they are built from the two small tables.
-                pp = use @ self.proj[:, [0, J]] - [self.room_dir[0], self.lroom[0]]
+                pp = use @ self.proj0 - self.offset0
                 po = self.c_proj[d]
                 rest = (-pp[:, :1] - po[:, 0]).ravel()[idx]  # room_dir - use2 . dir
                 base = (pp[:, 1:] + po[:, 1]).ravel()[idx] + val2  # val2 + use2 . L - lroom
