@@ -328,13 +328,18 @@ def solve_arrays(
                 break
         return inc, ub
 
+    planes = plane_grid(lam)
+
+    def tree(ub: float, inc: list[int] | None) -> _Search:
+        """The search rebuilt over the options that can still beat ub (see fixed)."""
+        return _Search(arr, fixed(ub, inc), cn, cap, cushion, lam, planes)
+
     info["bound"] = lbound
     info["first_incumbent"] = ub
     keep = fixed(ub, inc)
     info["free_groups"] = sum(len(k) > 1 for k in keep)
     info["kept"] = sum(len(k) for k in keep)
     deadline = None if time_limit_s is None else t0 + time_limit_s
-    planes = plane_grid(lam)
     search = _Search(arr, keep, cn, cap, cushion, lam, planes)
     budget = node_limit
     finished = False
@@ -374,7 +379,7 @@ def solve_arrays(
                     # this incumbent, on a budget of ATTEMPT_WORK times this beam's children
                     # (the next beam would take about BEAM_GROWTH times). If it cannot finish,
                     # the smaller tree still makes the next beams cheaper.
-                    search = _Search(arr, fixed(ub, inc), cn, cap, cushion, lam, planes)
+                    search = tree(ub, inc)
                     tree_ub = ub
                     states, finished = search.run(ub, min(budget, ATTEMPT_WORK * states),
                                                   deadline=deadline)
@@ -390,7 +395,7 @@ def solve_arrays(
                     # the better incumbent fixes more options: a smaller tree (measured on
                     # 1000x12 size+bops: 0.89M children instead of 1.07M, which overran the
                     # budget)
-                    search = _Search(arr, fixed(ub, inc), cn, cap, cushion, lam, planes)
+                    search = tree(ub, inc)
                 states, finished = search.run(ub, budget, deadline=deadline)
                 budget -= states
                 if finished:
