@@ -192,6 +192,88 @@ def test_planes_bound_every_completion(groups: int, options: int, limits: int,
     assume(checked > 0)
 
 
+def _suffix_optimum(search: bnb._Search, j: int, d: int, rest: float) -> float:
+    """Brute force: the least value of relaxation j over the positions >= d whose weight along
+    its direction fits ``rest`` (inf when none fits)."""
+    best = math.inf
+    for picks in itertools.product(*(range(len(search.om[q])) for q in range(d, search.n))):
+        c = sum(search.c[q][k] for q, k in zip(range(d, search.n), picks, strict=True))
+        if c @ search.D[j] <= rest:
+            best = min(best, sum(search.om[q][k] for q, k in
+                                 zip(range(d, search.n), picks, strict=True)) + c @ search.L[j])
+    return best
+
+
+@SETTINGS
+@given(st.integers(2, 5), st.integers(2, 3), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_fronts_are_the_exact_relaxations(groups: int, options: int, limits: int,
+                                          seed: int) -> None:
+    """A front is the exact (integer) optimum of its relaxation over the positions >= d at
+    every capacity, never below the LP curve; with a cut, it differs only where the best
+    completion of some prefix reaches the cut anyway (brute force over prefixes and suffixes,
+    one group per position)."""
+    rng = np.random.default_rng(seed)
+    om = rng.integers(-3, 50, size=(groups, options)).astype(float)
+    cost = rng.integers(0, 20, size=(limits, groups, options)).astype(float)
+    cap = rng.integers(5 * groups, 15 * groups, size=limits).astype(float)
+    arr = bnb.Arrays([[None] * options] * groups, "omega", [f"r{r}" for r in range(limits)],
+                     om, cost, [options] * groups)
+    lam = rng.exponential(size=limits)
+    merge, bnb.MERGE_MAX = bnb.MERGE_MAX, 1
+    try:
+        search = bnb._Search(arr, [list(range(options))] * groups, cost, cap,
+                             np.zeros(limits), lam)
+    finally:
+        bnb.MERGE_MAX = merge
+    assert search.front_rays == ([0] if limits == 1 else [2, 4, 6][:limits])
+    for j in search.front_rays:
+        fronts = search._front(j, math.inf)
+        search.fronts = {j: fronts}
+        assert sorted(fronts) == list(range(1, search.n))  # all fit in FRONT_MAX here
+        for d, (wt, _) in fronts.items():
+            assert np.all(np.diff(wt) >= 0)
+            probes = np.concatenate([wt, wt - 0.5, [-1.0, wt.max() + 7]])
+            got = search._relaxed(j, d, probes, search.curves(d), True)
+            lp = search._relaxed(j, d, probes, search.curves(d), False)
+            want = [_suffix_optimum(search, j, d, float(x)) for x in probes]
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-9)
+            assert np.all((lp <= got + 1e-9) | np.isinf(got))
+        # with a cut: every prefix's bound is exact below the cut and at least the cut above
+        values = [sum(om[g, k] for g, k in enumerate(p))
+                  for p in itertools.product(range(options), repeat=groups)]
+        cut = float(np.quantile(values, rng.uniform(0.05, 0.6)))
+        pruned = search._front(j, cut)
+        search.fronts = {j: pruned}
+        for d in pruned:
+            for prefix in itertools.product(range(options), repeat=d):
+                val = sum(search.om[q][k] for q, k in enumerate(prefix))
+                use = sum((search.c[q][k] for q, k in enumerate(prefix)), np.zeros(limits))
+                base = val + use @ search.L[j] - search.lroom[j]
+                rest = np.array([search.room_dir[j] - use @ search.D[j]])
+                got = base + search._relaxed(j, d, rest, search.curves(d), True)[0]
+                want = base + _suffix_optimum(search, j, d, float(rest[0]))
+                if want < cut - 1e-9:
+                    assert got == pytest.approx(want, rel=1e-12, abs=1e-9)
+                else:
+                    assert got >= min(want, cut) - 1e-9
+
+
+@SETTINGS
+@given(float_problems(), st.sampled_from([2, 1500]))
+def test_exact_search_with_fronts_matches_brute_force(problem: Problem,
+                                                      front_max: int) -> None:
+    """Fronts built from the first layer of every exact run (whole, or cut short at two
+    points so that the early depths keep the LP curves): still brute force's optimum."""
+    best, _ = brute_force(problem)
+    saved = (bnb.FRONT_TRIGGER, bnb.FRONT_MAX, bnb.BEAM_WIDTH, bnb.PROBE_STATES)
+    bnb.FRONT_TRIGGER, bnb.FRONT_MAX, bnb.BEAM_WIDTH, bnb.PROBE_STATES = -1, front_max, 1, 0
+    try:
+        sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    finally:
+        bnb.FRONT_TRIGGER, bnb.FRONT_MAX, bnb.BEAM_WIDTH, bnb.PROBE_STATES = saved
+    _assert_closed_in_process(sol, best)
+
+
 def test_plane_bound_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}, n=16)
     arr, limits = _arrays(problem)
