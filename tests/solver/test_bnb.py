@@ -274,6 +274,43 @@ def test_exact_search_with_fronts_matches_brute_force(problem: Problem,
     _assert_closed_in_process(sol, best)
 
 
+@SETTINGS
+@given(problems(max_layers=7, max_options=4))
+def test_neighbourhood_search_keeps_the_optimum(problem: Problem) -> None:
+    """The neighbourhood search after each beam only sets incumbents: forced on every tree,
+    with one-state beams, the answer is still brute force's."""
+    best, _ = brute_force(problem)
+    saved = (bnb.LNS_MIN_FREE, bnb.BEAM_WIDTH, bnb.PROBE_STATES)
+    bnb.LNS_MIN_FREE, bnb.BEAM_WIDTH, bnb.PROBE_STATES = -1, 1, 0
+    try:
+        sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    finally:
+        bnb.LNS_MIN_FREE, bnb.BEAM_WIDTH, bnb.PROBE_STATES = saved
+    _assert_closed_in_process(sol, best)
+
+
+def test_neighbourhood_search_runs_on_the_disagreeing_groups(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a 30-layer instance with three limits the search runs on a tree that leaves only
+    some groups free (the neighbourhood), and the answer still equals CBC's."""
+    problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5})
+    monkeypatch.setattr(bnb, "LNS_MIN_FREE", -1)
+    monkeypatch.setattr(bnb, "BEAM_WIDTH", 2)
+    monkeypatch.setattr(bnb, "PROBE_STATES", 0)
+    free_counts = []
+    init = bnb._Search.__init__
+
+    def spy(self, arr, keep, *args, **kwargs):
+        free_counts.append(sum(len(k) > 1 for k in keep))
+        init(self, arr, keep, *args, **kwargs)
+
+    monkeypatch.setattr(bnb._Search, "__init__", spy)
+    ours = solve(problem)
+    reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
+    assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
+    assert len(free_counts) >= 2 and min(free_counts[1:]) < free_counts[0]
+
+
 def test_plane_bound_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}, n=16)
     arr, limits = _arrays(problem)
