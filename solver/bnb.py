@@ -357,9 +357,28 @@ def solve_arrays(
 
     planes = plane_grid(lam)
 
-    def tree(ub: float, inc: list[int] | None) -> _Search:
-        """The search rebuilt over the options that can still beat ub (see fixed)."""
-        return _Search(arr, fixed(ub, inc), cn, cap, cushion, lam, planes)
+    def tree(keep: list[list[int]]) -> _Search:
+        """The search over the options ``keep`` (per group; e.g. fixed(ub, inc): those that can
+        still beat ub)."""
+        return _Search(arr, keep, cn, cap, cushion, lam, planes)
+
+    def neighbourhood(search: _Search, inc: list[int], ub: float,
+                      ) -> tuple[list[int], float, int]:
+        """The neighbourhood search after a beam (see LNS_TOP): the exact search over the
+        groups where the beam's best completions, the LP solution, the Lagrangian choice and
+        the incumbent disagree, the others held at the incumbent. Returns the incumbent (the
+        same or better), its value and the children evaluated."""
+        comps = list(itertools.islice(search.completions(), LNS_TOP))
+        ref = [starts[0]] + ([lp_picks] if lp_picks is not None else []) + comps
+        open_g = {g for g in range(G) if len({r[g] for r in ref} | {inc[g]}) > 1}
+        if not open_g:
+            return inc, ub, 0
+        fx = fixed(ub, inc)
+        sub = tree([fx[g] if g in open_g else [inc[g]] for g in range(G)])
+        states, finished = sub.run(ub, LNS_WORK, deadline=deadline)
+        if finished:
+            inc, ub = better(sub, inc, ub)
+        return inc, ub, states
 
     info["bound"] = lbound
     info["first_incumbent"] = ub
@@ -367,9 +386,7 @@ def solve_arrays(
     info["free_groups"] = sum(len(k) > 1 for k in keep)
     info["kept"] = sum(len(k) for k in keep)
     deadline = None if time_limit_s is None else t0 + time_limit_s
-    search = _Search(arr, keep, cn, cap, cushion, lam, planes)
-    n_tree = sum(len(k) - 1 for k in keep)
-    n_free = info["free_groups"]
+    search = tree(keep)
     budget = node_limit
     finished = False
     if budget > 0:
@@ -397,19 +414,9 @@ def solve_arrays(
                 if not search.truncated:  # the beam held every child: an exact search
                     finished = True
                     break
-                if inc is not None and LNS_TOP and n_free > LNS_MIN_FREE:
-                    # the neighbourhood search (see LNS_TOP): it only sets the incumbent
-                    comps = list(itertools.islice(search.completions(), LNS_TOP))
-                    ref = [starts[0]] + ([lp_picks] if lp_picks is not None else []) + comps
-                    open_g = {g for g in range(G) if len({r[g] for r in ref} | {inc[g]}) > 1}
-                    if open_g:
-                        fx = fixed(ub, inc)
-                        sub = _Search(arr, [fx[g] if g in open_g else [inc[g]] for g in range(G)],
-                                      cn, cap, cushion, lam, planes)
-                        st_sub, fin_sub = sub.run(ub, LNS_WORK, deadline=deadline)
-                        budget -= st_sub
-                        if fin_sub:
-                            inc, ub = better(sub, inc, ub)
+                if inc is not None and LNS_TOP and info["free_groups"] > LNS_MIN_FREE:
+                    inc, ub, lns_states = neighbourhood(search, inc, ub)
+                    budget -= lns_states
                 if inc is not None:
                     cand = pair_improve(om, cn, cap, sizes, inc, allowed=useful(ub))
                     if exact_ok(cand) and value(cand) < ub:
@@ -421,7 +428,7 @@ def solve_arrays(
                     # this incumbent, on a budget of ATTEMPT_WORK times this beam's children
                     # (the next beam would take about BEAM_GROWTH times). If it cannot finish,
                     # the smaller tree still makes the next beams cheaper.
-                    search = tree(ub, inc)
+                    search = tree(fixed(ub, inc))
                     tree_ub = ub
                     states, finished = search.run(ub, min(budget, ATTEMPT_WORK * states),
                                                   deadline=deadline)
@@ -436,10 +443,9 @@ def solve_arrays(
                     # 1545 -> 448 free options after the first beam, 0.62 vs 0.70 s; 20-30 %
                     # on the other bench instances, where a rebuild did not pay).
                     keep_now = fixed(ub, inc)
-                    n_now = sum(len(k) - 1 for k in keep_now)
-                    if n_now <= REBUILD_SHRINK * n_tree:
-                        search = _Search(arr, keep_now, cn, cap, cushion, lam, planes)
-                        tree_ub, n_tree = ub, n_now
+                    if sum(len(k) - 1 for k in keep_now) <= REBUILD_SHRINK * search.free_options:
+                        search = tree(keep_now)
+                        tree_ub = ub
                 width *= BEAM_GROWTH
             # 3. The exact search on the rest of the budget.
             if budget > 0 and not finished:
@@ -447,7 +453,7 @@ def solve_arrays(
                     # the better incumbent fixes more options: a smaller tree (measured on
                     # 1000x12 size+bops: 0.89M children instead of 1.07M, which overran the
                     # budget)
-                    search = tree(ub, inc)
+                    search = tree(fixed(ub, inc))
                 states, finished = search.run(ub, budget, deadline=deadline)
                 budget -= states
                 if finished:
@@ -782,6 +788,7 @@ class _Search:
         G = len(arr.groups)
         om = arr.om
         self.base = [keep[g][0] for g in range(G)]  # fixed groups' only option
+        self.free_options = sum(len(k) - 1 for k in keep)  # options beyond one per group
         free = [g for g in range(G) if len(keep[g]) > 1]
         fixed = [g for g in range(G) if len(keep[g]) == 1]
         fk = [keep[g][0] for g in fixed]
@@ -909,7 +916,7 @@ class _Search:
         58 have fronts of at most 1383 points without dropping, and they cut 96 % of the 4452
         states that the LP curves keep there."""
         Dj, Lj = self.D[j], self.L[j]
-        dw, do, pos = self.incs[j]
+        pos = self.incs[j][2]
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         wt = np.zeros(1)
         val = np.zeros(1)
@@ -917,9 +924,8 @@ class _Search:
             wt = (wt[:, None] + self.c[d] @ Dj).ravel()
             val = (val[:, None] + (self.om[d] + self.c[d] @ Lj)).ravel()
             if not math.isinf(cut):
-                m = pos < d  # the prefix's LP curve
-                xs = np.cumsum(np.concatenate(([self.s_w[j, 0] - self.s_w[j, d]], dw[m])))
-                ys = np.cumsum(np.concatenate(([self.s_o[j, 0] - self.s_o[j, d]], do[m])))
+                xs, ys = self._curve(j, pos < d, self.s_w[j, 0] - self.s_w[j, d],
+                                     self.s_o[j, 0] - self.s_o[j, d])  # the prefix's
                 pre = np.interp(self.room_dir[j] - wt, xs, ys, left=math.inf)
                 sel = np.flatnonzero(self.om_fixed + pre + val - self.lroom[j] < cut)
                 wt, val = wt[sel], val[sel]
@@ -948,9 +954,9 @@ class _Search:
             xs, ys = curves[j]
             return np.interp(rest, xs, ys, left=math.inf)
         wt, val = front
-        at = np.searchsorted(wt, rest, side="right") - 1
         if not wt.size:
             return np.full(rest.shape, math.inf)
+        at = np.searchsorted(wt, rest, side="right") - 1
         return np.where(at >= 0, val[np.maximum(at, 0)], math.inf)
 
     def _plane_bound(self, use: np.ndarray, d: int) -> np.ndarray:
@@ -983,12 +989,16 @@ class _Search:
                 for e in range(self.n + 1):
                     self._curves[e] = [(xs[e], ys[e]) for xs, ys in tables]
             return self._curves[d]
-        out = []
-        for j, (dw, do, pos) in enumerate(self.incs):
-            m = pos >= d
-            out.append((np.cumsum(np.concatenate(([self.s_w[j, d]], dw[m]))),
-                        np.cumsum(np.concatenate(([self.s_o[j, d]], do[m])))))
-        return out
+        return [self._curve(j, self.incs[j][2] >= d, self.s_w[j, d], self.s_o[j, d])
+                for j in range(len(self.incs))]
+
+    def _curve(self, j: int, members: np.ndarray, w0: float, o0: float,
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Breakpoints of relaxation j's LP curve over the positions whose increments
+        ``members`` marks, starting at (w0, o0), the sum of those positions' starts."""
+        dw, do, _ = self.incs[j]
+        return (np.cumsum(np.concatenate(([w0], dw[members]))),
+                np.cumsum(np.concatenate(([o0], do[members]))))
 
     def run(self, ub: float, max_states: int, beam_width: int | None = None,
             deadline: float | None = None) -> tuple[int, bool]:
