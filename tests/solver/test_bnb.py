@@ -3,9 +3,11 @@ polish keeps feasibility, and branch-and-bound equals brute force (also with flo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pulp
@@ -20,6 +22,20 @@ from solver.problem import LayerOptions, Option
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
+
+
+@contextlib.contextmanager
+def _bnb_constants(**values: object) -> Iterator[None]:
+    """Set solver.bnb's module constants for the block (hypothesis tests cannot take the
+    function-scoped monkeypatch fixture)."""
+    saved = {name: getattr(bnb, name) for name in values}
+    for name, value in values.items():
+        setattr(bnb, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(bnb, name, value)
 
 
 def _arrays(problem: Problem) -> tuple[bnb.Arrays, dict[str, float]]:
@@ -169,12 +185,9 @@ def test_planes_bound_every_completion(groups: int, options: int, limits: int,
     arr = bnb.Arrays([[None] * options] * groups, "omega", [f"r{r}" for r in range(limits)],
                      om, cost, [options] * groups)
     lams = rng.exponential(size=(6, limits)) * rng.integers(0, 2, size=(6, limits))
-    merge, bnb.MERGE_MAX = bnb.MERGE_MAX, 1
-    try:
+    with _bnb_constants(MERGE_MAX=1):
         search = bnb._Search(arr, [list(range(options))] * groups, cost, cap,
                              np.zeros(limits), np.zeros(limits), planes=lams)
-    finally:
-        bnb.MERGE_MAX = merge
     n = search.n
     assert n == groups
     checked = 0
@@ -219,12 +232,9 @@ def test_fronts_are_the_exact_relaxations(groups: int, options: int, limits: int
     arr = bnb.Arrays([[None] * options] * groups, "omega", [f"r{r}" for r in range(limits)],
                      om, cost, [options] * groups)
     lam = rng.exponential(size=limits)
-    merge, bnb.MERGE_MAX = bnb.MERGE_MAX, 1
-    try:
+    with _bnb_constants(MERGE_MAX=1):
         search = bnb._Search(arr, [list(range(options))] * groups, cost, cap,
                              np.zeros(limits), lam)
-    finally:
-        bnb.MERGE_MAX = merge
     assert search.front_rays == ([0] if limits == 1 else [2, 4, 6][:limits])
     for j in search.front_rays:
         fronts = search._front(j, math.inf)
@@ -265,12 +275,8 @@ def test_exact_search_with_fronts_matches_brute_force(problem: Problem,
     """Fronts built from the first layer of every exact run (whole, or cut short at two
     points so that the early depths keep the LP curves): still brute force's optimum."""
     best, _ = brute_force(problem)
-    saved = (bnb.FRONT_TRIGGER, bnb.FRONT_MAX, bnb.BEAM_WIDTH, bnb.PROBE_STATES)
-    bnb.FRONT_TRIGGER, bnb.FRONT_MAX, bnb.BEAM_WIDTH, bnb.PROBE_STATES = -1, front_max, 1, 0
-    try:
+    with _bnb_constants(FRONT_TRIGGER=-1, FRONT_MAX=front_max, BEAM_WIDTH=1, PROBE_STATES=0):
         sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
-    finally:
-        bnb.FRONT_TRIGGER, bnb.FRONT_MAX, bnb.BEAM_WIDTH, bnb.PROBE_STATES = saved
     _assert_closed_in_process(sol, best)
 
 
@@ -280,12 +286,8 @@ def test_neighbourhood_search_keeps_the_optimum(problem: Problem) -> None:
     """The neighbourhood search after each beam only sets incumbents: forced on every tree,
     with one-state beams, the answer is still brute force's."""
     best, _ = brute_force(problem)
-    saved = (bnb.LNS_MIN_FREE, bnb.BEAM_WIDTH, bnb.PROBE_STATES)
-    bnb.LNS_MIN_FREE, bnb.BEAM_WIDTH, bnb.PROBE_STATES = -1, 1, 0
-    try:
+    with _bnb_constants(LNS_MIN_FREE=-1, BEAM_WIDTH=1, PROBE_STATES=0):
         sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
-    finally:
-        bnb.LNS_MIN_FREE, bnb.BEAM_WIDTH, bnb.PROBE_STATES = saved
     _assert_closed_in_process(sol, best)
 
 
@@ -348,12 +350,8 @@ def test_hull_increments_are_convex() -> None:
 def test_exact_search_alone_matches_brute_force(problem: Problem) -> None:
     """With a beam of one state and no probe, optimality rests on the exact layered search."""
     best, _ = brute_force(problem)
-    widths = (bnb.BEAM_WIDTH, bnb.PROBE_STATES)
-    bnb.BEAM_WIDTH, bnb.PROBE_STATES = 1, 0
-    try:
+    with _bnb_constants(BEAM_WIDTH=1, PROBE_STATES=0):
         sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
-    finally:
-        bnb.BEAM_WIDTH, bnb.PROBE_STATES = widths
     _assert_closed_in_process(sol, best)
 
 
