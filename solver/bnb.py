@@ -213,12 +213,15 @@ def solve_arrays(
     cushion = FEAS_RTOL * np.maximum(np.abs(raw_cap), 1e-300) / scale
     info: dict[str, Any] = {"nodes": 0}
 
+    rows = np.arange(G)
+
+    # Exact checks on the raw values (the arrays hold the options' own floats).
     def exact_ok(picks: list[int]) -> bool:
-        return all(within(math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)),
-                          limits[r]) for r in res)
+        return all(within(math.fsum(arr.cost[r, rows, picks].tolist()), limits[res[r]])
+                   for r in range(R))
 
     def value(picks: list[int]) -> float:
-        return math.fsum(groups[g][k].value(arr.key) for g, k in enumerate(picks))
+        return math.fsum(om[rows, picks].tolist())
 
     # Infeasible outright when a limit is below the sum of per-group minima.
     mins = [math.fsum(float(v) for v in arr.cost[r].min(axis=1)) for r in range(R)]
@@ -729,27 +732,43 @@ def pair_improve(
     return pk.tolist()
 
 
-def _hull_increments(pts: list[tuple[float, float]]) -> tuple[tuple[float, float], list]:
-    """Lower-left convex hull of (weight, objective) points: the start (least weight, then
-    least objective) and the increments (efficiency, d_weight, d_objective) with decreasing
-    efficiency -d_objective / d_weight > 0. The LP relaxation of a multiple-choice knapsack only
-    ever uses points on this hull."""
-    pts = sorted(pts)
-    hull = [pts[0]]
-    for p in pts[1:]:
-        if p[1] >= hull[-1][1]:
-            continue  # heavier and no better: never on the lower-left hull
-        while len(hull) >= 2:
-            (w0, o0), (w1, o1) = hull[-2], hull[-1]
-            if (o0 - o1) * (p[0] - w1) <= (o1 - p[1]) * (w1 - w0):
-                hull.pop()  # hull[-1] is above the chord: not convex
-            else:
-                break
-        hull.append(p)
-    incs = []
-    for (w0, o0), (w1, o1) in zip(hull, hull[1:], strict=False):
-        incs.append(((o0 - o1) / (w1 - w0), w1 - w0, o1 - o0))
-    return hull[0], incs
+def _hulls(w: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """Lower-left convex hulls of the (weight, objective) points of each row (padding: weight
+    inf): per row the start (least weight, then least objective), and the increments between
+    consecutive hull vertices, (efficiency, d_weight, d_objective, row) in row order and along
+    each row with decreasing efficiency -d_objective / d_weight > 0. The LP relaxation of a
+    multiple-choice knapsack only ever uses points on this hull.
+
+    After sorting a row by (weight, objective), the points strictly below every lighter one
+    form a staircase (the others are heavier and no better); a staircase point is a vertex when
+    the steepest slope reaching it from a lighter staircase point is less than the shallowest
+    slope leaving it to a heavier one (a supporting line touches only it; collinear points are
+    dropped)."""
+    rows, K = w.shape
+    order = np.lexsort((o, w), axis=-1)
+    ws = np.take_along_axis(w, order, axis=1)
+    os_ = np.take_along_axis(o, order, axis=1)
+    stair = np.isfinite(ws)
+    stair[:, 1:] &= os_[:, 1:] < np.minimum.accumulate(os_, axis=1)[:, :-1]
+    pair = stair[:, :, None] & stair[:, None, :] & np.triu(np.ones((K, K), dtype=bool), k=1)
+    with np.errstate(all="ignore"):  # pairs off the staircase are masked out
+        slope = (os_[:, None, :] - os_[:, :, None]) / (ws[:, None, :] - ws[:, :, None])
+    left = np.where(pair, slope, -np.inf).max(axis=1)  # [r, j]: over lighter i < j
+    right = np.where(pair, slope, np.inf).min(axis=2)  # [r, j]: over heavier k > j
+    vertex = stair & (left < right)
+    r, c = np.nonzero(vertex)  # row-major: along each row by weight
+    vw, vo = ws[r, c], os_[r, c]
+    first = np.ones(r.size, dtype=bool)
+    first[1:] = r[1:] != r[:-1]
+    dw = vw[1:] - vw[:-1]
+    do = vo[1:] - vo[:-1]
+    inc = ~first[1:]  # consecutive vertices of one row
+    dw, do = dw[inc], do[inc]
+    starts_w = np.zeros(rows)
+    starts_o = np.zeros(rows)
+    starts_w[r[first]] = vw[first]
+    starts_o[r[first]] = vo[first]
+    return starts_w, starts_o, (-do / dw, dw, do, r[1:][inc])
 
 
 class _Search:
@@ -759,7 +778,7 @@ class _Search:
 
     A child (partial assignment) is cut when the smallest possible use of the remaining groups
     pushes a limit over, or when a lower bound on every completion reaches ``cut``. The bounds
-    are the LP relaxations of single-constraint knapsacks (:func:`_hull_increments`, Dyer /
+    are the LP relaxations of single-constraint knapsacks (:func:`_hulls`, Dyer /
     Zemel) over the remaining groups, each keeping one weighted sum of the limits and moving
     the rest into the objective with fixed multipliers: first the surrogate of all limits along
     the best multipliers; with several limits also each limit kept exactly, once with the
@@ -843,26 +862,41 @@ class _Search:
                 self.om.append(g_om)
                 self.c.append(g_c.copy())
         n = len(self.members)
-        start = np.zeros((2, J, n + 1))
         minc = np.zeros((n + 1, R))
-        incs: list[list[tuple[float, float, float, int]]] = [[] for _ in range(J)]
         for p in range(n):
-            c = self.c[p]
-            minc[p] = c.min(axis=0)
-            w = (c @ self.D.T).T.tolist()
-            o = (self.om[p][:, None] + c @ self.L.T).T.tolist()
-            for j in range(J):
-                (start[0, j, p], start[1, j, p]), gi = _hull_increments(
-                    list(zip(w[j], o[j], strict=True)))
-                incs[j].extend((e, dw, do, p) for e, dw, do in gi)
+            minc[p] = self.c[p].min(axis=0)
+        # LP hulls per group, all relaxations at once (rows j * F + f for the f-th free group
+        # in branching order); a position's hull is the Minkowski sum of its members' hulls:
+        # their starts added, their increments merged.
+        F = len(order)
+        pos_of = np.array([p for p, mem in enumerate(self.members) for _ in mem], dtype=np.intp)
+        width = max((len(keep[g]) for g in order), default=1)
+        g_om = np.full((F, width), np.inf)  # padding: never on a hull
+        g_c = np.zeros((F, width, R))
+        for f, g in enumerate(order):
+            ks = keep[g]
+            g_om[f, :len(ks)] = om[g, ks]
+            g_c[f, :len(ks)] = cn[:, g, ks].T
+        pad = np.isinf(g_om)
+        w_all = np.where(pad[None], np.inf, np.einsum("fkr,jr->jfk", g_c, self.D))
+        o_all = g_om[None] + np.einsum("fkr,jr->jfk", g_c, self.L)
+        sw, so, (eff, dw, do, row) = _hulls(w_all.reshape(J * F, width),
+                                           o_all.reshape(J * F, width))
+        start = np.zeros((2, J, n + 1))
+        slot = (np.arange(J)[:, None] * (n + 1) + pos_of[None, :]).ravel()
+        start[0] = np.bincount(slot, sw, minlength=J * (n + 1)).reshape(J, n + 1)
+        start[1] = np.bincount(slot, so, minlength=J * (n + 1)).reshape(J, n + 1)
         # suffix sums over positions >= d: smallest use per limit, hull starting points
         self.min_rest = np.cumsum(minc[::-1], axis=0)[::-1]
         self.s_w, self.s_o = np.cumsum(start[:, :, ::-1], axis=2)[:, :, ::-1]
+        rel = row // max(F, 1)
+        by = np.lexsort((-eff, rel))  # per relaxation, decreasing efficiency (stable)
+        bounds = np.searchsorted(rel[by], np.arange(J + 1))
+        pos = pos_of[row % max(F, 1)]
         self.incs = []
         for j in range(J):
-            incs[j].sort(key=lambda t: -t[0])
-            a = np.array([t[1:] for t in incs[j]], dtype=float).reshape(-1, 3)
-            self.incs.append((a[:, 0], a[:, 1], a[:, 2].astype(np.intp)))
+            sel = by[bounds[j]:bounds[j + 1]]
+            self.incs.append((dw[sel], do[sel], pos[sel]))
         self.lroom = self.L @ self.room
         self.room_dir = self.D @ self.room
         self.proj = np.concatenate([self.D.T, self.L.T], axis=1)  # (R, 2J)

@@ -336,13 +336,40 @@ def test_plane_grid_leaves_out_the_multipliers_own_ray() -> None:
     assert bnb.plane_grid(np.array([1.0])).shape == (0, 1)
 
 
-def test_hull_increments_are_convex() -> None:
-    start, incs = bnb._hull_increments([(0.0, 5.0), (1.0, 3.0), (2.0, 2.5), (3.0, 0.0),
-                                        (1.5, 4.0)])
-    assert start == (0.0, 5.0)
-    effs = [e for e, _, _ in incs]
-    assert effs == sorted(effs, reverse=True) and all(e > 0 for e in effs)
-    assert sum(dw for _, dw, _ in incs) == 3.0 and sum(do for _, _, do in incs) == -5.0
+def test_hulls_are_convex() -> None:
+    w = np.array([[0.0, 1.0, 2.0, 3.0, 1.5]])
+    o = np.array([[5.0, 3.0, 2.5, 0.0, 4.0]])
+    sw, so, (eff, dw, do, row) = bnb._hulls(w, o)
+    assert (sw[0], so[0]) == (0.0, 5.0)
+    assert list(eff) == sorted(eff, reverse=True) and np.all(eff > 0)
+    assert dw.sum() == 3.0 and do.sum() == -5.0 and np.all(row == 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1,
+                         max_size=7), min_size=1, max_size=5))
+def test_hulls_support_every_minimum(rows: list[list[tuple[int, int]]]) -> None:
+    """Each row's hull (padded rows, duplicates, collinear points) has the lexicographic least
+    point as its start and strictly decreasing positive efficiencies, and its vertices attain
+    min(o + t * w) over the row's points for every t >= 0 (the whole LP relaxation)."""
+    width = max(map(len, rows))
+    w = np.full((len(rows), width), np.inf)
+    o = np.zeros((len(rows), width))
+    for i, pts in enumerate(rows):
+        w[i, :len(pts)] = [p[0] for p in pts]
+        o[i, :len(pts)] = [p[1] for p in pts]
+    sw, so, (eff, dw, do, row) = bnb._hulls(w, o)
+    assert np.all(np.diff(row) >= 0)
+    for i, pts in enumerate(rows):
+        assert (sw[i], so[i]) == min(pts)
+        e, a, b = eff[row == i], dw[row == i], do[row == i]
+        assert np.all(e > 0) and np.all(np.diff(e) < 0)
+        vw = sw[i] + np.concatenate(([0.0], np.cumsum(a)))
+        vo = so[i] + np.concatenate(([0.0], np.cumsum(b)))
+        for t in [0.0, 1e-3, 0.25, 0.5, 1.0, 2.0, 3.0, 7.0, 1e3, *e.tolist()]:
+            assert min(p[1] + t * p[0] for p in pts) == pytest.approx(float((vo + t * vw).min()))
+        assert set(zip(vw.tolist(), vo.tolist(), strict=True)) <= set(map(tuple, map(
+            lambda p: (float(p[0]), float(p[1])), pts)))
 
 
 @SETTINGS
