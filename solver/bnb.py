@@ -109,6 +109,7 @@ PLANE_BLOCK = 4_000_000
 # Consecutive groups share one layer of the search while the product of their option counts
 # stays within this.
 MERGE_MAX = 36
+SCALAR_POINTS = 16
 # Fronts (see _Search): an exact run builds them once it has evaluated FRONT_TRIGGER children
 # (smaller runs finish sooner than the fronts build), each holding at most FRONT_MAX points.
 # Measured on 1000x12 size+bops+lat (best of 2): 0.64 s against 1.24 s without fronts (the
@@ -240,19 +241,24 @@ def solve_arrays(
     ub = math.inf
     best_l, best_lam = -math.inf, np.zeros(R)
 
-    def visit(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Lagrangian choice at lam; records the bound and feasible choices. Returns (picks,
-        usage of the picks in normalised units)."""
+    def visit(lams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lagrangian choices at the multipliers ``lams`` (M, R); records the best bound and
+        the best choice within the limits. Returns (picks (G, M), their usage in normalised
+        units (M, R))."""
         nonlocal best_l, best_lam, inc, ub
-        v = om_flat + cn_flat @ lam
-        picks = v.reshape(G, K).argmin(axis=1)
-        chosen = base + picks
-        lval = float(v[chosen].sum() - lam @ cap)
-        if lval > best_l:
-            best_l, best_lam = lval, lam.copy()
+        v = om_flat[:, None] + cn_flat @ lams.T  # (G * K, M)
+        picks = v.reshape(G, K, -1).argmin(axis=1)
+        chosen = base[:, None] + picks
+        lvals = np.take_along_axis(v, chosen, axis=0).sum(axis=0) - lams @ cap
+        m = int(lvals.argmax())
+        if lvals[m] > best_l:
+            best_l, best_lam = float(lvals[m]), lams[m].copy()
         usage = cn_flat[chosen].sum(axis=0)
-        if np.all(usage <= cap + cushion * 0.5) and float(om_flat[chosen].sum()) < ub:
-            pl = picks.tolist()
+        vals = np.where(np.all(usage <= cap + cushion * 0.5, axis=1),
+                        om_flat[chosen].sum(axis=0), math.inf)
+        m = int(vals.argmin())
+        if vals[m] < ub:
+            pl = picks[:, m].tolist()
             if exact_ok(pl):
                 val = value(pl)
                 if val < ub:
@@ -260,11 +266,13 @@ def solve_arrays(
         return picks, usage
 
     # Scalar search along lam = mu * (1, ..., 1): the smallest mu whose choice fits (with one
-    # limit this is the LP dual optimum, the best Lagrangian bound).
+    # limit this is the LP dual optimum, the best Lagrangian bound), SCALAR_POINTS trial
+    # values per round.
     spread = float(np.max(om.max(axis=1) - om.min(axis=1))) or 1.0
     lp_picks: list[int] | None = None
-    hi = smallest_fitting(lambda mu: bool(np.all(visit(np.full(R, mu))[1] <= cap)), spread,
-                          grow_steps=60, bisect_steps=50, rel_tol=1e-6)
+    hi = smallest_fitting(
+        lambda mus: np.all(visit(np.repeat(mus[:, None], R, axis=1))[1] <= cap, axis=1),
+        spread, grow_steps=60, rel_tol=1e-6, points=SCALAR_POINTS)
     if hi is not None:
         # Several limits: the LP relaxation's duals are the best multipliers (the Lagrangian
         # dual of a multiple-choice knapsack equals its LP relaxation); coordinate line
@@ -273,7 +281,7 @@ def solve_arrays(
         lp = lp_duals(om, cn, cap, arr.sizes) if R > 1 else None
         if lp is not None:
             info["lp_duals"] = True
-            visit(lp[0])
+            visit(lp[0][None])
             lp_picks = lp[1]
         elif R > 1:
             for _ in range(LAGRANGE_ROUNDS):
@@ -283,7 +291,7 @@ def solve_arrays(
                     a, b = 0.0, max(4.0 * lam[r], hi, 1e-300)
                     for _ in range(40):
                         lam[r] = 0.5 * (a + b)
-                        _, u = visit(lam)
+                        u = visit(lam[None])[1][0]
                         if u[r] > cap[r]:
                             a = lam[r]
                         else:
@@ -489,27 +497,35 @@ def plane_grid(lam: np.ndarray) -> np.ndarray:
     return grid * lam
 
 
-def smallest_fitting(fits: Callable[[float], bool], start: float, grow_steps: int,
-                     bisect_steps: int, rel_tol: float) -> float | None:
+def smallest_fitting(fits: Callable[[np.ndarray], np.ndarray], start: float, grow_steps: int,
+                     rel_tol: float, points: int = 1) -> float | None:
     """The smallest mu >= 0 (to ``rel_tol``) with ``fits(mu)``, for a ``fits`` monotone in mu
-    (a Lagrangian choice only gets cheaper as its multiplier grows): ``start`` times 4 until
-    it fits, then bisection on [0, that]. None when it never fits within ``grow_steps``."""
-    hi = start
-    for _ in range(grow_steps):
-        if fits(hi):
-            break
-        hi *= 4.0
-    else:
-        return None
+    (a Lagrangian choice only gets cheaper as its multiplier grows), ``fits`` taking an array
+    of mu and answering for each: ``start`` times 4 until it fits, then on [0, that] rounds of
+    ``points`` equally spaced trial values (1: bisection) keeping the bracket of the first that
+    fits. None when it never fits within ``grow_steps``."""
+    hi = None
     lo = 0.0
-    for _ in range(bisect_steps):
-        mid = 0.5 * (lo + hi)
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
+    for k0 in range(0, grow_steps, max(points, 1)):
+        mus = start * 4.0 ** np.arange(k0, min(k0 + max(points, 1), grow_steps))
+        ok = np.asarray(fits(mus), dtype=bool)
+        if ok.any():
+            i = int(ok.argmax())
+            hi = float(mus[i])
+            break
+    if hi is None:
+        return None
+    for _ in range(400):  # (far more rounds than rel_tol >= 1e-12 needs)
         if hi - lo <= rel_tol * hi:
             break
+        mus = lo + (hi - lo) * np.arange(1, points + 1) / (points + 1)
+        ok = np.asarray(fits(mus), dtype=bool)
+        if ok.any():
+            i = int(ok.argmax())
+            hi = float(mus[i])
+            lo = float(mus[i - 1]) if i else lo
+        else:
+            lo = float(mus[-1])
     return hi
 
 

@@ -101,8 +101,8 @@ def fix(
     # choice meets every limit. With one limit this is the LP dual (the best bound), and the
     # choice there is the LP solution rounded to the feasible side: a strong incumbent.
     visit(lam)
-    smallest_fitting(lambda mu: feasible(visit([mu] * nres)[0]), spread,
-                     grow_steps=40, bisect_steps=48, rel_tol=1e-9)
+    smallest_fitting(lambda mus: [feasible(visit([float(mus[0])] * nres)[0])], spread,
+                     grow_steps=40, rel_tol=1e-9)
     # Incumbent candidates: the best feasible Lagrangian choice, improved; and the choice at
     # the best bound (usually just over a limit), repaired then improved (solver.bnb.repair, on
     # option arrays padded to a rectangle).
