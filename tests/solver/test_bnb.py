@@ -448,8 +448,10 @@ def test_layered_search_matches_cbc_on_a_mid_size_instance() -> None:
 def test_a_greedy_beam_is_not_taken_for_the_exact_search(monkeypatch: pytest.MonkeyPatch) -> None:
     """A beam of width one (greedy) drops children, so its best completion is only an
     incumbent: the exact search must still run and reach CBC's optimum. Here the beams improve
-    the incumbent, so the exact search runs on a tree rebuilt with the options the better
-    incumbent still allows (fails when that rebuild fixes too much)."""
+    the incumbent (the repaired seeds are switched off, so the first incumbent is weak), so the
+    exact search runs on a tree rebuilt with the options the better incumbent still allows
+    (fails when that rebuild fixes too much)."""
+    monkeypatch.setattr(bnb, "repair", lambda *args: None)
     monkeypatch.setattr(bnb, "BEAM_WIDTH", 1)
     monkeypatch.setattr(bnb, "BEAM_GROWTH", 1)
     monkeypatch.setattr(bnb, "PROBE_STATES", 0)
@@ -473,7 +475,9 @@ def test_a_greedy_beam_is_not_taken_for_the_exact_search(monkeypatch: pytest.Mon
 def test_exact_attempts_between_beams_keep_the_optimum(work: int,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Exact tries between widening beams (failing on a tiny budget, or finishing) either
-    close the problem at CBC's optimum or leave it to the later beams and the exact search."""
+    close the problem at CBC's optimum or leave it to the later beams and the exact search.
+    (The repaired seeds are switched off, so that the beams improve a weak first incumbent.)"""
+    monkeypatch.setattr(bnb, "repair", lambda *args: None)
     monkeypatch.setattr(bnb, "BEAM_WIDTH", 1)
     monkeypatch.setattr(bnb, "PROBE_STATES", 0)
     monkeypatch.setattr(bnb, "ATTEMPT_WIDTH", 1)
@@ -487,7 +491,7 @@ def test_exact_attempts_between_beams_keep_the_optimum(work: int,
         return out
 
     monkeypatch.setattr(bnb._Search, "run", spy)
-    problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5})
+    problem = _mid_instance({"size_bytes": 0.5, "bops": 0.5, "latency_ms": 0.5})
     ours = solve(problem)
     reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
     assert ours.solver["closed_by"] == "branch-and-bound"
