@@ -128,6 +128,10 @@ LAGRANGE_ROUNDS = 3
 LAGRANGE_TOL = 1e-4
 # Pair-move polish: at most this many (move pair) evaluations per call, in scans of all pairs.
 PAIR_WORK_MAX = 50_000_000
+# A scan of pair_improve applies its best move and then up to PAIR_MULTI - 1 more of the next
+# best on untouched groups (measured: 199 vs 205 ms over the 54x12 multi-limit sweep against
+# one move per scan, 1.73 vs 1.81 s over twelve 200x12 instances, 1000x12 1-3 % faster).
+PAIR_MULTI = 64
 # Relative floating-point allowance on the bound (sums over up to ~1e5 terms in float64).
 FP_REL = 1e-11
 
@@ -698,9 +702,11 @@ def pair_improve(
     stats: list[int] | None = None,
     allowed: np.ndarray | None = None,
 ) -> list[int]:
-    """Improve a feasible assignment by the best single or paired option change (two groups
-    at once) that lowers Omega and stays within the limits, until none is left (or ``rounds``).
-    Vectorised over all pairs of moves. Returns ``picks`` unchanged if it does not fit.
+    """Improve a feasible assignment by single or paired option changes (two groups at once)
+    that lower Omega and stay within the limits, until none is left (or ``rounds``): each scan
+    applies the best one, then the next best on groups the scan has not touched while they
+    still fit (see PAIR_MULTI). Vectorised over all pairs of moves. Returns ``picks``
+    unchanged if it does not fit.
     ``allowed`` (G, K): the options moves may go to (default all).
     ``stats[0]`` (if given) is increased by the number of scans done."""
     G, K = om.shape
@@ -731,29 +737,41 @@ def pair_improve(
         mk = np.broadcast_to(np.arange(K)[None, :], (G, K))[mask]
         # moves that could be part of an improving pair: keep the ones that lower Omega, or
         # that free some resource (the partner then spends it)
-        best_gain, best = -1e-12 * (1.0 + abs(float(om[rows, pk].sum()))), None
-        single = (mo < 0) & np.all(mc <= slack[:, None], axis=0)
-        if single.any():
-            i = int(np.argmin(np.where(single, mo, np.inf)))
-            if mo[i] < best_gain:
-                best_gain, best = float(mo[i]), ((int(mg[i]), int(mk[i])),)
+        least = -1e-12 * (1.0 + abs(float(om[rows, pk].sum())))  # smallest gain that counts
+        single = np.flatnonzero((mo < least) & np.all(mc <= slack[:, None], axis=0))
+        gains, costs, first, second = [mo[single]], [mc[:, single]], [single], [single]
         down = np.flatnonzero(mo < 0)
         free_ = np.flatnonzero(np.any(mc < 0, axis=0))
         if down.size and free_.size:
             dsum = mo[down][:, None] + mo[free_][None, :]
-            ok = (mg[down][:, None] != mg[free_][None, :]) & (dsum < 0)
+            ok = (mg[down][:, None] != mg[free_][None, :]) & (dsum < least)
             for r in range(R):
                 ok &= mc[r, down][:, None] + mc[r, free_][None, :] <= slack[r]
-            if ok.any():
-                flat = int(np.argmin(np.where(ok, dsum, np.inf)))
-                a, b = divmod(flat, free_.size)
-                if dsum[a, b] < best_gain:
-                    i, j = down[a], free_[b]
-                    best = ((int(mg[i]), int(mk[i])), (int(mg[j]), int(mk[j])))
-        if best is None:
+            a, b = np.nonzero(ok)
+            gains.append(dsum[a, b])
+            costs.append(mc[:, down[a]] + mc[:, free_[b]])
+            first.append(down[a])
+            second.append(free_[b])
+        gain = np.concatenate(gains)
+        if not gain.size:
             break
-        for g, k in best:
-            pk[g] = k
+        # The best move first, then, in order of gain, each further one on groups no move of
+        # this scan touched while it still fits (the moves' deltas stay exact: their groups'
+        # picks are unchanged).
+        top = np.argsort(gain, kind="stable")[:PAIR_MULTI]
+        cost = np.concatenate(costs, axis=1)[:, top].T.tolist()
+        one = np.concatenate(first)[top]
+        two = np.concatenate(second)[top]
+        room = slack.tolist()
+        touched: set[int] = set()
+        for c, i, j in zip(cost, one.tolist(), two.tolist(), strict=True):
+            gs = {int(mg[i]), int(mg[j])}
+            if touched & gs or any(x > r for x, r in zip(c, room, strict=True)):
+                continue
+            room = [r - x for x, r in zip(c, room, strict=True)]
+            touched |= gs
+            pk[mg[i]] = mk[i]
+            pk[mg[j]] = mk[j]
     return pk.tolist()
 
 

@@ -146,6 +146,29 @@ def test_pair_improve_makes_a_coordinated_move() -> None:
     assert bnb.pair_improve(om, cn, np.array([1.0]), [2, 2], [1, 1]) == [1, 1]
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 5), st.integers(2, 4), st.integers(1, 3), st.integers(0, 2**32 - 1))
+def test_pair_improve_ends_in_a_pair_local_optimum(G: int, K: int, R: int, seed: int) -> None:
+    """From a fitting start the result still fits, has no larger Omega, and no single or
+    paired option change that fits lowers Omega any further (checked by enumeration)."""
+    rng = np.random.default_rng(seed)
+    om = rng.integers(0, 9, (G, K)).astype(float)
+    cn = rng.integers(0, 5, (R, G, K)).astype(float)
+    start = rng.integers(0, K, G).tolist()
+    rows = np.arange(G)
+    cap = cn[:, rows, start].sum(axis=1) + rng.integers(0, 4, R)
+    picks = bnb.pair_improve(om, cn, cap, [K] * G, start)
+    assert np.all(cn[:, rows, picks].sum(axis=1) <= cap)
+    value = om[rows, picks].sum()
+    assert value <= om[rows, start].sum()
+    for g, h in itertools.combinations_with_replacement(range(G), 2):
+        for k, m in itertools.product(range(K), repeat=2):
+            moved = list(picks)
+            moved[g], moved[h] = k, m
+            if np.all(cn[:, rows, moved].sum(axis=1) <= cap):
+                assert om[rows, moved].sum() >= value
+
+
 def test_pair_improve_only_moves_to_allowed_options() -> None:
     om = np.array([[0.0, -1.0], [0.0, 0.5]])
     cn = np.array([[[0.5, 1.0], [0.5, 0.0]]])
