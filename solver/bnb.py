@@ -322,6 +322,7 @@ def solve_arrays(
     tol = FP_REL * (abs(lbound) + float(np.abs(m).sum()) + float(lam @ np.abs(cap)) + spread) \
         + float(lam @ cushion)
     sizes = arr.sizes
+    valid = np.arange(K)[None, :] < np.array(sizes)[:, None]  # (G, K): real options
 
     def useful(ub: float) -> np.ndarray:
         """(G, K) mask of the options that can be in an assignment better than ub (by the
@@ -360,14 +361,14 @@ def solve_arrays(
         """Options per group that can be in an assignment better than ub (reduced-cost fixing:
         completions whose bound is >= ub - EPS_REL|ub| cannot improve ub meaningfully)."""
         thr = math.inf if math.isinf(ub) else ub - EPS_REL * abs(ub) - lbound + tol
-        keep = []
-        for g in range(G):
-            ks = [k for k in range(sizes[g])
-                  if rc[g, k] <= thr or (inc is not None and k == inc[g])]
-            if not ks:  # cannot happen when inc is None (thr = inf); defensive
-                ks = [int(rc[g, :sizes[g]].argmin())]
-            keep.append(ks)
-        return keep
+        ok = (rc <= thr) & valid
+        if inc is not None:
+            ok[rows, inc] = True
+        none = ~ok.any(axis=1)  # cannot happen when inc is None (thr = inf); defensive
+        if none.any():
+            ok[none, np.where(valid, rc, math.inf)[none].argmin(axis=1)] = True
+        g_of, k_of = np.nonzero(ok)
+        return np.split(k_of, np.cumsum(np.bincount(g_of, minlength=G))[:-1])
 
     def better(search: _Search, inc: list[int] | None, ub: float) -> tuple[list[int] | None, float]:
         """The best completion of a finished run that is within the limits, if it beats ub."""
