@@ -150,19 +150,23 @@ class Arrays:
 
 
 def prune_dominated(groups: list[list[GOpt]], key: str, res: list[str]) -> Arrays:
-    """Drop dominated options (lossless, see the module docstring) and build the arrays."""
+    """Sort each group's options by (``key``, then the costs of ``res`` in order; stable), drop
+    the dominated ones (lossless, see the module docstring) and build the arrays. The kept
+    options stay in that order, so each group's first is its least-``key`` one."""
     G = len(groups)
     K = max(len(g) for g in groups)
     R = len(res)
-    vals = np.empty((1 + R, G, K))
-    for gi, g in enumerate(groups):
-        n = len(g)
-        rows = [[o.value(key) for o in g]] + [[o.costs[r] for o in g] for r in res]
-        for i, row in enumerate(rows):
-            vals[i, gi, :n] = row
-            vals[i, gi, n:] = row[0]
     sizes = np.array([len(g) for g in groups])
+    flat = np.array([[o.value(key), *(o.costs[r] for r in res)] for g in groups for o in g],
+                    dtype=float).reshape(-1, 1 + R)
     valid = np.arange(K)[None, :] < sizes[:, None]
+    vals = np.empty((1 + R, G, K))
+    vals[:, valid] = flat.T
+    # padding: a copy of the group's first option (sorted after it: duplicates never change a
+    # minimum, and later equal options are dominated)
+    vals[:, ~valid] = np.broadcast_to(vals[:, :, :1], vals.shape)[:, ~valid]
+    order = np.lexsort((*vals[::-1], ~valid), axis=-1)  # real options first, then by value
+    vals = np.take_along_axis(vals, np.broadcast_to(order, vals.shape), axis=2)
     # dom[g, j, k]: option j dominates option k.
     le = np.all(vals[:, :, :, None] <= vals[:, :, None, :], axis=0)
     eq = np.all(vals[:, :, :, None] == vals[:, :, None, :], axis=0)
@@ -174,7 +178,7 @@ def prune_dominated(groups: list[list[GOpt]], key: str, res: list[str]) -> Array
     kmax = 1
     for gi in range(G):
         ks = np.flatnonzero(kept_mask[gi])
-        kept_groups.append([groups[gi][k] for k in ks])
+        kept_groups.append([groups[gi][k] for k in order[gi, ks].tolist()])
         n = len(ks)
         kmax = max(kmax, n)
         idx[gi, :n] = ks

@@ -479,8 +479,12 @@ def solve(problem: Problem, cfg: SolveConfig | None = None) -> Solution:
     groups = _groups(problem)
     limits = {r: problem.limits.get(r) for r in problem.limits.active()}
     resources = list(limits)
+    arr = None
     if cfg.prune:
         opts = [_prune(g.options, "omega", resources) for g in groups]
+    elif cfg.presolve:  # the presolve sorts and prunes (losslessly) in one vectorised pass
+        arr = bnb.prune_dominated([g.options for g in groups], "omega", resources)
+        opts = arr.groups
     else:
         opts = [_sorted_opts(g.options, "omega", resources) for g in groups]
     n_vars = n_cons = 0
@@ -490,7 +494,10 @@ def solve(problem: Problem, cfg: SolveConfig | None = None) -> Solution:
     # or the MILP solver's name).
     extra: dict[str, Any] = {"closed_by": "shortcut"}
 
-    mins = {r: math.fsum(min(o.costs[r] for o in g) for g in opts) for r in resources}
+    if arr is not None:
+        mins = {r: math.fsum(arr.cost[i].min(axis=1).tolist()) for i, r in enumerate(resources)}
+    else:
+        mins = {r: math.fsum(min(o.costs[r] for o in g) for g in opts) for r in resources}
     best = [g[0] for g in opts]  # minimum-Omega option of each group
     if any(not within(mins[r], limits[r]) for r in resources):
         status, picked = "infeasible", None
@@ -502,7 +509,8 @@ def solve(problem: Problem, cfg: SolveConfig | None = None) -> Solution:
         warm = None
         closed_by = None
         if cfg.presolve:
-            arr = bnb.prune_dominated(opts, "omega", resources)
+            if arr is None:
+                arr = bnb.prune_dominated(opts, "omega", resources)
             # the time limit also caps the search (it then hands over, as on the node budget)
             res = bnb.solve_arrays(arr, limits, node_limit=cfg.bnb_nodes,
                                    time_limit_s=cfg.time_limit_s)
