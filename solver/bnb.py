@@ -157,11 +157,12 @@ def prune_dominated(groups: list[list[GOpt]], key: str, res: list[str]) -> Array
     K = max(len(g) for g in groups)
     R = len(res)
     sizes = np.array([len(g) for g in groups])
-    flat = np.array([[o.value(key), *(o.costs[r] for r in res)] for g in groups for o in g],
-                    dtype=float).reshape(-1, 1 + R)
+    opts = [o for g in groups for o in g]
+    flat = np.array([[o.value(key) for o in opts]] + [[o.costs[r] for o in opts] for r in res],
+                    dtype=float).reshape(1 + R, -1)
     valid = np.arange(K)[None, :] < sizes[:, None]
     vals = np.empty((1 + R, G, K))
-    vals[:, valid] = flat.T
+    vals[:, valid] = flat
     # padding: a copy of the group's first option (sorted after it: duplicates never change a
     # minimum, and later equal options are dominated)
     vals[:, ~valid] = np.broadcast_to(vals[:, :, :1], vals.shape)[:, ~valid]
@@ -173,17 +174,14 @@ def prune_dominated(groups: list[list[GOpt]], key: str, res: list[str]) -> Array
     earlier = np.arange(K)[:, None] < np.arange(K)[None, :]
     dom = le & (~eq | earlier[None]) & valid[:, :, None]
     kept_mask = valid & ~dom.any(axis=1)
-    kept_groups: list[list[GOpt]] = []
-    idx = np.empty((G, K), dtype=np.intp)
-    kmax = 1
-    for gi in range(G):
-        ks = np.flatnonzero(kept_mask[gi])
-        kept_groups.append([groups[gi][k] for k in order[gi, ks].tolist()])
-        n = len(ks)
-        kmax = max(kmax, n)
-        idx[gi, :n] = ks
-        idx[gi, n:] = ks[0]
-    idx = idx[:, :kmax]
+    kept_groups: list[list[GOpt]] = [[] for _ in range(G)]
+    g_of, at = np.nonzero(kept_mask)  # row-major: each group's kept options in order
+    for g, k in zip(g_of.tolist(), order[g_of, at].tolist(), strict=True):
+        kept_groups[g].append(groups[g][k])
+    n_kept = kept_mask.sum(axis=1)
+    kmax = int(n_kept.max())
+    idx = np.argsort(~kept_mask, axis=1, kind="stable")[:, :kmax]  # kept positions first
+    idx = np.where(np.arange(kmax)[None, :] < n_kept[:, None], idx, idx[:, :1])
     gather = np.take_along_axis(vals, np.broadcast_to(idx, (1 + R, G, kmax)), axis=2)
     return Arrays(kept_groups, key, list(res), gather[0], gather[1:],
                   [len(g) for g in kept_groups])
