@@ -852,13 +852,22 @@ class _Search:
         R = len(arr.res)
         G = len(arr.groups)
         om = arr.om
-        self.base = [keep[g][0] for g in range(G)]  # fixed groups' only option
-        self.free_options = sum(len(k) - 1 for k in keep)  # options beyond one per group
-        free = [g for g in range(G) if len(keep[g]) > 1]
-        fixed = [g for g in range(G) if len(keep[g]) == 1]
-        fk = [keep[g][0] for g in fixed]
-        self.om_fixed = float(om[fixed, fk].sum()) if fixed else 0.0
-        fixed_use = cn[:, fixed, fk].sum(axis=1) if fixed else np.zeros(R)
+        # Every group's kept options padded to a rectangle: kidx (G, width) option indices,
+        # real (G, width) which are real, a_om / a_c their values and costs (padding: inf / 0).
+        lens = np.array([len(k) for k in keep])
+        flat_k = np.concatenate([np.asarray(k, dtype=np.intp) for k in keep])
+        offs = np.cumsum(lens) - lens
+        width = int(lens.max())
+        real = np.arange(width)[None, :] < lens[:, None]
+        kidx = np.zeros((G, width), dtype=np.intp)
+        kidx[real] = flat_k
+        a_om = np.where(real, om[np.arange(G)[:, None], kidx], math.inf)
+        a_c = np.moveaxis(cn[:, np.arange(G)[:, None], kidx], 0, 2) * real[:, :, None]
+        self.base = flat_k[offs].tolist()  # fixed groups' only option
+        self.free_options = int((lens - 1).sum())  # options beyond one per group
+        fixed = np.flatnonzero(lens == 1)
+        self.om_fixed = float(a_om[fixed, 0].sum())
+        fixed_use = a_c[fixed, 0].sum(axis=0)
         # Limits in normalised units with the cushion and a little float slack: the search
         # never cuts a point within() accepts; complete assignments are re-checked exactly.
         self.room = (cap + cushion) * (1 + 1e-12) + 1e-15 - fixed_use
@@ -879,12 +888,10 @@ class _Search:
 
         # Branch first on the heaviest groups (largest spread in some limit): once they are
         # fixed, the rest is fine-grained and the LP bounds are tight.
-        kept = np.zeros(om.shape, dtype=bool)
-        for g in free:
-            kept[g, keep[g]] = True
-        spread = (np.where(kept, cn, -np.inf).max(axis=2)
-                  - np.where(kept, cn, np.inf).min(axis=2)).max(axis=0)
-        order = sorted(free, key=lambda g: -spread[g])
+        free = np.flatnonzero(lens > 1)
+        spread = (np.where(real[:, :, None], a_c, -np.inf).max(axis=1)
+                  - np.where(real[:, :, None], a_c, np.inf).min(axis=1)).max(axis=1)
+        order = free[np.argsort(-spread[free], kind="stable")].tolist()
         # Positions of the tree: consecutive groups in that order merged while the product of
         # their option counts stays within MERGE_MAX (a layer costs a fixed number of numpy
         # calls, so fewer, wider layers are faster; the LP bound of merged groups is the same,
@@ -894,36 +901,39 @@ class _Search:
         self.code: list[np.ndarray] = []  # (K,) code of each option of the position
         self.om: list[np.ndarray] = []  # (K,)
         self.c: list[np.ndarray] = []  # (K, R) normalised costs
+        pos_of = []  # position of each group in order
         for g in order:
-            ks = np.array(keep[g])
-            g_om, g_c = om[g, ks], cn[:, g, ks].T
-            if self.members and len(self.om[-1]) * len(ks) <= MERGE_MAX:
+            k = int(lens[g])
+            ks, g_om, g_c = kidx[g, :k], a_om[g, :k], a_c[g, :k]
+            if self.members and len(self.om[-1]) * k <= MERGE_MAX:
                 self.members[-1].append((g, ks))
-                self.code[-1] = (self.code[-1][:, None] * len(ks) + np.arange(len(ks))).ravel()
+                self.code[-1] = (self.code[-1][:, None] * k + np.arange(k)).ravel()
                 self.om[-1] = (self.om[-1][:, None] + g_om[None, :]).ravel()
                 self.c[-1] = (self.c[-1][:, None, :] + g_c[None, :, :]).reshape(-1, R)
             else:
                 self.members.append([(g, ks)])
-                self.code.append(np.arange(len(ks)))
+                self.code.append(np.arange(k))
                 self.om.append(g_om)
-                self.c.append(g_c.copy())
+                self.c.append(g_c)
+            pos_of.append(len(self.members) - 1)
         n = len(self.members)
-        minc = np.zeros((n + 1, R))
-        for p in range(n):
-            minc[p] = self.c[p].min(axis=0)
+        F = len(order)
+        # per-position sums of per-group values (a merged position's minimum of a separable
+        # sum is the sum of its members' minima)
+        first_of = np.flatnonzero(np.diff(pos_of, prepend=-1)) if F else np.zeros(0, np.intp)
+
+        def per_position(x: np.ndarray) -> np.ndarray:
+            out = np.zeros((n + 1,) + x.shape[1:])
+            if F:
+                out[:n] = np.add.reduceat(x, first_of, axis=0)
+            return out
+
+        g_om, g_c, pad = a_om[order], a_c[order], ~real[order]  # (F, width[, R])
+        minc = per_position(np.where(pad[:, :, None], np.inf, g_c).min(axis=1))
         # LP hulls per group, all relaxations at once (rows j * F + f for the f-th free group
         # in branching order); a position's hull is the Minkowski sum of its members' hulls:
         # their starts added, their increments merged.
-        F = len(order)
-        pos_of = np.array([p for p, mem in enumerate(self.members) for _ in mem], dtype=np.intp)
-        width = max((len(keep[g]) for g in order), default=1)
-        g_om = np.full((F, width), np.inf)  # padding: never on a hull
-        g_c = np.zeros((F, width, R))
-        for f, g in enumerate(order):
-            ks = keep[g]
-            g_om[f, :len(ks)] = om[g, ks]
-            g_c[f, :len(ks)] = cn[:, g, ks].T
-        pad = np.isinf(g_om)
+        pos_of = np.array(pos_of, dtype=np.intp)
         w_all = np.where(pad[None], np.inf, np.einsum("fkr,jr->jfk", g_c, self.D))
         o_all = g_om[None] + np.einsum("fkr,jr->jfk", g_c, self.L)
         sw, so, (eff, dw, do, row) = _hulls(w_all.reshape(J * F, width),
@@ -964,11 +974,11 @@ class _Search:
         self.plane_lam = np.zeros((0, R)) if planes is None else np.asarray(planes, float)
         self.plane_const = np.zeros((n + 1, P))
         if P:
-            best = np.zeros((n, P))
-            for p in range(n):
-                best[p] = (self.om[p][:, None] + self.c[p] @ self.plane_lam.T).min(axis=0)
-            self.plane_const[:-1] = np.cumsum(best[::-1], axis=0)[::-1]
-            self.plane_const -= self.plane_lam @ self.room
+            best_g = np.full((F, P), np.inf)
+            for k in range(width):  # (small temporaries: one option slot at a time)
+                np.minimum(best_g, g_om[:, k, None] + g_c[:, k] @ self.plane_lam.T, out=best_g)
+            best = per_position(best_g)
+            self.plane_const = np.cumsum(best[::-1], axis=0)[::-1] - self.plane_lam @ self.room
         # Fronts: for the relaxations that keep one limit exactly and move the others into
         # the objective (the only one with a single limit), front[d] = (weight, value) steps
         # of the exact integer optimum of the positions >= d; built on demand (_ensure_fronts).
