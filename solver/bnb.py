@@ -288,14 +288,25 @@ def solve_arrays(
         push = np.array([1.01, 1.03, 1.1, 1.3, 2.0])[:, None]
         visit(np.vstack([lp[0][None], lp[0][None] * push + (push - 1) * lp[0].mean()]))
     else:
-        # One limit, or no LP: the scalar search along lam = mu * (1, ..., 1) for the smallest
-        # mu whose choice fits (with one limit this is the LP dual optimum, the best bound),
-        # SCALAR_POINTS trial values per round; with several limits then coordinate line
+        # One limit, or no LP: the smallest mu whose choice at lam = mu * (1, ..., 1) fits
+        # (with one limit this is the LP dual optimum, the best bound: read off the hulls,
+        # measured 2.3 vs 2.5 ms per HAWQ-V3 instance; the scalar search, SCALAR_POINTS trial
+        # values per round, when that does not fit); with several limits then coordinate line
         # searches (bisection on the subgradient's sign). They stall at the dual's kinks:
         # measured 7x the LP's gap on 1000x12 size+bops.
-        hi = smallest_fitting(
-            lambda mus: np.all(visit(np.repeat(mus[:, None], R, axis=1))[1] <= cap, axis=1),
-            spread, grow_steps=60, rel_tol=1e-6, points=SCALAR_POINTS)
+        def fits(mus: np.ndarray) -> np.ndarray:
+            return np.all(visit(np.repeat(mus[:, None], R, axis=1))[1] <= cap, axis=1)
+
+        hi = None
+        if R == 1:  # the LP dual straight from the hulls, checked like a search step
+            mu = lp_dual_one(om, cn[0], cap[0], arr.sizes)
+            if mu is not None:
+                trial = np.array([mu, mu * (1 + 1e-9) + 1e-300])
+                ok = fits(trial)
+                hi = float(trial[int(ok.argmax())]) if ok.any() else None
+        if hi is None:
+            hi = smallest_fitting(fits, spread, grow_steps=60, rel_tol=1e-6,
+                                  points=SCALAR_POINTS)
         if R > 1 and hi is not None:
             for _ in range(LAGRANGE_ROUNDS):
                 before = best_l
@@ -543,6 +554,22 @@ def smallest_fitting(fits: Callable[[np.ndarray], np.ndarray], start: float, gro
         else:
             lo = float(mus[-1])
     return hi
+
+
+def lp_dual_one(om: np.ndarray, cost: np.ndarray, cap: float, sizes: list[int],
+                ) -> float | None:
+    """With one limit, the LP relaxation's multiplier (Dyer / Zemel): the efficiency of the
+    hull increment, taken in decreasing efficiency from every group's lightest option, that
+    would first overflow ``cap``; None when none does (or the lightest options overflow)."""
+    G, K = om.shape
+    pad = np.arange(K)[None, :] >= np.array(sizes)[:, None]
+    sw, _, (eff, dw, _, _) = _hulls(np.where(pad, np.inf, cost), om)
+    used = float(sw.sum())
+    if used > cap:
+        return None
+    order = np.argsort(-eff, kind="stable")
+    over = np.flatnonzero(used + np.cumsum(dw[order]) > cap)
+    return float(eff[order[over[0]]]) if over.size else None
 
 
 def lp_duals(om: np.ndarray, cn: np.ndarray, cap: np.ndarray, sizes: list[int],

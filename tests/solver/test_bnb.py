@@ -568,6 +568,54 @@ def test_root_bound_is_the_lp_relaxation(fractions: dict[str, float], backend: s
     assert out.info["bound"] == pytest.approx(_lp_relaxation(problem), rel=1e-7)
 
 
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
+def test_single_limit_bound_is_the_lp_relaxation(fraction: float,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one limit the multiplier comes straight from the hulls (no scalar search), and
+    its Lagrangian bound is the LP relaxation's optimum."""
+    def no_search(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the scalar search ran")
+
+    monkeypatch.setattr(bnb, "smallest_fitting", no_search)
+    problem = _mid_instance({"size_bytes": fraction})
+    arr, limits = _arrays(problem)
+    out = bnb.solve_arrays(arr, limits, node_limit=0)
+    assert out.info["bound"] == pytest.approx(_lp_relaxation(problem), rel=1e-9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.floats(0.0, 1.0), st.integers(0, 2**32 - 1))
+def test_lp_dual_one_attains_the_lp_optimum(G: int, K: int, where: float, seed: int) -> None:
+    """lp_dual_one's multiplier mu gives the Lagrangian bound sum_g min_k (Omega + mu c) -
+    mu cap equal to the LP relaxation's optimum (scipy's HiGHS); None only when the
+    lightest options overflow the limit or the least-Omega ones fit."""
+    from scipy.optimize import linprog
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, K + 1, G).tolist()
+    om = rng.integers(0, 20, (G, K)).astype(float)
+    cost = rng.integers(0, 10, (G, K)).astype(float)
+    for g, n in enumerate(sizes):  # padding repeats the first option, as in Arrays
+        om[g, n:], cost[g, n:] = om[g, 0], cost[g, 0]
+    lo = sum(cost[g, :n].min() for g, n in enumerate(sizes))
+    hi = sum(cost[g, :n].max() for g, n in enumerate(sizes))
+    cap = lo + where * (hi - lo)
+    mu = bnb.lp_dual_one(om, cost, cap, sizes)
+    idx = [(g, k) for g, n in enumerate(sizes) for k in range(n)]
+    one_each = np.array([[float(g == h) for h, _ in idx] for g in range(G)])
+    lp = linprog([om[g, k] for g, k in idx], A_ub=[[cost[g, k] for g, k in idx]], b_ub=[cap],
+                 A_eq=one_each, b_eq=np.ones(G), bounds=(0, 1), method="highs")
+    assert lp.status == 0
+    if mu is None:
+        least = [int(np.argmin(np.where(np.arange(K) < n, om[g], np.inf)))
+                 for g, n in enumerate(sizes)]
+        assert lp.fun == pytest.approx(sum(om[g, k] for g, k in enumerate(least)))
+        return
+    bound = sum(min(om[g, k] + mu * cost[g, k] for k in range(n))
+                for g, n in enumerate(sizes)) - mu * cap
+    assert bound == pytest.approx(lp.fun, rel=1e-9, abs=1e-9)
+
+
 def test_search_stays_exact_when_the_lp_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """No LP duals (solver failure): the line searches set the multipliers; weaker bounds,
     the same optimum."""
