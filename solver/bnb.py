@@ -109,9 +109,10 @@ PLANE_BLOCK = 4_000_000
 # Consecutive groups share one layer of the search while the product of their option counts
 # stays within this.
 MERGE_MAX = 36
-# Trial multipliers per round of the scalar multiplier search (smallest_fitting), evaluated as
-# one batch: 5-6 rounds instead of ~25 bisection steps (measured ~0.8 ms less per 54x12 solve
-# with one limit; 8 and 32 the same within noise).
+# Trial multipliers per round of the scalar multiplier search (smallest_fitting; with one limit
+# only when the hulls' multiplier does not fit), evaluated as one batch: 5-6 rounds instead of
+# ~25 bisection steps (measured ~0.8 ms less per 54x12 solve with one limit, when it ran every
+# time; 8 and 32 the same within noise).
 SCALAR_POINTS = 16
 # Fronts (see _Search): an exact run builds them once it has evaluated FRONT_TRIGGER children
 # (smaller runs finish sooner than the fronts build), each holding at most FRONT_MAX points.
