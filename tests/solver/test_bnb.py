@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from solver import Limits, Problem, SolveConfig, bnb, solve
-from solver.ilp import _groups, _sorted_opts, within
+from solver.ilp import _groups, within
 from solver.problem import LayerOptions, Option
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -41,8 +41,8 @@ def _bnb_constants(**values: object) -> Iterator[None]:
 def _arrays(problem: Problem) -> tuple[bnb.Arrays, dict[str, float]]:
     res = problem.limits.active()
     limits = {r: problem.limits.get(r) for r in res}
-    opts = [_sorted_opts(g.options, "omega", res) for g in _groups(problem)]
-    return bnb.prune_dominated(opts, "omega", res), limits
+    # (prune_dominated sorts each group's options itself)
+    return bnb.prune_dominated([g.options for g in _groups(problem)], "omega", res), limits
 
 
 @SETTINGS
