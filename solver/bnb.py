@@ -365,7 +365,7 @@ def solve_arrays(
             seeds.append((value(cand), cand))
     if seeds:
         val, cand = min(seeds)
-        cand = pair_improve(om, cn, cap, sizes, cand, allowed=useful(val))
+        cand = pair_improve(om, cn, cap, sizes, cand, allowed=useful(val), lam=lam)
         if exact_ok(cand):
             val = value(cand)
             if val < ub:
@@ -457,7 +457,7 @@ def solve_arrays(
                     inc, ub, lns_states = neighbourhood(search, inc, ub)
                     budget -= lns_states
                 if inc is not None:
-                    cand = pair_improve(om, cn, cap, sizes, inc, allowed=useful(ub))
+                    cand = pair_improve(om, cn, cap, sizes, inc, allowed=useful(ub), lam=lam)
                     if exact_ok(cand) and value(cand) < ub:
                         inc, ub = cand, value(cand)
                 if ub >= before:
@@ -732,6 +732,7 @@ def pair_improve(
     rounds: int = 64,
     stats: list[int] | None = None,
     allowed: np.ndarray | None = None,
+    lam: np.ndarray | None = None,
 ) -> list[int]:
     """Improve a feasible assignment by single or paired option changes (two groups at once)
     that lower Omega and stay within the limits, until none is left (or ``rounds``): each scan
@@ -739,9 +740,12 @@ def pair_improve(
     still fit (see PAIR_MULTI). Vectorised over all pairs of moves. Returns ``picks``
     unchanged if it does not fit.
     ``allowed`` (G, K): the options moves may go to (default all).
+    ``lam`` (R,): multipliers >= 0 of the limits (e.g. the best Lagrangian ones); only the
+    speed depends on them (default zeros).
     ``stats[0]`` (if given) is increased by the number of scans done."""
     G, K = om.shape
     R = cn.shape[0]
+    lam_ = np.zeros(R) if lam is None else np.maximum(np.asarray(lam, dtype=float), 0.0)
     pk = np.array(picks)
     rows = np.arange(G)
     valid = np.arange(K)[None, :] < np.array(sizes)[:, None]
@@ -749,8 +753,8 @@ def pair_improve(
         valid = valid & allowed
     gid = np.broadcast_to(rows[:, None], (G, K))
     moves = int(valid.sum())
-    # each scan is O(moves^2): cap the scans on large problems (a heuristic, exactness is
-    # not at stake)
+    # a scan is O(moves^2) at worst (lam = 0): cap the scans on large problems (a heuristic,
+    # exactness is not at stake)
     rounds = max(2, min(rounds, PAIR_WORK_MAX // (moves * moves + 1)))
     for _ in range(rounds):
         if stats is not None:
@@ -774,15 +778,32 @@ def pair_improve(
         down = np.flatnonzero(mo < 0)
         free_ = np.flatnonzero(np.any(mc < 0, axis=0))
         if down.size and free_.size:
-            dsum = mo[down][:, None] + mo[free_][None, :]
-            ok = (mg[down][:, None] != mg[free_][None, :]) & (dsum < least)
+            # An improving pair within the limits has s_d + s_f < lam . slack, for the moves'
+            # Lagrangian deltas s = d_Omega + lam . d_cost (its Omega and limit conditions
+            # added with weights 1 and lam >= 0). Near a good incumbent most moves have s > 0,
+            # so a join on that one sorted condition leaves few pairs to check in full
+            # (measured on 1000x12 size+bops: 3.9 vs 80 ms for the set-up call; 2.4M pairs,
+            # of which ~40 % pass each condition alone and 0-135 all).
+            s_move = mo + lam_ @ mc
+            s_f = s_move[free_]
+            by = np.argsort(s_f, kind="stable")
+            thr = float(lam_ @ slack)
+            thr += 1e-9 * (abs(thr) + float(np.abs(s_move).max()))  # rounding: keep borderline
+            cnt = np.searchsorted(s_f[by], thr - s_move[down], side="left")
+            a = np.repeat(np.arange(down.size), cnt)  # pairs (down[a], free_[b])
+            b = by[np.arange(a.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)]
+            a, b = down[a], free_[b]
+            dsum = mo[a] + mo[b]
+            ok = (mg[a] != mg[b]) & (dsum < least)
             for r in range(R):
-                ok &= mc[r, down][:, None] + mc[r, free_][None, :] <= slack[r]
-            a, b = np.nonzero(ok)
-            gains.append(dsum[a, b])
-            costs.append(mc[:, down[a]] + mc[:, free_[b]])
-            first.append(down[a])
-            second.append(free_[b])
+                ok &= mc[r, a] + mc[r, b] <= slack[r]
+            sel = np.flatnonzero(ok)
+            sel = sel[np.lexsort((b[sel], a[sel]))]  # by move index: ties in gain break alike
+            a, b = a[sel], b[sel]
+            gains.append(dsum[sel])
+            costs.append(mc[:, a] + mc[:, b])
+            first.append(a)
+            second.append(b)
         gain = np.concatenate(gains)
         if not gain.size:
             break

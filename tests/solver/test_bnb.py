@@ -150,7 +150,8 @@ def test_pair_improve_makes_a_coordinated_move() -> None:
 @given(st.integers(2, 5), st.integers(2, 4), st.integers(1, 3), st.integers(0, 2**32 - 1))
 def test_pair_improve_ends_in_a_pair_local_optimum(G: int, K: int, R: int, seed: int) -> None:
     """From a fitting start the result still fits, has no larger Omega, and no single or
-    paired option change that fits lowers Omega any further (checked by enumeration)."""
+    paired option change that fits lowers Omega any further (checked by enumeration). The
+    multipliers only speed up the search for pairs: any lam >= 0 gives the same result."""
     rng = np.random.default_rng(seed)
     om = rng.integers(0, 9, (G, K)).astype(float)
     cn = rng.integers(0, 5, (R, G, K)).astype(float)
@@ -158,6 +159,8 @@ def test_pair_improve_ends_in_a_pair_local_optimum(G: int, K: int, R: int, seed:
     rows = np.arange(G)
     cap = cn[:, rows, start].sum(axis=1) + rng.integers(0, 4, R)
     picks = bnb.pair_improve(om, cn, cap, [K] * G, start)
+    lam = rng.choice([0.0, 0.5, 1.0, 3.0, 100.0], R)  # ties in s_d + s_f included
+    assert bnb.pair_improve(om, cn, cap, [K] * G, start, lam=lam) == picks
     assert np.all(cn[:, rows, picks].sum(axis=1) <= cap)
     value = om[rows, picks].sum()
     assert value <= om[rows, start].sum()
