@@ -737,8 +737,9 @@ def pair_improve(
     """Improve a feasible assignment by single or paired option changes (two groups at once)
     that lower Omega and stay within the limits, until none is left (or ``rounds``): each scan
     applies the best one, then the next best on groups the scan has not touched while they
-    still fit (see PAIR_MULTI). Vectorised over all pairs of moves. Returns ``picks``
-    unchanged if it does not fit.
+    still fit (see PAIR_MULTI). Vectorised over the moves and the candidate pairs (found by a
+    join on the moves' Lagrangian deltas, see below). Returns ``picks`` unchanged if it does
+    not fit.
     ``allowed`` (G, K): the options moves may go to (default all).
     ``lam`` (R,): multipliers >= 0 of the limits (e.g. the best Lagrangian ones); only the
     speed depends on them (default zeros).
