@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import struct
+import threading
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,11 @@ HOW_TO_CALIBRATE = (
 
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                  "F64": torch.float64}
+# torch.export.load keeps the graph being deserialised in a module-level global and asserts
+# that it is unset on entry: two loads at once in one process (two requests' intakes, or a
+# request and a worker thread) fail with "_CURRENT_DESERIALIZER is already set" (seen in the
+# end-to-end test with two jobs submitted together). Loads take this lock.
+_EXPORT_LOAD_LOCK = threading.Lock()
 _INT_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8,
                 "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -106,17 +112,18 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
             f"torch.save checkpoint?). {HOW_TO_EXPORT}"
         )
     export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.ERROR)  # torch logs a traceback before raising; ours is enough
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:  # torch raises many types for a damaged archive
-        raise BadModelError(
-            f"could not load {path.name!r} as a torch.export program "
-            f"({type(exc).__name__}: {str(exc)[:200]}). {HOW_TO_EXPORT}"
-        ) from None
-    finally:
-        export_log.setLevel(level)
+    with _EXPORT_LOAD_LOCK:
+        level = export_log.level
+        export_log.setLevel(logging.ERROR)  # torch logs a traceback before raising; ours is enough
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # torch raises many types for a damaged archive
+            raise BadModelError(
+                f"could not load {path.name!r} as a torch.export program "
+                f"({type(exc).__name__}: {str(exc)[:200]}). {HOW_TO_EXPORT}"
+            ) from None
+        finally:
+            export_log.setLevel(level)
     if not isinstance(program, torch.export.ExportedProgram):
         raise BadModelError(f"{path.name!r} does not hold an ExportedProgram. {HOW_TO_EXPORT}")
     return program

@@ -4,7 +4,9 @@ attention exports, fixed-batch programs."""
 from __future__ import annotations
 
 import pickle
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -312,3 +314,18 @@ def test_conv_macs_property(tmp_path_factory, cin, mult, k, stride, pad, dil, de
     assert layer.output_shape == (cout, out, out)
     assert layer.macs == cout * out * out * (cin // groups) * k * k
     assert layer.params == cout * (cin // groups) * k * k and layer.groups == groups
+
+
+def test_concurrent_loads(cnn_pt2, mlp_pt2):
+    """Loads from several threads at once all succeed (torch.export.load alone is not
+    thread-safe: it keeps the graph being deserialised in a module-level global)."""
+    paths = [cnn_pt2, mlp_pt2] * 4
+    start = threading.Barrier(len(paths))
+
+    def load(path):
+        start.wait()
+        return load_program(path)
+
+    with ThreadPoolExecutor(len(paths)) as pool:
+        programs = list(pool.map(load, paths))
+    assert all(isinstance(p, torch.export.ExportedProgram) for p in programs)
