@@ -338,10 +338,16 @@ def solve_arrays(
     sizes = arr.sizes
     valid = np.arange(K)[None, :] < np.array(sizes)[:, None]  # (G, K): real options
 
+    def rc_limit(ub: float) -> float:
+        """The largest reduced cost an option can have and still be in an assignment better
+        than ub (reduced-cost fixing: completions whose bound is >= ub - EPS_REL|ub| cannot
+        improve ub meaningfully); inf without an incumbent."""
+        return math.inf if math.isinf(ub) else ub - EPS_REL * abs(ub) - lbound + tol
+
     def useful(ub: float) -> np.ndarray:
-        """(G, K) mask of the options that can be in an assignment better than ub (by the
-        reduced-cost bound): the only moves worth trying when improving an incumbent."""
-        return rc <= ub - EPS_REL * abs(ub) - lbound + tol
+        """(G, K) mask of the options that can be in an assignment better than ub: the only
+        moves worth trying when improving an incumbent."""
+        return rc <= rc_limit(ub)
 
     # Seeds: the rounded LP solution (without it the choice at the best bound, usually just
     # over a limit), the best feasible Lagrangian choice (along the scalar search, or at the LP
@@ -372,10 +378,9 @@ def solve_arrays(
                 inc, ub = cand, val
 
     def fixed(ub: float, inc: list[int] | None) -> list[list[int]]:
-        """Options per group that can be in an assignment better than ub (reduced-cost fixing:
-        completions whose bound is >= ub - EPS_REL|ub| cannot improve ub meaningfully)."""
-        thr = math.inf if math.isinf(ub) else ub - EPS_REL * abs(ub) - lbound + tol
-        ok = (rc <= thr) & valid
+        """Options per group that can be in an assignment better than ub (see rc_limit),
+        and the incumbent's."""
+        ok = useful(ub) & valid
         if inc is not None:
             ok[rows, inc] = True
         none = ~ok.any(axis=1)  # cannot happen when inc is None (thr = inf); defensive
@@ -1056,7 +1061,7 @@ class _Search:
         58 have fronts of at most 1383 points without dropping, and they cut 96 % of the 4452
         states that the LP curves keep there."""
         Dj, Lj = self.D[j], self.L[j]
-        pos = self.incs[j][2]
+        dw, do, pos = self.incs[j]
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         wt = np.zeros(1)
         val = np.zeros(1)
@@ -1064,8 +1069,9 @@ class _Search:
             wt = (wt[:, None] + self.c[d] @ Dj).ravel()
             val = (val[:, None] + (self.om[d] + self.c[d] @ Lj)).ravel()
             if not math.isinf(cut):
-                xs, ys = self._curve(j, pos < d, self.s_w[j, 0] - self.s_w[j, d],
-                                     self.s_o[j, 0] - self.s_o[j, d])  # the prefix's
+                before = pos < d
+                xs, ys = _lp_curve(dw[before], do[before], self.s_w[j, 0] - self.s_w[j, d],
+                                   self.s_o[j, 0] - self.s_o[j, d])  # the prefix's
                 pre = np.interp(self.room_dir[j] - wt, xs, ys, left=math.inf)
                 sel = np.flatnonzero(self.om_fixed + pre + val - self.lroom[j] < cut)
                 wt, val = wt[sel], val[sel]
@@ -1117,43 +1123,33 @@ class _Search:
         ``live``: a run's increments of the positions >= some depth <= d per relaxation, as
         (dw, do, pos), narrowed here to the positions >= d in place: a run asks for the
         depths in order, so each call filters what the last one left instead of every
-        increment (used when the depths are not cached; the same curves)."""
+        increment (used when the depths are not cached; default: every increment)."""
         out = self._curves.get(d)
         if out is not None:
             return out
-        if live is not None and not self._cache:
+        if not self._cache:
+            if live is None:
+                live = list(self.incs)
             out = []
             for j, (dw, do, pos) in enumerate(live):
                 keep = pos >= d
                 if not keep.all():
                     dw, do, pos = dw[keep], do[keep], pos[keep]
                     live[j] = (dw, do, pos)
-                out.append((np.cumsum(np.concatenate(([self.s_w[j, d]], dw))),
-                            np.cumsum(np.concatenate(([self.s_o[j, d]], do)))))
+                out.append(_lp_curve(dw, do, self.s_w[j, d], self.s_o[j, d]))
             return out
-        if self._cache:  # all depths at once: one cumulative sum per relaxation
-            if not self._curves:
-                depth = np.arange(self.n + 1)[:, None]
-                tables = []
-                for j, (dw, do, pos) in enumerate(self.incs):
-                    later = pos[None, :] >= depth  # (n + 1, increments)
-                    xs = np.cumsum(np.where(later, dw, 0.0), axis=1) + self.s_w[j][:, None]
-                    ys = np.cumsum(np.where(later, do, 0.0), axis=1) + self.s_o[j][:, None]
-                    tables.append((np.hstack([self.s_w[j][:, None], xs]),
-                                   np.hstack([self.s_o[j][:, None], ys])))
-                for e in range(self.n + 1):
-                    self._curves[e] = [(xs[e], ys[e]) for xs, ys in tables]
-            return self._curves[d]
-        return [self._curve(j, self.incs[j][2] >= d, self.s_w[j, d], self.s_o[j, d])
-                for j in range(len(self.incs))]
-
-    def _curve(self, j: int, members: np.ndarray, w0: float, o0: float,
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Breakpoints of relaxation j's LP curve over the positions whose increments
-        ``members`` marks, starting at (w0, o0), the sum of those positions' starts."""
-        dw, do, _ = self.incs[j]
-        return (np.cumsum(np.concatenate(([w0], dw[members]))),
-                np.cumsum(np.concatenate(([o0], do[members]))))
+        if not self._curves:  # all depths at once: one cumulative sum per relaxation
+            depth = np.arange(self.n + 1)[:, None]
+            tables = []
+            for j, (dw, do, pos) in enumerate(self.incs):
+                later = pos[None, :] >= depth  # (n + 1, increments)
+                xs = np.cumsum(np.where(later, dw, 0.0), axis=1) + self.s_w[j][:, None]
+                ys = np.cumsum(np.where(later, do, 0.0), axis=1) + self.s_o[j][:, None]
+                tables.append((np.hstack([self.s_w[j][:, None], xs]),
+                               np.hstack([self.s_o[j][:, None], ys])))
+            for e in range(self.n + 1):
+                self._curves[e] = [(xs[e], ys[e]) for xs, ys in tables]
+        return self._curves[d]
 
     def run(self, ub: float, max_states: int, beam_width: int | None = None,
             deadline: float | None = None) -> tuple[int, bool]:
@@ -1264,6 +1260,13 @@ class _Search:
                     picks[g] = int(ks[r])
                 i = parent
             yield picks
+
+
+def _lp_curve(dw: np.ndarray, do: np.ndarray, w0: float, o0: float,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Breakpoints (capacity, LP value) of an LP curve starting at (w0, o0), the sum of its
+    positions' hull starts, through the increments (dw, do) in decreasing efficiency."""
+    return np.cumsum(np.concatenate(([w0], dw))), np.cumsum(np.concatenate(([o0], do)))
 
 
 _UPPER = np.triu(np.ones((384, 384), dtype=bool), k=1)  # _UPPER[i, j]: i comes before j
