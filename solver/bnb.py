@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .highs import load_highspy
 from .problem import FEAS_RTOL, limit_scale, within
 
 if TYPE_CHECKING:
@@ -601,11 +602,7 @@ def lp_duals(om: np.ndarray, cn: np.ndarray, cap: np.ndarray, sizes: list[int],
             and np.all(np.isfinite(cap))):
         return None  # the caller falls back to the line searches
     if backend is None:
-        try:
-            import highspy  # noqa: F401
-            backend = "highspy"
-        except ImportError:
-            backend = "scipy"
+        backend = "scipy" if load_highspy() is None else "highspy"
     solved = (_lp_highspy if backend == "highspy" else _lp_scipy)(cost, a_ub, cap, idx // K, G)
     if solved is None:
         return None
@@ -622,8 +619,9 @@ def _lp_highspy(cost: np.ndarray, a_ub: np.ndarray, b_ub: np.ndarray, group: np.
                 G: int) -> tuple[np.ndarray, np.ndarray] | None:
     """min cost . x, sum of x over each group = 1, a_ub x <= b_ub, 0 <= x <= 1 through
     highspy; (duals of the a_ub rows, x) or None."""
-    import highspy
-
+    highspy = load_highspy()
+    if highspy is None:
+        return None
     R, N = a_ub.shape
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)

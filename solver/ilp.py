@@ -58,6 +58,7 @@ import pulp
 
 from . import bnb, lagrange
 from .errors import BadProblemError
+from .highs import load_highspy
 from .problem import FEAS_RTOL, RESOURCES, Problem, within
 
 log = logging.getLogger(__name__)
@@ -432,7 +433,8 @@ class _Model:
 
 def _solver_cmd(cfg: SolveConfig, warm: bool) -> pulp.LpSolver:
     if cfg.solver == "highs":
-        if not pulp.HiGHS().available():
+        # load_highspy spends HiGHS's one-off banner quietly (PuLP's msg=False cannot)
+        if load_highspy() is None or not pulp.HiGHS().available():
             raise BadProblemError(
                 "solver 'highs' needs the highspy package: pip install highspy "
                 "(or install bitplan[highs]), or use --solver cbc"
