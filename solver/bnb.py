@@ -435,13 +435,16 @@ def solve_arrays(
     budget = node_limit
     finished = False
     if budget > 0:
-        # 1. The exact search on a small budget: with one limit the incumbent is usually
-        # optimal or nearly, and this closes the problem at once.
-        states, finished = search.run(ub, min(budget, PROBE_STATES), deadline=deadline)
-        budget -= states
-        if finished:
-            inc, ub = better(search, inc, ub)
-        else:
+        # 1. With one limit, the exact search on a small budget: the incumbent is then
+        # usually optimal or nearly, and this closes the problem at once. (With several
+        # limits it rarely closed one: measured, skipping it there saves 3.5 % over the
+        # 54x12 multi-limit sweep.)
+        if R == 1:
+            states, finished = search.run(ub, min(budget, PROBE_STATES), deadline=deadline)
+            budget -= states
+            if finished:
+                inc, ub = better(search, inc, ub)
+        if not finished:
             # 2. Beam searches for a near-optimal incumbent (the exact search's size depends on
             # it: measured on 1000x12 size+bops, 0.9M children with the optimum as incumbent,
             # over 88M with one 4e-5 above it). The beam widens BEAM_GROWTH times while it
@@ -1209,21 +1212,25 @@ class _Search:
                         bound = np.maximum(bound, b_j)
                     sel = np.flatnonzero(bound < cut)
                     idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
-                if planes_on and idx.size:
-                    b_p = val2 + self._plane_bound(use2, d + 1)
-                    sel = np.flatnonzero(b_p < cut)
-                    seen += idx.size
-                    plane_cut += idx.size - sel.size
-                    idx, val2, use2 = idx[sel], val2[sel], use2[sel]
-                    bound = np.maximum(bound[sel], b_p[sel])
-                    if beam_width is None and seen >= PLANE_TRIAL \
-                            and plane_cut < PLANE_MIN_CUT * seen:
-                        planes_on = False
             else:
                 bound = val2
+            # Dominance before the planes: the planes (N x P products) then run on fewer
+            # states, and the same states survive either way (every bound here only grows
+            # with a state's value and use: a bound that cuts a state cuts all it dominates),
+            # up to the windowed check beyond 384 states.
+            # Measured: 54x12 multi-limit sweep 2 % faster (sbl s0 8 %), 200x12 the same.
             if idx.size > DOMINANCE_MIN:
                 sel = _undominated(val2, use2)
                 idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
+            if planes_on and d < n - 1 and idx.size:
+                b_p = val2 + self._plane_bound(use2, d + 1)
+                sel = np.flatnonzero(b_p < cut)
+                seen += idx.size
+                plane_cut += idx.size - sel.size
+                idx, val2, use2 = idx[sel], val2[sel], use2[sel]
+                bound = np.maximum(bound[sel], b_p[sel])
+                if beam_width is None and seen >= PLANE_TRIAL and plane_cut < PLANE_MIN_CUT * seen:
+                    planes_on = False
             if beam_width is not None and idx.size > beam_width:
                 self.truncated = True
                 sel = np.argpartition(bound, beam_width)[:beam_width]
