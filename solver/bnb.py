@@ -1274,7 +1274,11 @@ def _lp_curve(dw: np.ndarray, do: np.ndarray, w0: float, o0: float,
     return np.cumsum(np.concatenate(([w0], dw))), np.cumsum(np.concatenate(([o0], do)))
 
 
-_UPPER = np.triu(np.ones((384, 384), dtype=bool), k=1)  # _UPPER[i, j]: i comes before j
+_LOWER = np.tril(np.ones((384, 384), dtype=bool), k=-1)  # _LOWER[j, i]: i comes before j
+# From this many states on, _undominated compares ranks (int16) instead of floats: outer
+# comparisons of int16 run ~4x faster than of float64, which pays for the ranking (measured,
+# per call: 150 states x 2 limits 31 vs 41 us, 300 x 3 78 vs 191 us; 80 x 2 22 vs 17 us).
+RANK_MIN = 100
 
 
 def _undominated(vals: np.ndarray, use: np.ndarray, window: int = 32) -> np.ndarray:
@@ -1286,19 +1290,28 @@ def _undominated(vals: np.ndarray, use: np.ndarray, window: int = 32) -> np.ndar
     states keeps the search exact; dominance is transitive, so it does not matter whether the
     dominator itself survives. (It compares float sums, so a tie within rounding, ~1e-16
     relative, may go either way: far inside the 1e-9 FEAS_RTOL cushion of the limits.)"""
-    n = len(vals)
+    n, R = use.shape
     order = np.argsort(vals, kind="stable")
-    u = use[order]
-    if n <= len(_UPPER):
-        hit = _UPPER[:n, :n].copy()
-        for r in range(u.shape[1]):
-            hit &= u[:, None, r] <= u[None, :, r]
-        dead = hit.any(axis=0)
+    ut = np.ascontiguousarray(use[order].T)  # (R, n), state i at column i
+    if n <= len(_LOWER):
+        if n >= RANK_MIN:  # each limit's use as its rank among the states, ties equal
+            by = np.argsort(ut, axis=1, kind="stable")
+            lim = np.arange(R)[:, None]
+            srt = ut[lim, by]
+            rank = np.zeros((R, n), dtype=np.int16)
+            np.cumsum(srt[:, 1:] > srt[:, :-1], axis=1, out=rank[:, 1:])
+            ut = np.empty((R, n), dtype=np.int16)
+            ut[lim, by] = rank
+        hit = ut[0][None, :] <= ut[0][:, None]  # hit[j, i]: state i uses no more than j
+        for r in range(1, R):
+            hit &= ut[r][None, :] <= ut[r][:, None]
+        hit &= _LOWER[:n, :n]
+        dead = hit.any(axis=1)
     else:
         before = np.arange(n)[:, None] - np.arange(1, window + 1)[None, :]  # (n, window)
         hit = before >= 0
         before = np.maximum(before, 0)
-        for r in range(u.shape[1]):
-            hit &= u[before, r] <= u[:, None, r]
+        for r in range(R):
+            hit &= ut[r][before] <= ut[r][:, None]
         dead = hit.any(axis=1)
     return np.sort(order[~dead])
