@@ -34,11 +34,11 @@ Exactness, step by step:
   costs with :func:`within`). When the search finishes inside its budget (children
   evaluated, and the time limit) the incumbent is optimal up to EPS_REL (and no incumbent
   means infeasible); otherwise the reduced problem and the incumbent go to the MILP solver.
-- *order*: a small exact search first (closes most single-limit problems), then beam searches
-  widening while they improve the incumbent (a heuristic that only sets the incumbent; a beam
-  that never had to drop a child was the exact search), with a short try at the exact search
-  before each beam wider than ATTEMPT_WIDTH, then the exact search; each exact search runs
-  on a tree rebuilt by fixing with the best incumbent so far.
+- *order*: with one limit a small exact search first (closes most such problems), then beam
+  searches widening while they improve the incumbent (a heuristic that only sets the
+  incumbent; a beam that never had to drop a child was the exact search), with a short try at
+  the exact search before each beam wider than ATTEMPT_WIDTH, then the exact search; each
+  exact search runs on a tree rebuilt by fixing with the best incumbent so far.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ ATTEMPT_WORK = 4
 # After a beam narrower than ATTEMPT_WIDTH improved the incumbent, the tree is rebuilt when
 # that leaves at most REBUILD_SHRINK times the free options it had (see solve_arrays).
 REBUILD_SHRINK = 0.7
-# Children the first exact search may evaluate before the beam search runs (see solve_arrays).
+# Children the first exact search may evaluate before the beam search runs (one limit only;
+# see solve_arrays).
 PROBE_STATES = 2000
 # Neighbourhood search after each improving beam on trees with more than LNS_MIN_FREE free
 # groups: the exact search (within LNS_WORK children) over the groups where the beam's
@@ -100,10 +101,11 @@ DOMINANCE_MIN = 32
 # factors 0-2 against 7.9M+ without; 0-3 takes all twelve 200x12 instances in process).
 PLANE_FACTORS = (0.0, 1 / 3, 2 / 3, 1.0, 1.5, 2.0, 3.0)
 # An exact run stops evaluating the planes once, over at least PLANE_TRIAL children, they cut
-# less than PLANE_MIN_CUT of those that the other bounds keep (measured: 0.1-0.4 % on 1000x12,
-# where they only cost, 11-34 % on 200x12 with three limits). Beams keep them: there their
-# tighter bounds rank the children, which is how the beams find better incumbents (200x12
-# seed 0 with three limits, width 256: 25273.0 with planes, 25311.4 without; optimum 25271.9).
+# less than PLANE_MIN_CUT of those that the other bounds and dominance keep (measured:
+# 0.1-0.4 % on 1000x12, where they only cost, 11-34 % on 200x12 with three limits). Beams
+# keep them: there their tighter bounds rank the children, which is how the beams find better
+# incumbents (200x12 seed 0 with three limits, width 256: 25273.0 with planes, 25311.4
+# without; optimum 25271.9).
 PLANE_TRIAL = 10_000
 PLANE_MIN_CUT = 0.01
 # Entries of the (states x planes) temporary per block (32 MB of float64).
