@@ -51,7 +51,9 @@ def load_highspy() -> ModuleType | None:
                 os.dup2(devnull, fd)
             finally:
                 os.close(devnull)
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError):  # no redirect: let it print
+            if saved is not None:
+                os.close(saved)
             saved = None
         try:
             highspy.Highs()
