@@ -969,23 +969,24 @@ class _Search:
         # members' kept options.
         self.members: list[list[tuple[int, np.ndarray]]] = []  # (group, its kept options)
         self.code: list[np.ndarray] = []  # (K,) code of each option of the position
-        self.om: list[np.ndarray] = []  # (K,)
-        self.c: list[np.ndarray] = []  # (K, R) normalised costs
+        # (K, 1 + R) per position: each option's value and normalised costs
+        self.vc: list[np.ndarray] = []
+        a_vc = np.concatenate([a_om[:, :, None], a_c], axis=2)
         pos_of = []  # position of each group in order
         for g in order:
             k = int(lens[g])
-            ks, g_om, g_c = kidx[g, :k], a_om[g, :k], a_c[g, :k]
-            if self.members and len(self.om[-1]) * k <= MERGE_MAX:
+            ks, g_vc = kidx[g, :k], a_vc[g, :k]
+            if self.members and len(self.vc[-1]) * k <= MERGE_MAX:
                 self.members[-1].append((g, ks))
                 self.code[-1] = (self.code[-1][:, None] * k + np.arange(k)).ravel()
-                self.om[-1] = (self.om[-1][:, None] + g_om[None, :]).ravel()
-                self.c[-1] = (self.c[-1][:, None, :] + g_c[None, :, :]).reshape(-1, R)
+                self.vc[-1] = (self.vc[-1][:, None, :] + g_vc[None, :, :]).reshape(-1, 1 + R)
             else:
                 self.members.append([(g, ks)])
                 self.code.append(np.arange(k))
-                self.om.append(g_om)
-                self.c.append(g_c)
+                self.vc.append(g_vc)
             pos_of.append(len(self.members) - 1)
+        self.om = [vc[:, 0] for vc in self.vc]  # (K,) values
+        self.c = [vc[:, 1:] for vc in self.vc]  # (K, R) normalised costs
         n = len(self.members)
         F = len(order)
         # per-position sums of per-group values (a merged position's minimum of a separable
@@ -1025,24 +1026,32 @@ class _Search:
             self.incs.append((dw[sel], do[sel], pos[sel]))
         self.lroom = self.L @ self.room
         self.room_dir = self.D @ self.room
-        self.proj = np.concatenate([self.D.T, self.L.T], axis=1)  # (R, 2J)
-        # The first relaxation's projections (dir, multipliers) and their offsets (room along
-        # dir, lam . room), and each position's options projected on it.
-        self.proj0 = self.proj[:, [0, J]]
-        self.offset0 = np.array([self.room_dir[0], self.lroom[0]])
-        self.c_proj = [c @ self.proj0 for c in self.c]
+        # A state is a row (value, use of each limit); its projections: column j the capacity
+        # spent along relaxation j's direction (use . D_j), column J + j its value plus the
+        # relaxed limits' share (value + use . L_j).
+        proj = np.zeros((1 + R, 2 * J))
+        proj[1:, :J] = self.D.T
+        proj[0, J:] = 1.0
+        proj[1:, J:] = self.L.T
+        # the first relaxation's projections are sums over the parent and the option: each
+        # position's options projected once
+        self.m0 = proj[:, [0, J]]
+        self.q0 = [vc @ self.m0 for vc in self.vc]
+        self.m_rest = proj[:, [j for j in range(2 * J) if j % J]]  # the other relaxations
         self.limit_at = self.room - self.min_rest[1:]  # use allowed after position d, (n, R)
         self.fptol = FP_REL * (float(np.abs(om).max(axis=1).sum()) + abs(self.om_fixed)) + 1e-300
         self.n = n
         counts = [len(o) for o in self.om]
         self.options_after = np.cumsum(counts[::-1])[::-1][1:].tolist() + [0]  # positions > d
         self._curves: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._spent: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._cache = n * sum(len(t[0]) for t in self.incs) <= 1_000_000
         # Planes: plane_const[d, p] = S_d(lam_p) - lam_p . room, where S_d(lam) is the sum over
         # positions >= d of min_k (Omega + lam . c).
         P = 0 if planes is None else len(planes)
         self.plane_lam = np.zeros((0, R)) if planes is None else np.asarray(planes, float)
         self.plane_const = np.zeros((n + 1, P))
+        self.plane_m = np.vstack([np.ones((1, P)), self.plane_lam.T])  # (1 + R, P)
         if P:
             best_g = np.full((F, P), np.inf)
             for k in range(width):  # (small temporaries: one option slot at a time)
@@ -1120,15 +1129,37 @@ class _Search:
         at = np.searchsorted(wt, rest, side="right") - 1
         return np.where(at >= 0, val[np.maximum(at, 0)], math.inf)
 
-    def _plane_bound(self, use: np.ndarray, d: int) -> np.ndarray:
-        """Best plane bound of the positions >= d for states that used ``use`` (N, R), less
-        their value; in blocks of PLANE_BLOCK (N, planes) entries."""
+    def _bound_at(self, j: int, d: int, spent: np.ndarray,
+                  curves: list[tuple[np.ndarray, np.ndarray]], fronts: bool) -> np.ndarray:
+        """:meth:`_relaxed` less lroom[j], at the capacities ``spent`` along the relaxation's
+        direction (rest = room_dir[j] - spent), ``curves`` from :meth:`spent_curves`."""
+        if fronts and d in self.fronts.get(j, ()):
+            return self._relaxed(j, d, self.room_dir[j] - spent, [], True) - self.lroom[j]
+        xs, ys = curves[j]
+        return np.interp(spent, xs, ys, right=math.inf)
+
+    def _plane_bound(self, vu: np.ndarray, d: int) -> np.ndarray:
+        """Best plane bound of the positions >= d for states (value, use) ``vu`` (N, 1 + R),
+        their value included; in blocks of PLANE_BLOCK (N, planes) entries."""
         const = self.plane_const[d]
         step = max(1, PLANE_BLOCK // len(const))
-        if len(use) <= step:
-            return (use @ self.plane_lam.T + const).max(axis=1)
-        return np.concatenate([(use[i:i + step] @ self.plane_lam.T + const).max(axis=1)
-                               for i in range(0, len(use), step)])
+        if len(vu) <= step:
+            return (vu @ self.plane_m + const).max(axis=1)
+        return np.concatenate([(vu[i:i + step] @ self.plane_m + const).max(axis=1)
+                               for i in range(0, len(vu), step)])
+
+    def spent_curves(self, d: int, live: list[tuple[np.ndarray, ...]] | None = None,
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The curves of :meth:`curves` as functions of the capacity already spent along each
+        direction, less lroom (spent = room_dir - capacity, ascending): a state's bound is
+        then value + use . L_j plus one np.interp at use . D_j (right of the curve the rest
+        cannot fit: inf). Cached with the curves."""
+        out = self._spent.get(d)
+        if out is None:
+            curves = self.curves(d, live)  # (fills both caches when they are kept)
+            out = self._spent.get(d) or [(self.room_dir[j] - xs[::-1], ys[::-1] - self.lroom[j])
+                                         for j, (xs, ys) in enumerate(curves)]
+        return out
 
     def curves(self, d: int, live: list[tuple[np.ndarray, ...]] | None = None,
                ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -1162,8 +1193,11 @@ class _Search:
                 ys = np.cumsum(np.where(later, do, 0.0), axis=1) + self.s_o[j][:, None]
                 tables.append((np.hstack([self.s_w[j][:, None], xs]),
                                np.hstack([self.s_o[j][:, None], ys])))
+            spent = [(self.room_dir[j] - xs[:, ::-1], ys[:, ::-1] - self.lroom[j])
+                     for j, (xs, ys) in enumerate(tables)]
             for e in range(self.n + 1):
                 self._curves[e] = [(xs[e], ys[e]) for xs, ys in tables]
+                self._spent[e] = [(xs[e], ys[e]) for xs, ys in spent]
         return self._curves[d]
 
     def run(self, ub: float, max_states: int, beam_width: int | None = None,
@@ -1178,8 +1212,8 @@ class _Search:
         R = len(self.room)
         J = len(self.D)
         cut = math.inf if math.isinf(ub) else ub - EPS_REL * abs(ub) + self.fptol
-        vals = np.array([self.om_fixed])
-        use = np.zeros((1, R))
+        vu = np.zeros((1, 1 + R))  # the layer's states as rows (value, use of each limit)
+        vu[0, 0] = self.om_fixed
         self.truncated = False
         back: list[np.ndarray] = []
         planes_on = len(self.plane_lam) > 0
@@ -1192,65 +1226,62 @@ class _Search:
                 self._ensure_fronts(cut)  # this exact run is large: tighter bounds pay
                 fronts_on = True
             # the budget counts children evaluated (the work), checked before evaluating them
-            states += vals.size * len(self.om[d])
+            states += len(vu) * len(self.om[d])
             if states > max_states or (deadline is not None and time.perf_counter() > deadline):
                 return states, False
-            val2 = (vals[:, None] + self.om[d]).ravel()
-            use2 = (use[:, None, :] + self.c[d]).reshape(-1, R)
-            ok = val2 < cut
+            # children as rows (value, use of each limit)
+            vu2 = (vu[:, None, :] + self.vc[d]).reshape(-1, 1 + R)
+            ok = vu2[:, 0] < cut
             lim = self.limit_at[d]
             for r in range(R):
-                ok &= use2[:, r] <= lim[r]
-            idx = np.flatnonzero(ok)
-            val2, use2 = val2[idx], use2[idx]
-            if d < n - 1 and idx.size:
-                curves = self.curves(d + 1, live)
+                ok &= vu2[:, 1 + r] <= lim[r]
+            if d < n - 1:
+                spent = self.spent_curves(d + 1, live)
                 # The first relaxation (the surrogate along the multipliers) cuts most children
                 # (measured: 87 % of those evaluated on 1000x12 with three limits): it runs on
                 # all of them, the others on its survivors. Its projections are sums over the
                 # parent and the option, so they are built from the two small tables.
-                pp = use @ self.proj0 - self.offset0
-                po = self.c_proj[d]
-                rest = (-pp[:, :1] - po[:, 0]).ravel()[idx]  # room_dir - use2 . dir
-                base = (pp[:, 1:] + po[:, 1]).ravel()[idx] + val2  # val2 + use2 . L - lroom
-                # below the curve's start the remaining groups cannot fit: no completion
-                bound = base + self._relaxed(0, d + 1, rest, curves, fronts_on)
-                sel = np.flatnonzero(bound < cut)
-                idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
+                q = ((vu @ self.m0)[:, None, :] + self.q0[d]).reshape(-1, 2)
+                # right of the curve the remaining groups cannot fit: no completion
+                bound = q[:, 1] + self._bound_at(0, d + 1, q[:, 0], spent, fronts_on)
+                ok &= bound < cut
+                idx = ok.nonzero()[0]
+                vu2, bound = vu2[idx], bound[idx]
                 if J > 1 and idx.size:
-                    p = use2 @ self.proj
-                    rest = self.room_dir - p[:, :J]
-                    base = val2[:, None] + p[:, J:] - self.lroom
+                    q = vu2 @ self.m_rest  # (N, 2(J - 1)): use . D_j, then value + use . L_j
                     for j in range(1, J):
-                        b_j = base[:, j] + self._relaxed(j, d + 1, rest[:, j], curves, fronts_on)
-                        bound = np.maximum(bound, b_j)
-                    sel = np.flatnonzero(bound < cut)
-                    idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
+                        b_j = q[:, J - 2 + j] + self._bound_at(j, d + 1, q[:, j - 1], spent,
+                                                              fronts_on)
+                        np.maximum(bound, b_j, out=bound)
+                    sel = (bound < cut).nonzero()[0]
+                    idx, vu2, bound = idx[sel], vu2[sel], bound[sel]
             else:
-                bound = val2
+                idx = ok.nonzero()[0]
+                vu2 = vu2[idx]
+                bound = vu2[:, 0]
             # Dominance before the planes: the planes (N x P products) then run on fewer
             # states, and the same states survive either way (every bound here only grows
             # with a state's value and use: a bound that cuts a state cuts all it dominates),
             # up to the windowed check beyond 384 states.
             # Measured: 54x12 multi-limit sweep 2 % faster (sbl s0 8 %), 200x12 the same.
             if idx.size > DOMINANCE_MIN:
-                sel = _undominated(val2, use2)
-                idx, val2, use2, bound = idx[sel], val2[sel], use2[sel], bound[sel]
+                sel = _undominated(vu2[:, 0], vu2[:, 1:])
+                idx, vu2, bound = idx[sel], vu2[sel], bound[sel]
             if planes_on and d < n - 1 and idx.size:
-                b_p = val2 + self._plane_bound(use2, d + 1)
-                sel = np.flatnonzero(b_p < cut)
+                b_p = self._plane_bound(vu2, d + 1)
+                sel = (b_p < cut).nonzero()[0]
                 seen += idx.size
                 plane_cut += idx.size - sel.size
-                idx, val2, use2 = idx[sel], val2[sel], use2[sel]
+                idx, vu2 = idx[sel], vu2[sel]
                 bound = np.maximum(bound[sel], b_p[sel])
                 if beam_width is None and seen >= PLANE_TRIAL and plane_cut < PLANE_MIN_CUT * seen:
                     planes_on = False
             if beam_width is not None and idx.size > beam_width:
                 self.truncated = True
                 sel = np.argpartition(bound, beam_width)[:beam_width]
-                idx, val2, use2 = idx[sel], val2[sel], use2[sel]
+                idx, vu2 = idx[sel], vu2[sel]
             back.append(idx)
-            vals, use = val2, use2
+            vu = vu2
             if not idx.size:
                 break
             # Give up early when even this layer's width times the options still to come
@@ -1260,7 +1291,7 @@ class _Search:
             if beam_width is None and \
                     states + idx.size * self.options_after[d] > PROJECTION_MAX * max_states:
                 return states, False
-        self._last = (vals, back)
+        self._last = (vu[:, 0], back)
         return states, True
 
     def completions(self) -> Iterator[list[int]]:

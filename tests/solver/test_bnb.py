@@ -347,9 +347,11 @@ def test_plane_bound_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch)
     search = bnb._Search(arr, [list(range(n)) for n in arr.sizes], arr.cost, cap,
                          np.zeros(3), lam, planes=bnb.plane_grid(lam))
     use = np.random.default_rng(0).uniform(0, 1, size=(1001, 3)) * cap
-    whole = search._plane_bound(use, 1)
+    vu = np.column_stack([np.arange(1001.0), use])
+    whole = search._plane_bound(vu, 1)
+    assert np.allclose(whole, vu[:, 0] + (use @ search.plane_lam.T + search.plane_const[1]).max(1))
     monkeypatch.setattr(bnb, "PLANE_BLOCK", 3 * len(search.plane_lam))  # blocks of 3 states
-    assert np.array_equal(search._plane_bound(use, 1), whole)
+    assert np.array_equal(search._plane_bound(vu, 1), whole)
 
 
 def test_plane_grid_leaves_out_the_multipliers_own_ray() -> None:
