@@ -133,6 +133,9 @@ SCALAR_POINTS = 16
 # whose exact search is small: 1000x12 loose 0.35 vs 0.27 s).
 FRONT_MAX = 1500
 FRONT_TRIGGER = 100_000
+# The LP curves of every depth are built at once and kept while they hold at most this many
+# breakpoints in all (depths x increments); larger trees build each depth's in turn in a run.
+CURVE_CACHE_MAX = 1_000_000
 # Rounds of coordinate line searches on the multipliers when there are several limits.
 LAGRANGE_ROUNDS = 3
 # Relative width at which a coordinate line search on one multiplier stops.
@@ -1051,7 +1054,7 @@ class _Search:
         self.options_after = np.cumsum(counts[::-1])[::-1][1:].tolist() + [0]  # positions > d
         self._curves: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._spent: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        self._cache = n * sum(len(t[0]) for t in self.incs) <= 1_000_000
+        self._cache = n * sum(len(t[0]) for t in self.incs) <= CURVE_CACHE_MAX
         # Planes: plane_const[d, p] = S_d(lam_p) - lam_p . room, where S_d(lam) is the sum over
         # positions >= d of min_k (Omega + lam . c).
         P = 0 if planes is None else len(planes)

@@ -339,6 +339,42 @@ def test_neighbourhood_search_runs_on_the_disagreeing_groups(
     assert len(free_counts) >= 2 and min(free_counts[1:]) < free_counts[0]
 
 
+def test_curves_built_depth_by_depth_equal_the_cached_ones() -> None:
+    """Trees too large to keep every depth's curves build them in a run, depth after depth,
+    from the increments the last depth left: the same curves (and the same curves of the
+    capacity spent) as the cached ones."""
+    problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}, n=16)
+    arr, limits = _arrays(problem)
+    cap = np.array([limits[r] for r in arr.res])
+    lam = np.array([1.0, 2.0, 0.5])
+    keep = [list(range(n)) for n in arr.sizes]
+    cached = bnb._Search(arr, keep, arr.cost, cap, np.zeros(3), lam)
+    with _bnb_constants(CURVE_CACHE_MAX=-1):
+        lazy = bnb._Search(arr, keep, arr.cost, cap, np.zeros(3), lam)
+    assert cached._cache and not lazy._cache
+    live = list(lazy.incs)
+    for d in range(1, lazy.n):
+        # (the cached curves repeat a breakpoint for each increment of an earlier position:
+        # compared as functions, at every breakpoint of both and between them)
+        for want, got in zip(cached.spent_curves(d), lazy.spent_curves(d, live), strict=True):
+            pts = np.concatenate([want[0], got[0]])
+            pts = np.concatenate([pts, pts - 1e-3, pts + 1e-3])
+            a = np.interp(pts, *want, right=math.inf)
+            b = np.interp(pts, *got, right=math.inf)
+            assert np.array_equal(np.isinf(a), np.isinf(b))
+            assert np.allclose(a[np.isfinite(a)], b[np.isfinite(b)], rtol=1e-12, atol=1e-9)
+    assert not lazy._spent and not lazy._curves  # nothing kept
+
+
+@SETTINGS
+@given(float_problems())
+def test_exact_search_without_the_curve_cache_matches_brute_force(problem: Problem) -> None:
+    best, _ = brute_force(problem)
+    with _bnb_constants(CURVE_CACHE_MAX=-1, BEAM_WIDTH=1, PROBE_STATES=0):
+        sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    _assert_closed_in_process(sol, best)
+
+
 def test_plane_bound_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}, n=16)
     arr, limits = _arrays(problem)
