@@ -12,9 +12,9 @@ STAMP := $(VENV)/.bitplan-installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,highs]"
+	$(BIN)/pip install --quiet -e ".[dev,highs,redis,postgres]"
 	touch $(STAMP)
 
 install: $(STAMP)

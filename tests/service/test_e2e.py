@@ -3,132 +3,18 @@ worker) on a free port, driven over HTTP."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import httpx
-import pytest
 import torch
 from safetensors import safe_open
-from svc_helpers import FAST_HESSIAN
+from svc_helpers import FAST_HESSIAN, ROOT, env_for
 
 import quantize
 from sensitivity.intake import load_calibration, load_program
 from service.jobs import JobStore
-
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 90.0
-JOB_TIMEOUT = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(data_dir: Path, **overrides: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        BITPLAN_DATA_DIR=str(data_dir),
-        BITPLAN_HEARTBEAT_INTERVAL_S="0.5",
-        BITPLAN_HEARTBEAT_TIMEOUT_S="10",
-        BITPLAN_POLL_INTERVAL_S="0.2",
-        BITPLAN_MAX_CONCURRENT_JOBS="1",
-        BITPLAN_DEVICE="cpu",
-        PYTHONPATH=str(ROOT),
-    )
-    env.update(overrides)
-    env.pop("BITPLAN_API_KEY", None)
-    return env
-
-
-class Server:
-    def __init__(self, data_dir: Path, log: Path, *extra: str, **env: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), *extra],
-            cwd=ROOT, env=_env(data_dir, **env), stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=30.0)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log}")
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not answer within {START_TIMEOUT} s; see {log}")
-
-    def kill(self) -> None:
-        """SIGKILL: the worker dies mid-job, nothing is cleaned up."""
-        self.proc.kill()
-        self.proc.wait(10)
-        self.stop()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.client.close()
-        self.log.close()
-
-    def submit(self, model: Path, calib: Path, constraints: dict) -> str:
-        with model.open("rb") as m, calib.open("rb") as c:
-            r = self.client.post(
-                "/plan",
-                files={"model": (model.name, m), "calibration": (calib.name, c)},
-                data={"constraints": json.dumps(constraints)},
-            )
-        assert r.status_code == 202, r.text
-        return r.json()["job_id"]
-
-    def wait(self, job_id: str, timeout: float = JOB_TIMEOUT, until=None) -> dict:
-        """Poll until the job is finished (or ``until(job)`` holds)."""
-        until = until or (lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
-        deadline = time.monotonic() + timeout
-        seen = []
-        while time.monotonic() < deadline:
-            job = self.client.get(f"/jobs/{job_id}").json()
-            seen.append((job["status"], job["stage"], job["progress"]))
-            if until(job):
-                job["seen"] = seen
-                return job
-            time.sleep(0.2)
-        raise AssertionError(f"job {job_id} not there in {timeout} s: last {seen[-3:]}")
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(*extra: str, **env: str) -> Server:
-        server = Server(tmp_path / "data", tmp_path / "server.log", *extra, **env)
-        servers.append(server)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def _constraints(**extra) -> dict:
@@ -232,7 +118,7 @@ def test_api_and_separate_worker_processes(start_server, mlp_pt2, calib_path,
     log = (tmp_path / "worker.log").open("ab")
     worker = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker"],
-        cwd=ROOT, env=_env(tmp_path / "data"), stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=env_for(tmp_path / "data"), stdout=log, stderr=subprocess.STDOUT,
     )
     try:
         job = api.wait(job_id)

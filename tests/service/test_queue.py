@@ -57,13 +57,6 @@ def _job(store: JobStore, tmp_path: Path) -> str:
     return job_id
 
 
-@pytest.fixture
-def store(settings: Settings):
-    settings.data_dir.mkdir(parents=True)
-    s = JobStore(settings.resolved_database_url)
-    yield s
-    s.close()
-
 
 def test_overall_progress_is_monotonic() -> None:
     points = [overall_progress(s, f) for s in ("intake", "sensitivity", "regions", "solve",
