@@ -251,12 +251,17 @@ def solve_arrays(
     mins = [math.fsum(float(v) for v in arr.cost[r].min(axis=1)) for r in range(R)]
     if any(not within(mins[r], limits[res[r]]) for r in range(R)):
         return Result("infeasible", None, groups, dict(info, closed_by="shortcut"))
-    best0 = [int(k) for k in om.argmin(axis=1)]
+    K = om.shape[1]
+    valid = np.arange(K)[None, :] < np.array(arr.sizes)[:, None]  # (G, K): real options
+    # Added to values before a minimum is taken, so that none is taken at the padding: it
+    # copies a real option, but a matrix product may round a copy a unit lower than the
+    # original (seen: a padding index picked, then an IndexError).
+    pad = np.where(valid, 0.0, math.inf)
+    best0 = [int(k) for k in (om + pad).argmin(axis=1)]
     if exact_ok(best0):
         return Result("optimal", [groups[g][k] for g, k in enumerate(best0)], groups,
                       dict(info, closed_by="shortcut"))
 
-    K = om.shape[1]
     base = np.arange(G) * K  # flat index of each group's first option
     om_flat = om.ravel()
     cn_flat = np.ascontiguousarray(cn.reshape(R, -1).T)  # (G * K, R)
@@ -269,7 +274,7 @@ def solve_arrays(
         the best choice within the limits. Returns (picks (G, M), their usage in normalised
         units (M, R))."""
         nonlocal best_l, best_lam, inc, ub
-        v = om_flat[:, None] + cn_flat @ lams.T  # (G * K, M)
+        v = om_flat[:, None] + cn_flat @ lams.T + pad.reshape(-1, 1)  # (G * K, M)
         picks = v.reshape(G, K, -1).argmin(axis=1)
         chosen = base[:, None] + picks
         lvals = np.take_along_axis(v, chosen, axis=0).sum(axis=0) - lams @ cap
@@ -341,15 +346,14 @@ def solve_arrays(
     info["lagrange_evals_s"] = time.perf_counter() - t0
 
     lam = best_lam
-    v = om + np.tensordot(lam, cn, axes=1)
-    # Reduced costs at the best multipliers.
+    v = om + np.tensordot(lam, cn, axes=1) + pad
+    # Reduced costs at the best multipliers (inf at the padding).
     m = v.min(axis=1)
     rc = v - m[:, None]
     lbound = float(m.sum() - lam @ cap)
     tol = FP_REL * (abs(lbound) + float(np.abs(m).sum()) + float(lam @ np.abs(cap)) + spread) \
         + float(lam @ cushion)
     sizes = arr.sizes
-    valid = np.arange(K)[None, :] < np.array(sizes)[:, None]  # (G, K): real options
 
     def rc_limit(ub: float) -> float:
         """The largest reduced cost an option can have and still be in an assignment better

@@ -339,6 +339,25 @@ def test_neighbourhood_search_runs_on_the_disagreeing_groups(
     assert len(free_counts) >= 2 and min(free_counts[1:]) < free_counts[0]
 
 
+@pytest.mark.parametrize("limits", [{"a": 2.5}, {"a": 2.5, "b": 2.5}])
+def test_padding_is_never_picked(limits: dict[str, float]) -> None:
+    """The rectangle's padding copies a real option, but a matrix product may round a copy a
+    unit lower than the original (seen on random problems: a padding index came back and the
+    caller's lookup failed). With every padding value one unit below the option it copies,
+    the answer still holds real options only, and is the optimum."""
+    groups = [["g0o0"], ["g1o0", "g1o1"], ["g2o0", "g2o1", "g2o2"]]
+    om = np.array([[1.0, 1.0, 1.0], [2.0, 0.0, 2.0], [3.5, 1.0, 0.0]])
+    om[0, 1:] = np.nextafter(1.0, -math.inf)
+    om[1, 2] = np.nextafter(2.0, -math.inf)
+    use = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    arr = bnb.Arrays(groups, "omega", list(limits), om, np.array([use] * len(limits)),
+                     [1, 2, 3])
+    res = bnb.solve_arrays(arr, limits)
+    assert res.status == "optimal"
+    assert res.incumbent == ["g0o0", "g1o0", "g2o1"]  # 1 + 2 + 1 at a use of 1 + 0 + 1 (the
+    # only other fit within 2.5: 1 + 0 + 3.5 at 1 + 1 + 0)
+
+
 def test_curves_built_depth_by_depth_equal_the_cached_ones() -> None:
     """Trees too large to keep every depth's curves build them in a run, depth after depth,
     from the increments the last depth left: the same curves (and the same curves of the
