@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from svc_helpers import FAST_HESSIAN, ROOT, env_for, free_port
 
 # The worker-side behaviour, on PostgreSQL and Redis (each runs with this module's fixtures).
 from test_queue import (  # noqa: E402, F401  (collected here again)
+    _job,
     test_cancel_while_running_stops_the_pipeline,
     test_failures_become_job_errors,
     test_jobs_past_retention_are_deleted_with_their_files,
@@ -182,6 +184,32 @@ def test_the_backends_are_the_real_ones(settings: Settings, store: JobStore) -> 
     q.enqueue("some-job")
     assert q.pending_ids() == {"some-job"}
     assert not list(settings.data_dir.glob("*.db"))
+
+
+def test_each_job_is_claimed_once_by_concurrent_workers(settings: Settings, store: JobStore,
+                                                         tmp_path: Path) -> None:
+    """Four workers, each with its own connection pool, race to claim the same 30 jobs: the
+    conditional UPDATE lets exactly one of them have each."""
+    ids = [_job(store, tmp_path) for _ in range(30)]
+    won: list[list[str]] = []
+    start = threading.Barrier(4)
+
+    def worker() -> None:
+        own = JobStore(settings.resolved_database_url)
+        try:
+            start.wait()
+            won.append([job_id for job_id in ids if own.claim(job_id) is not None])
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    claimed = [job_id for part in won for job_id in part]
+    assert len(won) == 4 and sorted(claimed) == sorted(ids)
+    assert all(store.get(job_id).attempts == 1 for job_id in ids)
 
 
 def test_api_and_worker_processes_over_postgres_and_redis(
