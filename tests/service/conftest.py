@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from svc_helpers import Server
+from svc_helpers import Server, fast_settings
 
 from service.app import create_app
 from service.core import BitplanService
@@ -19,13 +19,7 @@ from service.settings import Settings
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
-        heartbeat_interval_s=0.2,
-        heartbeat_timeout_s=1.0,
-        poll_interval_s=0.1,
-        max_upload_mb=5.0,
-    )
+    return fast_settings(tmp_path / "data")
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 from fastapi.testclient import TestClient
 
+from service.settings import Settings
+
 # Small enough to keep every service test quick: a handful of Hutchinson samples.
 FAST_HESSIAN = {"max_iter": 4, "tol": 0.5, "seed": 0}
 
@@ -135,3 +137,29 @@ class Server:
                 return job
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} not there in {timeout} s: last {seen[-3:]}")
+
+
+def fast_settings(data_dir: Path, **extra: Any) -> Settings:
+    """Settings for in-process service tests: quick heartbeats and polls, small uploads."""
+    return Settings(data_dir=data_dir, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0,
+                    poll_interval_s=0.1, max_upload_mb=5.0, **extra)
+
+
+def run_worker_until_done(api: Server, job_id: str, data_dir: Path, log: Path,
+                          **env: str) -> dict:
+    """Start `bitplan worker` (a process of its own, ``env`` added), wait until ``api`` reports
+    ``job_id`` finished, stop the worker with SIGTERM (it must exit 0); the job."""
+    with log.open("ab") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"],
+            cwd=ROOT, env=env_for(data_dir, **env), stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            job = api.wait(job_id)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(20) == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+    return job

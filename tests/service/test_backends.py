@@ -13,9 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from svc_helpers import FAST_HESSIAN, ROOT, env_for, free_port
+from svc_helpers import FAST_HESSIAN, fast_settings, free_port, run_worker_until_done
 
 # The worker-side behaviour, on PostgreSQL and Redis (each runs with this module's fixtures).
 from test_queue import (  # noqa: E402, F401  (collected here again)
@@ -166,14 +164,7 @@ def backend_urls(postgres_server, redis_server) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def settings(tmp_path: Path, backend_urls: dict[str, str]) -> Settings:
     """test_queue's settings, on PostgreSQL and Redis."""
-    return Settings(
-        data_dir=tmp_path / "data",
-        heartbeat_interval_s=0.2,
-        heartbeat_timeout_s=1.0,
-        poll_interval_s=0.1,
-        max_upload_mb=5.0,
-        **backend_urls,
-    )
+    return fast_settings(tmp_path / "data", **backend_urls)
 
 
 def test_the_backends_are_the_real_ones(settings: Settings, store: JobStore) -> None:
@@ -220,21 +211,8 @@ def test_api_and_worker_processes_over_postgres_and_redis(
                                               "limits": {"size_ratio": 0.7},
                                               "pin": {"first": None}})
     assert api.client.get(f"/jobs/{job_id}").json()["status"] == "queued"
-    log = (tmp_path / "worker.log").open("ab")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker"],
-        cwd=ROOT, env=env_for(tmp_path / "data", **env), stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        job = api.wait(job_id)
-        assert job["status"] == "succeeded", job.get("error")
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(20) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(10)
-        log.close()
+    job = run_worker_until_done(api, job_id, tmp_path / "data", tmp_path / "worker.log", **env)
+    assert job["status"] == "succeeded", job.get("error")
     plan = api.client.get(f"/jobs/{job_id}/plan").json()
     assert plan["status"] == "optimal" and 4 in {row["w_bits"] for row in plan["layers"]}
     pg_store = JobStore(backend_urls["database_url"])  # what the API answered is in PostgreSQL

@@ -3,14 +3,11 @@ worker) on a free port, driven over HTTP."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 
 import torch
 from safetensors import safe_open
-from svc_helpers import FAST_HESSIAN, ROOT, env_for
+from svc_helpers import FAST_HESSIAN, run_worker_until_done
 
 import quantize
 from sensitivity.intake import load_calibration, load_program
@@ -115,18 +112,5 @@ def test_api_and_separate_worker_processes(start_server, mlp_pt2, calib_path,
     api = start_server("--no-worker")
     job_id = api.submit(mlp_pt2, calib_path,
                         _constraints(limits={"bops_ratio": 0.8}, pin={"first": None}))
-    log = (tmp_path / "worker.log").open("ab")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker"],
-        cwd=ROOT, env=env_for(tmp_path / "data"), stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        job = api.wait(job_id)
-        assert job["status"] == "succeeded", job.get("error")
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(20) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(10)
-        log.close()
+    job = run_worker_until_done(api, job_id, tmp_path / "data", tmp_path / "worker.log")
+    assert job["status"] == "succeeded", job.get("error")
