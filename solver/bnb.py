@@ -1130,24 +1130,22 @@ class _Search:
     def _relaxed(self, j: int, d: int, rest: np.ndarray,
                  curves: list[tuple[np.ndarray, np.ndarray]], fronts: bool) -> np.ndarray:
         """Value of relaxation j over the positions >= d at capacities ``rest``: its front
-        when there is one (``fronts``: the run may use them), else the LP curve; inf where the
-        remaining positions cannot fit."""
+        when there is one (``fronts``: the run may use them), else the LP curve of ``curves``
+        (from :meth:`curves`); inf where the remaining positions cannot fit. (The search reads
+        the same values through :meth:`_bound_at`, in terms of the capacity spent.)"""
         front = self.fronts.get(j, {}).get(d) if fronts else None
         if front is None:
             xs, ys = curves[j]
             return np.interp(rest, xs, ys, left=math.inf)
-        wt, val = front
-        if not wt.size:
-            return np.full(rest.shape, math.inf)
-        at = np.searchsorted(wt, rest, side="right") - 1
-        return np.where(at >= 0, val[np.maximum(at, 0)], math.inf)
+        return _step_value(front, rest)
 
     def _bound_at(self, j: int, d: int, spent: np.ndarray,
                   curves: list[tuple[np.ndarray, np.ndarray]], fronts: bool) -> np.ndarray:
         """:meth:`_relaxed` less lroom[j], at the capacities ``spent`` along the relaxation's
         direction (rest = room_dir[j] - spent), ``curves`` from :meth:`spent_curves`."""
-        if fronts and d in self.fronts.get(j, ()):
-            return self._relaxed(j, d, self.room_dir[j] - spent, [], True) - self.lroom[j]
+        front = self.fronts.get(j, {}).get(d) if fronts else None
+        if front is not None:
+            return _step_value(front, self.room_dir[j] - spent) - self.lroom[j]
         xs, ys = curves[j]
         return np.interp(spent, xs, ys, right=math.inf)
 
@@ -1170,9 +1168,15 @@ class _Search:
         out = self._spent.get(d)
         if out is None:
             curves = self.curves(d, live)  # (fills both caches when they are kept)
-            out = self._spent.get(d) or [(self.room_dir[j] - xs[::-1], ys[::-1] - self.lroom[j])
+            out = self._spent.get(d) or [self._as_spent(j, xs, ys)
                                          for j, (xs, ys) in enumerate(curves)]
         return out
+
+    def _as_spent(self, j: int, xs: np.ndarray, ys: np.ndarray,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Relaxation j's curve (capacity xs, value ys along the last axis) as (capacity spent,
+        value less lroom[j]), ascending; see :meth:`spent_curves`."""
+        return self.room_dir[j] - xs[..., ::-1], ys[..., ::-1] - self.lroom[j]
 
     def curves(self, d: int, live: list[tuple[np.ndarray, ...]] | None = None,
                ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -1206,8 +1210,7 @@ class _Search:
                 ys = np.cumsum(np.where(later, do, 0.0), axis=1) + self.s_o[j][:, None]
                 tables.append((np.hstack([self.s_w[j][:, None], xs]),
                                np.hstack([self.s_o[j][:, None], ys])))
-            spent = [(self.room_dir[j] - xs[:, ::-1], ys[:, ::-1] - self.lroom[j])
-                     for j, (xs, ys) in enumerate(tables)]
+            spent = [self._as_spent(j, xs, ys) for j, (xs, ys) in enumerate(tables)]
             for e in range(self.n + 1):
                 self._curves[e] = [(xs[e], ys[e]) for xs, ys in tables]
                 self._spent[e] = [(xs[e], ys[e]) for xs, ys in spent]
@@ -1330,6 +1333,16 @@ class _Search:
                     picks[g] = int(ks[r])
                 i = parent
             yield picks
+
+
+def _step_value(front: tuple[np.ndarray, np.ndarray], rest: np.ndarray) -> np.ndarray:
+    """A front's value (weights ascending, values) at capacities ``rest``: the value of the
+    heaviest step that fits; inf where none does."""
+    wt, val = front
+    if not wt.size:
+        return np.full(rest.shape, math.inf)
+    at = np.searchsorted(wt, rest, side="right") - 1
+    return np.where(at >= 0, val[np.maximum(at, 0)], math.inf)
 
 
 def _lp_curve(dw: np.ndarray, do: np.ndarray, w0: float, o0: float,
