@@ -402,7 +402,7 @@ def solve_arrays(
             ok[rows, inc] = True
         none = ~ok.any(axis=1)  # cannot happen when inc is None (thr = inf); defensive
         if none.any():
-            ok[none, np.where(valid, rc, math.inf)[none].argmin(axis=1)] = True
+            ok[none, rc[none].argmin(axis=1)] = True  # (rc is inf at the padding)
         g_of, k_of = np.nonzero(ok)
         return np.split(k_of, np.cumsum(np.bincount(g_of, minlength=G))[:-1])
 
