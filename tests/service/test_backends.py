@@ -25,7 +25,7 @@ import pytest
 from svc_helpers import FAST_HESSIAN, fast_settings, free_port, run_worker_until_done
 
 # The worker-side behaviour, on PostgreSQL and Redis (each runs with this module's fixtures).
-from test_queue import (  # noqa: E402, F401  (collected here again)
+from test_queue import (  # noqa: F401  (collected here again)
     _job,
     test_cancel_while_running_stops_the_pipeline,
     test_failures_become_job_errors,
@@ -85,9 +85,12 @@ def _postgres_bin(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
-    # Debian keeps the server programs off PATH, per major version
-    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return versions[-1] if versions else None
+    # Debian keeps the server programs off PATH, per major version: the newest (by number:
+    # "9" sorts after "15" as text)
+    found_all = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
+    newest = max(found_all, default=None,
+                 key=lambda p: [int(x) for x in Path(p).parts[4].split(".") if x.isdigit()])
+    return newest
 
 
 @pytest.fixture(scope="module")
