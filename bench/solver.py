@@ -39,10 +39,10 @@ from solver.ilp import within  # noqa: E402
 from solver.problem import Problem  # noqa: E402
 
 W_BITS = (2, 3, 4, 5, 6, 8)
+A_BITS = (4, 8)
 # The baseline runs as often as ours unless two of its runs take this long in all (200x12 with
 # three limits: ~4 s a run), or once it stops at its time limit (1000x12 with tight limits).
 BASELINE_BUDGET_S = 2.0
-A_BITS = (4, 8)
 
 
 def random_specs(n: int, seed: int) -> list[LayerSpec]:
