@@ -127,18 +127,31 @@ def train(
     batch_size: int = 64,
     seed: int = 0,
 ) -> nn.Module:
-    """Deterministic Adam training; returns the model in eval mode."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), batch_size):
-            idx = perm[i : i + batch_size]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+    """Deterministic Adam training; returns the model in eval mode.
+
+    One thread and deterministic kernels while training, so the same seed gives the same model
+    on any machine with the same torch build (a summation order that depends on the thread
+    count would otherwise change the weights, and with them every threshold measured on them).
+    """
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y), batch_size):
+                idx = perm[i : i + batch_size]
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
     return model.eval()
 
 

