@@ -17,7 +17,7 @@ _LAZY = {
     "HessianConfig": "sensitivity.hessian",
     "IntakeConfig": "sensitivity.intake",
     "Intake": "sensitivity.intake",
-    "LayerInfo": "sensitivity.intake",
+    "LayerInfo": "sensitivity.layers",
 }
 
 __all__ = sorted(_LAZY)

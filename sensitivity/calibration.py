@@ -1,0 +1,170 @@
+"""The calibration file: a ``.safetensors`` header parser that checks names, dtypes, shapes and
+sizes before any tensor is read, and the loader that turns the file into a ``CalibrationSet``.
+
+Only the ``safetensors`` library reads tensor data; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantize.data import CalibrationSet
+from solver.errors import BadCalibrationError, TooLargeError
+
+HOW_TO_CALIBRATE = (
+    "Write the calibration file with safetensors: "
+    "`safetensors.torch.save_file({'inputs': x, 'labels': y}, 'calib.safetensors')` where x is "
+    "[N, ...] float (N >= 2 samples) and y (optional) is int64 [N]; a model with several inputs "
+    "uses one 'input.<argument name>' tensor per forward argument instead of 'inputs'."
+)
+
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                "F64": torch.float64}
+INT_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8,
+                "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The header of a ``.safetensors`` file as ``{tensor name: {dtype, shape, data_offsets}}``
+    (metadata dropped), each entry checked against the file's size.
+
+    Raises:
+        BadCalibrationError: not a safetensors file, or a header that does not match the data.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise BadCalibrationError(f"{path.name!r} is too short to be .safetensors. "
+                                      + HOW_TO_CALIBRATE)
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(_MAX_HEADER, size - 8):
+            raise BadCalibrationError(
+                f"{path.name!r} is not a .safetensors file (bad header length). "
+                + HOW_TO_CALIBRATE
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadCalibrationError(
+                f"{path.name!r} is not a .safetensors file (unreadable header). "
+                + HOW_TO_CALIBRATE
+            ) from None
+    if not isinstance(header, dict):
+        raise BadCalibrationError(f"{path.name!r} has a malformed header. " + HOW_TO_CALIBRATE)
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        try:
+            dtype, shape = entry["dtype"], [int(d) for d in entry["shape"]]
+            start, end = (int(o) for o in entry["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise BadCalibrationError(
+                f"tensor {name!r}: malformed header entry. " + HOW_TO_CALIBRATE
+            ) from None
+        nbytes = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0)
+        if dtype not in _DTYPE_BYTES or end - start != nbytes or not 0 <= start <= end <= data_size:
+            raise BadCalibrationError(
+                f"tensor {name!r}: header does not match the data (dtype {dtype}, shape {shape}); "
+                f"the file is truncated or corrupted. " + HOW_TO_CALIBRATE
+            )
+    return header
+
+
+def load_calibration(path: str | Path, max_bytes: int | None = None) -> CalibrationSet:
+    """Read and validate a calibration ``.safetensors`` file.
+
+    Tensors: ``inputs`` (one positional model input, [N, ...]) or ``input.<name>`` (one per
+    forward argument), optional ``labels`` (integer [N], returned as int64). Inputs must be
+    floating point and finite; all tensors share N >= 2. ``max_bytes`` bounds the tensor data,
+    checked from the header before anything is loaded.
+
+    Raises:
+        BadCalibrationError: naming the tensor and what to fix.
+        TooLargeError: the tensors exceed ``max_bytes``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadCalibrationError(f"calibration file {path.name!r} does not exist. "
+                                  + HOW_TO_CALIBRATE)
+    header = read_header(path)
+    total = sum(int(e["data_offsets"][1]) - int(e["data_offsets"][0]) for e in header.values())
+    if max_bytes is not None and total > max_bytes:
+        raise TooLargeError(
+            f"calibration tensors take {total} bytes, more than the limit of {max_bytes}; "
+            "send fewer samples (a few hundred are enough)."
+        )
+    names = set(header)
+    keyword = sorted(n for n in names if n.startswith("input."))
+    unknown = sorted(names - {"inputs", "labels"} - set(keyword))
+    if unknown:
+        raise BadCalibrationError(
+            f"unexpected tensor(s) {unknown}: only 'inputs', 'input.<name>' and 'labels' are "
+            "read. " + HOW_TO_CALIBRATE
+        )
+    if "inputs" in names and keyword:
+        raise BadCalibrationError(
+            "the file has both 'inputs' and 'input.<name>' tensors; use one or the other. "
+            + HOW_TO_CALIBRATE
+        )
+    if "inputs" not in names and not keyword:
+        raise BadCalibrationError("the file has no 'inputs' tensor. " + HOW_TO_CALIBRATE)
+    for name in ["inputs", *keyword]:
+        if name in header and header[name]["dtype"] not in FLOAT_DTYPES:
+            raise BadCalibrationError(
+                f"tensor {name!r} has dtype {header[name]['dtype']}; model inputs must be "
+                "floating point (float32). " + HOW_TO_CALIBRATE
+            )
+        if name in header and len(header[name]["shape"]) < 1:
+            raise BadCalibrationError(
+                f"tensor {name!r} is a scalar; it needs a leading sample dimension [N, ...]."
+            )
+    if "labels" in header:
+        lab = header["labels"]
+        if lab["dtype"] not in INT_DTYPES or len(lab["shape"]) != 1:
+            raise BadCalibrationError(
+                f"tensor 'labels' has dtype {lab['dtype']} and shape {lab['shape']}; it must be "
+                "int64 class indices of shape [N]. " + HOW_TO_CALIBRATE
+            )
+    counts = {name: int(e["shape"][0]) for name, e in header.items()}
+    if len(set(counts.values())) != 1:
+        raise BadCalibrationError(
+            f"tensors disagree on the number of samples {counts}; every tensor's first "
+            "dimension is the sample index and must be the same N."
+        )
+    n = next(iter(counts.values()))
+    if n < 2:
+        raise BadCalibrationError(
+            f"the calibration set has {n} sample(s); send at least 2 (a few hundred is typical)."
+        )
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadCalibrationError(
+            f"could not read {path.name!r} ({str(exc)[:200]}). " + HOW_TO_CALIBRATE
+        ) from None
+    for name, t in tensors.items():
+        if name != "labels" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise BadCalibrationError(
+                f"tensor {name!r} has {bad} NaN/Inf value(s); remove or replace those samples."
+            )
+    labels = tensors.get("labels")
+    if labels is not None:
+        labels = labels.to(torch.int64)
+        if int(labels.min()) < 0:
+            raise BadCalibrationError("tensor 'labels' has negative values; use class indices.")
+    if "inputs" in tensors:
+        return CalibrationSet((tensors["inputs"],), {}, labels)
+    return CalibrationSet((), {k[len("input."):]: tensors[k] for k in keyword}, labels)

@@ -1,0 +1,103 @@
+"""Binding the calibration tensors to the program's forward arguments: names, per-sample shapes,
+dtypes and a fixed export batch size, checked against the placeholders' recorded metadata.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import fx
+
+from quantize.data import CalibrationSet
+from solver.errors import BadCalibrationError, BadModelError
+
+
+def _input_names(program: torch.export.ExportedProgram) -> tuple[list[str], list[str]]:
+    """(positional argument names, keyword argument names) of the exported forward."""
+    user = list(program.graph_signature.user_inputs)
+    if program.example_inputs is None:  # no record of how it was called: all positional
+        return user, []
+    args, kwargs = program.example_inputs
+    return user[: len(args)], list(kwargs) or user[len(args):]
+
+
+def _input_meta(program: torch.export.ExportedProgram) -> dict[str, Any]:
+    return {
+        n.name: n.meta.get("val") for n in program.graph.nodes
+        if n.op == "placeholder" and n.name in set(program.graph_signature.user_inputs)
+    }
+
+
+def bind_inputs(program: torch.export.ExportedProgram, gm: fx.GraphModule,
+                 calib: CalibrationSet) -> tuple[CalibrationSet, int | None]:
+    """Map calibration tensors onto the program's inputs; check per-sample shapes and dtypes;
+    find a fixed batch size. Returns the re-bound set and the batch size (None if dynamic)."""
+    pos, kw = _input_names(program)
+    try:
+        sig_names = list(inspect.signature(gm.forward).parameters)
+    except (TypeError, ValueError):
+        sig_names = pos + kw
+    # Placeholder names follow forward argument names; use the signature where they agree.
+    if len(sig_names) == len(pos) + len(kw):
+        pos, kw = sig_names[: len(pos)], sig_names[len(pos):]
+    wanted = pos + kw
+    if calib.args:
+        if len(wanted) != 1:
+            raise BadCalibrationError(
+                f"the model takes {len(wanted)} inputs {wanted}; provide one tensor per input "
+                "named 'input.<name>' instead of 'inputs'."
+            )
+        given = {wanted[0]: calib.args[0]}
+    else:
+        given = dict(calib.kwargs)
+        missing, extra = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
+        if missing or extra:
+            raise BadCalibrationError(
+                f"calibration inputs {sorted(given)} do not match the model's forward arguments "
+                f"{wanted}: missing {['input.' + m for m in missing]}, unexpected "
+                f"{['input.' + e for e in extra]}."
+            )
+    meta = _input_meta(program)
+    user = list(program.graph_signature.user_inputs)
+    batch_sizes: set[int] = set()
+    for name, placeholder in zip(wanted, user, strict=False):
+        val, t = meta.get(placeholder), given[name]
+        tensor_name = "inputs" if calib.args else f"input.{name}"
+        if not isinstance(val, torch.Tensor):
+            raise BadModelError(f"model input {name!r} is not a tensor; bitplan needs tensors.")
+        # Symbolic (dynamic) dims accept any size; static ones must match.
+        fits = t.dim() == val.dim() and all(
+            not isinstance(d, int) or d == s
+            for d, s in zip(val.shape[1:], t.shape[1:], strict=True)
+        )
+        if not fits:
+            want = ["N", *(d if isinstance(d, int) else "*" for d in val.shape[1:])]
+            raise BadCalibrationError(
+                f"tensor {tensor_name!r} has shape {list(t.shape)}; the model expects "
+                f"{want} (N samples first)."
+            )
+        if isinstance(val.shape[0], int):
+            batch_sizes.add(int(val.shape[0]))
+        if val.dtype.is_floating_point and t.dtype != val.dtype:
+            given[name] = t.to(val.dtype)
+    batch = None
+    if batch_sizes:
+        if len(batch_sizes) > 1:
+            raise BadModelError(f"model inputs have different fixed batch sizes {batch_sizes}.")
+        batch = batch_sizes.pop()
+    args = tuple(given[n] for n in pos)
+    kwargs = {n: given[n] for n in kw}
+    return CalibrationSet(args, kwargs, calib.labels), batch
+
+
+
+def positional(calib: CalibrationSet, gm: fx.GraphModule) -> CalibrationSet:
+    """The Interpreter binds placeholders positionally: order keyword inputs as the graph's."""
+    if not calib.kwargs:
+        return calib
+    order = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    args = list(calib.args) + [calib.kwargs[str(t)] for t in order[len(calib.args):]
+                               if str(t) in calib.kwargs]
+    return CalibrationSet(tuple(args), {}, calib.labels)
