@@ -1,0 +1,317 @@
+"""Plan quality against baselines at the same budget: bitplan's plan, uniform INT8 / INT4, random
+allocations and a greedy oracle that knows each layer's measured loss increase.
+
+    python bench/quality.py [--models cnn,resnet18] [--random 10] [--threads 1]
+
+For each model (trained on digits 0..999; 200 calibration digits that the plan sees; the other
+597 digits only evaluate), bitplan's pipeline runs once (sensitivity, options; ``problem.json``
+holds every layer's options with Omega and costs). Then, at three size budgets (0.25 / 0.5 /
+0.75 of the way from all-INT4 to all-INT8 weights, activations 8 bits) and one BOPS budget
+(half way between all-W4A4 and all-W8A8, activations {4, 8}), every method picks one option per
+layer from the same problem and the plan is quantized and evaluated on the 597 held-out digits:
+
+- ``bitplan``: the ILP on the problem's Omega (what a job returns);
+- ``ilp-measured``: the same ILP on each option's *measured* loss increase (below);
+- ``greedy``: the oracle: start from the most precise option of every layer and take the
+  cheapest-per-resource downgrade by measured loss increase until the budget is met;
+- ``random``: the median and best of ``--random`` allocations that fill the budget (layers in
+  random order dropped to a random cheaper option until it fits);
+- ``int8`` / ``int4``: uniform (over budget / under it, for reference).
+
+A layer's measured loss increase for an option is the calibration loss (cross-entropy on the
+200 calibration digits) with only that layer quantized at that option, minus the FP32 loss.
+Nothing is tuned on the evaluation digits. Two measures on them: top-1 accuracy (one digit is
+1/597 = 0.17 points) and the mean KL divergence of the quantized model's output distribution to
+the FP32 one (continuous, so it separates plans that accuracy cannot). For each the script
+prints the difference to bitplan's plan, paired per sample, with its standard error: a gap
+smaller than about two standard errors is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quantize import QuantizeConfig, apply  # noqa: E402
+from quantize.data import CalibrationSet  # noqa: E402
+from sensitivity import zoo  # noqa: E402
+from service.pipeline import run_pipeline  # noqa: E402
+from solver import SolveConfig, solve  # noqa: E402
+from solver.problem import Limits, Option, Problem  # noqa: E402
+
+N_TRAIN, N_CALIB = 1000, 200
+# name -> (model factory, image side, input channels): the digits CNN (3 layers) and a residual
+# CNN of ResNet-18's shape (21 layers, width 8) on the digits upsampled to 16x16, grey as RGB.
+MODELS = {
+    "cnn": (lambda: zoo.DigitsCNN(width=16), 8, 1),
+    "resnet18": (lambda: zoo.ResNet18Like(width=8), 16, 3),
+}
+
+
+def option_key(o: Option) -> tuple:
+    return (o.w_bits, o.a_bits, o.tag)
+
+
+def totals(problem: Problem, choice: dict[str, int]) -> dict[str, float]:
+    out = {"size_bytes": 0.0, "bops": 0.0}
+    for la in problem.layers:
+        o = la.options[choice[la.name]]
+        out["size_bytes"] += o.size_bytes
+        out["bops"] += o.bops
+    return out
+
+
+def fits(problem: Problem, choice: dict[str, int], resource: str, limit: float) -> bool:
+    return totals(problem, choice)[resource] <= limit * (1 + 1e-9)
+
+
+def tie_groups(problem: Problem) -> list[list[str]]:
+    return problem.tie_groups()
+
+
+def extreme(problem: Problem, pick) -> dict[str, int]:
+    return {la.name: pick(range(len(la.options)), key=lambda i, la=la: (
+        la.options[i].size_bytes, la.options[i].bops)) for la in problem.layers}
+
+
+def plan_for(template: dict, problem: Problem, choice: dict[str, int]) -> dict:
+    """plan.json with the rows of ``template`` (kind, params, MACs) at the chosen options."""
+    plan = copy.deepcopy(template)
+    rows = {r["name"]: r for r in plan["layers"]}
+    for la in problem.layers:
+        o = la.options[choice[la.name]]
+        rows[la.name].update(w_bits=int(o.w_bits), a_bits=o.a_bits, omega=o.omega,
+                             size_bytes=o.size_bytes, bops=o.bops, latency_ms=o.latency_ms,
+                             drq=None if o.drq is None else dict(o.drq))
+    t = totals(problem, choice)
+    plan["totals"].update(size_bytes=t["size_bytes"], bops=t["bops"])
+    plan["status"] = "optimal"
+    return plan
+
+
+class Evaluator:
+    def __init__(self, program, calib: CalibrationSet, holdout: CalibrationSet) -> None:
+        self.program, self.calib, self.holdout = program, calib, holdout
+        self.x_cal, self.y_cal = calib.args[0], calib.labels
+        self.x_ev, self.y_ev = holdout.args[0], holdout.labels
+        with torch.no_grad():
+            fp = program.module()
+            self.fp32_loss = float(F.cross_entropy(fp(self.x_cal), self.y_cal))
+            self.fp32_logp = F.log_softmax(fp(self.x_ev), dim=1)
+            self.fp32_correct = self.fp32_logp.argmax(1) == self.y_ev
+
+    def module(self, plan: dict):
+        return apply(self.program, plan, self.calib, self.calib, QuantizeConfig()).module
+
+    @torch.no_grad()
+    def calib_loss(self, plan: dict) -> float:
+        return float(F.cross_entropy(self.module(plan)(self.x_cal), self.y_cal))
+
+    @torch.no_grad()
+    def score(self, plan: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per held-out sample: correct (bool) and KL(FP32 || quantized) in nats."""
+        logq = F.log_softmax(self.module(plan)(self.x_ev), dim=1)
+        kl = (self.fp32_logp.exp() * (self.fp32_logp - logq)).sum(1)
+        return logq.argmax(1) == self.y_ev, kl
+
+
+def measured_increase(ev: Evaluator, template: dict, problem: Problem) -> dict[str, list[float]]:
+    """Per layer and option: calibration loss with only that layer quantized, minus FP32."""
+    out: dict[str, list[float]] = {}
+    for la in problem.layers:
+        vals = []
+        for i in range(len(la.options)):
+            plan = plan_for(template, problem, {n.name: 0 for n in problem.layers} | {la.name: i})
+            plan["layers"] = [r for r in plan["layers"] if r["name"] == la.name]
+            vals.append(ev.calib_loss(plan) - ev.fp32_loss)
+        out[la.name] = vals
+    return out
+
+
+def with_omega(problem: Problem, omega: dict[str, list[float]], limits: Limits) -> Problem:
+    d = problem.to_dict()
+    for la in d["layers"]:
+        for i, o in enumerate(la["options"]):
+            o["omega"] = max(float(omega[la["name"]][i]), 0.0)
+    d["limits"] = limits.to_dict()
+    return Problem.from_dict(d)
+
+
+def greedy(problem: Problem, increase: dict[str, list[float]], resource: str,
+           limit: float) -> dict[str, int]:
+    """Measured-loss greedy: from the costliest option of every tie group, repeatedly take the
+    move to a cheaper option with the least loss increase per unit of resource saved."""
+    groups = tie_groups(problem)
+    layers = {la.name: la for la in problem.layers}
+    choice = extreme(problem, max)
+
+    def cost(name: str, i: int) -> float:
+        return layers[name].options[i].cost(resource) or 0.0
+
+    while not fits(problem, choice, resource, limit):
+        best = None
+        for g in groups:
+            lead = layers[g[0]]
+            for i in range(len(lead.options)):
+                saved = sum(cost(n, choice[n]) - cost(n, i) for n in g)
+                if saved <= 0:
+                    continue
+                loss = sum(increase[n][i] - increase[n][choice[n]] for n in g)
+                score = loss / saved
+                if best is None or score < best[0]:
+                    best = (score, g, i)
+        if best is None:
+            raise RuntimeError("greedy: no cheaper option left and the budget is not met")
+        for n in best[1]:
+            choice[n] = best[2]
+    return choice
+
+
+def random_fill(problem: Problem, resource: str, limit: float, rng: random.Random) -> dict:
+    groups = tie_groups(problem)
+    layers = {la.name: la for la in problem.layers}
+    choice = extreme(problem, max)
+    order = list(range(len(groups)))
+    rng.shuffle(order)
+    for gi in order:
+        if fits(problem, choice, resource, limit):
+            break
+        g = groups[gi]
+        cur = layers[g[0]].options[choice[g[0]]].cost(resource) or 0.0
+        cheaper = [i for i, o in enumerate(layers[g[0]].options)
+                   if (o.cost(resource) or 0.0) < cur]
+        if cheaper:
+            i = rng.choice(cheaper)
+            for n in g:
+                choice[n] = i
+    if not fits(problem, choice, resource, limit):  # still over: everything to the cheapest
+        choice = extreme(problem, min)
+    return choice
+
+
+@functools.cache
+def trained(name: str, work: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    factory, side, channels = MODELS[name]
+    x, y = zoo.digits_data(image_size=side, seed=0)
+    x = x.expand(-1, channels, -1, -1).contiguous()
+    torch.manual_seed(0)
+    model = zoo.train(factory(), x[:N_TRAIN], y[:N_TRAIN], epochs=15, seed=0)
+    return zoo.save_model(model, x[:4], work / f"{name}.pt2"), x, y
+
+
+def prepare(name: str, work: Path, activation_bits: list[int]) -> tuple:
+    pt2, x, y = trained(name, work)
+    calib = zoo.save_calibration(work / "calib.safetensors", x[N_TRAIN:N_TRAIN + N_CALIB],
+                                 y[N_TRAIN:N_TRAIN + N_CALIB])
+    out = work / f"{name}-a{''.join(map(str, activation_bits))}"
+    constraints = {"limits": {"size_ratio": 1.0}, "weight_bits": [4, 8],
+                   "activation_bits": activation_bits, "drq": {"enabled": False},
+                   "pin": {"first": None, "last": None}}
+    t0 = time.perf_counter()
+    run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1)
+    seconds = time.perf_counter() - t0
+    problem = Problem.from_json((out / "problem.json").read_text())
+    template = json.loads((out / "plan.json").read_text())
+    program = torch.export.load(str(pt2))
+    ev = Evaluator(program,
+                   CalibrationSet((x[N_TRAIN:N_TRAIN + N_CALIB],),
+                                  labels=y[N_TRAIN:N_TRAIN + N_CALIB]),
+                   CalibrationSet((x[N_TRAIN + N_CALIB:],), labels=y[N_TRAIN + N_CALIB:]))
+    return problem, template, ev, seconds
+
+
+def budgets(problem: Problem, resource: str, fractions: list[float]) -> list[tuple[str, float]]:
+    lo = totals(problem, extreme(problem, min))[resource]
+    hi = totals(problem, extreme(problem, max))[resource]
+    return [(f"{resource} {f:.2f}", lo + f * (hi - lo)) for f in fractions]
+
+
+def run_budget(problem, template, ev, increase, resource, limit, n_random, seed) -> dict:
+    limits = Limits(**{resource: limit})
+    plans: dict[str, dict[str, int] | list[dict[str, int]]] = {}
+    sol = solve(Problem(problem.layers, limits, problem.ties), SolveConfig())
+    plans["bitplan"] = dict(sol.choices)
+    sol_m = solve(with_omega(problem, increase, limits), SolveConfig())
+    plans["ilp-measured"] = dict(sol_m.choices)
+    plans["greedy"] = greedy(problem, increase, resource, limit)
+    plans["int8"] = extreme(problem, max)
+    plans["int4"] = extreme(problem, min)
+    rng = random.Random(seed)
+    scores = {k: ev.score(plan_for(template, problem, c)) for k, c in plans.items()}
+    rand = [ev.score(plan_for(template, problem, random_fill(problem, resource, limit, rng)))
+            for _ in range(n_random)]
+    n = len(ev.y_ev)
+    rand_acc = sorted(float(c.float().mean()) for c, _ in rand)
+    rand_kl = sorted(float(k.mean()) for _, k in rand)
+    base_c, base_kl = scores["bitplan"]
+    rows = {}
+    for k, (c, kl) in scores.items():
+        d = c.float() - base_c.float()
+        dkl = kl - base_kl
+        rows[k] = {"acc": float(c.float().mean()), "vs_bitplan": int(d.sum()),
+                   "se": float(d.std()) * math.sqrt(n), "kl": float(kl.mean()),
+                   "kl_vs_bitplan": float(dkl.mean()), "kl_se": float(dkl.std()) / math.sqrt(n),
+                   "use": totals(problem, plans[k])[resource] / limit}
+    rows["random-median"] = {"acc": statistics.median(rand_acc), "kl": statistics.median(rand_kl)}
+    rows["random-best"] = {"acc": rand_acc[-1], "kl": rand_kl[0]}
+    rows["fp32"] = {"acc": float(ev.fp32_correct.float().mean()), "kl": 0.0}
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="cnn,resnet18")
+    ap.add_argument("--random", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            for resource, abits, fractions in (("size_bytes", [8], [0.25, 0.5, 0.75]),
+                                               ("bops", [4, 8], [0.5])):
+                problem, template, ev, secs = prepare(name, Path(tmp), abits)
+                t0 = time.perf_counter()
+                increase = measured_increase(ev, template, problem)
+                m_secs = time.perf_counter() - t0
+                print(f"\n{name}: {len(problem.layers)} layers, activations {abits}; pipeline "
+                      f"{secs:.1f} s, measured loss increases {m_secs:.1f} s; "
+                      f"{len(ev.y_ev)} held-out digits (one = {100 / len(ev.y_ev):.2f} pt)")
+                for label, limit in budgets(problem, resource, fractions):
+                    rows = run_budget(problem, template, ev, increase, resource, limit,
+                                      args.random, args.seed)
+                    results[f"{name} {label}"] = rows
+                    print(f"  {label}:")
+                    print(f"    {'method':14s} {'acc':>6s} {'vs bitplan':>16s} "
+                          f"{'KL to FP32':>10s} {'KL vs bitplan':>22s}  budget use")
+                    for k, r in rows.items():
+                        line = f"    {k:14s} {r['acc']:.4f}"
+                        if "vs_bitplan" in r:
+                            line += (f" {r['vs_bitplan']:+4d} (se {r['se']:4.1f}) "
+                                     f"{r['kl']:10.5f} {r['kl_vs_bitplan']:+.5f} "
+                                     f"(se {r['kl_se']:.5f})  {r['use']:.2f}")
+                        else:
+                            line += f" {'':16s} {r['kl']:10.5f}"
+                        print(line)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
