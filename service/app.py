@@ -7,29 +7,33 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from solver.errors import BitplanError
 
 from .core import BitplanService
 from .deps import ApiKeyDep
+from .errors import InvalidRequestError, http_status
 from .routes import health, jobs, plans
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "too_large", 422: "bad_request", 503: "unavailable"}
+
+def _error_response(
+    error: BitplanError, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": error.to_dict()}, status_code=http_status(error), headers=headers)
 
 
-async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
-    # Routes put the typed error's {code, message, detail} in ``detail``; Starlette's own
-    # errors (404 for an unknown path, 405) carry a plain string.
-    body = exc.detail
-    if not (isinstance(body, dict) and "code" in body):
-        body = {"code": _CODES.get(exc.status_code, "error"), "message": str(body), "detail": None}
-    return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
+async def _typed_error(request: Request, exc: BitplanError) -> JSONResponse:
+    """Every typed error a route (or what it calls) raises: status from the one table."""
+    return _error_response(exc)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -37,8 +41,18 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
     ]
     text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-    body = {"code": "bad_request", "message": f"invalid request: {text}", "detail": problems}
-    return JSONResponse({"error": body}, status_code=422)
+    return _error_response(InvalidRequestError(f"invalid request: {text}", detail=problems))
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's own errors (404 for an unknown path, 405) and the API-key check (401): the
+    # code is the status's name, e.g. "method_not_allowed".
+    try:
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        code = "error"
+    body = {"code": code, "message": str(exc.detail), "detail": None}
+    return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
 
 
 def create_app(settings: Settings | None = None, service: BitplanService | None = None) -> FastAPI:
@@ -69,11 +83,9 @@ def create_app(settings: Settings | None = None, service: BitplanService | None 
         def openapi_schema() -> dict:
             return app.openapi()
     app.state.service = svc
-    app.add_exception_handler(HTTPException, _http_exception)
+    app.add_exception_handler(BitplanError, _typed_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(HTTPException, _http_exception)
     app.include_router(health.router)
     app.include_router(plans.router)
     app.include_router(jobs.router)

@@ -1,8 +1,9 @@
 """The one place that maps bitplan's typed errors to HTTP statuses and to job errors.
 
-Request-time failures (a bad upload, a bad id) become HTTP responses; run-time failures (the
-worker's pipeline) become the job's ``error = {code, message, detail}``. Unknown exceptions are
-never shown raw: the job gets code ``internal`` and the log keeps the traceback.
+Request-time failures (a bad upload, a bad id) become HTTP responses through one exception
+handler (``service/app.py``) and the table :data:`HTTP_STATUS`; run-time failures (the worker's
+pipeline) become the job's ``error = {code, message, detail}``. Unknown exceptions are never
+shown raw: the job gets code ``internal`` and the log keeps the traceback.
 """
 
 from __future__ import annotations
@@ -21,39 +22,44 @@ class ConflictError(BitplanError):
     code = "conflict"
 
 
-class UnauthorizedError(BitplanError):
-    """Missing or wrong API key."""
+class InvalidRequestError(BitplanError):
+    """A path or query parameter failed FastAPI's validation (``detail``: field, message)."""
 
-    code = "unauthorized"
+    code = "invalid_request"
 
 
-# code -> HTTP status. bad_* that are about the request body are 422 (well-formed HTTP,
-# unusable content); a malformed multipart body is 400.
-_HTTP_STATUS: dict[str, int] = {
+class UnavailableError(BitplanError):
+    """A backend the service needs (the job store) does not answer."""
+
+    code = "unavailable"
+
+
+# Typed error code -> HTTP status: the only such table. bad_* about the request's content are
+# 422 (well-formed HTTP, unusable content); a malformed multipart body is 400.
+HTTP_STATUS: dict[str, int] = {
     "bad_request": 400,
+    "invalid_request": 422,
     "bad_model": 422,
     "bad_calibration": 422,
     "bad_constraints": 422,
     "bad_problem": 422,
     "bad_plan": 422,
     "bad_checkpoint": 422,
-    "unauthorized": 401,
+    "infeasible": 422,
+    "unsupported_export": 422,
     "not_found": 404,
     "conflict": 409,
-    "too_large": 413,
-    "infeasible": 422,
     "cancelled": 409,
+    "too_large": 413,
+    "unavailable": 503,
+    "export_mismatch": 500,  # the export computes something else: a bitplan bug, not the input
+    "missing_dependency": 501,  # this installation lacks an optional extra
 }
 
 
 def http_status(error: BitplanError) -> int:
     """The HTTP status for a request that failed with ``error`` (500 only for unknown codes)."""
-    return _HTTP_STATUS.get(error.code, 500)
-
-
-def error_body(error: BitplanError) -> dict[str, Any]:
-    """The JSON body of an error response: ``{"error": {code, message, detail}}``."""
-    return {"error": error.to_dict()}
+    return HTTP_STATUS.get(error.code, 500)
 
 
 def job_error(exc: BaseException) -> dict[str, Any]:

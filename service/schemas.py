@@ -5,9 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
-
-from .jobs import Job
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class ErrorPublic(BaseModel):
@@ -42,10 +40,19 @@ def job_links(job_id: str) -> JobLinks:
 class JobSubmitted(BaseModel):
     job_id: str
     status: str
-    links: JobLinks
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def links(self) -> JobLinks:
+        return job_links(self.job_id)
 
 
 class JobPublic(BaseModel):
+    """A job as the API shows it, read from the job's attributes
+    (``JobPublic.model_validate(job)``); paths on the worker's disk are not shown."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     status: str = Field(description="queued | running | succeeded | failed | cancelled")
     stage: str | None = Field(None, description="current pipeline stage")
@@ -59,26 +66,11 @@ class JobPublic(BaseModel):
     constraints: dict[str, Any]
     error: ErrorPublic | None = None
     summary: dict[str, Any] | None = Field(None, description="plan totals and evaluation")
-    links: JobLinks
 
-    @classmethod
-    def from_job(cls, job: Job) -> JobPublic:
-        return cls(
-            id=job.id,
-            status=job.status,
-            stage=job.stage,
-            progress=job.progress,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            heartbeat_at=job.heartbeat_at,
-            attempts=job.attempts,
-            model_name=job.model_name,
-            constraints=job.constraints,
-            error=job.error,
-            summary=job.summary,
-            links=job_links(job.id),
-        )
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def links(self) -> JobLinks:
+        return job_links(self.id)
 
 
 class JobsPublic(BaseModel):

@@ -1,14 +1,11 @@
-"""One router per resource: plans (submission), jobs, health."""
+"""One router per resource: plans (submission), jobs, health. Routes raise bitplan's typed
+errors; the app's one exception handler turns them into HTTP (``service/errors.py``)."""
 
 from __future__ import annotations
 
-from fastapi import HTTPException
-
-from solver.errors import BitplanError
-
-from ..errors import http_status
+from ..schemas import ErrorResponse
 
 
-def http_error(exc: BitplanError) -> HTTPException:
-    """The HTTPException for a typed error (status from service/errors.py)."""
-    return HTTPException(http_status(exc), detail=exc.to_dict())
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """The OpenAPI ``responses`` entry for the error statuses a route can answer."""
+    return {code: {"model": ErrorResponse} for code in statuses}

@@ -7,58 +7,48 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from solver.errors import BitplanError
-
 from ..core import BitplanService
 from ..deps import ApiKeyDep, JobId, ServiceDep
 from ..jobs import STATUSES
-from ..schemas import ErrorResponse, JobPublic, JobsPublic
-from . import http_error
+from ..schemas import JobPublic, JobsPublic
+from . import error_responses
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409)}
+_ERRORS = error_responses(401, 404, 409, 422)
+MAX_OFFSET = 2**53  # beyond any real listing; SQL stores offsets as 64-bit integers
 
 
-@router.get("", response_model=JobsPublic)
+@router.get("", response_model=JobsPublic, responses=error_responses(401, 422))
 def list_jobs(
     svc: ServiceDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     status: Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")] = None,
 ) -> JobsPublic:
     """Jobs, newest first."""
     items, total = svc.list(offset, limit, status)
     return JobsPublic(
-        items=[JobPublic.from_job(j) for j in items], total=total, offset=offset, limit=limit
+        items=[JobPublic.model_validate(j) for j in items], total=total, offset=offset, limit=limit
     )
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(job_id: JobId, svc: ServiceDep) -> JobPublic:
     """A job's status, stage, progress, timestamps and error."""
-    try:
-        return JobPublic.from_job(svc.get(job_id))
-    except BitplanError as exc:
-        raise http_error(exc) from None
+    return JobPublic.model_validate(svc.get(job_id))
 
 
 @router.delete("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def cancel_job(job_id: JobId, svc: ServiceDep) -> JobPublic:
     """Cancel a queued or running job."""
-    try:
-        return JobPublic.from_job(svc.cancel(job_id))
-    except BitplanError as exc:
-        raise http_error(exc) from None
+    return JobPublic.model_validate(svc.cancel(job_id))
 
 
 def _artifact(
     svc: BitplanService, job_id: str, name: str, download: str | None = None
 ) -> FileResponse:
-    try:
-        path, media_type = svc.artifact(job_id, name)
-    except BitplanError as exc:
-        raise http_error(exc) from None
+    path, media_type = svc.artifact(job_id, name)
     return FileResponse(path, media_type=media_type, filename=download)
 
 
@@ -80,7 +70,12 @@ def get_sensitivity(job_id: JobId, svc: ServiceDep) -> FileResponse:
     return _artifact(svc, job_id, "sensitivity")
 
 
-@router.get("/{job_id}/checkpoint", responses=_ERRORS)
+@router.get(
+    "/{job_id}/checkpoint",
+    response_class=FileResponse,
+    responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}},
+                                "description": "the checkpoint file"}},
+)
 def get_checkpoint(job_id: JobId, svc: ServiceDep) -> FileResponse:
     """The quantized checkpoint (.safetensors, streamed)."""
     return _artifact(svc, job_id, "checkpoint", download=f"{job_id}.safetensors")

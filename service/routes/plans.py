@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, status
 
-from solver.errors import BitplanError
-
 from ..constraints import Constraints
 from ..deps import ApiKeyDep, ServiceDep
-from ..schemas import ErrorResponse, JobSubmitted, job_links
-from . import http_error
+from ..schemas import JobSubmitted
+from . import error_responses
 
 router = APIRouter(tags=["plans"], dependencies=[ApiKeyDep])
 
@@ -43,10 +41,7 @@ _FORM = {
     }
 }
 
-_ERRORS = {
-    code: {"model": ErrorResponse}
-    for code in (400, 401, 413, 422)
-}
+_ERRORS = error_responses(400, 401, 413, 422)
 
 
 @router.post(
@@ -58,15 +53,12 @@ _ERRORS = {
 )
 async def submit_plan(request: Request, svc: ServiceDep) -> JobSubmitted:
     """Validate and queue a mixed-precision search (multipart: model, calibration, constraints)."""
-    try:
-        job = await svc.submit(
-            request.headers.get("content-type"),
-            request.headers.get("content-length"),
-            request.stream(),
-        )
-    except BitplanError as exc:
-        raise http_error(exc) from None
-    return JobSubmitted(job_id=job.id, status=job.status, links=job_links(job.id))
+    job = await svc.submit(
+        request.headers.get("content-type"),
+        request.headers.get("content-length"),
+        request.stream(),
+    )
+    return JobSubmitted(job_id=job.id, status=job.status)
 
 
 @router.get("/constraints/schema")

@@ -16,7 +16,9 @@ from svc_helpers import FAST_HESSIAN, constraints, post_plan
 
 from service.app import create_app
 from service.core import BitplanService
+from service.errors import HTTP_STATUS
 from service.settings import Settings
+from solver.errors import BitplanError
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +252,65 @@ def test_openapi_documents_the_form(client: TestClient) -> None:
     assert "/jobs/{job_id}/checkpoint" in spec["paths"]
     schema = client.get("/constraints/schema").json()
     assert "limits" in schema["required"]
+
+
+def _typed_errors() -> list[type[BitplanError]]:
+    """Every BitplanError subclass of the packages a request reaches (the CLI's own errors in
+    service.commands never reach HTTP)."""
+    import quantize.integer  # noqa: F401  (defines UnsupportedOpError)
+    import service.uploads  # noqa: F401  (defines BadRequestError)
+
+    found, todo = [], [BitplanError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__.split(".")[0] in ("solver", "sensitivity", "quantize", "service") \
+                    and not sub.__module__.startswith("service.commands"):
+                found.append(sub)
+    return found
+
+
+def test_every_typed_error_code_has_one_http_status() -> None:
+    errors = _typed_errors()
+    codes = {e.code for e in errors}
+    assert len(errors) >= 14 and "error" not in codes  # each subclass names its own code
+    missing = sorted(c for c in codes if c not in HTTP_STATUS)
+    assert not missing, f"typed error codes without an HTTP status: {missing}"
+    stale = sorted(set(HTTP_STATUS) - codes)
+    assert not stale, f"HTTP_STATUS entries no typed error has: {stale}"
+    assert all(400 <= s < 600 for s in HTTP_STATUS.values())
+
+
+def test_the_exception_handler_answers_each_typed_error_with_the_table(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path))
+    errors = {e.__name__: e for e in _typed_errors()}
+
+    @app.get("/raise/{name}")
+    def raise_it(name: str) -> None:
+        raise errors[name]("what to fix", detail={"name": name})
+
+    with TestClient(app) as c:
+        for name, error in errors.items():
+            r = c.get(f"/raise/{name}")
+            assert r.status_code == HTTP_STATUS[error.code], name
+            assert r.json() == {"error": {"code": error.code, "message": "what to fix",
+                                          "detail": {"name": name}}}
+
+
+def test_framework_errors_share_the_error_body(client: TestClient) -> None:
+    r = client.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.put("/jobs")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = client.get("/jobs", params={"limit": 0})
+    assert r.status_code == HTTP_STATUS["invalid_request"] == 422
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert r.json()["error"]["detail"][0]["field"] == "query.limit"
+
+
+def test_job_schema_is_read_from_the_job(client: TestClient, good: tuple[bytes, bytes]) -> None:
+    job_id = post_plan(client, *good, constraints()).json()["job_id"]
+    body = client.get(f"/jobs/{job_id}").json()
+    assert body["links"]["checkpoint"] == f"/jobs/{job_id}/checkpoint"
+    assert body["status"] == "queued" and body["error"] is None and body["attempts"] == 0
+    assert "model_path" not in body and "out_dir" not in body  # worker paths stay private
