@@ -111,6 +111,12 @@ class Hessian(_Strict):
     max_iter: int = Field(200, ge=2, le=100_000)
     tol: float = Field(0.05, gt=0, lt=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    omega: Literal["trace", "measured"] = Field(
+        "trace",
+        description="how each option's Omega is estimated: 'trace' (HAWQ-V3, Tr(H)/n * "
+        "||Q(W) - W||^2 from the Hessian traces) or 'measured' (twice the calibration loss "
+        "increase with only that layer quantized; L x bit-widths extra forward passes)",
+    )
 
 
 class Constraints(_Strict):

@@ -253,6 +253,8 @@ def run_pipeline(
 
     # 2. sensitivity
     sens = _measure(intake, constraints, device, tick)
+    if constraints.hessian.omega == "measured":
+        sens = _measured_omegas(intake, sens, constraints, device, tick)
     (out / SENSITIVITY_FILE).write_text(sens.to_json())
     tick("sensitivity", 1.0)
 
@@ -324,6 +326,30 @@ def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: 
     )
     tick("sensitivity", 0.0)
     return measure(intake, cfg, device, tick)
+
+
+def _measured_omegas(
+    intake: Any, sens: Any, constraints: Constraints, device: torch.device, tick: _Guard
+) -> Any:
+    """Replace the Hessian Omega tables by measured loss increases (``hessian.omega:
+    measured``); the traces stay in ``sensitivity.json`` beside them."""
+    import dataclasses
+
+    from sensitivity.measured import measured_omegas
+
+    weight_bits = set(constraints.weight_bits)
+    if constraints.uses_drq:
+        weight_bits |= {min(b, 4) for b in weight_bits}  # DRQ's insensitive regions
+    m = measured_omegas(intake, sorted(weight_bits), sorted(set(constraints.activation_bits)),
+                        device=device, progress=tick)
+    layers = [
+        dataclasses.replace(s, omega_w=m.omega_w[s.name],
+                            omega_a=m.omega_a[s.name] if s.omega_a else {})
+        for s in sens.layers
+    ]
+    return dataclasses.replace(sens, layers=layers,
+                               config={**sens.config, "omega": "measured",
+                                       "measured_passes": m.passes})
 
 
 def _regions(

@@ -1,0 +1,36 @@
+"""``hessian.omega``: the pipeline's Omega tables from the Hessian traces or measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from svc_helpers import FAST_HESSIAN
+
+from service.constraints import parse_constraints
+from service.pipeline import run_pipeline
+from solver.errors import BadConstraintsError
+
+
+def test_measured_omega_reaches_the_problem_and_the_plan(cnn_pt2, calib_path, tmp_path) -> None:
+    cons = {"hessian": {**FAST_HESSIAN, "omega": "measured"}, "limits": {"size_ratio": 0.7},
+            "pin": {"first": None, "last": None}}
+    result = run_pipeline(cnn_pt2, calib_path, cons, tmp_path / "out")
+    out = tmp_path / "out"
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert sens["config"]["omega"] == "measured"
+    # 2 passes (FP32, ranges) + 3 layers x (2 weight widths + 1 activation width)
+    assert sens["config"]["measured_passes"] == 2 + 3 * 3
+    tables = {row["name"]: row["omega_w"] for row in sens["layers"]}
+    problem = json.loads((out / "problem.json").read_text())
+    for layer in problem["layers"]:
+        for o in layer["options"]:  # activations at 8 bits: omega = omega_w + omega_a[8]
+            row = next(r for r in sens["layers"] if r["name"] == layer["name"])
+            assert o["omega"] == pytest.approx(
+                tables[layer["name"]][str(o["w_bits"])] + row["omega_a"]["8"], rel=1e-9)
+    assert result.plan["constraints"]["hessian"]["omega"] == "measured"
+
+
+def test_unknown_omega_is_refused() -> None:
+    with pytest.raises(BadConstraintsError, match="omega"):
+        parse_constraints({"limits": {"size_ratio": 0.5}, "hessian": {"omega": "diagonal?"}})
