@@ -62,10 +62,6 @@ class LayerSensitivity:
     out_channels: int = 0
     bn: str | None = None
 
-    @property
-    def average_trace(self) -> float:
-        return self.weight_trace / self.params
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["omega_w"] = {str(b): v for b, v in self.omega_w.items()}

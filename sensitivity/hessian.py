@@ -17,7 +17,13 @@ Two estimators, chosen per block by ``structure.gauss_newton_exact``:
 - joint Hessian-vector products (pyhessian's ``hessian_vector_product``) for the other blocks:
   one HVP with Rademacher v over all of them gives v_i . (H v)_i with expectation Tr(H_ii)
   (cross blocks have zero mean); v is zero on the probe blocks, which removes their share of
-  the cross noise. Chunks draw independent vectors (still unbiased: Tr(H) = sum_c Tr(H_c)).
+  the cross noise.
+
+Chunks bound memory, not the estimator: a probe vector is the same whatever the chunking (the
+weight part drawn once per probe and shared by every chunk, per-sample parts drawn chunk after
+chunk from one generator per probe and block), weight gradients are summed over chunks before
+their norm is taken and HVP products are summed over chunks; so each sample equals the
+one-chunk sample up to float summation order (tested).
 
 Per forward pass, ``vectors_per_pass`` vectors reuse the graph, looped or as one
 ``torch.autograd.grad(is_grads_batched=True)`` call (``vectorize``).
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, float], None]
 LOSS_KINDS = ("cross_entropy", "kl", "mse")
 ESTIMATORS = ("auto", "hvp")
+KINDS = ("gn", "hvp")  # output-space probes, joint HVPs
 
 
 @dataclass(frozen=True)
@@ -226,12 +233,14 @@ def chunk_loss(p: Prepared, i: int) -> torch.Tensor:
     b = p.chunks[i]
     out = _output(p.module, b)
     if p.loss_kind == "cross_entropy":
-        loss = F.cross_entropy(out, b.labels[: b.size])
+        # [N, C] with [N] labels, or [N, T, V] logits with [N, T] targets (-100 not scored)
+        loss = F.cross_entropy(out.flatten(0, -2), b.labels[: b.size].reshape(-1))
     elif p.loss_kind == "kl":
-        # KL(p_fp32 || q_model), mean over samples; zero with zero gradient at the FP32 point.
-        target = F.log_softmax(p.targets[i], dim=1)
-        loss = F.kl_div(F.log_softmax(out, dim=1), target, log_target=True,
-                        reduction="batchmean")
+        # KL(p_fp32 || q_model) over the last dim, mean over samples (and over tokens for
+        # [N, T, V] logits); zero with zero gradient at the FP32 point.
+        target = F.log_softmax(p.targets[i], dim=-1)
+        loss = F.kl_div(F.log_softmax(out, dim=-1), target, log_target=True,
+                        reduction="none").sum(-1).mean()
     else:
         loss = F.mse_loss(out, p.targets[i])
     return loss * (b.size / p.n_total)
@@ -242,22 +251,6 @@ def rademacher(shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype,
     """+-1 entries drawn on the CPU generator (so results do not depend on the device)."""
     v = torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.int8)
     return (v.to(dtype) * 2 - 1).to(device)
-
-
-def _graph(p: Prepared, i: int, activations: bool) -> tuple[list[torch.Tensor],
-                                                            list[torch.Tensor]]:
-    """Forward + create_graph gradient of chunk i: (inputs, their gradients)."""
-    for leaf in p.leaves.values():
-        leaf.active = activations
-        leaf.leaf = None
-    with torch.enable_grad():
-        loss = chunk_loss(p, i)
-        inputs = list(p.weights)
-        if activations:
-            inputs += [p.leaves[n].leaf for n in p.names]
-        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
-    return inputs, grads
 
 
 def _hvp_loop(inputs: list[torch.Tensor], grads: list[torch.Tensor],
@@ -312,7 +305,8 @@ def _output_factor(p: Prepared, z: torch.Tensor, u: torch.Tensor,
         return u * math.sqrt(2.0 / (p.n_total * d))
     root = prob.sqrt()
     bu = root * u - prob * (root * u).sum(dim=-1, keepdim=True)
-    return bu / math.sqrt(p.n_total)
+    per_sample = z[0].numel() // z.shape[-1]  # tokens per sample for [N, T, V] logits
+    return bu / math.sqrt(p.n_total * per_sample)
 
 
 def _forward(p: Prepared, i: int, inputs_for: Sequence[str], activations: bool):
@@ -328,29 +322,40 @@ def _forward(p: Prepared, i: int, inputs_for: Sequence[str], activations: bool):
     return z, inputs
 
 
-def _probe_loop(z: torch.Tensor, inputs: list[torch.Tensor], ws: list[torch.Tensor],
-                blocks: list[int]) -> torch.Tensor:
-    """[k, blocks] of ||J_b^T w||^2, one backward per output-space vector w."""
-    out = torch.zeros(len(ws), len(blocks), dtype=torch.float64, device=z.device)
+def _probe_grads(z: torch.Tensor, inputs: list[torch.Tensor], ws: list[torch.Tensor],
+                 blocks: list[int], batched: bool) -> list[torch.Tensor | None]:
+    """Per block, [k, *shape] of J_b^T w for the k output-space vectors ``ws`` (looped: one
+    backward per vector; batched: one vmapped backward). None where the block is unreached."""
     sel = [inputs[b] for b in blocks]
-    for r, w in enumerate(ws):
-        g = torch.autograd.grad(z, sel, grad_outputs=w, retain_graph=True, allow_unused=True)
-        for j, gb in enumerate(g):
-            if gb is not None:
-                out[r, j] = gb.double().pow(2).sum()
+    if batched:
+        return list(torch.autograd.grad(z, sel, grad_outputs=torch.stack(ws), retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True))
+    rows: list[list[torch.Tensor | None]] = [
+        list(torch.autograd.grad(z, sel, grad_outputs=w, retain_graph=True, allow_unused=True))
+        for w in ws]
+    out: list[torch.Tensor | None] = []
+    for j in range(len(sel)):
+        col = [r[j] for r in rows]
+        out.append(None if any(g is None for g in col) else torch.stack(col))
     return out
 
 
-def _probe_batched(z: torch.Tensor, inputs: list[torch.Tensor], ws: list[torch.Tensor],
-                   blocks: list[int]) -> torch.Tensor:
-    out = torch.zeros(len(ws), len(blocks), dtype=torch.float64, device=z.device)
-    sel = [inputs[b] for b in blocks]
-    g = torch.autograd.grad(z, sel, grad_outputs=torch.stack(ws), retain_graph=True,
-                            allow_unused=True, is_grads_batched=True)
-    for j, gb in enumerate(g):
-        if gb is not None:
-            out[:, j] = gb.double().pow(2).flatten(1).sum(1)
-    return out
+def _vector_generator(seed: int, kind: str, t: int, block: int) -> torch.Generator:
+    """The generator of probe vector ``t`` of ``kind`` for ``block`` (-1: the output space).
+
+    Per-sample vectors (output space, activation leaves) are drawn from it chunk after chunk,
+    so a vector's entries do not depend on how the samples are chunked (torch's CPU generator
+    gives the same stream for one [N, ...] draw as for consecutive [n_c, ...] draws)."""
+    key = ((seed * 1_000_003 + KINDS.index(kind)) * 1_000_003 + t) * 1_000_003 + block + 1
+    return torch.Generator().manual_seed(key % (1 << 63))
+
+
+def _sample_vector(gen: torch.Generator, like: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rademacher for the first ``rows`` (real) rows of ``like``, zeros on padding rows."""
+    v = rademacher((rows, *like.shape[1:]), gen, like.dtype, like.device)
+    if rows < like.shape[0]:
+        v = torch.cat([v, v.new_zeros((like.shape[0] - rows, *like.shape[1:]))])
+    return v
 
 
 def _hvp_graph(p: Prepared, i: int, blocks: list[int], n_layers: int,
@@ -379,6 +384,12 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     backward pass and ||g_i||^2 is an unbiased estimate of Tr(J_i^T B B^T J_i) = Tr(H_ii) for
     every such block at once, with no cross-layer noise. Other blocks share joint HVPs
     (v zero on the exact blocks). ``cfg.estimator == "hvp"`` sends every block to HVPs.
+
+    Chunks only bound memory: each probe vector is the same whatever the chunking (weight
+    vectors are drawn once per probe, per-sample vectors from per-probe generators), weight
+    gradients J_w^T B u are summed over chunks before the norm is taken, and HVP products
+    v . H_c v are summed over chunks; so every sample equals the one-chunk sample up to float
+    summation order. ``progress`` is called after every chunk.
     """
     activations = cfg.activations
     n = len(p.names)
@@ -392,59 +403,47 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     # vmap-batched backward passes pay off on CUDA; on CPU the bench measured no gain on a
     # ResNet (the looped passes already saturate the cores), so the loop is the CPU default.
     batched = cfg.vectorize if cfg.vectorize is not None else p.weights[0].is_cuda
-    gen = torch.Generator().manual_seed(cfg.seed)
     stats = [BlockStats() for _ in range(2 * n)]
     blocks_of = {"gn": gn_blocks, "hvp": hvp_blocks}
     done = {"gn": 0, "hvp": 0}
-    cached = None  # single chunk: the forward graph is built once for every probe pass
-    cached_hvp = None  # ... and so is the create_graph gradient for the HVPs
+    cache: dict[str, Any] = {}  # single chunk: forward graph / create_graph gradient kept
     passes = 0
+    n_chunks = len(p.chunks)
+    live = [kind for kind in KINDS if blocks_of[kind]]
 
     def pending(kind: str) -> bool:
         bl = blocks_of[kind]
         return bool(bl) and done[kind] < cfg.max_iter and (
             done[kind] < cfg.min_iter or not all(stats[b].converged(cfg.tol) for b in bl))
 
+    def report(kind: str, k: int, c: int) -> None:
+        if progress is None:
+            return
+        work = [(done[x] + (k * (c + 1) / n_chunks if x == kind else 0)) / cfg.max_iter
+                for x in live]
+        progress(stage, min(1.0, max(work) if work else 1.0))
+
     while pending("gn") or pending("hvp"):
         passes += 1
-        for kind in ("gn", "hvp"):
+        for kind in KINDS:
             if not pending(kind):
                 continue
             bl = blocks_of[kind]
             k = min(cfg.vectors_per_pass, cfg.max_iter - done[kind])
-            total = torch.zeros(k, len(bl), dtype=torch.float64)
-            for c in range(len(p.chunks)):
-                if kind == "hvp":
-                    if cached_hvp is not None:
-                        inputs, grads = cached_hvp
-                    else:
-                        inputs, grads = _hvp_graph(p, c, bl, n)
-                        if len(p.chunks) == 1:
-                            cached_hvp = (inputs, grads)
-                    vs = [[rademacher(x.shape, gen, x.dtype, x.device) for x in inputs]
-                          for _ in range(k)]
-                    total += (_hvp_batched if batched else _hvp_loop)(inputs, grads, vs).cpu()
-                    continue
-                if cached is not None:
-                    z, inputs, prob = cached
-                else:
-                    z, inputs = _forward(p, c, p.names, activations)
-                    prob = None if p.loss_kind == "mse" else torch.softmax(z.detach(), dim=1)
-                    if len(p.chunks) == 1:
-                        cached = (z, inputs, prob)
-                ws = [_output_factor(p, z, rademacher(z.shape, gen, z.dtype, z.device), prob)
-                      for _ in range(k)]
-                total += (_probe_batched if batched else _probe_loop)(z, inputs, ws, bl).cpu()
+            ts = range(done[kind], done[kind] + k)
+            if kind == "hvp":
+                total = _hvp_pass(p, bl, n, cfg.seed, ts, batched, cache,
+                                  lambda c, kind=kind, k=k: report(kind, k, c))
+            else:
+                total = _probe_pass(p, bl, n, cfg.seed, ts, batched, cache,
+                                    lambda c, kind=kind, k=k: report(kind, k, c))
             done[kind] += k
             for j, b in enumerate(bl):
                 s = stats[b]
                 s.samples.extend(total[:, j].tolist())
                 if s.converged_at is None and s.n >= cfg.min_iter and s.converged(cfg.tol):
                     s.converged_at = s.n
-        if progress is not None:
-            work = [done[k] / cfg.max_iter for k in ("gn", "hvp") if blocks_of[k]]
-            progress(stage, min(1.0, max(work) if work else 1.0))
-    del cached, cached_hvp
+    cache.clear()
     for leaf in p.leaves.values():
         leaf.active, leaf.leaf = False, None
     if progress is not None:
@@ -462,42 +461,68 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
                           "batched" if batched else "loop", passes)
 
 
-def per_layer_loop(p: Prepared, cfg: HessianConfig, which: str = "weight",
-                   progress: ProgressFn | None = None) -> TraceEstimates:
-    """The naive baseline: pyhessian-style Hutchinson run separately for each layer (v nonzero
-    on that layer's block only, one full HVP per layer per sample, same stopping rule).
-    Used by the benchmark and as an independent reference in tests."""
-    activations = which == "activation"
-    gen = torch.Generator().manual_seed(cfg.seed)
-    stats = {n: BlockStats() for n in p.names}
-    graphs = None
-    n = len(p.names)
-    for li, name in enumerate(p.names):
-        s = stats[name]
-        block = n + li if activations else li
-        while s.n < cfg.max_iter:
-            total = 0.0
-            for c in range(len(p.chunks)):
-                if graphs is not None and len(p.chunks) == 1:
-                    inputs, grads = graphs
+def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batched: bool,
+                cache: dict[str, Any], tick: Callable[[int], None]) -> torch.Tensor:
+    """[k, blocks] output-probe samples for probe vectors ``ts``, chunk by chunk."""
+    k, n_chunks = len(ts), len(p.chunks)
+    total = torch.zeros(k, len(bl), dtype=torch.float64)
+    gens = [_vector_generator(seed, "gn", t, -1) for t in ts]
+    acc: dict[int, torch.Tensor] = {}  # weight block -> sum over chunks of [k, *shape]
+    for c in range(n_chunks):
+        if "gn" in cache:
+            z, inputs, prob = cache["gn"]
+        else:
+            z, inputs = _forward(p, c, p.names, any(b >= n for b in bl))
+            prob = None if p.loss_kind == "mse" else torch.softmax(z.detach(), dim=-1)
+            if n_chunks == 1:
+                cache["gn"] = (z, inputs, prob)
+        ws = [_output_factor(p, z, _sample_vector(g, z, z.shape[0]), prob) for g in gens]
+        grads = _probe_grads(z, inputs, ws, bl, batched)
+        for j, (b, g) in enumerate(zip(bl, grads, strict=True)):
+            if g is None:
+                continue
+            if b >= n or n_chunks == 1:  # activation blocks are disjoint over chunks
+                total[:, j] += g.double().pow(2).flatten(1).sum(1).cpu()
+            elif j in acc:
+                acc[j] += g
+            else:
+                acc[j] = g
+        del z, inputs, prob, ws, grads
+        tick(c)
+    for j, g in acc.items():
+        total[:, j] = g.double().pow(2).flatten(1).sum(1).cpu()
+    return total
+
+
+def _hvp_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batched: bool,
+              cache: dict[str, Any], tick: Callable[[int], None]) -> torch.Tensor:
+    """[k, blocks] joint-HVP samples v_b . (H v)_b for probe vectors ``ts``, chunk by chunk
+    (H = sum_c H_c; the weight part of v is shared by every chunk)."""
+    k, n_chunks = len(ts), len(p.chunks)
+    total = torch.zeros(k, len(bl), dtype=torch.float64)
+    wv: list[dict[int, torch.Tensor]] = [{} for _ in ts]  # weight vectors, drawn once
+    gens = [{b: _vector_generator(seed, "hvp", t, b) for b in bl if b >= n} for t in ts]
+    for c in range(n_chunks):
+        if "hvp" in cache:
+            inputs, grads = cache["hvp"]
+        else:
+            inputs, grads = _hvp_graph(p, c, bl, n)
+            if n_chunks == 1:
+                cache["hvp"] = (inputs, grads)
+        rows = p.chunks[c].size
+        vs = []
+        for r, t in enumerate(ts):
+            v = []
+            for b, x in zip(bl, inputs, strict=True):
+                if b >= n:
+                    v.append(_sample_vector(gens[r][b], x, rows))
                 else:
-                    inputs, grads = _graph(p, c, activations)
-                    graphs = (inputs, grads)
-                v = [torch.zeros_like(x) for x in inputs]
-                v[block] = rademacher(inputs[block].shape, gen, inputs[block].dtype,
-                                      inputs[block].device)
-                hv = hessian_vector_product(grads, inputs, v)
-                total += float(group_product([v[block]], [hv[block]]))
-            s.samples.append(total)
-            if s.n >= cfg.min_iter and s.converged(cfg.tol):
-                s.converged_at = s.n
-                break
-        if progress is not None:
-            progress("baseline", (li + 1) / n)
-    for leaf in p.leaves.values():
-        leaf.active, leaf.leaf = False, None
-    iters = max(s.n for s in stats.values())
-    empty: dict[str, BlockStats] = {}
-    if activations:
-        return TraceEstimates(empty, stats, iters, "per-layer", 0)
-    return TraceEstimates(stats, empty, iters, "per-layer", 0)
+                    if b not in wv[r]:
+                        wv[r][b] = rademacher(x.shape, _vector_generator(seed, "hvp", t, b),
+                                              x.dtype, x.device)
+                    v.append(wv[r][b])
+            vs.append(v)
+        total += (_hvp_batched if batched else _hvp_loop)(inputs, grads, vs).cpu()
+        del inputs, grads, vs
+        tick(c)
+    return total

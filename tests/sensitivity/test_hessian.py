@@ -122,3 +122,27 @@ def test_cuda_matches_cpu(cnn_pt2, tiny_calib):
     for x, y in zip(a.layers, b.layers, strict=True):
         assert x.weight_trace == pytest.approx(y.weight_trace, rel=1e-3)
         assert x.activation_trace == pytest.approx(y.activation_trace, rel=1e-3)
+
+
+@pytest.mark.parametrize("case", ["cnn-ce-probe", "tanh-ce-mixed", "mlp-ce-hvp"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_chunked_equals_unchunked(case, vectorize, request):
+    """Chunks only bound memory: every Hutchinson sample (output probes, joint HVPs, weight and
+    activation blocks) is the one-chunk sample, up to float summation order."""
+    model, calib, estimator, _ = CASES[case]
+    it = intake(request.getfixturevalue(model), request.getfixturevalue(calib))
+    assert len(it.train) == 8
+    base = dict(max_iter=6, min_iter=6, seed=5, estimator=estimator, vectors_per_pass=3,
+                vectorize=vectorize)
+    whole = measure(it, HessianConfig(**base))
+    for chunk in (1, 3):  # 8 single samples; chunks of 3, 3 and 2
+        parts = measure(it, HessianConfig(**base, batch_size=chunk))
+        for a, b in zip(whole.layers, parts.layers, strict=True):
+            assert a.weight_iterations == b.weight_iterations == 6
+            # float32 sums in another order: ~1e-6 relative; a different random vector
+            # would change a sample by tens of percent
+            assert b.weight_trace == pytest.approx(a.weight_trace, rel=1e-4), (chunk, a.name)
+            assert b.weight_trace_stderr == pytest.approx(a.weight_trace_stderr, rel=1e-3)
+            assert b.activation_trace == pytest.approx(a.activation_trace, rel=1e-4)
+            assert b.activation_trace_stderr == pytest.approx(a.activation_trace_stderr,
+                                                              rel=1e-3)
