@@ -24,7 +24,7 @@ from .fakequant import build_fake_quant
 from .fold import fold_layers
 from .graph import find_layers, module_name
 from .points import Grid, find_points
-from .primitives import dyadic, quantize_weight
+from .primitives import dyadic, group_dyadic, group_multiplier_bits, quantize_weight
 from .rows import PlanRow, match_rows, parse_rows
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def _layer_tensors(
     weight = weight.detach().cpu().to(torch.float32)
     out = weight.shape[0]
     bias = torch.zeros(out) if bias is None else bias.detach().cpu().to(torch.float32)
+    if row.group_size is not None:
+        return _grouped_tensors(row, weight, bias, g_in, g_out)
     codes, s_w = quantize_weight(weight, row.w_bits)
     s_w = s_w.to(torch.float32)
     acc_scale = s_w.to(torch.float64) * g_in.scale  # scale of one accumulator unit
@@ -88,6 +90,38 @@ def _layer_tensors(
         t[p + "drq_threshold"] = torch.tensor(row.drq.threshold, dtype=torch.int32)
         t[p + "drq_region"] = torch.tensor(list(row.drq.region), dtype=torch.int32)
     return t
+
+
+def _grouped_tensors(
+    row: PlanRow, weight: torch.Tensor, bias: torch.Tensor, g_in: Grid, g_out: Grid
+) -> dict[str, torch.Tensor]:
+    """A layer with one weight scale per group of ``row.group_size`` inputs: the bias on the
+    grid of the channel's largest group scale, and per-group multipliers with one shift per
+    channel (``quantize.primitives.group_dyadic``), bounded so the integer sum fits int64."""
+    assert row.group_size is not None
+    codes, s_w = quantize_weight(weight, row.w_bits, group_size=row.group_size)
+    s_w = s_w.to(torch.float32)
+    acc_scale = s_w.amax(dim=1).to(torch.float64) * g_in.scale
+    bias_q = torch.round(bias.to(torch.float64) / acc_scale)
+    if bool((bias_q.abs() > 2**31 - 1).any()):
+        raise BadModelError(
+            f"layer {row.name!r}: the folded bias does not fit int32 at the accumulator scale; "
+            "the layer's input range is degenerate"
+        )
+    fan_in = weight[0].numel()
+    max_bits = group_multiplier_bits(fan_in, row.w_bits, g_in.bits, int(bias_q.abs().max()))
+    b, c = group_dyadic(s_w.to(torch.float64) * g_in.scale / g_out.scale, max_bits)
+    p = row.name + "."
+    return {
+        p + "weight_q": encode_weight(codes, row.w_bits),
+        p + "weight_scale": s_w,
+        p + "bias": bias,
+        p + "bias_q": bias_q.to(torch.int32),
+        p + "input_scale": torch.tensor(g_in.scale, dtype=torch.float32),
+        p + "output_scale": torch.tensor(g_out.scale, dtype=torch.float32),
+        p + "requant_b": b.to(torch.int32),
+        p + "requant_c": c.to(torch.int32),
+    }
 
 
 def _report(
@@ -170,8 +204,12 @@ def apply(
     batch_size: int | None = None,
     device: torch.device | None = None,
     progress: ProgressFn | None = None,
+    token_input: str | int | None = None,
 ) -> QuantizeResult:
     """Quantize ``program`` as ``plan`` says, calibrating on ``train``; evaluate on ``holdout``.
+
+    ``token_input`` names a language model's token-id input (keyword name or positional index)
+    for the next-token perplexities of the report (see ``quantize.evaluate``).
 
     ``batch_size`` is the program's fixed export batch size (None when the batch dimension is
     dynamic; then ``cfg.batch_size`` chunks are used). Raises BadPlanError when the plan does
@@ -229,7 +267,7 @@ def apply(
     fixed = batch_size is not None
     metrics = evaluate(
         program.module().to(device), qmodule, holdout, batch_size or cfg.batch_size,
-        fixed=fixed, device=device, progress=progress,
+        fixed=fixed, device=device, progress=progress, token_input=token_input,
     )
     drq_fractions = {k: float(m.int4_fraction) for k, m in drq_modules.items()}
     report = _report(ckpt, rows, len(layers), metrics, cfg, len(train), drq_fractions)

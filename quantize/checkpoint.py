@@ -1,31 +1,37 @@
-"""The integer checkpoint: a ``.safetensors`` file (format ``bitplan-qckpt/1``).
+"""The integer checkpoint: a ``.safetensors`` file (format ``bitplan-qckpt/2``).
 
-Metadata (all strings): ``format`` = ``bitplan-qckpt/1``, ``version`` = ``1``, ``plan`` (the
+Metadata (all strings): ``format`` = ``bitplan-qckpt/2``, ``version`` = ``2``, ``plan`` (the
 plan JSON), ``quant`` (JSON: the quantize config, each layer's weight shape and input / output
 grids, and the materialisation points of ``quantize.points`` with their grids) and ``sha256``
 (a digest of the other metadata and every tensor's name, dtype, shape and bytes, so a tampered
 file is refused).
 
-Tensors, per quantized layer ``<name>`` with ``out`` output channels:
+Tensors, per quantized layer ``<name>`` with ``out`` output channels (and, for a plan row with
+``group_size`` g, ``G = fan_in / g`` groups per channel: version 2):
 
 =======================  =====================  ==============================================
 ``weight_q``             int8, weight shape     codes for 5..8-bit weights
                          uint8 [ceil(n / 2)]    <= 4 bits: two's-complement nibbles, two per
                                                 byte, low nibble first (flattened weight)
 ``weight_scale``         float32 [out]          per-output-channel scale S_w (of the folded W)
+                         float32 [out, G]       grouped: S_w[o, g] of inputs g*gs..(g+1)*gs-1
+                                                (flattened fan-in, the weight's memory order)
 ``bias``                 float32 [out]          BN-folded bias (0 where the layer has none)
-``bias_q``               int32 [out]            round(bias / (S_w * S_in))
+``bias_q``               int32 [out]            round(bias / (S_w * S_in)); grouped: on the
+                                                grid max_g S_w[o, g] * S_in
 ``input_scale``          float32 []             S_in (input grid; bits/signedness in ``quant``)
 ``output_scale``         float32 []             S_out (grid the requantised output lands on)
 ``requant_b``            int32 [out]            dyadic multiplier: b / 2^c ~= S_w S_in / S_out
-``requant_c``            int32 [out]            shift, 0..31
+                         int32 [out, G]         grouped: b[o, g] / 2^c[o] ~= S_w[o, g] S_in / S_out
+``requant_c``            int32 [out]            shift, 0..31 (grouped: one per output channel)
 ``drq_threshold``        int32 []               DRQ rows only: INT8 region-mean threshold
 ``drq_region``           int32 [2]              DRQ rows only: (x, y) region size
 =======================  =====================  ==============================================
 
 Reading never unpickles (safetensors only) and checks the tag, version, digest, and every
 tensor's name, dtype and shape against the embedded plan; anything else is a
-BadCheckpointError.
+BadCheckpointError. Version 1 files (``bitplan-qckpt/1``: per-channel scales only) still load;
+files are written as version 2.
 """
 
 from __future__ import annotations
@@ -42,13 +48,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from solver.errors import BadCheckpointError, BadPlanError
+from solver.options import group_fits
 
 from .points import Grid, Point
-from .primitives import pack_nibbles, qmax_signed, unpack_nibbles
+from .primitives import expand_scales, pack_nibbles, qmax_signed, unpack_nibbles
 from .rows import PlanRow, parse_rows
 
-FORMAT = "bitplan-qckpt/1"
-VERSION = "1"
+FORMAT = "bitplan-qckpt/2"
+VERSION = "2"
+READABLE = {"bitplan-qckpt/1": "1", FORMAT: VERSION}  # format tag -> its version string
 
 _SUFFIXES = (
     "weight_q", "weight_scale", "bias", "bias_q", "input_scale", "output_scale",
@@ -91,15 +99,16 @@ def expected_specs(row: PlanRow, weight_shape: tuple[int, ...]) -> dict[str, Spe
     out = weight_shape[0]
     numel = math.prod(weight_shape)
     p = row.name + "."
+    scales = (out,) if row.group_size is None else (out, numel // out // row.group_size)
     specs: dict[str, Spec] = {
         p + "weight_q": (torch.uint8, ((numel + 1) // 2,))
         if packed(row.w_bits) else (torch.int8, tuple(weight_shape)),
-        p + "weight_scale": (torch.float32, (out,)),
+        p + "weight_scale": (torch.float32, scales),
         p + "bias": (torch.float32, (out,)),
         p + "bias_q": (torch.int32, (out,)),
         p + "input_scale": (torch.float32, ()),
         p + "output_scale": (torch.float32, ()),
-        p + "requant_b": (torch.int32, (out,)),
+        p + "requant_b": (torch.int32, scales),
         p + "requant_c": (torch.int32, (out,)),
     }
     if row.drq is not None:
@@ -144,7 +153,7 @@ class Checkpoint:
         """codes * S_w in float32, the weight the fake-quant module computes with."""
         codes = self.codes(name)
         scale = self.tensors[f"{name}.weight_scale"]
-        return codes.to(torch.float32) * scale.reshape((-1,) + (1,) * (codes.dim() - 1))
+        return codes.to(torch.float32) * expand_scales(scale, codes)
 
     def input_grid(self, name: str) -> Grid:
         g = self.quant["layers"][name]["input"]
@@ -218,6 +227,10 @@ def validate(
             raise _fail(where, f"layer {row.name!r}: weight shape {shape} does not match the plan")
         if info["input"]["bits"] != row.input_bits:
             raise _fail(where, f"layer {row.name!r}: input bits differ from the plan")
+        fan_in = math.prod(shape) // shape[0] if shape and shape[0] else 0
+        if row.group_size is not None and not group_fits(fan_in, row.group_size):
+            raise _fail(where, f"layer {row.name!r}: group_size {row.group_size} does not "
+                        f"divide its fan-in {fan_in}")
         expected.update(expected_specs(row, shape))
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -276,10 +289,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise _fail(path, f"it is not a readable .safetensors file ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise _fail(path, f"format tag is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise _fail(path, f"version is {meta.get('version')!r}, this reader supports {VERSION}")
+    fmt = meta.get("format")
+    if fmt not in READABLE:
+        raise _fail(path, f"format tag is {fmt!r}, expected one of {sorted(READABLE)}")
+    if meta.get("version") != READABLE[fmt]:
+        raise _fail(path, f"version is {meta.get('version')!r}, expected {READABLE[fmt]} for "
+                    f"{fmt}")
     if meta.get("sha256") != digest(tensors, meta):
         raise _fail(path, "its content digest does not match (the file was modified)")
     try:
@@ -288,4 +303,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except (KeyError, json.JSONDecodeError) as exc:
         raise _fail(path, "the plan / quant metadata is missing or not JSON") from exc
     validate(tensors, plan, quant, path)
+    if fmt != FORMAT and any(r.group_size is not None for r in parse_rows(plan)):
+        raise _fail(path, f"{fmt} has no per-group weight scales, but its plan uses group_size")
     return Checkpoint(tensors, plan, quant)

@@ -12,7 +12,12 @@ that it reproduces the integer reference (``quantize.integer``) code for code:
 - residual adds: each input requantised onto the add's grid, summed, clamped (``QuantAdd``);
 - global average pools: integer sum of the input codes and one dyadic rescale (``QuantMean``);
 - DRQ rows: the op becomes ``quantize.drq.DRQConv2d`` (folded float bias, dequantized weight),
-  its float output rounded onto the output grid.
+  its float output rounded onto the output grid;
+- rows with per-group weight scales: the op becomes ``GroupedLayer``, which computes each
+  group's dot product of integer codes exactly (float64), combines them with the checkpoint's
+  per-group multipliers ``requant_b[o, g] / 2^requant_c[o]`` in one int64 fixed point and
+  rounds once, as the integer model does (a float accumulator of the whole fan-in is on no
+  single grid, so its codes could not be recovered by rounding).
 
 Rounding a float value back to integer codes is exact while its accumulated float error stays
 below half a step (float32 conv accumulators below about 2^22 units; the reference models are
@@ -33,7 +38,7 @@ from .checkpoint import Checkpoint
 from .fold import remove_bn, set_layer_params
 from .graph import GraphLayer, find_layers, insert_input_modules, module_name, node_by_name
 from .points import TRANSPARENT_OPS, Grid
-from .primitives import dyadic, fake_quantize_activation
+from .primitives import dyadic, dyadic_group_requantize, expand_scales, fake_quantize_activation
 from .rows import PlanRow, match_rows
 
 
@@ -149,6 +154,70 @@ class QuantMean(nn.Module):
         return f"dims={self.dims}, scale={self.scale:.6g}, bits={self.bits}"
 
 
+class GroupedLayer(nn.Module):
+    """A linear or conv layer with one weight scale per group of ``group_size`` inputs.
+
+    Forward: the input's codes on the layer's input grid, one exact dot product per group
+    (float64 sums of integers: an einsum for linear, one convolution per group with the other
+    groups' weights zeroed for conv), then ``quantize.primitives.dyadic_group_requantize`` and
+    the clamp to the output grid. The float layer with the dequantized weight gives the
+    straight-through gradient.
+    """
+
+    def __init__(self, layer: GraphLayer, ckpt: Checkpoint, group_size: int, grid: Grid) -> None:
+        super().__init__()
+        name = layer.name
+        t = ckpt.tensors
+        codes = ckpt.codes(name)
+        s_w = t[f"{name}.weight_scale"]
+        self.s_in = float(t[f"{name}.input_scale"])
+        self.kind, self.group_size = layer.kind, group_size
+        self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        self.scale, self.lo, self.hi = grid.scale, *grid.qrange
+        bias = t[f"{name}.bias_q"].to(torch.float64) * s_w.amax(dim=1).to(torch.float64)
+        self.register_buffer("weight", codes.to(torch.float32) * expand_scales(s_w, codes))
+        self.register_buffer("bias", (bias * self.s_in).to(torch.float32))
+        self.register_buffer("codes", codes.to(torch.float64))
+        self.register_buffer("b", t[f"{name}.requant_b"].to(torch.int64))
+        self.register_buffer("c", t[f"{name}.requant_c"].to(torch.int64))
+        self.register_buffer("bias_q", t[f"{name}.bias_q"].to(torch.int64))
+
+    def _float(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "linear":
+            return nn.functional.linear(x, w, bias)
+        conv = nn.functional.conv1d if self.kind == "conv1d" else nn.functional.conv2d
+        return conv(x, w, bias, *self.conv)
+
+    def _group_sums(self, x_codes: torch.Tensor) -> torch.Tensor:
+        """Exact per-group integer dot products, ``[..., O, G]`` (channels and groups last)."""
+        out = self.codes.shape[0]
+        flat = self.codes.reshape(out, -1)
+        n_groups = flat.shape[1] // self.group_size
+        if self.kind == "linear":
+            xg = x_codes.reshape(*x_codes.shape[:-1], n_groups, self.group_size)
+            return torch.einsum("...gk,ogk->...og", xg, flat.reshape(out, n_groups, -1))
+        sums = []
+        for g in range(n_groups):
+            masked = torch.zeros_like(flat)
+            cols = slice(g * self.group_size, (g + 1) * self.group_size)
+            masked[:, cols] = flat[:, cols]
+            sums.append(self._float(x_codes, masked.reshape(self.codes.shape), None))
+        return torch.stack(sums, dim=-1).movedim(1, -2)  # [N, ..., O, G]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ref = self._float(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+        x_codes = torch.round(x.detach().to(torch.float64) / self.s_in)
+        acc = torch.round(self._group_sums(x_codes)).to(torch.int64)
+        q = dyadic_group_requantize(acc, self.b, self.c, self.bias_q)
+        if self.kind != "linear":
+            q = q.movedim(-1, 1)
+        out = (q.clamp(self.lo, self.hi).to(torch.float64) * self.scale).to(x.dtype)
+        return ref + (out - ref).detach()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, group_size={self.group_size}, out_scale={self.scale:.6g}"
+
+
 def prepare(
     program: torch.export.ExportedProgram, ckpt: Checkpoint
 ) -> tuple[fx.GraphModule, dict[str, GraphLayer], dict[str, PlanRow]]:
@@ -230,6 +299,8 @@ def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) ->
     gm, qlayers, rows = prepare(program, ckpt)
     for name, layer in qlayers.items():
         s_w = ckpt.tensors[f"{name}.weight_scale"].to(torch.float64)
+        if s_w.dim() == 2:  # per group: bias_q is on the grid of the largest group scale
+            s_w = s_w.amax(dim=1)
         s_in = float(ckpt.tensors[f"{name}.input_scale"])
         bias = (ckpt.tensors[f"{name}.bias_q"].to(torch.float64) * s_w * s_in).to(torch.float32)
         set_layer_params(gm, layer, ckpt.dequantized_weight(name), bias)
@@ -249,8 +320,8 @@ def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) ->
             keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
             module = QuantMean(list(node.args[1]), bool(keep), grids[x.name], grid)
             _replace(gm, node, f"_bitplan_pool_{point.node}", module, (x,))
-        elif rows[point.layer].drq is not None:
-            after[point.node] = FakeQuant(grid)  # the DRQ conv's float output
+        elif rows[point.layer].drq is not None or rows[point.layer].group_size is not None:
+            after[point.node] = FakeQuant(grid)  # DRQ / GroupedLayer output: on the grid
         else:
             name = str(point.layer)
             acc = ckpt.tensors[f"{name}.weight_scale"].to(torch.float64) * float(
@@ -273,11 +344,15 @@ def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) ->
             inputs[name] = Requant(torch.tensor(src.scale), b, c, g_in)
     insert_input_modules(gm, list(qlayers.values()), inputs, "inq")
     for name, row in rows.items():
-        if row.drq is None:
-            continue
         layer = qlayers[name]
         op = node_by_name(gm, layer.node)
-        _replace(gm, op, module_name(name, "drq"), _drq_module(layer, row, ckpt), (op.args[0],))
+        if row.drq is not None:
+            _replace(gm, op, module_name(name, "drq"), _drq_module(layer, row, ckpt),
+                     (op.args[0],))
+        elif row.group_size is not None:
+            out_grid = ckpt.output_grid(name)
+            _replace(gm, op, module_name(name, "group"),
+                     GroupedLayer(layer, ckpt, row.group_size, out_grid), (op.args[0],))
     gm.graph.lint()
     gm.recompile()
     return gm

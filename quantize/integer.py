@@ -7,6 +7,10 @@ on a known grid (``quantize.points``):
 - conv / linear: int32 accumulation of int codes (computed exactly in int64 and checked to fit
   int32), ``+ bias_q``, then the per-channel dyadic requantisation ``(acc * b + 2^(c-1)) >> c``
   (round half up, ``quantize.primitives.dyadic_requantize``) and a clamp to the output grid;
+- conv / linear with per-group weight scales (``group_size`` rows): one int32 accumulator per
+  group of ``group_size`` consecutive inputs, then all groups of an output rescaled in one
+  wider fixed point: ``(sum_g acc_g b[o, g] + bias_q max_g b[o, g] + 2^(c-1)) >> c[o]`` in
+  int64 (one shift per output channel, multipliers bounded so the sum fits), one rounding;
 - ReLU: ``max(q, 0)``; flatten / view / reshape act on the codes;
 - residual add: both inputs requantised with their own dyadic multiplier ``S_x / S_add`` onto
   the add's grid, summed, clamped (two requantisations);
@@ -44,7 +48,13 @@ from .drq import low_scale, region_mask, upsample_mask
 from .fakequant import prepare
 from .graph import GraphLayer
 from .points import RELU_OPS, TRANSPARENT_OPS, Grid, Point
-from .primitives import dyadic, dyadic_requantize, quantize_activation, quantize_weight
+from .primitives import (
+    dyadic,
+    dyadic_group_requantize,
+    dyadic_requantize,
+    quantize_activation,
+    quantize_weight,
+)
 from .rows import PlanRow
 
 aten = torch.ops.aten
@@ -91,22 +101,21 @@ def _check_int32(acc: torch.Tensor, what: str) -> None:
         raise UnsupportedOpError(f"{what}: the accumulator overflows int32")
 
 
-def int_conv(
+def _columns(
     x: torch.Tensor,
-    w: torch.Tensor,
+    w_shape: tuple[int, ...],
     stride: tuple[int, ...],
     padding: tuple[int, ...] | str,
     dilation: tuple[int, ...],
-    groups: int,
 ) -> torch.Tensor:
-    """Exact integer convolution (1-D or 2-D) of int codes; returns int64 ``[N, O, ...]``."""
-    nd = w.dim() - 2
-    if nd == 1:
-        x, w = x.unsqueeze(2), w.unsqueeze(2)
+    """im2col of int codes for a 1-D or 2-D convolution: int64 ``[N, C, Ho, Wo, kh, kw]``
+    (``Ho = 1`` for 1-D)."""
+    if len(w_shape) == 3:
+        x, w_shape = x.unsqueeze(2), (*w_shape[:2], 1, w_shape[2])
         stride, dilation = (1, *stride), (1, *dilation)
         if not isinstance(padding, str):
             padding = (0, *padding)
-    kh, kw = w.shape[2], w.shape[3]
+    kh, kw = w_shape[2], w_shape[3]
     if isinstance(padding, str):
         if padding == "valid":
             pads = (0, 0, 0, 0)
@@ -120,13 +129,52 @@ def int_conv(
     x = F.pad(x.to(torch.int64), pads)
     span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
     cols = x.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])
-    cols = cols[..., :: dilation[0], :: dilation[1]]  # [N, C, Ho, Wo, kh, kw]
-    n, c, ho, wo = cols.shape[:4]
+    return cols[..., :: dilation[0], :: dilation[1]]  # [N, C, Ho, Wo, kh, kw]
+
+
+def int_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """Exact integer convolution (1-D or 2-D) of int codes; returns int64 ``[N, O, ...]``."""
+    cols = _columns(x, tuple(w.shape), stride, padding, dilation)
+    n, c, ho, wo, kh, kw = cols.shape
     o = w.shape[0]
     cols = cols.reshape(n, groups, c // groups, ho, wo, kh, kw)
     wg = w.to(torch.int64).reshape(groups, o // groups, c // groups, kh, kw)
     acc = torch.einsum("ngchwij,gocij->ngohw", cols, wg).reshape(n, o, ho, wo)
-    return acc.squeeze(2) if nd == 1 else acc
+    return acc.squeeze(2) if w.dim() == 3 else acc
+
+
+def int_group_sums(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    group_size: int,
+    conv: tuple | None = None,
+) -> torch.Tensor:
+    """Exact per-group integer dot products of a linear (``conv=None``) or convolution
+    (``conv = (stride, padding, dilation, groups)``) layer, groups of ``group_size``
+    consecutive inputs along the flattened fan-in (``in/groups * kh * kw``, the weight's
+    memory order). Returns int64 ``[..., O, G]`` for linear, ``[N, O, G, ...]`` for conv."""
+    o = w.shape[0]
+    fan_in = w[0].numel()
+    n_groups = fan_in // group_size
+    wg = w.to(torch.int64).reshape(o, n_groups, group_size)
+    if conv is None:
+        xg = x.to(torch.int64).reshape(*x.shape[:-1], n_groups, group_size)
+        return torch.einsum("...gk,ogk->...og", xg, wg)
+    stride, padding, dilation, groups = conv
+    cols = _columns(x, tuple(w.shape), stride, padding, dilation)
+    n, c, ho, wo, kh, kw = cols.shape
+    cols = cols.reshape(n, groups, c // groups, ho, wo, kh, kw).permute(0, 1, 3, 4, 2, 5, 6)
+    cols = cols.reshape(n, groups, ho, wo, n_groups, group_size)
+    wg = wg.reshape(groups, o // groups, n_groups, group_size)
+    acc = torch.einsum("nthwgk,togk->ntoghw", cols, wg).reshape(n, o, n_groups, ho, wo)
+    return acc.squeeze(3) if w.dim() == 3 else acc
 
 
 @dataclass(frozen=True)
@@ -175,6 +223,7 @@ class IntegerExecutor:
         self.layers = {layer.node: layer for layer in qlayers.values()}
         self.points: dict[str, tuple[Point, Grid]] = {p.node: (p, g) for p, g in ckpt.points()}
         self.weights = {name: ckpt.codes(name) for name in qlayers}
+        self.rows = rows
         self.drq = {name: _drq_layer(ckpt, name, row) for name, row in rows.items()
                     if row.drq is not None}
 
@@ -199,6 +248,9 @@ class IntegerExecutor:
         w = self.weights[name]
         if name in self.drq:
             return self._drq(layer, x, codes, w)
+        row = self.rows[name]
+        if row.group_size is not None:
+            return self._grouped(layer, codes, w, row.group_size)
         if layer.kind == "linear":
             acc = torch.matmul(codes.to(torch.int64), w.to(torch.int64).t())
             ch_dim = acc.dim() - 1
@@ -214,6 +266,27 @@ class IntegerExecutor:
         c = t[f"{name}.requant_c"].to(torch.int64).reshape(shape)
         g_out = self.ckpt.output_grid(name)
         return QTensor(clamp(dyadic_requantize(acc, b, c), g_out), g_out)
+
+    def _grouped(self, layer: GraphLayer, codes: torch.Tensor, w: torch.Tensor,
+                 group_size: int) -> QTensor:
+        """Per-group weight scales: one exact integer dot product per group (each checked to
+        fit int32), then every group's sum times its multiplier ``b[o, g]`` and the bias times
+        ``max_g b[o, g]`` added in one int64 fixed point of ``2^-c[o]``, rounded once
+        (``quantize.primitives.dyadic_group_requantize``)."""
+        name = layer.name
+        t = self.ckpt.tensors
+        conv = None if layer.kind == "linear" else (
+            layer.stride, layer.padding, layer.dilation, layer.groups)
+        acc = int_group_sums(codes, w, group_size, conv)
+        _check_int32(acc, f"layer {name!r} (a group)")
+        if conv is not None:  # [N, O, G, ...] -> [N, ..., O, G]
+            acc = acc.movedim((1, 2), (-2, -1))
+        out = dyadic_group_requantize(acc, t[f"{name}.requant_b"], t[f"{name}.requant_c"],
+                                      t[f"{name}.bias_q"])
+        if conv is not None:
+            out = out.movedim(-1, 1)
+        g_out = self.ckpt.output_grid(name)
+        return QTensor(clamp(out, g_out), g_out)
 
     def _drq(self, layer: GraphLayer, x: object, codes: torch.Tensor,
              w: torch.Tensor) -> QTensor:

@@ -2,7 +2,8 @@
 
 Conventions used everywhere in bitplan:
 - Weights: symmetric per-output-channel (dim 0), signed integers in [-(2^(b-1)-1), 2^(b-1)-1]
-  (the most negative code is unused so the grid is symmetric).
+  (the most negative code is unused so the grid is symmetric); or per group: one scale per
+  ``group_size`` consecutive inputs of an output channel (along the flattened fan-in).
 - Activations: one scale per tensor. Signed symmetric grid as for weights, or, when the
   calibrated range is non-negative (after ReLU), unsigned [0, 2^b - 1].
 - Rounding is round-half-to-even (``torch.round``) in both fake-quant and integer paths, so the
@@ -32,39 +33,70 @@ def qmax_unsigned(bits: int) -> int:
     return 2**bits - 1
 
 
-def weight_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel scale (float32, shape ``[out]``) so that max|W_c| maps to qmax."""
-    absmax = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
-    return (absmax / qmax_signed(bits)).clamp_min(_MIN_SCALE).to(torch.float32)
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``weight`` as ``[out, groups, group_size]`` (per channel: one group of the whole fan-in).
+
+    Groups run along the flattened input dimension (``in_features``, or ``in/groups * kh * kw``
+    of a conv in the weight's memory order); ``group_size`` must divide that fan-in.
+    """
+    flat = weight.detach().reshape(weight.shape[0], -1)
+    fan_in = flat.shape[1]
+    if group_size is None:
+        return flat.reshape(flat.shape[0], 1, fan_in)
+    if isinstance(group_size, bool) or group_size < 1 or fan_in % group_size:
+        raise ValueError(f"group size {group_size} does not divide the fan-in {fan_in}")
+    return flat.reshape(flat.shape[0], fan_in // group_size, group_size)
 
 
-def _channel_view(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return scale.reshape((-1,) + (1,) * (like.dim() - 1))
+def weight_scales(
+    weight: torch.Tensor, bits: int, group_size: int | None = None
+) -> torch.Tensor:
+    """Symmetric weight scales (float32) so that each group's max|W| maps to qmax.
+
+    Per output channel (``group_size=None``): shape ``[out]``. Per group of ``group_size``
+    consecutive inputs: shape ``[out, fan_in / group_size]``.
+    """
+    absmax = _grouped(weight, group_size).abs().amax(dim=2)
+    scale = (absmax / qmax_signed(bits)).clamp_min(_MIN_SCALE).to(torch.float32)
+    return scale.reshape(-1) if group_size is None else scale
+
+
+def expand_scales(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-element scales in the shape of ``like`` (a weight) from per-channel ``[out]`` or
+    per-group ``[out, groups]`` scales."""
+    if scale.dim() <= 1:
+        return scale.reshape((-1,) + (1,) * (like.dim() - 1)).expand(like.shape)
+    out, groups = scale.shape
+    per_input = like[0].numel() // groups
+    return scale.reshape(out, groups, 1).expand(out, groups, per_input).reshape(like.shape)
 
 
 def quantize_weight(
-    weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None
+    weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (int32) and per-channel scales of ``weight`` at ``bits``."""
+    """Integer codes (int32, weight's shape) and scales (``[out]`` per channel, ``[out, groups]``
+    per group) of ``weight`` at ``bits``."""
     if scale is None:
-        scale = weight_scales(weight, bits)
+        scale = weight_scales(weight, bits, group_size)
     q = qmax_signed(bits)
-    codes = torch.round(weight.detach() / _channel_view(scale, weight)).clamp_(-q, q)
+    codes = torch.round(weight.detach() / expand_scales(scale, weight)).clamp_(-q, q)
     return codes.to(torch.int32), scale
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Q_b(W): weight rounded to the symmetric per-channel b-bit grid, in float."""
-    codes, scale = quantize_weight(weight, bits)
-    return (codes.to(weight.dtype) * _channel_view(scale, weight).to(weight.dtype)).reshape(
-        weight.shape
-    )
+def fake_quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int | None = None
+) -> torch.Tensor:
+    """Q_b(W): weight rounded to the symmetric per-channel (or per-group) b-bit grid, in float."""
+    codes, scale = quantize_weight(weight, bits, group_size=group_size)
+    return codes.to(weight.dtype) * expand_scales(scale, weight).to(weight.dtype)
 
 
-def weight_quant_error(weight: torch.Tensor, bits: int) -> float:
-    """||Q_b(W) - W||^2 (sum of squares), the HAWQ perturbation's data term."""
+def weight_quant_error(weight: torch.Tensor, bits: int, group_size: int | None = None) -> float:
+    """||Q_b(W) - W||^2 (sum of squares), the HAWQ perturbation's data term; ``group_size``
+    None for per-channel scales, else one scale per ``group_size`` consecutive inputs."""
     w = weight.detach()
-    return float((fake_quantize_weight(w, bits) - w).pow(2).sum())
+    return float((fake_quantize_weight(w, bits, group_size) - w).pow(2).sum())
 
 
 def activation_scale(amin: float, amax: float, bits: int) -> tuple[float, bool]:
@@ -153,3 +185,45 @@ def dyadic_requantize(acc: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> to
         c64 > 0, torch.ones_like(c64) << (c64 - 1).clamp_min(0), torch.zeros_like(c64)
     )
     return (acc64 * b64 + half) >> c64
+
+
+def group_dyadic(m: torch.Tensor, max_bits: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dyadic multipliers ``b[o, g] / 2^c[o]`` ~= ``m[o, g]`` with one shift per row.
+
+    ``m`` is ``[out, groups]`` (positive: S_w[o, g] S_in / S_out). Each row's shift is the
+    largest at which its largest multiplier fits ``max_bits`` bits (as :func:`dyadic`), so the
+    row's products share one fixed point and are rounded once. Returns int64 ``b [out,
+    groups]`` and ``c [out]``.
+    """
+    m64 = m.detach().to(torch.float64)
+    shifts = [dyadic(float(row.abs().max()), max_bits=max_bits)[1] for row in m64]
+    c = torch.tensor(shifts, dtype=torch.int64)
+    b = torch.round(m64 * torch.exp2(c.to(torch.float64)).unsqueeze(1)).to(torch.int64)
+    return b, c
+
+
+def dyadic_group_requantize(
+    acc: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias_q: torch.Tensor
+) -> torch.Tensor:
+    """Integer-only requantisation of per-group accumulators, channels and groups last.
+
+    ``acc`` int ``[..., out, groups]`` (each group's integer dot product), ``b [out, groups]``,
+    ``c [out]``, ``bias_q [out]`` (the bias on the grid of the row's largest group scale, so
+    its multiplier is ``max_g b[o, g]``). Returns int64 ``[..., out]``:
+    ``(sum_g acc[g] b[g] + bias_q max_g b[g] + 2^(c-1)) >> c``, one rounding (half up) per
+    output, all in int64 (the caller bounds ``b`` so the sum cannot overflow).
+    """
+    b64 = b.to(torch.int64)
+    c64 = c.to(torch.int64)
+    total = (acc.to(torch.int64) * b64).sum(dim=-1) + bias_q.to(torch.int64) * b64.amax(dim=1)
+    half = torch.where(c64 > 0, torch.ones_like(c64) << (c64 - 1).clamp_min(0),
+                       torch.zeros_like(c64))
+    return (total + half) >> c64
+
+
+def group_multiplier_bits(fan_in: int, w_bits: int, in_bits: int, bias_bound: int = 0) -> int:
+    """Bits a per-group multiplier may use so that ``dyadic_group_requantize`` stays below
+    2^63: the sum of |acc| over a row is at most ``fan_in * qmax_w * 2^in_bits`` (+ |bias_q|);
+    at most 31 (``requant_b`` is stored as int32)."""
+    bound = fan_in * qmax_signed(w_bits) * 2**in_bits + abs(int(bias_bound)) + 1
+    return max(1, min(31, 62 - math.ceil(math.log2(bound))))

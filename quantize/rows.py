@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from solver.errors import BadPlanError
+from solver.options import group_fits
 
 from .graph import GraphLayer
 
@@ -36,6 +37,7 @@ class PlanRow:
     a_bits: float
     size_bytes: float | None
     drq: DRQSpec | None
+    group_size: int | None = None  # None: one weight scale per output channel
 
     @property
     def input_bits(self) -> int:
@@ -112,7 +114,13 @@ def parse_rows(plan: Any) -> list[PlanRow]:
             params = _int(params, f"layer {name!r}: params", 1, 1 << 40)
         size = row.get("size_bytes")
         size = float(size) if isinstance(size, (int, float)) else None
-        rows.append(PlanRow(name, kind, params, w_bits, float(a_bits), size, drq))
+        group = row.get("group_size")
+        if group is not None:
+            group = _int(group, f"layer {name!r}: group_size", 1, 1 << 30)
+            if drq is not None:
+                raise BadPlanError(f"layer {name!r}: drq layers use per-channel weight scales "
+                                   "(group_size must be null)")
+        rows.append(PlanRow(name, kind, params, w_bits, float(a_bits), size, drq, group))
     return rows
 
 
@@ -137,6 +145,12 @@ def match_rows(rows: list[PlanRow], layers: list[GraphLayer]) -> dict[str, PlanR
             raise BadPlanError(
                 f"plan layer {row.name!r} has {row.params} parameters in the plan but "
                 f"{numel} in the model; was the plan made for another model?"
+            )
+        fan_in = numel // layer.weight_shape[0]
+        if row.group_size is not None and not group_fits(fan_in, row.group_size):
+            raise BadPlanError(
+                f"plan layer {row.name!r}: group_size {row.group_size} does not fit its fan-in "
+                f"{fan_in} (a group size must divide it and be smaller)"
             )
     wanted = {row.name: row for row in rows}
     return {layer.name: wanted[layer.name] for layer in layers if layer.name in wanted}

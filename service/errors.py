@@ -51,6 +51,7 @@ HTTP_STATUS: dict[str, int] = {
     "conflict": 409,
     "cancelled": 409,
     "too_large": 413,
+    "resource_limit": 422,  # one sample's pass exceeds the memory budget: the input, not us
     "unavailable": 503,
     "export_mismatch": 500,  # the export computes something else: a bitplan bug, not the input
     "missing_dependency": 501,  # this installation lacks an optional extra

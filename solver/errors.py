@@ -83,3 +83,31 @@ class TooLargeError(BitplanError):
     """An upload or tensor exceeds the configured size limit."""
 
     code = "too_large"
+
+
+class ResourceLimitError(BitplanError):
+    """The job cannot run within the memory budget (e.g. one calibration sample's Hessian
+    pass needs more than ``BITPLAN_MEMORY_GB``); ``detail`` holds the measured cost and the
+    budget in bytes."""
+
+    code = "resource_limit"
+
+
+class UnsupportedExportError(BitplanError):
+    """The model holds an op or layer kind the ONNX exporter cannot express (named in the
+    message); nothing was written."""
+
+    code = "unsupported_export"
+
+
+class ExportMismatchError(BitplanError):
+    """An exported model computes something else than the fake-quant module it was made from
+    (``detail`` holds the measured agreement)."""
+
+    code = "export_mismatch"
+
+
+class MissingDependencyError(BitplanError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    code = "missing_dependency"

@@ -4,8 +4,11 @@ Per layer and candidate (w, a) bits: ``omega = omega_w[w] + omega_a[a]`` (the we
 activation perturbations add, as in HAWQ), ``size_bytes = ceil(params * s / 8) + 4 *
 out_channels`` where ``s`` is the *storage* width of the checkpoint format (two's-complement
 nibbles for w <= 4, int8 for 5..8 bits), so the planned size is what the checkpoint holds;
-plus one float32 scale per output channel. ``bops = macs * w * a`` (bit operations per sample),
-and latency from a named hardware profile (roofline) or a user table ``{layer: {tag: ms}}``.
+plus one float32 scale per output channel, or with a weight group size ``g`` (constraints'
+``weight_group_sizes``; tag ``w<w>g<g>a<a>``) one per group, ``4 * params / g`` bytes, and the
+Omega of that grouping (``LayerSpec.omega_wg``). ``bops = macs * w * a`` (bit operations per
+sample), and latency from a named hardware profile (roofline) or a user table
+``{layer: {tag: ms}}`` (a grouped tag missing from the table costs as the per-channel tag).
 
 A DRQ :class:`ActivationMode` adds options whose activation bits are the expected bits
 ``8 f + 4 (1 - f)``. The DRQ runtime computes insensitive regions with the weights requantised
@@ -58,6 +61,40 @@ class LayerSpec:
     omega_a: dict[int, float]
     activation_modes: list[ActivationMode] = field(default_factory=list)
     weight_trace: float | None = None
+    # {group size: {bits: omega}}: weight perturbation with one scale per group of inputs
+    omega_wg: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    @property
+    def fan_in(self) -> int:
+        """Inputs per output channel (``in_features``, or ``in / groups * kh * kw``)."""
+        return self.params // max(self.out_channels, 1)
+
+
+def _group_sizes(values: Any) -> tuple[int | None, ...]:
+    """Candidate weight group sizes: None (per output channel) and positive ints, distinct,
+    None first then ascending."""
+    try:
+        items = list(values)
+    except TypeError as exc:
+        raise BadConstraintsError(
+            f"weight_group_sizes must be a list of null / positive integers, got {values!r}"
+        ) from exc
+    if not items:
+        raise BadConstraintsError("weight_group_sizes must not be empty")
+    bad = [g for g in items if g is not None and (isinstance(g, bool) or not isinstance(g, int)
+                                                  or g < 1)]
+    if bad:
+        raise BadConstraintsError(f"weight_group_sizes {bad} must be null or positive integers")
+    if len(set(items)) != len(items):
+        raise BadConstraintsError("weight_group_sizes must be distinct")
+    return ((None,) if None in items else ()) + tuple(sorted(g for g in items if g is not None))
+
+
+def group_fits(fan_in: int, group_size: int) -> bool:
+    """The one rule for per-group weight scales: a layer can use ``group_size`` when it divides
+    the layer's fan-in (inputs per output channel, along the flattened ``in * kh * kw`` of a
+    conv) and is smaller than it (a group of the whole fan-in is the per-channel scale)."""
+    return 1 <= group_size < fan_in and fan_in % group_size == 0
 
 
 def _bits(values: Any, what: str) -> tuple[int, ...]:
@@ -86,10 +123,12 @@ class OptionsConfig:
     pin_last: int | None = 8
     hardware: str | None = None
     latency_table: dict | None = None
+    weight_group_sizes: tuple[int | None, ...] = (None,)
     version: int = VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_bits", _bits(self.weight_bits, "weight_bits"))
+        object.__setattr__(self, "weight_group_sizes", _group_sizes(self.weight_group_sizes))
         object.__setattr__(self, "activation_bits", _bits(self.activation_bits, "activation_bits"))
         for name in ("pin_first", "pin_last"):
             v = getattr(self, name)
@@ -110,6 +149,7 @@ class OptionsConfig:
         d = asdict(self)
         d["weight_bits"] = list(self.weight_bits)
         d["activation_bits"] = list(self.activation_bits)
+        d["weight_group_sizes"] = list(self.weight_group_sizes)
         return d
 
     @classmethod
@@ -126,9 +166,12 @@ def storage_bits(w_bits: int) -> int:
     return 4 if w_bits <= 4 else 8
 
 
-def size_bytes(params: int, w_bits: int, out_channels: int) -> float:
-    """Checkpoint weight bytes (packed, rounded up to a whole byte) plus float32 scales."""
-    return float(math.ceil(params * storage_bits(w_bits) / 8) + SCALE_BYTES * out_channels)
+def size_bytes(params: int, w_bits: int, out_channels: int, group_size: int | None = None
+               ) -> float:
+    """Checkpoint weight bytes (packed, rounded up to a whole byte) plus float32 scales: one
+    per output channel, or one per group of ``group_size`` inputs of each output channel."""
+    scales = out_channels if group_size is None else params // group_size
+    return float(math.ceil(params * storage_bits(w_bits) / 8) + SCALE_BYTES * scales)
 
 
 def _omega(table: dict[int, float], bits: int, layer: str, what: str) -> float:
@@ -154,18 +197,36 @@ def _latency(spec: LayerSpec, cfg: OptionsConfig, w: int, a: float, tag: str,
     return None
 
 
-def _option(spec: LayerSpec, cfg: OptionsConfig, w: int, a: int) -> Option:
-    tag = f"w{w}a{a}"
+def _option(spec: LayerSpec, cfg: OptionsConfig, w: int, a: int,
+            group: int | None = None) -> Option:
+    tag = f"w{w}a{a}" if group is None else f"w{w}g{group}a{a}"
+    if group is None:
+        omega_w = _omega(spec.omega_w, w, spec.name, "omega_w")
+    else:
+        omega_w = _omega(spec.omega_wg.get(group, {}), w, spec.name, f"omega_w (group {group})")
+    # a latency table without the grouped tag: the per-channel tag's entry (same kernel shape)
+    row = cfg.latency_table.get(spec.name) if cfg.latency_table is not None else None
+    lat_tag = f"w{w}a{a}" if group is not None and isinstance(row, dict) and tag not in row \
+        else tag
     return Option(
         w_bits=w,
         a_bits=a,
-        omega=_omega(spec.omega_w, w, spec.name, "omega_w") + _omega(spec.omega_a, a, spec.name,
-                                                                     "omega_a"),
-        size_bytes=size_bytes(spec.params, w, spec.out_channels),
+        omega=omega_w + _omega(spec.omega_a, a, spec.name, "omega_a"),
+        size_bytes=size_bytes(spec.params, w, spec.out_channels, group),
         bops=float(spec.macs * w * a),
-        latency_ms=_latency(spec, cfg, w, a, tag, None),
+        latency_ms=_latency(spec, cfg, w, a, lat_tag, None),
         tag=tag,
+        group_size=group,
     )
+
+
+def layer_groups(spec: LayerSpec, cfg: OptionsConfig) -> list[int | None]:
+    """The weight group sizes a layer is offered: those of ``cfg`` that fit its fan-in
+    (:func:`group_fits`); per channel (None) when listed, or when no listed size fits."""
+    fits = [g for g in cfg.weight_group_sizes if g is not None and group_fits(spec.fan_in, g)]
+    if None in cfg.weight_group_sizes or not fits:
+        return [None, *fits]
+    return fits
 
 
 def _drq_weight_omega(spec: LayerSpec, w: int, drq: dict) -> float:
@@ -194,11 +255,12 @@ def _drq_option(spec: LayerSpec, cfg: OptionsConfig, w: int, mode: ActivationMod
 
 
 def layer_options(spec: LayerSpec, cfg: OptionsConfig, pin: int | None = None) -> list[Option]:
-    """All candidate options of one layer (only (pin, pin) when pinned)."""
+    """All candidate options of one layer (only (pin, pin) per channel when pinned)."""
     if pin is not None:
         return [_option(spec, cfg, pin, pin)]
-    opts = [_option(spec, cfg, w, a) for w in cfg.weight_bits for a in cfg.activation_bits]
-    for w in cfg.weight_bits:
+    opts = [_option(spec, cfg, w, a, g) for g in layer_groups(spec, cfg)
+            for w in cfg.weight_bits for a in cfg.activation_bits]
+    for w in cfg.weight_bits:  # DRQ: per-channel weight scales only
         for mode in spec.activation_modes:
             opts.append(_drq_option(spec, cfg, w, mode))
     return opts

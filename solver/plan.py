@@ -56,6 +56,7 @@ def make_plan(
                 "bops": o.bops,
                 "latency_ms": o.latency_ms,
                 "drq": None if o.drq is None else dict(o.drq),
+                "group_size": o.group_size,
             })
     plan = {
         "version": VERSION,
@@ -123,8 +124,9 @@ def load_plan(obj: Any) -> dict[str, Any]:
     seen: set[str] = set()
     for i, row in enumerate(obj["layers"]):
         where = f"layers[{i}]"
-        if not isinstance(row, dict) or set(row) != _ROW_KEYS:
-            raise BadPlanError(f"plan {where} must have exactly the keys {sorted(_ROW_KEYS)}")
+        if not isinstance(row, dict) or not _ROW_KEYS <= set(row) <= _ROW_KEYS | {"group_size"}:
+            raise BadPlanError(f"plan {where} must have exactly the keys {sorted(_ROW_KEYS)} "
+                               "(and optionally group_size)")
         name = row["name"]
         if not isinstance(name, str) or not name or name in seen:
             raise BadPlanError(f"plan {where}.name must be a unique non-empty string")
@@ -144,6 +146,11 @@ def load_plan(obj: Any) -> dict[str, Any]:
         for k in ("omega", "size_bytes", "bops"):
             _num(row[k], f"{where}.{k}")
         _num(row["latency_ms"], f"{where}.latency_ms", nullable=True)
+        group = row.get("group_size")
+        _num(group, f"{where}.group_size", nullable=True, integer=True)
+        if group is not None and (group < 1 or row["params"] % group or row["drq"] is not None):
+            raise BadPlanError(f"plan {where}.group_size must be null or a positive divisor of "
+                               "the layer's fan-in (and null on a drq row)")
         drq = row["drq"]
         if drq is not None:
             if not isinstance(drq, dict) or set(drq) != _DRQ_KEYS:

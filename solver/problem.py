@@ -21,7 +21,8 @@ RESOURCES: tuple[str, ...] = ("size_bytes", "bops", "latency_ms")
 # A total counts as within a limit up to this relative tolerance (float sums of many layers).
 FEAS_RTOL = 1e-9
 
-_OPTION_KEYS = {"w_bits", "a_bits", "omega", "size_bytes", "bops", "latency_ms", "tag", "drq"}
+_OPTION_KEYS = {"w_bits", "a_bits", "omega", "size_bytes", "bops", "latency_ms", "tag", "drq",
+                "group_size"}
 _OPTION_REQUIRED = {"w_bits", "a_bits", "omega", "size_bytes", "bops", "tag"}
 _LAYER_KEYS = {"name", "options"}
 _PROBLEM_KEYS = {"version", "layers", "limits", "ties", "source"}
@@ -103,6 +104,7 @@ class Option:
     latency_ms: float | None
     tag: str
     drq: dict | None = None
+    group_size: int | None = None  # weight scales per group of inputs; None = per channel
 
     def __post_init__(self) -> None:
         if isinstance(self.w_bits, bool) or not isinstance(self.w_bits, int) or self.w_bits < 1:
@@ -118,6 +120,9 @@ class Option:
             raise BadProblemError("every option needs a non-empty string tag")
         if self.drq is not None and not isinstance(self.drq, dict):
             raise BadProblemError(f"option {self.tag!r}: drq must be an object or null")
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise BadProblemError(f"option {self.tag!r}: group_size must be null or an int >= 1")
 
     def cost(self, resource: str) -> float | None:
         """The option's cost in ``resource`` (one of :data:`RESOURCES`)."""
@@ -135,6 +140,8 @@ class Option:
         }
         if self.drq is not None:
             out["drq"] = self.drq
+        if self.group_size is not None:
+            out["group_size"] = self.group_size
         return out
 
     @classmethod
@@ -149,6 +156,7 @@ class Option:
             latency_ms=obj.get("latency_ms"),
             tag=obj["tag"],
             drq=obj.get("drq"),
+            group_size=obj.get("group_size"),
         )
 
 

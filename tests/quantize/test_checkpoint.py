@@ -68,10 +68,12 @@ def test_refuses_foreign_files(tmp_path, cnn_int8) -> None:
     with pytest.raises(BadCheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.safetensors")
     ckpt = cnn_int8.checkpoint
-    wrong = tmp_path / "v2.safetensors"
-    _write(wrong, ckpt.tensors, _resigned(ckpt, ckpt.tensors, version="2"))
-    with pytest.raises(BadCheckpointError, match="version"):
-        read_checkpoint(wrong)
+    for fmt, version in (("bitplan-qckpt/2", "1"), ("bitplan-qckpt/1", "2"),
+                         ("bitplan-qckpt/3", "3")):
+        wrong = tmp_path / "wrong.safetensors"
+        _write(wrong, ckpt.tensors, _resigned(ckpt, ckpt.tensors, format=fmt, version=version))
+        with pytest.raises(BadCheckpointError, match="version|format tag"):
+            read_checkpoint(wrong)
 
 
 def test_refuses_tampered_bytes(tmp_path, cnn_int8) -> None:
