@@ -12,6 +12,16 @@ sensitive at run time and computes those at INT8, the rest at INT4:
 ``DRQConv2d`` then computes ``conv(x8 * m, W8) + conv(x4 * (1 - m), W4) + bias`` with ``m`` the
 mask upsampled to pixels. Because a convolution is linear and its zero padding is the same for
 both terms, this equals running each region at its own precision.
+
+The insensitive regions' weights are the layer's weights requantised per output channel to
+``min(w_bits, low_bits)`` bits (derived at load from the stored codes; nothing extra is
+stored). Clipping the INT8 codes to the INT4 range instead was measured far less accurate
+(``bench/drq.py --low-weights``, docs/drq.md).
+
+Each forward also counts the multiplications per precision from the mask it used: a MAC whose
+input pixel lies in a sensitive region is a ``w x high`` multiplication, every other one
+(insensitive pixels and the zero padding) a ``min(w, low) x low`` one. The solver's DRQ cost
+model (``solver.options``) charges the same split.
 """
 
 from __future__ import annotations
@@ -119,6 +129,25 @@ def low_scale(scale: float, signed: bool, high_bits: int = 8, low_bits: int = 4)
     return float(scale) * hi / lo
 
 
+def input_uses(
+    height: int,
+    width: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int] | int,
+    padding: tuple[int, int] | int | str,
+    dilation: tuple[int, int] | int,
+) -> torch.Tensor:
+    """How many multiplications of a conv (per input channel and output channel) read each
+    input pixel: float64 ``[H, W]`` of integers. Taps that read the zero padding read no pixel;
+    they are not counted here (a DRQ conv runs them in the low-bit branch)."""
+    x = torch.zeros(1, 1, height, width, dtype=torch.float64, requires_grad=True)
+    ones = torch.ones(1, 1, *kernel, dtype=torch.float64)
+    with torch.enable_grad():
+        F.conv2d(x, ones, None, stride, padding, dilation).sum().backward()
+    assert x.grad is not None
+    return x.grad[0, 0].detach()
+
+
 def drq_input(
     x: torch.Tensor,
     scale: float,
@@ -164,7 +193,8 @@ class DRQConv2d(nn.Module):
     is quantized with ``input_scale`` / ``input_signed`` (the layer's calibrated INT8 grid);
     the low-bit grid covers the same range. After each forward ``last_int4_fraction`` holds the
     fraction of regions that ran at INT4; ``int4_regions`` / ``total_regions`` accumulate until
-    :meth:`reset_stats`.
+    :meth:`reset_stats`, and so do ``macs_high`` / ``macs_low``: the multiplications that read a
+    sensitive pixel, and all the others (see the module docstring).
     """
 
     def __init__(
@@ -205,14 +235,26 @@ class DRQConv2d(nn.Module):
         self.register_buffer("weight_high", fake_quantize_weight(w, self.w_bits))
         self.register_buffer("weight_low", fake_quantize_weight(w, min(self.w_bits, self.low_bits)))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
-        self.last_int4_fraction = 0.0
-        self.int4_regions = 0
-        self.total_regions = 0
+        self.reset_stats()
 
     def reset_stats(self) -> None:
         self.last_int4_fraction = 0.0
         self.int4_regions = 0
         self.total_regions = 0
+        self.macs_high = 0
+        self.macs_low = 0
+
+    def _count_macs(self, m: torch.Tensor) -> None:
+        """Add the multiplications of this forward, split by the pixel mask ``m``."""
+        out_c, in_per_group, kh, kw = self.weight_high.shape
+        ones = torch.ones(1, 1, kh, kw, dtype=torch.float64)
+        taps = F.conv2d(m.to(torch.float64), ones, None, self.stride, self.padding,
+                        self.dilation)
+        per_tap = out_c * in_per_group
+        high = int(round(float(taps.sum()))) * per_tap
+        total = taps.numel() * kh * kw * per_tap
+        self.macs_high += high
+        self.macs_low += total - high
 
     @property
     def int4_fraction(self) -> float:
@@ -232,6 +274,7 @@ class DRQConv2d(nn.Module):
         self.last_int4_fraction = low / total if total else 0.0
         self.int4_regions += low
         self.total_regions += total
+        self._count_macs(m)
         out = self._conv(x_high * m, self.weight_high.to(x.dtype))
         out = out + self._conv(x_low * (1 - m), self.weight_low.to(x.dtype))
         if self.bias is not None:

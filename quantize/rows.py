@@ -1,4 +1,4 @@
-"""Reading the plan's layer rows (plan.json version 1, written by ``solver.plan``).
+"""Reading the plan's layer rows (plan.json, written by ``solver.plan``).
 
 ``parse_rows`` checks the structure a quantizer relies on; ``match_rows`` checks the rows
 against the model's quantizable layers. Both raise BadPlanError with a message saying what is
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from solver.errors import BadPlanError
+from solver.plan import FORMAT, VERSION
 from solver.options import group_fits
 
 from .graph import GraphLayer
@@ -77,12 +78,14 @@ def _drq(obj: Any, name: str) -> DRQSpec | None:
 def parse_rows(plan: Any) -> list[PlanRow]:
     """The plan's layer rows, structurally validated. Raises BadPlanError."""
     if not isinstance(plan, dict):
-        raise BadPlanError("a plan must be a JSON object (plan.json version 1)")
-    if plan.get("version") != 1:
-        raise BadPlanError(f"unsupported plan version {plan.get('version')!r}; expected 1")
-    fmt = plan.get("format", "bitplan-plan/1")
-    if fmt != "bitplan-plan/1":
-        raise BadPlanError(f"unsupported plan format {fmt!r}; expected 'bitplan-plan/1'")
+        raise BadPlanError(f"a plan must be a JSON object (plan.json version {VERSION})")
+    if plan.get("version") != VERSION:
+        raise BadPlanError(
+            f"unsupported plan version {plan.get('version')!r}; expected {VERSION}"
+        )
+    fmt = plan.get("format", FORMAT)
+    if fmt != FORMAT:
+        raise BadPlanError(f"unsupported plan format {fmt!r}; expected {FORMAT!r}")
     layers = plan.get("layers")
     if not isinstance(layers, list):
         raise BadPlanError("plan.layers must be a list of layer rows")

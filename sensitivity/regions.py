@@ -15,6 +15,11 @@ layer's input behaves under the DRQ predictor (see ``quantize.drq``) and turns e
   integer bin the reached fraction can differ from f; it is reported, and the expected bits
   use it, not f;
 - the reached fraction on the train part and on the held-out part (same scale, same T);
+- the MAC fraction: the share of the conv's multiplications that read a pixel of a sensitive
+  region (taps on the zero padding count as insensitive), which is what the DRQ runtime counts
+  (``quantize.drq.DRQConv2d.macs_high``) and what the solver charges at ``w x 8`` bits; each
+  region's weight is the number of multiplications that read its pixels
+  (``quantize.drq.input_uses``), accumulated per histogram bin like the errors;
 - ``Omega = activation_trace / activation_numel * E||Q_drq(a) - a||^2``, sensitive regions at
   INT8, the rest at INT4 (INT4 grid over the same range). The squared error of every region at
   INT8 and at INT4 is accumulated per histogram bin, so the error of each threshold is exact
@@ -40,15 +45,16 @@ import torch
 from torch import fx, nn
 
 from quantize.data import CalibrationSet
-from quantize.drq import DRQLayerSettings, low_scale, region_grid, region_sums
+from quantize.drq import DRQLayerSettings, input_uses, low_scale, region_grid, region_sums
 from quantize.graph import GraphLayer, insert_input_modules
 from quantize.primitives import activation_qrange, activation_scale, quantize_activation
 from solver.errors import BadCalibrationError, BadConstraintsError
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
-FORMAT = "bitplan-regions/1"
+VERSION = 2  # 2: modes carry mac_fraction
+FORMAT = "bitplan-regions/2"
+CONFIG_VERSION = 1
 STAGE = "regions"
 
 ProgressFn = Callable[[str, float], None]
@@ -71,16 +77,16 @@ class RegionConfig:
     low_bits: int = 4
     max_samples: int | None = 1024
     batch_size: int = 64
-    version: int = VERSION
+    version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         sizes = tuple(self.region_sizes)
         fracs = tuple(float(f) for f in self.sensitive_fractions)
         object.__setattr__(self, "region_sizes", sizes)
         object.__setattr__(self, "sensitive_fractions", fracs)
-        if self.version != VERSION:
+        if self.version != CONFIG_VERSION:
             raise BadConstraintsError(
-                f"region config version {self.version} is not supported; use 1"
+                f"region config version {self.version} is not supported; use {CONFIG_VERSION}"
             )
         if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
             raise BadConstraintsError(
@@ -141,9 +147,10 @@ class DRQMode:
 
     ``threshold`` in INT8 code units (regions with mean |code| >= threshold run at INT8);
     ``fraction_calib`` / ``fraction_holdout``: fraction of regions at INT8 reached on the train /
-    held-out part; ``omega``: activation perturbation (see module doc); ``mse``: mean squared
-    error per input element under this mode (train part); ``expected_bits`` =
-    high_bits * fraction_calib + low_bits * (1 - fraction_calib).
+    held-out part; ``mac_fraction``: fraction of the conv's multiplications that read a
+    sensitive pixel (train part); ``omega``: activation perturbation (see module doc); ``mse``:
+    mean squared error per input element under this mode (train part); ``expected_bits`` =
+    high_bits * mac_fraction + low_bits * (1 - mac_fraction), the activation bits per MAC.
     """
 
     region: tuple[int, int]
@@ -153,6 +160,7 @@ class DRQMode:
     fraction_holdout: float
     omega: float
     expected_bits: float
+    mac_fraction: float
     mse: float = 0.0
     high_bits: int = 8
     low_bits: int = 4
@@ -168,6 +176,7 @@ class DRQMode:
             "region": [self.region[0], self.region[1]],
             "threshold": int(self.threshold),
             "sensitive_fraction": float(self.fraction_calib),
+            "mac_fraction": float(self.mac_fraction),
             "high_bits": self.high_bits,
             "low_bits": self.low_bits,
         }
@@ -306,18 +315,34 @@ class RegionStats:
 
     Bin k holds the regions whose mean |INT8 code| over channels and pixels has floor k.
     ``count[k]``: regions; ``err_high[k]`` / ``err_low[k]``: summed squared error of their
-    elements at the high / low grid.
+    elements at the high / low grid; ``macs[k]``: multiplications (per input and output
+    channel pair) that read their pixels. ``uses``: that weight per region ``[rows, cols]``
+    (None: MACs are not counted); ``taps``: multiplications per channel pair of one sample,
+    padding taps included; ``samples``: samples added.
     """
 
     region: tuple[int, int]
     count: torch.Tensor
     err_high: torch.Tensor
     err_low: torch.Tensor
+    macs: torch.Tensor
+    uses: torch.Tensor | None = None
+    taps: float = 0.0
+    samples: int = 0
 
     @classmethod
-    def empty(cls, region: tuple[int, int], bins: int, device: torch.device) -> RegionStats:
+    def empty(
+        cls,
+        region: tuple[int, int],
+        bins: int,
+        device: torch.device,
+        uses: torch.Tensor | None = None,
+        taps: float = 0.0,
+    ) -> RegionStats:
         z = torch.zeros(bins, dtype=torch.float64, device=device)
-        return cls(region, z.clone(), z.clone(), z.clone())
+        if uses is not None:
+            uses = region_sums(uses[None, None], region)[0][0].to(device)
+        return cls(region, z.clone(), z.clone(), z.clone(), z.clone(), uses, float(taps))
 
     @property
     def total(self) -> float:
@@ -332,6 +357,13 @@ class RegionStats:
         """Summed squared error with regions of mean >= threshold at high bits, others low."""
         t = min(max(int(threshold), 0), self.count.numel())
         return float(self.err_high[t:].sum() + self.err_low[:t].sum())
+
+    def mac_fraction(self, threshold: int) -> float:
+        """Fraction of the multiplications that read a pixel of a region of mean >= threshold."""
+        if self.uses is None or not self.samples or not self.taps:
+            raise ValueError("these statistics do not count MACs")
+        t = min(max(int(threshold), 0), self.count.numel())
+        return float(self.macs[t:].sum()) / (self.samples * self.taps)
 
 
 def _omega(err: float, numel: int, samples: int, trace: tuple[float, int] | None) -> float:
@@ -370,6 +402,10 @@ def update_stats(
     # floor(sum / count) is exact here: sums and counts are exact integers far below 2^53.
     bins = torch.floor(sums / counts).to(torch.int64).clamp_(0, stats.count.numel() - 1).reshape(-1)
     stats.count += torch.bincount(bins, minlength=stats.count.numel()).to(torch.float64)
+    stats.samples += a.shape[0]
+    if stats.uses is not None:
+        uses = stats.uses.expand(a.shape[0], -1, -1).reshape(-1)
+        stats.macs += torch.bincount(bins, weights=uses, minlength=stats.macs.numel())
     if not with_error:
         return
     s_low = low_scale(scale, signed, high_bits, low_bits)
@@ -411,6 +447,18 @@ def _graph_copy(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
         if on_device:
             return fx.GraphModule(gm, copy.deepcopy(gm.graph))
         return copy.deepcopy(gm).to(device)
+
+
+def _conv_uses(layer: GraphLayer, height: int, width: int) -> tuple[torch.Tensor, float]:
+    """Per-pixel multiplication counts of a conv2d layer's input (``quantize.drq.input_uses``)
+    and the multiplications of one sample per (input, output) channel pair, padding included."""
+    kernel = tuple(layer.weight_shape[2:])
+    uses = input_uses(height, width, kernel, layer.stride, layer.padding, layer.dilation)
+    probe = torch.zeros(1, 1, height, width)
+    out = torch.nn.functional.conv2d(
+        probe, torch.zeros(1, 1, *kernel), None, layer.stride, layer.padding, layer.dilation
+    )
+    return uses, float(out.numel() * math.prod(kernel))
 
 
 def _first(data: CalibrationSet, limit: int | None) -> CalibrationSet:
@@ -537,9 +585,11 @@ def calibrate(
 
     def fresh() -> dict[str, list[RegionStats]]:
         out = {}
-        for name, (_, h, w) in shapes.items():
+        for layer in convs:
+            _, h, w = shapes[layer.name]
+            uses, taps = _conv_uses(layer, h, w)
             sizes = [s for s in cfg.region_sizes if s <= h and s <= w]
-            out[name] = [RegionStats.empty((s, s), bins, device) for s in sizes]
+            out[layer.name] = [RegionStats.empty((s, s), bins, device, uses, taps) for s in sizes]
         return out
 
     train_stats, hold_stats = fresh(), fresh()
@@ -587,6 +637,7 @@ def calibrate(
             for f in cfg.sensitive_fractions:
                 t = choose_threshold(reached, f)
                 frac = float(reached[t])
+                mac_frac = st.mac_fraction(t)
                 err = st.error(t)
                 modes.append(
                     DRQMode(
@@ -596,7 +647,9 @@ def calibrate(
                         fraction_calib=frac,
                         fraction_holdout=float(reached_hold[t]),
                         omega=to_omega(err),
-                        expected_bits=cfg.high_bits * frac + cfg.low_bits * (1.0 - frac),
+                        expected_bits=cfg.high_bits * mac_frac
+                        + cfg.low_bits * (1.0 - mac_frac),
+                        mac_fraction=mac_frac,
                         mse=err / numel,
                         high_bits=cfg.high_bits,
                         low_bits=cfg.low_bits,

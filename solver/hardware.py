@@ -22,6 +22,17 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 CLASSES = (4, 8)
 
 
+def drq_split(drq: dict) -> tuple[float, int, int]:
+    """``(f, high_bits, low_bits)`` of a DRQ entry, f = fraction of the MACs at high bits (the
+    one reading of a DRQ cost, used by the profiles and by ``solver.options``)."""
+    f = drq.get("mac_fraction")
+    if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f <= 1.0:
+        raise BadConstraintsError(
+            f"a DRQ mode needs mac_fraction in [0, 1] (fraction of MACs at high bits), got {f!r}"
+        )
+    return float(f), int(drq.get("high_bits", 8)), int(drq.get("low_bits", 4))
+
+
 @dataclass(frozen=True)
 class HardwareProfile:
     """Peak integer throughput (MACs per second per precision class) and memory bandwidth."""
@@ -59,13 +70,15 @@ class HardwareProfile:
         input_numel: float,
         drq: dict | None = None,
     ) -> float:
-        """Roofline latency in ms. For a DRQ option (``drq`` with ``sensitive_fraction`` f,
-        ``high_bits``, ``low_bits``) a fraction f of the MACs runs at the high class and the
-        rest at the low class; ``a_bits`` is then the expected bits for the bytes moved."""
+        """Roofline latency in ms. For a DRQ option (``drq`` with ``mac_fraction`` f,
+        ``high_bits``, ``low_bits``) a fraction f of the MACs are ``w x high`` multiplications at
+        that class's rate and the rest ``min(w, low) x low`` at the low class's rate, as the DRQ
+        runtime computes them; its input moves as high-bit codes (the predictor reads them)."""
         if drq is not None:
-            f = float(drq["sensitive_fraction"])
-            hi, lo = drq.get("high_bits", 8), drq.get("low_bits", 4)
-            compute = macs * (f / self.rate(max(w_bits, hi)) + (1 - f) / self.rate(max(w_bits, lo)))
+            f, hi, lo = drq_split(drq)
+            compute = macs * (f / self.rate(max(w_bits, hi))
+                              + (1 - f) / self.rate(max(min(w_bits, lo), lo)))
+            a_bits = hi
         else:
             compute = macs / self.rate(max(w_bits, a_bits))
         moved = math.ceil(params * w_bits / 8) + input_numel * a_bits / 8

@@ -10,11 +10,19 @@ Omega of that grouping (``LayerSpec.omega_wg``). ``bops = macs * w * a`` (bit op
 sample), and latency from a named hardware profile (roofline) or a user table
 ``{layer: {tag: ms}}`` (a grouped tag missing from the table costs as the per-channel tag).
 
-A DRQ :class:`ActivationMode` adds options whose activation bits are the expected bits
-``8 f + 4 (1 - f)``. The DRQ runtime computes insensitive regions with the weights requantised
-to ``min(w, low_bits)`` bits, so a DRQ option's weight perturbation is the mixture
-``f * omega_w[w] + (1 - f) * omega_w[min(w, low_bits)]`` (f = sensitive fraction reached on the
-calibration data), added to the mode's activation perturbation.
+A DRQ :class:`ActivationMode` adds options costed as its runtime computes
+(``quantize.drq.DRQConv2d``): with ``f`` the fraction of the layer's multiplications that read a
+sensitive pixel on the calibration data (``drq["mac_fraction"]``), a fraction ``f`` of the MACs
+are ``w x 8`` and the rest ``min(w, 4) x 4`` multiplications (high / low bits in general):
+
+- BOPS = MACs * (f * w * high + (1 - f) * min(w, low) * low);
+- latency: the same split in a hardware profile (each part at its precision class) and in a
+  latency table without an entry for the DRQ tag (``f * t[w<w>a8] + (1 - f) * t[w<min>a4]``);
+- size: what the checkpoint stores, the w-bit codes only (the low-bit weights are derived from
+  them at load, so they cost no bytes);
+- Omega: the weight perturbation mixes the same way,
+  ``f * omega_w[w] + (1 - f) * omega_w[min(w, low)]``, plus the mode's activation perturbation;
+- activation bits: the expected bits per MAC ``high * f + low * (1 - f)``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import BadConstraintsError
-from .hardware import check_latency_table, get_profile, table_latency
+from .hardware import check_latency_table, drq_split, get_profile, table_latency
 from .problem import LayerOptions, Limits, Option, Problem, tie_components
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
@@ -186,6 +194,13 @@ def _omega(table: dict[int, float], bits: int, layer: str, what: str) -> float:
     return v
 
 
+def drq_bops_per_mac(w: int, drq: dict) -> float:
+    """Bit operations per MAC of a DRQ layer with w-bit weights: ``f w high + (1 - f)
+    min(w, low) low``."""
+    f, high, low = drq_split(drq)
+    return f * w * high + (1.0 - f) * min(w, low) * low
+
+
 def _latency(spec: LayerSpec, cfg: OptionsConfig, w: int, a: float, tag: str,
              drq: dict | None) -> float | None:
     if cfg.hardware is not None:
@@ -193,6 +208,12 @@ def _latency(spec: LayerSpec, cfg: OptionsConfig, w: int, a: float, tag: str,
             spec.macs, spec.params, w, a, spec.input_numel, drq
         )
     if cfg.latency_table is not None:
+        row = cfg.latency_table.get(spec.name)
+        if drq is not None and isinstance(row, dict) and tag not in row:
+            f, high, low = drq_split(drq)
+            return f * table_latency(cfg.latency_table, spec.name, f"w{w}a{high}") + (
+                1.0 - f
+            ) * table_latency(cfg.latency_table, spec.name, f"w{min(w, low)}a{low}")
         return table_latency(cfg.latency_table, spec.name, tag)
     return None
 
@@ -230,10 +251,10 @@ def layer_groups(spec: LayerSpec, cfg: OptionsConfig) -> list[int | None]:
 
 
 def _drq_weight_omega(spec: LayerSpec, w: int, drq: dict) -> float:
-    """Weight perturbation of a DRQ layer: sensitive regions use W at w bits, the rest W at
-    min(w, low_bits) bits (see the module docstring)."""
-    f = float(drq.get("sensitive_fraction", 1.0))
-    low = min(w, int(drq.get("low_bits", 4)))
+    """Weight perturbation of a DRQ layer: the MACs of sensitive regions use W at w bits, the
+    rest W at min(w, low_bits) bits (see the module docstring)."""
+    f, _, low_bits = drq_split(drq)
+    low = min(w, low_bits)
     high_omega = _omega(spec.omega_w, w, spec.name, "omega_w")
     if low == w or f >= 1.0:
         return high_omega
@@ -247,7 +268,7 @@ def _drq_option(spec: LayerSpec, cfg: OptionsConfig, w: int, mode: ActivationMod
         a_bits=float(mode.expected_bits),
         omega=_drq_weight_omega(spec, w, mode.drq) + float(mode.omega),
         size_bytes=size_bytes(spec.params, w, spec.out_channels),
-        bops=float(spec.macs * w * mode.expected_bits),
+        bops=float(spec.macs * drq_bops_per_mac(w, mode.drq)),
         latency_ms=_latency(spec, cfg, w, mode.expected_bits, tag, mode.drq),
         tag=tag,
         drq=dict(mode.drq),

@@ -1,4 +1,4 @@
-"""``plan.json`` (version 1, format ``bitplan-plan/1``): the solver's answer in the form the
+"""``plan.json`` (version 2, format ``bitplan-plan/2``): the solver's answer in the form the
 quantizer reads. One row per quantized layer keyed by FQN (weight FQN minus ``.weight``);
 layers absent from ``layers`` stay in floating point. See PLAN_FORMAT in the issue tracker /
 docs/internals.md for the schema this module writes and validates."""
@@ -14,15 +14,16 @@ from .ilp import RESOURCES, STATUSES, Solution
 from .options import LayerSpec
 from .problem import Problem
 
-VERSION = 1
-FORMAT = "bitplan-plan/1"
+VERSION = 2  # 2: a drq entry carries mac_fraction (the share of MACs at high bits)
+FORMAT = "bitplan-plan/2"
 KINDS = ("conv2d", "conv1d", "linear")
 _MODEL_KEYS = ("layers", "params", "macs", "quantized_params", "other_params")
 _TOP_KEYS = {"version", "format", "model", "constraints", "status", "objective", "totals",
              "limits", "binding", "layers", "diagnosis"}
 _ROW_KEYS = {"name", "kind", "params", "macs", "w_bits", "a_bits", "weight_trace", "omega",
              "size_bytes", "bops", "latency_ms", "drq"}
-_DRQ_KEYS = {"region", "threshold", "sensitive_fraction", "high_bits", "low_bits"}
+_DRQ_KEYS = {"region", "threshold", "sensitive_fraction", "mac_fraction", "high_bits",
+             "low_bits"}
 
 
 def make_plan(
@@ -90,7 +91,9 @@ def load_plan(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise BadPlanError("a plan must be a JSON object")
     if obj.get("version") != VERSION:
-        raise BadPlanError(f"plan version {obj.get('version')!r} is not supported (use 1)")
+        raise BadPlanError(
+            f"plan version {obj.get('version')!r} is not supported (use {VERSION})"
+        )
     if obj.get("format") != FORMAT:
         raise BadPlanError(f"plan format must be {FORMAT!r}, got {obj.get('format')!r}")
     missing = sorted(_TOP_KEYS - set(obj))
@@ -162,9 +165,10 @@ def load_plan(obj: Any) -> dict[str, Any]:
                             for x in reg)):
                 raise BadPlanError(f"plan {where}.drq.region must be [x, y] positive integers")
             _num(drq["threshold"], f"{where}.drq.threshold", integer=True)
-            _num(drq["sensitive_fraction"], f"{where}.drq.sensitive_fraction")
-            if not 0 <= drq["sensitive_fraction"] <= 1:
-                raise BadPlanError(f"plan {where}.drq.sensitive_fraction must be in [0, 1]")
+            for k in ("sensitive_fraction", "mac_fraction"):
+                _num(drq[k], f"{where}.drq.{k}")
+                if not 0 <= drq[k] <= 1:
+                    raise BadPlanError(f"plan {where}.drq.{k} must be in [0, 1]")
             if drq["high_bits"] != 8 or drq["low_bits"] != 4:
                 raise BadPlanError(f"plan {where}.drq must have high_bits 8 and low_bits 4")
     return obj

@@ -12,6 +12,8 @@ from quantize import QuantizeConfig, apply
 from quantize.data import CalibrationSet
 from quantize.graph import find_layers
 from solver.options import size_bytes
+from solver.plan import FORMAT as PLAN_FORMAT
+from solver.plan import VERSION as PLAN_VERSION
 
 
 def make_plan(
@@ -21,7 +23,7 @@ def make_plan(
     only: set[str] | None = None,
     drq: dict[str, dict] | None = None,
 ) -> dict:
-    """A plan.json (version 1) for ``program``: every layer (or those in ``only``) with the
+    """A plan.json (current version) for ``program``: every layer (or those in ``only``) with the
     given bits. ``size_bytes`` is the solver's (packed storage plus float32 scales)."""
     rows = []
     for i, layer in enumerate(find_layers(program.module())):
@@ -43,7 +45,7 @@ def make_plan(
     params = sum(math.prod(layer.weight_shape) for layer in find_layers(program.module()))
     qparams = sum(r["params"] for r in rows)
     return {
-        "version": 1, "format": "bitplan-plan/1",
+        "version": PLAN_VERSION, "format": PLAN_FORMAT,
         "model": {"layers": len(rows), "params": params, "macs": 0,
                   "quantized_params": qparams, "other_params": params - qparams},
         "constraints": {}, "status": "optimal", "objective": 0.0,

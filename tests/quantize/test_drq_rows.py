@@ -10,8 +10,8 @@ from quantize.checkpoint import read_checkpoint
 from quantize.drq import DRQConv2d
 from quantize.integer import IntegerExecutor
 
-DRQ = {"region": [2, 2], "threshold": 40, "sensitive_fraction": 0.3, "high_bits": 8,
-       "low_bits": 4}
+DRQ = {"region": [2, 2], "threshold": 40, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
+       "high_bits": 8, "low_bits": 4}
 
 
 @pytest.fixture(scope="module")

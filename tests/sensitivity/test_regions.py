@@ -102,7 +102,7 @@ def test_against_brute_force_on_whole_maps(program, split, result) -> None:
             mse = err / a.numel()
             assert math.isclose(mode.mse, mse, rel_tol=1e-9)
             assert math.isclose(mode.omega, trace / n_a * (mse * n_a), rel_tol=1e-9)
-            f = mode.fraction_calib
+            f = mode.mac_fraction
             assert math.isclose(mode.expected_bits, 8 * f + 4 * (1 - f))
         assert layer.omega_high < layer.omega_low
         # Same normalisation as the sensitivity engine's omega_a[a] (sensitivity/engine.py):
@@ -197,19 +197,20 @@ def test_result_json_round_trip_and_plan_entry(result) -> None:
     text = result.to_json()
     back = RegionResult.from_json(text)
     assert back == result
-    assert json.loads(text)["version"] == 1
+    assert json.loads(text)["version"] == 2
     mode = result.layer("conv2").mode(4, 0.3)
     entry = mode.drq_dict()
     assert entry == {
         "region": [4, 4], "threshold": mode.threshold,
-        "sensitive_fraction": mode.fraction_calib, "high_bits": 8, "low_bits": 4,
+        "sensitive_fraction": mode.fraction_calib, "mac_fraction": mode.mac_fraction,
+        "high_bits": 8, "low_bits": 4,
     }
     assert isinstance(entry["threshold"], int)
     json.dumps(entry)
     assert mode.tag == "drq-4x4-f0.3"
     assert DRQMode.from_dict(mode.to_dict()) == mode
     with pytest.raises(ValueError, match="version"):
-        RegionResult.from_dict({**result.to_dict(), "version": 2})
+        RegionResult.from_dict({**result.to_dict(), "version": 1})
 
 
 def test_config_round_trip_and_validation() -> None:
@@ -237,6 +238,46 @@ def test_config_round_trip_and_validation() -> None:
 # ------------------------------------------------------------------------------------------
 # End to end: a DRQ configuration with >= 60% of regions at INT4 keeps the accuracy of the
 # all-INT8 fake-quant model within 1 point on the held-out digits.
+
+
+def test_drq_option_bops_equal_the_multiplications_the_runtime_counts(program, split,
+                                                                     result) -> None:
+    """The solver's DRQ BOPS of every mode and weight width equal the 8x8 / 4x4 multiplications
+    that ``DRQConv2d`` counts from its masks on the same (train) data."""
+    from solver import LayerSpec, Limits, OptionsConfig, build_problem
+    from solver.options import ActivationMode
+
+    train, _ = split
+    layers = find_layers(program.module())
+    convs = {layer.name: layer for layer in layers if layer.kind == "conv2d"}
+    n = len(train)
+    for layer in result.layers:
+        cout, cin, kh, kw = convs[layer.name].weight_shape
+        macs = cout * cin * kh * kw * 8 * 8  # 3x3 convs, padding 1, stride 1 on 8x8 maps
+        modes = [ActivationMode(m.tag, m.expected_bits, m.omega, m.drq_dict())
+                 for m in layer.modes]
+        spec = LayerSpec(layer.name, "conv2d", cout * cin * kh * kw, macs, cout,
+                         math.prod(layer.input_shape), {4: 0.0, 8: 0.0}, {4: 0.0, 8: 0.0},
+                         modes)
+        cfg = OptionsConfig(weight_bits=(4, 8), activation_bits=(4, 8), pin_first=None,
+                            pin_last=None)
+        options = {o.tag: o for o in build_problem([spec], cfg, Limits()).layers[0].options}
+        fractions = set()
+        for mode in layer.modes:
+            settings = result.drq_settings({layer.name: mode})
+            gm = apply_drq(program.module(), layers, settings)
+            with torch.no_grad():
+                gm(*train.args)
+            (mod,) = drq_modules(gm).values()
+            assert mod.macs_high + mod.macs_low == n * macs
+            fractions.add(mod.macs_high / (n * macs))
+            for w in (4, 8):
+                counted = mod.macs_high * w * 8 + mod.macs_low * min(w, 4) * 4
+                assert options[f"w{w}{mode.tag}"].bops * n == pytest.approx(counted, rel=1e-12)
+        # the counts are not one fraction in disguise: the modes differ, and padding taps make
+        # the MAC fraction differ from the region fraction
+        assert len(fractions) > 3
+        assert any(abs(m.mac_fraction - m.fraction_calib) > 1e-3 for m in layer.modes)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from solver.errors import BadConstraintsError
 from solver.hardware import get_profile
 from solver.options import limits_from_constraints, reference_totals
 
-DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "high_bits": 8,
-       "low_bits": 4}
+DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
+       "high_bits": 8, "low_bits": 4}
 
 
 def spec(name: str, params: int = 1001, modes=()) -> LayerSpec:
@@ -77,9 +77,36 @@ def test_drq_modes_give_fractional_options() -> None:
     # at 8-bit weights the insensitive 70% of regions run with W requantised to 4 bits
     o8 = opts["w8drq2x2f0.3"]
     assert o8.omega == pytest.approx(0.3 * 2.0 ** -8 * 1001 + 0.7 * 2.0 ** -4 * 1001 + 0.01)
-    assert o.bops == pytest.approx(1001 * 16 * 4 * 5.2)
+    # sensitive MACs are w x 8, the others min(w, 4) x 4 multiplications
+    assert o.bops == pytest.approx(1001 * 16 * (0.3 * 4 * 8 + 0.7 * 4 * 4))
+    assert o8.bops == pytest.approx(1001 * 16 * (0.3 * 8 * 8 + 0.7 * 4 * 4))
+    assert opts["w8a8"].bops > o8.bops > 1001 * 16 * 4 * 4
+    # size: the stored w-bit codes only (the low-bit weights are derived at load)
+    assert o8.size_bytes == opts["w8a8"].size_bytes and o.size_bytes == opts["w4a8"].size_bytes
     t4 = get_profile("nvidia-t4")
     assert o.latency_ms == pytest.approx(t4.latency_ms(1001 * 16, 1001, 4, 5.2, 500, DRQ))
+    # T4: INT8 at 65e12 MAC/s, INT4 at 130e12; the 70 % low part runs at the INT4 rate even
+    # with 8-bit weights (compute-bound here: 16016 MACs vs ~1.5 kB moved)
+    compute = 1001 * 16 * (0.3 / 65e12 + 0.7 / 130e12)
+    moved = (1001 + 500) / 320e9  # 8-bit weights, input read as INT8 codes
+    assert o8.latency_ms == pytest.approx(max(compute, moved) * 1e3)
+
+
+def test_drq_latency_from_a_table_splits_by_mac_fraction() -> None:
+    mode = ActivationMode("drq2x2f0.3", 8 * 0.3 + 4 * 0.7, 0.01, DRQ)
+    table = {"a": {"w8a8": 2.0, "w4a4": 1.0, "w8a4": 1.5, "w4a8": 1.8}}
+    cfg = OptionsConfig(pin_first=None, pin_last=None, activation_bits=(4, 8),
+                        latency_table=table)
+    opts = {o.tag: o for o in build_problem([spec("a", modes=[mode])], cfg,
+                                            Limits()).layers[0].options}
+    assert opts["w8drq2x2f0.3"].latency_ms == pytest.approx(0.3 * 2.0 + 0.7 * 1.0)
+    assert opts["w4drq2x2f0.3"].latency_ms == pytest.approx(0.3 * 1.8 + 0.7 * 1.0)
+    measured = {"a": {**table["a"], "w8drq2x2f0.3": 1.1, "w4drq2x2f0.3": 0.9}}
+    cfg = OptionsConfig(pin_first=None, pin_last=None, activation_bits=(4, 8),
+                        latency_table=measured)
+    opts = {o.tag: o for o in build_problem([spec("a", modes=[mode])], cfg,
+                                            Limits()).layers[0].options}
+    assert opts["w8drq2x2f0.3"].latency_ms == 1.1  # a measured DRQ entry wins
 
 
 def test_latency_table() -> None:

@@ -19,8 +19,8 @@ from solver import (
 )
 from solver.errors import BadPlanError
 
-DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "high_bits": 8,
-       "low_bits": 4}
+DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
+       "high_bits": 8, "low_bits": 4}
 
 
 def _specs() -> list[LayerSpec]:
@@ -48,7 +48,7 @@ def _plan(limits: Limits) -> dict:
 
 def test_plan_rows_and_round_trip() -> None:
     plan = _plan(Limits(size_bytes=5000.0))
-    assert plan["version"] == 1 and plan["format"] == "bitplan-plan/1"
+    assert plan["version"] == 2 and plan["format"] == "bitplan-plan/2"
     assert plan["status"] == "optimal" and plan["constraints"] == CONSTRAINTS
     rows = {r["name"]: r for r in plan["layers"]}
     assert list(rows) == ["l0", "l1", "l2"]
@@ -66,7 +66,7 @@ def test_infeasible_plan_has_no_rows_and_a_diagnosis() -> None:
 
 
 @pytest.mark.parametrize("mutate, match", [
-    (lambda p: p.update(version=2), "version"),
+    (lambda p: p.update(version=1), "version"),
     (lambda p: p.update(format="other"), "format"),
     (lambda p: p.pop("totals"), "missing keys"),
     (lambda p: p.update(extra=1), "unknown keys"),
@@ -77,6 +77,8 @@ def test_infeasible_plan_has_no_rows_and_a_diagnosis() -> None:
     (lambda p: p["layers"][1].update(name="l0"), "unique"),
     (lambda p: p["layers"][0]["drq"].update(region=[0, 2]), "region"),
     (lambda p: p["layers"][0]["drq"].update(low_bits=2), "low_bits 4"),
+    (lambda p: p["layers"][0]["drq"].update(mac_fraction=1.5), "mac_fraction"),
+    (lambda p: p["layers"][0]["drq"].pop("mac_fraction"), "drq must have exactly"),
     (lambda p: p["model"].pop("macs"), "model"),
     (lambda p: p.update(status="done"), "status"),
     (lambda p: p.update(binding=["energy"]), "binding"),
