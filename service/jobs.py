@@ -45,6 +45,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 )
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 ACTIVE = (QUEUED, RUNNING)
+MAX_SQL_INT = 2**63 - 1
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -205,6 +206,8 @@ class JobStore:
         self, offset: int = 0, limit: int = 50, status: str | None = None
     ) -> tuple[list[Job], int]:
         """(jobs newest first, total count), optionally only those with ``status``."""
+        # SQL integers are 64-bit: an offset past any table's size reads nothing either way.
+        offset, limit = min(max(offset, 0), MAX_SQL_INT), min(max(limit, 0), MAX_SQL_INT)
         with self._session() as s:
             query = select(JobRow)
             count = select(func.count()).select_from(JobRow)
