@@ -77,7 +77,8 @@ class BitplanService:
         upload_dir.mkdir(parents=True)
         try:
             upload = await receive_plan_upload(
-                content_type, content_length, body, upload_dir, self.settings.max_upload_bytes
+                content_type, content_length, body, upload_dir,
+                self.settings.upload_limits, self.settings.max_upload_bytes,
             )
             constraints = parse_constraints(upload.fields["constraints"])
             await run_in_threadpool(
@@ -86,7 +87,7 @@ class BitplanService:
                 upload.files["calibration"],
                 constraints,
                 self.settings.holdout_fraction,
-                self.settings.max_upload_bytes,
+                self.settings.upload_limits["calibration"],
             )
             job = self.store.create(
                 job_id,

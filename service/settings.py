@@ -38,7 +38,20 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     device: str = Field("auto", description='"auto" (CUDA when present), "cpu" or "cuda[:N]"')
-    max_upload_mb: PositiveFloat = Field(200.0, description="whole POST /plan body, MB = 1e6 B")
+    # Upload limits per part of POST /plan, MB = 1e6 bytes. The defaults admit a ResNet-50 .pt2
+    # (~103 MB of fp32 weights) and a ~100M-parameter transformer (~400 MB fp32) with program
+    # overhead, and a few hundred 224x224 fp32 images (256 of them: 154 MB).
+    max_model_mb: PositiveFloat = Field(1000.0, description="the model part (.pt2), MB")
+    max_calibration_mb: PositiveFloat = Field(
+        500.0, description="the calibration part (.safetensors), MB"
+    )
+    max_evaluation_mb: PositiveFloat = Field(
+        500.0, description="the optional evaluation part (.safetensors), MB"
+    )
+    max_upload_mb: PositiveFloat | None = Field(
+        None, description="optional cap on the whole POST /plan body, MB (unset: the sum of "
+        "the part limits)"
+    )
     max_concurrent_jobs: int = Field(1, ge=1, le=64, description="worker threads per worker")
     job_timeout_s: PositiveFloat = Field(3600.0, description="a running job is failed after this")
     heartbeat_interval_s: PositiveFloat = Field(5.0, description="how often a running job beats")
@@ -70,6 +83,11 @@ class Settings(BaseSettings):
             raise ValueError("BITPLAN_API_KEY must be at least 8 characters (or unset)")
         return v
 
+    @field_validator("max_upload_mb", mode="before")
+    @classmethod
+    def _empty_is_no_cap(cls, v: object) -> object:
+        return None if v == "" else v
+
     @field_validator("database_url", "redis_url")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
@@ -94,8 +112,16 @@ class Settings(BaseSettings):
     # Derived values -------------------------------------------------------------------------
 
     @property
-    def max_upload_bytes(self) -> int:
-        return int(math.floor(self.max_upload_mb * 1e6))
+    def upload_limits(self) -> dict[str, int]:
+        """Most bytes of each file part of POST /plan (``BITPLAN_MAX_<PART>_MB``)."""
+        parts = {"model": self.max_model_mb, "calibration": self.max_calibration_mb,
+                 "evaluation": self.max_evaluation_mb}
+        return {part: int(math.floor(mb * 1e6)) for part, mb in parts.items()}
+
+    @property
+    def max_upload_bytes(self) -> int | None:
+        """The optional cap on the whole POST /plan body (``BITPLAN_MAX_UPLOAD_MB``)."""
+        return None if self.max_upload_mb is None else int(math.floor(self.max_upload_mb * 1e6))
 
     @property
     def resolved_database_url(self) -> str:

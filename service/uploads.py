@@ -2,9 +2,11 @@
 
 FastAPI's ``UploadFile`` parameters would spool the whole body before the route runs, so an
 oversize upload would fill the disk first. Here the body is parsed chunk by chunk
-(python-multipart) while counting bytes: a declared ``Content-Length`` above the limit is
-refused before reading anything, and a body that grows past the limit is refused at the chunk
-that crosses it (nothing more is read, the partial files are deleted by the caller).
+(python-multipart) while counting bytes. Each file part has its own limit (``limits``, from
+``BITPLAN_MAX_<PART>_MB``): a part that grows past it is refused at the chunk that crosses it,
+before that chunk is written, with a message naming the part and the setting; nothing more is
+read and the caller deletes the partial files. A declared ``Content-Length`` above what the
+parts may hold together (or above ``max_total``) is refused before reading anything.
 
 File parts are written to fixed names inside the job's directory; the client's file name is
 kept only as metadata, never used as a path.
@@ -13,7 +15,7 @@ kept only as metadata, never used as a path.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -30,9 +32,40 @@ class BadRequestError(BitplanError):
     code = "bad_request"
 
 
-FILE_PARTS = {"model": "model.pt2", "calibration": "calibration.safetensors"}
+@dataclass(frozen=True)
+class FilePart:
+    """A file field of the form: the fixed name it is written to, and whether it must be sent.
+    Its size limit is the setting ``BITPLAN_MAX_<NAME>_MB`` (``limit_setting``)."""
+
+    filename: str
+    required: bool = True
+
+
+FILE_PARTS: dict[str, FilePart] = {
+    "model": FilePart("model.pt2"),
+    "calibration": FilePart("calibration.safetensors"),
+}
 FIELD_PARTS = {"constraints"}
 MAX_FIELD_BYTES = 1_000_000  # a constraints document is small; a latency table at most a few kB
+FORM_OVERHEAD_BYTES = 64_000  # part headers and boundaries, beyond the parts' own bytes
+
+
+def limit_setting(part: str) -> str:
+    """The environment variable that bounds file part ``part``."""
+    return f"BITPLAN_MAX_{part.upper()}_MB"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:g} MB"
+
+
+def _part_too_large(part: str, limit: int) -> TooLargeError:
+    setting = limit_setting(part)
+    return TooLargeError(
+        f"the {part} part is larger than its limit of {_mb(limit)}; raise {setting} "
+        "(MB = 1e6 bytes) on the server to accept it",
+        detail={"part": part, "limit_bytes": limit, "setting": setting},
+    )
 
 
 @dataclass
@@ -53,9 +86,11 @@ def _safe_name(name: str) -> str:
 class _Collector:
     """python-multipart callbacks -> files on disk and small text fields."""
 
-    def __init__(self, dest: Path) -> None:
+    def __init__(self, dest: Path, limits: Mapping[str, int]) -> None:
         self.dest = dest
+        self.limits = limits
         self.result = PlanUpload()
+        self._written = 0
         self._headers: dict[bytes, bytes] = {}
         self._hname = b""
         self._hvalue = b""
@@ -67,6 +102,7 @@ class _Collector:
     def on_part_begin(self) -> None:
         self._headers, self._part, self._file = {}, None, None
         self._field = bytearray()
+        self._written = 0
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._hname += data[start:end]
@@ -84,22 +120,24 @@ class _Collector:
             raise BadRequestError("every multipart part needs Content-Disposition: form-data")
         name = options[b"name"].decode("utf-8", "replace")
         if name not in FILE_PARTS and name not in FIELD_PARTS:
-            raise BadRequestError(
-                f"unexpected form field {name!r}: send model, calibration and constraints"
-            )
+            raise BadRequestError(f"unexpected form field {name!r}: send {_form_fields()}")
         if name in self.result.files or name in self.result.fields:
             raise BadRequestError(f"form field {name!r} was sent twice")
         self._part = name
         if name in FILE_PARTS:
-            path = self.dest / FILE_PARTS[name]
+            path = self.dest / FILE_PARTS[name].filename
             self._file = open(path, "wb")  # noqa: SIM115 - closed in on_part_end / close_all
             self.open_files.append(self._file)
             self.result.files[name] = path
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
-            self.result.filenames[name] = _safe_name(filename) or FILE_PARTS[name]
+            self.result.filenames[name] = _safe_name(filename) or FILE_PARTS[name].filename
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._file is not None:
+            self._written += end - start
+            part = str(self._part)
+            if self._written > self.limits[part]:  # refused before this data is written
+                raise _part_too_large(part, self.limits[part])
             self._file.write(data[start:end])
             return
         self._field += data[start:end]
@@ -121,13 +159,24 @@ class _Collector:
             f.close()
 
 
+def _form_fields() -> str:
+    files = [n if p.required else f"optionally {n}" for n, p in FILE_PARTS.items()]
+    return ", ".join([*files, *sorted(FIELD_PARTS)])
+
+
 def _boundary(content_type: str | None) -> bytes:
     kind, options = parse_options_header(content_type)
     if kind != b"multipart/form-data" or b"boundary" not in options:
-        raise BadRequestError(
-            "POST /plan takes multipart/form-data with fields model, calibration, constraints"
-        )
+        raise BadRequestError(f"POST /plan takes multipart/form-data with fields {_form_fields()}")
     return options[b"boundary"]
+
+
+def body_limit(limits: Mapping[str, int], max_total: int | None = None) -> int:
+    """The most bytes a ``POST /plan`` body may have: what its parts may hold together plus
+    the form's own overhead, or ``max_total`` when that is smaller."""
+    parts = sum(limits[n] for n in FILE_PARTS)
+    bound = parts + MAX_FIELD_BYTES * len(FIELD_PARTS) + FORM_OVERHEAD_BYTES
+    return bound if max_total is None else min(bound, max_total)
 
 
 async def receive_plan_upload(
@@ -135,23 +184,31 @@ async def receive_plan_upload(
     content_length: str | None,
     stream: AsyncIterator[bytes],
     dest: Path,
-    max_bytes: int,
+    limits: Mapping[str, int],
+    max_total: int | None = None,
 ) -> PlanUpload:
     """Parse the multipart ``stream`` into ``dest`` (which must exist).
 
-    Raises TooLargeError once more than ``max_bytes`` arrive (or are announced), and
+    ``limits`` maps each file part to its most bytes; ``max_total`` optionally bounds the whole
+    body (BITPLAN_MAX_UPLOAD_MB). Raises TooLargeError (naming the part and its setting) once a
+    part grows past its limit, or when the body is (or is announced) larger than allowed, and
     BadRequestError for a malformed form or a missing part.
     """
-    limit_text = f"{max_bytes / 1e6:g} MB (BITPLAN_MAX_UPLOAD_MB)"
+    most = body_limit(limits, max_total)
+    if max_total is not None and most == max_total:
+        limit_text = f"{_mb(most)} (BITPLAN_MAX_UPLOAD_MB)"
+    else:
+        limit_text = f"{_mb(most)}, what the parts may hold together (" + ", ".join(
+            f"{n} {_mb(limits[n])}, {limit_setting(n)}" for n in FILE_PARTS) + ")"
     if content_length is not None:
         try:
             declared = int(content_length)
         except ValueError:
             raise BadRequestError("Content-Length is not a number") from None
-        if declared > max_bytes:
+        if declared > most:
             raise TooLargeError(f"the upload is {declared / 1e6:.1f} MB, the limit is {limit_text}")
     boundary = _boundary(content_type)
-    collector = _Collector(dest)
+    collector = _Collector(dest, limits)
     callbacks = {
         name: getattr(collector, name)
         for name in (
@@ -169,7 +226,7 @@ async def receive_plan_upload(
     try:
         async for chunk in stream:
             total += len(chunk)
-            if total > max_bytes:
+            if total > most:
                 raise TooLargeError(f"the upload exceeds the limit of {limit_text}")
             parser.write(chunk)
         parser.finalize()
@@ -179,7 +236,8 @@ async def receive_plan_upload(
         collector.close_all()
     result = collector.result
     result.total_bytes = total
-    missing = [n for n in (*FILE_PARTS, *FIELD_PARTS) if n not in result.files | result.fields]
+    required = [n for n, p in FILE_PARTS.items() if p.required] + sorted(FIELD_PARTS)
+    missing = [n for n in required if n not in result.files | result.fields]
     if missing:
         raise BadRequestError(
             f"missing form field(s): {', '.join(missing)} (POST /plan needs a model .pt2 file, "

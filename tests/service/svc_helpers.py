@@ -142,7 +142,7 @@ class Server:
 def fast_settings(data_dir: Path, **extra: Any) -> Settings:
     """Settings for in-process service tests: quick heartbeats and polls, small uploads."""
     return Settings(data_dir=data_dir, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0,
-                    poll_interval_s=0.1, max_upload_mb=5.0, **extra)
+                    poll_interval_s=0.1, max_model_mb=5.0, max_calibration_mb=5.0, **extra)
 
 
 def run_worker_until_done(api: Server, job_id: str, data_dir: Path, log: Path,

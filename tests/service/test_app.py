@@ -139,7 +139,7 @@ def test_submit_queues_a_job_and_reads_it_back(
     assert job["status"] == "queued" and job["progress"] == 0.0
     assert job["constraints"]["limits"]["size_mb"] == 0.01
     assert job["constraints"]["weight_bits"] == [4, 8]  # defaults filled in
-    assert job["constraints"]["hessian"] == FAST_HESSIAN
+    assert job["constraints"]["hessian"].items() >= FAST_HESSIAN.items()  # + defaults
     assert job["model_name"] == "model.pt2"
     # not ready yet: 409, not 404 / 500
     for what in ("plan", "report", "checkpoint"):
@@ -233,16 +233,6 @@ def test_docs_public_by_setting(tmp_path: Path) -> None:
         assert c.get("/jobs").status_code == 401
     with TestClient(create_app(Settings(data_dir=tmp_path / "b"))) as c:  # no key: public
         assert c.get("/docs").status_code == 200
-
-
-def test_oversize_upload_is_413(tmp_path: Path, good: tuple[bytes, bytes]) -> None:
-    settings = Settings(data_dir=tmp_path, max_upload_mb=0.05)
-    big = b"\0" * 60_000
-    with TestClient(create_app(settings)) as c:
-        r = post_plan(c, big, good[1], constraints())
-        assert r.status_code == 413
-        assert "BITPLAN_MAX_UPLOAD_MB" in r.json()["error"]["message"]
-        assert list((tmp_path / "jobs").iterdir()) == []
 
 
 def test_openapi_documents_the_form(client: TestClient) -> None:
