@@ -1,7 +1,8 @@
 """The user's ``torch.export`` program: loading it safely and rewriting it to what the model
 computes after ``model.eval()``.
 
-The model goes through ``torch.export.load`` only, after checking it is a pt2 zip archive, so no
+The model goes through ``torch.export.load`` only, after checking it is a pt2 zip archive, and
+inside ``nopickle.refuse_pickles`` (torch would unpickle some archive payloads in full), so no
 user pickle is ever handed to anything.
 
 Training-mode exports: a program exported from a model in ``train()`` mode computes BatchNorm
@@ -27,6 +28,8 @@ import torch
 from torch import fx
 
 from solver.errors import BadModelError
+
+from .nopickle import refuse_pickles
 
 aten = torch.ops.aten
 
@@ -94,7 +97,8 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
         level = export_log.level
         export_log.setLevel(logging.ERROR)  # torch logs a traceback before raising; ours is enough
         try:
-            program = torch.export.load(str(path))
+            with refuse_pickles():  # torch.export.load would unpickle some payloads
+                program = torch.export.load(str(path))
         except Exception as exc:  # torch raises many types for a damaged archive
             raise BadModelError(
                 f"could not load {path.name!r} as a torch.export program "
@@ -120,6 +124,7 @@ def decompose_sdpa(program: torch.export.ExportedProgram) -> torch.export.Export
     table = torch.export.default_decompositions()
     for op in _KEEP_OPS:
         table.pop(op, None)
+    _views_to_reshapes(program)
     try:
         return program.run_decompositions(table)
     except Exception as exc:
@@ -127,6 +132,25 @@ def decompose_sdpa(program: torch.export.ExportedProgram) -> torch.export.Export
             f"the model uses scaled_dot_product_attention and could not be decomposed for "
             f"Hessian products ({type(exc).__name__}: {str(exc)[:200]})."
         ) from None
+
+
+def _views_to_reshapes(program: torch.export.ExportedProgram) -> None:
+    """``view`` -> ``reshape`` in a graph without in-place ops (where the two compute the same).
+
+    The decomposed attention's output has other strides than the fused kernel's, so a
+    ``view`` traced after the kernel (GPT-2 merges heads with ``view``) can fail on
+    re-tracing; ``reshape`` copies where a view is impossible."""
+    nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+    names = [str(getattr(n.target, "_opname", "")) for n in nodes]
+    if any(m.endswith("_") and not m.endswith("__") for m in names):  # in place (not __and__)
+        return
+    changed = False
+    for n in nodes:
+        if n.target == aten.view.default:
+            n.target = aten.reshape.default
+            changed = True
+    if changed:
+        program.graph_module.recompile()
 
 
 def _is_buffer_ref(node: Any, buffers: set[str]) -> bool:
