@@ -193,7 +193,8 @@ def model_mutations(model: bytes, marker: Path, seed: int = 0) -> list[tuple[str
     heads = _header_offsets(model)
     while len(out) < 85:
         at = rng.choice(heads)
-        out.append((f"zip header flip near {at}", _flip(model, rng, at, at + 46, rng.randint(1, 3))))
+        flipped = _flip(model, rng, at, at + 46, rng.randint(1, 3))
+        out.append((f"zip header flip near {at}", flipped))
     while len(out) < N_MODEL:
         out.append(("flip anywhere", _flip(model, rng, 0, len(model), rng.randint(1, 8))))
     return out
