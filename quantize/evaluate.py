@@ -8,14 +8,41 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .data import CalibrationSet, run_batch
+from .data import Batch, CalibrationSet, run_batch
 
 ProgressFn = Callable[[str, float], None]
+
+
+IGNORE_INDEX = -100  # a per-token label that is not scored
 
 
 def _flat(out: torch.Tensor) -> torch.Tensor:
     """[N, ...] -> [N, K] float64 (K = classes for logits)."""
     return out.detach().to(torch.float64).reshape(out.shape[0], -1)
+
+
+def _rows(out: torch.Tensor) -> torch.Tensor:
+    """The rows that are one softmax each: [N, C] as is, [N, T, V] logits as [N * T, V]
+    (one row per token), anything else flattened per sample."""
+    if out.dim() == 3:
+        return out.detach().to(torch.float64).reshape(-1, out.shape[-1])
+    return _flat(out)
+
+
+def _token_ids(batch: Batch, token_input: str | int | None) -> torch.Tensor | None:
+    if token_input is None:
+        return None
+    if isinstance(token_input, int):
+        return batch.args[token_input][: batch.size]
+    return batch.kwargs[token_input][: batch.size]
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) of [..., V] logits at ``targets``."""
+    rows, t = logits.reshape(-1, logits.shape[-1]).to(torch.float64), targets.reshape(-1)
+    keep = t != IGNORE_INDEX
+    nll = torch.nn.functional.cross_entropy(rows[keep], t[keep], reduction="sum")
+    return float(nll), int(keep.sum())
 
 
 def evaluate(
@@ -27,6 +54,7 @@ def evaluate(
     fixed: bool = False,
     device: torch.device | None = None,
     progress: ProgressFn | None = None,
+    token_input: str | int | None = None,
 ) -> dict:
     """Metrics of ``quant_module`` against ``fp32_module`` on ``holdout``.
 
@@ -36,41 +64,76 @@ def evaluate(
     dim); ``sqnr_db`` (10 log10 of signal over quantization-noise energy of the outputs; None
     when the outputs are identical) and ``output_mse``. With ``fixed`` every batch has exactly
     ``batch_size`` rows (padded), for programs exported with a fixed batch size.
+
+    Language models ([N, T, V] logits): agreement, KL and accuracy are per token (mean over
+    tokens); ``fp32_perplexity`` / ``quant_perplexity`` are exp of the mean token NLL, at the
+    ``[N, T]`` labels (``IGNORE_INDEX`` not scored) or, without labels, at the next token of the
+    integer input ``token_input`` (a keyword name or a positional index). ``cosine_mean`` is
+    the mean cosine similarity of quantized to FP32 outputs for [N, D] outputs (embeddings);
+    these three are None where they do not apply.
     """
     device = device or torch.device("cpu")
-    n = correct_f = correct_q = agree = 0
-    kl_sum = signal = noise = 0.0
+    n = rows_seen = correct_f = correct_q = scored = agree = 0
+    kl_sum = signal = noise = cos_sum = 0.0
+    nll_f = nll_q = 0.0
+    nll_tokens = 0
     labels = holdout.labels is not None
     n_batches = max(1, math.ceil(len(holdout) / batch_size))
+    per_sample = 1
+    out_dim = 0
     with torch.no_grad():
         for i, batch in enumerate(holdout.batches(batch_size, fixed=fixed)):
             batch = batch.to(device)
-            f = _flat(run_batch(fp32_module, batch))
-            q = _flat(run_batch(quant_module, batch))
+            fo, qo = run_batch(fp32_module, batch), run_batch(quant_module, batch)
+            out_dim = fo.dim()
+            f, q = _rows(fo), _rows(qo)
+            per_sample = f.shape[0] // batch.size
             n += batch.size
+            rows_seen += f.shape[0]
             top_f, top_q = f.argmax(dim=1), q.argmax(dim=1)
             agree += int((top_f == top_q).sum())
             if labels:
                 y = batch.labels[: batch.size].reshape(-1)
-                correct_f += int((top_f == y).sum())
-                correct_q += int((top_q == y).sum())
+                keep = y != IGNORE_INDEX
+                correct_f += int((top_f == y)[keep].sum())
+                correct_q += int((top_q == y)[keep].sum())
+                scored += int(keep.sum())
             logp, logq = torch.log_softmax(f, dim=1), torch.log_softmax(q, dim=1)
             kl_sum += float((logp.exp() * (logp - logq)).sum())
             signal += float(f.pow(2).sum())
             noise += float((f - q).pow(2).sum())
+            if out_dim == 2:
+                cos_sum += float(torch.nn.functional.cosine_similarity(f, q, dim=1).sum())
+            if out_dim == 3:
+                ids = _token_ids(batch, token_input)
+                if labels:
+                    targets, lf, lq = batch.labels[: batch.size], fo, qo
+                elif ids is not None:
+                    targets, lf, lq = ids[:, 1:], fo[:, :-1], qo[:, :-1]
+                else:
+                    targets = None
+                if targets is not None:
+                    a, tokens = _nll(lf, targets)
+                    nll_f += a
+                    nll_q += _nll(lq, targets)[0]
+                    nll_tokens += tokens
             if progress is not None:
                 progress("evaluate", (i + 1) / n_batches)
-    fp32_acc = correct_f / n if labels else None
-    quant_acc = correct_q / n if labels else None
-    numel = n * (f.shape[1] if n else 1)
+    fp32_acc = correct_f / max(scored, 1) if labels else None
+    quant_acc = correct_q / max(scored, 1) if labels else None
+    numel = rows_seen * (f.shape[1] if n else 1)
     return {
         "samples": n,
         "labelled": labels,
         "fp32_accuracy": fp32_acc,
         "quant_accuracy": quant_acc,
         "accuracy_drop": None if not labels else fp32_acc - quant_acc,
-        "top1_agreement": agree / n,
-        "kl_mean": kl_sum / n,
+        "top1_agreement": agree / max(rows_seen, 1),
+        "kl_mean": kl_sum / max(rows_seen, 1),
         "sqnr_db": None if noise == 0.0 else 10.0 * math.log10(max(signal, 1e-300) / noise),
         "output_mse": noise / max(numel, 1),
+        "tokens_per_sample": per_sample if out_dim == 3 else None,
+        "fp32_perplexity": math.exp(nll_f / nll_tokens) if nll_tokens else None,
+        "quant_perplexity": math.exp(nll_q / nll_tokens) if nll_tokens else None,
+        "cosine_mean": cos_sum / n if out_dim == 2 and n else None,
     }

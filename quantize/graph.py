@@ -8,6 +8,13 @@ tables and checkpoints use.
 
 To act on a layer's input (activation quantization, activation-Hessian probes, DRQ), a small
 ``nn.Module`` is inserted as a ``call_module`` node between the input and the op.
+
+A matrix product with a parameter, ``x @ W (+ b)`` with ``W`` stored ``[in, out]`` (GPT-2's
+``Conv1D`` is ``addmm(b, x, W)``; also ``mm`` / ``matmul``), is a linear layer too:
+``find_layers`` first rewrites it in place to ``aten.linear(x, W^T, b)`` with ``W^T`` stored under
+``W``'s own FQN (``canonical_linears``), so every later stage sees a linear layer whose output
+channels are axis 0, as for ``nn.Linear``. Every consumer builds its module from the program
+and calls ``find_layers``, so sensitivity, checkpoint, fake-quant and the integer model agree.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class GraphLayer:
     bn: str | None = None  # FQN prefix of the BatchNorm applied directly to the output
     bn_eps: float | None = None
     bn_training: bool = False  # the BN node was exported in training mode
+    transposed: bool = False  # the model stores the weight [in, out] (a Conv1D / x @ W)
 
 
 def _attr_target(node: object) -> str | None:
@@ -134,11 +142,80 @@ def _following_bn(node: fx.Node) -> tuple[str | None, float | None, bool]:
     return weight[: -len(".weight")], float(user.args[eps_index]), training
 
 
+# x @ W (+ b) ops: (input position, weight position, bias position or None)
+_MATMUL_OPS = {aten.addmm.default: (1, 2, 0), aten.mm.default: (0, 1, None),
+               aten.matmul.default: (0, 1, None)}
+TRANSPOSED = "bitplan_transposed"  # node.meta key of a linear rewritten from x @ W
+
+
+def _attr_uses(gm: fx.GraphModule) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            uses[str(n.target)] = uses.get(str(n.target), 0) + len(n.users)
+    return uses
+
+
+def _matmul_parts(node: fx.Node, params: Mapping[str, torch.Tensor],
+                  uses: Mapping[str, int]) -> tuple[fx.Node, str, object] | None:
+    """(input, weight FQN, bias node or None) of an ``x @ W (+ b)`` with a 2-D parameter
+    ``W`` read by this op alone (a tied weight, e.g. an embedding, is left as it is)."""
+    if node.op != "call_function" or node.target not in _MATMUL_OPS:
+        return None
+    i_x, i_w, i_b = _MATMUL_OPS[node.target]
+    if len(node.args) <= i_w or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    weight = _attr_target(node.args[i_w])
+    if weight is None or weight not in params or params[weight].dim() != 2:
+        return None
+    if uses.get(weight, 0) != 1 or not isinstance(node.args[i_x], fx.Node):
+        return None
+    bias = node.args[i_b] if i_b is not None else None
+    if bias is not None:
+        b = _attr_target(bias)
+        if b is None or b not in params or tuple(params[b].shape) != (params[weight].shape[1],):
+            return None
+    return node.args[i_x], weight, bias
+
+
+def canonical_linears(gm: fx.GraphModule) -> list[str]:
+    """Rewrite every ``x @ W (+ b)`` with a parameter ``W [in, out]`` read by that op alone to
+    ``aten.linear(x, W^T, b)``, in place, storing ``W^T`` (contiguous) under ``W``'s FQN.
+    Returns the weight FQNs rewritten (idempotent: a second call finds none)."""
+    params = dict(gm.named_parameters())
+    uses = _attr_uses(gm)
+    done: list[str] = []
+    for node in list(gm.graph.nodes):
+        parts = _matmul_parts(node, params, uses)
+        if parts is None:
+            continue
+        x, weight, bias = parts
+        owner, _, leaf = weight.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        old = params[weight]
+        setattr(module, leaf, nn.Parameter(old.detach().t().contiguous(),
+                                           requires_grad=old.requires_grad))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(aten.linear.default, (x, node.args[
+                _MATMUL_OPS[node.target][1]], bias))
+        new.meta = {**node.meta, TRANSPOSED: True}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        done.append(weight)
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
 def find_layers(gm: fx.GraphModule) -> list[GraphLayer]:
     """All Conv1d/Conv2d/Linear ops of ``gm`` in graph order, with the BN that follows each.
 
-    A weight used by several ops (weight sharing) is reported once, at its first use.
+    Matrix products with a parameter are first rewritten to linear ops, in place (see
+    :func:`canonical_linears`). A weight used by several ops (weight sharing) is reported once,
+    at its first use.
     """
+    canonical_linears(gm)
     params = dict(gm.named_parameters())
     layers: list[GraphLayer] = []
     seen: set[str] = set()
@@ -147,6 +224,8 @@ def find_layers(gm: fx.GraphModule) -> list[GraphLayer]:
         if layer is None or layer.weight in seen:
             continue
         seen.add(layer.weight)
+        if node.meta.get(TRANSPOSED):
+            layer = GraphLayer(**{**layer.__dict__, "transposed": True})
         bn, eps, training = _following_bn(node)
         if bn is not None:
             layer = GraphLayer(

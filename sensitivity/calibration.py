@@ -20,13 +20,17 @@ from solver.errors import BadCalibrationError, TooLargeError
 HOW_TO_CALIBRATE = (
     "Write the calibration file with safetensors: "
     "`safetensors.torch.save_file({'inputs': x, 'labels': y}, 'calib.safetensors')` where x is "
-    "[N, ...] float (N >= 2 samples) and y (optional) is int64 [N]; a model with several inputs "
-    "uses one 'input.<argument name>' tensor per forward argument instead of 'inputs'."
+    "[N, ...] (N >= 2 samples; float, or integer/bool where the model's input is, e.g. token "
+    "ids) and y (optional) is int64 [N] (or [N, T] per-token targets, -100 = ignored); a model "
+    "with several inputs uses one 'input.<argument name>' tensor per forward argument instead "
+    "of 'inputs'."
 )
 
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                 "F64": torch.float64}
 INT_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
+INPUT_DTYPES = {*FLOAT_DTYPES, *INT_DTYPES, "BOOL"}  # model inputs: float, ids, masks
+IGNORE_INDEX = -100  # a per-token label that is not scored (the Hugging Face convention)
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8,
                 "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -83,8 +87,10 @@ def load_calibration(path: str | Path, max_bytes: int | None = None) -> Calibrat
     """Read and validate a calibration ``.safetensors`` file.
 
     Tensors: ``inputs`` (one positional model input, [N, ...]) or ``input.<name>`` (one per
-    forward argument), optional ``labels`` (integer [N], returned as int64). Inputs must be
-    floating point and finite; all tensors share N >= 2. ``max_bytes`` bounds the tensor data,
+    forward argument), optional ``labels`` (integer [N] class indices, or [N, T] per-token targets
+    where ``IGNORE_INDEX`` is not scored; returned as int64). Inputs are floating point (and
+    finite), integer or bool; whether each fits the model's input is checked by
+    ``inputs.bind_inputs``. All tensors share N >= 2. ``max_bytes`` bounds the tensor data,
     checked from the header before anything is loaded.
 
     Raises:
@@ -121,10 +127,10 @@ def load_calibration(path: str | Path, max_bytes: int | None = None) -> Calibrat
     if "inputs" not in names and not keyword:
         raise BadCalibrationError("the file has no 'inputs' tensor. " + HOW_TO_CALIBRATE)
     for name in ["inputs", *keyword]:
-        if name in header and header[name]["dtype"] not in FLOAT_DTYPES:
+        if name in header and header[name]["dtype"] not in INPUT_DTYPES:
             raise BadCalibrationError(
                 f"tensor {name!r} has dtype {header[name]['dtype']}; model inputs must be "
-                "floating point (float32). " + HOW_TO_CALIBRATE
+                "floating point, integer or bool, as the model's input is. " + HOW_TO_CALIBRATE
             )
         if name in header and len(header[name]["shape"]) < 1:
             raise BadCalibrationError(
@@ -132,10 +138,11 @@ def load_calibration(path: str | Path, max_bytes: int | None = None) -> Calibrat
             )
     if "labels" in header:
         lab = header["labels"]
-        if lab["dtype"] not in INT_DTYPES or len(lab["shape"]) != 1:
+        if lab["dtype"] not in INT_DTYPES or len(lab["shape"]) not in (1, 2):
             raise BadCalibrationError(
                 f"tensor 'labels' has dtype {lab['dtype']} and shape {lab['shape']}; it must be "
-                "int64 class indices of shape [N]. " + HOW_TO_CALIBRATE
+                "int64 class indices of shape [N] (or per-token targets [N, T]). "
+                + HOW_TO_CALIBRATE
             )
     counts = {name: int(e["shape"][0]) for name, e in header.items()}
     if len(set(counts.values())) != 1:
@@ -155,7 +162,7 @@ def load_calibration(path: str | Path, max_bytes: int | None = None) -> Calibrat
             f"could not read {path.name!r} ({str(exc)[:200]}). " + HOW_TO_CALIBRATE
         ) from None
     for name, t in tensors.items():
-        if name != "labels" and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise BadCalibrationError(
                 f"tensor {name!r} has {bad} NaN/Inf value(s); remove or replace those samples."
@@ -163,8 +170,14 @@ def load_calibration(path: str | Path, max_bytes: int | None = None) -> Calibrat
     labels = tensors.get("labels")
     if labels is not None:
         labels = labels.to(torch.int64)
-        if int(labels.min()) < 0:
-            raise BadCalibrationError("tensor 'labels' has negative values; use class indices.")
+        lowest = IGNORE_INDEX if labels.dim() == 2 else 0
+        if int(labels.min()) < 0 and not bool(((labels >= 0) | (labels == lowest)).all()):
+            raise BadCalibrationError(
+                "tensor 'labels' has negative values; use class indices"
+                + (f" ({IGNORE_INDEX} marks a token that is not scored)." if lowest else ".")
+            )
+        if bool((labels == IGNORE_INDEX).all()):
+            raise BadCalibrationError(f"every label is {IGNORE_INDEX} (ignored); nothing to score.")
     if "inputs" in tensors:
         return CalibrationSet((tensors["inputs"],), {}, labels)
     return CalibrationSet((), {k[len("input."):]: tensors[k] for k in keyword}, labels)

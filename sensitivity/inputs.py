@@ -1,5 +1,9 @@
 """Binding the calibration tensors to the program's forward arguments: names, per-sample shapes,
 dtypes and a fixed export batch size, checked against the placeholders' recorded metadata.
+
+Integer and bool inputs (token ids, attention masks, token types, positions) are fed as they
+are: never cast to float. Their dtype must be the program's, and an input that indexes an
+embedding table must hold ids in ``[0, rows)`` of that table.
 """
 
 from __future__ import annotations
@@ -80,8 +84,7 @@ def bind_inputs(program: torch.export.ExportedProgram, gm: fx.GraphModule,
             )
         if isinstance(val.shape[0], int):
             batch_sizes.add(int(val.shape[0]))
-        if val.dtype.is_floating_point and t.dtype != val.dtype:
-            given[name] = t.to(val.dtype)
+        given[name] = _fit_dtype(tensor_name, t, val.dtype)
     batch = None
     if batch_sizes:
         if len(batch_sizes) > 1:
@@ -91,6 +94,80 @@ def bind_inputs(program: torch.export.ExportedProgram, gm: fx.GraphModule,
     kwargs = {n: given[n] for n in kw}
     return CalibrationSet(args, kwargs, calib.labels), batch
 
+
+
+def _fit_dtype(tensor_name: str, t: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+    """Float data is cast between float dtypes; integer and bool data must match exactly."""
+    if want.is_floating_point and t.is_floating_point():
+        return t.to(want) if t.dtype != want else t
+    if t.dtype != want:
+        raise BadCalibrationError(
+            f"tensor {tensor_name!r} has dtype {_dtype_name(t.dtype)}; the model's input takes "
+            f"{_dtype_name(want)}. Write it as {_dtype_name(want)} (token ids and masks are fed "
+            "as they are, never cast)."
+        )
+    return t
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+_INDEX_PASS = {"view", "reshape", "_unsafe_view", "clone", "contiguous", "_to_copy", "to",
+               "alias", "unsqueeze", "squeeze", "expand"}
+
+
+def embedding_inputs(gm: fx.GraphModule) -> dict[str, tuple[str, int]]:
+    """Placeholder name -> (embedding table FQN, rows) for the inputs whose values index an
+    ``aten.embedding`` table (directly or through reshapes); the smallest table wins."""
+    params = dict(gm.named_parameters())
+    params.update(dict(gm.named_buffers()))
+    found: dict[str, tuple[str, int]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
+            continue
+        table, idx = node.args[0], node.args[1]
+        if not (isinstance(table, fx.Node) and table.op == "get_attr"):
+            continue
+        while (isinstance(idx, fx.Node) and idx.op == "call_function"
+               and getattr(idx.target, "_opname", None) in _INDEX_PASS):
+            idx = idx.args[0]
+        if not (isinstance(idx, fx.Node) and idx.op == "placeholder"):
+            continue
+        weight = params.get(str(table.target))
+        if weight is None:
+            continue
+        rows = int(weight.shape[0])
+        if idx.name not in found or rows < found[idx.name][1]:
+            found[idx.name] = (str(table.target), rows)
+    return found
+
+
+def check_id_ranges(gm: fx.GraphModule, calib: CalibrationSet) -> dict[str, int]:
+    """Check that every input indexing an embedding holds ids in ``[0, rows)``; returns
+    {input name: rows}. ``calib`` is bound (``bind_inputs``): keyword names are the graph's.
+
+    Raises:
+        BadCalibrationError: naming the tensor, the range found and the range allowed.
+    """
+    tables = embedding_inputs(gm)
+    order = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    named = dict(zip(order, calib.args, strict=False)) | dict(calib.kwargs)
+    single = len(calib.args) == 1 and not calib.kwargs
+    out: dict[str, int] = {}
+    for name, (table, rows) in tables.items():
+        t = named.get(name)
+        if t is None or t.is_floating_point() or t.dtype == torch.bool:
+            continue
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= rows:
+            tensor_name = "inputs" if single else f"input.{name}"
+            raise BadCalibrationError(
+                f"tensor {tensor_name!r} holds ids in [{lo}, {hi}] but it indexes the embedding "
+                f"{table!r} of {rows} rows: ids must lie in [0, {rows - 1}]."
+            )
+        out[name] = rows
+    return out
 
 
 def positional(calib: CalibrationSet, gm: fx.GraphModule) -> CalibrationSet:

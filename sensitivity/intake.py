@@ -23,8 +23,8 @@ from quantize.graph import find_layers
 from solver.errors import BadCalibrationError, BadModelError
 
 from .calibration import HOW_TO_CALIBRATE, load_calibration
-from .inputs import bind_inputs, positional
-from .layers import LayerInfo, layer_table
+from .inputs import bind_inputs, check_id_ranges, positional
+from .layers import LayerInfo, float_params, layer_table
 from .program import HOW_TO_EXPORT, decompose_sdpa, load_program, to_eval_semantics, uses_sdpa
 
 __all__ = [
@@ -68,11 +68,15 @@ class Intake:
     layers: list[LayerInfo]
     train: CalibrationSet
     holdout: CalibrationSet
-    loss_kind: str  # "cross_entropy" | "kl" | "mse"
+    loss_kind: str  # "cross_entropy" | "kl" | "mse" (over the last dim; see _loss_kind)
     output_shape: tuple[int, ...] = ()  # per sample
     rewrites: list[str] = field(default_factory=list)
     decomposed: bool = False
     name: str = "model"
+    # a language model's token-id input ([N, T, V] logits over its vocabulary): the keyword
+    # name in ``train.kwargs``, or the index in ``train.args``; None for other models
+    token_input: str | int | None = None
+    float_params: list[dict[str, Any]] = field(default_factory=list)  # see layers.float_params
 
     def summary(self) -> dict[str, Any]:
         """The ``model`` block of sensitivity / plan JSON."""
@@ -87,6 +91,8 @@ class Intake:
             "calibration": {"train": len(self.train), "holdout": len(self.holdout)},
             "rewrites": list(self.rewrites),
             "decomposed_attention": self.decomposed,
+            "token_input": self.token_input,
+            "float_params": list(self.float_params),
         }
 
     def chunk_size(self, requested: int | None) -> int:
@@ -127,26 +133,52 @@ def intake(
         )
     calib, batch_size = bind_inputs(program, gm, calib)
     infos, out_shape, out = layer_table(gm, layers, positional(calib, gm), batch_size)
-    if calib.labels is not None:
-        if out.dim() != 2:
-            raise BadCalibrationError(
-                f"'labels' were given but the model's output has shape {list(out.shape)}, not "
-                "[N, classes]; drop the labels to use the label-free loss."
-            )
-        classes = int(out.shape[1])
-        if int(calib.labels.max()) >= classes:
-            raise BadCalibrationError(
-                f"tensor 'labels' has class index {int(calib.labels.max())} but the model has "
-                f"{classes} outputs; labels must be in [0, {classes - 1}]."
-            )
-        loss_kind = "cross_entropy"
-    else:
-        loss_kind = "kl" if out.dim() == 2 else "mse"
+    id_rows = check_id_ranges(gm, calib)
+    loss_kind, token_input = _loss_kind(out, calib.labels, id_rows)
+    if token_input is not None and token_input not in calib.kwargs:
+        order = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+        token_input = order.index(token_input)  # positional: its index in the args
     train, holdout = calib.split(cfg.holdout_fraction, cfg.seed)
     if rewrites:
         log.info("training-mode export rewritten to eval semantics: %s", rewrites)
     return Intake(
         program=program, module=gm, batch_size=batch_size, layers=infos, train=train,
         holdout=holdout, loss_kind=loss_kind, output_shape=out_shape, rewrites=rewrites,
-        decomposed=decomposed, name=Path(model_path).name,
+        decomposed=decomposed, name=Path(model_path).name, token_input=token_input,
+        float_params=float_params(gm, layers),
     )
+
+
+def _loss_kind(out: torch.Tensor, labels: torch.Tensor | None,
+               id_rows: dict[str, int]) -> tuple[str, str | int | None]:
+    """(loss kind, the token-id input scored by next-token perplexity or None).
+
+    Labels [N] with [N, classes] outputs, or [N, T] with [N, T, classes] logits: cross-entropy.
+    Without labels: KL to the FP32 softmax over the last dimension (mean over samples, or over
+    tokens for [N, T, V] logits, recognised by an integer input indexing an embedding of V
+    rows), else MSE to the FP32 outputs.
+    """
+    if labels is not None:
+        want = list(out.shape[:-1])
+        if out.dim() not in (2, 3) or list(labels.shape[1:]) != want[1:]:
+            raise BadCalibrationError(
+                f"'labels' of shape {list(labels.shape)} do not fit the model's output "
+                f"{list(out.shape)}: give [N] class indices for [N, classes] outputs or [N, T] "
+                "token targets for [N, T, classes] logits, or drop the labels to use the "
+                "label-free loss."
+            )
+        classes = int(out.shape[-1])
+        if int(labels.max()) >= classes:
+            raise BadCalibrationError(
+                f"tensor 'labels' has class index {int(labels.max())} but the model has "
+                f"{classes} outputs; labels must be in [0, {classes - 1}]."
+            )
+        return "cross_entropy", None
+    if out.dim() == 2:
+        return "kl", None
+    if out.dim() == 3:
+        vocab = int(out.shape[-1])
+        token = next((name for name, rows in id_rows.items() if rows == vocab), None)
+        if token is not None:
+            return "kl", token
+    return "mse", None

@@ -104,3 +104,49 @@ def layer_table(gm: fx.GraphModule, layers: list[GraphLayer], calib: Calibration
             out_channels=w[0], bn=layer.bn, graph=layer,
         ))
     return infos, tuple(out.shape[1:]), out
+
+
+FLOAT_SHARE_LISTED = 0.01  # a parameter left in float is listed from 1 % of all parameters
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(getattr(node.target, "_opname", getattr(node.target, "__name__", node.target)))
+
+
+def float_params(gm: fx.GraphModule, layers: list[GraphLayer]) -> list[dict[str, Any]]:
+    """The parameters that stay in floating point, from ``FLOAT_SHARE_LISTED`` of the model's
+    parameters up, largest first: ``{name, op, params, share}`` with ``op`` the aten op that
+    reads it in float (``embedding`` for token tables, which stay in floating point by design).
+    A table tied to a quantized layer (GPT-2's ``wte`` / ``lm_head``) is listed for its float
+    use, with ``tied_to`` naming the layer that quantizes its other use."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    params = dict(gm.named_parameters())
+    fqn_id = {name: i for i, names in by_id.items() for name in names}
+    layer_of = {fqn_id[w]: layer.name for layer in layers
+                for w in (layer.weight, layer.bias) if w in fqn_id}
+    layer_nodes = {layer.node for layer in layers}
+    float_ops: dict[int, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or str(node.target) not in fqn_id:
+            continue
+        users = [u for u in node.users if u.op == "call_function" and u.name not in layer_nodes]
+        if users:
+            float_ops.setdefault(fqn_id[str(node.target)], _op_name(users[0]))
+    read = {fqn_id[str(n.target)] for n in gm.graph.nodes
+            if n.op == "get_attr" and str(n.target) in fqn_id}
+    params = {name: p for name, p in params.items() if id(p) in read}  # unread aliases dropped
+    total = sum(int(p.numel()) for p in params.values()) or 1
+    out = []
+    for name, p in params.items():
+        share = int(p.numel()) / total
+        key = id(p)
+        if share < FLOAT_SHARE_LISTED or key not in float_ops:
+            continue
+        row = {"name": name, "op": float_ops[key], "params": int(p.numel()),
+               "share": round(share, 4)}
+        if key in layer_of:
+            row["tied_to"] = layer_of[key]
+        out.append(row)
+    return sorted(out, key=lambda d: -d["params"])

@@ -145,8 +145,11 @@ def shared_input_ties(module: torch.fx.GraphModule, layers: Sequence[Any]) -> li
     return ties
 
 
-def model_summary(program: torch.export.ExportedProgram, layers: Sequence[Any]) -> dict[str, Any]:
-    """The plan's ``model`` block: layer count, parameters (all / in quantized layers), MACs."""
+def model_summary(program: torch.export.ExportedProgram, layers: Sequence[Any],
+                  float_params: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The plan's ``model`` block: layer count, parameters (all / in quantized layers), MACs,
+    and the parameter-heavy tensors that stay in floating point (``float_params``, from the
+    intake: embeddings by design, and any op bitplan cannot quantize)."""
     total = sum(int(p.numel()) for p in program.state_dict.values() if p.is_floating_point())
     quantized = sum(int(layer.params) for layer in layers)
     return {
@@ -155,6 +158,7 @@ def model_summary(program: torch.export.ExportedProgram, layers: Sequence[Any]) 
         "macs": sum(int(layer.macs) for layer in layers),
         "quantized_params": quantized,
         "other_params": max(total - quantized, 0),
+        "float_params": [dict(f) for f in float_params],
     }
 
 
@@ -289,7 +293,7 @@ def run_pipeline(
         solution,
         specs,
         constraints.to_dict(),
-        model_summary(intake.program, intake.layers),
+        model_summary(intake.program, intake.layers, intake.float_params),
     )
     _write_json(out / PLAN_FILE, plan)
     if not solution.choices:
@@ -307,6 +311,7 @@ def run_pipeline(
         batch_size=intake.batch_size,
         device=device,
         progress=tick,
+        token_input=intake.token_input,
     )
     tick.check()
     result.save(out / CHECKPOINT_FILE)  # writes report.json beside it
