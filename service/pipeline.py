@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +28,16 @@ import torch
 
 from solver.errors import CancelledError, InfeasibleError
 
+from .cache import StageCache, stage_key
 from .constraints import Constraints, parse_constraints
+from .errors import storage_error
 from .progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
 STAGES = ("intake", "sensitivity", "regions", "solve", "quantize", "evaluate")
 PLAN_FILE, CHECKPOINT_FILE, REPORT_FILE = "plan.json", "model.safetensors", "report.json"
+PARETO_FILE, PLOTS_DIR = "pareto.json", "plots"
 SENSITIVITY_FILE, REGIONS_FILE, PROBLEM_FILE, SOLUTION_FILE = (
     "sensitivity.json",
     "regions.json",
@@ -53,6 +58,7 @@ class PipelineResult:
     plan: dict[str, Any]
     report: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)  # stages taken from the cache
 
     @property
     def plan_path(self) -> Path:
@@ -87,6 +93,7 @@ class PipelineResult:
             if self.checkpoint_path.is_file()
             else None,
             "seconds": self.seconds,
+            "reused": self.reused,
         }
 
 
@@ -179,7 +186,9 @@ def _layer_specs(
                 calibrated = None
             if calibrated is not None:
                 modes = [
-                    ActivationMode(m.tag, float(m.expected_bits), float(m.omega), m.drq_dict())
+                    ActivationMode(
+                        m.tag, float(m.expected_bits), float(m.omega), calibrated.drq_dict(m)
+                    )
                     for m in calibrated.modes
                 ]
         specs.append(
@@ -192,6 +201,8 @@ def _layer_specs(
                 input_numel=int(layer.input_numel),
                 omega_w={int(b): float(v) for b, v in s.omega_w.items()},
                 omega_a={int(b): float(v) for b, v in s.omega_a.items()},
+                omega_wg={int(g): {int(b): float(v) for b, v in t.items()}
+                          for g, t in s.omega_wg.items()},
                 activation_modes=modes,
                 weight_trace=float(s.weight_trace) if s.weight_trace is not None else None,
             )
@@ -200,7 +211,37 @@ def _layer_specs(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    _write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``path`` whole or not at all (a temporary name beside it, then ``os.replace``), so
+    no half-written artifact is ever served; a full disk is a StorageError."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(exc, path.name) or exc from None
+
+
+def _save_checkpoint(result: Any, out: Path) -> None:
+    """``model.safetensors`` and ``report.json``, written to ``out/.partial`` then moved in."""
+    partial = out / ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        result.save(partial / CHECKPOINT_FILE)  # writes report.json beside it
+        for name in (REPORT_FILE, CHECKPOINT_FILE):
+            os.replace(partial / name, out / name)
+    except Exception as exc:
+        typed = storage_error(exc, CHECKPOINT_FILE)
+        if typed is None:
+            raise
+        raise typed from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _diagnosis_text(diagnosis: Mapping[str, Any] | None) -> str:
@@ -222,6 +263,9 @@ def run_pipeline(
     progress: ProgressFn = no_progress,
     should_cancel: Callable[[], bool] = never_cancel,
     holdout_fraction: float = 0.2,
+    pareto_points: int = 20,
+    pareto_evaluate: int = 5,
+    cache: StageCache | None = None,
 ) -> PipelineResult:
     """Run every stage and write ``plan.json``, ``model.safetensors``, ``report.json``,
     ``sensitivity.json`` (plus ``problem.json`` / ``solution.json``, and ``regions.json`` with
@@ -229,9 +273,11 @@ def run_pipeline(
 
     Raises BadModelError / BadCalibrationError / BadConstraintsError for unusable inputs,
     InfeasibleError (detail: the solver's diagnosis) when no plan meets the limits,
-    CancelledError when ``should_cancel()`` turns true.
+    CancelledError when ``should_cancel()`` turns true. Also writes ``pareto.json`` and
+    ``plots/`` (``pareto_points`` per front, ``pareto_evaluate`` of them evaluated; 0 points:
+    no fronts, the bits plot only). With a ``cache``, the sensitivity and DRQ regions of the
+    same model bytes, calibration bytes and settings are reused (``PipelineResult.reused``).
     """
-    from quantize import QuantizeConfig, apply
     from sensitivity.intake import IntakeConfig
     from sensitivity.intake import intake as run_intake
     from solver import SolveConfig, build_problem, make_plan, solve
@@ -245,6 +291,7 @@ def run_pipeline(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tick = _Guard(progress, should_cancel)
+    reused: list[str] = []
 
     # 1. intake
     tick("intake", 0.0)
@@ -255,18 +302,37 @@ def run_pipeline(
     )
     tick("intake", 1.0)
 
-    # 2. sensitivity
-    sens = _measure(intake, constraints, device, tick)
-    if constraints.hessian.omega == "measured":
-        sens = _measured_omegas(intake, sens, constraints, device, tick)
-    (out / SENSITIVITY_FILE).write_text(sens.to_json())
+    # 2. sensitivity (reused from the cache when the same inputs and settings were measured)
+    cache = cache or StageCache(None)
+    sens_key = stage_key("sensitivity", {"model": model_path, "calibration": calib_path},
+                         _sensitivity_settings(constraints, holdout_fraction))
+    sens = _cached_sensitivity(cache.get("sensitivity", sens_key))
+    if sens is not None:
+        reused.append("sensitivity")
+    else:
+        sens = _measure(intake, constraints, device, tick)
+        if constraints.hessian.omega == "measured":
+            sens = _measured_omegas(intake, sens, constraints, device, tick)
+        cache.put("sensitivity", sens_key, sens.to_json())
+    if any(g is not None for g in constraints.weight_group_sizes):
+        from sensitivity.engine import group_omegas
+
+        sens = group_omegas(intake, sens, list(constraints.weight_group_sizes))
+    _write_atomic(out / SENSITIVITY_FILE, sens.to_json())
     tick("sensitivity", 1.0)
 
     # 3. regions (DRQ)
     regions = None
     if constraints.uses_drq:
-        regions = _regions(intake, sens, constraints, device, tick)
-        (out / REGIONS_FILE).write_text(regions.to_json())
+        regions_key = stage_key("regions", {"model": model_path, "calibration": calib_path},
+                                {"sensitivity": sens_key, "drq": constraints.drq.model_dump()})
+        regions = _cached_regions(cache.get("regions", regions_key))
+        if regions is not None:
+            reused.append("regions")
+        else:
+            regions = _regions(intake, sens, constraints, device, tick)
+            cache.put("regions", regions_key, regions.to_json())
+        _write_atomic(out / REGIONS_FILE, regions.to_json())
         tick("regions", 1.0)
 
     # 4-5. options, solve, plan
@@ -278,16 +344,17 @@ def run_pipeline(
         pin_last=constraints.pin.last,
         hardware=constraints.hardware,
         latency_table=constraints.latency_table,
+        weight_group_sizes=tuple(constraints.weight_group_sizes),
     )
     specs = _layer_specs(intake, sens, regions)
     limits = limits_from_constraints(
         constraints.limits.model_dump(exclude_none=True), specs, opts
     )
     problem = build_problem(specs, opts, limits, shared_input_ties(intake.module, intake.layers))
-    (out / PROBLEM_FILE).write_text(problem.to_json())
+    _write_atomic(out / PROBLEM_FILE, problem.to_json())
     tick("solve", 0.2)
     solution = solve(problem, SolveConfig())
-    (out / SOLUTION_FILE).write_text(solution.to_json(indent=2))
+    _write_atomic(out / SOLUTION_FILE, solution.to_json(indent=2))
     plan = make_plan(
         problem,
         solution,
@@ -302,7 +369,24 @@ def run_pipeline(
     tick("solve", 1.0)
 
     # 6-7. quantize, evaluate
-    result = apply(
+    result = _quantize(intake, plan, device, tick)
+    tick.check()
+    _save_checkpoint(result, out)  # model.safetensors and report.json
+    # 8. the trade-off: Pareto fronts, a few of their points evaluated, plots
+    _tradeoff(out, problem, solution, specs, constraints, intake, plan, result.report,
+              device, tick, pareto_points, pareto_evaluate)
+    tick("evaluate", 1.0)
+    tick.finish()
+    log.info("pipeline done in %s", tick.seconds)
+    return PipelineResult(out, plan, result.report, dict(tick.seconds), reused)
+
+
+def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
+              progress: ProgressFn) -> Any:
+    """quantize.apply on the intake's split: checkpoint, fake-quant module and report."""
+    from quantize import QuantizeConfig, apply
+
+    return apply(
         intake.program,
         plan,
         intake.train,
@@ -310,15 +394,35 @@ def run_pipeline(
         QuantizeConfig(),
         batch_size=intake.batch_size,
         device=device,
-        progress=tick,
+        progress=progress,
         token_input=intake.token_input,
     )
-    tick.check()
-    result.save(out / CHECKPOINT_FILE)  # writes report.json beside it
-    tick("evaluate", 1.0)
-    tick.finish()
-    log.info("pipeline done in %s", tick.seconds)
-    return PipelineResult(out, plan, result.report, dict(tick.seconds))
+
+
+def _tradeoff(out: Path, problem: Any, solution: Any, specs: Any, constraints: Constraints,
+              intake: Any, plan: dict[str, Any], report: dict[str, Any], device: torch.device,
+              tick: _Guard, points: int, evaluate: int) -> None:
+    """Write ``pareto.json`` (a front per limited resource; up to ``evaluate`` points of each
+    quantized and evaluated on the held-out samples) and the plots (``plots/``)."""
+    from solver import make_plan
+
+    from . import plots, tradeoff
+
+    swept = tradeoff.fronts(problem, points) if points >= 2 else {}
+    measured: dict[tuple[str, int], dict[str, Any]] = {("chosen", 0): report.get("metrics") or {}}
+    todo = [(r, i) for r, front in swept.items() for i in tradeoff.pick(front, evaluate)]
+    for k, (r, i) in enumerate(todo):
+        point_plan = make_plan(problem, tradeoff.as_solution(problem, swept[r][i], r), specs,
+                               constraints.to_dict(), plan["model"])
+        quiet = lambda stage, fraction: tick.check()  # noqa: E731 (the point's own stages)
+        measured[(r, i)] = _quantize(intake, point_plan, device, quiet).report["metrics"]
+        tick("evaluate", (k + 1) / (len(todo) + 1))
+    doc = tradeoff.document(problem, solution, swept, measured)
+    _write_json(out / PARETO_FILE, doc)
+    sens = json.loads((out / SENSITIVITY_FILE).read_text())
+    (out / PLOTS_DIR).mkdir(exist_ok=True)
+    for name, data in plots.render(plan, sens, doc).items():
+        _write_atomic(out / PLOTS_DIR / name, data)
 
 
 def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: _Guard) -> Any:
@@ -331,6 +435,30 @@ def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: 
     )
     tick("sensitivity", 0.0)
     return measure(intake, cfg, device, tick)
+
+
+def _sensitivity_settings(constraints: Constraints, holdout_fraction: float) -> dict[str, Any]:
+    """What the sensitivity stage's result depends on besides the two files."""
+    from sensitivity.engine import VERSION
+
+    settings: dict[str, Any] = {"format": VERSION, "hessian": constraints.hessian.model_dump(),
+                                "holdout_fraction": holdout_fraction}
+    if constraints.hessian.omega == "measured":  # measured at the requested widths only
+        settings["bits"] = [sorted(constraints.weight_bits), sorted(constraints.activation_bits),
+                            constraints.uses_drq]
+    return settings
+
+
+def _cached_sensitivity(text: str | None) -> Any:
+    from sensitivity.engine import SensitivityResult
+
+    return None if text is None else SensitivityResult.from_json(text)
+
+
+def _cached_regions(text: str | None) -> Any:
+    from sensitivity.regions import RegionResult
+
+    return None if text is None else RegionResult.from_json(text)
 
 
 def _measured_omegas(
