@@ -31,6 +31,7 @@ from huey.api import Huey
 from solver.errors import CancelledError
 
 from . import jobs as J
+from .cache import StageCache
 from .errors import job_error
 from .jobs import JobStore, age_cutoff
 from .settings import Settings
@@ -181,6 +182,7 @@ class JobQueue:
                 progress=progress,
                 should_cancel=should_cancel,
                 holdout_fraction=self.settings.holdout_fraction,
+                cache=StageCache(self.settings.cache_dir),
             )
         except CancelledError:
             if self._stopping.is_set() and not lost.is_set() and self.store.release(job_id):
@@ -250,6 +252,9 @@ class JobQueue:
         self.store.delete_finished(ids)
         if ids:
             log.info("deleted %d job(s) that ended more than %g days ago", len(ids), days)
+        pruned = StageCache(self.settings.cache_dir).prune(days * 86400.0)
+        if pruned:
+            log.info("deleted %d cached stage result(s) unused for %g days", pruned, days)
         return ids
 
     def stop_jobs(self) -> None:

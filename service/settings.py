@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         return self.data_dir / "jobs"
 
     @property
+    def cache_dir(self) -> Path:
+        """Stage results reused across jobs (sensitivity, DRQ regions), by content hash."""
+        return self.data_dir / "cache"
+
+    @property
     def queue_path(self) -> Path:
         return self.data_dir / "queue.db"
 
