@@ -19,7 +19,7 @@ from solver.errors import NotFoundError
 
 from . import jobs as J
 from .constraints import parse_constraints
-from .errors import ConflictError
+from .errors import ConflictError, storage_error
 from .jobs import Job, JobStore, is_job_id, new_job_id
 from .queue import JobQueue
 from .settings import Settings
@@ -97,8 +97,10 @@ class BitplanService:
                 str((job_dir / "out").resolve()),
                 model_name=upload.filenames.get("model"),
             )
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(job_dir, ignore_errors=True)
+            if isinstance(exc, OSError) and (full := storage_error(exc, "the upload")):
+                raise full from None  # 507, not a 500
             raise
         self.queue.enqueue(job_id)
         log.info("job %s queued (%d bytes uploaded)", job_id, upload.total_bytes)

@@ -8,10 +8,11 @@ shown raw: the job gets code ``internal`` and the log keeps the traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
-from solver.errors import BitplanError
+from solver.errors import BitplanError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ HTTP_STATUS: dict[str, int] = {
     "too_large": 413,
     "resource_limit": 422,  # one sample's pass exceeds the memory budget: the input, not us
     "unavailable": 503,
+    "storage": 507,  # the data directory is full: Insufficient Storage
     "export_mismatch": 500,  # the export computes something else: a bitplan bug, not the input
     "missing_dependency": 501,  # this installation lacks an optional extra
 }
@@ -63,8 +65,28 @@ def http_status(error: BitplanError) -> int:
     return HTTP_STATUS.get(error.code, 500)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_error(exc: BaseException, what: str) -> StorageError | None:
+    """The typed error for a write that failed because the disk is full, else None. Besides
+    OSError, this knows the Rust libraries' wording (safetensors: "... (os error 28)")."""
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code is None:
+        code = next((c for c in NO_SPACE if f"(os error {c})" in str(exc)), None)
+    if code not in NO_SPACE:
+        return None
+    return StorageError(
+        f"no space left on the data directory while writing {what} ({errno.errorcode[code]}); "
+        "free space under BITPLAN_DATA_DIR (or lower BITPLAN_RETENTION_DAYS) and resubmit",
+        detail={"errno": code, "file": what},
+    )
+
+
 def job_error(exc: BaseException) -> dict[str, Any]:
     """The ``{code, message, detail}`` recorded on a job that failed with ``exc``."""
+    if not isinstance(exc, BitplanError) and (typed := storage_error(exc, "a file")):
+        exc = typed
     if isinstance(exc, BitplanError):
         return exc.to_dict()
     if isinstance(exc, MemoryError):

@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exc,
     func,
     select,
     update,
@@ -35,6 +36,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from solver.errors import NotFoundError
+
+from .errors import UnavailableError
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -176,8 +179,19 @@ class JobStore:
     """Create, read and move jobs between states. Thread-safe (a session per call)."""
 
     def __init__(self, url: str) -> None:
+        """Connect and create the table if missing. Raises UnavailableError (a clear message,
+        password hidden) when the database does not answer."""
         self.engine = make_engine(url)
-        _Base.metadata.create_all(self.engine)
+        try:
+            _Base.metadata.create_all(self.engine)
+        except exc.DBAPIError as error:
+            self.engine.dispose()
+            where = self.engine.url.render_as_string(hide_password=True)
+            reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+            raise UnavailableError(
+                f"the job store at {where} does not answer ({reason}); start it or fix "
+                "BITPLAN_DATABASE_URL"
+            ) from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

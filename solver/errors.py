@@ -111,3 +111,9 @@ class MissingDependencyError(BitplanError):
     """An optional dependency is not installed; the message names the extra to install."""
 
     code = "missing_dependency"
+
+
+class StorageError(BitplanError):
+    """The data directory is full (or out of quota) while writing; nothing half-written is kept."""
+
+    code = "storage"

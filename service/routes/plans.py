@@ -41,7 +41,7 @@ _FORM = {
     }
 }
 
-_ERRORS = error_responses(400, 401, 413, 422)
+_ERRORS = error_responses(400, 401, 413, 422, 507)  # 507: the data directory is full
 
 
 @router.post(
