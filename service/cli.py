@@ -1,5 +1,9 @@
 """The ``bitplan`` command line. Each subcommand lives in ``service/commands/<name>.py`` and
-exposes ``register(subparsers)``; this module only discovers and dispatches them."""
+exposes ``register(subparsers)``; this module only discovers and dispatches them.
+
+Start-up stays cheap: building the parser imports only ``argparse`` and the command modules,
+which import what their ``run`` needs inside it (torch, the solver, FastAPI, pydantic-settings),
+so ``bitplan --help`` loads none of those and each command loads only its own."""
 
 from __future__ import annotations
 
@@ -10,9 +14,8 @@ import pkgutil
 import sys
 import warnings
 
-from solver.errors import BitplanError
-
 from . import commands
+from .commands import CommandError
 
 
 def _device(text: str) -> str:
@@ -57,12 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except BitplanError as exc:
-        print(f"bitplan: error [{exc.code}]: {exc.message}", file=sys.stderr)
+    except CommandError as exc:
+        print(f"bitplan: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bitplan: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A typed error can only come from a command that imported solver.errors; looking it
+        # up here keeps the solver out of commands that never use it.
+        errors = sys.modules.get("solver.errors")
+        if errors is None or not isinstance(exc, errors.BitplanError):
+            raise
+        print(f"bitplan: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,14 +11,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from solver.errors import BitplanError
-
-
-class DemoError(BitplanError):
-    code = "demo"
+from . import CommandError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +52,7 @@ def _check(response: Any) -> Any:
             text = f"[{err['code']}] {err['message']}"
         except (ValueError, KeyError, TypeError):
             text = response.text[:500]
-        raise DemoError(f"{response.request.method} {response.request.url} -> "
+        raise CommandError(f"{response.request.method} {response.request.url} -> "
                         f"{response.status_code}: {text}")
     return response
 
@@ -72,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         client.get("/healthz").raise_for_status()
     except httpx.HTTPError as exc:
-        raise DemoError(
+        raise CommandError(
             f"no bitplan service at {args.url} ({exc}); start one with `make serve` "
             "(or `bitplan serve`) in another terminal, or pass --url"
         ) from None
@@ -106,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         if job["status"] in ("succeeded", "failed", "cancelled"):
             break
         if time.monotonic() > deadline:
-            raise DemoError(f"job {job_id} still {job['status']} after {args.timeout:g} s")
+            raise CommandError(f"job {job_id} still {job['status']} after {args.timeout:g} s")
         time.sleep(0.5)
     if job["status"] != "succeeded":
         err = job.get("error") or {}
@@ -114,16 +109,18 @@ def run(args: argparse.Namespace) -> int:
         return 1
     plan = _check(client.get(f"/jobs/{job_id}/plan")).json()
     report = _check(client.get(f"/jobs/{job_id}/report")).json()
-    result = SimpleNamespace(
-        plan=plan, report=report, out_dir=args.out or f"{args.url}/jobs/{job_id}"
-    )
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "plan.json").write_text(json.dumps(plan, indent=2))
-        (args.out / "report.json").write_text(json.dumps(report, indent=2))
-        (args.out / "model.safetensors").write_bytes(
-            _check(client.get(f"/jobs/{job_id}/checkpoint")).content
-        )
-    print(format_summary(result))
-    print(f"download: curl -o model.safetensors {args.url}/jobs/{job_id}/checkpoint")
+    print(format_summary(plan, report))
+    links = {name: f"{args.url}/jobs/{job_id}/{name}" for name in ("plan", "report", "checkpoint")}
+    if args.out is None:
+        print("fetch the results (they stay on the service):")
+        for name, url in links.items():
+            print(f"  {name:<10} {url}")
+        print(f"e.g. curl -o model.safetensors {links['checkpoint']}  (or pass --out DIR)")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = [args.out / "plan.json", args.out / "report.json", args.out / "model.safetensors"]
+    saved[0].write_text(json.dumps(plan, indent=2))
+    saved[1].write_text(json.dumps(report, indent=2))
+    saved[2].write_bytes(_check(client.get(links["checkpoint"])).content)
+    print("downloaded: " + ", ".join(str(p) for p in saved))
     return 0

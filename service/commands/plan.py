@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from solver.errors import BadConstraintsError, InfeasibleError
-
 from ..cli import add_device_argument
 
 
@@ -82,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def constraints_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The constraints document the flags (and an optional --constraints file) describe."""
+    from solver.errors import BadConstraintsError
+
     doc: dict[str, Any] = {}
     if args.constraints is not None:
         try:
@@ -139,9 +139,8 @@ def _human(key: str, value: float) -> str:
     return f"{value:.4g} {unit}"
 
 
-def format_summary(result: Any) -> str:
+def format_summary(plan: dict[str, Any], report: dict[str, Any]) -> str:
     """A few lines for the terminal: status, totals vs limits, bits per layer, accuracy."""
-    plan, report = result.plan, result.report
     lines = [f"plan: {plan['status']} (objective {plan['objective']:.4g})"]
     for key in ("size_bytes", "bops", "latency_ms"):
         total, limit = plan["totals"].get(key), plan["limits"].get(key)
@@ -164,11 +163,12 @@ def format_summary(result: Any) -> str:
         )
     if m.get("top1_agreement") is not None:
         lines.append(f"top-1 agreement with fp32: {m['top1_agreement']:.4f}")
-    lines.append(f"wrote {result.out_dir}/plan.json, model.safetensors, report.json")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    from solver.errors import InfeasibleError
+
     from ..constraints import parse_constraints
     from ..pipeline import run_pipeline
     from ..progress import TerminalProgress
@@ -197,5 +197,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.summary(), indent=2))
     else:
-        print(format_summary(result))
+        print(format_summary(result.plan, result.report))
+        paths = (result.plan_path, result.checkpoint_path, result.report_path,
+                 result.sensitivity_path)
+        print("wrote " + ", ".join(str(p) for p in paths))
     return 0

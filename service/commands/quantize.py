@@ -5,14 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from solver.errors import BadConstraintsError, BadPlanError
 
 from ..cli import add_device_argument
-
-if TYPE_CHECKING:
-    pass
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_plan(path: Path) -> dict:
+    from solver.errors import BadPlanError
     from solver.plan import load_plan
 
     if not path.is_file():
@@ -59,6 +54,7 @@ def _read_plan(path: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     import quantize
     from sensitivity.intake import IntakeConfig, intake
+    from solver.errors import BadConstraintsError
 
     from ..progress import TerminalProgress
     from ..settings import resolve_device

@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from solver.errors import BadProblemError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -29,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _parse_pareto(text: str) -> tuple[str, int]:
+    from solver.errors import BadProblemError
+
     resource, _, n = text.partition(":")
     try:
         points = int(n)
@@ -41,6 +41,7 @@ def _parse_pareto(text: str) -> tuple[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     from solver import Problem, SolveConfig, pareto, solve
+    from solver.errors import BadProblemError
 
     try:
         text = args.problem.read_text()
