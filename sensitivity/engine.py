@@ -61,11 +61,16 @@ class LayerSensitivity:
     activation_estimator: str = "hvp"
     out_channels: int = 0
     bn: str | None = None
+    # {group size: {bits: omega}}: weight Omega with one scale per group of inputs (added by
+    # group_omegas for the constraints' weight_group_sizes; empty otherwise)
+    omega_wg: dict[int, dict[int, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["omega_w"] = {str(b): v for b, v in self.omega_w.items()}
         d["omega_a"] = {str(a): v for a, v in self.omega_a.items()}
+        d["omega_wg"] = {str(g): {str(b): v for b, v in t.items()}
+                         for g, t in self.omega_wg.items()}
         return d
 
     @classmethod
@@ -73,6 +78,8 @@ class LayerSensitivity:
         d = dict(d)
         d["omega_w"] = {int(b): float(v) for b, v in d["omega_w"].items()}
         d["omega_a"] = {int(a): float(v) for a, v in d["omega_a"].items()}
+        d["omega_wg"] = {int(g): {int(b): float(v) for b, v in t.items()}
+                         for g, t in d.get("omega_wg", {}).items()}
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -159,6 +166,35 @@ def activation_errors(p: Prepared, bits: tuple[int, ...] = ACTIVATION_BITS,
 
     run(errors)
     return err, numel
+
+
+def group_omegas(intake: Intake, result: SensitivityResult,
+                 group_sizes: list[int | None]) -> SensitivityResult:
+    """``result`` with ``omega_wg`` filled for every group size that fits a layer's fan-in
+    (``solver.options.group_fits``): ``omega_wg[g][b] = omega_w[b] * ||Q_{b,g}(W) - W||^2 /
+    ||Q_b(W) - W||^2``, i.e. ``Tr(H_w) / n * ||Q_{b,g}(W) - W||^2`` for Hessian Omegas (the same
+    isotropic model with the grouped quantizer's error); measured Omegas are scaled by the same
+    error ratio (the grouped quantizers are not measured separately)."""
+    from dataclasses import replace
+
+    from solver.options import group_fits
+
+    sizes = sorted({int(g) for g in group_sizes if g is not None})
+    weights = dict(intake.module.named_parameters())
+    by_name = {info.name: info for info in intake.layers}
+    layers = []
+    for s in result.layers:
+        weight = weights[by_name[s.name].graph.weight].detach()
+        fan_in = weight[0].numel()
+        table: dict[int, dict[int, float]] = {}
+        for g in (g for g in sizes if group_fits(fan_in, g)):
+            table[g] = {}
+            for b, omega in s.omega_w.items():
+                base = weight_quant_error(weight, b)
+                grouped = weight_quant_error(weight, b, g)
+                table[g][b] = omega * grouped / base if base > 0 else 0.0
+        layers.append(replace(s, omega_wg=table))
+    return replace(result, layers=layers)
 
 
 def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.device | str | None

@@ -21,6 +21,7 @@ from solver.options import ALLOWED_BITS
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Bits = Annotated[int, Field(ge=min(ALLOWED_BITS), le=max(ALLOWED_BITS))]
+GroupSize = Annotated[int, Field(ge=1, le=1 << 20, strict=True)]
 # Activation bits the sensitivity engine measures Omega for (sensitivity.engine.ACTIVATION_BITS;
 # a test keeps the two equal) and plan rows carry; DRQ adds its 8/4 mixes on top.
 ACTIVATION_CHOICES = (4, 8)
@@ -125,6 +126,11 @@ class Constraints(_Strict):
     version: Literal[1] = 1
     limits: Limits
     weight_bits: list[Bits] = Field(default_factory=lambda: [4, 8], min_length=1, max_length=7)
+    weight_group_sizes: list[GroupSize | None] = Field(
+        default_factory=lambda: [None], min_length=1, max_length=8,
+        description="weight scale granularity: null = per output channel, g = one scale per g "
+        "inputs (layers whose fan-in g does not divide are not offered g)",
+    )
     activation_bits: list[Bits] = Field(default_factory=lambda: [8], min_length=1, max_length=7)
     drq: DRQ = Field(default_factory=DRQ)
     pin: Pin = Field(default_factory=Pin)
@@ -133,6 +139,13 @@ class Constraints(_Strict):
         None, description="{layer name: {option tag (e.g. w4a8): ms}}"
     )
     hessian: Hessian = Field(default_factory=Hessian)
+
+    @field_validator("weight_group_sizes")
+    @classmethod
+    def _group_sizes(cls, v: list[int | None]) -> list[int | None]:
+        if len(set(v)) != len(v):
+            raise ValueError("group sizes must be distinct")
+        return ([None] if None in v else []) + sorted(g for g in v if g is not None)
 
     @field_validator("weight_bits", "activation_bits")
     @classmethod
