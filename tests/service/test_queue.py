@@ -33,8 +33,9 @@ class Script:
         self.started = threading.Event()
 
     def __call__(self, model, calib, constraints, out_dir, *, device, progress, should_cancel,
-                 holdout_fraction):
+                 holdout_fraction, cache):
         self.calls.append((model, calib, constraints, out_dir, str(device), holdout_fraction))
+        self.cache_root = cache.root  # the worker hands every job the data dir's stage cache
         self.started.set()
         for stage in ("intake", "sensitivity"):
             progress(stage, 1.0)
@@ -75,6 +76,7 @@ def test_success_records_progress_and_summary(settings, store, tmp_path) -> None
     model, calib, constraints, out_dir, device, holdout = script.calls[0]
     assert constraints == {"limits": {"size_mb": 1}} and holdout == settings.holdout_fraction
     assert device == "cpu" and str(out_dir).endswith("out")
+    assert script.cache_root == settings.data_dir / "cache"
     q.run_job(job_id)  # a duplicate task for a finished job does nothing
     assert len(script.calls) == 1
 
