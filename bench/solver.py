@@ -35,8 +35,7 @@ from solver import (  # noqa: E402
     pareto,
     solve,
 )
-from solver.ilp import within  # noqa: E402
-from solver.problem import Problem  # noqa: E402
+from solver.problem import Problem, within  # noqa: E402
 
 W_BITS = (2, 3, 4, 5, 6, 8)
 A_BITS = (4, 8)
@@ -142,6 +141,9 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: random,hawq")
     ap.add_argument("--seeds", type=int, default=1,
                     help="random instances per size and scenario (seed n + 1000 s)")
+    ap.add_argument("--detail", action="store_true",
+                    help="also print each instance's exact objective and node count, each "
+                    "HAWQ-V3 instance and each Pareto point (to check a change keeps them)")
     args = ap.parse_args()
     cfg = SolveConfig(solver=args.solver, time_limit_s=args.time_limit)
     scenarios = {
@@ -178,6 +180,9 @@ def main() -> None:
               f"{sol.solver['variables']:6d} {base * 1e3:12.1f} {base / ours:6.1f}  "
               f"{match} ({sol.status}, closed by {sol.solver['closed_by']}, "
               f"{sol.solver.get('nodes', 0)} nodes, binding {sol.binding})")
+        if args.detail:
+            print(f"  detail {n}x12 {label}: objective {sol.objective!r} "
+                  f"nodes {sol.solver.get('nodes', 0)} closed_by {sol.solver['closed_by']}")
         assert all(within(sol.totals[r], prob.limits.get(r)) for r in prob.limits.active())
     hawq = Path(__file__).resolve().parents[1] / "tests" / "solver" / "data" / "hawq_v3"
     files = sorted(hawq.glob("resnet*_*[0-9].json"))
@@ -190,6 +195,9 @@ def main() -> None:
                                   BASELINE_BUDGET_S, _at_time_limit)
             ours_t, base_t = ours_t + t, base_t + bt
             same += math.isclose(sol.objective, bobj, rel_tol=1e-9)
+            if args.detail:
+                print(f"  detail {f.name}: objective {sol.objective!r} "
+                      f"nodes {sol.solver.get('nodes', 0)} closed_by {sol.solver['closed_by']}")
         print(f"HAWQ-V3 reference instances ({len(files)}, 19/52 layers x 2 options): ours "
               f"{ours_t * 1e3 / len(files):.1f} ms/instance, baseline "
               f"{base_t * 1e3 / len(files):.1f} ms/instance, ratio {base_t / ours_t:.1f}, "
@@ -200,6 +208,9 @@ def main() -> None:
     mono = all(a >= b - 1e-12 for a, b in zip(objs, objs[1:], strict=False))
     print(f"pareto 54x12 size_bytes 20 points: {sweep * 1e3:.1f} ms, monotone={mono}, "
           f"statuses={sorted({p.status for p in pts})}")
+    if args.detail:
+        for p in pts:
+            print(f"  detail pareto {p.budget!r}: {p.status} objective {p.objective!r}")
 
 
 if __name__ == "__main__":
