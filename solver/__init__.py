@@ -1,11 +1,13 @@
-"""Bit allocation as an integer linear program (pure Python + PuLP; never imports torch).
+"""Bit allocation as an integer linear program (numpy; PuLP only when a MILP solver is needed;
+never imports torch).
 
 Entry points: :func:`solve` (problem in, :class:`Solution` out), :func:`pareto` (a sweep over
 one resource), :func:`build_problem` (layer table + sensitivity -> problem) and
 :func:`make_plan` (solution -> plan.json).
 """
 
-from .ilp import Solution, SolveConfig, solve
+from .config import Solution, SolveConfig
+from .driver import solve
 from .options import ActivationMode, LayerSpec, OptionsConfig, build_problem
 from .pareto import ParetoPoint, pareto
 from .plan import load_plan, make_plan

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bnb import repair, smallest_fitting
+from .bounds import smallest_fitting
+from .heuristics import repair
 from .problem import FEAS_RTOL, limit_scale, within
 
 if TYPE_CHECKING:
-    from .ilp import _GOpt as GOpt
+    from .groups import GOpt
 
 
 def _choose(om: list[list[float]], cs: list[list[list[float]]], lam: Sequence[float]):
@@ -104,8 +105,8 @@ def fix(
     smallest_fitting(lambda mus: [feasible(visit([float(mus[0])] * nres)[0])], spread,
                      grow_steps=40, rel_tol=1e-9)
     # Incumbent candidates: the best feasible Lagrangian choice, improved; and the choice at
-    # the best bound (usually just over a limit), repaired then improved (solver.bnb.repair, on
-    # option arrays padded to a rectangle).
+    # the best bound (usually just over a limit), repaired then improved
+    # (solver.heuristics.repair, on option arrays padded to a rectangle).
     width = max(len(g) for g in groups)
     om_arr = np.array([row + row[:1] * (width - len(row)) for row in om])
     cn_arr = np.array([[cs[g][r] + cs[g][r][:1] * (width - len(cs[g][r])) for g in range(len(cs))]

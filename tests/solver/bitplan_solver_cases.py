@@ -7,8 +7,7 @@ import math
 
 from hypothesis import strategies as st
 
-from solver.ilp import within
-from solver.problem import RESOURCES, LayerOptions, Limits, Option, Problem
+from solver.problem import RESOURCES, LayerOptions, Limits, Option, Problem, within
 
 TAGS = ("w2a8", "w4a8", "w8a8", "w4a4")
 

@@ -3,11 +3,10 @@ polish keeps feasibility, and branch-and-bound equals brute force (also with flo
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import math
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import pulp
@@ -16,33 +15,30 @@ from bitplan_solver_cases import brute_force, problems
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from solver import Limits, Problem, SolveConfig, bnb, solve
-from solver.ilp import _groups, within
-from solver.problem import LayerOptions, Option
+from solver import Limits, Problem, SolveConfig, presolve, solve
+from solver.arrays import Arrays, prune_dominated
+from solver.bounds import hulls, lp_dual_one, plane_grid
+from solver.groups import groups_of
+from solver.heuristics import pair_improve, repair
+from solver.lp import lp_duals
+from solver.params import PARAMS, SearchParams
+from solver.problem import LayerOptions, Option, within
+from solver.search import Search, undominated
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-@contextlib.contextmanager
-def _bnb_constants(**values: object) -> Iterator[None]:
-    """Set solver.bnb's module constants for the block (hypothesis tests cannot take the
-    function-scoped monkeypatch fixture)."""
-    saved = {name: getattr(bnb, name) for name in values}
-    for name, value in values.items():
-        setattr(bnb, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(bnb, name, value)
+def _params(**values: object) -> SearchParams:
+    """The search's parameters with ``values`` changed."""
+    return dataclasses.replace(PARAMS, **values)
 
 
-def _arrays(problem: Problem) -> tuple[bnb.Arrays, dict[str, float]]:
+def _arrays(problem: Problem) -> tuple[Arrays, dict[str, float]]:
     res = problem.limits.active()
     limits = {r: problem.limits.get(r) for r in res}
     # (prune_dominated sorts each group's options itself)
-    return bnb.prune_dominated([g.options for g in _groups(problem)], "omega", res), limits
+    return prune_dominated([g.options for g in groups_of(problem)], "omega", res), limits
 
 
 @SETTINGS
@@ -116,7 +112,7 @@ def test_bound_is_a_bound_and_incumbent_feasible(problem: Problem) -> None:
         return
     best, _ = brute_force(problem)
     arr, limits = _arrays(problem)
-    out = bnb.solve_arrays(arr, limits, node_limit=0)
+    out = presolve.solve_arrays(arr, limits, node_limit=0)
     if out.info.get("closed_by") == "shortcut":
         return
     if best is None:
@@ -140,10 +136,10 @@ def test_pair_improve_makes_a_coordinated_move() -> None:
     # Two groups; moving only one breaks the limit, swapping both lowers Omega.
     om = np.array([[0.0, -1.0], [0.0, 0.5]])
     cn = np.array([[[0.5, 1.0], [0.5, 0.0]]])  # one resource, cap 1
-    picks = bnb.pair_improve(om, cn, np.array([1.0]), [2, 2], [0, 0])
+    picks = pair_improve(om, cn, np.array([1.0]), [2, 2], [0, 0])
     assert picks == [1, 1]
     # already optimal: unchanged
-    assert bnb.pair_improve(om, cn, np.array([1.0]), [2, 2], [1, 1]) == [1, 1]
+    assert pair_improve(om, cn, np.array([1.0]), [2, 2], [1, 1]) == [1, 1]
 
 
 @settings(max_examples=150, deadline=None)
@@ -158,9 +154,9 @@ def test_pair_improve_ends_in_a_pair_local_optimum(G: int, K: int, R: int, seed:
     start = rng.integers(0, K, G).tolist()
     rows = np.arange(G)
     cap = cn[:, rows, start].sum(axis=1) + rng.integers(0, 4, R)
-    picks = bnb.pair_improve(om, cn, cap, [K] * G, start)
+    picks = pair_improve(om, cn, cap, [K] * G, start)
     lam = rng.choice([0.0, 0.5, 1.0, 3.0, 100.0], R)  # ties in s_d + s_f included
-    assert bnb.pair_improve(om, cn, cap, [K] * G, start, lam=lam) == picks
+    assert pair_improve(om, cn, cap, [K] * G, start, lam=lam) == picks
     assert np.all(cn[:, rows, picks].sum(axis=1) <= cap)
     value = om[rows, picks].sum()
     assert value <= om[rows, start].sum()
@@ -176,7 +172,7 @@ def test_pair_improve_only_moves_to_allowed_options() -> None:
     om = np.array([[0.0, -1.0], [0.0, 0.5]])
     cn = np.array([[[0.5, 1.0], [0.5, 0.0]]])
     allowed = np.array([[True, True], [True, False]])  # the partner move is ruled out
-    assert bnb.pair_improve(om, cn, np.array([1.0]), [2, 2], [0, 0], allowed=allowed) == [0, 0]
+    assert pair_improve(om, cn, np.array([1.0]), [2, 2], [0, 0], allowed=allowed) == [0, 0]
 
 
 @SETTINGS
@@ -189,7 +185,7 @@ def test_a_beam_that_drops_nothing_is_the_exact_search(problem: Problem) -> None
     R = len(arr.res)
     cap = np.array([limits[r] for r in arr.res])
     keep = [list(range(n)) for n in arr.sizes]
-    search = bnb._Search(arr, keep, arr.cost, cap, np.zeros(R), np.zeros(R))
+    search = Search(arr, keep, arr.cost, cap, np.zeros(R), np.zeros(R))
     assert search.run(math.inf, 10**7)[1]
     exact = list(search.completions())
     assert search.run(math.inf, 10**7, beam_width=10**6)[1]
@@ -208,12 +204,11 @@ def test_planes_bound_every_completion(groups: int, options: int, limits: int,
     om = rng.integers(-3, 50, size=(groups, options)).astype(float)
     cost = rng.integers(0, 20, size=(limits, groups, options)).astype(float)
     cap = rng.integers(0, 20 * groups, size=limits).astype(float)
-    arr = bnb.Arrays([[None] * options] * groups, "omega", [f"r{r}" for r in range(limits)],
+    arr = Arrays([[None] * options] * groups, "omega", [f"r{r}" for r in range(limits)],
                      om, cost, [options] * groups)
     lams = rng.exponential(size=(6, limits)) * rng.integers(0, 2, size=(6, limits))
-    with _bnb_constants(MERGE_MAX=1):
-        search = bnb._Search(arr, [list(range(options))] * groups, cost, cap,
-                             np.zeros(limits), np.zeros(limits), planes=lams)
+    search = Search(arr, [list(range(options))] * groups, cost, cap, np.zeros(limits),
+                    np.zeros(limits), planes=lams, params=_params(merge_max=1))
     n = search.n
     assert n == groups
     checked = 0
@@ -231,7 +226,7 @@ def test_planes_bound_every_completion(groups: int, options: int, limits: int,
     assume(checked > 0)
 
 
-def _suffix_optimum(search: bnb._Search, j: int, d: int, rest: float) -> float:
+def _suffix_optimum(search: Search, j: int, d: int, rest: float) -> float:
     """Brute force: the least value of relaxation j over the positions >= d whose weight along
     its direction fits ``rest`` (inf when none fits)."""
     best = math.inf
@@ -255,12 +250,11 @@ def test_fronts_are_the_exact_relaxations(groups: int, options: int, limits: int
     om = rng.integers(-3, 50, size=(groups, options)).astype(float)
     cost = rng.integers(0, 20, size=(limits, groups, options)).astype(float)
     cap = rng.integers(5 * groups, 15 * groups, size=limits).astype(float)
-    arr = bnb.Arrays([[None] * options] * groups, "omega", [f"r{r}" for r in range(limits)],
+    arr = Arrays([[None] * options] * groups, "omega", [f"r{r}" for r in range(limits)],
                      om, cost, [options] * groups)
     lam = rng.exponential(size=limits)
-    with _bnb_constants(MERGE_MAX=1):
-        search = bnb._Search(arr, [list(range(options))] * groups, cost, cap,
-                             np.zeros(limits), lam)
+    search = Search(arr, [list(range(options))] * groups, cost, cap, np.zeros(limits), lam,
+                    params=_params(merge_max=1))
     assert search.front_rays == ([0] if limits == 1 else [2, 4, 6][:limits])
     for j in search.front_rays:
         fronts = search._front(j, math.inf)
@@ -301,8 +295,8 @@ def test_exact_search_with_fronts_matches_brute_force(problem: Problem,
     """Fronts built from the first layer of every exact run (whole, or cut short at two
     points so that the early depths keep the LP curves): still brute force's optimum."""
     best, _ = brute_force(problem)
-    with _bnb_constants(FRONT_TRIGGER=-1, FRONT_MAX=front_max, BEAM_WIDTH=1, PROBE_STATES=0):
-        sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7),
+                params=_params(front_trigger=-1, front_max=front_max, beam_width=1, probe_states=0))
     _assert_closed_in_process(sol, best)
 
 
@@ -312,8 +306,8 @@ def test_neighbourhood_search_keeps_the_optimum(problem: Problem) -> None:
     """The neighbourhood search after each beam only sets incumbents: forced on every tree,
     with one-state beams, the answer is still brute force's."""
     best, _ = brute_force(problem)
-    with _bnb_constants(LNS_MIN_FREE=-1, BEAM_WIDTH=1, PROBE_STATES=0):
-        sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7),
+                params=_params(lns_min_free=-1, beam_width=1, probe_states=0))
     _assert_closed_in_process(sol, best)
 
 
@@ -322,18 +316,15 @@ def test_neighbourhood_search_runs_on_the_disagreeing_groups(
     """On a 30-layer instance with three limits the search runs on a tree that leaves only
     some groups free (the neighbourhood), and the answer still equals CBC's."""
     problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5})
-    monkeypatch.setattr(bnb, "LNS_MIN_FREE", -1)
-    monkeypatch.setattr(bnb, "BEAM_WIDTH", 2)
-    monkeypatch.setattr(bnb, "PROBE_STATES", 0)
     free_counts = []
-    init = bnb._Search.__init__
+    init = Search.__init__
 
     def spy(self, arr, keep, *args, **kwargs):
         free_counts.append(sum(len(k) > 1 for k in keep))
         init(self, arr, keep, *args, **kwargs)
 
-    monkeypatch.setattr(bnb._Search, "__init__", spy)
-    ours = solve(problem)
+    monkeypatch.setattr(Search, "__init__", spy)
+    ours = solve(problem, params=_params(lns_min_free=-1, beam_width=2, probe_states=0))
     reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
     assert len(free_counts) >= 2 and min(free_counts[1:]) < free_counts[0]
@@ -350,9 +341,9 @@ def test_padding_is_never_picked(limits: dict[str, float]) -> None:
     om[0, 1:] = np.nextafter(1.0, -math.inf)
     om[1, 2] = np.nextafter(2.0, -math.inf)
     use = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
-    arr = bnb.Arrays(groups, "omega", list(limits), om, np.array([use] * len(limits)),
+    arr = Arrays(groups, "omega", list(limits), om, np.array([use] * len(limits)),
                      [1, 2, 3])
-    res = bnb.solve_arrays(arr, limits)
+    res = presolve.solve_arrays(arr, limits)
     assert res.status == "optimal"
     assert res.incumbent == ["g0o0", "g1o0", "g2o1"]  # 1 + 2 + 1 at a use of 1 + 0 + 1 (the
     # only other fit within 2.5: 1 + 0 + 3.5 at 1 + 1 + 0)
@@ -367,9 +358,8 @@ def test_curves_built_depth_by_depth_equal_the_cached_ones() -> None:
     cap = np.array([limits[r] for r in arr.res])
     lam = np.array([1.0, 2.0, 0.5])
     keep = [list(range(n)) for n in arr.sizes]
-    cached = bnb._Search(arr, keep, arr.cost, cap, np.zeros(3), lam)
-    with _bnb_constants(CURVE_CACHE_MAX=-1):
-        lazy = bnb._Search(arr, keep, arr.cost, cap, np.zeros(3), lam)
+    cached = Search(arr, keep, arr.cost, cap, np.zeros(3), lam)
+    lazy = Search(arr, keep, arr.cost, cap, np.zeros(3), lam, params=_params(curve_cache_max=-1))
     assert cached._cache and not lazy._cache
     live = list(lazy.incs)
     for d in range(1, lazy.n):
@@ -389,8 +379,8 @@ def test_curves_built_depth_by_depth_equal_the_cached_ones() -> None:
 @given(float_problems())
 def test_exact_search_without_the_curve_cache_matches_brute_force(problem: Problem) -> None:
     best, _ = brute_force(problem)
-    with _bnb_constants(CURVE_CACHE_MAX=-1, BEAM_WIDTH=1, PROBE_STATES=0):
-        sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7),
+                params=_params(curve_cache_max=-1, beam_width=1, probe_states=0))
     _assert_closed_in_process(sol, best)
 
 
@@ -399,30 +389,30 @@ def test_plane_bound_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch)
     arr, limits = _arrays(problem)
     cap = np.array([limits[r] for r in arr.res])
     lam = np.array([1.0, 2.0, 0.5])
-    search = bnb._Search(arr, [list(range(n)) for n in arr.sizes], arr.cost, cap,
-                         np.zeros(3), lam, planes=bnb.plane_grid(lam))
+    search = Search(arr, [list(range(n)) for n in arr.sizes], arr.cost, cap,
+                    np.zeros(3), lam, planes=plane_grid(lam))
     use = np.random.default_rng(0).uniform(0, 1, size=(1001, 3)) * cap
     vu = np.column_stack([np.arange(1001.0), use])
     whole = search._plane_bound(vu, 1)
     assert np.allclose(whole, vu[:, 0] + (use @ search.plane_lam.T + search.plane_const[1]).max(1))
-    monkeypatch.setattr(bnb, "PLANE_BLOCK", 3 * len(search.plane_lam))  # blocks of 3 states
+    search.params = _params(plane_block=3 * len(search.plane_lam))  # blocks of 3 states
     assert np.array_equal(search._plane_bound(vu, 1), whole)
 
 
 def test_plane_grid_leaves_out_the_multipliers_own_ray() -> None:
     lam = np.array([2.0, 0.5, 1.0])
-    grid = bnb.plane_grid(lam)
-    f = len(bnb.PLANE_FACTORS)
+    grid = plane_grid(lam)
+    f = len(PARAMS.plane_factors)
     assert grid.shape == (f ** 3 - f, 3)
     ratios = grid / lam
     assert not np.any(np.ptp(ratios, axis=1) == 0)  # no multiple of lam
-    assert bnb.plane_grid(np.array([1.0])).shape == (0, 1)
+    assert plane_grid(np.array([1.0])).shape == (0, 1)
 
 
 def test_hulls_are_convex() -> None:
     w = np.array([[0.0, 1.0, 2.0, 3.0, 1.5]])
     o = np.array([[5.0, 3.0, 2.5, 0.0, 4.0]])
-    sw, so, (eff, dw, do, row) = bnb._hulls(w, o)
+    sw, so, (eff, dw, do, row) = hulls(w, o)
     assert (sw[0], so[0]) == (0.0, 5.0)
     assert list(eff) == sorted(eff, reverse=True) and np.all(eff > 0)
     assert dw.sum() == 3.0 and do.sum() == -5.0 and np.all(row == 0)
@@ -441,7 +431,7 @@ def test_hulls_support_every_minimum(rows: list[list[tuple[int, int]]]) -> None:
     for i, pts in enumerate(rows):
         w[i, :len(pts)] = [p[0] for p in pts]
         o[i, :len(pts)] = [p[1] for p in pts]
-    sw, so, (eff, dw, do, row) = bnb._hulls(w, o)
+    sw, so, (eff, dw, do, row) = hulls(w, o)
     assert np.all(np.diff(row) >= 0)
     for i, pts in enumerate(rows):
         assert (sw[i], so[i]) == min(pts)
@@ -460,8 +450,8 @@ def test_hulls_support_every_minimum(rows: list[list[tuple[int, int]]]) -> None:
 def test_exact_search_alone_matches_brute_force(problem: Problem) -> None:
     """With a beam of one state and no probe, optimality rests on the exact layered search."""
     best, _ = brute_force(problem)
-    with _bnb_constants(BEAM_WIDTH=1, PROBE_STATES=0):
-        sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7))
+    sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7),
+                params=_params(beam_width=1, probe_states=0))
     _assert_closed_in_process(sol, best)
 
 
@@ -476,7 +466,7 @@ def test_undominated_drops_only_dominated_states(n: int, r: int, seed: int) -> N
     # few distinct values, so that ties and exact duplicates occur
     vals = rng.integers(0, 20, n).astype(float)
     use = rng.integers(0, 6, (n, r)).astype(float)
-    kept = bnb._undominated(vals, use)
+    kept = undominated(vals, use)
     assert list(kept) == sorted(set(kept.tolist()))
     alive = set(kept.tolist())
     states = [(vals[i], use[i]) for i in range(n)]
@@ -534,20 +524,17 @@ def test_a_greedy_beam_is_not_taken_for_the_exact_search(monkeypatch: pytest.Mon
     the incumbent (the repaired seeds are switched off, so the first incumbent is weak), so the
     exact search runs on a tree rebuilt with the options the better incumbent still allows
     (fails when that rebuild fixes too much)."""
-    monkeypatch.setattr(bnb, "repair", lambda *args: None)
-    monkeypatch.setattr(bnb, "BEAM_WIDTH", 1)
-    monkeypatch.setattr(bnb, "BEAM_GROWTH", 1)
-    monkeypatch.setattr(bnb, "PROBE_STATES", 0)
+    monkeypatch.setattr(presolve, "repair", lambda *args: None)
     trees = []
-    build = bnb._Search.__init__
+    build = Search.__init__
 
-    def spy(self: bnb._Search, *args: object) -> None:
+    def spy(self: Search, *args: object) -> None:
         build(self, *args)
         trees.append(sum(len(ks) for members in self.members for _, ks in members))
 
-    monkeypatch.setattr(bnb._Search, "__init__", spy)
+    monkeypatch.setattr(Search, "__init__", spy)
     problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5})
-    ours = solve(problem)
+    ours = solve(problem, params=_params(beam_width=1, beam_growth=1, probe_states=0))
     reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
     assert len(trees) == 2 and trees[1] < trees[0]  # rebuilt, and smaller
     assert ours.solver["closed_by"] == "branch-and-bound"
@@ -560,22 +547,19 @@ def test_exact_attempts_between_beams_keep_the_optimum(work: int,
     """Exact tries between widening beams (failing on a tiny budget, or finishing) either
     close the problem at CBC's optimum or leave it to the later beams and the exact search.
     (The repaired seeds are switched off, so that the beams improve a weak first incumbent.)"""
-    monkeypatch.setattr(bnb, "repair", lambda *args: None)
-    monkeypatch.setattr(bnb, "BEAM_WIDTH", 1)
-    monkeypatch.setattr(bnb, "PROBE_STATES", 0)
-    monkeypatch.setattr(bnb, "ATTEMPT_WIDTH", 1)
-    monkeypatch.setattr(bnb, "ATTEMPT_WORK", work)
+    monkeypatch.setattr(presolve, "repair", lambda *args: None)
     runs = []
-    run = bnb._Search.run
+    run = Search.run
 
-    def spy(self: bnb._Search, ub: float, max_states: int, **kw: object) -> tuple[int, bool]:
+    def spy(self: Search, ub: float, max_states: int, **kw: object) -> tuple[int, bool]:
         out = run(self, ub, max_states, **kw)
         runs.append((kw.get("beam_width"), out[1]))
         return out
 
-    monkeypatch.setattr(bnb._Search, "run", spy)
+    monkeypatch.setattr(Search, "run", spy)
     problem = _mid_instance({"size_bytes": 0.5, "bops": 0.5, "latency_ms": 0.5})
-    ours = solve(problem)
+    ours = solve(problem, params=_params(beam_width=1, probe_states=0, attempt_width=1,
+                                         attempt_work=work))
     reference = solve(problem, SolveConfig(presolve=False, fix=False, shortcut=False))
     assert ours.solver["closed_by"] == "branch-and-bound"
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
@@ -619,11 +603,10 @@ def test_root_bound_is_the_lp_relaxation(fractions: dict[str, float], backend: s
     multipliers can give)."""
     if backend == "highspy":
         pytest.importorskip("highspy")
-    lp_duals = bnb.lp_duals
-    monkeypatch.setattr(bnb, "lp_duals", lambda *a: lp_duals(*a, backend=backend))
+    monkeypatch.setattr(presolve, "lp_duals", lambda *a: lp_duals(*a, backend=backend))
     problem = _mid_instance(fractions)
     arr, limits = _arrays(problem)
-    out = bnb.solve_arrays(arr, limits, node_limit=0)
+    out = presolve.solve_arrays(arr, limits, node_limit=0)
     assert out.info["lp_duals"]
     assert out.info["bound"] == pytest.approx(_lp_relaxation(problem), rel=1e-7)
 
@@ -636,10 +619,10 @@ def test_single_limit_bound_is_the_lp_relaxation(fraction: float,
     def no_search(*args: object, **kwargs: object) -> None:
         raise AssertionError("the scalar search ran")
 
-    monkeypatch.setattr(bnb, "smallest_fitting", no_search)
+    monkeypatch.setattr(presolve, "smallest_fitting", no_search)
     problem = _mid_instance({"size_bytes": fraction})
     arr, limits = _arrays(problem)
-    out = bnb.solve_arrays(arr, limits, node_limit=0)
+    out = presolve.solve_arrays(arr, limits, node_limit=0)
     assert out.info["bound"] == pytest.approx(_lp_relaxation(problem), rel=1e-9)
 
 
@@ -660,7 +643,7 @@ def test_lp_dual_one_attains_the_lp_optimum(G: int, K: int, where: float, seed: 
     lo = sum(cost[g, :n].min() for g, n in enumerate(sizes))
     hi = sum(cost[g, :n].max() for g, n in enumerate(sizes))
     cap = lo + where * (hi - lo)
-    mu = bnb.lp_dual_one(om, cost, cap, sizes)
+    mu = lp_dual_one(om, cost, cap, sizes)
     idx = [(g, k) for g, n in enumerate(sizes) for k in range(n)]
     one_each = np.array([[float(g == h) for h, _ in idx] for g in range(G)])
     lp = linprog([om[g, k] for g, k in idx], A_ub=[[cost[g, k] for g, k in idx]], b_ub=[cap],
@@ -681,9 +664,9 @@ def test_search_stays_exact_when_the_lp_fails(monkeypatch: pytest.MonkeyPatch) -
     the same optimum."""
     problem = _mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}, n=16)
     with_lp = solve(problem)
-    monkeypatch.setattr(bnb, "lp_duals", lambda *a: None)
+    monkeypatch.setattr(presolve, "lp_duals", lambda *a: None)
     arr, limits = _arrays(problem)
-    assert "lp_duals" not in bnb.solve_arrays(arr, limits, node_limit=0).info
+    assert "lp_duals" not in presolve.solve_arrays(arr, limits, node_limit=0).info
     without = solve(problem)
     assert (with_lp.status, without.status) == ("optimal", "optimal")
     assert without.objective == pytest.approx(with_lp.objective, rel=1e-9)
@@ -697,7 +680,7 @@ def test_repair_fits_or_gives_up(groups: int, options: int, limits: int, seed: i
     cn = rng.uniform(0, 1, size=(limits, groups, options))
     cap = rng.uniform(0.2, 0.8, size=limits) * groups
     start = rng.integers(0, options, groups).tolist()
-    out = bnb.repair(om, cn, cap, [options] * groups, start)
+    out = repair(om, cn, cap, [options] * groups, start)
     reachable = np.all(cn.min(axis=2).sum(axis=1) <= cap)
     if out is None:
         return

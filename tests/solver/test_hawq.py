@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from solver import Problem, solve
-from solver.ilp import within
+from solver.problem import within
 
 DATA = Path(__file__).parent / "data" / "hawq_v3"
 NAMES = sorted(p.name[: -len(".json")] for p in DATA.glob("resnet*_*[0-9].json"))

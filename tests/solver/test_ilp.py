@@ -10,9 +10,10 @@ from bitplan_solver_cases import brute_force, problems
 from hypothesis import HealthCheck, given, settings
 
 from solver import Limits, Problem, Solution, SolveConfig, solve
+from solver.diagnose import diagnose, min_reachable
 from solver.errors import BadProblemError
-from solver.ilp import diagnose, min_reachable, totals_of, within
-from solver.problem import RESOURCES, LayerOptions, Option
+from solver.groups import totals_of
+from solver.problem import RESOURCES, LayerOptions, Option, within
 
 FAST = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

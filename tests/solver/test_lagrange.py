@@ -8,7 +8,7 @@ from bitplan_solver_cases import brute_force, problems
 from hypothesis import given, settings
 
 from solver import Problem, lagrange
-from solver.ilp import _groups
+from solver.groups import groups_of
 
 
 @settings(max_examples=60, deadline=None)
@@ -19,7 +19,7 @@ def test_lagrangian_fixing_keeps_every_optimum(problem: Problem) -> None:
     limits = {r: problem.limits.get(r) for r in problem.limits.active()}
     if best is None or not limits:
         return
-    groups = _groups(problem)
+    groups = groups_of(problem)
     kept, incumbent, info = lagrange.fix([list(g.options) for g in groups], limits)
     if incumbent is None:
         return

@@ -9,8 +9,8 @@ from bitplan_solver_cases import brute_force, problems
 from hypothesis import HealthCheck, given, settings
 
 from solver import Limits, Problem, pareto, solve
+from solver.diagnose import min_reachable
 from solver.errors import BadProblemError
-from solver.ilp import min_reachable
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
