@@ -15,7 +15,7 @@ from torch import nn
 
 from solver.errors import BadModelError
 
-from .calibrate import calibrate
+from .calibrate import calibrate, f32
 from .checkpoint import Checkpoint, encode_weight, read_checkpoint
 from .config import QuantizeConfig
 from .data import CalibrationSet
@@ -226,10 +226,11 @@ def apply(
         progress("quantize", 0.0)
     folded = fold_layers(gm, list(qlayers.values()))
     points = find_points(gm, qlayers)
+    drq_grids = {n: Grid(f32(r.drq.scale), r.drq.high_bits, r.drq.signed)
+                 for n, r in rows.items() if r.drq is not None}
     in_grids, free_grids = calibrate(
-        gm, qlayers, {n: r.input_bits for n, r in rows.items()},
-        [n for n, r in rows.items() if r.drq is not None], points, train, cfg, batch_size,
-        device, progress,
+        gm, qlayers, {n: r.input_bits for n, r in rows.items()}, drq_grids, points, train, cfg,
+        batch_size, device, progress,
     )
     grids = {p.node: in_grids[p.consumer] if p.consumer else free_grids[p.node] for p in points}
     layer_point = {p.layer: p for p in points if p.kind == "layer"}

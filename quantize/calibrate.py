@@ -10,7 +10,7 @@ in a second pass), never whole tensors. Padding samples of fixed-size batches ar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ def calibrate(
     gm: fx.GraphModule,
     layers: dict[str, GraphLayer],
     input_bits: dict[str, int],
-    minmax_only: Iterable[str],
+    given: Mapping[str, Grid],
     points: list[Point],
     data: CalibrationSet,
     cfg: QuantizeConfig,
@@ -128,18 +128,20 @@ def calibrate(
     """Calibrated input grid of each quantized layer and grid of each free point.
 
     ``gm`` (a BN-folded float copy) is modified: observers are inserted. ``input_bits`` maps a
-    layer name to its input bits; layers in ``minmax_only`` (DRQ) ignore the percentile method.
+    layer name to its input bits; layers in ``given`` (DRQ rows: the grid their threshold was
+    calibrated on, from the plan) keep that grid and are not observed.
     A free point is one with no consumer layer; its grid has ``cfg.out_bits`` bits, or
     ``cfg.final_bits`` when it is a model output.
     Raises BadCalibrationError when a tensor never shows up or is non-finite.
     """
     info = _BatchInfo()
-    in_obs = {name: RangeObserver(info, cfg.histogram_bins) for name in input_bits}
+    in_obs = {name: RangeObserver(info, cfg.histogram_bins) for name in input_bits
+              if name not in given}
     out_obs = {
         p.end: RangeObserver(info, cfg.histogram_bins) for p in points if p.consumer is None
     }
     insert_after(gm, out_obs, "obs_out")
-    insert_input_modules(gm, [layers[n] for n in input_bits], in_obs, "obs_in")
+    insert_input_modules(gm, [layers[n] for n in in_obs], in_obs, "obs_in")
     gm.to(device)
     fixed = batch_size is not None
     size = batch_size if fixed else cfg.batch_size
@@ -155,11 +157,9 @@ def calibrate(
                 run_batch(gm, batch.to(device))
                 if progress is not None:
                     progress("calibrate", (phase * n_batches + i + 1) / (phases * n_batches))
-    minmax = set(minmax_only)
-    in_grids: dict[str, Grid] = {}
+    in_grids: dict[str, Grid] = dict(given)
     for name, obs in in_obs.items():
-        method = "minmax" if name in minmax else cfg.calibration
-        amin, amax = obs.value_range(method, cfg.percentile)
+        amin, amax = obs.value_range(cfg.calibration, cfg.percentile)
         scale, signed = activation_scale(amin, amax, input_bits[name])
         in_grids[name] = Grid(f32(scale), input_bits[name], signed)
     out_grids: dict[str, Grid] = {}

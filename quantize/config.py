@@ -17,7 +17,8 @@ class QuantizeConfig:
 
     - ``calibration``: ``"minmax"`` (the observed range) or ``"percentile"`` (the range between
       the ``100 - percentile`` and ``percentile`` percentiles, from a streamed histogram). DRQ
-      layers always use min/max: their thresholds were calibrated on that grid.
+      layers use the input grid stored in their plan row: their thresholds were calibrated on
+      it.
     - ``percentile``: in (50, 100], e.g. 99.99.
     - ``histogram_bins``: resolution of the percentile histogram.
     - ``out_bits``: bits of tensors the integer model materialises that no quantized layer reads

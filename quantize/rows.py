@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from solver.errors import BadPlanError
-from solver.plan import FORMAT, VERSION
 from solver.options import group_fits
+from solver.plan import FORMAT, VERSION
 
 from .graph import GraphLayer
 
@@ -27,6 +27,8 @@ class DRQSpec:
     sensitive_fraction: float
     high_bits: int = 8
     low_bits: int = 4
+    scale: float = 0.0  # the INT8 input grid the threshold was calibrated on
+    signed: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,14 @@ def _drq(obj: Any, name: str) -> DRQSpec | None:
     low = _int(obj.get("low_bits", 4), f"layer {name!r}: drq.low_bits", 2, 8)
     if low > high:
         raise BadPlanError(f"layer {name!r}: drq.low_bits must not exceed high_bits")
-    return DRQSpec((x, y), threshold, float(frac), high, low)
+    scale, signed = obj.get("scale"), obj.get("signed")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise BadPlanError(f"layer {name!r}: drq.scale must be a finite number > 0 (the INT8 "
+                           f"input scale the threshold was calibrated on), got {scale!r}")
+    if not isinstance(signed, bool):
+        raise BadPlanError(f"layer {name!r}: drq.signed must be true or false")
+    return DRQSpec((x, y), threshold, float(frac), high, low, float(scale), signed)
 
 
 def parse_rows(plan: Any) -> list[PlanRow]:

@@ -5,7 +5,10 @@ layer's input behaves under the DRQ predictor (see ``quantize.drq``) and turns e
 (region size, target sensitive fraction f) into a ``DRQMode`` the solver can choose:
 
 - the INT8 input grid: min/max of the input over the train part ->
-  ``quantize.primitives.activation_scale`` (the same scale the quantize stage uses);
+  ``quantize.primitives.activation_scale``, rounded to float32 (the precision the checkpoint
+  stores it in). The plan's drq entry carries this scale and signedness
+  (:meth:`LayerRegions.drq_dict`), and the quantize stage and every runtime use it as the
+  layer's input grid, so the threshold is applied on the grid it was calibrated on;
 - the threshold: the (1 - f) quantile of the region means over the train part, on the integer
   grid of INT8 code units the plan stores. Because a region is sensitive iff
   ``mean >= T`` and T is an integer, ``mean >= T`` iff ``floor(mean) >= T``; a histogram of
@@ -44,6 +47,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from quantize.calibrate import f32
 from quantize.data import CalibrationSet
 from quantize.drq import DRQLayerSettings, input_uses, low_scale, region_grid, region_sums
 from quantize.graph import GraphLayer, insert_input_modules
@@ -170,17 +174,6 @@ class DRQMode:
         """A short stable name for the solver's option tag, e.g. ``drq-4x4-f0.3``."""
         return f"drq-{self.region[0]}x{self.region[1]}-f{self.target_fraction:g}"
 
-    def drq_dict(self) -> dict[str, Any]:
-        """The plan row's ``drq`` entry."""
-        return {
-            "region": [self.region[0], self.region[1]],
-            "threshold": int(self.threshold),
-            "sensitive_fraction": float(self.fraction_calib),
-            "mac_fraction": float(self.mac_fraction),
-            "high_bits": self.high_bits,
-            "low_bits": self.low_bits,
-        }
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["region"] = list(self.region)
@@ -212,6 +205,20 @@ class LayerRegions:
     omega_high: float
     omega_low: float
     modes: list[DRQMode] = field(default_factory=list)
+
+    def drq_dict(self, mode: DRQMode) -> dict[str, Any]:
+        """The plan row's ``drq`` entry for one of this layer's modes (with the INT8 grid the
+        threshold was calibrated on)."""
+        return {
+            "region": [mode.region[0], mode.region[1]],
+            "threshold": int(mode.threshold),
+            "sensitive_fraction": float(mode.fraction_calib),
+            "mac_fraction": float(mode.mac_fraction),
+            "high_bits": mode.high_bits,
+            "low_bits": mode.low_bits,
+            "scale": float(self.scale),
+            "signed": bool(self.signed),
+        }
 
     def mode(self, region: int | tuple[int, int], fraction: float) -> DRQMode:
         """The mode for a region size and target fraction; KeyError when absent."""
@@ -461,6 +468,12 @@ def _conv_uses(layer: GraphLayer, height: int, width: int) -> tuple[torch.Tensor
     return uses, float(out.numel() * math.prod(kernel))
 
 
+def _grid(lo: float, hi: float, bits: int) -> tuple[float, bool]:
+    """The INT8 input grid of a layer: ``activation_scale`` rounded to float32, as stored."""
+    scale, signed = activation_scale(lo, hi, bits)
+    return f32(scale), signed
+
+
 def _first(data: CalibrationSet, limit: int | None) -> CalibrationSet:
     if limit is None or len(data) <= limit:
         return data
@@ -580,7 +593,7 @@ def calibrate(
         hi[name] = max(hi[name], float(a.max()))
 
     runner.run(train, ranges, tick)
-    grids = {n: activation_scale(lo[n], hi[n], cfg.high_bits) for n in lo}
+    grids = {n: _grid(lo[n], hi[n], cfg.high_bits) for n in lo}
     bins = activation_qrange(cfg.high_bits, False)[1] + 1  # mean |code| lies in [0, qmax]
 
     def fresh() -> dict[str, list[RegionStats]]:

@@ -50,7 +50,7 @@ def repair(
             # A pass applies each group's best move, best score first, while it still fits:
             # a move's score does not depend on the other groups' picks, so this is the
             # one-at-a-time greedy except that a group's next move waits for the next pass
-            # (measured: 149-343 single moves took 26-63 ms on 1000x12).
+            # (far faster than single moves on large problems: docs/solver.md).
             k_best = score.argmax(axis=1)
             s_best = score[rows, k_best]
             order = np.argsort(-s_best, kind="stable")
@@ -128,8 +128,7 @@ def pair_improve(
             # Lagrangian deltas s = d_Omega + lam . d_cost (its Omega and limit conditions
             # added with weights 1 and lam >= 0). Near a good incumbent most moves have s > 0,
             # so a join on that one sorted condition leaves few pairs to check in full
-            # (measured on 1000x12 size+bops: 3.9 vs 80 ms for the set-up call; 2.4M pairs,
-            # of which ~40 % pass each condition alone and 0-135 all).
+            # (docs/solver.md).
             s_move = mo + lam_ @ mc
             s_f = s_move[free_]
             by = np.argsort(s_f, kind="stable")

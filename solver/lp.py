@@ -15,8 +15,8 @@ def lp_duals(om: np.ndarray, cn: np.ndarray, cap: np.ndarray, sizes: list[int],
     """Multipliers of the limits at the optimum of the LP relaxation (one option per group
     relaxed to a convex combination), and the LP solution rounded to each group's largest
     share; None when it does not solve. The LP goes to HiGHS: directly through highspy when it
-    is installed (measured 1.9 vs 5.6 ms on 54x12, 44 vs 51 ms on 1000x12, and no ~0.4 s
-    scipy import), else through scipy's ``linprog``; ``backend`` ("highspy" / "scipy") forces
+    is installed (faster, and no scipy import: docs/solver.md), else through scipy's
+    ``linprog``; ``backend`` ("highspy" / "scipy") forces
     one. Only a proposal: the caller evaluates the bound at these multipliers itself, so an
     inaccurate dual costs tightness, never correctness."""
     G, K = om.shape
@@ -65,7 +65,7 @@ def lp_highspy(cost: np.ndarray, a_ub: np.ndarray, b_ub: np.ndarray, group: np.n
     else:
         h.clear()
     h.setOptionValue("output_flag", False)
-    # presolve only costs here (measured through scipy: 2.9 vs 3.7 ms on 54x12)
+    # presolve only costs here (docs/solver.md)
     h.setOptionValue("presolve", "off")
     h.setOptionValue("threads", 1)
     lp = highspy.HighsLp()

@@ -14,7 +14,9 @@ from .ilp import RESOURCES, STATUSES, Solution
 from .options import LayerSpec
 from .problem import Problem
 
-VERSION = 2  # 2: a drq entry carries mac_fraction (the share of MACs at high bits)
+# 2: a drq entry carries mac_fraction (the share of MACs at high bits) and the INT8 input grid
+# its threshold was calibrated on (scale, signed)
+VERSION = 2
 FORMAT = "bitplan-plan/2"
 KINDS = ("conv2d", "conv1d", "linear")
 _MODEL_KEYS = ("layers", "params", "macs", "quantized_params", "other_params")
@@ -23,7 +25,7 @@ _TOP_KEYS = {"version", "format", "model", "constraints", "status", "objective",
 _ROW_KEYS = {"name", "kind", "params", "macs", "w_bits", "a_bits", "weight_trace", "omega",
              "size_bytes", "bops", "latency_ms", "drq"}
 _DRQ_KEYS = {"region", "threshold", "sensitive_fraction", "mac_fraction", "high_bits",
-             "low_bits"}
+             "low_bits", "scale", "signed"}
 
 
 def make_plan(
@@ -169,6 +171,11 @@ def load_plan(obj: Any) -> dict[str, Any]:
                 _num(drq[k], f"{where}.drq.{k}")
                 if not 0 <= drq[k] <= 1:
                     raise BadPlanError(f"plan {where}.drq.{k} must be in [0, 1]")
+            _num(drq["scale"], f"{where}.drq.scale")
+            if drq["scale"] <= 0:
+                raise BadPlanError(f"plan {where}.drq.scale must be > 0 (the INT8 input scale)")
+            if not isinstance(drq["signed"], bool):
+                raise BadPlanError(f"plan {where}.drq.signed must be true or false")
             if drq["high_bits"] != 8 or drq["low_bits"] != 4:
                 raise BadPlanError(f"plan {where}.drq must have high_bits 8 and low_bits 4")
     return obj

@@ -242,10 +242,7 @@ class Search:
         curve). A sum whose best completion to a full assignment is >= ``cut`` even when the
         positions < d are LP-relaxed is dropped: it cannot give a bound below the cut to any
         state (the LP prefix value only falls as its capacity grows), and the sums built from
-        it for earlier depths would be dropped too (the LP prefix absorbs the added option).
-        Measured on 1000x12 size+bops+lat with the optimal incumbent: 14 positions after depth
-        58 have fronts of at most 1383 points without dropping, and they cut 96 % of the 4452
-        states that the LP curves keep there."""
+        it for earlier depths would be dropped too (the LP prefix absorbs the added option)."""
         Dj, Lj = self.D[j], self.L[j]
         dw, do, pos = self.incs[j]
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -404,7 +401,7 @@ class Search:
             if d < n - 1:
                 spent = self.spent_curves(d + 1, live)
                 # The first relaxation (the surrogate along the multipliers) cuts most children
-                # (measured: 87 % of those evaluated on 1000x12 with three limits): it runs on
+                # (docs/solver.md): it runs on
                 # all of them, together with the limit check (one selection instead of two),
                 # the others on its survivors. Its projections are sums over the parent and the
                 # option, so they are built from the two small tables.
@@ -436,7 +433,6 @@ class Search:
             # states, and the same states survive either way (every bound here only grows
             # with a state's value and use: a bound that cuts a state cuts all it dominates),
             # up to the windowed check beyond dominance_all_max states.
-            # Measured: 54x12 multi-limit sweep 2 % faster (sbl s0 8 %), 200x12 the same.
             if idx.size > p.dominance_min:
                 sel = undominated(vu2[:, 0], vu2[:, 1:], self.params)
                 idx, vu2, bound = idx[sel], vu2[sel], bound[sel]
@@ -459,9 +455,8 @@ class Search:
             if not idx.size:
                 break
             # Give up early when even this layer's width times the options still to come
-            # projects far past the budget (measured: at most 4.2x the final count in runs
-            # that finished, 15x in runs that could not), so a hopeless search hands over
-            # at a fraction of the budget.
+            # projects far past the budget (see SearchParams.projection_max), so a hopeless
+            # search hands over at a fraction of the budget.
             if beam_width is None and \
                     states + idx.size * self.options_after[d] > p.projection_max * max_states:
                 return states, False

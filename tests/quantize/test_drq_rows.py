@@ -7,18 +7,57 @@ import torch
 
 from quantize import QuantizeConfig, apply, load
 from quantize.checkpoint import read_checkpoint
+from quantize.data import CalibrationSet
 from quantize.drq import DRQConv2d
+from quantize.graph import find_layers
 from quantize.integer import IntegerExecutor
+from sensitivity.regions import RegionConfig
+from sensitivity.regions import calibrate as calibrate_regions
 
 DRQ = {"region": [2, 2], "threshold": 40, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
        "high_bits": 8, "low_bits": 4}
 
 
 @pytest.fixture(scope="module")
-def drq_result(cnn_program, plan_for, heldout_eval):
-    plan = plan_for(cnn_program, drq={"conv2": DRQ})
+def drq_result(cnn_program, plan_for, heldout_eval, cnn_int8):
+    grid = cnn_int8.checkpoint.input_grid("conv2")  # min/max on the same train digits
+    plan = plan_for(cnn_program, drq={"conv2": {**DRQ, "scale": grid.scale,
+                                                "signed": grid.signed}})
     cfg = QuantizeConfig(calibration="percentile", percentile=99.0)
     return apply(cnn_program, plan, *heldout_eval, cfg)
+
+
+def test_quantize_uses_the_grid_the_threshold_was_calibrated_on(cnn_program, plan_for,
+                                                                 digits, calib_digits) -> None:
+    """Regions calibrate on their first ``max_samples`` (4) train digits, quantize sees 256:
+    the DRQ layer's input grid is still the one in the plan row, and on the digits the
+    thresholds were set on, the runtime reaches exactly the calibrated fraction. (The first 4
+    digits give conv2 another min/max grid than all 256: checked below.)"""
+    x, y = digits
+    train = CalibrationSet((x[:256],), labels=y[:256])
+    holdout = CalibrationSet((calib_digits[0],), labels=calib_digits[1])
+    gm = cnn_program.module()
+    regions = calibrate_regions(gm, find_layers(gm), train, holdout,
+                                RegionConfig(region_sizes=(2,), max_samples=4))
+    layer = regions.layer("conv2")
+    mode = layer.mode(2, 0.3)
+    assert layer.samples == 4
+    # conv2 only: conv1 stays float, so conv2 sees the inputs the regions saw (up to BN folding)
+    plan = plan_for(cnn_program, only={"conv2"}, drq={"conv2": layer.drq_dict(mode)})
+    res = apply(cnn_program, plan, train, holdout, QuantizeConfig())
+    grid = res.checkpoint.input_grid("conv2")
+    assert (grid.scale, grid.signed, grid.bits) == (layer.scale, layer.signed, 8)
+    # the test discriminates: min/max over all 256 digits gives another grid
+    full = calibrate_regions(gm, find_layers(gm), train, holdout,
+                             RegionConfig(region_sizes=(2,), max_samples=None)).layer("conv2")
+    assert full.scale != layer.scale
+    # the quantized module's DRQ conv on the 4 calibration digits: the calibrated fraction
+    (drq,) = [m for m in res.module.modules() if isinstance(m, DRQConv2d)]
+    drq.reset_stats()
+    with torch.no_grad():
+        res.module(x[:4])
+    assert drq.input_scale == layer.scale
+    assert drq.int4_fraction == pytest.approx(1.0 - mode.fraction_calib, abs=1e-12)
 
 
 def test_drq_tensors_and_report(drq_result, cnn_int8) -> None:
@@ -26,7 +65,7 @@ def test_drq_tensors_and_report(drq_result, cnn_int8) -> None:
     assert t["conv2.drq_threshold"].dtype == torch.int32 and int(t["conv2.drq_threshold"]) == 40
     assert t["conv2.drq_region"].tolist() == [2, 2]
     assert "conv1.drq_threshold" not in t
-    # the DRQ input grid is INT8 min/max, whatever the calibration method says
+    # the DRQ input grid is the plan's, whatever the calibration method says
     assert drq_result.checkpoint.input_grid("conv2") == cnn_int8.checkpoint.input_grid("conv2")
     layer = {r["name"]: r for r in drq_result.report["layers"]}["conv2"]
     assert layer["input_bits"] == 8

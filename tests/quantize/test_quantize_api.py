@@ -125,7 +125,7 @@ def test_plan_errors(cnn_program, plan_for, split) -> None:
     with pytest.raises(BadPlanError, match="w_bits"):
         apply(cnn_program, bad_bits, *split)
     with pytest.raises(BadPlanError, match="version"):
-        apply(cnn_program, {**plan, "version": 2}, *split)
+        apply(cnn_program, {**plan, "version": 1}, *split)
 
 
 def test_non_finite_calibration_data_is_refused(cnn_program, plan_for, split) -> None:

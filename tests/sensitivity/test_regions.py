@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,7 @@ def test_against_brute_force_on_whole_maps(program, split, result) -> None:
     for layer in result.layers:
         a, h = full_train[layer.name], full_hold[layer.name]
         scale, signed = activation_scale(float(a.min()), float(a.max()), 8)
+        scale = float(np.float32(scale))  # the grid is stored in float32
         assert (layer.scale, layer.signed) == (scale, signed)
         assert layer.input_shape == tuple(a.shape[1:])
         assert len(layer.modes) == 3 * len(FRACTIONS)  # 2, 4, 8 all fit the 8x8 maps
@@ -199,12 +201,14 @@ def test_result_json_round_trip_and_plan_entry(result) -> None:
     assert back == result
     assert json.loads(text)["version"] == 2
     mode = result.layer("conv2").mode(4, 0.3)
-    entry = mode.drq_dict()
+    layer = result.layer("conv2")
+    entry = layer.drq_dict(mode)
     assert entry == {
         "region": [4, 4], "threshold": mode.threshold,
         "sensitive_fraction": mode.fraction_calib, "mac_fraction": mode.mac_fraction,
-        "high_bits": 8, "low_bits": 4,
+        "high_bits": 8, "low_bits": 4, "scale": layer.scale, "signed": layer.signed,
     }
+    assert float(np.float32(layer.scale)) == layer.scale  # stored as float32 by quantize
     assert isinstance(entry["threshold"], int)
     json.dumps(entry)
     assert mode.tag == "drq-4x4-f0.3"
@@ -254,7 +258,7 @@ def test_drq_option_bops_equal_the_multiplications_the_runtime_counts(program, s
     for layer in result.layers:
         cout, cin, kh, kw = convs[layer.name].weight_shape
         macs = cout * cin * kh * kw * 8 * 8  # 3x3 convs, padding 1, stride 1 on 8x8 maps
-        modes = [ActivationMode(m.tag, m.expected_bits, m.omega, m.drq_dict())
+        modes = [ActivationMode(m.tag, m.expected_bits, m.omega, layer.drq_dict(m))
                  for m in layer.modes]
         spec = LayerSpec(layer.name, "conv2d", cout * cin * kh * kw, macs, cout,
                          math.prod(layer.input_shape), {4: 0.0, 8: 0.0}, {4: 0.0, 8: 0.0},

@@ -14,7 +14,7 @@ from solver.hardware import get_profile
 from solver.options import limits_from_constraints, reference_totals
 
 DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
-       "high_bits": 8, "low_bits": 4}
+       "high_bits": 8, "low_bits": 4, "scale": 0.02, "signed": False}
 
 
 def spec(name: str, params: int = 1001, modes=()) -> LayerSpec:

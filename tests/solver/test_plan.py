@@ -20,7 +20,7 @@ from solver import (
 from solver.errors import BadPlanError
 
 DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
-       "high_bits": 8, "low_bits": 4}
+       "high_bits": 8, "low_bits": 4, "scale": 0.02, "signed": False}
 
 
 def _specs() -> list[LayerSpec]:
@@ -79,6 +79,8 @@ def test_infeasible_plan_has_no_rows_and_a_diagnosis() -> None:
     (lambda p: p["layers"][0]["drq"].update(low_bits=2), "low_bits 4"),
     (lambda p: p["layers"][0]["drq"].update(mac_fraction=1.5), "mac_fraction"),
     (lambda p: p["layers"][0]["drq"].pop("mac_fraction"), "drq must have exactly"),
+    (lambda p: p["layers"][0]["drq"].update(scale=0.0), "scale"),
+    (lambda p: p["layers"][0]["drq"].update(signed=1), "signed"),
     (lambda p: p["model"].pop("macs"), "model"),
     (lambda p: p.update(status="done"), "status"),
     (lambda p: p.update(binding=["energy"]), "binding"),
