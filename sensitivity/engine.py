@@ -16,6 +16,8 @@ quantize stage accounts for when it writes the checkpoint.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -25,10 +27,12 @@ from typing import Any
 
 import torch
 
+from quantize.data import CalibrationSet, run_batch
 from quantize.primitives import activation_scale, fake_quantize_activation, weight_quant_error
 
 from .hessian import HessianConfig, Prepared, ProgressFn, hutchinson, prepare
 from .intake import Intake
+from .memory import ChunkPlan, plan_chunks
 from .structure import gauss_newton_exact
 
 log = logging.getLogger(__name__)
@@ -168,6 +172,38 @@ def activation_errors(p: Prepared, bits: tuple[int, ...] = ACTIVATION_BITS,
     return err, numel
 
 
+def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
+                exact: dict[str, tuple[bool, bool]]) -> ChunkPlan:
+    """Chunk sizes for ``cfg.memory_budget`` from one measured probe pass (and one forward) on
+    a few samples; raises ResourceLimitError when a single sample does not fit."""
+    graphs = [layer.graph for layer in intake.layers]
+    fixed = intake.batch_size is not None
+    probe_cfg = dataclasses.replace(cfg, max_iter=max(2, cfg.vectors_per_pass), min_iter=2,
+                                    batch_size=None, memory_budget=None)
+
+    def first(m: int) -> CalibrationSet:
+        return intake.train.subset(torch.arange(min(m, len(intake.train))))
+
+    def probe_pass(m: int) -> None:
+        q = prepare(intake.module, graphs, first(m), intake.loss_kind, m, fixed, device)
+        hutchinson(q, probe_cfg, None, "sensitivity", exact)
+
+    def forward(m: int) -> None:
+        module = intake.module if device.type == "cpu" else copy.deepcopy(intake.module).to(device)
+        with torch.no_grad():
+            for b in first(m).batches(m, fixed=fixed):
+                run_batch(module, b.to(device))
+
+    weights = dict(intake.module.named_parameters())
+    weight_bytes = sum(weights[g.weight].numel() * weights[g.weight].element_size()
+                       for g in graphs)
+    # a many-chunk pass keeps k summed weight gradients (probes) and k weight vectors (HVPs)
+    kinds = {exact.get(layer.name, (False, False))[0] for layer in intake.layers}
+    accumulators = cfg.vectors_per_pass * weight_bytes * len(kinds)
+    return plan_chunks(probe_pass, forward, len(intake.train), intake.batch_size, accumulators,
+                       int(cfg.memory_budget or 0), device)
+
+
 def group_omegas(intake: Intake, result: SensitivityResult,
                  group_sizes: list[int | None]) -> SensitivityResult:
     """``result`` with ``omega_wg`` filled for every group size that fits a layer's fan-in
@@ -208,11 +244,16 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     device = torch.device(device or "cpu")
     start = time.perf_counter()
     graphs = [layer.graph for layer in intake.layers]
-    p = prepare(intake.module, graphs, intake.train, intake.loss_kind,
-                intake.chunk_size(cfg.batch_size), intake.batch_size is not None, device)
     exact = gauss_newton_exact(intake.module, graphs, intake.loss_kind)
     if progress is not None:
         progress("sensitivity", 0.0)
+    memory = None
+    chunk = cfg.batch_size
+    if cfg.memory_budget is not None and (chunk is None or intake.batch_size is not None):
+        memory = plan_memory(intake, cfg, device, exact)
+        chunk = memory.hessian_chunk
+    p = prepare(intake.module, graphs, intake.train, intake.loss_kind,
+                intake.chunk_size(chunk), intake.batch_size is not None, device)
     est = hutchinson(p, cfg, progress, "sensitivity", exact)
     a_err, a_numel = activation_errors(p) if cfg.activations else ({}, {})
     rows = []
@@ -239,5 +280,8 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
             out_channels=info.out_channels, bn=info.bn,
         ))
     seconds = time.perf_counter() - start
-    model = {**intake.summary(), "device": str(device), "hvp_mode": est.method}
+    model = {**intake.summary(), "device": str(device), "hvp_mode": est.method,
+             "chunk": p.chunks[0].size if p.chunks else 0, "passes": est.passes}
+    if memory is not None:
+        model["memory"] = memory.to_dict()
     return SensitivityResult(rows, est.iterations, seconds, model, cfg.to_dict())

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,7 +71,9 @@ class HessianConfig:
     export batch); ``vectors_per_pass``: random vectors per forward pass; ``estimator``:
     ``auto`` (output-space probes where exact, HVPs elsewhere) or ``hvp`` (HVPs for every
     block); ``vectorize``: batch the vectors of a pass with vmap (None: on CUDA only);
-    ``activations``: also estimate the input-activation traces.
+    ``activations``: also estimate the input-activation traces; ``memory_budget``: bytes a
+    pass may use (None: no limit); with ``batch_size`` None the chunk size then comes from
+    the budget and a measured per-sample cost (``sensitivity.memory``).
     """
 
     max_iter: int = 200
@@ -83,8 +85,11 @@ class HessianConfig:
     estimator: str = "auto"
     vectorize: bool | None = None
     activations: bool = True
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
         if self.max_iter < 2:
             raise ValueError(f"max_iter must be at least 2, got {self.max_iter}")
         if not 0.0 < self.tol < 1.0:
@@ -323,21 +328,20 @@ def _forward(p: Prepared, i: int, inputs_for: Sequence[str], activations: bool):
 
 
 def _probe_grads(z: torch.Tensor, inputs: list[torch.Tensor], ws: list[torch.Tensor],
-                 blocks: list[int], batched: bool) -> list[torch.Tensor | None]:
-    """Per block, [k, *shape] of J_b^T w for the k output-space vectors ``ws`` (looped: one
-    backward per vector; batched: one vmapped backward). None where the block is unreached."""
+                 blocks: list[int], batched: bool,
+                 ) -> Iterator[tuple[int | slice, list[torch.Tensor | None]]]:
+    """Yields (rows, per-block J_b^T w) for the k output-space vectors ``ws``: one vmapped
+    backward (rows ``:``, gradients [k, *shape]) or one backward per vector (rows r), each
+    yielded before the next is computed so its gradients can be reduced and freed."""
     sel = [inputs[b] for b in blocks]
     if batched:
-        return list(torch.autograd.grad(z, sel, grad_outputs=torch.stack(ws), retain_graph=True,
-                                        allow_unused=True, is_grads_batched=True))
-    rows: list[list[torch.Tensor | None]] = [
-        list(torch.autograd.grad(z, sel, grad_outputs=w, retain_graph=True, allow_unused=True))
-        for w in ws]
-    out: list[torch.Tensor | None] = []
-    for j in range(len(sel)):
-        col = [r[j] for r in rows]
-        out.append(None if any(g is None for g in col) else torch.stack(col))
-    return out
+        yield slice(None), list(torch.autograd.grad(
+            z, sel, grad_outputs=torch.stack(ws), retain_graph=True, allow_unused=True,
+            is_grads_batched=True))
+        return
+    for r, w in enumerate(ws):
+        yield r, list(torch.autograd.grad(z, sel, grad_outputs=w, retain_graph=True,
+                                          allow_unused=True))
 
 
 def _vector_generator(seed: int, kind: str, t: int, block: int) -> torch.Generator:
@@ -477,17 +481,19 @@ def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batche
             if n_chunks == 1:
                 cache["gn"] = (z, inputs, prob)
         ws = [_output_factor(p, z, _sample_vector(g, z, z.shape[0]), prob) for g in gens]
-        grads = _probe_grads(z, inputs, ws, bl, batched)
-        for j, (b, g) in enumerate(zip(bl, grads, strict=True)):
-            if g is None:
-                continue
-            if b >= n or n_chunks == 1:  # activation blocks are disjoint over chunks
-                total[:, j] += g.double().pow(2).flatten(1).sum(1).cpu()
-            elif j in acc:
-                acc[j] += g
-            else:
-                acc[j] = g
-        del z, inputs, prob, ws, grads
+        for rows, grads in _probe_grads(z, inputs, ws, bl, batched):
+            for j, (b, g) in enumerate(zip(bl, grads, strict=True)):
+                if g is None:
+                    continue
+                if b >= n or n_chunks == 1:  # activation blocks are disjoint over chunks
+                    sq = g.double().pow(2)
+                    total[rows, j] += (sq.flatten(1).sum(1) if batched else sq.sum()).cpu()
+                else:
+                    if j not in acc:
+                        acc[j] = g.new_zeros((k, *inputs[b].shape))
+                    acc[j][rows] += g
+            del grads
+        del z, inputs, prob, ws
         tick(c)
     for j, g in acc.items():
         total[:, j] = g.double().pow(2).flatten(1).sum(1).cpu()

@@ -10,6 +10,7 @@ relative to the same model with every candidate layer at INT8 weights and activa
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from solver.errors import BadConstraintsError
 from solver.hardware import profiles
 from solver.options import ALLOWED_BITS
+from solver.problem import Limits as SolverLimits
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -33,6 +35,12 @@ def _check_bits(v: int | None) -> int | None:
     return v
 
 RESOURCES = ("size", "bops", "latency")
+# solver resource, absolute field, ratio field, solver units per absolute unit
+_LIMIT_FIELDS = (
+    ("size_bytes", "size_mb", "size_ratio", 1e6),
+    ("bops", "bops_g", "bops_ratio", 1e9),
+    ("latency_ms", "latency_ms", "latency_ratio", 1.0),
+)
 
 
 class _Strict(BaseModel):
@@ -53,11 +61,7 @@ class Limits(_Strict):
     @model_validator(mode="after")
     def _one_per_resource(self) -> Limits:
         given = 0
-        for absolute, ratio in (
-            ("size_mb", "size_ratio"),
-            ("bops_g", "bops_ratio"),
-            ("latency_ms", "latency_ratio"),
-        ):
+        for _, absolute, ratio, _ in _LIMIT_FIELDS:
             a, r = getattr(self, absolute), getattr(self, ratio)
             if a is not None and r is not None:
                 raise ValueError(f"give {absolute} or {ratio}, not both")
@@ -72,6 +76,27 @@ class Limits(_Strict):
     @property
     def wants_latency(self) -> bool:
         return self.latency_ms is not None or self.latency_ratio is not None
+
+    def to_solver(self, reference: Mapping[str, float | None]) -> SolverLimits:
+        """The solver's limits (bytes, bit operations, ms): absolute limits in their units,
+        ratios times ``reference``, the all-INT8 totals (``solver.options.reference_totals``).
+        The one place the request's limit names are read. Raises BadConstraintsError when a
+        ratio's reference is unknown (a latency ratio without a latency for every layer)."""
+        out: dict[str, float | None] = {}
+        for resource, absolute, ratio, unit in _LIMIT_FIELDS:
+            a, r = getattr(self, absolute), getattr(self, ratio)
+            out[resource] = None
+            if a is not None:
+                out[resource] = a * unit
+            elif r is not None:
+                base = reference.get(resource)
+                if base is None:
+                    raise BadConstraintsError(
+                        f"limits.{ratio} needs the all-INT8 {resource} of every layer: set a "
+                        "hardware profile or a latency_table with w8a8 for every layer"
+                    )
+                out[resource] = r * base
+        return SolverLimits(**out)
 
 
 class DRQ(_Strict):
@@ -112,6 +137,11 @@ class Hessian(_Strict):
     max_iter: int = Field(200, ge=2, le=100_000)
     tol: float = Field(0.05, gt=0, lt=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: int | None = Field(
+        None, ge=1, le=65_536,
+        description="samples per Hessian pass (null: as many as the memory budget allows); "
+        "the estimate does not depend on it",
+    )
     omega: Literal["trace", "measured"] = Field(
         "trace",
         description="how each option's Omega is estimated: 'trace' (HAWQ-V3, Tr(H)/n * "

@@ -28,7 +28,7 @@ import torch
 
 from solver.errors import CancelledError, InfeasibleError
 
-from .cache import StageCache, stage_key
+from .cache import StageCache, regions_key, sensitivity_key
 from .constraints import Constraints, parse_constraints
 from .errors import storage_error
 from .progress import ProgressFn, no_progress
@@ -266,6 +266,7 @@ def run_pipeline(
     pareto_points: int = 20,
     pareto_evaluate: int = 5,
     cache: StageCache | None = None,
+    memory_budget: int | None = None,
 ) -> PipelineResult:
     """Run every stage and write ``plan.json``, ``model.safetensors``, ``report.json``,
     ``sensitivity.json`` (plus ``problem.json`` / ``solution.json``, and ``regions.json`` with
@@ -281,7 +282,7 @@ def run_pipeline(
     from sensitivity.intake import IntakeConfig
     from sensitivity.intake import intake as run_intake
     from solver import SolveConfig, build_problem, make_plan, solve
-    from solver.options import OptionsConfig, limits_from_constraints
+    from solver.options import OptionsConfig, reference_totals
 
     if not isinstance(constraints, Constraints):
         constraints = parse_constraints(
@@ -304,13 +305,12 @@ def run_pipeline(
 
     # 2. sensitivity (reused from the cache when the same inputs and settings were measured)
     cache = cache or StageCache(None)
-    sens_key = stage_key("sensitivity", {"model": model_path, "calibration": calib_path},
-                         _sensitivity_settings(constraints, holdout_fraction))
+    sens_key = sensitivity_key(model_path, calib_path, constraints, holdout_fraction)
     sens = _cached_sensitivity(cache.get("sensitivity", sens_key))
     if sens is not None:
         reused.append("sensitivity")
     else:
-        sens = _measure(intake, constraints, device, tick)
+        sens = _measure(intake, constraints, device, tick, memory_budget)
         if constraints.hessian.omega == "measured":
             sens = _measured_omegas(intake, sens, constraints, device, tick)
         cache.put("sensitivity", sens_key, sens.to_json())
@@ -324,14 +324,14 @@ def run_pipeline(
     # 3. regions (DRQ)
     regions = None
     if constraints.uses_drq:
-        regions_key = stage_key("regions", {"model": model_path, "calibration": calib_path},
-                                {"sensitivity": sens_key, "drq": constraints.drq.model_dump()})
-        regions = _cached_regions(cache.get("regions", regions_key))
+        r_key = regions_key(model_path, calib_path, constraints, sens_key)
+        regions = _cached_regions(cache.get("regions", r_key))
         if regions is not None:
             reused.append("regions")
         else:
-            regions = _regions(intake, sens, constraints, device, tick)
-            cache.put("regions", regions_key, regions.to_json())
+            regions = _regions(intake, sens, constraints, device, tick,
+                               chunk=_forward_chunk(sens))
+            cache.put("regions", r_key, regions.to_json())
         _write_atomic(out / REGIONS_FILE, regions.to_json())
         tick("regions", 1.0)
 
@@ -347,9 +347,7 @@ def run_pipeline(
         weight_group_sizes=tuple(constraints.weight_group_sizes),
     )
     specs = _layer_specs(intake, sens, regions)
-    limits = limits_from_constraints(
-        constraints.limits.model_dump(exclude_none=True), specs, opts
-    )
+    limits = constraints.limits.to_solver(reference_totals(specs, opts))
     problem = build_problem(specs, opts, limits, shared_input_ties(intake.module, intake.layers))
     _write_atomic(out / PROBLEM_FILE, problem.to_json())
     tick("solve", 0.2)
@@ -369,7 +367,7 @@ def run_pipeline(
     tick("solve", 1.0)
 
     # 6-7. quantize, evaluate
-    result = _quantize(intake, plan, device, tick)
+    result = _quantize(intake, plan, device, tick, chunk=_forward_chunk(sens))
     tick.check()
     _save_checkpoint(result, out)  # model.safetensors and report.json
     # 8. the trade-off: Pareto fronts, a few of their points evaluated, plots
@@ -381,9 +379,15 @@ def run_pipeline(
     return PipelineResult(out, plan, result.report, dict(tick.seconds), reused)
 
 
+def _forward_chunk(sens: Any) -> int | None:
+    """Samples per no-grad forward that fit the memory budget (None: the stage's default)."""
+    return (sens.model.get("memory") or {}).get("forward_chunk")
+
+
 def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
-              progress: ProgressFn) -> Any:
-    """quantize.apply on the intake's split: checkpoint, fake-quant module and report."""
+              progress: ProgressFn, chunk: int | None = None) -> Any:
+    """quantize.apply on the intake's split: checkpoint, fake-quant module and report;
+    ``chunk``: samples per forward pass of a dynamic-batch program."""
     from quantize import QuantizeConfig, apply
 
     return apply(
@@ -391,7 +395,7 @@ def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
         plan,
         intake.train,
         intake.holdout,
-        QuantizeConfig(),
+        QuantizeConfig() if chunk is None else QuantizeConfig(batch_size=chunk),
         batch_size=intake.batch_size,
         device=device,
         progress=progress,
@@ -425,28 +429,18 @@ def _tradeoff(out: Path, problem: Any, solution: Any, specs: Any, constraints: C
         _write_atomic(out / PLOTS_DIR / name, data)
 
 
-def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: _Guard) -> Any:
+def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: _Guard,
+             memory_budget: int | None = None) -> Any:
     from sensitivity import measure
     from sensitivity.hessian import HessianConfig
 
     h = constraints.hessian
     cfg = HessianConfig(
-        max_iter=h.max_iter, tol=h.tol, seed=h.seed, min_iter=min(10, h.max_iter)
+        max_iter=h.max_iter, tol=h.tol, seed=h.seed, min_iter=min(10, h.max_iter),
+        batch_size=h.batch_size, memory_budget=memory_budget,
     )
     tick("sensitivity", 0.0)
     return measure(intake, cfg, device, tick)
-
-
-def _sensitivity_settings(constraints: Constraints, holdout_fraction: float) -> dict[str, Any]:
-    """What the sensitivity stage's result depends on besides the two files."""
-    from sensitivity.engine import VERSION
-
-    settings: dict[str, Any] = {"format": VERSION, "hessian": constraints.hessian.model_dump(),
-                                "holdout_fraction": holdout_fraction}
-    if constraints.hessian.omega == "measured":  # measured at the requested widths only
-        settings["bits"] = [sorted(constraints.weight_bits), sorted(constraints.activation_bits),
-                            constraints.uses_drq]
-    return settings
 
 
 def _cached_sensitivity(text: str | None) -> Any:
@@ -486,13 +480,15 @@ def _measured_omegas(
 
 
 def _regions(
-    intake: Any, sens: Any, constraints: Constraints, device: torch.device, tick: _Guard
+    intake: Any, sens: Any, constraints: Constraints, device: torch.device, tick: _Guard,
+    chunk: int | None = None,
 ) -> Any:
     from sensitivity.regions import RegionConfig, calibrate
 
     cfg = RegionConfig(
         region_sizes=tuple(constraints.drq.region_sizes),
         sensitive_fractions=tuple(constraints.drq.sensitive_fractions),
+        **({} if chunk is None else {"batch_size": chunk}),
     )
     traces = {
         s.name: (float(s.activation_trace), int(s.activation_numel))

@@ -183,6 +183,7 @@ class JobQueue:
                 should_cancel=should_cancel,
                 holdout_fraction=self.settings.holdout_fraction,
                 cache=StageCache(self.settings.cache_dir),
+                memory_budget=self.settings.memory_budget_bytes(self.settings.torch_device()),
             )
         except CancelledError:
             if self._stopping.is_set() and not lost.is_set() and self.store.release(job_id):

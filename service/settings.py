@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="share of the calibration samples kept for evaluation"
     )
+    memory_gb: PositiveFloat | None = Field(
+        None, description="memory a job's passes may use, GB = 1e9 B (default: half the "
+        "machine's available RAM, or half the GPU's memory); chunk sizes follow from it"
+    )
     poll_interval_s: PositiveFloat = Field(0.5, description="longest idle wait of a worker")
     embedded_worker: bool = Field(True, description="`bitplan serve` also runs a worker")
     retention_days: float | None = Field(
@@ -143,6 +147,10 @@ class Settings(BaseSettings):
     def torch_device(self):  # -> torch.device (torch is imported lazily)
         return resolve_device(self.device)
 
+    def memory_budget_bytes(self, device) -> int:  # device: torch.device
+        """``memory_gb`` in bytes, or the default share of the device's memory."""
+        return memory_budget(self.memory_gb, device)
+
 
 def check_device(value: str) -> str:
     """Normalise a device setting; raises ValueError unless auto / cpu / cuda / cuda:N."""
@@ -153,6 +161,19 @@ def check_device(value: str) -> str:
         f'device (BITPLAN_DEVICE / --device) must be "auto", "cpu", "cuda" or "cuda:N", '
         f'not {value!r}'
     )
+
+
+DEFAULT_MEMORY_SHARE = 0.5  # the rest for the OS, the service and other jobs
+
+
+def memory_budget(memory_gb: float | None, device) -> int:
+    """Bytes a job's passes may use on ``device``: ``memory_gb`` x 1e9, or by default
+    ``DEFAULT_MEMORY_SHARE`` of the GPU's memory / of the RAM available now."""
+    if memory_gb is not None:
+        return int(memory_gb * 1e9)
+    from sensitivity.memory import available_bytes
+
+    return int(DEFAULT_MEMORY_SHARE * available_bytes(device))
 
 
 def resolve_device(value: str):  # -> torch.device

@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of every random draw")
     add_device_argument(p)
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="samples kept for eval")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="memory the passes may use, GB (default: BITPLAN_MEMORY_GB, else half "
+                   "the available RAM / GPU memory)")
     p.add_argument("--json", action="store_true", help="print the job summary as JSON")
     p.set_defaults(func=run)
 
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from ..constraints import parse_constraints
     from ..pipeline import run_pipeline
     from ..progress import TerminalProgress
-    from ..settings import resolve_device
+    from ..settings import memory_budget, resolve_device
 
     constraints = parse_constraints(constraints_from_args(args))
     device = resolve_device(args.device)
@@ -186,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             progress=bar,
             holdout_fraction=args.holdout_fraction,
+            memory_budget=memory_budget(args.memory_gb if args.memory_gb is not None
+                                        else _settings_memory_gb(), device),
         )
     except InfeasibleError as exc:
         bar.close()
@@ -202,3 +207,11 @@ def run(args: argparse.Namespace) -> int:
                  result.sensitivity_path)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _settings_memory_gb() -> float | None:
+    """BITPLAN_MEMORY_GB when set (the other settings do not concern a local run)."""
+    import os
+
+    value = os.environ.get("BITPLAN_MEMORY_GB")
+    return float(value) if value else None
