@@ -17,25 +17,68 @@ def no_progress(stage: str, fraction: float) -> None:
     """A progress callback that ignores everything."""
 
 
-class TerminalProgress:
-    """Draws ``stage [#####-----] 42%`` on stderr when it is a terminal, else one line a stage."""
+class Eta:
+    """Time left in a stage from its fraction: elapsed x (1 - f) / f, once the stage has
+    reported ``min_updates`` advances and ``min_fraction`` of its work (before that, None).
+    A stage whose work is an upper bound (Hutchinson stops early once converged) finishes
+    sooner than this says."""
 
-    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+    def __init__(self, min_updates: int = 3, min_fraction: float = 0.02) -> None:
+        self.min_updates = min_updates
+        self.min_fraction = min_fraction
+        self._stage: str | None = None
+        self._t0 = 0.0
+        self._updates = 0
+        self._last = -1.0
+
+    def __call__(self, stage: str, fraction: float) -> float | None:
+        now = time.monotonic()
+        if stage != self._stage:
+            self._stage, self._t0, self._updates, self._last = stage, now, 0, fraction
+            return None
+        if fraction > self._last:
+            self._updates += 1
+            self._last = fraction
+        if self._updates < self.min_updates or fraction < self.min_fraction or fraction >= 1:
+            return None
+        return (now - self._t0) * (1.0 - fraction) / fraction
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class TerminalProgress:
+    """Draws ``stage [#####-----] 42% ~3m10s left`` on stderr when it is a terminal; else one
+    line when a stage starts and one every ``every_s`` seconds while it advances."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30,
+                 every_s: float = 10.0) -> None:
         self.stream = stream or sys.stderr
         self.width = width
+        self.every_s = every_s
         self.tty = self.stream.isatty()
+        self.eta = Eta()
         self._stage: str | None = None
         self._last = 0.0
 
     def __call__(self, stage: str, fraction: float) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
+        left = self.eta(stage, fraction)
+        tail = "" if left is None else f" ~{format_seconds(left)} left"
+        now = time.monotonic()
         if not self.tty:
             if stage != self._stage:
                 self.stream.write(f"{stage}...\n")
-                self.stream.flush()
-                self._stage = stage
+                self._stage, self._last = stage, now
+            elif now - self._last >= self.every_s and fraction < 1.0:
+                self.stream.write(f"{stage} {fraction * 100:5.1f}%{tail}\n")
+                self._last = now
+            else:
+                return
+            self.stream.flush()
             return
-        now = time.monotonic()
         if stage == self._stage and fraction < 1.0 and now - self._last < 0.1:
             return
         if self._stage is not None and stage != self._stage:
@@ -43,7 +86,7 @@ class TerminalProgress:
         self._stage, self._last = stage, now
         filled = int(round(fraction * self.width))
         bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"\r{stage:<12} [{bar}] {fraction * 100:5.1f}%")
+        self.stream.write(f"\r{stage:<12} [{bar}] {fraction * 100:5.1f}%{tail:<16}")
         self.stream.flush()
 
     def close(self) -> None:
