@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("sensitivity", "regions")
+SENSITIVITY_FORMAT = 1  # sensitivity.json's version: a new format measures again
 _CHUNK = 1 << 20
 
 
@@ -110,3 +111,33 @@ class StageCache:
                 except OSError:
                     continue
         return removed
+
+
+def sensitivity_key(model: str | Path, calib: str | Path, constraints: Any,
+                    holdout_fraction: float) -> str:
+    """The sensitivity stage's key: the two files, the Hessian settings, the calibration split
+    and, for measured Omega, the bit widths it was measured at."""
+    settings: dict[str, Any] = {"format": SENSITIVITY_FORMAT,
+                                "hessian": constraints.hessian.model_dump(),
+                                "holdout_fraction": holdout_fraction}
+    if constraints.hessian.omega == "measured":
+        settings["bits"] = [sorted(constraints.weight_bits), sorted(constraints.activation_bits),
+                            constraints.uses_drq]
+    return stage_key("sensitivity", {"model": model, "calibration": calib}, settings)
+
+
+def regions_key(model: str | Path, calib: str | Path, constraints: Any, sens_key: str) -> str:
+    """The DRQ regions' key: the sensitivity they were calibrated with and the DRQ settings."""
+    return stage_key("regions", {"model": model, "calibration": calib},
+                     {"sensitivity": sens_key, "drq": constraints.drq.model_dump()})
+
+
+def reusable(cache: StageCache, model: str | Path, calib: str | Path, constraints: Any,
+             holdout_fraction: float) -> list[str]:
+    """The stages a job with these inputs would take from ``cache`` (what a re-plan reuses)."""
+    key = sensitivity_key(model, calib, constraints, holdout_fraction)
+    out = ["sensitivity"] if cache.has("sensitivity", key) else []
+    if out and constraints.uses_drq and cache.has(
+            "regions", regions_key(model, calib, constraints, key)):
+        out.append("regions")
+    return out

@@ -7,6 +7,8 @@ state (files, the job store, the queue) happens here or below.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import threading
 from collections.abc import AsyncIterator
@@ -18,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from solver.errors import NotFoundError
 
 from . import jobs as J
+from .cache import StageCache, reusable
 from .constraints import parse_constraints
 from .errors import ConflictError, storage_error
 from .jobs import Job, JobStore, is_job_id, new_job_id
@@ -36,7 +39,10 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "report": ("report.json", "application/json"),
     "checkpoint": ("model.safetensors", "application/octet-stream"),
     "sensitivity": ("sensitivity.json", "application/json"),
+    "pareto": ("pareto.json", "application/json"),
 }
+PLOT_PATTERN = r"^(bits|pareto)\.(svg|png)$"
+_PLOT_TYPES = {"svg": "image/svg+xml", "png": "image/png"}
 
 
 class BitplanService:
@@ -106,6 +112,49 @@ class BitplanService:
         log.info("job %s queued (%d bytes uploaded)", job_id, upload.total_bytes)
         return job
 
+    def replan(self, parent_id: str, constraints_json: Any) -> tuple[Job, list[str]]:
+        """A new job on ``parent_id``'s uploads with other constraints; returns it and the
+        stages it will take from the cache (no upload, and no Hessian passes when the Hessian
+        settings are unchanged). Settings the parent did not compute for (another Hessian
+        seed, DRQ regions it did not calibrate) are computed by the new job.
+
+        Raises NotFoundError (no such job, or its uploads were deleted), ConflictError (the
+        parent failed or was cancelled before its sensitivity was measured),
+        BadConstraintsError.
+        """
+        parent = self.store.get(parent_id)
+        constraints = parse_constraints(constraints_json)
+        if not (Path(parent.out_dir) / "sensitivity.json").is_file():
+            if parent.status in J.ACTIVE:
+                raise ConflictError(f"job {parent_id} is {parent.status} and has no sensitivity "
+                                    "yet; re-plan it once it has")
+            raise ConflictError(
+                f"job {parent_id} {parent.status} before its sensitivity was measured; "
+                "nothing to re-plan from: submit the model again with POST /plan")
+        sources = {"model": Path(parent.model_path), "calibration": Path(parent.calib_path)}
+        if not all(p.is_file() for p in sources.values()):
+            raise NotFoundError(f"the uploads of job {parent_id} were deleted")
+        job_id = new_job_id()
+        job_dir = self.job_dir(job_id)
+        upload_dir = job_dir / "upload"
+        upload_dir.mkdir(parents=True)
+        try:
+            copies = {k: _link_or_copy(p, upload_dir / p.name) for k, p in sources.items()}
+            reused = reusable(StageCache(self.settings.cache_dir), copies["model"],
+                              copies["calibration"], constraints, self.settings.holdout_fraction)
+            job = self.store.create(
+                job_id, constraints.to_dict(), str(copies["model"].resolve()),
+                str(copies["calibration"].resolve()), str((job_dir / "out").resolve()),
+                model_name=parent.model_name, parent_id=parent.id,
+            )
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        self.queue.enqueue(job_id)
+        log.info("job %s queued: re-plan of %s (reuses %s)", job_id, parent_id,
+                 ", ".join(["uploads", *reused]))
+        return job, ["uploads", *reused]
+
     def _validate(self, *args: Any) -> None:
         # Validation loads the model and runs it over the calibration data: bound how many run
         # at once so a burst of uploads cannot exhaust the API's memory.
@@ -142,5 +191,34 @@ class BitplanService:
             raise ConflictError(f"job {job_id} is {job.status}; the {name} is not ready yet")
         raise NotFoundError(f"job {job_id} {job.status} without a {name}")
 
+    def plot(self, job_id: str, name: str) -> tuple[Path, str]:
+        """(path, media type) of a succeeded job's plot ``name`` (see PLOT_PATTERN).
+
+        Raises NotFoundError (no such job or plot), ConflictError (not finished yet)."""
+        if not re.match(PLOT_PATTERN, name):
+            raise NotFoundError(f"no plot {name!r}: use bits.svg, bits.png, pareto.svg, pareto.png")
+        job = self.store.get(job_id)
+        path = Path(job.out_dir) / "plots" / name
+        if path.is_file() and job.status == J.SUCCEEDED:
+            return path, _PLOT_TYPES[name.rsplit(".", 1)[1]]
+        if job.status in J.ACTIVE:
+            raise ConflictError(f"job {job_id} is {job.status}; its plots are not ready yet")
+        raise NotFoundError(f"job {job_id} {job.status} without the plot {name}")
+
     def close(self) -> None:
         self.store.close()
+
+
+def _link_or_copy(src: Path, dst: Path) -> Path:
+    """A re-plan's own copy of an upload: a hard link (no bytes copied) where the file system
+    allows one, else a copy; the digest sidecar comes along so the file is not hashed again.
+    The parent's retention then never takes the child's inputs."""
+    for a, b in ((src, dst), (src.with_name(src.name + ".sha256"),
+                              dst.with_name(dst.name + ".sha256"))):
+        if not a.is_file():
+            continue
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    return dst

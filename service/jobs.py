@@ -29,7 +29,9 @@ from sqlalchemy import (
     event,
     exc,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -104,6 +106,9 @@ class JobRow(_Base):
     calib_path: Mapped[str] = mapped_column(Text)
     out_dir: Mapped[str] = mapped_column(Text)
     summary: Mapped[Any] = mapped_column(JSON, nullable=True)
+    # Columns added after the first release are nullable: _add_missing_columns adds them to a
+    # job store created before them.
+    parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ class Job:
     calib_path: str
     out_dir: str
     summary: Any
+    parent_id: str | None = None  # the job this one re-plans (POST /jobs/{id}/replan)
 
     @property
     def error(self) -> dict[str, Any] | None:
@@ -156,6 +162,7 @@ class Job:
             calib_path=row.calib_path,
             out_dir=row.out_dir,
             summary=row.summary,
+            parent_id=row.parent_id,
         )
 
 
@@ -175,6 +182,22 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the nullable columns a job store made by an older bitplan lacks (create_all only
+    creates missing tables)."""
+    have = {c["name"] for c in inspect(engine).get_columns(JobRow.__tablename__)}
+    missing = [c for c in JobRow.__table__.columns if c.name not in have]
+    if not missing:
+        return
+    with engine.begin() as conn:
+        for column in missing:
+            if not column.nullable:
+                raise RuntimeError(f"job store lacks the non-nullable column {column.name!r}")
+            kind = column.type.compile(engine.dialect)
+            table = JobRow.__tablename__
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column.name} {kind}"))
+
+
 class JobStore:
     """Create, read and move jobs between states. Thread-safe (a session per call)."""
 
@@ -184,6 +207,7 @@ class JobStore:
         self.engine = make_engine(url)
         try:
             _Base.metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         except exc.DBAPIError as error:
             self.engine.dispose()
             where = self.engine.url.render_as_string(hide_password=True)
@@ -253,6 +277,7 @@ class JobStore:
         calib_path: str,
         out_dir: str,
         model_name: str | None = None,
+        parent_id: str | None = None,
     ) -> Job:
         """Record a new queued job."""
         row = JobRow(
@@ -264,6 +289,7 @@ class JobStore:
             attempts=0,
             constraints=constraints,
             model_name=model_name,
+            parent_id=parent_id,
             model_path=model_path,
             calib_path=calib_path,
             out_dir=out_dir,

@@ -24,6 +24,9 @@ class JobLinks(BaseModel):
     report: str
     checkpoint: str
     cancel: str
+    pareto: str
+    replan: str
+    page: str
 
 
 def job_links(job_id: str) -> JobLinks:
@@ -34,12 +37,19 @@ def job_links(job_id: str) -> JobLinks:
         report=f"{base}/report",
         checkpoint=f"{base}/checkpoint",
         cancel=base,
+        pareto=f"{base}/pareto",
+        replan=f"{base}/replan",
+        page=f"/ui/jobs/{job_id}",
     )
 
 
 class JobSubmitted(BaseModel):
     job_id: str
     status: str
+    parent_id: str | None = Field(None, description="the job a re-plan re-uses")
+    reuses: list[str] | None = Field(
+        None, description="what a re-plan takes from its parent: uploads, and the stages "
+        "found in the cache (sensitivity, regions); the rest is computed")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -66,6 +76,7 @@ class JobPublic(BaseModel):
     constraints: dict[str, Any]
     error: ErrorPublic | None = None
     summary: dict[str, Any] | None = Field(None, description="plan totals and evaluation")
+    parent_id: str | None = Field(None, description="the job this one re-plans")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

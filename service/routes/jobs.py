@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Body, Path, Query, status
 from fastapi.responses import FileResponse
 
-from ..core import BitplanService
+from ..core import PLOT_PATTERN, BitplanService
 from ..deps import ApiKeyDep, JobId, ServiceDep
 from ..jobs import STATUSES
-from ..schemas import JobPublic, JobsPublic
+from ..schemas import JobPublic, JobsPublic, JobSubmitted
 from . import error_responses
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
@@ -37,6 +37,38 @@ def list_jobs(
 def get_job(job_id: JobId, svc: ServiceDep) -> JobPublic:
     """A job's status, stage, progress, timestamps and error."""
     return JobPublic.model_validate(svc.get(job_id))
+
+
+@router.post("/{job_id}/replan", status_code=status.HTTP_202_ACCEPTED,
+             response_model=JobSubmitted, responses=_ERRORS)
+def replan_job(job_id: JobId, svc: ServiceDep,
+               constraints: Annotated[dict[str, Any], Body()]) -> JobSubmitted:
+    """Queue a new job on this job's uploads with other constraints (JSON body: the
+    constraints); its sensitivity and DRQ regions are reused when their settings match."""
+    job, reuses = svc.replan(job_id, constraints)
+    return JobSubmitted(job_id=job.id, status=job.status, parent_id=job.parent_id,
+                        reuses=reuses)
+
+
+@router.get("/{job_id}/pareto", responses=_ERRORS)
+def get_pareto(job_id: JobId, svc: ServiceDep) -> FileResponse:
+    """The Pareto fronts of the job (pareto.json: Omega against each limited resource, with
+    measured quality at up to 5 points each)."""
+    return _artifact(svc, job_id, "pareto")
+
+
+@router.get(
+    "/{job_id}/plots/{name}",
+    response_class=FileResponse,
+    responses={**_ERRORS, 200: {"content": {"image/svg+xml": {}, "image/png": {}},
+                                "description": "the plot"}},
+)
+def get_plot(job_id: JobId, name: Annotated[str, Path(pattern=PLOT_PATTERN)],
+             svc: ServiceDep) -> FileResponse:
+    """A plot of the job: bits.svg / bits.png (bits per layer and sensitivity), pareto.svg /
+    pareto.png (the trade-off curves)."""
+    path, media_type = svc.plot(job_id, name)
+    return FileResponse(path, media_type=media_type)
 
 
 @router.delete("/{job_id}", response_model=JobPublic, responses=_ERRORS)
