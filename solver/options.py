@@ -338,7 +338,8 @@ def build_problem(
 def reference_totals(
     specs: Sequence[LayerSpec], cfg: OptionsConfig, w_bits: int = 8, a_bits: int = 8
 ) -> dict[str, float | None]:
-    """Totals of the all-(w_bits, a_bits) model (default INT8), the base of ``*_ratio`` limits."""
+    """Totals of the all-(w_bits, a_bits) model (default INT8): the base that ratio limits
+    are relative to (the service converts them, ``service.constraints.Limits.to_solver``)."""
     size = bops = 0.0
     lat: float | None = 0.0
     for s in specs:
@@ -347,48 +348,3 @@ def reference_totals(
         ms = _latency(s, cfg, w_bits, a_bits, f"w{w_bits}a{a_bits}", None)
         lat = None if ms is None or lat is None else lat + ms
     return {"size_bytes": size, "bops": bops, "latency_ms": lat}
-
-
-_LIMIT_KEYS = {"size_mb", "bops_g", "latency_ms", "size_ratio", "bops_ratio", "latency_ratio"}
-
-
-def limits_from_constraints(
-    limits: dict[str, Any], specs: Sequence[LayerSpec], cfg: OptionsConfig
-) -> Limits:
-    """Convert the constraints' ``limits`` object (``size_mb`` = 1e6 bytes, ``bops_g`` = 1e9
-    BOPs, ``latency_ms``, or ``*_ratio`` of the all-INT8 model) to :class:`Limits`."""
-    if not isinstance(limits, dict):
-        raise BadConstraintsError("limits must be an object")
-    unknown = sorted(set(limits) - _LIMIT_KEYS)
-    if unknown:
-        raise BadConstraintsError(
-            f"limits has unknown keys {unknown}; allowed {sorted(_LIMIT_KEYS)}"
-        )
-    ref = None
-    out: dict[str, float | None] = {}
-    for res, absolute, unit in (("size_bytes", "size_mb", 1e6), ("bops", "bops_g", 1e9),
-                                ("latency_ms", "latency_ms", 1.0)):
-        ratio = res.split("_")[0] + "_ratio"
-        a, r = limits.get(absolute), limits.get(ratio)
-        if a is not None and r is not None:
-            raise BadConstraintsError(f"give {absolute} or {ratio}, not both")
-        for key, v in ((absolute, a), (ratio, r)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
-                                  or not math.isfinite(v) or v <= 0):
-                raise BadConstraintsError(f"limit {key} must be a finite number > 0, got {v!r}")
-        if a is not None:
-            out[res] = float(a) * unit
-        elif r is not None:
-            ref = ref or reference_totals(specs, cfg)
-            if ref[res] is None:
-                raise BadConstraintsError(
-                    f"{ratio} needs latencies: set a hardware profile or a latency_table"
-                )
-            out[res] = float(r) * ref[res]
-        else:
-            out[res] = None
-    if out["latency_ms"] is not None and cfg.hardware is None and cfg.latency_table is None:
-        raise BadConstraintsError(
-            "a latency limit needs a hardware profile or a latency_table to cost layers"
-        )
-    return Limits(**out)

@@ -88,3 +88,27 @@ def test_schema_is_published() -> None:
     schema = Constraints.model_json_schema()
     assert schema["required"] == ["limits"]
     assert schema["additionalProperties"] is False
+
+
+def test_limits_become_solver_limits_once_at_the_edge() -> None:
+    """MB = 1e6 bytes, bops_g = 1e9 bit operations, latency in ms; ratios times the all-INT8
+    totals. The solver sees only its own units."""
+    ref = {"size_bytes": 4000.0, "bops": 1e10, "latency_ms": 2.0}
+    c = parse_constraints({"limits": {"size_ratio": 0.5, "bops_g": 2.0, "latency_ratio": 0.25},
+                           "hardware": "nvidia-t4"})
+    lim = c.limits.to_solver(ref)
+    assert (lim.size_bytes, lim.bops, lim.latency_ms) == (2000.0, 2e9, 0.5)
+    lim = parse_constraints({"limits": {"size_mb": 1.5}}).limits.to_solver(ref)
+    assert (lim.size_bytes, lim.bops, lim.latency_ms) == (1.5e6, None, None)
+    with pytest.raises(BadConstraintsError, match="latency_ratio"):
+        c.limits.to_solver({**ref, "latency_ms": None})  # a layer without a latency
+
+
+@pytest.mark.parametrize(
+    "limits,field",
+    [({"size_mb": 1, "size_ratio": 0.5}, "not both"), ({"size_gb": 1}, "size_gb"),
+     ({"bops_g": 0}, "bops_g"), ({"latency_ms": 1.0}, "latency")],
+)
+def test_bad_limits_are_refused_before_conversion(limits: dict, field: str) -> None:
+    with pytest.raises(BadConstraintsError, match=field):
+        parse_constraints({"limits": limits})

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from solver import ActivationMode, LayerSpec, Limits, OptionsConfig, build_problem, solve
 from solver.errors import BadConstraintsError
 from solver.hardware import get_profile
-from solver.options import limits_from_constraints, reference_totals
+from solver.options import reference_totals
 
 DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
        "high_bits": 8, "low_bits": 4, "scale": 0.02, "signed": False}
@@ -148,20 +148,15 @@ def test_missing_omega_names_layer_and_bits() -> None:
                                                  pin_last=None), Limits())
 
 
-def test_reference_totals_and_ratio_limits() -> None:
+def test_reference_totals() -> None:
+    """The all-INT8 totals that ratio limits are relative to (the service converts the
+    request's limits: tests/service/test_constraints.py)."""
     specs = [spec("a"), spec("b", params=3000)]
-    cfg = OptionsConfig(hardware="nvidia-t4")
-    ref = reference_totals(specs, cfg)
+    ref = reference_totals(specs, OptionsConfig(hardware="nvidia-t4"))
     assert ref["size_bytes"] == 1001 + 28 + 3000 + 28
     assert ref["bops"] == (1001 + 3000) * 16 * 64
-    lim = limits_from_constraints({"size_ratio": 0.5, "bops_g": 2.0}, specs, cfg)
-    assert lim.size_bytes == pytest.approx(0.5 * ref["size_bytes"]) and lim.bops == 2e9
-    with pytest.raises(BadConstraintsError, match="not both"):
-        limits_from_constraints({"size_mb": 1, "size_ratio": 0.5}, specs, cfg)
-    with pytest.raises(BadConstraintsError, match="unknown keys"):
-        limits_from_constraints({"size_gb": 1}, specs, cfg)
-    with pytest.raises(BadConstraintsError, match="latency"):
-        limits_from_constraints({"latency_ms": 1.0}, specs, OptionsConfig())
+    assert ref["latency_ms"] is not None and ref["latency_ms"] > 0
+    assert reference_totals(specs, OptionsConfig())["latency_ms"] is None  # nothing to cost
 
 
 @settings(max_examples=25, deadline=None)
