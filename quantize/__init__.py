@@ -4,7 +4,7 @@ Entry points: :func:`apply` (program + plan + calibration data -> :class:`Quanti
 :func:`load` (checkpoint + program -> runnable fake-quant module).
 """
 
-from .api import QuantizeResult, apply, fixed_batch_size, load
+from .api import QuantizeResult, apply, load
 from .config import QuantizeConfig
 
-__all__ = ["QuantizeConfig", "QuantizeResult", "apply", "fixed_batch_size", "load"]
+__all__ = ["QuantizeConfig", "QuantizeResult", "apply", "load"]

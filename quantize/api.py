@@ -276,21 +276,6 @@ def apply(
     return QuantizeResult(tensors, ckpt.metadata(), report, ckpt, qmodule)
 
 
-def fixed_batch_size(program: torch.export.ExportedProgram) -> int | None:
-    """The batch size a program was exported with when its batch dimension is static, else None.
-
-    Looks at dim 0 of the first tensor user input: a plain int there means every call must use
-    exactly that many rows (``CalibrationSet.batches(fixed=True)`` pads to it).
-    """
-    user = set(program.graph_signature.user_inputs)
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() > 0:
-                return val.shape[0] if isinstance(val.shape[0], int) else None
-    return None
-
-
 def load(checkpoint_path: str | Path, program: torch.export.ExportedProgram) -> nn.Module:
     """A runnable fake-quant module for a checkpoint written by :func:`apply`.
 
