@@ -62,118 +62,149 @@ def fix(
     """Drop options that no optimal assignment can use. Returns (reduced groups, incumbent or
     None, info). The incumbent's options always survive; when every group is left with one
     option the incumbent is optimal."""
-    res = list(limits)
-    scale = {r: limit_scale(limits[r], math.fsum(max(o.costs[r] for o in g) for g in groups))
-             for r in res}
-    cap = [limits[r] / scale[r] for r in res]
-    om = [[o.omega for o in g] for g in groups]
-    cs = [[[o.costs[r] / scale[r] for o in g] for r in res] for g in groups]
-    nres = len(res)
+    f = _Fixing(groups, limits)
+    cands = f.first_incumbents()
+    if f.nres > 1 and f.inc is not None:
+        cands = f.subgradient(iterations)
+    if not cands:
+        return groups, None, {"bound": f.best_l, "incumbent": None, "kept": None}
+    return f.reduce(min(cands, key=f.value))
 
-    def usage(picks: list[int]) -> list[float]:
-        return [math.fsum(cs[g][r][k] for g, k in enumerate(picks)) for r in range(nres)]
 
-    def feasible(picks: list[int]) -> bool:
+class _Fixing:
+    """One fixing run; its fields are the state the steps share: the best Lagrangian bound so
+    far (``best_l`` at ``best_lam``) and the incumbent (``inc`` picks per group, value ``ub``),
+    over the options' values ``om`` and normalised costs ``cs`` (group, limit, option)."""
+
+    def __init__(self, groups: list[list[GOpt]], limits: dict[str, float]) -> None:
+        self.groups, self.limits = groups, limits
+        self.res = res = list(limits)
+        scale = {r: limit_scale(limits[r],
+                                math.fsum(max(o.costs[r] for o in g) for g in groups))
+                 for r in res}
+        self.cap = [limits[r] / scale[r] for r in res]
+        self.om = [[o.omega for o in g] for g in groups]
+        self.cs = [[[o.costs[r] / scale[r] for o in g] for r in res] for g in groups]
+        self.nres = len(res)
+        self.best_l, self.best_lam = -math.inf, [0.0] * self.nres
+        self.inc: list[int] | None = None
+        self.ub = math.inf
+        self.spread = max((max(o) - min(o) for o in self.om), default=1.0) or 1.0
+
+    def usage(self, picks: list[int]) -> list[float]:
+        return [math.fsum(self.cs[g][r][k] for g, k in enumerate(picks))
+                for r in range(self.nres)]
+
+    def feasible(self, picks: list[int]) -> bool:
+        groups = self.groups
         return all(within(math.fsum(groups[g][k].costs[r] for g, k in enumerate(picks)),
-                          limits[r]) for r in res)
+                          self.limits[r]) for r in self.res)
 
-    def value(picks: list[int]) -> float:
-        return math.fsum(om[g][k] for g, k in enumerate(picks))
+    def value(self, picks: list[int]) -> float:
+        return math.fsum(self.om[g][k] for g, k in enumerate(picks))
 
-    lam = [0.0] * nres
-    best_l, best_lam = -math.inf, list(lam)
-    inc: list[int] | None = None
-    ub = math.inf
-    spread = max((max(o) - min(o) for o in om), default=1.0) or 1.0
-
-    def visit(mult: list[float]) -> tuple[list[int], float]:
-        nonlocal best_l, best_lam, inc, ub
-        picks, s = _choose(om, cs, mult)
-        lval = s - sum(mult[r] * cap[r] for r in range(nres))
-        if lval > best_l:
-            best_l, best_lam = lval, list(mult)
-        if feasible(picks):
-            v = value(picks)
-            if v < ub:
-                inc, ub = picks, v
+    def visit(self, mult: list[float]) -> tuple[list[int], float]:
+        """The Lagrangian choice at ``mult`` and its bound; records the best bound and the
+        best feasible choice."""
+        picks, s = _choose(self.om, self.cs, mult)
+        lval = s - sum(mult[r] * self.cap[r] for r in range(self.nres))
+        if lval > self.best_l:
+            self.best_l, self.best_lam = lval, list(mult)
+        if self.feasible(picks):
+            v = self.value(picks)
+            if v < self.ub:
+                self.inc, self.ub = picks, v
         return picks, lval
 
-    # Phase 1: scalar search along lam = mu * (1, ..., 1) for the smallest mu whose Lagrangian
-    # choice meets every limit. With one limit this is the LP dual (the best bound), and the
-    # choice there is the LP solution rounded to the feasible side: a strong incumbent.
-    visit(lam)
-    smallest_fitting(lambda mus: [feasible(visit([float(mus[0])] * nres)[0])], spread,
-                     grow_steps=40, rel_tol=1e-9)
-    # Incumbent candidates: the best feasible Lagrangian choice, improved; and the choice at
-    # the best bound (usually just over a limit), repaired then improved
-    # (solver.heuristics.repair, on option arrays padded to a rectangle).
-    width = max(len(g) for g in groups)
-    om_arr = np.array([row + row[:1] * (width - len(row)) for row in om])
-    cn_arr = np.array([[cs[g][r] + cs[g][r][:1] * (width - len(cs[g][r])) for g in range(len(cs))]
-                       for r in range(nres)], dtype=float).reshape(nres, len(groups), width)
-    sizes = [len(g) for g in groups]
+    def first_incumbents(self) -> list[list[int]]:
+        """Phase 1: scalar search along lam = mu * (1, ..., 1) for the smallest mu whose
+        Lagrangian choice meets every limit (with one limit the LP dual, the best bound, and
+        the choice there the LP solution rounded to the feasible side: a strong incumbent).
+        Sets the incumbent to the best candidate; returns the candidates."""
+        nres = self.nres
+        self.visit([0.0] * nres)
+        smallest_fitting(lambda mus: [self.feasible(self.visit([float(mus[0])] * nres)[0])],
+                         self.spread, grow_steps=40, rel_tol=1e-9)
+        # repair works on option arrays padded to a rectangle
+        groups, om, cs = self.groups, self.om, self.cs
+        width = max(len(g) for g in groups)
+        self.om_arr = np.array([row + row[:1] * (width - len(row)) for row in om])
+        self.cn_arr = np.array(
+            [[cs[g][r] + cs[g][r][:1] * (width - len(cs[g][r])) for g in range(len(cs))]
+             for r in range(nres)], dtype=float).reshape(nres, len(groups), width)
+        self.sizes = [len(g) for g in groups]
+        cands = self.candidates(self.best_lam)
+        if cands:
+            self.inc = min(cands, key=self.value)
+            self.ub = self.value(self.inc)
+        return cands
 
-    def improved(picks: list[int]) -> list[int]:
-        out = repair(om_arr, cn_arr, np.array(cap), sizes, picks)
-        return picks if out is None or not feasible(out) else out
+    def improved(self, picks: list[int]) -> list[int]:
+        """``picks`` repaired and improved by single-group moves (solver.heuristics.repair),
+        or unchanged when that does not fit."""
+        out = repair(self.om_arr, self.cn_arr, np.array(self.cap), self.sizes, picks)
+        return picks if out is None or not self.feasible(out) else out
 
-    def candidates(mult: list[float], with_inc: bool = True) -> list[list[int]]:
+    def candidates(self, mult: list[float], with_inc: bool = True) -> list[list[int]]:
+        """Incumbent candidates: the incumbent, improved; and the choice at ``mult`` (usually
+        just over a limit), repaired then improved."""
         out = []
-        if inc is not None and with_inc:
-            out.append(improved(inc))
-        repaired = improved(_choose(om, cs, mult)[0])
-        if feasible(repaired):
+        if self.inc is not None and with_inc:
+            out.append(self.improved(self.inc))
+        repaired = self.improved(_choose(self.om, self.cs, mult)[0])
+        if self.feasible(repaired):
             out.append(repaired)
         return out
 
-    cands = candidates(best_lam)
-    if cands:
-        inc = min(cands, key=value)
-        ub = value(inc)
-    # Phase 2 (several limits): projected subgradient ascent with Polyak steps towards the
-    # incumbent's value, restarting from the best multipliers when progress stalls.
-    if nres > 1 and inc is not None:
-        lam, start_lam, start_inc = list(best_lam), list(best_lam), inc
+    def subgradient(self, iterations: int) -> list[list[int]]:
+        """Phase 2 (several limits): projected subgradient ascent with Polyak steps towards
+        the incumbent's value, restarting from the best multipliers when progress stalls.
+        Returns the incumbent candidates after it."""
+        nres, cap = self.nres, self.cap
+        lam, start_lam, start_inc = list(self.best_lam), list(self.best_lam), self.inc
         theta, stall = 1.0, 0
         for _ in range(iterations):
-            before = best_l
-            picks, lval = visit(lam)
-            if ub - best_l <= 1e-12 * max(1.0, abs(ub)):
+            before = self.best_l
+            picks, lval = self.visit(lam)
+            if self.ub - self.best_l <= 1e-12 * max(1.0, abs(self.ub)):
                 break
-            if best_l <= before:
+            if self.best_l <= before:
                 stall += 1
                 if stall >= 3:
                     theta, stall = theta / 2, 0
-                    lam = list(best_lam)
-                    picks, lval = visit(lam)
-            grad = [u - c for u, c in zip(usage(picks), cap, strict=True)]
+                    lam = list(self.best_lam)
+                    picks, lval = self.visit(lam)
+            grad = [u - c for u, c in zip(self.usage(picks), cap, strict=True)]
             norm = sum(gr * gr for gr in grad)
             if norm <= 0:
                 break
-            step = theta * (ub - lval) / norm
+            step = theta * (self.ub - lval) / norm
             lam = [max(0.0, lam[r] + step * grad[r]) for r in range(nres)]
-        cands = [inc]
-        if best_lam != start_lam:
-            cands += candidates(best_lam, with_inc=inc is not start_inc)
-    if not cands:
-        return groups, None, {"bound": best_l, "incumbent": None, "kept": None}
-    inc = min(cands, key=value)
-    ub = value(inc)
+        cands = [self.inc]
+        if self.best_lam != start_lam:
+            cands += self.candidates(self.best_lam, with_inc=self.inc is not start_inc)
+        return cands
 
-    _, s = _choose(om, cs, best_lam)
-    lbound = s - sum(best_lam[r] * cap[r] for r in range(nres))
-    gap = ub - lbound
-    # Keep more rather than less: a generous tolerance can only weaken the fixing. The second
-    # term covers assignments that exceed a limit within FEAS_RTOL (they count as feasible).
-    tol = 1e-7 * (abs(ub) + abs(lbound) + spread) + 2 * FEAS_RTOL * sum(
-        best_lam[r] * max(cap[r], 1.0) for r in range(nres))
-    out = []
-    for g, opts in enumerate(groups):
-        vals = [om[g][k] + sum(best_lam[r] * cs[g][r][k] for r in range(nres))
-                for k in range(len(opts))]
-        m = min(vals)
-        keep = [o for k, o in enumerate(opts) if vals[k] - m <= gap + tol or k == inc[g]]
-        out.append(keep)
-    incumbent = [groups[g][k] for g, k in enumerate(inc)]
-    kept = sum(len(g) for g in out)
-    return out, incumbent, {"bound": lbound, "incumbent": ub, "kept": kept}
+    def reduce(self, inc: list[int]) -> tuple[list[list[GOpt]], list[GOpt], dict[str, Any]]:
+        """Keep the options whose reduced cost at the best multipliers is within the gap
+        between the incumbent ``inc`` and the bound (and the incumbent's)."""
+        groups, om, cs, nres, best_lam = self.groups, self.om, self.cs, self.nres, self.best_lam
+        ub = self.value(inc)
+        _, s = _choose(om, cs, best_lam)
+        lbound = s - sum(best_lam[r] * self.cap[r] for r in range(nres))
+        gap = ub - lbound
+        # Keep more rather than less: a generous tolerance can only weaken the fixing. The
+        # second term covers assignments that exceed a limit within FEAS_RTOL (they count as
+        # feasible).
+        tol = 1e-7 * (abs(ub) + abs(lbound) + self.spread) + 2 * FEAS_RTOL * sum(
+            best_lam[r] * max(self.cap[r], 1.0) for r in range(nres))
+        out = []
+        for g, opts in enumerate(groups):
+            vals = [om[g][k] + sum(best_lam[r] * cs[g][r][k] for r in range(nres))
+                    for k in range(len(opts))]
+            m = min(vals)
+            keep = [o for k, o in enumerate(opts) if vals[k] - m <= gap + tol or k == inc[g]]
+            out.append(keep)
+        incumbent = [groups[g][k] for g, k in enumerate(inc)]
+        kept = sum(len(g) for g in out)
+        return out, incumbent, {"bound": lbound, "incumbent": ub, "kept": kept}

@@ -1,12 +1,20 @@
-"""Solver test helpers (imported by name): random small problems (hypothesis) and an exhaustive
-reference."""
+"""Solver test helpers (imported by name): random small problems (hypothesis), an exhaustive
+reference, a 30-layer instance, the LP relaxation by CBC and the search's arrays and parameters."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import warnings
 
+import numpy as np
+import pulp
+import pytest
 from hypothesis import strategies as st
 
+from solver.arrays import Arrays, prune_dominated
+from solver.groups import groups_of
+from solver.params import PARAMS, SearchParams
 from solver.problem import RESOURCES, LayerOptions, Limits, Option, Problem, within
 
 TAGS = ("w2a8", "w4a8", "w8a8", "w4a4")
@@ -79,3 +87,93 @@ def brute_force(problem: Problem, limits: Limits | None = None) -> tuple[float |
         elif abs(obj - best) <= 1e-12:
             argbest.append(combo)
     return best, argbest
+
+
+def search_params(**values: object) -> SearchParams:
+    """The search's parameters with ``values`` changed."""
+    return dataclasses.replace(PARAMS, **values)
+
+
+def arrays_of(problem: Problem) -> tuple[Arrays, dict[str, float]]:
+    res = problem.limits.active()
+    limits = {r: problem.limits.get(r) for r in res}
+    # (prune_dominated sorts each group's options itself)
+    return prune_dominated([g.options for g in groups_of(problem)], "omega", res), limits
+
+
+@st.composite
+def float_problems(draw) -> Problem:
+    """Float costs spanning magnitudes, up to three limits, no ties."""
+    n = draw(st.integers(1, 6))
+    layers = []
+    for i in range(n):
+        k = draw(st.integers(1, 4))
+        scale = 10.0 ** draw(st.integers(0, 6))
+        opts = []
+        for j in range(k):
+            c = [draw(st.floats(0, 1, allow_nan=False)) * scale for _ in range(3)]
+            opts.append(Option(2 + j, 8, draw(st.floats(-1, 1, allow_nan=False)),
+                               *c, f"t{j}"))
+        layers.append(LayerOptions(f"l{i}", tuple(opts)))
+    probe = Problem(tuple(layers))
+    lim = {}
+    for r in ("size_bytes", "bops", "latency_ms"):
+        if draw(st.booleans()):
+            lo = sum(min(o.cost(r) for o in la.options) for la in probe.layers)
+            hi = sum(max(o.cost(r) for o in la.options) for la in probe.layers)
+            lim[r] = lo + draw(st.floats(-0.1, 1.0)) * (hi - lo)
+            lim[r] = max(lim[r], 0.0)
+    return Problem(tuple(layers), Limits(**lim))
+
+
+def assert_closed_in_process(sol, best: float | None) -> None:
+    """``sol`` is brute force's answer (``best``; None = infeasible), found without a MILP."""
+    if best is None:
+        assert sol.status == "infeasible"
+    else:
+        assert sol.status == "optimal"
+        assert sol.solver["closed_by"] in ("shortcut", "branch-and-bound")
+        assert sol.objective == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def mid_instance(fractions: dict[str, float], n: int = 30) -> Problem:
+    """n layers x 12 options; each limit at a fraction between its smallest and largest
+    reachable total."""
+    rng = np.random.default_rng(7)
+    layers = []
+    for i in range(n):
+        params = float(rng.choice([1e3, 1e4, 1e5]))
+        trace = float(np.exp(rng.normal(0, 1.5)))
+        opts = []
+        for w in (2, 3, 4, 5, 6, 8):
+            for a in (4, 8):
+                omega = trace * params * (4.0 ** -w + 0.3 * 4.0 ** -a) * rng.uniform(0.8, 1.2)
+                latency = params * (w + a) * rng.uniform(0.5, 1.5) * 1e-6
+                opts.append(Option(w, a, omega, params * w / 8, params * w * a, latency,
+                                   f"w{w}a{a}"))
+        layers.append(LayerOptions(f"l{i}", tuple(opts)))
+    free = Problem(tuple(layers))
+    lim = {}
+    for r, f in fractions.items():
+        lo = sum(min(o.cost(r) for o in la.options) for la in free.layers)
+        hi = sum(max(o.cost(r) for o in la.options) for la in free.layers)
+        lim[r] = lo + f * (hi - lo)
+    return Problem(tuple(layers), Limits(**lim))
+
+
+def lp_relaxation(problem: Problem) -> float:
+    """The LP relaxation's optimum, by CBC on the continuous model (an independent check)."""
+    lp = pulp.LpProblem("relaxed", pulp.LpMinimize)
+    x = {(i, k): lp.add_variable(f"x_{i}_{k}", 0, 1)
+         for i, la in enumerate(problem.layers) for k in range(len(la.options))}
+    lp += pulp.lpSum(problem.layers[i].options[k].omega * v for (i, k), v in x.items())
+    for i, la in enumerate(problem.layers):
+        lp += pulp.lpSum(x[i, k] for k in range(len(la.options))) == 1
+    for r in problem.limits.active():
+        lp += pulp.lpSum(problem.layers[i].options[k].cost(r) * v
+                         for (i, k), v in x.items()) <= problem.limits.get(r)
+    with warnings.catch_warnings():  # PuLP 3.x: the bundled CBC's deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lp.solve(pulp.PULP_CBC_CMD(msg=False))
+    assert lp.status == pulp.LpStatusOptimal
+    return pulp.value(lp.objective)
