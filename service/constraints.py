@@ -131,11 +131,17 @@ class Pin(_Strict):
 
 
 class Hessian(_Strict):
-    """Hutchinson trace estimation: stop when every layer's running mean moves less than
-    ``tol`` (relative) or after ``max_iter`` Hessian-vector products."""
+    """Hutchinson trace estimation (one sample = one Rademacher vector, one Hessian-vector
+    product per layer): sampling stops once every layer's trace estimate has a relative
+    standard error (standard error / mean) of at most ``tol``, checked after the first
+    ``min(10, max_iter)`` samples, or at ``max_iter`` samples; a layer whose mean is not
+    positive stops only at ``max_iter`` and is reported as not converged."""
 
-    max_iter: int = Field(200, ge=2, le=100_000)
-    tol: float = Field(0.05, gt=0, lt=1)
+    max_iter: int = Field(200, ge=2, le=100_000, description="most Hutchinson samples")
+    tol: float = Field(
+        0.05, gt=0, lt=1,
+        description="target relative standard error of each layer's trace (stderr / mean)",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     batch_size: int | None = Field(
         None, ge=1, le=65_536,
@@ -161,7 +167,12 @@ class Constraints(_Strict):
         description="weight scale granularity: null = per output channel, g = one scale per g "
         "inputs (layers whose fan-in g does not divide are not offered g)",
     )
-    activation_bits: list[Bits] = Field(default_factory=lambda: [8], min_length=1, max_length=7)
+    activation_bits: list[Bits] = Field(
+        default_factory=lambda: [8], min_length=1, max_length=len(ACTIVATION_CHOICES),
+        description=f"candidate activation bits, from {list(ACTIVATION_CHOICES)} (DRQ adds its "
+        "8/4 region mixes when 4 is allowed)",
+        json_schema_extra={"items": {"type": "integer", "enum": list(ACTIVATION_CHOICES)}},
+    )
     drq: DRQ = Field(default_factory=DRQ)
     pin: Pin = Field(default_factory=Pin)
     hardware: str | None = Field(None, min_length=1, max_length=64)

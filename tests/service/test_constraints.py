@@ -88,6 +88,13 @@ def test_schema_is_published() -> None:
     schema = Constraints.model_json_schema()
     assert schema["required"] == ["limits"]
     assert schema["additionalProperties"] is False
+    # what it publishes is what the code accepts and does
+    assert schema["properties"]["activation_bits"]["items"]["enum"] == [4, 8]
+    hessian = schema["$defs"]["Hessian"]
+    rule = " ".join(hessian["description"].split())
+    assert "relative standard error" in rule and "after the first ``min(10, max_iter)``" in rule
+    assert "moves less" not in rule
+    assert "stderr / mean" in hessian["properties"]["tol"]["description"]
 
 
 def test_limits_become_solver_limits_once_at_the_edge() -> None:
