@@ -45,62 +45,54 @@ class Model:
         # PuLP 3.x warns about its 4.0 API on every variable; the 3.x API is what we pin.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            self._build(groups, key, limits, scale)
+            import pulp  # lazily: ~0.1 s, and most solves never build a model
 
-    def _build(
-        self,
-        groups: list[list[GOpt]],
-        key: str,
-        limits: dict[str, float],
-        scale: dict[str, float],
-    ) -> None:
-        import pulp  # lazily: ~0.1 s, and most solves never build a model
-
-        self.groups = groups
-        self.key = key
-        self.resources = list(limits)
-        self.scale = scale
-        self.prob = pulp.LpProblem("bitplan", pulp.LpMinimize)
-        self.vars: list[list[pulp.LpVariable] | None] = []
-        self.const = {r: 0.0 for r in self.resources}
-        top = max((abs(o.value(key)) for g in groups for o in g), default=1.0) or 1.0
-        objscale = top / OBJ_MAX or 1.0  # (a subnormal top would underflow to 0)
-        obj: dict[pulp.LpVariable, float] = {}
-        rows: dict[str, dict[pulp.LpVariable, float]] = {r: {} for r in self.resources}
-        n_cons = 0
-        for gi, opts in enumerate(groups):
-            if len(opts) == 1:
-                for r in self.resources:
-                    self.const[r] += opts[0].costs[r]
-                self.vars.append(None)
-                continue
-            vs = [pulp.LpVariable(f"x{gi}_{k}", cat=pulp.LpBinary) for k in range(len(opts))]
-            self.vars.append(vs)
-            self.prob.addConstraint(
-                pulp.LpConstraint(
-                    pulp.LpAffineExpression({v: 1 for v in vs}), pulp.LpConstraintEQ, rhs=1
-                ),
-                name=f"one{gi}",
-            )
-            n_cons += 1
-            for v, o in zip(vs, opts, strict=True):
-                obj[v] = o.value(key) / objscale
-                for r in self.resources:
-                    c = o.costs[r]
-                    if c:
-                        rows[r][v] = c / scale[r]
-        self.prob.setObjective(pulp.LpAffineExpression(obj))
-        self.rows: dict[str, pulp.LpConstraint] = {}
-        for r in self.resources:
-            con = pulp.LpConstraint(pulp.LpAffineExpression(rows[r]), pulp.LpConstraintLE, rhs=0)
-            self.prob.addConstraint(con, name=f"lim_{r}")
-            self.rows[r] = self.prob.constraints[f"lim_{r}"]
-            n_cons += 1
-        self.n_vars = sum(len(v) for v in self.vars if v)
-        self.n_cons = n_cons
-        self.limits: dict[str, float] = {}
-        for r, lim in limits.items():
-            self.set_limit(r, lim)
+            self.groups = groups
+            self.key = key
+            self.resources = list(limits)
+            self.scale = scale
+            self.prob = pulp.LpProblem("bitplan", pulp.LpMinimize)
+            self.vars: list[list[pulp.LpVariable] | None] = []
+            self.const = {r: 0.0 for r in self.resources}
+            top = max((abs(o.value(key)) for g in groups for o in g), default=1.0) or 1.0
+            objscale = top / OBJ_MAX or 1.0  # (a subnormal top would underflow to 0)
+            obj: dict[pulp.LpVariable, float] = {}
+            rows: dict[str, dict[pulp.LpVariable, float]] = {r: {} for r in self.resources}
+            n_cons = 0
+            for gi, opts in enumerate(groups):
+                if len(opts) == 1:
+                    for r in self.resources:
+                        self.const[r] += opts[0].costs[r]
+                    self.vars.append(None)
+                    continue
+                vs = [pulp.LpVariable(f"x{gi}_{k}", cat=pulp.LpBinary) for k in range(len(opts))]
+                self.vars.append(vs)
+                self.prob.addConstraint(
+                    pulp.LpConstraint(
+                        pulp.LpAffineExpression({v: 1 for v in vs}), pulp.LpConstraintEQ, rhs=1
+                    ),
+                    name=f"one{gi}",
+                )
+                n_cons += 1
+                for v, o in zip(vs, opts, strict=True):
+                    obj[v] = o.value(key) / objscale
+                    for r in self.resources:
+                        c = o.costs[r]
+                        if c:
+                            rows[r][v] = c / scale[r]
+            self.prob.setObjective(pulp.LpAffineExpression(obj))
+            self.rows: dict[str, pulp.LpConstraint] = {}
+            for r in self.resources:
+                con = pulp.LpConstraint(pulp.LpAffineExpression(rows[r]), pulp.LpConstraintLE,
+                                        rhs=0)
+                self.prob.addConstraint(con, name=f"lim_{r}")
+                self.rows[r] = self.prob.constraints[f"lim_{r}"]
+                n_cons += 1
+            self.n_vars = sum(len(v) for v in self.vars if v)
+            self.n_cons = n_cons
+            self.limits: dict[str, float] = {}
+            for r, lim in limits.items():
+                self.set_limit(r, lim)
 
     def restrict(self, kept: list[list[GOpt]]) -> None:
         """Allow only the options in ``kept`` (per group, a subset of the model's options);
