@@ -1,0 +1,223 @@
+"""The service under load, on loopback: concurrent submissions, then polling at full speed.
+
+    .venv/bin/python bench/service.py [--jobs 50] [--distinct 5] [--poll-s 10] [--pollers 8]
+                                      [--workers 2] [--wait-s 900] [--separate-worker]
+
+Starts the real server (`python -m service.cli serve`, embedded worker, SQLite job store and
+queue in a temporary directory; the harness of tests/service/svc_helpers.py), trains a digits
+MLP per distinct file pair (``--distinct`` pairs for ``--jobs`` submissions, so some jobs share
+their files), then:
+
+1. one POST /plan alone, ``--single`` times: the time to the 202 with nothing else running (on
+   loopback the ~30 kB upload takes well under a millisecond, so this is the time the server
+   takes after the upload: streaming to disk, validation by the intake, the job row, enqueue);
+2. ``--jobs`` POST /plan at once (one thread each): submissions/s and the 202 times under load;
+3. ``--pollers`` threads GET /jobs/{id} round-robin for ``--poll-s`` seconds while the jobs run:
+   polls/s, p50/p99 latency, any non-200 (the baseline: 3 s of the same polling right after
+   step 1, with the worker idle);
+4. waits (at most ``--wait-s``) until every job has ended, then checks: all succeeded, the
+   listing holds exactly the submitted ids, each ran once (attempts == 1).
+
+Goals: POST /plan -> 202 under 100 ms after the upload; >= 500 polls/s (2-core machine, SQLite).
+Nothing is compared with a baseline here: the figures are absolute and depend on the machine
+and on what else runs on it. Loopback only; bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path and would shadow the packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "service")]
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from svc_helpers import FAST_HESSIAN, Server, env_for  # noqa: E402
+
+from sensitivity import zoo  # noqa: E402
+
+N_TRAIN = 1400
+CONSTRAINTS = {"limits": {"size_mb": 1.0}, "hessian": FAST_HESSIAN}
+
+
+def _files(distinct: int, out: Path) -> list[tuple[bytes, bytes]]:
+    x, y = zoo.digits_data(image_size=8, seed=0)
+    pairs = []
+    for seed in range(distinct):
+        torch.manual_seed(seed)
+        model = zoo.train(zoo.DigitsMLP(), x[:N_TRAIN], y[:N_TRAIN], epochs=3, seed=seed)
+        m = zoo.save_model(model, x[:4], out / f"mlp{seed}.pt2")
+        c = zoo.save_calibration(out / f"calib{seed}.safetensors", x[N_TRAIN + seed:],
+                                 y[N_TRAIN + seed:])
+        pairs.append((m.read_bytes(), c.read_bytes()))
+    return pairs
+
+
+def _post(client: httpx.Client, pair: tuple[bytes, bytes]) -> tuple[float, int, str]:
+    files = {"model": ("mlp.pt2", pair[0]), "calibration": ("calib.safetensors", pair[1])}
+    t0 = time.perf_counter()
+    try:
+        r = client.post("/plan", files=files, data={"constraints": json.dumps(CONSTRAINTS)})
+    except httpx.HTTPError as exc:
+        return time.perf_counter() - t0, 0, f"{type(exc).__name__}: {exc}"
+    dt = time.perf_counter() - t0
+    return dt, r.status_code, r.json().get("job_id", r.text) if r.status_code == 202 else r.text
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _ms(values: list[float]) -> str:
+    return (f"p50 {1e3 * _pct(values, 0.5):.1f} ms, p99 {1e3 * _pct(values, 0.99):.1f} ms, "
+            f"max {1e3 * max(values):.1f} ms")
+
+
+def _poll(url: str, ids: list[str], pollers: int, seconds: float) -> tuple[list[float], list[int]]:
+    """``pollers`` threads GET /jobs/{id} round-robin for ``seconds``: (latencies, non-200s)."""
+    lat: list[list[float]] = [[] for _ in range(pollers)]
+    bad: list[int] = []
+    stop = time.perf_counter() + seconds
+
+    def poll(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            i = k
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                r = c.get(f"/jobs/{ids[i % len(ids)]}")
+                lat[k].append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    bad.append(r.status_code)
+                i += pollers
+
+    threads = [threading.Thread(target=poll, args=(k,)) for k in range(pollers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [x for row in lat for x in row], bad
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=50)
+    ap.add_argument("--distinct", type=int, default=5)
+    ap.add_argument("--single", type=int, default=5)
+    ap.add_argument("--poll-s", type=float, default=10.0)
+    ap.add_argument("--pollers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2, help="BITPLAN_MAX_CONCURRENT_JOBS")
+    ap.add_argument("--wait-s", type=float, default=900.0)
+    ap.add_argument("--separate-worker", action="store_true",
+                    help="API with --no-worker plus a `bitplan worker` process")
+    args = ap.parse_args()
+    assert 1 <= args.jobs <= 200 and args.poll_s <= 60 and args.wait_s <= 3600  # bounded
+
+    tmp = Path(tempfile.mkdtemp(prefix="bitplan-bench-"))
+    pairs = _files(args.distinct, tmp)
+    env = {"BITPLAN_MAX_CONCURRENT_JOBS": str(args.workers), "BITPLAN_HEARTBEAT_TIMEOUT_S": "120"}
+    server = Server(tmp / "data", tmp / "server.log",
+                    *(["--no-worker"] if args.separate_worker else []), **env)
+    worker = None
+    if args.separate_worker:  # `bitplan worker`: the jobs' Python code off the API's GIL
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"], cwd=ROOT,
+            env=env_for(tmp / "data", **env), stdout=(tmp / "worker.log").open("ab"),
+            stderr=subprocess.STDOUT)
+    print(f"server on {server.url}, data in {tmp}, {args.workers} worker thread(s) "
+          f"{'in a separate `bitplan worker` process' if worker else 'embedded in the API'}")
+    problems: list[str] = []
+    try:
+        # 1. one submission at a time, nothing else running
+        single: list[float] = []
+        idle_ids: list[str] = []
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for i in range(args.single):
+                dt, status, job_id = _post(c, pairs[i % len(pairs)])
+                single.append(dt)
+                if status != 202:
+                    problems.append(f"single POST {status}: {job_id}")
+                else:
+                    c.delete(f"/jobs/{job_id}")  # keep the worker idle for the load phase
+                    idle_ids.append(job_id)
+        print(f"POST /plan -> 202 alone ({args.single}x): {_ms(single)} (goal < 100 ms)")
+        # the baseline: the same polling with the worker idle
+        flat, bad = _poll(server.url, idle_ids, args.pollers, min(3.0, args.poll_s))
+        print(f"polling {min(3.0, args.poll_s):g} s with {args.pollers} threads, worker idle: "
+              f"{len(flat) / min(3.0, args.poll_s):.0f} polls/s; {_ms(flat)}; "
+              f"non-200: {len(bad)}")
+
+        # 2. --jobs submissions at once
+        clients = [httpx.Client(base_url=server.url, timeout=300) for _ in range(args.jobs)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.jobs) as ex:
+            results = list(ex.map(lambda i: _post(clients[i], pairs[i % len(pairs)]),
+                                  range(args.jobs)))
+        span = time.perf_counter() - t0
+        for c in clients:
+            c.close()
+        ids = [r[2] for r in results if r[1] == 202]
+        problems += [f"POST {s}: {t[:200]}" for _, s, t in results if s != 202]
+        print(f"{args.jobs} concurrent POST /plan: {len(ids)} accepted in {span:.2f} s = "
+              f"{len(ids) / span:.1f} submissions/s; 202 times {_ms([r[0] for r in results])}")
+
+        # 3. poll at full speed while the jobs run
+        flat, bad = _poll(server.url, ids, args.pollers, args.poll_s)
+        print(f"polling {args.poll_s:g} s with {args.pollers} threads while the jobs run: "
+              f"{len(flat)} polls = {len(flat) / args.poll_s:.0f} polls/s (goal >= 500); "
+              f"{_ms(flat)}; non-200: {len(bad)} {sorted(set(bad))}")
+        problems += [f"poll answered {s}" for s in sorted(set(bad))]
+
+        # 4. every job ends, succeeded, once
+        deadline = time.monotonic() + args.wait_s
+        t_wait = time.perf_counter()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            while True:
+                try:
+                    listing = c.get("/jobs", params={"limit": 200})
+                except httpx.TransportError as exc:  # e.g. a keep-alive connection closed
+                    print(f"  listing: {type(exc).__name__}: {exc}; retrying")
+                    time.sleep(1.0)
+                    continue
+                jobs = {j["id"]: j for j in listing.json()["items"]}
+                active = [j for j in jobs.values() if j["status"] in ("queued", "running")]
+                if not active or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+        print(f"all ended {time.perf_counter() - t_wait:.0f} s after the polling"
+              if not active else f"{len(active)} still active after {args.wait_s:g} s")
+        mine = {i: jobs.get(i) for i in ids}
+        lost = [i for i, j in mine.items() if j is None]
+        failed = {i: (j["status"], j["error"]) for i, j in mine.items()
+                  if j is not None and j["status"] != "succeeded"}
+        twice = [i for i, j in mine.items() if j is not None and j["attempts"] != 1]
+        print(f"jobs: {len(ids)} submitted, {len(ids) - len(lost) - len(failed)} succeeded, "
+              f"lost {len(lost)}, not succeeded {len(failed)}, run more than once {len(twice)}")
+        problems += [f"lost {i}" for i in lost] + [f"{i}: {v}" for i, v in failed.items()]
+        problems += [f"ran {mine[i]['attempts']} times: {i}" for i in twice]
+        if len(set(ids)) != len(ids):
+            problems.append("duplicate job ids")
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+        server.stop()
+    for p in problems[:20]:
+        print("PROBLEM:", p)
+    print("OK" if not problems else f"{len(problems)} problem(s)")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
