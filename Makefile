@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,hf,highs,redis,postgres]"
+	$(BIN)/pip install --quiet -e ".[dev,hf,highs,redis,postgres,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,159 @@
+"""``export_onnx``: an integer checkpoint + its exported program -> an ONNX model (opset 21).
+
+The graph is built directly with ``onnx.helper`` from the program's fx graph (torch's own ONNX
+export writes neither INT4 nor blocked DequantizeLinear): every node is translated in order;
+quantized layers go through :mod:`.layers`, everything else through the float op registry of
+:mod:`.ops`. Where the integer model materialises a tensor (``quantize.points``: layer
+outputs, residual adds, pools), a QuantizeLinear / DequantizeLinear pair on the checkpoint's
+grid is placed at the end of the grid-preserving chain after it (ReLU, view), which rounds the
+same values (ReLU and reshapes commute with rounding onto the grid) and lets ONNX Runtime fuse
+Conv + ReLU + Q into QLinearConv. Nothing is written before the whole graph is built, so an op
+the exporter cannot express is refused (``UnsupportedExportError``, naming it) first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import fx
+
+from solver.errors import UnsupportedExportError
+
+from ..checkpoint import Checkpoint, read_checkpoint
+from ..fakequant import prepare
+from ..points import Grid
+from .builder import GraphBuilder
+from .context import Context, shape
+from .layers import drq_layer, quantized_layer
+from .ops import translate
+
+log = logging.getLogger(__name__)
+
+FORMAT = "bitplan-onnx/1"
+
+_DTYPES = {
+    torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE,
+    torch.float16: TensorProto.FLOAT16, torch.int64: TensorProto.INT64,
+    torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL,
+}
+
+
+def _value_info(name: str, node: fx.Node) -> onnx.ValueInfoProto:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
+        raise UnsupportedExportError(f"input / output {node.name!r} is not a tensor of a "
+                                     "supported dtype")
+    dims = [d if d is not None else ("batch" if i == 0 else f"{name}_d{i}")
+            for i, d in enumerate(shape(node))]
+    return helper.make_tensor_value_info(name, _DTYPES[val.dtype], dims)
+
+
+def _check_shared_weights(gm: fx.GraphModule, weights: set[str]) -> None:
+    uses = Counter(
+        str(a.target) for n in gm.graph.nodes if n.op == "call_function"
+        for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"
+    )
+    shared = sorted(w for w in weights if uses[w] > 1)
+    if shared:
+        raise UnsupportedExportError(
+            f"quantized weights used by several ops are not exported: {shared}",
+            detail={"weights": shared},
+        )
+
+
+def export_onnx(
+    program: torch.export.ExportedProgram, checkpoint: Checkpoint | str | Path
+) -> onnx.ModelProto:
+    """The ONNX model (opset 21) of ``checkpoint`` applied to ``program``.
+
+    Weights are INT8 / INT4 initializers feeding DequantizeLinear (axis 0, per output
+    channel), biases int32 at ``S_w * S_in``, activations Q/DQ on the checkpoint's grids,
+    DRQ layers from standard operators; unquantized parts stay float.
+    Raises BadCheckpointError / BadPlanError when the checkpoint does not fit the program,
+    UnsupportedExportError (naming the op or layer) when a part cannot be expressed.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    gm, qlayers, rows = prepare(program, ckpt)
+    _check_shared_weights(gm, {layer.weight for layer in qlayers.values()})
+    by_node = {layer.node: layer for layer in qlayers.values()}
+    end_grid = {p.end: g for p, g in ckpt.points()}
+    # chain ends of layer outputs keep their type (a 4-bit consumer reads them directly;
+    # float readers get a widened copy); adds and pools are stored at >= 8 bits
+    layer_ends = {p.end for p, _ in ckpt.points() if p.kind == "layer"}
+    add_grid = {p.node: g for p, g in ckpt.points() if p.kind == "add"}
+    builder = GraphBuilder()
+    ctx = Context(gm, builder)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            builder.inputs.append(_value_info(node.name, node))
+            builder._used.add(node.name)
+            ctx.env[node.name] = node.name
+        elif node.op == "get_attr":
+            continue  # made on first use (quantized layers never use their float weight)
+        elif node.op == "call_module":
+            if node.users:
+                raise UnsupportedExportError(f"submodule call {node.target!r} is not exported")
+        elif node.op == "call_function":
+            layer = by_node.get(node.name)
+            if node.name in add_grid:
+                # each input requantised onto the add's step, unclamped (16-bit), as the
+                # integer model does; the sum is clamped by the add's own Q/DQ at its end
+                g = add_grid[node.name]
+                step = Grid(g.scale, 16, True)
+                terms = [builder.qdq(ctx.value(a), step, f"{node.name}_in{i}")
+                         for i, a in enumerate(node.args)]
+                out = builder.op("Add", terms, node.name)
+            elif layer is None:
+                out = translate(ctx, node)
+            elif rows[layer.name].drq is not None:
+                out = drq_layer(ctx, node, layer, rows[layer.name], ckpt)
+            else:
+                out = quantized_layer(ctx, node, layer, rows[layer.name], ckpt)
+            if node.name in end_grid:
+                if not isinstance(out, str):
+                    raise UnsupportedExportError(f"{node.name}: a quantized point with several "
+                                                 "outputs")
+                out = builder.qdq(out, end_grid[node.name], node.name + "_out",
+                                  wide=node.name not in layer_ends)
+            ctx.env[node.name] = out
+        elif node.op == "output":
+            results = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+            for i, res in enumerate(results):
+                if not isinstance(res, fx.Node):
+                    raise UnsupportedExportError(f"model output {i} is not a tensor")
+                name = "output" if len(results) == 1 else f"output_{i}"
+                builder.nodes.append(helper.make_node("Identity", [ctx.value(res)], [name],
+                                                      name=builder.fresh(name + "_id")))
+                builder.outputs.append(_value_info(name, res))
+    model = builder.model(doc="bitplan integer model: QDQ graph from a bitplan checkpoint")
+    meta = ckpt.metadata()
+    helper.set_model_props(model, {
+        "format": FORMAT,
+        "checkpoint_sha256": meta["sha256"],
+        "plan_sha256": hashlib.sha256(meta["plan"].encode()).hexdigest(),
+    })
+    log.info("exported %d quantized layers, %d nodes", len(qlayers), len(builder.nodes))
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write ``model`` to ``path`` (one file; parent directories created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of every integer weight initializer (INT8 / packed INT4) by initializer name."""
+    out = {}
+    for init in model.graph.initializer:
+        if init.data_type in (TensorProto.INT8, TensorProto.INT4) and init.dims:
+            out[init.name] = len(init.raw_data)
+    return out

@@ -1,0 +1,195 @@
+"""ONNX export: what ONNX Runtime computes against the fake-quant module, the bytes of the
+weight initializers against the plan, and refusals (unknown ops, missing runtime, mismatch).
+
+Measured on the digits models (this machine): ONNX Runtime matches the fake-quant module on
+every held-out digit's top-1 and within 1 step of the output grid everywhere; the bounds below
+(agreement 1.0 on 397 digits is asked as >= 0.99, steps <= 2) leave a code of margin for
+another CPU's summation order.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from quantize import QuantizeConfig, apply
+from quantize.data import CalibrationSet
+from quantize.onnx import VerifyConfig, export_onnx, save_onnx, session, verify, weight_bytes
+from sensitivity import zoo
+from solver.errors import ExportMismatchError, MissingDependencyError, UnsupportedExportError
+
+MAX_STEPS = 2.0  # measured: at most 1 step (float vs dyadic rounding ties)
+
+
+def _check(program, result, holdout) -> dict:
+    model = export_onnx(program, result.checkpoint)
+    onnx.checker.check_model(model, full_check=True)
+    report = verify(program, result.checkpoint, model, holdout)
+    assert report["passed"]
+    assert report["top1_agreement"] >= 0.99
+    assert report["max_steps"] <= MAX_STEPS, report
+    return {"model": model, "report": report}
+
+
+class DownsampleNet(nn.Module):
+    """A stem and one strided residual block with a 1x1 downsample conv (ResNet-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.block = zoo._BasicBlock(8, 16, stride=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        return self.fc(self.block(x).mean(dim=(2, 3)))
+
+
+class DepthwiseNet(nn.Module):
+    """Depthwise-separable convs, a max pool and a flatten into the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.dw_bn = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.dw_bn(self.dw(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.pw(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+def _trained_program(cls, digits) -> torch.export.ExportedProgram:
+    x, y = digits
+    torch.manual_seed(0)
+    model = zoo.train(cls(), x[:1400], y[:1400], epochs=3, seed=0)
+    return zoo.export(model, x[:4])
+
+
+def test_cnn_int8_runs_in_onnx_runtime_with_fused_int8_convs(cnn_program, cnn_int8,
+                                                             heldout_eval, tmp_path) -> None:
+    out = _check(cnn_program, cnn_int8, heldout_eval[1])
+    assert out["model"].opset_import[0].version >= 21
+    # ONNX Runtime fuses DQ -> Conv -> ReLU -> Q into QLinearConv (the int8 path)
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(out["model"].SerializeToString(), opts,
+                         providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2
+    path = save_onnx(out["model"], tmp_path / "m.onnx")
+    assert onnx.load(str(path)).graph.node
+
+
+def test_mixed_weight_and_activation_bits(cnn_program, plan_for, heldout_eval) -> None:
+    # conv1 W8A8 (pinned first), conv2 W2A4, fc W4A4: INT4 initializers and UINT4 activations
+    bits = {"conv1": (8, 8), "conv2": (2, 4), "fc": (4, 4)}
+    plan = plan_for(cnn_program, w_bits=lambda i, n: bits[n][0],
+                    a_bits=lambda i, n: bits[n][1])
+    res = apply(cnn_program, plan, *heldout_eval, QuantizeConfig())
+    model = _check(cnn_program, res, heldout_eval[1])["model"]
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types["conv2_w_q"] == onnx.TensorProto.INT4
+    assert types["fc_w_q"] == onnx.TensorProto.INT4
+    assert types["conv1_w_q"] == onnx.TensorProto.INT8
+    q_types = {types[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert onnx.TensorProto.UINT4 in q_types and onnx.TensorProto.UINT8 in q_types
+
+
+def test_resnet_and_mlp(resnet_program, mlp_program, plan_for, heldout_eval) -> None:
+    for program, w in ((resnet_program, 4), (mlp_program, 8)):
+        plan = plan_for(program, w_bits=lambda i, n, w=w: 8 if i == 0 else w)
+        _check(program, apply(program, plan, *heldout_eval, QuantizeConfig()),
+               heldout_eval[1])
+
+
+def test_residual_downsample_and_depthwise(digits, plan_for, heldout_eval) -> None:
+    for cls in (DownsampleNet, DepthwiseNet):
+        program = _trained_program(cls, digits)
+        plan = plan_for(program, w_bits=lambda i, n: (8, 4, 6)[i % 3],
+                        a_bits=lambda i, n: (8, 4)[i % 2])
+        _check(program, apply(program, plan, *heldout_eval, QuantizeConfig()),
+               heldout_eval[1])
+
+
+def test_partly_quantized_model_keeps_float_parts(cnn_program, plan_for, heldout_eval) -> None:
+    plan = plan_for(cnn_program, only={"conv2"})  # conv1 (+ its BN) and fc stay float
+    res = apply(cnn_program, plan, *heldout_eval, QuantizeConfig())
+    model = _check(cnn_program, res, heldout_eval[1])["model"]
+    ops = [n.op_type for n in model.graph.node]
+    assert "BatchNormalization" in ops and "Gemm" in ops
+
+
+def test_weight_initializers_hold_the_plans_bytes(cnn_program, digits, plan_for,
+                                                  heldout_eval) -> None:
+    program = _trained_program(DownsampleNet, digits)
+    plan = plan_for(program, w_bits=lambda i, n: (8, 2, 4, 3, 6)[i % 5])
+    res = apply(program, plan, *heldout_eval, QuantizeConfig())
+    model = export_onnx(program, res.checkpoint)
+    sizes = weight_bytes(model)
+    scales = {i.name: i for i in model.graph.initializer}
+    for row in plan["layers"]:
+        base = row["name"] + "_w"
+        scale_bytes = len(onnx.numpy_helper.to_array(scales[base + "_scale"]).tobytes())
+        assert sizes[base + "_q"] + scale_bytes == row["size_bytes"], row["name"]
+    assert sum(sizes.values()) == sum(
+        res.checkpoint.tensors[r["name"] + ".weight_q"].nbytes for r in plan["layers"])
+
+
+class Cumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)).cumsum(dim=1)
+
+
+def test_unsupported_op_is_refused_by_name(digits, plan_for, heldout_eval, tmp_path) -> None:
+    x, _ = digits
+    torch.manual_seed(0)
+    program = zoo.export(Cumsum().eval(), x[:4])
+    res = apply(program, plan_for(program), *heldout_eval, QuantizeConfig())
+    with pytest.raises(UnsupportedExportError, match="cumsum"):
+        export_onnx(program, res.checkpoint)
+
+
+def test_missing_onnx_runtime_names_the_extra(cnn_int8, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"\[onnx\]"):
+        session(onnx.ModelProto())
+
+
+def test_a_wrong_export_fails_verification(cnn_program, cnn_int8, heldout_eval) -> None:
+    model = export_onnx(cnn_program, cnn_int8.checkpoint)
+    for init in model.graph.initializer:  # one conv's per-channel scales 5 % off
+        if init.name == "conv2_w_scale":
+            arr = onnx.numpy_helper.to_array(init) * np.float32(1.05)
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    with pytest.raises(ExportMismatchError) as err:
+        verify(cnn_program, cnn_int8.checkpoint, model, heldout_eval[1],
+               VerifyConfig(max_step_p99=4.0))
+    assert err.value.detail["passed"] is False
+
+
+def test_calibration_set_batches_run_through_the_fixed_batch_path(cnn_fixed_batch_pt2,
+                                                                   plan_for,
+                                                                   heldout_eval) -> None:
+    program = torch.export.load(str(cnn_fixed_batch_pt2))
+    res = apply(program, plan_for(program), *heldout_eval, QuantizeConfig(), batch_size=16)
+    model = export_onnx(program, res.checkpoint)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 16
+    holdout = CalibrationSet((heldout_eval[1].args[0][:10],))
+    rep = verify(program, res.checkpoint, model, holdout, fixed_batch=16)
+    assert rep["samples"] == 10 and rep["max_steps"] <= MAX_STEPS
