@@ -177,3 +177,15 @@ def lp_relaxation(problem: Problem) -> float:
         lp.solve(pulp.PULP_CBC_CMD(msg=False))
     assert lp.status == pulp.LpStatusOptimal
     return pulp.value(lp.objective)
+
+
+def layer_of(name: str, rows: list[tuple]) -> LayerOptions:
+    """A layer whose options are (bits, omega, size, bops, latency) rows (w = a bits)."""
+    return LayerOptions(name, tuple(
+        Option(w, w, om, s, b, lat, f"w{w}a{w}") for w, om, s, b, lat in rows))
+
+
+def two_layer_problem(limits: Limits) -> Problem:
+    """Two layers with a 4-bit and an 8-bit option under ``limits``."""
+    rows = [(4, 1.0, 0.5e6, 10.0, 1.0), (8, 0.1, 1.0e6, 40.0, 2.0)]
+    return Problem((layer_of("a", rows), layer_of("b", rows)), limits)

@@ -19,6 +19,7 @@ from solver.problem import within
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
+
 @SETTINGS
 @given(problems(max_layers=6, max_options=4))
 def test_dominance_pruning_keeps_an_optimum(problem: Problem) -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from solver.bounds import hulls, lp_dual_one, plane_grid
 from solver.params import PARAMS
 
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 def test_plane_grid_leaves_out_the_multipliers_own_ray() -> None:
     lam = np.array([2.0, 0.5, 1.0])
@@ -23,6 +21,7 @@ def test_plane_grid_leaves_out_the_multipliers_own_ray() -> None:
     assert not np.any(np.ptp(ratios, axis=1) == 0)  # no multiple of lam
     assert plane_grid(np.array([1.0])).shape == (0, 1)
 
+
 def test_hulls_are_convex() -> None:
     w = np.array([[0.0, 1.0, 2.0, 3.0, 1.5]])
     o = np.array([[5.0, 3.0, 2.5, 0.0, 4.0]])
@@ -31,9 +30,12 @@ def test_hulls_are_convex() -> None:
     assert list(eff) == sorted(eff, reverse=True) and np.all(eff > 0)
     assert dw.sum() == 3.0 and do.sum() == -5.0 and np.all(row == 0)
 
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1,
                          max_size=7), min_size=1, max_size=5))
+
+
 def test_hulls_support_every_minimum(rows: list[list[tuple[int, int]]]) -> None:
     """Each row's hull (padded rows, duplicates, collinear points) has the lexicographic least
     point as its start and strictly decreasing positive efficiencies, and its vertices attain
@@ -56,6 +58,7 @@ def test_hulls_support_every_minimum(rows: list[list[tuple[int, int]]]) -> None:
             assert min(p[1] + t * p[0] for p in pts) == pytest.approx(float((vo + t * vw).min()))
         assert set(zip(vw.tolist(), vo.tolist(), strict=True)) <= set(map(tuple, map(
             lambda p: (float(p[0]), float(p[1])), pts)))
+
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 4), st.floats(0.0, 1.0), st.integers(0, 2**32 - 1))

@@ -14,6 +14,7 @@ from solver.heuristics import pair_improve, repair
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
+
 def test_pair_improve_makes_a_coordinated_move() -> None:
     # Two groups; moving only one breaks the limit, swapping both lowers Omega.
     om = np.array([[0.0, -1.0], [0.0, 0.5]])
@@ -22,6 +23,7 @@ def test_pair_improve_makes_a_coordinated_move() -> None:
     assert picks == [1, 1]
     # already optimal: unchanged
     assert pair_improve(om, cn, np.array([1.0]), [2, 2], [1, 1]) == [1, 1]
+
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(2, 5), st.integers(2, 4), st.integers(1, 3), st.integers(0, 2**32 - 1))
@@ -48,11 +50,13 @@ def test_pair_improve_ends_in_a_pair_local_optimum(G: int, K: int, R: int, seed:
             if np.all(cn[:, rows, moved].sum(axis=1) <= cap):
                 assert om[rows, moved].sum() >= value
 
+
 def test_pair_improve_only_moves_to_allowed_options() -> None:
     om = np.array([[0.0, -1.0], [0.0, 0.5]])
     cn = np.array([[[0.5, 1.0], [0.5, 0.0]]])
     allowed = np.array([[True, True], [True, False]])  # the partner move is ruled out
     assert pair_improve(om, cn, np.array([1.0]), [2, 2], [0, 0], allowed=allowed) == [0, 0]
+
 
 @SETTINGS
 @given(st.integers(1, 8), st.integers(1, 5), st.integers(1, 3), st.integers(0, 2**31 - 1))

@@ -31,12 +31,14 @@ from solver.search import Search
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
+
 @SETTINGS
 @given(float_problems())
 def test_branch_and_bound_float_costs_match_brute_force(problem: Problem) -> None:
     best, _ = brute_force(problem)
     sol = solve(problem, SolveConfig(bnb_nodes=10**7))
     assert_closed_in_process(sol, best)
+
 
 @SETTINGS
 @given(problems(max_layers=6, max_options=4))
@@ -64,6 +66,7 @@ def test_bound_is_a_bound_and_incumbent_feasible(problem: Problem) -> None:
             found = v if found is None else min(found, v)
     assert found == pytest.approx(best, abs=1e-9)
 
+
 @SETTINGS
 @given(float_problems(), st.sampled_from([2, 1500]))
 def test_exact_search_with_fronts_matches_brute_force(problem: Problem,
@@ -76,6 +79,7 @@ def test_exact_search_with_fronts_matches_brute_force(problem: Problem,
                                      probe_states=0))
     assert_closed_in_process(sol, best)
 
+
 @SETTINGS
 @given(problems(max_layers=7, max_options=4))
 def test_neighbourhood_search_keeps_the_optimum(problem: Problem) -> None:
@@ -85,6 +89,7 @@ def test_neighbourhood_search_keeps_the_optimum(problem: Problem) -> None:
     sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7),
                 params=search_params(lns_min_free=-1, beam_width=1, probe_states=0))
     assert_closed_in_process(sol, best)
+
 
 def test_neighbourhood_search_runs_on_the_disagreeing_groups(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,6 +109,7 @@ def test_neighbourhood_search_runs_on_the_disagreeing_groups(
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
     assert len(free_counts) >= 2 and min(free_counts[1:]) < free_counts[0]
 
+
 @pytest.mark.parametrize("limits", [{"a": 2.5}, {"a": 2.5, "b": 2.5}])
 def test_padding_is_never_picked(limits: dict[str, float]) -> None:
     """The rectangle's padding copies a real option, but a matrix product may round a copy a
@@ -121,6 +127,7 @@ def test_padding_is_never_picked(limits: dict[str, float]) -> None:
     assert res.status == "optimal"
     assert res.incumbent == ["g0o0", "g1o0", "g2o1"]  # 1 + 2 + 1 at a use of 1 + 0 + 1 (the
 
+
 @SETTINGS
 @given(float_problems())
 def test_exact_search_without_the_curve_cache_matches_brute_force(problem: Problem) -> None:
@@ -128,6 +135,7 @@ def test_exact_search_without_the_curve_cache_matches_brute_force(problem: Probl
     sol = solve(problem, SolveConfig(shortcut=False, bnb_nodes=10**7),
                 params=search_params(curve_cache_max=-1, beam_width=1, probe_states=0))
     assert_closed_in_process(sol, best)
+
 
 @SETTINGS
 @given(problems(max_layers=7, max_options=4))
@@ -138,6 +146,7 @@ def test_exact_search_alone_matches_brute_force(problem: Problem) -> None:
                 params=search_params(beam_width=1, probe_states=0))
     assert_closed_in_process(sol, best)
 
+
 def test_layered_search_matches_cbc_on_a_mid_size_instance() -> None:
     """30 layers x 12 options, two limits: far beyond brute force, so CBC alone is the
     reference; the in-process search must close it and agree."""
@@ -147,6 +156,7 @@ def test_layered_search_matches_cbc_on_a_mid_size_instance() -> None:
     assert ours.solver["closed_by"] == "branch-and-bound"
     assert (ours.status, reference.status) == ("optimal", "optimal")
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
+
 
 def test_a_greedy_beam_is_not_taken_for_the_exact_search(monkeypatch: pytest.MonkeyPatch) -> None:
     """A beam of width one (greedy) drops children, so its best completion is only an
@@ -169,6 +179,7 @@ def test_a_greedy_beam_is_not_taken_for_the_exact_search(monkeypatch: pytest.Mon
     assert len(trees) == 2 and trees[1] < trees[0]  # rebuilt, and smaller
     assert ours.solver["closed_by"] == "branch-and-bound"
     assert ours.objective == pytest.approx(reference.objective, rel=1e-9)
+
 
 @pytest.mark.parametrize("work", [0, 1, 1000])
 def test_exact_attempts_between_beams_keep_the_optimum(work: int,
@@ -203,9 +214,12 @@ def test_exact_attempts_between_beams_keep_the_optimum(work: int,
     if work == 1000:  # ... the first one
         assert len(tries) == 1
 
+
 @pytest.mark.parametrize("backend", ["highspy", "scipy"])
 @pytest.mark.parametrize("fractions", [{"size_bytes": 0.5, "bops": 0.3},
                                        {"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}])
+
+
 def test_root_bound_is_the_lp_relaxation(fractions: dict[str, float], backend: str,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With several limits the multipliers come from the LP's duals (HiGHS directly, or
@@ -220,6 +234,7 @@ def test_root_bound_is_the_lp_relaxation(fractions: dict[str, float], backend: s
     assert out.info["lp_duals"]
     assert out.info["bound"] == pytest.approx(lp_relaxation(problem), rel=1e-7)
 
+
 @pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
 def test_single_limit_bound_is_the_lp_relaxation(fraction: float,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,6 +248,7 @@ def test_single_limit_bound_is_the_lp_relaxation(fraction: float,
     arr, limits = arrays_of(problem)
     out = presolve.solve_arrays(arr, limits, node_limit=0)
     assert out.info["bound"] == pytest.approx(lp_relaxation(problem), rel=1e-9)
+
 
 def test_search_stays_exact_when_the_lp_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """No LP duals (solver failure): the line searches set the multipliers; weaker bounds,

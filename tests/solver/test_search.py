@@ -26,6 +26,7 @@ from solver.search import Search, undominated
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
+
 @SETTINGS
 @given(problems(max_layers=6, max_options=4))
 def test_a_beam_that_drops_nothing_is_the_exact_search(problem: Problem) -> None:
@@ -43,6 +44,7 @@ def test_a_beam_that_drops_nothing_is_the_exact_search(problem: Problem) -> None
     assert not search.truncated and list(search.completions()) == exact
     search.run(math.inf, 10**7, beam_width=1)
     assert search.truncated == (len(exact) > 1)
+
 
 @SETTINGS
 @given(st.integers(2, 5), st.integers(2, 3), st.integers(2, 3), st.integers(0, 2**31 - 1))
@@ -75,6 +77,7 @@ def test_planes_bound_every_completion(groups: int, options: int, limits: int,
                     checked += 1
     assume(checked > 0)
 
+
 def _suffix_optimum(search: Search, j: int, d: int, rest: float) -> float:
     """Brute force: the least value of relaxation j over the positions >= d whose weight along
     its direction fits ``rest`` (inf when none fits)."""
@@ -85,6 +88,7 @@ def _suffix_optimum(search: Search, j: int, d: int, rest: float) -> float:
             best = min(best, sum(search.om[q][k] for q, k in
                                  zip(range(d, search.n), picks, strict=True)) + c @ search.L[j])
     return best
+
 
 @SETTINGS
 @given(st.integers(2, 5), st.integers(2, 3), st.integers(1, 3), st.integers(0, 2**31 - 1))
@@ -135,6 +139,7 @@ def test_fronts_are_the_exact_relaxations(groups: int, options: int, limits: int
                 else:
                     assert got >= min(want, cut) - 1e-9
 
+
 def test_curves_built_depth_by_depth_equal_the_cached_ones() -> None:
     """Trees too large to keep every depth's curves build them in a run, depth after depth,
     from the increments the last depth left: the same curves (and the same curves of the
@@ -161,6 +166,7 @@ def test_curves_built_depth_by_depth_equal_the_cached_ones() -> None:
             assert np.allclose(a[np.isfinite(a)], b[np.isfinite(b)], rtol=1e-12, atol=1e-9)
     assert not lazy._spent and not lazy._curves  # nothing kept
 
+
 def test_plane_bound_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     problem = mid_instance({"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}, n=16)
     arr, limits = arrays_of(problem)
@@ -175,8 +181,10 @@ def test_plane_bound_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch)
     search.params = search_params(plane_block=3 * len(search.plane_lam))  # blocks of 3 states
     assert np.array_equal(search._plane_bound(vu, 1), whole)
 
+
 def _dominates(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> bool:
     return a[0] <= b[0] and bool(np.all(a[1] <= b[1]))
+
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 600), st.integers(1, 3), st.integers(0, 2**31 - 1))
