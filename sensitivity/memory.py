@@ -208,7 +208,9 @@ def plan_chunks(
     if fixed_batch is not None:
         chunk = fwd = fixed_batch
     else:
-        chunk = max(1, min(n_samples, math.floor((room - accumulator_bytes) / per_sample)))
+        # A tiny model's measured per-sample cost can round to 0 bytes: count it as 1.
+        usable = (room - accumulator_bytes) / max(per_sample, 1.0)
+        chunk = max(1, min(n_samples, math.floor(usable)))
         if chunk >= n_samples:
             chunk = n_samples  # one chunk: no accumulators needed
         fwd_room = budget_bytes - held - fwd_fixed
