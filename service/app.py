@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from solver.errors import BitplanError
 
+from . import pages
 from .core import BitplanService
 from .deps import ApiKeyDep
 from .errors import InvalidRequestError, http_status
@@ -89,4 +90,5 @@ def create_app(settings: Settings | None = None, service: BitplanService | None 
     app.include_router(health.router)
     app.include_router(plans.router)
     app.include_router(jobs.router)
+    app.include_router(pages.router)
     return app
