@@ -34,8 +34,6 @@ def test_hulls_are_convex() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1,
                          max_size=7), min_size=1, max_size=5))
-
-
 def test_hulls_support_every_minimum(rows: list[list[tuple[int, int]]]) -> None:
     """Each row's hull (padded rows, duplicates, collinear points) has the lexicographic least
     point as its start and strictly decreasing positive efficiencies, and its vertices attain

@@ -7,7 +7,13 @@ import math
 import warnings
 
 import pytest
-from bitplan_solver_cases import brute_force, layer_of, problems, two_layer_problem
+from bitplan_solver_cases import (
+    brute_force,
+    layer_of,
+    mid_instance,
+    problems,
+    two_layer_problem,
+)
 from hypothesis import HealthCheck, given, settings
 
 from solver import Limits, Problem, Solution, SolveConfig, solve
@@ -142,8 +148,6 @@ def test_closed_by_reports_the_engine() -> None:
 
 @pytest.mark.parametrize("cfg", [SolveConfig(), SolveConfig(presolve=False),
                                  SolveConfig(shortcut=False, bnb_nodes=0)])
-
-
 def test_degenerate_numbers_solve_without_warnings(cfg: SolveConfig) -> None:
     """A limit of 5e-297 (normalised costs would overflow) and subnormal Omegas (the objective
     scale would underflow to 0): same answers as brute force, no RuntimeWarning."""
@@ -165,3 +169,30 @@ def test_degenerate_numbers_solve_without_warnings(cfg: SolveConfig) -> None:
             else:
                 assert sol.status == "optimal"
                 assert sol.objective == pytest.approx(best, abs=1e-300)
+
+
+def test_a_sweep_ladder_reuses_one_model_and_agrees_with_fresh_ones() -> None:
+    """The ladder pareto uses (one MILP model, only right-hand sides and allowed options
+    changed, each budget warm-started from the last) settles every budget at the optimum a
+    fresh ladder finds (the one solve uses), building its model once."""
+    from solver.driver import Ladder
+    from solver.groups import groups_of
+
+    problem = mid_instance({"size_bytes": 0.5, "bops": 0.3}, n=12)
+    groups = groups_of(problem)
+    resources = ["size_bytes", "bops"]
+    cfg = SolveConfig(presolve=False, fix=False, shortcut=False)
+    sweep = Ladder(groups, resources, cfg, sweep=True)
+    models, start = set(), None
+    for f in (0.3, 0.5, 0.8):
+        limits = {"size_bytes": problem.limits.get("size_bytes") * f / 0.5,
+                  "bops": problem.limits.get("bops")}
+        swept = sweep.settle(limits, start=start)
+        fresh = Ladder(groups, resources, cfg).settle(limits)
+        models.add(id(sweep.model))
+        assert (swept.status, fresh.status) == ("optimal", "optimal")
+        assert swept.info["closed_by"] == fresh.info["closed_by"] == "cbc"
+        assert math.fsum(o.omega for o in swept.picked) == pytest.approx(
+            math.fsum(o.omega for o in fresh.picked), rel=1e-9)
+        start = swept.picked
+    assert len(models) == 1

@@ -218,8 +218,6 @@ def test_exact_attempts_between_beams_keep_the_optimum(work: int,
 @pytest.mark.parametrize("backend", ["highspy", "scipy"])
 @pytest.mark.parametrize("fractions", [{"size_bytes": 0.5, "bops": 0.3},
                                        {"size_bytes": 0.6, "bops": 0.45, "latency_ms": 0.5}])
-
-
 def test_root_bound_is_the_lp_relaxation(fractions: dict[str, float], backend: str,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With several limits the multipliers come from the LP's duals (HiGHS directly, or
