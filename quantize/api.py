@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from solver.errors import BadModelError
+from solver.plan import Plan, parse_plan
 
 from .calibrate import calibrate, f32
 from .checkpoint import Checkpoint, encode_weight, read_checkpoint
@@ -25,7 +26,7 @@ from .fold import fold_layers
 from .graph import find_layers, module_name
 from .points import Grid, find_points
 from .primitives import dyadic, group_dyadic, group_multiplier_bits, quantize_weight
-from .rows import PlanRow, match_rows, parse_rows
+from .rows import PlanRow, match_rows
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _drq_modules(module: nn.Module, rows: dict[str, PlanRow]) -> dict[str, nn.Mo
 
 def apply(
     program: torch.export.ExportedProgram,
-    plan: dict[str, Any],
+    plan: Plan | dict[str, Any],
     train: CalibrationSet,
     holdout: CalibrationSet,
     cfg: QuantizeConfig | None = None,
@@ -220,7 +221,8 @@ def apply(
     device = device or torch.device("cpu")
     gm = program.module()
     layers = find_layers(gm)
-    rows = match_rows(parse_rows(plan), layers)
+    plan = parse_plan(plan)  # the one validator (solver.plan.Plan.from_dict)
+    rows = match_rows(list(plan.rows), layers)
     qlayers = {layer.name: layer for layer in layers if layer.name in rows}
     if progress is not None:
         progress("quantize", 0.0)
@@ -257,7 +259,7 @@ def apply(
             for p in points
         ],
     }
-    ckpt = Checkpoint(tensors, json.loads(json.dumps(plan)), quant)
+    ckpt = Checkpoint(tensors, json.loads(json.dumps(plan.to_dict())), quant)
     ckpt.validate()
     if progress is not None:
         progress("quantize", 1.0)

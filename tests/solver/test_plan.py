@@ -18,6 +18,7 @@ from solver import (
     solve,
 )
 from solver.errors import BadPlanError
+from solver.plan import Plan, PlanRow, build_plan, parse_plan
 
 DRQ = {"region": [2, 2], "threshold": 17, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
        "high_bits": 8, "low_bits": 4, "scale": 0.02, "signed": False}
@@ -78,7 +79,7 @@ def test_infeasible_plan_has_no_rows_and_a_diagnosis() -> None:
     (lambda p: p["layers"][0]["drq"].update(region=[0, 2]), "region"),
     (lambda p: p["layers"][0]["drq"].update(low_bits=2), "low_bits 4"),
     (lambda p: p["layers"][0]["drq"].update(mac_fraction=1.5), "mac_fraction"),
-    (lambda p: p["layers"][0]["drq"].pop("mac_fraction"), "drq must have exactly"),
+    (lambda p: p["layers"][0]["drq"].pop("mac_fraction"), "missing keys .'mac_fraction'."),
     (lambda p: p["layers"][0]["drq"].update(scale=0.0), "scale"),
     (lambda p: p["layers"][0]["drq"].update(signed=1), "signed"),
     (lambda p: p["model"].pop("macs"), "model"),
@@ -90,3 +91,31 @@ def test_load_plan_rejects(mutate, match) -> None:
     mutate(plan)
     with pytest.raises(BadPlanError, match=match):
         load_plan(plan)
+
+
+def test_typed_plan_round_trip() -> None:
+    specs = _specs()
+    cfg = OptionsConfig(pin_first=None, hardware="nvidia-t4")
+    problem = build_problem(specs, cfg, Limits(size_bytes=5000.0))
+    plan = build_plan(problem, solve(problem), specs, CONSTRAINTS, MODEL)
+    assert isinstance(plan, Plan) and all(isinstance(r, PlanRow) for r in plan.rows)
+    row = plan.row("l0")
+    assert row.drq is not None and row.drq.region == (2, 2) and row.drq.scale == 0.02
+    assert row.input_bits == 8 and plan.row("l2").input_bits == 8
+    text = json.dumps(plan.to_dict())
+    assert Plan.from_dict(json.loads(text)) == plan
+    assert parse_plan(plan) is plan
+    with pytest.raises(KeyError):
+        plan.row("nope")
+
+
+@pytest.mark.parametrize("a_bits, ok", [(8, True), (2, True), (12, False), (5.5, False)])
+def test_activation_bits_of_a_plain_row(a_bits, ok) -> None:
+    """One rule for solver and quantize: a row without DRQ has integer activation bits 2..8."""
+    plan = copy.deepcopy(_plan(Limits(size_bytes=5000.0)))
+    plan["layers"][2]["a_bits"] = a_bits
+    if ok:
+        assert Plan.from_dict(plan).rows[2].a_bits == a_bits
+    else:
+        with pytest.raises(BadPlanError, match="a_bits"):
+            Plan.from_dict(plan)
