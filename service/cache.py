@@ -1,4 +1,5 @@
-"""Content-addressed cache of the expensive stages (sensitivity, DRQ regions).
+"""Content-addressed cache of the expensive stages (sensitivity, DRQ regions, and the metrics of
+plans evaluated along a Pareto front).
 
 The ILP takes milliseconds, the Hessian minutes: a job whose model bytes, calibration bytes and
 the settings a stage depends on match an earlier job's reuses that stage's result. Keys are
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-STAGES = ("sensitivity", "regions")
+STAGES = ("sensitivity", "regions", "evaluations")
 SENSITIVITY_FORMAT = 1  # sensitivity.json's version: a new format measures again
 _CHUNK = 1 << 20
 
@@ -141,3 +142,12 @@ def reusable(cache: StageCache, model: str | Path, calib: str | Path, constraint
             "regions", regions_key(model, calib, constraints, key)):
         out.append("regions")
     return out
+
+
+def evaluation_key(model: str | Path, calib: str | Path, plan: Any, split: Any) -> str:
+    """A plan's evaluation key: the two files, the calibration split and what each row runs
+    (bits, DRQ, grouping); Omega and costs do not change what the quantized model computes."""
+    rows = [[r["name"], r["w_bits"], r["a_bits"], r.get("drq"), r.get("group_size")]
+            for r in plan["layers"]]
+    return stage_key("evaluations", {"model": model, "calibration": calib},
+                     {"rows": rows, "split": split})

@@ -28,7 +28,7 @@ import torch
 
 from solver.errors import CancelledError, InfeasibleError
 
-from .cache import StageCache, regions_key, sensitivity_key
+from .cache import StageCache, evaluation_key, regions_key, sensitivity_key
 from .constraints import Constraints, parse_constraints
 from .errors import storage_error
 from .progress import ProgressFn, no_progress
@@ -371,8 +371,21 @@ def run_pipeline(
     tick.check()
     _save_checkpoint(result, out)  # model.safetensors and report.json
     # 8. the trade-off: Pareto fronts, a few of their points evaluated, plots
-    _tradeoff(out, problem, solution, specs, constraints, intake, plan, result.report,
-              device, tick, pareto_points, pareto_evaluate)
+    split = {"holdout_fraction": holdout_fraction, "seed": constraints.hessian.seed}
+
+    def evaluate_plan(point_plan: dict[str, Any]) -> dict[str, Any]:
+        """A front point's metrics, from the cache when the same plan was evaluated."""
+        key = evaluation_key(model_path, calib_path, point_plan, split)
+        hit = cache.get("evaluations", key)
+        if hit is not None:
+            return json.loads(hit)
+        quiet = lambda stage, fraction: tick.check()  # noqa: E731 (the point's own stages)
+        metrics = _quantize(intake, point_plan, device, quiet).report["metrics"]
+        cache.put("evaluations", key, json.dumps(metrics))
+        return metrics
+
+    _tradeoff(out, problem, solution, specs, constraints, plan, result.report, tick,
+              pareto_points, pareto_evaluate, evaluate_plan)
     tick("evaluate", 1.0)
     tick.finish()
     log.info("pipeline done in %s", tick.seconds)
@@ -404,10 +417,10 @@ def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
 
 
 def _tradeoff(out: Path, problem: Any, solution: Any, specs: Any, constraints: Constraints,
-              intake: Any, plan: dict[str, Any], report: dict[str, Any], device: torch.device,
-              tick: _Guard, points: int, evaluate: int) -> None:
+              plan: dict[str, Any], report: dict[str, Any], tick: _Guard, points: int,
+              evaluate: int, evaluate_plan: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     """Write ``pareto.json`` (a front per limited resource; up to ``evaluate`` points of each
-    quantized and evaluated on the held-out samples) and the plots (``plots/``)."""
+    quantized and evaluated by ``evaluate_plan``) and the plots (``plots/``)."""
     from solver import make_plan
 
     from . import plots, tradeoff
@@ -418,8 +431,7 @@ def _tradeoff(out: Path, problem: Any, solution: Any, specs: Any, constraints: C
     for k, (r, i) in enumerate(todo):
         point_plan = make_plan(problem, tradeoff.as_solution(problem, swept[r][i], r), specs,
                                constraints.to_dict(), plan["model"])
-        quiet = lambda stage, fraction: tick.check()  # noqa: E731 (the point's own stages)
-        measured[(r, i)] = _quantize(intake, point_plan, device, quiet).report["metrics"]
+        measured[(r, i)] = evaluate_plan(point_plan)
         tick("evaluate", (k + 1) / (len(todo) + 1))
     doc = tradeoff.document(problem, solution, swept, measured)
     _write_json(out / PARETO_FILE, doc)

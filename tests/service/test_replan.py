@@ -35,7 +35,12 @@ def test_replan_reuses_uploads_and_sensitivity(client, service, parent) -> None:
     assert body["parent_id"] == parent and body["reuses"] == ["uploads", "sensitivity"]
     child = body["job_id"]
     assert body["links"]["self"] == f"/jobs/{child}"
+    evaluations = service.settings.cache_dir / "evaluations"
+    before = sorted(evaluations.iterdir())
+    assert before  # the parent evaluated points along its front
     service.queue.run_job(child)
+    # with one limit the front is the parent's: its evaluated points come from the cache
+    assert sorted(evaluations.iterdir()) == before
     job = client.get(f"/jobs/{child}").json()
     assert job["status"] == "succeeded" and job["parent_id"] == parent
     assert job["summary"]["reused"] == ["sensitivity"]
@@ -86,3 +91,24 @@ def test_pareto_and_plots_routes(client, parent) -> None:
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
     assert client.get(f"/jobs/{parent}/plots/../plan.json").status_code == 404
     assert client.get(f"/jobs/{parent}/plots/other.svg").status_code in (404, 422)
+
+
+def test_an_older_job_store_gains_the_new_columns(tmp_path) -> None:
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    columns = [c.copy() for c in J.JobRow.__table__.columns if c.name != "parent_id"]
+    sa.Table("jobs", sa.MetaData(), *columns).create(engine)
+    engine.dispose()
+    store = J.JobStore(url)
+    job = store.create(J.new_job_id(), {}, "m", "c", "o", parent_id="p" * 32)
+    assert store.get(job.id).parent_id == "p" * 32
+    store.close()
+
+
+def test_cache_format_follows_the_sensitivity_format() -> None:
+    from sensitivity.engine import VERSION
+    from service.cache import SENSITIVITY_FORMAT
+
+    assert SENSITIVITY_FORMAT == VERSION
