@@ -143,9 +143,11 @@ def embedding_inputs(gm: fx.GraphModule) -> dict[str, tuple[str, int]]:
     return found
 
 
-def check_id_ranges(gm: fx.GraphModule, calib: CalibrationSet) -> dict[str, int]:
+def check_id_ranges(gm: fx.GraphModule, calib: CalibrationSet,
+                    single: bool = False) -> dict[str, int]:
     """Check that every input indexing an embedding holds ids in ``[0, rows)``; returns
-    {input name: rows}. ``calib`` is bound (``bind_inputs``): keyword names are the graph's.
+    {input name: rows}. ``calib`` is bound (``bind_inputs``): keyword names are the graph's;
+    ``single``: the file gave the one input as ``inputs`` (named so in messages).
 
     Raises:
         BadCalibrationError: naming the tensor, the range found and the range allowed.
@@ -153,7 +155,6 @@ def check_id_ranges(gm: fx.GraphModule, calib: CalibrationSet) -> dict[str, int]
     tables = embedding_inputs(gm)
     order = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
     named = dict(zip(order, calib.args, strict=False)) | dict(calib.kwargs)
-    single = len(calib.args) == 1 and not calib.kwargs
     out: dict[str, int] = {}
     for name, (table, rows) in tables.items():
         t = named.get(name)

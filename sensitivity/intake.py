@@ -116,24 +116,23 @@ def intake(
     program = load_program(model_path)
     calib = load_calibration(calib_path, cfg.max_calib_bytes)
     rewrites = to_eval_semantics(program)
+    gm = _module(program)
+    # inputs are checked before the (slow) attention decomposition, which keeps the signature
+    single = bool(calib.args)  # the file's one 'inputs' tensor, not 'input.<name>' tensors
+    calib, batch_size = bind_inputs(program, gm, calib)
+    id_rows = check_id_ranges(gm, calib, single)
     decomposed = False
     if uses_sdpa(program):
         program = decompose_sdpa(program)
         decomposed = True
-    try:
-        gm = program.module()
-    except Exception as exc:
-        raise BadModelError(f"could not build a module from the program ({exc}). "
-                            + HOW_TO_EXPORT) from None
+        gm = _module(program)
     layers = find_layers(gm)
     if not layers:
         raise BadModelError(
             "the model has no quantizable layer (no Conv1d, Conv2d or Linear weight was found "
             "in the exported graph); bitplan quantizes conv and linear weights."
         )
-    calib, batch_size = bind_inputs(program, gm, calib)
     infos, out_shape, out = layer_table(gm, layers, positional(calib, gm), batch_size)
-    id_rows = check_id_ranges(gm, calib)
     loss_kind, token_input = _loss_kind(out, calib.labels, id_rows)
     if token_input is not None and token_input not in calib.kwargs:
         order = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
@@ -147,6 +146,14 @@ def intake(
         decomposed=decomposed, name=Path(model_path).name, token_input=token_input,
         float_params=float_params(gm, layers),
     )
+
+
+def _module(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    try:
+        return program.module()
+    except Exception as exc:
+        raise BadModelError(f"could not build a module from the program ({exc}). "
+                            + HOW_TO_EXPORT) from None
 
 
 def _loss_kind(out: torch.Tensor, labels: torch.Tensor | None,

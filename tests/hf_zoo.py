@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,3 +176,21 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.export.
 def save(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> Path:
     torch.export.save(export(model, example), str(path))
     return path
+
+
+@functools.cache
+def trained_llama(tied: bool = False, steps: int = 100) -> CausalLM:
+    """The tiny Llama-style decoder trained once per process (seconds)."""
+    torch.manual_seed(0)
+    return train_causal(llama(tied=tied), steps=steps)
+
+
+@functools.cache
+def trained_bert(steps: int = 100) -> Encoder:
+    torch.manual_seed(0)
+    return train_encoder(bert(), steps=steps)
+
+
+def calibration_ids(n: int = 48, seq: int = 32, seed: int = 1) -> torch.Tensor:
+    """Held-out text (the corpus half no model trained on) as int64 [n, seq]."""
+    return token_windows(n, seq, seed=seed, offset=1)
