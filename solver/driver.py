@@ -88,7 +88,7 @@ class Ladder:
 
     def minima(self) -> dict[str, float]:
         """Each resource's sum of per-group minima (the smallest reachable total)."""
-        if self.arr is not None and not self.cfg.prune:
+        if self.arr is not None:
             return {r: math.fsum(self.arr.cost[i].min(axis=1).tolist())
                     for i, r in enumerate(self.resources)}
         return {r: math.fsum(min(o.costs[r] for o in g) for g in self.opts)

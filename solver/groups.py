@@ -12,6 +12,8 @@ from .problem import FEAS_RTOL, RESOURCES, Problem
 
 @dataclass(slots=True)
 class GOpt:
+    """One option of a group: the members' options of one tag, with joint Omega and costs."""
+
     tag: str
     picks: tuple[int, ...]  # option index in each member layer
     omega: float
@@ -23,11 +25,14 @@ class GOpt:
 
 @dataclass
 class Group:
+    """Tied layers (indices into the problem's layers) and their joint options."""
+
     members: list[int]  # layer indices
     options: list[GOpt] = field(default_factory=list)
 
 
 def groups_of(problem: Problem) -> list[Group]:
+    """The problem's tie groups (a lone layer is a group of one), in the problem's order."""
     index = {la.name: i for i, la in enumerate(problem.layers)}
     out = []
     for names in problem.tie_groups():
@@ -76,6 +81,7 @@ def prune_options(opts: list[GOpt], key: str, resources: list[str]) -> list[GOpt
 
 
 def sort_options(opts: list[GOpt], key: str, resources: list[str]) -> list[GOpt]:
+    """The options by ``key``, then by the costs of ``resources`` (stable)."""
     return sorted(opts, key=lambda o: (o.value(key), *(o.costs[r] for r in resources)))
 
 
@@ -104,6 +110,7 @@ def binding_of(problem: Problem, totals: dict[str, float | None]) -> list[str]:
 
 
 def choices_of(problem: Problem, groups: list[Group], picked: list[GOpt]) -> dict[str, int]:
+    """Per layer (in the problem's order) the index of its option in the picked group options."""
     choices: dict[str, int] = {}
     for g, o in zip(groups, picked, strict=True):
         for m, p in zip(g.members, o.picks, strict=True):
