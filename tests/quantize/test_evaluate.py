@@ -47,3 +47,78 @@ def test_identical_outputs_and_fixed_batches_without_labels() -> None:
     assert got["samples"] == 10 and got["fp32_accuracy"] is None
     assert got["top1_agreement"] == 1.0 and got["kl_mean"] == pytest.approx(0.0, abs=1e-12)
     assert got["sqnr_db"] is None and got["output_mse"] == 0.0
+
+
+class _Logits(nn.Module):
+    """[N, T] token ids -> the fixed [N, T, V] logits of those samples (looked up by the ids'
+    first column, which holds the sample index)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids[:, 0]]
+
+
+def _lm_case(n: int = 9, t: int = 6, v: int = 11):
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(n, t, v, generator=gen)
+    q = f + 0.5 * torch.randn(n, t, v, generator=gen)
+    ids = torch.randint(0, v, (n, t), generator=gen)
+    ids[:, 0] = torch.arange(n)  # the lookup key (n <= v)
+    return f, q, ids
+
+
+def test_language_model_metrics_are_per_token_with_next_token_perplexity() -> None:
+    f, q, ids = _lm_case()
+    data = CalibrationSet((ids,))
+    got = evaluate(_Logits(f), _Logits(q), data, batch_size=4, token_input=0)
+    rows_f, rows_q = f.reshape(-1, 11), q.reshape(-1, 11)
+    agree = float((rows_f.argmax(1) == rows_q.argmax(1)).float().mean())
+    assert got["top1_agreement"] == pytest.approx(agree)
+    kl = torch.nn.functional.kl_div(rows_q.log_softmax(1), rows_f.log_softmax(1),
+                                    log_target=True, reduction="batchmean")
+    assert got["kl_mean"] == pytest.approx(float(kl), rel=1e-5)  # mean over 54 tokens
+    targets = ids[:, 1:].reshape(-1)
+    for key, out in (("fp32_perplexity", f), ("quant_perplexity", q)):
+        nll = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 11), targets)
+        assert got[key] == pytest.approx(math.exp(float(nll)), rel=1e-6)
+    assert got["tokens_per_sample"] == 6 and got["cosine_mean"] is None
+    # keyword input: the same numbers
+    kw = evaluate(_KwLogits(f), _KwLogits(q), CalibrationSet((), {"input_ids": ids}), 4,
+                  token_input="input_ids")
+    assert kw["fp32_perplexity"] == pytest.approx(got["fp32_perplexity"])
+    # no token input: no perplexity
+    assert evaluate(_Logits(f), _Logits(q), data, 4)["fp32_perplexity"] is None
+
+
+class _KwLogits(_Logits):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(input_ids)
+
+
+def test_token_labels_score_accuracy_and_perplexity_where_not_ignored() -> None:
+    f, q, ids = _lm_case()
+    labels = torch.randint(0, 11, ids.shape, generator=torch.Generator().manual_seed(4))
+    labels[:, :2] = -100
+    got = evaluate(_Logits(f), _Logits(q), CalibrationSet((ids,), labels=labels), 5,
+                   token_input=0)
+    keep = labels.reshape(-1) != -100
+    y = labels.reshape(-1)[keep]
+    rows_f, rows_q = f.reshape(-1, 11)[keep], q.reshape(-1, 11)[keep]
+    assert got["fp32_accuracy"] == pytest.approx(float((rows_f.argmax(1) == y).float().mean()))
+    assert got["quant_accuracy"] == pytest.approx(float((rows_q.argmax(1) == y).float().mean()))
+    nll = torch.nn.functional.cross_entropy(rows_q, y)  # labels win over next-token ids
+    assert got["quant_perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-6)
+
+
+def test_embedding_outputs_give_mean_cosine_similarity() -> None:
+    gen = torch.Generator().manual_seed(5)
+    f = torch.randn(13, 16, generator=gen)
+    q = f + 0.4 * torch.randn(13, 16, generator=gen)
+    got = evaluate(_Fixed(f), _Fixed(q), CalibrationSet((torch.arange(13),)), batch_size=4)
+    cos = torch.nn.functional.cosine_similarity(f.double(), q.double(), dim=1).mean()
+    assert got["cosine_mean"] == pytest.approx(float(cos), rel=1e-9)
+    assert 0.8 < got["cosine_mean"] < 1.0  # noise 0.4 of unit-variance outputs
+    assert got["fp32_perplexity"] is None and got["tokens_per_sample"] is None
