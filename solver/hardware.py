@@ -1,10 +1,20 @@
-"""Latency models: named roofline hardware profiles and user-given per-layer latency tables.
+"""Latency models: named hardware profiles and user-given per-layer latency tables.
 
-A profile (``solver/profiles/<name>.json``) gives peak integer MAC rates per precision class
-(``"4"``: operands of <= 4 bits, ``"8"``: 5..8 bits) and memory bandwidth. The roofline latency
-of one layer at (w, a) bits is ``max(MACs / rate(class of max(w, a)), bytes / bandwidth)`` with
-bytes = packed weight bytes + input activation bytes at ``a`` bits. These are peak figures,
-so the result is an optimistic lower bound, useful to rank precisions, not a measurement.
+Two kinds of profile (``"kind"`` in the JSON, one class each, looked up in ``PROFILE_KINDS``):
+
+- ``roofline`` (:class:`HardwareProfile`, the default): peak integer MAC rates per precision
+  class (``"4"``: operands of <= 4 bits, ``"8"``: 5..8 bits) and memory bandwidth. The latency
+  of one layer at (w, a) bits is ``max(MACs / rate(class of max(w, a)), bytes / bandwidth)``
+  with bytes = packed weight bytes + input activation bytes at ``a`` bits. These are peak
+  figures, so the result is an optimistic lower bound, useful to rank precisions, not a
+  measurement.
+- ``drq-array`` (:class:`DRQArrayProfile`): DRQ's variable-speed mixed-precision array, where
+  each PE group runs one 8x8 or four 4x4 multiplications per cycle. Latency in cycles from the
+  MACs, the fraction of them at 8x8 and the number of PE groups, then ms at the stated clock.
+  It runs only the precisions it lists (W8A8, W4A4 and DRQ modes); the solver offers no other.
+
+A DRQ option's MACs split as its runtime computes them (:func:`drq_split`): a fraction f at
+``w x high`` bits, the rest at ``min(w, low) x low``.
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ def drq_split(drq: dict) -> tuple[float, int, int]:
 
 @dataclass(frozen=True)
 class HardwareProfile:
-    """Peak integer throughput (MACs per second per precision class) and memory bandwidth."""
+    """Roofline: peak integer throughput (MACs per second per precision class) and memory
+    bandwidth."""
 
     name: str
     description: str
@@ -84,9 +95,14 @@ class HardwareProfile:
         moved = math.ceil(params * w_bits / 8) + input_numel * a_bits / 8
         return max(compute, moved / self.bandwidth_bytes_per_s) * 1e3
 
+    def supports(self, w_bits: int, a_bits: float, drq: dict | None = None) -> bool:
+        """Every precision runs on a roofline profile (at its class's rate)."""
+        return True
+
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> HardwareProfile:
         keys = {"name", "description", "source", "macs_per_s", "bandwidth_bytes_per_s"}
+        obj = {k: v for k, v in obj.items() if k != "kind"} if isinstance(obj, dict) else obj
         if not isinstance(obj, dict) or set(obj) != keys:
             raise BadConstraintsError(f"a hardware profile needs exactly the keys {sorted(keys)}")
         return cls(
@@ -98,17 +114,117 @@ class HardwareProfile:
         )
 
 
+@dataclass(frozen=True)
+class DRQArrayProfile:
+    """DRQ's variable-speed mixed-precision array (Song et al., ISCA 2020).
+
+    ``pe_groups`` PE groups, each running one 8x8 or four 4x4 multiplications per cycle, at
+    ``clock_hz``. A multiplication whose operands both fit 4 bits is 4x4, any other 8x8.
+    ``precisions``: the plain (w, a) pairs it runs, e.g. ``[[8, 8], [4, 4]]``;
+    ``drq_weight_bits``: the weight widths its DRQ modes run with. Compute-bound by assumption
+    (see ``assumptions``): cycles = MACs_8x8 / groups + MACs_4x4 / (4 groups).
+    """
+
+    name: str
+    description: str
+    source: str
+    assumptions: str
+    pe_groups: int
+    clock_hz: float
+    precisions: tuple[tuple[int, int], ...]
+    drq_weight_bits: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.pe_groups < 1 or not (math.isfinite(self.clock_hz) and self.clock_hz > 0):
+            raise BadConstraintsError(
+                f"profile {self.name!r}: pe_groups and clock_hz must be positive"
+            )
+
+    @staticmethod
+    def _per_cycle(w_bits: float, a_bits: float) -> int:
+        """Multiplications one PE group runs per cycle at these operand widths."""
+        return 4 if max(w_bits, a_bits) <= 4 else 1
+
+    def supports(self, w_bits: int, a_bits: float, drq: dict | None = None) -> bool:
+        if drq is not None:
+            return w_bits in self.drq_weight_bits
+        return (w_bits, a_bits) in self.precisions
+
+    def cycles(self, macs: float, w_bits: int, a_bits: float, drq: dict | None = None) -> float:
+        """Cycles of one layer: each part of its MACs over the multiplications per cycle."""
+        if drq is None:
+            return macs / (self.pe_groups * self._per_cycle(w_bits, a_bits))
+        f, hi, lo = drq_split(drq)
+        high = f * macs / (self.pe_groups * self._per_cycle(w_bits, hi))
+        low = (1 - f) * macs / (self.pe_groups * self._per_cycle(min(w_bits, lo), lo))
+        return high + low
+
+    def latency_ms(
+        self,
+        macs: float,
+        params: float,
+        w_bits: int,
+        a_bits: float,
+        input_numel: float,
+        drq: dict | None = None,
+    ) -> float:
+        """:meth:`cycles` at the clock, in ms (``params`` / ``input_numel`` do not enter: the
+        model is compute-bound). Raises BadConstraintsError for a precision it does not run."""
+        if not self.supports(w_bits, a_bits, drq):
+            raise BadConstraintsError(
+                f"profile {self.name!r} does not run w{w_bits}a{a_bits:g}"
+                f"{' with DRQ' if drq is not None else ''}; it runs "
+                f"{[f'w{w}a{a}' for w, a in self.precisions]} and DRQ at weight bits "
+                f"{list(self.drq_weight_bits)}"
+            )
+        return self.cycles(macs, w_bits, a_bits, drq) / self.clock_hz * 1e3
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> DRQArrayProfile:
+        keys = {"name", "kind", "description", "source", "assumptions", "pe_groups",
+                "clock_hz", "precisions", "drq_weight_bits"}
+        if not isinstance(obj, dict) or set(obj) != keys:
+            raise BadConstraintsError(f"a drq-array profile needs exactly the keys {sorted(keys)}")
+        return cls(
+            name=obj["name"],
+            description=obj["description"],
+            source=obj["source"],
+            assumptions=obj["assumptions"],
+            pe_groups=int(obj["pe_groups"]),
+            clock_hz=float(obj["clock_hz"]),
+            precisions=tuple((int(w), int(a)) for w, a in obj["precisions"]),
+            drq_weight_bits=tuple(int(w) for w in obj["drq_weight_bits"]),
+        )
+
+
+Profile = HardwareProfile | DRQArrayProfile
+PROFILE_KINDS: dict[str, type[HardwareProfile] | type[DRQArrayProfile]] = {
+    "roofline": HardwareProfile,
+    "drq-array": DRQArrayProfile,
+}
+
+
+def load_profile(obj: dict[str, Any]) -> Profile:
+    """A profile from its JSON object, by ``kind`` (default ``roofline``)."""
+    kind = obj.get("kind", "roofline") if isinstance(obj, dict) else None
+    if kind not in PROFILE_KINDS:
+        raise BadConstraintsError(
+            f"unknown hardware profile kind {kind!r}; known: {sorted(PROFILE_KINDS)}"
+        )
+    return PROFILE_KINDS[kind].from_dict(obj)
+
+
 @cache
-def profiles() -> dict[str, HardwareProfile]:
+def profiles() -> dict[str, Profile]:
     """The shipped profiles by name."""
     out = {}
     for path in sorted(PROFILE_DIR.glob("*.json")):
-        p = HardwareProfile.from_dict(json.loads(path.read_text()))
+        p = load_profile(json.loads(path.read_text()))
         out[p.name] = p
     return out
 
 
-def get_profile(name: str) -> HardwareProfile:
+def get_profile(name: str) -> Profile:
     """The named profile; raises BadConstraintsError listing the known names."""
     known = profiles()
     if name not in known:

@@ -276,14 +276,29 @@ def _drq_option(spec: LayerSpec, cfg: OptionsConfig, w: int, mode: ActivationMod
 
 
 def layer_options(spec: LayerSpec, cfg: OptionsConfig, pin: int | None = None) -> list[Option]:
-    """All candidate options of one layer (only (pin, pin) per channel when pinned)."""
+    """All candidate options of one layer (only (pin, pin) per channel when pinned), less those
+    the hardware profile does not run."""
+    runs = get_profile(cfg.hardware).supports if cfg.hardware is not None else None
     if pin is not None:
+        if runs is not None and not runs(pin, pin):
+            raise BadConstraintsError(
+                f"hardware profile {cfg.hardware!r} does not run w{pin}a{pin}; pin the first / "
+                "last layer to a precision it runs, or unpin them"
+            )
         return [_option(spec, cfg, pin, pin)]
     opts = [_option(spec, cfg, w, a, g) for g in layer_groups(spec, cfg)
-            for w in cfg.weight_bits for a in cfg.activation_bits]
+            for w in cfg.weight_bits for a in cfg.activation_bits
+            if runs is None or runs(w, a)]
     for w in cfg.weight_bits:  # DRQ: per-channel weight scales only
         for mode in spec.activation_modes:
-            opts.append(_drq_option(spec, cfg, w, mode))
+            if runs is None or runs(w, mode.expected_bits, mode.drq):
+                opts.append(_drq_option(spec, cfg, w, mode))
+    if not opts:
+        raise BadConstraintsError(
+            f"hardware profile {cfg.hardware!r} runs none of the candidate precisions of layer "
+            f"{spec.name!r} (weight_bits {list(cfg.weight_bits)}, activation_bits "
+            f"{list(cfg.activation_bits)}); allow bits it runs"
+        )
     return opts
 
 

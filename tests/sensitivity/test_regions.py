@@ -246,12 +246,14 @@ def test_config_round_trip_and_validation() -> None:
 
 def test_drq_option_bops_equal_the_multiplications_the_runtime_counts(program, split,
                                                                      result) -> None:
-    """The solver's DRQ BOPS of every mode and weight width equal the 8x8 / 4x4 multiplications
-    that ``DRQConv2d`` counts from its masks on the same (train) data."""
+    """The solver's DRQ BOPS (and drq-array latency) of every mode and weight width equal the
+    8x8 / 4x4 multiplications that ``DRQConv2d`` counts from its masks on the same data."""
     from solver import LayerSpec, Limits, OptionsConfig, build_problem
+    from solver.hardware import get_profile
     from solver.options import ActivationMode
 
     train, _ = split
+    array = get_profile("drq-array")
     layers = find_layers(program.module())
     convs = {layer.name: layer for layer in layers if layer.kind == "conv2d"}
     n = len(train)
@@ -266,6 +268,9 @@ def test_drq_option_bops_equal_the_multiplications_the_runtime_counts(program, s
         cfg = OptionsConfig(weight_bits=(4, 8), activation_bits=(4, 8), pin_first=None,
                             pin_last=None)
         options = {o.tag: o for o in build_problem([spec], cfg, Limits()).layers[0].options}
+        array_cfg = dataclasses.replace(cfg, hardware="drq-array")
+        array_options = {o.tag: o for o in
+                         build_problem([spec], array_cfg, Limits()).layers[0].options}
         fractions = set()
         for mode in layer.modes:
             settings = result.drq_settings({layer.name: mode})
@@ -278,6 +283,10 @@ def test_drq_option_bops_equal_the_multiplications_the_runtime_counts(program, s
             for w in (4, 8):
                 counted = mod.macs_high * w * 8 + mod.macs_low * min(w, 4) * 4
                 assert options[f"w{w}{mode.tag}"].bops * n == pytest.approx(counted, rel=1e-12)
+                # drq-array: one 8x8 or four 4x4 multiplications per PE group and cycle
+                cycles = (mod.macs_high + mod.macs_low / 4) / array.pe_groups
+                assert array_options[f"w{w}{mode.tag}"].latency_ms * n == pytest.approx(
+                    cycles / array.clock_hz * 1e3, rel=1e-12)
         # the counts are not one fraction in disguise: the modes differ, and padding taps make
         # the MAC fraction differ from the region fraction
         assert len(fractions) > 3
