@@ -94,10 +94,13 @@ class Ladder:
         return {r: math.fsum(min(o.costs[r] for o in g) for g in self.opts)
                 for r in self.resources}
 
-    def settle(self, limits: dict[str, float], start: list[GOpt] | None = None) -> Outcome:
+    def settle(self, limits: dict[str, float], start: list[GOpt] | None = None,
+               t0: float | None = None) -> Outcome:
         """The optimum under ``limits`` (keys: the ladder's resources). ``start``: a candidate
-        assignment (e.g. the previous Pareto point) for the search and the MILP solver."""
-        t0 = time.perf_counter()
+        assignment (e.g. the previous Pareto point) for the search and the MILP solver; ``t0``:
+        when the work began (``presolve_seconds`` and the MILP's share of the time limit count
+        from it; default now)."""
+        t0 = time.perf_counter() if t0 is None else t0
         cfg = self.cfg
         mins = self.minima()
         if any(not within(mins[r], limits[r]) for r in self.resources):
@@ -181,7 +184,7 @@ def solve(problem: Problem, cfg: SolveConfig | None = None, *,
     t0 = time.perf_counter()
     groups = groups_of(problem)
     limits = {r: problem.limits.get(r) for r in problem.limits.active()}
-    out = Ladder(groups, list(limits), cfg, params).settle(limits)
+    out = Ladder(groups, list(limits), cfg, params).settle(limits, t0=t0)
     return _solution(problem, groups, cfg, out, t0)
 
 
