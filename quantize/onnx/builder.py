@@ -124,14 +124,21 @@ class GraphBuilder:
                                          elem, [], b"\x00" * width)
         return self._consts[key]
 
+    def clip(self, value: str, grid: Grid, base: str) -> str:
+        """``value`` clipped to the grid's range (in float). Before a 4-bit QuantizeLinear
+        this is Max + Min, not Clip: ONNX Runtime 1.31's Clip + Q fusion fails on 4-bit zero
+        points ("Unexpected data type for QuantizeLinear input y_zero_point")."""
+        lo, hi = (self.const(v * grid.scale) for v in grid.qrange)
+        if grid.bits <= 4:
+            return self.op("Min", [self.op("Max", [value, lo], base + "_max"), hi], base + "_min")
+        return self.op("Clip", [value, lo, hi], base + "_clip")
+
     def quantize(self, value: str, grid: Grid, base: str, exact: bool = False) -> str:
         """QuantizeLinear onto ``grid`` (after a Clip where the grid is narrower than its
         type, or always with ``exact``); returns the integer codes' value name."""
         scale = self.const(float(grid.scale))
         if exact or needs_clip(grid):
-            lo, hi = grid.qrange
-            value = self.op("Clip", [value, self.const(lo * grid.scale),
-                                     self.const(hi * grid.scale)], base + "_clip")
+            value = self.clip(value, grid, base)
         return self.op("QuantizeLinear", [value, scale, self.zero_point(grid)], base + "_q")
 
     def dequantize(self, codes: str, grid: Grid, base: str) -> str:
@@ -149,9 +156,7 @@ class GraphBuilder:
             store = Grid(grid.scale, 8, grid.signed)
             if self.dq_grid.get(value) == store:
                 return value
-            lo, hi = grid.qrange
-            clipped = self.op("Clip", [value, self.const(lo * grid.scale),
-                                       self.const(hi * grid.scale)], base + "_clip")
+            clipped = self.clip(value, grid, base)
             return self.dequantize(self.quantize(clipped, store, base), store, base)
         if self.dq_grid.get(value) == grid:
             return value

@@ -34,9 +34,10 @@ class VerifyConfig:
     version: int = 1
     # the bar: ORT picks the fake-quant module's class on >= 99 % of the samples
     min_top1_agreement: float = 0.99
-    # 99th percentile of |ORT - fake-quant| in steps of the model's output grid (the 16-bit
-    # logits grid is fine: one INT8 code upstream moves a logit by tens of its steps)
-    max_step_p99: float = 64.0
+    # 99th percentile of |ORT - fake-quant| in steps of the model's output grid: the two
+    # round differently only at ties (float half-to-even vs dyadic half-up), 1 step where
+    # they do (docs/onnx.md); 4 leaves room for a tie upstream that moves a few outputs
+    max_step_p99: float = 4.0
     batch_size: int = 64
     threads: int = 1  # deterministic and light on a shared machine
 

@@ -19,7 +19,9 @@ from torch import nn
 
 from quantize import QuantizeConfig, apply
 from quantize.data import CalibrationSet
+from quantize.drq import DRQConv2d, region_mask
 from quantize.onnx import VerifyConfig, export_onnx, save_onnx, session, verify, weight_bytes
+from quantize.primitives import quantize_activation
 from sensitivity import zoo
 from solver.errors import ExportMismatchError, MissingDependencyError, UnsupportedExportError
 
@@ -193,3 +195,39 @@ def test_calibration_set_batches_run_through_the_fixed_batch_path(cnn_fixed_batc
     holdout = CalibrationSet((heldout_eval[1].args[0][:10],))
     rep = verify(program, res.checkpoint, model, holdout, fixed_batch=16)
     assert rep["samples"] == 10 and rep["max_steps"] <= MAX_STEPS
+
+
+def test_drq_layer_from_standard_ops(cnn_program, cnn_int8, plan_for, heldout_eval) -> None:
+    """conv2 as a DRQ conv (2x2 regions, threshold 20: about a third of the regions INT8);
+    the ONNX region mask equals the fake-quant module's, region for region."""
+    grid = cnn_int8.checkpoint.input_grid("conv2")
+    drq = {"region": [2, 2], "threshold": 20, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
+           "high_bits": 8, "low_bits": 4, "scale": grid.scale, "signed": grid.signed}
+    plan = plan_for(cnn_program, w_bits=lambda i, n: 6 if n == "conv2" else 8,
+                    drq={"conv2": drq})
+    res = apply(cnn_program, plan, *heldout_eval, QuantizeConfig())
+    model = _check(cnn_program, res, heldout_eval[1])["model"]
+    ops = {n.op_type for n in model.graph.node}
+    assert {"AveragePool", "Greater", "Resize", "ReduceSum"} <= ops
+    assert not any(n.domain for n in model.graph.node)  # standard operators only
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types["conv2_w_high_q"] == onnx.TensorProto.INT8
+    assert types["conv2_w_low_q"] == onnx.TensorProto.INT4
+    # the region mask as ONNX Runtime computes it, against region_mask on the module's input
+    (greater,) = [n.output[0] for n in model.graph.node if n.op_type == "Greater"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(greater, onnx.TensorProto.BOOL,
+                                                                 None))
+    x = heldout_eval[1].args[0][:128]
+    got = session(probe, 1).run(None, {"x": x.numpy()})[1][:, 0]
+    (drq_mod,) = [m for m in res.module.modules() if isinstance(m, DRQConv2d)]
+    seen = []
+    hook = drq_mod.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        res.module(x)
+    hook.remove()
+    codes = quantize_activation(seen[0], drq_mod.input_scale, 8, drq_mod.input_signed)
+    want = region_mask(codes, (2, 2), 20).numpy()
+    assert 0.05 < want.mean() < 0.95  # both precisions in use
+    assert np.array_equal(got, want)
