@@ -25,6 +25,8 @@ VERSION = 2
 FORMAT = "bitplan-plan/2"
 KINDS = ("conv2d", "conv1d", "linear")
 _MODEL_KEYS = ("layers", "params", "macs", "quantized_params", "other_params")
+# optional: the parameter tensors left in floating point ({name, op, params, share[, tied_to]})
+_FLOAT_PARAMS = "float_params"
 _TOP_KEYS = {"version", "format", "model", "constraints", "status", "objective", "totals",
              "limits", "binding", "layers", "diagnosis"}
 _ROW_KEYS = {"name", "kind", "params", "macs", "w_bits", "a_bits", "weight_trace", "omega",
@@ -183,7 +185,7 @@ class Plan:
     under, the ``binding`` ones, ``status`` / ``objective`` / ``diagnosis``, the echoed
     ``constraints`` and the ``model`` summary."""
 
-    model: dict[str, int]
+    model: dict[str, Any]
     constraints: dict[str, Any]
     status: str
     objective: float | None
@@ -214,10 +216,16 @@ class Plan:
             raise BadPlanError(f"plan format must be {FORMAT!r}, got {obj.get('format')!r}")
         _keys(obj, _TOP_KEYS, "")
         model = obj["model"]
-        if not isinstance(model, dict) or set(model) != set(_MODEL_KEYS):
-            raise BadPlanError(f"plan model must have exactly the keys {list(_MODEL_KEYS)}")
+        if not isinstance(model, dict) or set(model) - {_FLOAT_PARAMS} != set(_MODEL_KEYS):
+            raise BadPlanError(f"plan model must have exactly the keys {list(_MODEL_KEYS)} "
+                               f"(and optionally {_FLOAT_PARAMS!r})")
         for k in _MODEL_KEYS:
             _num(model[k], f"model.{k}", integer=True)
+        floats = model.get(_FLOAT_PARAMS, [])
+        if not isinstance(floats, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("name"), str) for f in floats):
+            raise BadPlanError(f"plan model.{_FLOAT_PARAMS} must be a list of objects with a "
+                               "'name'")
         if not isinstance(obj["constraints"], dict):
             raise BadPlanError("plan constraints must be an object")
         if obj["status"] not in STATUSES:
@@ -271,7 +279,8 @@ def build_plan(
 ) -> Plan:
     """The plan of a solved problem. ``specs`` supply kind / params / MACs / trace per layer
     name; ``constraints`` are echoed; ``model`` is the summary {layers, params, macs,
-    quantized_params, other_params}. Raises BadPlanError when they disagree."""
+    quantized_params, other_params} (+ ``float_params`` when given: the parameters left in
+    floating point). Raises BadPlanError when they disagree."""
     by_name = {s.name: s for s in specs}
     rows = []
     if solution.choices:
@@ -298,7 +307,8 @@ def build_plan(
     return Plan.from_dict({
         "version": VERSION,
         "format": FORMAT,
-        "model": {k: model.get(k) for k in _MODEL_KEYS},
+        "model": {k: model.get(k) for k in _MODEL_KEYS}
+        | ({_FLOAT_PARAMS: list(model[_FLOAT_PARAMS])} if _FLOAT_PARAMS in model else {}),
         "constraints": constraints,
         "status": solution.status,
         "objective": solution.objective,
