@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from quantize import apply, load
-from quantize.checkpoint import FORMAT, read_checkpoint, storage_bits
+from quantize.checkpoint import (
+    FORMAT,
+    decode_weight,
+    encode_weight,
+    read_checkpoint,
+    storage_bits,
+)
 from quantize.integer import IntegerExecutor, int_conv, int_group_sums
 from quantize.primitives import (
     dyadic_group_requantize,
@@ -126,6 +132,34 @@ def test_group_sums_add_up_to_the_convolution(groups, cin, k, group, seed) -> No
     assert torch.equal(int_group_sums(xl, wl, 4).sum(-1), xl @ wl.t())
 
 
+@settings(max_examples=60, deadline=None)
+@given(out=st.integers(1, 9), groups=st.integers(1, 7), group=st.integers(1, 9),
+       bits=st.sampled_from([2, 3, 4, 5, 6, 8]), kernel=st.sampled_from([(), (3,), (1, 2)]),
+       seed=st.integers(0, 2**31 - 1))
+def test_stored_bytes_equal_the_solver_size(out, groups, group, bits, kernel, seed) -> None:
+    """Any layer shape: the checkpoint's codes + group scales take exactly ``size_bytes``."""
+    k = math.prod(kernel)
+    if (groups * group) % k:
+        return
+    shape = (out, groups * group // k, *kernel)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    codes, scale = quantize_weight(w, bits, group_size=group)
+    stored = encode_weight(codes, bits)
+    params = w.numel()
+    assert stored.nbytes + scale.to(torch.float32).nbytes == size_bytes(params, bits, out, group)
+    assert torch.equal(decode_weight(stored, shape), codes)
+
+
+def test_group_sums_of_a_1d_convolution() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 16, (2, 4, 13), generator=gen)
+    w = torch.randint(-7, 8, (6, 2, 3), generator=gen)  # groups=2: fan-in 2 * 3 = 6
+    conv = ((2,), (1,), (2,), 2)
+    sums = int_group_sums(x, w, 2, conv)
+    assert sums.shape == (2, 6, 3, int_conv(x, w, *conv).shape[-1])
+    assert torch.equal(sums.sum(dim=2), int_conv(x, w, *conv))
+
+
 # --- end to end on the digits models ---------------------------------------------------------
 
 @pytest.mark.parametrize(("model", "groups", "bits"), [
@@ -227,3 +261,79 @@ def test_float_path_gives_straight_through_gradients(mlp_program, plan_for, spli
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     assert any(isinstance(m, nn.Module) and type(m).__name__ == "GroupedLayer"
                for m in res.module.modules())
+
+
+class _Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv1d(4, 6, 3, stride=2, groups=2)
+        self.fc = nn.Linear(6 * 7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(h.flatten(1))
+
+
+def test_conv1d_groups_match_the_integer_model(plan_for, tmp_path) -> None:
+    from quantize.data import CalibrationSet
+
+    torch.manual_seed(0)
+    model = _Conv1dNet().eval()
+    x = torch.randn(64, 2, 16)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: batch},))
+    # c1: fan-in 2 * 3 = 6 -> groups of 1 (one scale per weight); c2: 2 * 3 = 6 -> groups of 3
+    plan = grouped_plan(plan_for(program, w_bits=lambda i, _: 4), {})
+    for row in plan["layers"]:
+        row["group_size"] = {"c1": 1, "c2": 3}.get(row["name"])
+        if row["group_size"]:
+            out = {"c1": 4, "c2": 6}[row["name"]]
+            row["size_bytes"] = size_bytes(row["params"], 4, out, row["group_size"])
+    train, holdout = CalibrationSet((x[:48],)), CalibrationSet((x[48:],))
+    res = apply(program, plan, train, holdout)
+    assert res.tensors["c2.weight_scale"].shape == (6, 2)
+    for row in plan["layers"]:
+        t = res.tensors
+        assert t[row["name"] + ".weight_q"].nbytes + t[row["name"] + ".weight_scale"].nbytes \
+            == row["size_bytes"]
+    ckpt = read_checkpoint(res.save(tmp_path / "c.safetensors"))
+    out = IntegerExecutor(program, ckpt)(holdout.args[0])
+    with torch.no_grad():
+        fq = res.module(holdout.args[0])
+    lsb = (out.codes.to(torch.float64) - torch.round(fq.to(torch.float64) / out.grid.scale)).abs()
+    assert float(lsb.max()) <= 1.0
+
+
+def test_groups_pay_on_a_tiny_llama(plan_for, tmp_path) -> None:
+    """Every Linear of the trained tiny Llama-style decoder at 3 bits: groups of 8 inputs give
+    a lower per-token KL to FP32 than per-channel scales (measured 0.0053 vs 0.0130, 2.4x;
+    asserted 1.25x), and the saved checkpoint loads to the same module."""
+    import hf_zoo
+
+    from quantize.data import CalibrationSet
+    from quantize.graph import find_layers
+
+    ids = hf_zoo.calibration_ids(40, 32)
+    program = hf_zoo.export(hf_zoo.trained_llama(), (ids[:2],))
+    shapes = {layer.name: layer.weight_shape for layer in find_layers(program.module())}
+    train, holdout = CalibrationSet((ids[:24],)), CalibrationSet((ids[24:],))
+    kl = {}
+    for group in (None, 8):
+        plan = grouped_plan(plan_for(program, w_bits=3), {})
+        for row in plan["layers"]:
+            out, fan_in = shapes[row["name"]][0], row["params"] // shapes[row["name"]][0]
+            assert fan_in % 8 == 0  # hidden 32, intermediate 64
+            row["group_size"] = group
+            row["size_bytes"] = size_bytes(row["params"], 3, out, group)
+        res = apply(program, plan, train, holdout, token_input=0)
+        for row in plan["layers"]:
+            t = res.tensors
+            assert t[row["name"] + ".weight_q"].nbytes + t[row["name"] + ".weight_scale"].nbytes \
+                == row["size_bytes"]
+        kl[group] = res.report["metrics"]["kl_mean"]
+    assert kl[8] * 1.25 < kl[None]
+    path = res.save(tmp_path / "llama.safetensors")
+    x = holdout.args[0][:4]
+    with torch.no_grad():
+        assert torch.equal(load(path, program)(x), res.module(x))
