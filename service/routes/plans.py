@@ -23,12 +23,14 @@ _FORM = {
                         "model": {
                             "type": "string",
                             "format": "binary",
-                            "description": "torch.export program (.pt2)",
+                            "description": "torch.export program (.pt2), at most "
+                            "BITPLAN_MAX_MODEL_MB",
                         },
                         "calibration": {
                             "type": "string",
                             "format": "binary",
-                            "description": ".safetensors with 'inputs' [N, ...], optional 'labels'",
+                            "description": ".safetensors with 'inputs' [N, ...], optional "
+                            "'labels', at most BITPLAN_MAX_CALIBRATION_MB",
                         },
                         "constraints": {
                             "type": "string",
