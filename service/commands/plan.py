@@ -166,7 +166,26 @@ def format_summary(plan: dict[str, Any], report: dict[str, Any]) -> str:
         )
     if m.get("top1_agreement") is not None:
         lines.append(f"top-1 agreement with fp32: {m['top1_agreement']:.4f}")
+    if m.get("fp32_perplexity") is not None:
+        lines.append(f"perplexity on {m['samples']} held-out sequences: fp32 "
+                     f"{m['fp32_perplexity']:.3f}, quantized {m['quant_perplexity']:.3f}")
+    if m.get("cosine_mean") is not None:
+        lines.append(f"mean cosine similarity to the fp32 outputs: {m['cosine_mean']:.4f}")
+    lines.extend(float_params_lines(plan))
     return "\n".join(lines)
+
+
+def float_params_lines(plan: dict[str, Any]) -> list[str]:
+    """One line naming the parameter tensors the plan leaves in floating point, if any."""
+    floats = (plan.get("model") or {}).get("float_params") or []
+    if not floats:
+        return []
+    share = sum(float(f.get("share", 0.0)) for f in floats)
+    named = ", ".join(f"{f['name']} ({f.get('op')}, {100 * float(f.get('share', 0.0)):.1f} %)"
+                      for f in floats[:4])
+    more = f" and {len(floats) - 4} more" if len(floats) > 4 else ""
+    return [f"{100 * share:.1f} % of the parameters stay in floating point (bitplan does not "
+            f"quantize them): {named}{more}"]
 
 
 def run(args: argparse.Namespace) -> int:
