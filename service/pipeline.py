@@ -3,7 +3,8 @@ plan / checkpoint / report (and the sensitivity table) out.
 
 Stages (the names given to ``progress``): ``intake`` -> ``sensitivity`` -> ``regions`` (DRQ,
 only when the constraints allow activations below 8 bits and DRQ is enabled) -> ``solve``
-(options, ILP, plan) -> ``quantize`` -> ``evaluate``. ``should_cancel`` is polled at every
+(options, ILP, plan) -> ``quantize`` -> ``evaluate`` -> ``export`` (``model.onnx``, checked in
+ONNX Runtime). ``should_cancel`` is polled at every
 progress point; when it turns true the pipeline raises ``CancelledError`` from inside the stage
 that reported.
 
@@ -14,6 +15,7 @@ An infeasible problem is a result of the solver, not a crash: ``plan.json`` is s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,8 +37,9 @@ from .progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
-STAGES = ("intake", "sensitivity", "regions", "solve", "quantize", "evaluate")
+STAGES = ("intake", "sensitivity", "regions", "solve", "quantize", "evaluate", "export")
 PLAN_FILE, CHECKPOINT_FILE, REPORT_FILE = "plan.json", "model.safetensors", "report.json"
+ONNX_FILE = "model.onnx"
 PARETO_FILE, PLOTS_DIR = "pareto.json", "plots"
 SENSITIVITY_FILE, REGIONS_FILE, PROBLEM_FILE, SOLUTION_FILE = (
     "sensitivity.json",
@@ -267,6 +270,7 @@ def run_pipeline(
     pareto_evaluate: int = 5,
     cache: StageCache | None = None,
     memory_budget: int | None = None,
+    eval_path: str | Path | None = None,
 ) -> PipelineResult:
     """Run every stage and write ``plan.json``, ``model.safetensors``, ``report.json``,
     ``sensitivity.json`` (plus ``problem.json`` / ``solution.json``, and ``regions.json`` with
@@ -301,6 +305,7 @@ def run_pipeline(
         calib_path,
         IntakeConfig(holdout_fraction=holdout_fraction, seed=constraints.hessian.seed),
     )
+    evaluation = None if eval_path is None else _load_evaluation(intake, eval_path)
     tick("intake", 1.0)
 
     # 2. sensitivity (reused from the cache when the same inputs and settings were measured)
@@ -366,12 +371,21 @@ def run_pipeline(
         raise InfeasibleError(_diagnosis_text(solution.diagnosis), detail=solution.diagnosis)
     tick("solve", 1.0)
 
-    # 6-7. quantize, evaluate
+    # 6-7. quantize, evaluate (on the evaluation file when one was given: it is used nowhere
+    # else; sensitivity and regions are done with the calibration set by now)
+    if evaluation is not None:
+        intake.holdout = evaluation
     result = _quantize(intake, plan, device, tick, chunk=_forward_chunk(sens))
+    result.report["evaluation"] = {
+        "source": "evaluation file" if evaluation is not None else "held-out calibration share",
+        "samples": len(intake.holdout),
+    }
     tick.check()
     _save_checkpoint(result, out)  # model.safetensors and report.json
     # 8. the trade-off: Pareto fronts, a few of their points evaluated, plots
     split = {"holdout_fraction": holdout_fraction, "seed": constraints.hessian.seed}
+    if eval_path is not None:
+        split["evaluation"] = hashlib.sha256(Path(eval_path).read_bytes()).hexdigest()
 
     def evaluate_plan(point_plan: dict[str, Any]) -> dict[str, Any]:
         """A front point's metrics, from the cache when the same plan was evaluated."""
@@ -387,9 +401,53 @@ def run_pipeline(
     _tradeoff(out, problem, solution, specs, constraints, plan, result.report, tick,
               pareto_points, pareto_evaluate, evaluate_plan)
     tick("evaluate", 1.0)
+    # 9. export: model.onnx, checked in ONNX Runtime against the fake-quant module
+    _export(intake, result, out, tick)
     tick.finish()
     log.info("pipeline done in %s", tick.seconds)
     return PipelineResult(out, plan, result.report, dict(tick.seconds), reused)
+
+
+def _export(intake: Any, result: Any, out: Path, tick: _Guard) -> None:
+    """Write ``model.onnx`` and the report's ``onnx`` section (report.json rewritten).
+
+    A model part the exporter cannot express, or a missing ``[onnx]`` extra, is recorded in the
+    report (``exported: false`` with the error) and the job still succeeds with its checkpoint;
+    an export that ONNX Runtime runs differently from the fake-quant module fails the job
+    (ExportMismatchError), so no wrong model.onnx is ever served."""
+    from solver.errors import MissingDependencyError, UnsupportedExportError
+
+    tick("export", 0.0)
+    try:
+        from quantize.onnx import export_onnx, verify
+
+        model = export_onnx(intake.program, result.checkpoint)
+        tick("export", 0.3)
+        section = {"exported": True, **verify(intake.program, result.checkpoint, model,
+                                               intake.holdout, fixed_batch=intake.batch_size)}
+        _write_atomic(out / ONNX_FILE, model.SerializeToString())
+    except (UnsupportedExportError, MissingDependencyError) as exc:
+        log.warning("no ONNX export: %s", exc.message)
+        section = {"exported": False, "error": exc.to_dict()}
+    result.report["onnx"] = section
+    _write_json(out / REPORT_FILE, result.report)
+    tick("export", 1.0)
+
+
+def _load_evaluation(intake: Any, path: str | Path) -> Any:
+    """The evaluation file as a data set bound to the program's inputs like the calibration."""
+    from sensitivity.inputs import bind_inputs
+    from sensitivity.intake import load_calibration
+    from solver.errors import BadCalibrationError
+
+    try:
+        data, _ = bind_inputs(intake.program, intake.module, load_calibration(path))
+    except BadCalibrationError as exc:
+        raise BadCalibrationError(f"evaluation file: {exc.message}", exc.detail) from None
+    if (data.labels is None) != (intake.train.labels is None):
+        raise BadCalibrationError(
+            "the evaluation file must have 'labels' exactly when the calibration file has them")
+    return data
 
 
 def _forward_chunk(sens: Any) -> int | None:

@@ -40,12 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plan",
         help="search a mixed-precision plan and quantize, locally",
         description="Run sensitivity -> regions -> solve -> quantize -> evaluate on one model "
-        "and write plan.json, model.safetensors, report.json and sensitivity.json to --out. "
+        "and write plan.json, model.safetensors, model.onnx, report.json and sensitivity.json "
+        "to --out. "
         "Limits: MB = 1e6 bytes, bops-g = 1e9 bit operations per sample; *-ratio limits are "
         "relative to the all-INT8 model.",
     )
     p.add_argument("model", type=Path, help="torch.export program (.pt2)")
     p.add_argument("--calib", type=Path, required=True, help="calibration .safetensors")
+    p.add_argument("--eval", type=Path, default=None, dest="eval_path",
+                   help="evaluation .safetensors (same format), used only to evaluate the plan "
+                   "(default: the held-out share of the calibration set)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--constraints", type=Path, help="a constraints JSON file (flags override)")
     lim = p.add_argument_group("limits (at least one, here or in --constraints)")
@@ -159,13 +163,28 @@ def format_summary(plan: dict[str, Any], report: dict[str, Any]) -> str:
             if drq else "-"
         lines.append(f"  {row['name']:<30} {row['w_bits']}  {row['a_bits']:<5g} {drq_text}")
     m = report.get("metrics", {})
+    ci = m.get("intervals") or {}
+
+    def with_ci(key: str) -> str:
+        c = ci.get(key)
+        text = f"{m[key]:.4f}"
+        return text if not c else f"{text} [{c['low']:.4f}, {c['high']:.4f}]"
+
     if m.get("fp32_accuracy") is not None:
         lines.append(
-            f"accuracy on {m['samples']} held-out samples: fp32 {m['fp32_accuracy']:.4f}, "
-            f"quantized {m['quant_accuracy']:.4f}"
+            f"accuracy on {m['samples']} held-out samples (95 % interval): fp32 "
+            f"{with_ci('fp32_accuracy')}, quantized {with_ci('quant_accuracy')}"
         )
     if m.get("top1_agreement") is not None:
-        lines.append(f"top-1 agreement with fp32: {m['top1_agreement']:.4f}")
+        lines.append(f"top-1 agreement with fp32: {with_ci('top1_agreement')}")
+    if m.get("resolution"):
+        lines.append(m["resolution"])
+    ox = report.get("onnx")
+    if ox and ox.get("exported"):
+        lines.append(f"model.onnx: ONNX Runtime vs fake-quant top-1 agreement "
+                     f"{ox['top1_agreement']:.4f}, at most {ox['max_steps']:.1f} output steps")
+    elif ox:
+        lines.append(f"no model.onnx: {ox['error']['message']}")
     if m.get("fp32_perplexity") is not None:
         lines.append(f"perplexity on {m['samples']} held-out sequences: fp32 "
                      f"{m['fp32_perplexity']:.3f}, quantized {m['quant_perplexity']:.3f}")
@@ -208,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             progress=bar,
             holdout_fraction=args.holdout_fraction,
+            eval_path=args.eval_path,
             memory_budget=memory_budget(args.memory_gb if args.memory_gb is not None
                                         else _settings_memory_gb(), device),
         )

@@ -49,6 +49,24 @@ def test_identical_outputs_and_fixed_batches_without_labels() -> None:
     assert got["sqnr_db"] is None and got["output_mse"] == 0.0
 
 
+def test_wilson_and_t_intervals_against_published_values():
+    from quantize.evaluate import mean_interval, t_quantile, wilson
+
+    # Wilson 95 % for 8 of 10 (Newcombe 1998, table I): 0.490 .. 0.943
+    low, high = wilson(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
+    assert wilson(0, 5)[0] == 0.0 and wilson(0, 0) is None
+    # t(0.975) tables: df 5 -> 2.571, 9 -> 2.262, 29 -> 2.045
+    for df, exact in [(5, 2.571), (9, 2.262), (29, 2.045)]:
+        assert t_quantile(df) == pytest.approx(exact, rel=2e-3)
+    values = [0.1, 0.4, 0.2, 0.9, 0.3]
+    mean, sd = sum(values) / 5, math.sqrt(sum((v - 0.38) ** 2 for v in values) / 4)
+    low, high = mean_interval(sum(values), sum(v * v for v in values), 5)
+    assert (low + high) / 2 == pytest.approx(mean)
+    # df = 4: t = 2.776 (the expansion is 0.3 % low there)
+    assert (high - low) / 2 == pytest.approx(2.776 * sd / math.sqrt(5), rel=5e-3)
+
+
 class _Logits(nn.Module):
     """[N, T] token ids -> the fixed [N, T, V] logits of those samples (looked up by the ids'
     first column, which holds the sample index)."""

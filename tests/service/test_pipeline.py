@@ -17,7 +17,12 @@ from sensitivity.intake import intake, load_program
 from service.cli import main
 from service.pipeline import STAGES, run_pipeline, shared_input_ties
 from solver import load_plan
-from solver.errors import BadConstraintsError, CancelledError, InfeasibleError
+from solver.errors import (
+    BadCalibrationError,
+    BadConstraintsError,
+    CancelledError,
+    InfeasibleError,
+)
 
 
 def _cons(**extra) -> dict:
@@ -178,3 +183,26 @@ def test_fixed_batch_export_and_unlabelled_data(model_fixture, calib_fixture, re
     assert result.plan["status"] == "optimal" and metrics["samples"] > 0
     assert metrics["top1_agreement"] > 0.5
     assert (metrics["fp32_accuracy"] is None) == (calib_fixture == "calib_unlabelled_path")
+
+
+def test_evaluation_file_is_used_only_to_evaluate(mlp_pt2, calib_digits, tmp_path) -> None:
+    """An evaluation file replaces the held-out share in the report (sample count, intervals);
+    the plan is the same as without it (sensitivity never sees it)."""
+    x, y = calib_digits
+    calib = zoo.save_calibration(tmp_path / "c.safetensors", x[:100], y[:100])
+    evaluation = zoo.save_calibration(tmp_path / "e.safetensors", x[100:397], y[100:397])
+    cons = _cons(limits={"size_ratio": 0.7}, pin=FREE_FIRST)
+    base = run_pipeline(mlp_pt2, calib, cons, tmp_path / "a")
+    with_eval = run_pipeline(mlp_pt2, calib, cons, tmp_path / "b", eval_path=evaluation)
+    assert with_eval.plan["layers"] == base.plan["layers"]
+    m = with_eval.report["metrics"]
+    assert m["samples"] == 297 and base.report["metrics"]["samples"] == 20
+    assert with_eval.report["evaluation"]["source"] == "evaluation file"
+    acc = m["intervals"]["quant_accuracy"]
+    assert acc["n"] == 297 and acc["low"] <= m["quant_accuracy"] <= acc["high"]
+    # 20 held-out digits: a 95 % interval of tens of points cannot tell plans apart
+    assert base.report["metrics"]["too_few_samples"] is True
+    assert "cannot be told apart" in base.report["metrics"]["resolution"]
+    mismatched = zoo.save_calibration(tmp_path / "u.safetensors", x[:10])  # no labels
+    with pytest.raises(BadCalibrationError, match="evaluation file"):
+        run_pipeline(mlp_pt2, calib, cons, tmp_path / "c", eval_path=mismatched)
