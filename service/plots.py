@@ -65,7 +65,7 @@ def _figure_bytes(fig: Any) -> dict[str, bytes]:
     out = {}
     for ext in ("svg", "png"):
         buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=110, bbox_inches="tight")
+        fig.savefig(buf, format=ext, dpi=100)
         out[ext] = buf.getvalue()
     return out
 
@@ -74,7 +74,7 @@ def _bits_figure(d: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
 
     n = len(d["names"])
-    fig = Figure(figsize=(max(6.0, 0.35 * n + 2), 4.2))
+    fig = Figure(figsize=(max(6.0, 0.35 * n + 2), 4.2), layout="constrained")
     ax = fig.add_subplot()
     xs = range(n)
     ax.bar([x - 0.2 for x in xs], d["w_bits"], width=0.4, label="weight bits", color="#3b6ea8")
@@ -103,7 +103,7 @@ def _bits_figure(d: dict[str, Any]) -> Any:
 def _pareto_figure(d: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5 * max(len(d), 1), 4.2))
+    fig = Figure(figsize=(5.5 * max(len(d), 1), 4.2), layout="constrained")
     for k, (r, f) in enumerate(d.items()):
         label, scale, unit = _UNITS.get(r, (r, 1.0, ""))
         ax = fig.add_subplot(1, len(d), k + 1)
