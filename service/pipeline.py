@@ -15,7 +15,6 @@ An infeasible problem is a result of the solver, not a crash: ``plan.json`` is s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import torch
 
 from solver.errors import CancelledError, InfeasibleError
 
-from .cache import StageCache, evaluation_key, regions_key, sensitivity_key
+from .cache import StageCache, evaluation_key, file_digest, regions_key, sensitivity_key
 from .constraints import Constraints, parse_constraints
 from .errors import storage_error
 from .progress import ProgressFn, no_progress
@@ -385,7 +384,7 @@ def run_pipeline(
     # 8. the trade-off: Pareto fronts, a few of their points evaluated, plots
     split = {"holdout_fraction": holdout_fraction, "seed": constraints.hessian.seed}
     if eval_path is not None:
-        split["evaluation"] = hashlib.sha256(Path(eval_path).read_bytes()).hexdigest()
+        split["evaluation"] = file_digest(eval_path)
 
     def evaluate_plan(point_plan: dict[str, Any]) -> dict[str, Any]:
         """A front point's metrics, from the cache when the same plan was evaluated."""
