@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import update
 
 from service.jobs import JobRow, JobStore, age_cutoff, new_job_id
-from service.queue import JobQueue, Worker, overall_progress
+from service.pipeline import STAGES
+from service.queue import STAGE_WEIGHTS, JobQueue, Worker, overall_progress
 from service.settings import Settings
 from solver.errors import BadCalibrationError, CancelledError, InfeasibleError
 
@@ -33,7 +34,7 @@ class Script:
         self.started = threading.Event()
 
     def __call__(self, model, calib, constraints, out_dir, *, device, progress, should_cancel,
-                 holdout_fraction, cache):
+                 holdout_fraction, cache, **settings):  # settings: memory_budget, ...
         self.calls.append((model, calib, constraints, out_dir, str(device), holdout_fraction))
         self.cache_root = cache.root  # the worker hands every job the data dir's stage cache
         self.started.set()
@@ -60,8 +61,8 @@ def _job(store: JobStore, tmp_path: Path) -> str:
 
 
 def test_overall_progress_is_monotonic() -> None:
-    points = [overall_progress(s, f) for s in ("intake", "sensitivity", "regions", "solve",
-                                                 "quantize", "evaluate") for f in (0, 0.5, 1)]
+    assert tuple(STAGE_WEIGHTS) == STAGES  # every pipeline stage has a share, in order
+    points = [overall_progress(s, f) for s in STAGES for f in (0, 0.5, 1)]
     assert points == sorted(points) and points[0] == 0 and points[-1] == pytest.approx(1.0)
 
 
@@ -210,9 +211,20 @@ def test_queued_job_missing_from_the_queue_is_enqueued(settings, store, tmp_path
     q = JobQueue(settings, store, Script())
     job_id = _job(store, tmp_path)  # recorded, but its task was lost (died between the two)
     assert q.pending_ids() == set()
+    # absent once may be a worker between taking the task and claiming the job: wait a pass
+    assert q.recover()["missing"] == []
     assert q.recover()["missing"] == [job_id]
     assert q.pending_ids() == {job_id}
     assert q.recover()["missing"] == []  # not twice
+
+
+def test_a_job_taken_off_the_queue_but_not_yet_claimed_is_not_enqueued_again(
+        settings, store, tmp_path) -> None:
+    q = JobQueue(settings, store, Script())
+    job_id = _job(store, tmp_path)
+    assert q.recover()["missing"] == []  # the task is in a worker's hands, the job not claimed
+    store.claim(job_id)  # ... which it then claims
+    assert q.recover()["missing"] == [] and q.pending_ids() == set()
 
 
 def test_worker_shutdown_puts_the_running_job_back(settings, store, tmp_path) -> None:
