@@ -38,6 +38,7 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "plan": ("plan.json", "application/json"),
     "report": ("report.json", "application/json"),
     "checkpoint": ("model.safetensors", "application/octet-stream"),
+    "onnx": ("model.onnx", "application/octet-stream"),
     "sensitivity": ("sensitivity.json", "application/json"),
     "pareto": ("pareto.json", "application/json"),
 }

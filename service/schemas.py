@@ -23,6 +23,7 @@ class JobLinks(BaseModel):
     plan: str
     report: str
     checkpoint: str
+    onnx: str
     cancel: str
     pareto: str
     replan: str
@@ -36,6 +37,7 @@ def job_links(job_id: str) -> JobLinks:
         plan=f"{base}/plan",
         report=f"{base}/report",
         checkpoint=f"{base}/checkpoint",
+        onnx=f"{base}/onnx",
         cancel=base,
         pareto=f"{base}/pareto",
         replan=f"{base}/replan",

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .export import FORMAT, export_onnx, save_onnx, weight_bytes  # noqa: E402
-from .verify import VerifyConfig, onnxruntime, session, verify  # noqa: E402
+from .verify import VerifyConfig, check, onnxruntime, session, verify  # noqa: E402
 
-__all__ = ["FORMAT", "VerifyConfig", "export_onnx", "onnxruntime", "save_onnx", "session",
+__all__ = ["FORMAT", "VerifyConfig", "check", "export_onnx", "onnxruntime", "save_onnx", "session",
            "verify", "weight_bytes"]

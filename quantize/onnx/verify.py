@@ -85,6 +85,14 @@ def run(sess, args: tuple[torch.Tensor, ...]) -> np.ndarray:  # noqa: ANN001
     return sess.run(None, feed)[0]
 
 
+def check(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` with the full check (shape inference); ExportMismatchError if not."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportMismatchError(f"the exported ONNX model is not valid: {exc}") from exc
+
+
 def _output_step(ckpt: Checkpoint) -> float | None:
     """Step of the model output's grid when the output is a quantized point's value."""
     steps = [g.scale for p, g in ckpt.points() if p.final]
@@ -106,10 +114,7 @@ def verify(
     ``cfg`` fail, MissingDependencyError without ONNX Runtime.
     """
     cfg = cfg or VerifyConfig()
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportMismatchError(f"the exported ONNX model is not valid: {exc}") from exc
+    check(model)
     sess = session(model, cfg.threads)
     fake = build_fake_quant(program, ckpt)
     step = _output_step(ckpt)

@@ -111,3 +111,15 @@ def get_sensitivity(job_id: JobId, svc: ServiceDep) -> FileResponse:
 def get_checkpoint(job_id: JobId, svc: ServiceDep) -> FileResponse:
     """The quantized checkpoint (.safetensors, streamed)."""
     return _artifact(svc, job_id, "checkpoint", download=f"{job_id}.safetensors")
+
+
+@router.get(
+    "/{job_id}/onnx",
+    response_class=FileResponse,
+    responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}},
+                                "description": "the ONNX model"}},
+)
+def get_onnx(job_id: JobId, svc: ServiceDep) -> FileResponse:
+    """The quantized model as ONNX (opset 21 QDQ graph, checked in ONNX Runtime; 404 when
+    the model holds an op the exporter cannot express: see the report's ``onnx`` section)."""
+    return _artifact(svc, job_id, "onnx", download=f"{job_id}.onnx")

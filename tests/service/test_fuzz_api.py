@@ -96,6 +96,7 @@ OPERATIONS = [
     ("GET", "/jobs/{job_id}/report"),
     ("GET", "/jobs/{job_id}/sensitivity"),
     ("GET", "/jobs/{job_id}/checkpoint"),
+    ("GET", "/jobs/{job_id}/onnx"),
 ]
 
 
