@@ -522,6 +522,173 @@ class _Runner:
             self._fn = None
 
 
+def _device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_traces(convs: list[GraphLayer], traces: Mapping[str, tuple[float, int]] | None
+                  ) -> None:
+    if traces is not None:
+        missing = [layer.name for layer in convs if layer.name not in traces]
+        if missing:
+            raise ValueError(f"activation_traces has no entry for conv layers {missing}")
+
+
+class _Ticker:
+    """Reports ``progress("regions", batches done / batches planned)`` once a batch."""
+
+    def __init__(self, progress: ProgressFn | None, planned: int) -> None:
+        self.progress, self.planned, self.done = progress, planned, 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(STAGE, self.done / self.planned)
+
+
+class _Ranges:
+    """Pass 1: the min / max and per-sample shape of each conv layer's input."""
+
+    def __init__(self, convs: list[GraphLayer]) -> None:
+        self.lo = {layer.name: math.inf for layer in convs}
+        self.hi = {layer.name: -math.inf for layer in convs}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def __call__(self, name: str, a: torch.Tensor) -> None:
+        if a.dim() != 4:
+            raise BadCalibrationError(
+                f"conv layer {name!r} gets a {a.dim()}-D input; DRQ needs [N, C, H, W] maps"
+            )
+        if not bool(torch.isfinite(a).all()):
+            raise BadCalibrationError(
+                f"the input of layer {name!r} has NaN/inf values on the calibration data"
+            )
+        self.shapes[name] = tuple(a.shape[1:])
+        self.lo[name] = min(self.lo[name], float(a.min()))
+        self.hi[name] = max(self.hi[name], float(a.max()))
+
+    def grids(self, bits: int) -> dict[str, tuple[float, bool]]:
+        return {n: _grid(self.lo[n], self.hi[n], bits) for n in self.lo}
+
+
+def _region_tables(
+    convs: list[GraphLayer],
+    shapes: Mapping[str, tuple[int, ...]],
+    cfg: RegionConfig,
+    bins: int,
+    device: torch.device,
+) -> dict[str, list[RegionStats]]:
+    """Empty statistics per conv layer and region size that fits its map."""
+    out = {}
+    for layer in convs:
+        _, h, w = shapes[layer.name]
+        uses, taps = _conv_uses(layer, h, w)
+        sizes = [s for s in cfg.region_sizes if s <= h and s <= w]
+        out[layer.name] = [RegionStats.empty((s, s), bins, device, uses, taps) for s in sizes]
+    return out
+
+
+def _whole_map_tables(
+    shapes: Mapping[str, tuple[int, ...]],
+    tables: Mapping[str, list[RegionStats]],
+    bins: int,
+    device: torch.device,
+) -> dict[str, list[RegionStats]]:
+    """A layer whose map is smaller than every region size gets no modes, but its whole-map
+    errors at high / low bits are still reported (one region covering the map)."""
+    return {
+        name: [RegionStats.empty((w, h), bins, device)]
+        for name, (_, h, w) in shapes.items()
+        if not tables[name]
+    }
+
+
+class _Collector:
+    """Passes 2 and 3: adds a batch of a layer's inputs to every table's statistics."""
+
+    def __init__(
+        self,
+        tables: Sequence[Mapping[str, list[RegionStats]]],
+        grids: Mapping[str, tuple[float, bool]],
+        cfg: RegionConfig,
+        with_error: bool,
+    ) -> None:
+        self.tables, self.grids, self.cfg, self.with_error = tables, grids, cfg, with_error
+
+    def __call__(self, name: str, a: torch.Tensor) -> None:
+        scale, signed = self.grids[name]
+        for table in self.tables:
+            for st in table.get(name, ()):
+                update_stats(st, a, scale, signed, self.cfg.high_bits, self.cfg.low_bits,
+                             self.with_error)
+
+
+def _modes(
+    train_stats: list[RegionStats],
+    hold_stats: list[RegionStats],
+    cfg: RegionConfig,
+    numel: int,
+    to_omega: Callable[[float], float],
+) -> list[DRQMode]:
+    """One mode per (region size, target fraction) of a layer."""
+    modes = []
+    for st, hst in zip(train_stats, hold_stats, strict=True):
+        reached = st.reached()
+        reached_hold = hst.reached()
+        for f in cfg.sensitive_fractions:
+            t = choose_threshold(reached, f)
+            mac_frac = st.mac_fraction(t)
+            err = st.error(t)
+            modes.append(
+                DRQMode(
+                    region=st.region,
+                    target_fraction=f,
+                    threshold=t,
+                    fraction_calib=float(reached[t]),
+                    fraction_holdout=float(reached_hold[t]),
+                    omega=to_omega(err),
+                    expected_bits=cfg.high_bits * mac_frac + cfg.low_bits * (1.0 - mac_frac),
+                    mac_fraction=mac_frac,
+                    mse=err / numel,
+                    high_bits=cfg.high_bits,
+                    low_bits=cfg.low_bits,
+                )
+            )
+    return modes
+
+
+def _layer_result(
+    name: str,
+    shape: tuple[int, ...],
+    grid: tuple[float, bool],
+    tables: tuple[list[RegionStats], list[RegionStats], list[RegionStats]],
+    samples: tuple[int, int],
+    cfg: RegionConfig,
+    trace: tuple[float, int] | None,
+    bins: int,
+) -> LayerRegions:
+    """A layer's modes and its pure high / low Omega from its train, held-out and whole-map
+    statistics."""
+    train_stats, hold_stats, whole = tables
+    n_train, n_hold = samples
+    c, h, w = shape
+    numel = n_train * c * h * w
+
+    def to_omega(err: float) -> float:
+        return _omega(err, numel, n_train, trace)
+
+    modes = _modes(train_stats, hold_stats, cfg, numel, to_omega)
+    # Pure high / low grids: any region size's bins hold the whole error.
+    st0 = (train_stats or whole)[0]
+    if not train_stats:
+        log.info("layer %s: map %dx%d is smaller than every region size", name, h, w)
+    return LayerRegions(name, (c, h, w), grid[0], grid[1], n_train, n_hold,
+                        to_omega(st0.error(0)), to_omega(st0.error(bins)), modes)
+
+
 def calibrate(
     module: fx.GraphModule,
     layers: Sequence[GraphLayer],
@@ -545,169 +712,44 @@ def calibrate(
     non-finite activations; ValueError when ``activation_traces`` lacks a conv layer.
     """
     cfg = cfg or RegionConfig()
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _device(device)
     start = time.perf_counter()
     convs = [layer for layer in layers if layer.kind == "conv2d"]
-    if activation_traces is not None:
-        missing = [layer.name for layer in convs if layer.name not in activation_traces]
-        if missing:
-            raise ValueError(f"activation_traces has no entry for conv layers {missing}")
+    _check_traces(convs, activation_traces)
+    raw = activation_traces is None
     if not convs:
-        return RegionResult([], cfg, activation_traces is None, time.perf_counter() - start)
+        return RegionResult([], cfg, raw, time.perf_counter() - start)
     train = _first(train, cfg.max_samples)
     holdout = _first(holdout, cfg.max_samples)
     if len(train) == 0 or len(holdout) == 0:
         raise BadCalibrationError(
             "region calibration needs at least one train and one held-out sample"
         )
-
-    fixed = batch_size is not None
     bs = batch_size if batch_size is not None else cfg.batch_size
-    runner = _Runner(module, convs, bs, fixed, device)
-    n_batches = -(-len(train) // bs) * 2 + -(-len(holdout) // bs)
-    done = [0]
+    runner = _Runner(module, convs, bs, batch_size is not None, device)
+    tick = _Ticker(progress, -(-len(train) // bs) * 2 + -(-len(holdout) // bs))
 
-    def tick() -> None:
-        done[0] += 1
-        if progress is not None:
-            progress(STAGE, done[0] / n_batches)
-
-    # Pass 1: input range per layer -> INT8 grid.
-    lo = {layer.name: math.inf for layer in convs}
-    hi = {layer.name: -math.inf for layer in convs}
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def ranges(name: str, a: torch.Tensor) -> None:
-        if a.dim() != 4:
-            raise BadCalibrationError(
-                f"conv layer {name!r} gets a {a.dim()}-D input; DRQ needs [N, C, H, W] maps"
-            )
-        if not bool(torch.isfinite(a).all()):
-            raise BadCalibrationError(
-                f"the input of layer {name!r} has NaN/inf values on the calibration data"
-            )
-        shapes[name] = tuple(a.shape[1:])
-        lo[name] = min(lo[name], float(a.min()))
-        hi[name] = max(hi[name], float(a.max()))
-
+    ranges = _Ranges(convs)  # pass 1: input range per layer -> INT8 grid
     runner.run(train, ranges, tick)
-    grids = {n: _grid(lo[n], hi[n], cfg.high_bits) for n in lo}
+    grids = ranges.grids(cfg.high_bits)
     bins = activation_qrange(cfg.high_bits, False)[1] + 1  # mean |code| lies in [0, qmax]
-
-    def fresh() -> dict[str, list[RegionStats]]:
-        out = {}
-        for layer in convs:
-            _, h, w = shapes[layer.name]
-            uses, taps = _conv_uses(layer, h, w)
-            sizes = [s for s in cfg.region_sizes if s <= h and s <= w]
-            out[layer.name] = [RegionStats.empty((s, s), bins, device, uses, taps) for s in sizes]
-        return out
-
-    train_stats, hold_stats = fresh(), fresh()
-    # A layer whose map is smaller than every region size gets no modes, but its whole-map
-    # errors at high / low bits are still reported (one region covering the map).
-    whole = {
-        name: [RegionStats.empty((w, h), bins, device)]
-        for name, (_, h, w) in shapes.items()
-        if not train_stats[name]
-    }
-
-    def collect(table: dict[str, list[RegionStats]], with_error: bool) -> Callable:
-        def fn(name: str, a: torch.Tensor) -> None:
-            scale, signed = grids[name]
-            for st in table.get(name, ()):
-                update_stats(st, a, scale, signed, cfg.high_bits, cfg.low_bits, with_error)
-
-        return fn
-
+    train_stats = _region_tables(convs, ranges.shapes, cfg, bins, device)
+    hold_stats = _region_tables(convs, ranges.shapes, cfg, bins, device)
+    whole = _whole_map_tables(ranges.shapes, train_stats, bins, device)
     # Pass 2: region statistics on the train part (thresholds, errors); pass 3: held-out counts.
-    train_fn, whole_fn = collect(train_stats, True), collect(whole, True)
+    runner.run(train, _Collector((train_stats, whole), grids, cfg, True), tick)
+    runner.run(holdout, _Collector((hold_stats,), grids, cfg, False), tick)
 
-    def both(name: str, a: torch.Tensor) -> None:
-        train_fn(name, a)
-        whole_fn(name, a)
-
-    runner.run(train, both, tick)
-    runner.run(holdout, collect(hold_stats, False), tick)
-
-    results = []
-    for layer in convs:
-        name = layer.name
-        scale, signed = grids[name]
-        c, h, w = shapes[name]
-        numel = len(train) * c * h * w
-        trace = None if activation_traces is None else activation_traces[name]
-
-        def to_omega(err: float, numel: int = numel, trace: tuple | None = trace) -> float:
-            return _omega(err, numel, len(train), trace)
-
-        modes = []
-        for st, hst in zip(train_stats[name], hold_stats[name], strict=True):
-            reached = st.reached()
-            reached_hold = hst.reached()
-            for f in cfg.sensitive_fractions:
-                t = choose_threshold(reached, f)
-                frac = float(reached[t])
-                mac_frac = st.mac_fraction(t)
-                err = st.error(t)
-                modes.append(
-                    DRQMode(
-                        region=st.region,
-                        target_fraction=f,
-                        threshold=t,
-                        fraction_calib=frac,
-                        fraction_holdout=float(reached_hold[t]),
-                        omega=to_omega(err),
-                        expected_bits=cfg.high_bits * mac_frac
-                        + cfg.low_bits * (1.0 - mac_frac),
-                        mac_fraction=mac_frac,
-                        mse=err / numel,
-                        high_bits=cfg.high_bits,
-                        low_bits=cfg.low_bits,
-                    )
-                )
-        # Pure high / low grids: any region size's bins hold the whole error.
-        st0 = (train_stats[name] or whole[name])[0]
-        omega_high, omega_low = to_omega(st0.error(0)), to_omega(st0.error(bins))
-        if not train_stats[name]:
-            log.info("layer %s: map %dx%d is smaller than every region size", name, h, w)
-        results.append(
-            LayerRegions(
-                name, (c, h, w), scale, signed, len(train), len(holdout),
-                omega_high, omega_low, modes,
-            )
+    results = [
+        _layer_result(
+            layer.name, ranges.shapes[layer.name], grids[layer.name],
+            (train_stats[layer.name], hold_stats[layer.name], whole.get(layer.name, [])),
+            (len(train), len(holdout)), cfg,
+            None if raw else activation_traces[layer.name], bins,
         )
-    return RegionResult(results, cfg, activation_traces is None, time.perf_counter() - start)
-
-
-def calibrate_intake(
-    intake: Any,
-    sens: Any | None = None,
-    cfg: RegionConfig | None = None,
-    device: torch.device | str = "cpu",
-    progress: ProgressFn | None = None,
-) -> RegionResult:
-    """:func:`calibrate` on a ``sensitivity.intake.Intake`` (module, layers, train / held-out
-    split, fixed batch size) with the activation traces of a ``SensitivityResult`` (None:
-    raw error terms). A conv layer without an activation trace in ``sens`` makes every omega
-    raw (flagged), so that no two scales are mixed."""
-    layers = [info.graph for info in intake.layers]
-    traces = None
-    if sens is not None:
-        traces = {
-            s.name: (float(s.activation_trace), int(s.activation_numel))
-            for s in sens.layers
-            if s.activation_trace is not None and s.activation_numel
-        }
-        if any(g.kind == "conv2d" and g.name not in traces for g in layers):
-            log.warning("some conv layers have no activation trace; DRQ omegas are raw errors")
-            traces = None
-    return calibrate(
-        intake.module, layers, intake.train, intake.holdout, cfg, traces,
-        intake.batch_size, device, progress,
-    )
+        for layer in convs
+    ]
+    return RegionResult(results, cfg, raw, time.perf_counter() - start)
 
 
 __all__ = [
@@ -717,7 +759,6 @@ __all__ = [
     "RegionResult",
     "RegionStats",
     "calibrate",
-    "calibrate_intake",
     "choose_threshold",
     "region_grid",
     "update_stats",
