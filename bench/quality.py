@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quantize import QuantizeConfig, apply  # noqa: E402
+from quantize import QuantizeConfig, apply, primitives  # noqa: E402
 from quantize.data import CalibrationSet  # noqa: E402
 from sensitivity import zoo  # noqa: E402
 from service.pipeline import run_pipeline  # noqa: E402
@@ -279,8 +279,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--weight-clip", choices=["max", "mse"], default=None,
+                    help="weight scales for every method (Omega and checkpoint alike): "
+                    "max|W| or the MSE-optimal clipping (default: the library's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.weight_clip:
+        primitives.WEIGHT_CLIP = args.weight_clip
+    print(f"weight scales: {primitives.WEIGHT_CLIP}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

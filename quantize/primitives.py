@@ -48,16 +48,44 @@ def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return flat.reshape(flat.shape[0], fan_in // group_size, group_size)
 
 
+# How weight scales are chosen: "max" maps each group's max|W| to the largest code; "mse" takes,
+# per group, the clipping of max|W| (a grid of CLIP_RATIOS) with the least squared rounding
+# error. One choice for every user of these functions (Omega, checkpoint, ONNX), so the Omega
+# of an option is the error of the quantizer the checkpoint then uses. bench/quality.py
+# compares the two (docs/quality.md).
+WEIGHT_CLIP = "max"
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(29))  # 1.0 down to 0.3
+
+
 def weight_scales(
-    weight: torch.Tensor, bits: int, group_size: int | None = None
+    weight: torch.Tensor, bits: int, group_size: int | None = None, clip: str | None = None
 ) -> torch.Tensor:
-    """Symmetric weight scales (float32) so that each group's max|W| maps to qmax.
+    """Symmetric weight scales (float32): each group's max|W| (``clip="max"``), or the clipped
+    max|W| that minimises the group's squared rounding error (``clip="mse"``) maps to qmax.
+    ``clip`` None: the module's ``WEIGHT_CLIP``.
 
     Per output channel (``group_size=None``): shape ``[out]``. Per group of ``group_size``
     consecutive inputs: shape ``[out, fan_in / group_size]``.
     """
-    absmax = _grouped(weight, group_size).abs().amax(dim=2)
-    scale = (absmax / qmax_signed(bits)).clamp_min(_MIN_SCALE).to(torch.float32)
+    clip = clip or WEIGHT_CLIP
+    if clip not in ("max", "mse"):
+        raise ValueError(f"weight clip must be 'max' or 'mse', got {clip!r}")
+    groups = _grouped(weight, group_size).float()
+    q = qmax_signed(bits)
+    absmax = groups.abs().amax(dim=2)
+    scale = (absmax / q).clamp_min(_MIN_SCALE)
+    if clip == "mse":
+        best = torch.full_like(scale, math.inf)
+        chosen = scale.clone()
+        for ratio in CLIP_RATIOS:
+            s = (absmax * ratio / q).clamp_min(_MIN_SCALE)
+            deq = torch.round(groups / s[..., None]).clamp_(-q, q) * s[..., None]
+            err = (deq - groups).pow(2).sum(dim=2)
+            better = err < best
+            best = torch.where(better, err, best)
+            chosen = torch.where(better, s, chosen)
+        scale = chosen
+    scale = scale.to(torch.float32)
     return scale.reshape(-1) if group_size is None else scale
 
 
