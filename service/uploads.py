@@ -44,6 +44,8 @@ class FilePart:
 FILE_PARTS: dict[str, FilePart] = {
     "model": FilePart("model.pt2"),
     "calibration": FilePart("calibration.safetensors"),
+    # used only to evaluate the plan (the worker finds it beside the calibration file)
+    "evaluation": FilePart("evaluation.safetensors", required=False),
 }
 FIELD_PARTS = {"constraints"}
 MAX_FIELD_BYTES = 1_000_000  # a constraints document is small; a latency table at most a few kB
@@ -136,8 +138,9 @@ class _Collector:
         if self._file is not None:
             self._written += end - start
             part = str(self._part)
-            if self._written > self.limits[part]:  # refused before this data is written
-                raise _part_too_large(part, self.limits[part])
+            limit = self.limits.get(part, 0)
+            if self._written > limit:  # refused before this data is written
+                raise _part_too_large(part, limit)
             self._file.write(data[start:end])
             return
         self._field += data[start:end]
@@ -174,7 +177,7 @@ def _boundary(content_type: str | None) -> bytes:
 def body_limit(limits: Mapping[str, int], max_total: int | None = None) -> int:
     """The most bytes a ``POST /plan`` body may have: what its parts may hold together plus
     the form's own overhead, or ``max_total`` when that is smaller."""
-    parts = sum(limits[n] for n in FILE_PARTS)
+    parts = sum(limits.get(n, 0) for n in FILE_PARTS)
     bound = parts + MAX_FIELD_BYTES * len(FIELD_PARTS) + FORM_OVERHEAD_BYTES
     return bound if max_total is None else min(bound, max_total)
 
@@ -199,7 +202,7 @@ async def receive_plan_upload(
         limit_text = f"{_mb(most)} (BITPLAN_MAX_UPLOAD_MB)"
     else:
         limit_text = f"{_mb(most)}, what the parts may hold together (" + ", ".join(
-            f"{n} {_mb(limits[n])}, {limit_setting(n)}" for n in FILE_PARTS) + ")"
+            f"{n} {_mb(limits.get(n, 0))}, {limit_setting(n)}" for n in FILE_PARTS) + ")"
     if content_length is not None:
         try:
             declared = int(content_length)

@@ -32,6 +32,13 @@ _FORM = {
                             "description": ".safetensors with 'inputs' [N, ...], optional "
                             "'labels', at most BITPLAN_MAX_CALIBRATION_MB",
                         },
+                        "evaluation": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "optional .safetensors in the calibration's format, "
+                            "used only to evaluate the plan (default: the held-out share of "
+                            "the calibration), at most BITPLAN_MAX_EVALUATION_MB",
+                        },
                         "constraints": {
                             "type": "string",
                             "description": "JSON, schema Constraints",
@@ -54,7 +61,8 @@ _ERRORS = error_responses(400, 401, 413, 422, 507)  # 507: the data directory is
     response_model=JobSubmitted,
 )
 async def submit_plan(request: Request, svc: ServiceDep) -> JobSubmitted:
-    """Validate and queue a mixed-precision search (multipart: model, calibration, constraints)."""
+    """Validate and queue a mixed-precision search (multipart: model, calibration, optional
+    evaluation, constraints)."""
     job = await svc.submit(
         request.headers.get("content-type"),
         request.headers.get("content-length"),

@@ -304,3 +304,32 @@ def test_job_schema_is_read_from_the_job(client: TestClient, good: tuple[bytes, 
     assert body["links"]["checkpoint"] == f"/jobs/{job_id}/checkpoint"
     assert body["status"] == "queued" and body["error"] is None and body["attempts"] == 0
     assert "model_path" not in body and "out_dir" not in body  # worker paths stay private
+
+
+def test_evaluation_part_reaches_the_pipeline(
+    client: TestClient, service: BitplanService, good: tuple[bytes, bytes]
+) -> None:
+    model, calib = good
+    files = {
+        "model": ("model.pt2", model, "application/octet-stream"),
+        "calibration": ("calib.safetensors", calib, "application/octet-stream"),
+        "evaluation": ("eval.safetensors", calib, "application/octet-stream"),
+    }
+    r = client.post("/plan", files=files, data={"constraints": constraints()})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    seen = {}
+
+    def pipeline(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    service.queue.pipeline = pipeline
+    service.queue.run_job(job_id)
+    assert seen["eval_path"].name == "evaluation.safetensors"
+    assert seen["eval_path"].read_bytes() == calib
+    assert seen["memory_budget"] > 0
+    # without the part, no evaluation file
+    job2 = post_plan(client, *good, constraints()).json()["job_id"]
+    service.queue.run_job(job2)
+    assert seen["eval_path"] is None
