@@ -70,6 +70,7 @@ def test_drq_tensors_and_report(drq_result, cnn_int8) -> None:
     layer = {r["name"]: r for r in drq_result.report["layers"]}["conv2"]
     assert layer["input_bits"] == 8
     assert 0.0 < layer["drq"]["holdout_int4_fraction"] < 1.0
+    # INT4 regions cost agreement: 32 of 397 samples disagree (AMD EPYC), 79 allowed
     assert drq_result.report["metrics"]["top1_agreement"] > 0.8
 
 
@@ -122,8 +123,11 @@ def test_integer_executor_runs_drq_like_fake_quant(drq_result, cnn_program, spli
     # the whole model: the output grid has 16 bits, so one LSB of an 8-bit activation
     # upstream (above, on <1 % of the DRQ layer's outputs) can move an output by tens of its
     # LSBs. Measured: 98+ % of samples within one LSB on the machine this was written on,
-    # 95.4 % on another (11 of 238; largest 85 LSB, 0.26 % of full scale; same argmax).
+    # 95.4 % and 96.2 % on AMD EPYC (11 and 9 of 238 off; largest 85 LSB, 0.26 % of full
+    # scale; same argmax). Allowed: 23 samples off (12 of margin), 1 % of full scale (56 LSB
+    # measured, 327 allowed), 4 argmax flips (0 measured: a flip needs two logits within
+    # 0.26 % of full scale).
     final = (out.codes.double() - torch.round(fq.double() / out.grid.scale)).abs()
     assert float((final.max(dim=1).values <= 1).double().mean()) > 0.9
     assert float(final.max()) <= 0.01 * out.grid.qrange[1]
-    assert float((out.codes.argmax(1) == fq.argmax(1)).double().mean()) > 0.99
+    assert int((out.codes.argmax(1) != fq.argmax(1)).sum()) <= 4

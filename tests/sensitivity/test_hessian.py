@@ -44,7 +44,10 @@ def test_traces_match_exact_blocks(case, request):
             assert exact > 0
             # meaningful: the error bar is small next to the value it brackets
             assert se < 0.15 * exact, (row.name, est, se, exact)
-            assert abs(est - exact) < 3 * se, (row.name, how, est, se, exact)
+            # 28 comparisons (the cases' layers, weights and activations): a family-wise 1 %
+            # bound is 3.57 se (Bonferroni, two-sided); measured with seed 3 on AMD EPYC: at
+            # most 2.5 se. Fails for an estimator biased by more than that.
+            assert abs(est - exact) < 3.57 * se, (row.name, how, est, se, exact)
             if expected is not None:
                 assert how == expected
 
