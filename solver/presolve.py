@@ -123,7 +123,9 @@ class Presolve:
         self.best_l, self.best_lam = -math.inf, np.zeros(R)
         self.lp_picks: list[int] | None = None
         self.deadline: float | None = None
-        self.budget = 0
+        self.budget = 0  # children the search may still evaluate
+        self.tree_now: Search | None = None  # the current tree ...
+        self.tree_ub = math.inf  # ... and the incumbent value it was built with
 
     # -- exact checks on the raw values (the arrays hold the options' own floats)
 
