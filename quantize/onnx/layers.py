@@ -6,9 +6,11 @@ A quantized conv / linear becomes
                                                          <- DQ(bias_q int32, S_w * S_in)
 
 with the weight codes stored as they are in the checkpoint (INT8, or INT4 packed two per byte
-for <= 4-bit weights, so the initializer holds the plan's bytes). The layer's output grid is
-applied by the exporter at the end of the grid-preserving chain after the layer (ReLU / view),
-so ONNX Runtime sees DQ -> Conv -> (Relu) -> Q and fuses the int8 paths.
+for <= 4-bit weights, so the initializer holds the plan's bytes). Per-group weight scales
+(checkpoint v2) are a blocked DequantizeLinear (axis 1 of the [out, fan_in] codes,
+``block_size`` = the group size) and the bias sits on the largest group scale. The layer's
+output grid is applied by the exporter at the end of the grid-preserving chain after the layer
+(ReLU / view), so ONNX Runtime sees DQ -> Conv -> (Relu) -> Q and fuses the int8 paths.
 
 A DRQ conv becomes, from standard operators only:
 
@@ -66,6 +68,22 @@ def dequantized_weight(ctx: Context, base: str, codes: torch.Tensor, scale: torc
     return ctx.builder.op("DequantizeLinear", [w, s], base + "_dq", axis=0)
 
 
+def grouped_weight(ctx: Context, base: str, codes: torch.Tensor, scale: torch.Tensor,
+                   row: PlanRow) -> str:
+    """Per-group weights: codes as a 2-D [out, fan_in] initializer (the checkpoint's bytes),
+    DequantizeLinear blocked along axis 1 (``block_size`` = the group size, scales
+    [out, fan_in / group]), reshaped back to the weight's shape for a conv."""
+    out = codes.shape[0]
+    w = weight_initializer(ctx, base + "_q", codes.reshape(out, -1), row.w_bits)
+    s = ctx.builder.tensor(base + "_scale", scale.to(torch.float32).numpy())
+    dq = ctx.builder.op("DequantizeLinear", [w, s], base + "_dq", axis=1,
+                        block_size=int(row.group_size))
+    if codes.dim() == 2:
+        return dq
+    return ctx.builder.op("Reshape", [dq, ctx.builder.const(list(codes.shape), np.int64)],
+                          base + "_shape")
+
+
 def _emit_op(ctx: Context, layer: GraphLayer, node: fx.Node, x: str, w: str,
              b: str | None) -> str:
     if layer.kind == "linear":
@@ -82,9 +100,14 @@ def quantized_layer(ctx: Context, node: fx.Node, layer: GraphLayer, row: PlanRow
     g_in = ckpt.input_grid(name)
     x = ctx.builder.qdq(ctx.value(node.args[0], widen=False), g_in, name + "_in")
     s_w = ckpt.tensors[f"{name}.weight_scale"]
-    w = dequantized_weight(ctx, name + "_w", ckpt.codes(name), s_w, row.w_bits)
+    if s_w.dim() == 2:  # per-group scales along the flattened fan-in: blocked DQ
+        w = grouped_weight(ctx, name + "_w", ckpt.codes(name), s_w, row)
+        s_bias = s_w.to(torch.float64).amax(dim=1)  # bias_q's grid: the largest group scale
+    else:
+        w = dequantized_weight(ctx, name + "_w", ckpt.codes(name), s_w, row.w_bits)
+        s_bias = s_w.to(torch.float64)
     bias_q = ckpt.tensors[f"{name}.bias_q"].to(torch.int32).numpy()
-    acc = (s_w.to(torch.float64) * g_in.scale).to(torch.float32).numpy()
+    acc = (s_bias * g_in.scale).to(torch.float32).numpy()
     bq = ctx.builder.tensor(name + "_bias_q", bias_q)
     bs = ctx.builder.tensor(name + "_bias_scale", acc)
     b = ctx.builder.op("DequantizeLinear", [bq, bs], name + "_bias_dq", axis=0)

@@ -231,3 +231,35 @@ def test_drq_layer_from_standard_ops(cnn_program, cnn_int8, plan_for, heldout_ev
     want = region_mask(codes, (2, 2), 20).numpy()
     assert 0.05 < want.mean() < 0.95  # both precisions in use
     assert np.array_equal(got, want)
+
+
+def test_per_group_weights_are_blocked_dequantize(cnn_program, mlp_program, plan_for,
+                                                  heldout_eval) -> None:
+    """Per-group scales (group along the flattened fan-in): DequantizeLinear with block_size;
+    the initializers still hold the plan's bytes."""
+    from solver import plan as plan_module
+    from solver.options import size_bytes
+
+    for program, groups in ((mlp_program, {"fc1": 16, "fc2": 8}),
+                            (cnn_program, {"conv2": 24, "fc": 8})):
+        plan = plan_for(program, w_bits=lambda i, n, g=groups: 4 if n in g else 8)
+        params = dict(program.module().named_parameters())
+        plan = {**plan, "version": plan_module.VERSION, "format": plan_module.FORMAT}
+        for row in plan["layers"]:
+            row["group_size"] = groups.get(row["name"])
+            if row["group_size"]:
+                out = params[row["name"] + ".weight"].shape[0]
+                row["size_bytes"] = float(size_bytes(row["params"], row["w_bits"], out,
+                                                     row["group_size"]))
+        res = apply(program, plan, *heldout_eval, QuantizeConfig())
+        model = _check(program, res, heldout_eval[1])["model"]
+        blocked = {n.input[0]: n for n in model.graph.node
+                   if n.op_type == "DequantizeLinear"
+                   and any(a.name == "block_size" for a in n.attribute)}
+        assert set(blocked) == {f"{n}_w_q" for n in groups}
+        sizes = weight_bytes(model)
+        inits = {i.name: i for i in model.graph.initializer}
+        for row in plan["layers"]:
+            base = row["name"] + "_w"
+            scale = onnx.numpy_helper.to_array(inits[base + "_scale"])
+            assert sizes[base + "_q"] + scale.nbytes == row["size_bytes"], row["name"]
