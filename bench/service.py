@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -73,6 +74,12 @@ def _post(client: httpx.Client, pair: tuple[bytes, bytes]) -> tuple[float, int, 
         return time.perf_counter() - t0, 0, f"{type(exc).__name__}: {exc}"
     dt = time.perf_counter() - t0
     return dt, r.status_code, r.json().get("job_id", r.text) if r.status_code == 202 else r.text
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -152,11 +159,16 @@ def main() -> int:
                     c.delete(f"/jobs/{job_id}")  # keep the worker idle for the load phase
                     idle_ids.append(job_id)
         print(f"POST /plan -> 202 alone ({args.single}x): {_ms(single)} (goal < 100 ms)")
-        # the baseline: the same polling with the worker idle
+        # the baseline: the same polling with the worker idle; the server's CPU time per poll
+        # is what the machine's load does not change much
+        cpu0, client0 = _cpu_s(server.proc.pid), time.process_time()
         flat, bad = _poll(server.url, idle_ids, args.pollers, min(3.0, args.poll_s))
+        cpu = (_cpu_s(server.proc.pid) - cpu0) / len(flat)
+        client = (time.process_time() - client0) / len(flat)
         print(f"polling {min(3.0, args.poll_s):g} s with {args.pollers} threads, worker idle: "
               f"{len(flat) / min(3.0, args.poll_s):.0f} polls/s; {_ms(flat)}; "
-              f"non-200: {len(bad)}")
+              f"non-200: {len(bad)}; CPU per poll: server {1e3 * cpu:.2f} ms (at most "
+              f"{1 / cpu:.0f} polls/s per core), this client {1e3 * client:.2f} ms")
 
         # 2. --jobs submissions at once
         clients = [httpx.Client(base_url=server.url, timeout=300) for _ in range(args.jobs)]
