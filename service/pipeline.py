@@ -521,7 +521,12 @@ def _cached_sensitivity(text: str | None) -> Any:
 def _cached_regions(text: str | None) -> Any:
     from sensitivity.regions import RegionResult
 
-    return None if text is None else RegionResult.from_json(text)
+    if text is None:
+        return None
+    try:
+        return RegionResult.from_json(text)
+    except (ValueError, KeyError, TypeError):  # an older format: calibrate again
+        return None
 
 
 def _measured_omegas(
