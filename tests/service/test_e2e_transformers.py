@@ -11,7 +11,7 @@ import hf_zoo
 import pytest
 import torch
 from safetensors.torch import save_file
-from svc_helpers import FAST_HESSIAN
+from svc_helpers import FAST_HESSIAN, post_plan
 
 import quantize
 from quantize.evaluate import evaluate
@@ -63,7 +63,7 @@ def test_transformer_planned_downloaded_and_loaded(arch, start_server, tmp_path)
     server = start_server()
     job_id = server.submit(model, calib, {"hessian": FAST_HESSIAN,
                                           "limits": {"size_ratio": 0.75}})
-    job = server.wait(job_id)
+    job = server.wait(job_id, timeout=600)  # minutes on a loaded 2-core machine
     assert job["status"] == "succeeded", job.get("error")
     plan = server.client.get(f"/jobs/{job_id}/plan").json()
     report = server.client.get(f"/jobs/{job_id}/report").json()
@@ -91,3 +91,29 @@ def test_transformer_planned_downloaded_and_loaded(arch, start_server, tmp_path)
         assert metrics["cosine_mean"] is not None and metrics["cosine_mean"] > 0.9
         assert got["cosine_mean"] == pytest.approx(metrics["cosine_mean"], abs=1e-4)
     assert got["kl_mean"] == pytest.approx(metrics["kl_mean"], rel=0.05, abs=1e-6)
+
+
+class _TokenLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(input_ids))
+
+
+@pytest.mark.parametrize("case", ["out of range", "float ids"])
+def test_bad_token_ids_are_refused_before_queueing(case, client, tmp_path) -> None:
+    ids = torch.randint(0, 16, (6, 5), generator=torch.Generator().manual_seed(0))
+    model = hf_zoo.save(_TokenLM().eval(), (ids[:2],), tmp_path / "m.pt2")
+    bad, message = {"out of range": (ids.index_fill(1, torch.tensor([2]), 16),
+                                     r"ids must lie in [0, 15]"),
+                    "float ids": (ids.float(), "the model's input takes int64")}[case]
+    calib = tmp_path / "c.safetensors"
+    save_file({"input.input_ids": bad}, str(calib))
+    r = post_plan(client, model.read_bytes(), calib.read_bytes(),
+                  '{"limits": {"size_ratio": 0.8}}')
+    assert r.status_code == 422, r.text
+    assert "input.input_ids" in r.text and message in r.text
+    assert client.get("/jobs").json()["items"] == []  # nothing was queued
