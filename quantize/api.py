@@ -143,6 +143,7 @@ def _report(
             "name": name,
             "kind": row.kind,
             "w_bits": row.w_bits,
+            "group_size": row.group_size,
             "a_bits": row.a_bits,
             "input_bits": g_in.bits,
             "input_signed": g_in.signed,

@@ -13,7 +13,9 @@ import quantize
 from quantize.checkpoint import read_checkpoint
 from quantize.primitives import weight_quant_error
 from sensitivity.intake import load_program
+from service.constraints import parse_constraints
 from service.pipeline import run_pipeline
+from solver.errors import BadConstraintsError
 from solver.options import size_bytes
 
 
@@ -66,3 +68,17 @@ def test_grouped_options_are_costed_chosen_and_stored(mlp_pt2, calib_path, tmp_p
     assert ckpt.tensors["fc1.weight_scale"].shape == (32, 4)
     module = quantize.load(out / "model.safetensors", load_program(mlp_pt2))
     assert module(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    report = {r["name"]: r for r in result.report["layers"]}
+    assert report["fc1"]["group_size"] == 16 and report["fc2"]["group_size"] is None
+
+
+@pytest.mark.parametrize("bad", [[], [0], [None, None], [16, 16], [2.5], [True], ["8"], 8])
+def test_bad_group_sizes_are_refused_naming_the_field(bad) -> None:
+    with pytest.raises(BadConstraintsError, match="weight_group_sizes"):
+        parse_constraints({"limits": {"size_ratio": 0.5}, "weight_group_sizes": bad})
+
+
+def test_group_sizes_default_and_order() -> None:
+    assert parse_constraints({"limits": {"size_ratio": 0.5}}).weight_group_sizes == [None]
+    cons = parse_constraints({"limits": {"size_ratio": 0.5}, "weight_group_sizes": [64, None, 32]})
+    assert cons.weight_group_sizes == [None, 32, 64]
