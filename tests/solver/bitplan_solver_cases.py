@@ -10,12 +10,17 @@ import warnings
 import numpy as np
 import pulp
 import pytest
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from solver.arrays import Arrays, prune_dominated
 from solver.groups import groups_of
 from solver.params import PARAMS, SearchParams
 from solver.problem import RESOURCES, LayerOptions, Limits, Option, Problem, within
+
+# hypothesis settings of the solver's property tests (a solve can take longer than the default
+# deadline on a shared machine)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 TAGS = ("w2a8", "w4a8", "w8a8", "w4a4")
 

@@ -7,17 +7,15 @@ import math
 
 import pytest
 from bitplan_solver_cases import (
+    SETTINGS,
     arrays_of,
     brute_force,
     problems,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from solver import Problem
 from solver.problem import within
-
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS

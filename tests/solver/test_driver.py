@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 from bitplan_solver_cases import (
+    SETTINGS,
     brute_force,
     layer_of,
     mid_instance,
@@ -21,9 +22,6 @@ from solver.errors import BadProblemError
 from solver.groups import totals_of
 from solver.problem import LayerOptions, Option, within
 
-FAST = settings(max_examples=60, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
-
 
 def _check_valid(problem: Problem, sol: Solution) -> None:
     index = {la.name: la for la in problem.layers}
@@ -33,7 +31,7 @@ def _check_valid(problem: Problem, sol: Solution) -> None:
         assert within(sol.totals[r], problem.limits.get(r))
 
 
-@FAST
+@SETTINGS
 @given(problems())
 def test_matches_brute_force(problem: Problem) -> None:
     _check_against_brute_force(problem, solve(problem))
@@ -51,7 +49,7 @@ def _check_against_brute_force(problem: Problem, sol: Solution) -> None:
         assert sol.totals == totals_of(problem, sol.choices)
 
 
-@FAST
+@SETTINGS
 @given(problems(max_layers=7, max_options=4))
 def test_branch_and_bound_alone_matches_brute_force(problem: Problem) -> None:
     """Without the minimum-Omega shortcut and with a generous node budget, every instance is
@@ -62,7 +60,7 @@ def test_branch_and_bound_alone_matches_brute_force(problem: Problem) -> None:
     assert sol.solver["variables"] == 0
 
 
-@FAST
+@SETTINGS
 @given(problems(max_layers=6, max_options=4))
 def test_milp_fallback_after_presolve_matches_brute_force(problem: Problem) -> None:
     """A node budget of 0 hands every open instance, reduced by the presolve and warm-started

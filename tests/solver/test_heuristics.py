@@ -6,13 +6,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from bitplan_solver_cases import SETTINGS
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from solver.heuristics import pair_improve, repair
-
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_pair_improve_makes_a_coordinated_move() -> None:

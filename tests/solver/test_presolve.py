@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 from bitplan_solver_cases import (
+    SETTINGS,
     arrays_of,
     assert_closed_in_process,
     brute_force,
@@ -19,7 +20,7 @@ from bitplan_solver_cases import (
     problems,
     search_params,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from solver import Problem, SolveConfig, presolve, solve
@@ -27,9 +28,6 @@ from solver.arrays import Arrays
 from solver.lp import lp_duals
 from solver.problem import within
 from solver.search import Search
-
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS

@@ -10,21 +10,19 @@ import math
 import numpy as np
 import pytest
 from bitplan_solver_cases import (
+    SETTINGS,
     arrays_of,
     mid_instance,
     problems,
     search_params,
 )
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from solver import Problem
 from solver.arrays import Arrays
 from solver.bounds import plane_grid
 from solver.search import Search, undominated
-
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
