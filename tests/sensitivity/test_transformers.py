@@ -217,3 +217,43 @@ def test_per_token_kl_trace_matches_the_exact_hessian(tmp_path) -> None:
     assert abs(head.weight_trace - exact) < 4 * head.weight_trace_stderr + 1e-9, (
         head.weight_trace, exact, head.weight_trace_stderr)
     assert head.weight_trace_stderr < 0.1 * exact
+
+
+class _WithTransposedConv(torch.nn.Module):
+    """A transposed convolution (not quantized) holding most of the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(1, 32, 3)
+        self.fc = torch.nn.Linear(32 * 10 * 10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.up(x)).flatten(1))
+
+
+def test_unquantizable_parameter_heavy_ops_are_listed_and_printed(tmp_path) -> None:
+    from service.commands.plan import float_params_lines
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 8, 8)
+    model = hf_zoo.save(_WithTransposedConv().eval(), (x[:2],), tmp_path / "m.pt2")
+    save_file({"inputs": x}, str(tmp_path / "c.safetensors"))
+    it = intake(model, tmp_path / "c.safetensors")
+    assert [layer.name for layer in it.layers] == ["fc"]
+    (up,) = it.float_params
+    total = 32 * 9 + 32 + 3200 * 4 + 4
+    assert up["name"] == "up.weight" and up["params"] == 32 * 9
+    assert up["share"] == pytest.approx(32 * 9 / total, abs=1e-4)
+    (line,) = float_params_lines({"model": {"float_params": it.float_params}})
+    assert "stay in floating point" in line and "up.weight" in line
+
+
+def test_bitplan_never_imports_transformers() -> None:
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        str(path.relative_to(root)) for pkg in ("service", "solver", "sensitivity", "quantize")
+        for path in (root / pkg).rglob("*.py")
+        if any(line.strip().startswith(("import transformers", "from transformers"))
+               for line in path.read_text().splitlines())
+    ]
+    assert offenders == []
