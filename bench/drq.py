@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/drq.py [--seeds 1] [--epochs 30] [--width 8] [--calib 256]
     .venv/bin/python bench/drq.py --low-weights [--seeds 3]
+    .venv/bin/python bench/drq.py --plans [--models cnn,resnet18] [--json out.json]
 
 For each init seed a DigitsCNN is trained on digits 0..1399 (as in the tests), exported, and
 calibrated by ``sensitivity.regions.calibrate`` on the first ``--calib`` training digits. Every
@@ -18,13 +19,30 @@ Nothing is timed against a baseline here: the numbers are accuracies.
 at 2x2 regions and f = 0.1 / 0.3 / 0.5: requantising per output channel to 4 bits (what
 ``quantize.drq`` does) against clipping the INT8 codes to [-7, 7] at the INT8 scale. Printed:
 held-out accuracy and the mean squared error of the logits against FP32.
+
+``--plans``: does DRQ pay in a plan? For the digits CNN and a residual CNN of ResNet-18's shape
+(``zoo.ResNet18Like(width=8)`` on the digits upsampled to 16x16, grey as RGB), trained on digits
+0..999, bitplan's pipeline runs once per cost model (200 calibration digits, DRQ enabled, no
+pins): on ``drq-array`` (latency) and on BOPS. From the same problem, the ILP is solved with
+every option and with the DRQ options removed (same ILP, DRQ off), at 3 budgets each (0.25 /
+0.5 / 0.75 of the way from all-W4A4 to all-W8A8, which both problems contain). Each plan is
+quantized (calibrated on the 200 digits) and run on the other 597 held-out digits. Printed per
+budget: accuracy with and without DRQ, the DRQ rows chosen, the share of regions at INT4 and of
+the DRQ layers' multiplications at 4x4 (counted by the runtime on the held-out digits), and the
+paired comparison: b / c = digits only the DRQ plan / only the plain plan gets right, with the
+exact two-sided McNemar p-value (binomial, b of b + c at 1/2); a gap is called more than noise
+when p < 0.05. The mean KL divergence to FP32 and its paired standard error are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import json
+import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,12 +50,16 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+from quantize import QuantizeConfig, apply  # noqa: E402
 from quantize.data import CalibrationSet  # noqa: E402
 from quantize.drq import apply_drq, drq_modules  # noqa: E402
 from quantize.graph import find_layers  # noqa: E402
 from sensitivity import zoo  # noqa: E402
 from sensitivity.regions import RegionConfig, calibrate  # noqa: E402
+from solver import solve  # noqa: E402
+from solver.problem import LayerOptions, Limits, Problem  # noqa: E402
 
 N_TRAIN = 1400
 
@@ -127,6 +149,154 @@ def low_weights(args: argparse.Namespace, x, y) -> None:
                       f"{row[2]:9.4f} {row[3]:8.3f}")
 
 
+N_PLAN_TRAIN, N_PLAN_CALIB = 1000, 200
+PLAN_MODELS = {  # name -> (factory, image side, input channels)
+    "cnn": (lambda: zoo.DigitsCNN(width=8), 8, 1),
+    "resnet18": (lambda: zoo.ResNet18Like(width=8), 16, 3),
+}
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: P(a split at least this uneven | b + c discordant)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+class PlanRun:
+    """One model under one cost model: the pipeline's problem, and plans quantized and scored."""
+
+    def __init__(self, name: str, work: Path, hardware: str | None) -> None:
+        from service.pipeline import run_pipeline
+
+        factory, side, channels = PLAN_MODELS[name]
+        x, y = zoo.digits_data(image_size=side, seed=0)
+        x = x.expand(-1, channels, -1, -1).contiguous()
+        torch.manual_seed(0)
+        model = zoo.train(factory(), x[:N_PLAN_TRAIN], y[:N_PLAN_TRAIN], epochs=15, seed=0)
+        pt2 = zoo.save_model(model, x[:4], work / f"{name}.pt2")
+        cal = slice(N_PLAN_TRAIN, N_PLAN_TRAIN + N_PLAN_CALIB)
+        calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x[cal], y[cal])
+        constraints = {"limits": {"bops_ratio": 1.0}, "weight_bits": [4, 8],
+                       "activation_bits": [4, 8], "drq": {"enabled": True},
+                       "pin": {"first": None, "last": None}, "hardware": hardware}
+        out = work / f"{name}-{hardware or 'bops'}"
+        t0 = time.perf_counter()
+        run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1)
+        self.seconds = time.perf_counter() - t0
+        self.problem = Problem.from_json((out / "problem.json").read_text())
+        self.template = json.loads((out / "plan.json").read_text())
+        self.program = torch.export.load(str(pt2))
+        self.calib = CalibrationSet((x[cal],), labels=y[cal])
+        self.x_ev, self.y_ev = x[N_PLAN_TRAIN + N_PLAN_CALIB:], y[N_PLAN_TRAIN + N_PLAN_CALIB:]
+        with torch.no_grad():
+            self.fp32_logp = F.log_softmax(self.program.module()(self.x_ev), dim=1)
+        self.fp32_accuracy = float((self.fp32_logp.argmax(1) == self.y_ev).float().mean())
+
+    def without_drq(self, limits: Limits) -> Problem:
+        layers = tuple(LayerOptions(la.name, tuple(o for o in la.options if o.drq is None))
+                       for la in self.problem.layers)
+        return Problem(layers, limits, self.problem.ties)
+
+    def extreme(self, tag: str) -> float:
+        return sum(next(getattr(o, self.resource) for o in la.options if o.tag == tag)
+                   for la in self.problem.layers)
+
+    @property
+    def resource(self) -> str:
+        return "latency_ms" if self.template["constraints"].get("hardware") else "bops"
+
+    def plan(self, problem: Problem, choice: dict[str, int]) -> dict:
+        plan = copy.deepcopy(self.template)
+        rows = {r["name"]: r for r in plan["layers"]}
+        for la in problem.layers:
+            o = la.options[choice[la.name]]
+            rows[la.name].update(w_bits=int(o.w_bits), a_bits=o.a_bits, omega=o.omega,
+                                 size_bytes=o.size_bytes, bops=o.bops, latency_ms=o.latency_ms,
+                                 drq=None if o.drq is None else dict(o.drq))
+        return plan
+
+    @torch.no_grad()
+    def score(self, plan: dict) -> dict:
+        res = apply(self.program, plan, self.calib, self.calib, QuantizeConfig())
+        mods = list(drq_modules(res.module).values())
+        for m in mods:
+            m.reset_stats()
+        logq = F.log_softmax(res.module(self.x_ev), dim=1)
+        regions = sum(m.total_regions for m in mods)
+        macs = sum(m.macs_high + m.macs_low for m in mods)
+        return {
+            "correct": logq.argmax(1) == self.y_ev,
+            "kl": (self.fp32_logp.exp() * (self.fp32_logp - logq)).sum(1),
+            "drq_rows": len(mods),
+            "int4_regions": sum(m.int4_regions for m in mods) / regions if regions else 0.0,
+            "int4_macs": sum(m.macs_low for m in mods) / macs if macs else 0.0,
+        }
+
+    def budget(self, limit: float) -> dict:
+        limits = Limits(**{self.resource: limit})
+        with_drq = Problem(self.problem.layers, limits, self.problem.ties)
+        plain = self.without_drq(limits)
+        out = {"limit": limit}
+        for key, prob in (("drq", with_drq), ("plain", plain)):
+            sol = solve(prob)
+            if not sol.choices:
+                return {**out, "status": sol.status}
+            out[key] = self.score(self.plan(prob, sol.choices))
+            out[key]["objective"] = sol.objective
+            out[key]["used"] = sol.totals[self.resource]
+        d, p = out["drq"], out["plain"]
+        b = int((d["correct"] & ~p["correct"]).sum())
+        c = int((~d["correct"] & p["correct"]).sum())
+        dkl = d["kl"] - p["kl"]
+        n = len(self.y_ev)
+        out["summary"] = {
+            "acc_drq": float(d["correct"].float().mean()),
+            "acc_plain": float(p["correct"].float().mean()),
+            "b": b, "c": c, "mcnemar_p": mcnemar_p(b, c),
+            "kl_drq": float(d["kl"].mean()), "kl_plain": float(p["kl"].mean()),
+            "kl_diff_se": float(dkl.std()) / math.sqrt(n),
+            "objective_drq": d["objective"], "objective_plain": p["objective"],
+            "drq_rows": d["drq_rows"], "int4_regions": d["int4_regions"],
+            "int4_macs": d["int4_macs"],
+        }
+        return out
+
+
+def plans(args: argparse.Namespace) -> None:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            for hardware in ("drq-array", None):
+                run = PlanRun(name, Path(tmp), hardware)
+                lo, hi = run.extreme("w4a4"), run.extreme("w8a8")
+                print(f"\n{name}, {run.resource} ({hardware or 'BOPS'}): "
+                      f"{len(run.problem.layers)} layers, pipeline {run.seconds:.1f} s, "
+                      f"{len(run.y_ev)} held-out digits (one = {100 / len(run.y_ev):.2f} pt), "
+                      f"FP32 accuracy {run.fp32_accuracy:.4f}")
+                print(f"  {'budget':>10} {'acc DRQ':>8} {'acc off':>8} {'b':>3} {'c':>3} "
+                      f"{'McNemar p':>9} {'KL DRQ':>7} {'KL off':>7} {'+-se':>6} "
+                      f"{'DRQ rows':>8} {'INT4 reg':>8} {'4x4 MACs':>8}")
+                for frac in (0.25, 0.5, 0.75):
+                    r = run.budget(lo + frac * (hi - lo))
+                    key = f"{name} {run.resource} {frac}"
+                    if "summary" not in r:
+                        print(f"  {frac:10.2f} {r['status']}")
+                        results[key] = {"status": r["status"]}
+                        continue
+                    sm = r["summary"]
+                    results[key] = {"limit": r["limit"], **sm}
+                    print(f"  {frac:10.2f} {sm['acc_drq']:8.4f} {sm['acc_plain']:8.4f} "
+                          f"{sm['b']:3d} {sm['c']:3d} {sm['mcnemar_p']:9.3g} "
+                          f"{sm['kl_drq']:7.4f} {sm['kl_plain']:7.4f} {sm['kl_diff_se']:6.4f} "
+                          f"{sm['drq_rows']:8d} {sm['int4_regions']:8.3f} {sm['int4_macs']:8.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=1, help="init seeds 0..N-1")
@@ -135,7 +305,14 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=256, help="training digits to calibrate on")
     parser.add_argument("--low-weights", action="store_true",
                         help="compare requantised against clipped 4-bit weights")
+    parser.add_argument("--plans", action="store_true",
+                        help="best plan with DRQ options against without, at 3+3 budgets")
+    parser.add_argument("--models", default="cnn,resnet18", help="for --plans")
+    parser.add_argument("--json", type=Path, default=None, help="--plans: write figures here")
     args = parser.parse_args()
+    if args.plans:
+        plans(args)
+        return
     x, y = zoo.digits_data(image_size=8, seed=0)
     if args.low_weights:
         low_weights(args, x, y)
