@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hardware", help="hardware profile name (solver/profiles)")
     p.add_argument("--latency-table", type=Path, help="JSON {layer: {tag: ms}}")
     p.add_argument("--max-iter", type=int, help="Hutchinson samples at most")
-    p.add_argument("--tol", type=float, help="Hutchinson relative tolerance")
+    p.add_argument("--tol", type=float,
+                   help="target relative standard error of each layer's trace (stderr / mean)")
     p.add_argument("--seed", type=int, help="seed of every random draw")
     add_device_argument(p)
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="samples kept for eval")
