@@ -40,7 +40,8 @@ def get_job(job_id: JobId, svc: ServiceDep) -> JobPublic:
 
 
 @router.post("/{job_id}/replan", status_code=status.HTTP_202_ACCEPTED,
-             response_model=JobSubmitted, responses=_ERRORS)
+             response_model=JobSubmitted,
+             responses={**_ERRORS, **error_responses(400)})  # 400: a body that is not JSON
 def replan_job(job_id: JobId, svc: ServiceDep,
                constraints: Annotated[dict[str, Any], Body()]) -> JobSubmitted:
     """Queue a new job on this job's uploads with other constraints (JSON body: the
