@@ -82,7 +82,8 @@ class PipelineResult:
         """The short version kept on the job record (totals vs limits, bits, accuracy)."""
         bits: dict[str, int] = {}
         for row in self.plan.get("layers", []):
-            key = f"w{row['w_bits']}a{row['a_bits']:g}" + ("+drq" if row.get("drq") else "")
+            group = f"g{row['group_size']}" if row.get("group_size") else ""
+            key = f"w{row['w_bits']}{group}a{row['a_bits']:g}" + ("+drq" if row.get("drq") else "")
             bits[key] = bits.get(key, 0) + 1
         return {
             "status": self.plan.get("status"),

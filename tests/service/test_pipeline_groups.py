@@ -68,6 +68,7 @@ def test_grouped_options_are_costed_chosen_and_stored(mlp_pt2, calib_path, tmp_p
     assert ckpt.tensors["fc1.weight_scale"].shape == (32, 4)
     module = quantize.load(out / "model.safetensors", load_program(mlp_pt2))
     assert module(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    assert result.summary()["layers"] == {"w4g16a8": 1, "w8a8": 1}
     report = {r["name"]: r for r in result.report["layers"]}
     assert report["fc1"]["group_size"] == 16 and report["fc2"]["group_size"] is None
 
