@@ -1,14 +1,18 @@
 """Plan quality against baselines at the same budget: bitplan's plan, uniform INT8 / INT4, random
 allocations and a greedy oracle that knows each layer's measured loss increase.
 
-    python bench/quality.py [--models cnn,resnet18] [--random 10] [--threads 1]
+    python bench/quality.py [--models cnn,resnet18,llama] [--weight-clip max|mse] [--random 10]
 
-For each model (trained on digits 0..999; 200 calibration digits that the plan sees; the other
-597 digits only evaluate), bitplan's pipeline runs once (sensitivity, options; ``problem.json``
-holds every layer's options with Omega and costs). Then, at three size budgets (0.25 / 0.5 /
-0.75 of the way from all-INT4 to all-INT8 weights, activations 8 bits) and one BOPS budget
-(half way between all-W4A4 and all-W8A8, activations {4, 8}), every method picks one option per
-layer from the same problem and the plan is quantized and evaluated on the 597 held-out digits:
+Models: the digits CNN, a residual CNN of ResNet-18's shape (width 8, digits at 16x16), both
+trained on digits 0..999 (200 calibration digits the plan sees; the other 597 only evaluate),
+and the tiny Llama-style decoder of tests/hf_zoo.py trained on stdlib docstrings (200
+calibration and 200 held-out sequences of 32 bytes from text it never trained on; measures:
+next-token perplexity and per-token KL to FP32). For each, bitplan's pipeline runs once
+(sensitivity, options; ``problem.json`` holds every layer's options with Omega and costs).
+Then, at three size budgets (0.25 / 0.5 / 0.75 of the way from all-INT4 to all-INT8 weights,
+activations 8 bits) and one BOPS budget (half way between all-W4A4 and all-W8A8, activations
+{4, 8}), every method picks one option per layer from the same problem and the plan is
+quantized and evaluated on the held-out samples:
 
 - ``bitplan``: the ILP on the problem's Omega (what a job returns);
 - ``ilp-measured``: the same ILP on each option's *measured* loss increase (below);
@@ -19,10 +23,11 @@ layer from the same problem and the plan is quantized and evaluated on the 597 h
 - ``int8`` / ``int4``: uniform (over budget / under it, for reference).
 
 A layer's measured loss increase for an option is the calibration loss (cross-entropy on the
-200 calibration digits) with only that layer quantized at that option, minus the FP32 loss.
-Nothing is tuned on the evaluation digits. Two measures on them: top-1 accuracy (one digit is
-1/597 = 0.17 points) and the mean KL divergence of the quantized model's output distribution to
-the FP32 one (continuous, so it separates plans that accuracy cannot). For each the script
+200 calibration digits; for the decoder the per-token KL to FP32) with only that layer
+quantized at that option, minus the FP32 loss. Nothing is tuned on the evaluation samples. Two
+measures on them: top-1 accuracy (one digit is 1/597 = 0.17 points) or next-token perplexity,
+and the mean KL divergence of the quantized model's output distribution to the FP32 one
+(continuous, so it separates plans that accuracy cannot). For each the script
 prints the difference to bitplan's plan, paired per sample, with its standard error: a gap
 smaller than about two standard errors is noise.
 """
@@ -104,29 +109,51 @@ def plan_for(template: dict, problem: Problem, choice: dict[str, int]) -> dict:
 
 
 class Evaluator:
-    def __init__(self, program, calib: CalibrationSet, holdout: CalibrationSet) -> None:
-        self.program, self.calib, self.holdout = program, calib, holdout
+    """Scores plans on held-out samples. A classifier (labels): per sample correct and KL to
+    FP32; the calibration loss is cross-entropy. A language model (``lm``: int64 token ids,
+    [N, T, V] logits, no labels): per sequence the next-token NLL and the mean per-token KL to
+    FP32; the calibration loss is that KL (label-free, as the pipeline's)."""
+
+    def __init__(self, program, calib: CalibrationSet, holdout: CalibrationSet,
+                 lm: bool = False) -> None:
+        self.program, self.calib, self.holdout, self.lm = program, calib, holdout, lm
         self.x_cal, self.y_cal = calib.args[0], calib.labels
         self.x_ev, self.y_ev = holdout.args[0], holdout.labels
         with torch.no_grad():
             fp = program.module()
-            self.fp32_loss = float(F.cross_entropy(fp(self.x_cal), self.y_cal))
-            self.fp32_logp = F.log_softmax(fp(self.x_ev), dim=1)
-            self.fp32_correct = self.fp32_logp.argmax(1) == self.y_ev
+            self.fp32_cal = F.log_softmax(fp(self.x_cal), dim=-1)
+            self.fp32_logp = F.log_softmax(fp(self.x_ev), dim=-1)
+            self.fp32_loss = 0.0 if lm else float(F.nll_loss(self.fp32_cal, self.y_cal))
+            self.fp32_primary = self._primary(self.fp32_logp)
 
     def module(self, plan: dict):
-        return apply(self.program, plan, self.calib, self.calib, QuantizeConfig()).module
+        return apply(self.program, plan, self.calib, self.calib, QuantizeConfig(),
+                     token_input=0 if self.lm else None).module
+
+    def _primary(self, logq: torch.Tensor) -> torch.Tensor:
+        if self.lm:  # next-token NLL per sequence
+            nll = -logq[:, :-1].gather(-1, self.x_ev[:, 1:, None]).squeeze(-1)
+            return nll.mean(1)
+        return logq.argmax(1) == self.y_ev
+
+    @staticmethod
+    def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        return kl.reshape(kl.shape[0], -1).mean(1)
 
     @torch.no_grad()
     def calib_loss(self, plan: dict) -> float:
-        return float(F.cross_entropy(self.module(plan)(self.x_cal), self.y_cal))
+        logq = F.log_softmax(self.module(plan)(self.x_cal), dim=-1)
+        if self.lm:
+            return float(self._kl(self.fp32_cal, logq).mean())
+        return float(F.nll_loss(logq, self.y_cal))
 
     @torch.no_grad()
     def score(self, plan: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per held-out sample: correct (bool) and KL(FP32 || quantized) in nats."""
-        logq = F.log_softmax(self.module(plan)(self.x_ev), dim=1)
-        kl = (self.fp32_logp.exp() * (self.fp32_logp - logq)).sum(1)
-        return logq.argmax(1) == self.y_ev, kl
+        """Per held-out sample: the primary measure (correct, or next-token NLL) and the KL
+        to FP32 in nats."""
+        logq = F.log_softmax(self.module(plan)(self.x_ev), dim=-1)
+        return self._primary(logq), self._kl(self.fp32_logp, logq)
 
 
 def measured_increase(ev: Evaluator, template: dict, problem: Problem) -> dict[str, list[float]]:
@@ -204,33 +231,40 @@ def random_fill(problem: Problem, resource: str, limit: float, rng: random.Rando
 
 
 @functools.cache
-def trained(name: str, work: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
+def trained(name: str, work: Path) -> tuple[Path, torch.Tensor, torch.Tensor | None]:
+    if name == "llama":  # tests/hf_zoo.py: a tiny Llama-style decoder on stdlib docstrings
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        import hf_zoo
+
+        model = hf_zoo.trained_llama(steps=300)
+        ids = hf_zoo.calibration_ids(n=N_CALIB + 200, seq=32, seed=1)
+        return hf_zoo.save(model, (ids[:4],), work / f"{name}.pt2"), ids, None
     factory, side, channels = MODELS[name]
     x, y = zoo.digits_data(image_size=side, seed=0)
     x = x.expand(-1, channels, -1, -1).contiguous()
     torch.manual_seed(0)
     model = zoo.train(factory(), x[:N_TRAIN], y[:N_TRAIN], epochs=15, seed=0)
-    return zoo.save_model(model, x[:4], work / f"{name}.pt2"), x, y
+    return (zoo.save_model(model, x[:4], work / f"{name}.pt2"), x[N_TRAIN:],
+            y[N_TRAIN:])
 
 
 def prepare(name: str, work: Path, activation_bits: list[int]) -> tuple:
-    pt2, x, y = trained(name, work)
-    calib = zoo.save_calibration(work / "calib.safetensors", x[N_TRAIN:N_TRAIN + N_CALIB],
-                                 y[N_TRAIN:N_TRAIN + N_CALIB])
+    pt2, x, y = trained(name, work)  # x, y: the samples no model saw
+    cal_y = None if y is None else y[:N_CALIB]
+    calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x[:N_CALIB], cal_y)
     out = work / f"{name}-a{''.join(map(str, activation_bits))}"
     constraints = {"limits": {"size_ratio": 1.0}, "weight_bits": [4, 8],
                    "activation_bits": activation_bits, "drq": {"enabled": False},
                    "pin": {"first": None, "last": None}}
     t0 = time.perf_counter()
-    run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1)
+    run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1, pareto_points=0)
     seconds = time.perf_counter() - t0
     problem = Problem.from_json((out / "problem.json").read_text())
     template = json.loads((out / "plan.json").read_text())
     program = torch.export.load(str(pt2))
-    ev = Evaluator(program,
-                   CalibrationSet((x[N_TRAIN:N_TRAIN + N_CALIB],),
-                                  labels=y[N_TRAIN:N_TRAIN + N_CALIB]),
-                   CalibrationSet((x[N_TRAIN + N_CALIB:],), labels=y[N_TRAIN + N_CALIB:]))
+    ev = Evaluator(program, CalibrationSet((x[:N_CALIB],), labels=cal_y),
+                   CalibrationSet((x[N_CALIB:],), labels=None if y is None else y[N_CALIB:]),
+                   lm=y is None)
     return problem, template, ev, seconds
 
 
@@ -254,27 +288,33 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed)
     scores = {k: ev.score(plan_for(template, problem, c)) for k, c in plans.items()}
     rand = [ev.score(plan_for(template, problem, random_fill(problem, resource, limit, rng)))
             for _ in range(n_random)]
-    n = len(ev.y_ev)
-    rand_acc = sorted(float(c.float().mean()) for c, _ in rand)
+    n = len(ev.x_ev)
+    # accuracy (higher is better) or perplexity exp(mean NLL) (lower is better)
+    value = (lambda p: math.exp(float(p.mean()))) if ev.lm else (lambda p: float(p.float().mean()))
+    rand_val = sorted(value(p) for p, _ in rand)
     rand_kl = sorted(float(k.mean()) for _, k in rand)
-    base_c, base_kl = scores["bitplan"]
+    base_p, base_kl = scores["bitplan"]
     rows = {}
-    for k, (c, kl) in scores.items():
-        d = c.float() - base_c.float()
+    for k, (p, kl) in scores.items():
+        d = p.float() - base_p.float()
         dkl = kl - base_kl
-        rows[k] = {"acc": float(c.float().mean()), "vs_bitplan": int(d.sum()),
-                   "se": float(d.std()) * math.sqrt(n), "kl": float(kl.mean()),
-                   "kl_vs_bitplan": float(dkl.mean()), "kl_se": float(dkl.std()) / math.sqrt(n),
+        rows[k] = {"value": value(p),
+                   "vs_bitplan": float(d.mean()) if ev.lm else int(d.sum()),
+                   "se": float(d.std()) / math.sqrt(n) if ev.lm else float(d.std()) * math.sqrt(n),
+                   "kl": float(kl.mean()), "kl_vs_bitplan": float(dkl.mean()),
+                   "kl_se": float(dkl.std()) / math.sqrt(n),
                    "use": totals(problem, plans[k])[resource] / limit}
-    rows["random-median"] = {"acc": statistics.median(rand_acc), "kl": statistics.median(rand_kl)}
-    rows["random-best"] = {"acc": rand_acc[-1], "kl": rand_kl[0]}
-    rows["fp32"] = {"acc": float(ev.fp32_correct.float().mean()), "kl": 0.0}
+    best, median = (rand_val[0], rand_val[len(rand_val) // 2]) if ev.lm else (
+        rand_val[-1], statistics.median(rand_val))
+    rows["random-median"] = {"value": median, "kl": statistics.median(rand_kl)}
+    rows["random-best"] = {"value": best, "kl": rand_kl[0]}
+    rows["fp32"] = {"value": value(ev.fp32_primary), "kl": 0.0}
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="cnn,resnet18")
+    ap.add_argument("--models", default="cnn,resnet18,llama")
     ap.add_argument("--random", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -296,24 +336,28 @@ def main() -> None:
                 t0 = time.perf_counter()
                 increase = measured_increase(ev, template, problem)
                 m_secs = time.perf_counter() - t0
+                n = len(ev.x_ev)
+                what = (f"{n} held-out sequences" if ev.lm
+                        else f"{n} held-out digits (one = {100 / n:.2f} pt)")
                 print(f"\n{name}: {len(problem.layers)} layers, activations {abits}; pipeline "
-                      f"{secs:.1f} s, measured loss increases {m_secs:.1f} s; "
-                      f"{len(ev.y_ev)} held-out digits (one = {100 / len(ev.y_ev):.2f} pt)")
+                      f"{secs:.1f} s, measured loss increases {m_secs:.1f} s; {what}")
+                head = "ppl" if ev.lm else "acc"
                 for label, limit in budgets(problem, resource, fractions):
                     rows = run_budget(problem, template, ev, increase, resource, limit,
                                       args.random, args.seed)
                     results[f"{name} {label}"] = rows
                     print(f"  {label}:")
-                    print(f"    {'method':14s} {'acc':>6s} {'vs bitplan':>16s} "
+                    print(f"    {'method':14s} {head:>7s} {'vs bitplan':>18s} "
                           f"{'KL to FP32':>10s} {'KL vs bitplan':>22s}  budget use")
                     for k, r in rows.items():
-                        line = f"    {k:14s} {r['acc']:.4f}"
+                        line = f"    {k:14s} {r['value']:7.4f}"
                         if "vs_bitplan" in r:
-                            line += (f" {r['vs_bitplan']:+4d} (se {r['se']:4.1f}) "
-                                     f"{r['kl']:10.5f} {r['kl_vs_bitplan']:+.5f} "
+                            vs = (f"{r['vs_bitplan']:+.4f} (se {r['se']:.4f})" if ev.lm
+                                  else f"{r['vs_bitplan']:+4d} (se {r['se']:4.1f})")
+                            line += (f" {vs:>18s} {r['kl']:10.5f} {r['kl_vs_bitplan']:+.5f} "
                                      f"(se {r['kl_se']:.5f})  {r['use']:.2f}")
                         else:
-                            line += f" {'':16s} {r['kl']:10.5f}"
+                            line += f" {'':18s} {r['kl']:10.5f}"
                         print(line)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
