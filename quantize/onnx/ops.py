@@ -306,6 +306,41 @@ def _batch_norm(ctx: Context, node: fx.Node) -> object:
     return (out, None, None)
 
 
+@handles(aten.layer_norm.default)
+def _layer_norm(ctx: Context, node: fx.Node) -> str:
+    x, normalized = node.args[0], list(node.args[1])
+    w = _arg(node, 2, "weight")
+    b = _arg(node, 3, "bias")
+    eps = float(_arg(node, 4, "eps", 1e-5))
+    scale = ctx.value(w) if w is not None else ctx.builder.const(np.ones(normalized))
+    bias = ctx.value(b) if b is not None else ctx.builder.const(np.zeros(normalized))
+    return ctx.builder.op("LayerNormalization", [ctx.value(x), scale, bias], node.name,
+                          axis=-len(normalized), epsilon=eps)
+
+
+@handles(aten.embedding.default)
+def _embedding(ctx: Context, node: fx.Node) -> str:
+    return ctx.builder.op("Gather", [ctx.value(node.args[0]), ctx.value(node.args[1])],
+                          node.name, axis=0)
+
+
+@handles(aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default)
+def _split(ctx: Context, node: fx.Node) -> tuple:
+    vals = node.meta.get("val")
+    rank = len(shape(node.args[0]))
+    dim = int(_arg(node, 2, "dim", 0)) % rank
+    sizes = [int(v.shape[dim]) for v in vals]  # static along the split dim
+    return tuple(ctx.builder.node("Split", [ctx.value(node.args[0]),
+                                            ctx.builder.const(sizes, np.int64)],
+                                  node.name, n_out=len(sizes), axis=dim))
+
+
+@handles(aten.sym_size.int)
+def _sym_size(ctx: Context, node: fx.Node) -> tuple:
+    # a dynamic dim read for a reshape's target; reshapes take shapes from the metadata
+    return ()
+
+
 @handles(operator.getitem)
 def _getitem(ctx: Context, node: fx.Node) -> str:
     src = ctx.env[node.args[0].name]  # type: ignore[union-attr]

@@ -36,7 +36,7 @@ class VerifyConfig:
     min_top1_agreement: float = 0.99
     # 99th percentile of |ORT - fake-quant| in steps of the model's output grid: the two
     # round differently only at ties (float half-to-even vs dyadic half-up), 1 step where
-    # they do (docs/onnx.md); 4 leaves room for a tie upstream that moves a few outputs
+    # they do (README, "Deploying a plan"); 4 leaves room for ties upstream
     max_step_p99: float = 4.0
     batch_size: int = 64
     threads: int = 1  # deterministic and light on a shared machine
