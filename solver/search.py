@@ -373,7 +373,6 @@ class Search:
         p = self.params
         n = self.n
         R = len(self.room)
-        J = len(self.D)
         cut = math.inf if math.isinf(ub) else ub - p.eps_rel * abs(ub) + self.fptol
         vu = np.zeros((1, 1 + R))  # the layer's states as rows (value, use of each limit)
         vu[0, 0] = self.om_fixed
@@ -392,37 +391,7 @@ class Search:
             states += len(vu) * len(self.om[d])
             if states > max_states or (deadline is not None and time.perf_counter() > deadline):
                 return states, False
-            # children as rows (value, use of each limit)
-            vu2 = (vu[:, None, :] + self.vc[d]).reshape(-1, 1 + R)
-            ok = vu2[:, 0] < cut
-            lim = self.limit_at[d]
-            for r in range(R):
-                ok &= vu2[:, 1 + r] <= lim[r]
-            if d < n - 1:
-                spent = self.spent_curves(d + 1, live)
-                # The first relaxation (the surrogate along the multipliers) cuts most children
-                # (docs/solver.md): it runs on
-                # all of them, together with the limit check (one selection instead of two),
-                # the others on its survivors. Its projections are sums over the parent and the
-                # option, so they are built from the two small tables.
-                q = ((vu @ self.m0)[:, None, :] + self.q0[d]).reshape(-1, 2)
-                # right of the curve the remaining groups cannot fit: no completion
-                bound = q[:, 1] + self._bound_at(0, d + 1, q[:, 0], spent, fronts_on)
-                ok &= bound < cut
-                idx = ok.nonzero()[0]
-                vu2, bound = vu2[idx], bound[idx]
-                if J > 1 and idx.size:
-                    q = vu2 @ self.m_rest  # (N, 2(J - 1)): use . D_j, then value + use . L_j
-                    for j in range(1, J):
-                        b_j = q[:, J - 2 + j] + self._bound_at(j, d + 1, q[:, j - 1], spent,
-                                                              fronts_on)
-                        np.maximum(bound, b_j, out=bound)
-                    sel = (bound < cut).nonzero()[0]
-                    idx, vu2, bound = idx[sel], vu2[sel], bound[sel]
-            else:
-                idx = ok.nonzero()[0]
-                vu2 = vu2[idx]
-                bound = vu2[:, 0]
+            idx, vu2, bound = self._children(d, vu, cut, live, fronts_on)
             if beam_width is not None and idx.size > p.beam_pool * beam_width:
                 # a beam keeps its pool of best-bounded children for the dominance check and
                 # the planes (see SearchParams.beam_pool)
@@ -462,6 +431,42 @@ class Search:
                 return states, False
         self._last = (vu[:, 0], back)
         return states, True
+
+    def _children(self, d: int, vu: np.ndarray, cut: float,
+                  live: list[tuple[np.ndarray, ...]], fronts_on: bool,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The children of the layer ``vu`` (states as rows: value, use of each limit) at
+        position d that fit the limits and whose bound is below ``cut``: (their indices among
+        all children, their rows, their bounds). The first relaxation (the surrogate along the
+        multipliers) cuts most children (docs/solver.md): it runs on all of them, together with
+        the limit check (one selection instead of two), the others on its survivors. Its
+        projections are sums over the parent and the option, so they are built from the two
+        small tables."""
+        R, J = len(self.room), len(self.D)
+        vu2 = (vu[:, None, :] + self.vc[d]).reshape(-1, 1 + R)
+        ok = vu2[:, 0] < cut
+        lim = self.limit_at[d]
+        for r in range(R):
+            ok &= vu2[:, 1 + r] <= lim[r]
+        if d == self.n - 1:  # complete assignments: their value is their bound
+            idx = ok.nonzero()[0]
+            vu2 = vu2[idx]
+            return idx, vu2, vu2[:, 0]
+        spent = self.spent_curves(d + 1, live)
+        q = ((vu @ self.m0)[:, None, :] + self.q0[d]).reshape(-1, 2)
+        # right of the curve the remaining groups cannot fit: no completion
+        bound = q[:, 1] + self._bound_at(0, d + 1, q[:, 0], spent, fronts_on)
+        ok &= bound < cut
+        idx = ok.nonzero()[0]
+        vu2, bound = vu2[idx], bound[idx]
+        if J > 1 and idx.size:
+            q = vu2 @ self.m_rest  # (N, 2(J - 1)): use . D_j, then value + use . L_j
+            for j in range(1, J):
+                b_j = q[:, J - 2 + j] + self._bound_at(j, d + 1, q[:, j - 1], spent, fronts_on)
+                np.maximum(bound, b_j, out=bound)
+            sel = (bound < cut).nonzero()[0]
+            idx, vu2, bound = idx[sel], vu2[sel], bound[sel]
+        return idx, vu2, bound
 
     def completions(self) -> Iterator[list[int]]:
         """The complete assignments the last finished run kept (picks per group), best first."""
