@@ -112,6 +112,9 @@ def constraints_from_args(args: argparse.Namespace) -> dict[str, Any]:
             doc["latency_table"] = json.loads(args.latency_table.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BadConstraintsError(f"cannot read {args.latency_table}: {exc}") from None
+        table = doc["latency_table"]
+        if isinstance(table, dict) and table.get("format") == "bitplan-latency/1":
+            doc["latency_table"] = table.get("latency_table")  # a `bitplan profile` file
     drq = dict(doc.get("drq") or {})
     if args.no_drq:
         drq["enabled"] = False

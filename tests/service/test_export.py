@@ -66,3 +66,29 @@ def test_export_command_refuses_a_checkpoint_of_another_model(job, cnn_pt2,
     assert main(["export", str(out_dir / "model.safetensors"), "--program", str(cnn_pt2),
                  "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_profile_writes_a_latency_table_the_constraints_accept(cnn_pt2, tmp_path) -> None:
+    from quantize.graph import find_layers
+    from quantize.onnx.profile import ProfileConfig, layer_model
+    from service.constraints import parse_constraints
+
+    out = tmp_path / "latency.json"
+    assert main(["profile", str(cnn_pt2), "--runtime", "onnxruntime", "--batch", "2",
+                 "--weight-bits", "4,8", "--activation-bits", "4,8", "--warmup", "1",
+                 "--repeat", "3", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    table = doc["latency_table"]
+    assert set(table) == {"conv1", "conv2", "fc"}
+    for row in table.values():
+        assert set(row) == {"w4a4", "w4a8", "w8a4", "w8a8"}
+        assert all(v > 0 for v in row.values())
+    assert doc["input_shapes"]["conv2"] == [2, 8, 8, 8] and doc["config"]["batch"] == 2
+    cons = parse_constraints({"limits": {"latency_ratio": 0.9}, "latency_table": table})
+    assert cons.latency_table == table
+    # the timed graph is the export's layer subgraph: int4 weights -> DQ -> Conv, QDQ around
+    layer = next(x for x in find_layers(load_program(cnn_pt2).module()) if x.name == "conv2")
+    model = layer_model(layer, (2, 8, 8, 8), 4, 8)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 2 and "Conv" in ops
+    assert ProfileConfig().repeat >= 10

@@ -1,0 +1,167 @@
+"""Measured per-layer latency in ONNX Runtime: a ``latency_table`` for the constraints.
+
+Every quantizable layer is timed in isolation, for every (weight bits, activation bits)
+option, as the QDQ subgraph the export writes for it (input Q/DQ on an activation grid of the
+option's bits, integer weight initializer -> DequantizeLinear, int32 bias, Conv / Gemm /
+MatMul, output Q/DQ on an 8-bit grid) at the layer's real input shape with the chosen batch.
+The weights are random codes of the right width (the kernels' speed does not depend on their
+values). Each timing is the median of ``repeat`` runs after ``warmup`` runs. Tags are the
+solver's ``w<w>a<a>``; DRQ tags are left to the solver, which mixes ``w<w>a8`` and
+``w<min(w,4)>a4`` by the DRQ fraction.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from solver.errors import BadConstraintsError
+
+from ..graph import GraphLayer, find_layers
+from ..points import Grid
+from .builder import GraphBuilder
+from .context import Context
+from .layers import dequantized_weight
+from .ops import conv, linear
+from .verify import onnxruntime, session
+
+FORMAT = "bitplan-latency/1"
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What is timed and how (each field with its reason)."""
+
+    version: int = 1
+    weight_bits: tuple[int, ...] = (4, 8)
+    activation_bits: tuple[int, ...] = (8,)
+    batch: int = 1  # deployment batch (latency, not throughput)
+    threads: int = 1  # intra-op threads; 1 is steady on a shared machine
+    warmup: int = 5  # first runs allocate and pick kernels
+    repeat: int = 30  # the median of these runs is reported
+    seed: int = 0  # the random weight codes and inputs
+    layers: tuple[str, ...] | None = field(default=None)  # None: every quantizable layer
+
+    def __post_init__(self) -> None:
+        if self.version != 1:
+            raise BadConstraintsError(f"unsupported profile config version {self.version}")
+        bad = [b for b in (*self.weight_bits, *self.activation_bits) if not 2 <= int(b) <= 8]
+        if bad or not self.weight_bits or not self.activation_bits:
+            raise BadConstraintsError(f"bits must be in 2..8 and non-empty, got {bad}")
+        if min(self.batch, self.threads, self.warmup + 1, self.repeat) < 1:
+            raise BadConstraintsError("batch, threads and repeat must be >= 1, warmup >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def layer_model(layer: GraphLayer, in_shape: tuple[int, ...], w_bits: int, a_bits: int,
+                seed: int = 0):  # noqa: ANN201 - onnx.ModelProto
+    """The export's QDQ subgraph of one layer on an input of ``in_shape`` (batch included)."""
+    from onnx import TensorProto, helper
+
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder(name=f"profile_{layer.name}")
+    ctx = Context(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), b)
+    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape)))
+    g_in = Grid(0.05, a_bits, False)  # a post-ReLU grid: unsigned, as most layer inputs
+    x = b.qdq("x", g_in, "in")
+    q = 2 ** (w_bits - 1) - 1
+    codes = torch.randint(-q, q + 1, layer.weight_shape, generator=gen, dtype=torch.int32)
+    out = layer.weight_shape[0]
+    s_w = torch.full((out,), 0.01)
+    w = dequantized_weight(ctx, "w", codes, s_w, w_bits)
+    bias = b.op("DequantizeLinear", [b.tensor("bias_q", np.zeros(out, np.int32)),
+                                     b.tensor("bias_scale", (s_w * g_in.scale).numpy())],
+                "bias_dq", axis=0)
+    if layer.kind == "linear":
+        y = linear(ctx, x, w, bias, len(in_shape), "layer")
+    else:
+        y = conv(ctx, x, w, bias, tuple(layer.weight_shape[2:]), layer.stride, layer.padding,
+                 layer.dilation, layer.groups, "layer")
+    y = b.qdq(y, Grid(0.1, 8, True), "out")
+    b.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    return b.model()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _input_shapes(gm: torch.fx.GraphModule, layers: list[GraphLayer],
+                  batch: int) -> dict[str, tuple[int, ...]]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    shapes = {}
+    for layer in layers:
+        val = nodes[layer.node].args[0].meta.get("val")
+        shapes[layer.name] = (batch, *(int(d) for d in val.shape[1:]))
+    return shapes
+
+
+def time_model(model: Any, in_shape: tuple[int, ...], cfg: ProfileConfig) -> float:
+    """Median wall time (ms) of one run of ``model`` after ``cfg.warmup`` runs."""
+    sess = session(model, cfg.threads)
+    x = np.random.default_rng(cfg.seed).random(in_shape, dtype=np.float32) * 5
+    feed = {"x": x}
+    for _ in range(cfg.warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(cfg.repeat):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = None,
+            progress: Any = None) -> dict[str, Any]:
+    """``{"latency_table": {layer: {tag: ms}}, ...}`` for every quantizable layer of
+    ``program``; the table is what the constraints' ``latency_table`` takes.
+
+    Raises BadConstraintsError for a bad config or an unknown layer name in ``cfg.layers``.
+    """
+    ort = onnxruntime()
+    cfg = cfg or ProfileConfig()
+    gm = program.module()
+    layers = find_layers(gm)
+    if cfg.layers is not None:
+        unknown = sorted(set(cfg.layers) - {layer.name for layer in layers})
+        if unknown:
+            raise BadConstraintsError(f"unknown layers {unknown}")
+        layers = [layer for layer in layers if layer.name in cfg.layers]
+    shapes = _input_shapes(gm, layers, cfg.batch)
+    table: dict[str, dict[str, float]] = {}
+    options = [(w, a) for w in cfg.weight_bits for a in cfg.activation_bits]
+    if (8, 8) not in options:
+        options.append((8, 8))  # latency ratios are relative to the all-INT8 model
+    for i, layer in enumerate(layers):
+        table[layer.name] = {
+            f"w{w}a{a}": round(time_model(layer_model(layer, shapes[layer.name], w, a,
+                                                      cfg.seed), shapes[layer.name], cfg), 6)
+            for w, a in options
+        }
+        if progress is not None:
+            progress("profile", (i + 1) / len(layers))
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "cpu": cpu_model(),
+        "config": cfg.to_dict(),
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "latency_table": table,
+    }
