@@ -68,9 +68,10 @@ def _check_shared_weights(gm: fx.GraphModule, weights: set[str]) -> None:
 
 
 def export_onnx(
-    program: torch.export.ExportedProgram, checkpoint: Checkpoint | str | Path
+    program: torch.export.ExportedProgram, checkpoint: Checkpoint | str | Path | None
 ) -> onnx.ModelProto:
-    """The ONNX model (opset 21) of ``checkpoint`` applied to ``program``.
+    """The ONNX model (opset 21) of ``checkpoint`` applied to ``program`` (``None``: the
+    float model, every layer as it is, e.g. a latency baseline).
 
     Weights are INT8 / INT4 initializers feeding DequantizeLinear (axis 0, per output
     channel), biases int32 at ``S_w * S_in``, activations Q/DQ on the checkpoint's grids,
@@ -78,15 +79,19 @@ def export_onnx(
     Raises BadCheckpointError / BadPlanError when the checkpoint does not fit the program,
     UnsupportedExportError (naming the op or layer) when a part cannot be expressed.
     """
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
-    gm, qlayers, rows = prepare(program, ckpt)
+    if checkpoint is None:  # the float model (a baseline for latency)
+        ckpt, gm, qlayers, rows = None, program.module(), {}, {}
+    else:
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+        gm, qlayers, rows = prepare(program, ckpt)
     _check_shared_weights(gm, {layer.weight for layer in qlayers.values()})
     by_node = {layer.node: layer for layer in qlayers.values()}
-    end_grid = {p.end: g for p, g in ckpt.points()}
+    points = ckpt.points() if ckpt is not None else []
+    end_grid = {p.end: g for p, g in points}
     # chain ends of layer outputs keep their type (a 4-bit consumer reads them directly;
     # float readers get a widened copy); adds and pools are stored at >= 8 bits
-    layer_ends = {p.end for p, _ in ckpt.points() if p.kind == "layer"}
-    add_grid = {p.node: g for p, g in ckpt.points() if p.kind == "add"}
+    layer_ends = {p.end for p, _ in points if p.kind == "layer"}
+    add_grid = {p.node: g for p, g in points if p.kind == "add"}
     builder = GraphBuilder()
     ctx = Context(gm, builder)
     for node in gm.graph.nodes:
@@ -132,12 +137,12 @@ def export_onnx(
                                                       name=builder.fresh(name + "_id")))
                 builder.outputs.append(_value_info(name, res))
     model = builder.model(doc="bitplan integer model: QDQ graph from a bitplan checkpoint")
-    meta = ckpt.metadata()
-    helper.set_model_props(model, {
-        "format": FORMAT,
-        "checkpoint_sha256": meta["sha256"],
-        "plan_sha256": hashlib.sha256(meta["plan"].encode()).hexdigest(),
-    })
+    props = {"format": FORMAT}
+    if ckpt is not None:
+        meta = ckpt.metadata()
+        props["checkpoint_sha256"] = meta["sha256"]
+        props["plan_sha256"] = hashlib.sha256(meta["plan"].encode()).hexdigest()
+    helper.set_model_props(model, props)
     log.info("exported %d quantized layers, %d nodes", len(qlayers), len(builder.nodes))
     return model
 

@@ -306,3 +306,14 @@ def test_transformer_block(plan_for) -> None:
     train, holdout = CalibrationSet((tokens[:256],)), CalibrationSet((tokens[1400:1600],))
     plan = plan_for(program, w_bits=lambda i, n: (8, 4)[i % 2], a_bits=8)
     _check(program, apply(program, plan, train, holdout, QuantizeConfig()), holdout)
+
+
+def test_float_export_matches_the_program(resnet_program, heldout_eval) -> None:
+    """No checkpoint: the float model (conv + BatchNorm + residual add + mean + linear)."""
+    model = export_onnx(resnet_program, None)
+    onnx.checker.check_model(model, full_check=True)
+    x = heldout_eval[1].args[0][:64]
+    got = session(model).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        want = resnet_program.module()(x).numpy()
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())  # float32 rounding
