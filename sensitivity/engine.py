@@ -9,6 +9,12 @@ Omega scaling (both are about twice the second-order increase of the mean calibr
   trace was measured), Q_a the per-tensor quantizer with the min/max scale of those samples
   (``quantize.primitives.activation_scale``). Tr(H_x) is the trace of d2L/dx2 for the mean
   loss L, so the same 1/2 dx^T H dx argument gives 1/2 omega_a.
+With ``HessianConfig(diagonal=True)`` (``hessian.omega: diagonal``) the weight Omega drops the
+isotropic model: ``omega_w[b] = sum_i H_ii * (Q_b(W)_i - W_i)^2`` with the Hutchinson diagonal
+of the same probes (clamped at 0: an HVP block's noisy diagonal can sum below zero). omega_a
+stays trace-based: the input-activation diagonal is per sample and element, so weighting it
+would hold the whole calibration set's activations (or need the activation grids before the
+Hessian passes).
 BatchNorm is not folded for sensitivity: the traces are those of the weights the user trained,
 and the Omega uses their quantization error; folding changes per-channel ranges, which the
 quantize stage accounts for when it writes the checkpoint.
@@ -28,7 +34,12 @@ from typing import Any
 import torch
 
 from quantize.data import CalibrationSet, run_batch
-from quantize.primitives import activation_scale, fake_quantize_activation, weight_quant_error
+from quantize.primitives import (
+    activation_scale,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    weight_quant_error,
+)
 
 from .hessian import HessianConfig, Prepared, ProgressFn, hutchinson, prepare
 from .intake import Intake
@@ -96,6 +107,9 @@ class SensitivityResult:
     model: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
+    # layer -> Hessian diagonal of its weight (HessianConfig.diagonal); in memory only, not in
+    # the JSON (group_omegas needs it, so the pipeline fills omega_wg before caching)
+    diagonals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def layer(self, name: str) -> LayerSensitivity:
         for layer in self.layers:
@@ -172,6 +186,15 @@ def activation_errors(p: Prepared, bits: tuple[int, ...] = ACTIVATION_BITS,
     return err, numel
 
 
+def diagonal_omega(diag: torch.Tensor, weight: torch.Tensor, bits: int,
+                   group_size: int | None = None) -> float:
+    """``sum_i H_ii * (Q_b(W)_i - W_i)^2`` (at least 0) with the quantizer the checkpoint uses
+    (``fake_quantize_weight``, per channel or per group)."""
+    w = weight.detach()
+    err = (fake_quantize_weight(w, bits, group_size) - w).double().pow(2)
+    return max(float((diag.double() * err).sum()), 0.0)
+
+
 def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
                 exact: dict[str, tuple[bool, bool]]) -> ChunkPlan:
     """Chunk sizes for ``cfg.memory_budget`` from one measured probe pass (and one forward) on
@@ -199,7 +222,7 @@ def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
                        for g in graphs)
     # a many-chunk pass keeps k summed weight gradients (probes) and k weight vectors (HVPs)
     kinds = {exact.get(layer.name, (False, False))[0] for layer in intake.layers}
-    accumulators = cfg.vectors_per_pass * weight_bytes * len(kinds)
+    accumulators = cfg.vectors_per_pass * weight_bytes * len(kinds) + cfg.diagonal * weight_bytes
     return plan_chunks(probe_pass, forward, len(intake.train), intake.batch_size, accumulators,
                        int(cfg.memory_budget or 0), device)
 
@@ -210,7 +233,8 @@ def group_omegas(intake: Intake, result: SensitivityResult,
     (``solver.options.group_fits``): ``omega_wg[g][b] = omega_w[b] * ||Q_{b,g}(W) - W||^2 /
     ||Q_b(W) - W||^2``, i.e. ``Tr(H_w) / n * ||Q_{b,g}(W) - W||^2`` for Hessian Omegas (the same
     isotropic model with the grouped quantizer's error); measured Omegas are scaled by the same
-    error ratio (the grouped quantizers are not measured separately)."""
+    error ratio (the grouped quantizers are not measured separately). A layer with a Hessian
+    diagonal in ``result.diagonals`` gets ``sum_i H_ii * (Q_{b,g}(W)_i - W_i)^2`` instead."""
     from dataclasses import replace
 
     from solver.options import group_fits
@@ -226,6 +250,9 @@ def group_omegas(intake: Intake, result: SensitivityResult,
         for g in (g for g in sizes if group_fits(fan_in, g)):
             table[g] = {}
             for b, omega in s.omega_w.items():
+                if s.name in result.diagonals:
+                    table[g][b] = diagonal_omega(result.diagonals[s.name], weight, b, g)
+                    continue
                 base = weight_quant_error(weight, b)
                 grouped = weight_quant_error(weight, b, g)
                 table[g][b] = omega * grouped / base if base > 0 else 0.0
@@ -261,7 +288,11 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
         w = est.weight[info.name]
         weight = dict(p.module.named_parameters())[info.graph.weight]
         n = info.params
-        omega_w = {b: w.mean / n * weight_quant_error(weight, b) for b in WEIGHT_BITS}
+        diag = est.weight_diag.get(info.name)
+        if diag is not None:
+            omega_w = {b: diagonal_omega(diag, weight, b) for b in WEIGHT_BITS}
+        else:
+            omega_w = {b: w.mean / n * weight_quant_error(weight, b) for b in WEIGHT_BITS}
         a = est.activation.get(info.name)
         if a is not None:
             numel = a_numel[info.name]
@@ -284,4 +315,6 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
              "chunk": p.chunks[0].size if p.chunks else 0, "passes": est.passes}
     if memory is not None:
         model["memory"] = memory.to_dict()
-    return SensitivityResult(rows, est.iterations, seconds, model, cfg.to_dict())
+    diagonals = {name: d.detach().cpu() for name, d in est.weight_diag.items()}
+    return SensitivityResult(rows, est.iterations, seconds, model, cfg.to_dict(),
+                             diagonals=diagonals)

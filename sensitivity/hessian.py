@@ -73,7 +73,9 @@ class HessianConfig:
     block); ``vectorize``: batch the vectors of a pass with vmap (None: on CUDA only);
     ``activations``: also estimate the input-activation traces; ``memory_budget``: bytes a
     pass may use (None: no limit); with ``batch_size`` None the chunk size then comes from
-    the budget and a measured per-sample cost (``sensitivity.memory``).
+    the budget and a measured per-sample cost (``sensitivity.memory``); ``diagonal``: also
+    keep each weight block's Hessian diagonal, from the same probes (one running sum the size
+    of the weights per layer, no extra pass).
     """
 
     max_iter: int = 200
@@ -86,6 +88,7 @@ class HessianConfig:
     vectorize: bool | None = None
     activations: bool = True
     memory_budget: int | None = None
+    diagonal: bool = False
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None and self.memory_budget < 1:
@@ -152,6 +155,8 @@ class TraceEstimates:
     iterations: int
     method: str
     passes: int
+    # weight block -> Hutchinson mean of diag(H_ww) (weight's shape), with HessianConfig.diagonal
+    weight_diag: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Leaf(nn.Module):
@@ -259,8 +264,10 @@ def rademacher(shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype,
 
 
 def _hvp_loop(inputs: list[torch.Tensor], grads: list[torch.Tensor],
-              vs: list[list[torch.Tensor]]) -> torch.Tensor:
-    """[k, blocks] of v_b . (H v)_b, one pyhessian HVP per vector."""
+              vs: list[list[torch.Tensor]], diag: dict[int, torch.Tensor] | None = None,
+              ) -> torch.Tensor:
+    """[k, blocks] of v_b . (H v)_b, one pyhessian HVP per vector; adds v_b * (H v)_b (the
+    Hutchinson diagonal sample) to ``diag[b]`` for the blocks it holds."""
     live = [j for j, g in enumerate(grads) if g.requires_grad]
     out = torch.zeros(len(vs), len(inputs), dtype=torch.float64, device=inputs[0].device)
     for r, v in enumerate(vs):
@@ -277,11 +284,14 @@ def _hvp_loop(inputs: list[torch.Tensor], grads: list[torch.Tensor],
         for b, (vb, hb) in enumerate(zip(v, hv, strict=True)):
             if hb is not None:
                 out[r, b] = group_product([vb], [hb]).double()
+                if diag is not None and b in diag:
+                    diag[b] += (vb * hb).to(diag[b].dtype)
     return out
 
 
 def _hvp_batched(inputs: list[torch.Tensor], grads: list[torch.Tensor],
-                 vs: list[list[torch.Tensor]]) -> torch.Tensor:
+                 vs: list[list[torch.Tensor]], diag: dict[int, torch.Tensor] | None = None,
+                 ) -> torch.Tensor:
     """Same as :func:`_hvp_loop` with all k vectors in one vmapped backward."""
     live = [j for j, g in enumerate(grads) if g.requires_grad]
     out = torch.zeros(len(vs), len(inputs), dtype=torch.float64, device=inputs[0].device)
@@ -293,7 +303,10 @@ def _hvp_batched(inputs: list[torch.Tensor], grads: list[torch.Tensor],
                              allow_unused=True, is_grads_batched=True)
     for b, hb in enumerate(hv):
         if hb is not None:
-            out[:, b] = (stacked[b] * hb).flatten(1).sum(1).double()
+            prod = stacked[b] * hb
+            out[:, b] = prod.flatten(1).sum(1).double()
+            if diag is not None and b in diag:
+                diag[b] += prod.sum(0).to(diag[b].dtype)
     return out
 
 
@@ -394,6 +407,11 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     gradients J_w^T B u are summed over chunks before the norm is taken, and HVP products
     v . H_c v are summed over chunks; so every sample equals the one-chunk sample up to float
     summation order. ``progress`` is called after every chunk.
+
+    With ``cfg.diagonal`` the same samples also give each weight block's Hessian diagonal:
+    E[g_i * g_i] = diag(J_i^T B B^T J_i) for the output probes (g summed over chunks first),
+    E[v_i * (H v)_i] = diag(H_ii) for the HVPs (Rademacher v: E[v v^T] = I); one running sum
+    the size of the weights per layer, divided by the block's sample count at the end.
     """
     activations = cfg.activations
     n = len(p.names)
@@ -414,6 +432,8 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     passes = 0
     n_chunks = len(p.chunks)
     live = [kind for kind in KINDS if blocks_of[kind]]
+    diag = {b: torch.zeros(p.weights[b].shape, dtype=p.weights[b].dtype,
+                           device=p.weights[b].device) for b in range(n)} if cfg.diagonal else {}
 
     def pending(kind: str) -> bool:
         bl = blocks_of[kind]
@@ -437,10 +457,10 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
             ts = range(done[kind], done[kind] + k)
             if kind == "hvp":
                 total = _hvp_pass(p, bl, n, cfg.seed, ts, batched, cache,
-                                  lambda c, kind=kind, k=k: report(kind, k, c))
+                                  lambda c, kind=kind, k=k: report(kind, k, c), diag)
             else:
                 total = _probe_pass(p, bl, n, cfg.seed, ts, batched, cache,
-                                    lambda c, kind=kind, k=k: report(kind, k, c))
+                                    lambda c, kind=kind, k=k: report(kind, k, c), diag)
             done[kind] += k
             for j, b in enumerate(bl):
                 s = stats[b]
@@ -461,13 +481,18 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     stuck = [nm for nm, s in [*w_stats.items(), *a_stats.items()] if not s.converged(cfg.tol)]
     if stuck:
         log.info("%d block(s) did not reach tol=%s: %s", len(stuck), cfg.tol, stuck[:10])
+    weight_diag = {name: diag[i] / max(stats[i].n, 1) for i, name in enumerate(p.names)
+                   if i in diag}
     return TraceEstimates(w_stats, a_stats, max(done.values()),
-                          "batched" if batched else "loop", passes)
+                          "batched" if batched else "loop", passes, weight_diag)
 
 
 def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batched: bool,
-                cache: dict[str, Any], tick: Callable[[int], None]) -> torch.Tensor:
-    """[k, blocks] output-probe samples for probe vectors ``ts``, chunk by chunk."""
+                cache: dict[str, Any], tick: Callable[[int], None],
+                diag: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """[k, blocks] output-probe samples for probe vectors ``ts``, chunk by chunk; adds the
+    squared weight gradients summed over the k vectors to ``diag[b]`` (weight blocks held)."""
+    diag = diag or {}
     k, n_chunks = len(ts), len(p.chunks)
     total = torch.zeros(k, len(bl), dtype=torch.float64)
     gens = [_vector_generator(seed, "gn", t, -1) for t in ts]
@@ -488,6 +513,8 @@ def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batche
                 if b >= n or n_chunks == 1:  # activation blocks are disjoint over chunks
                     sq = g.double().pow(2)
                     total[rows, j] += (sq.flatten(1).sum(1) if batched else sq.sum()).cpu()
+                    if b in diag:
+                        diag[b] += (sq.sum(0) if batched else sq).to(diag[b].dtype)
                 else:
                     if j not in acc:
                         acc[j] = g.new_zeros((k, *inputs[b].shape))
@@ -496,14 +523,20 @@ def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batche
         del z, inputs, prob, ws
         tick(c)
     for j, g in acc.items():
-        total[:, j] = g.double().pow(2).flatten(1).sum(1).cpu()
+        sq = g.double().pow(2)
+        total[:, j] = sq.flatten(1).sum(1).cpu()
+        if bl[j] in diag:
+            diag[bl[j]] += sq.sum(0).to(diag[bl[j]].dtype)
     return total
 
 
 def _hvp_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batched: bool,
-              cache: dict[str, Any], tick: Callable[[int], None]) -> torch.Tensor:
+              cache: dict[str, Any], tick: Callable[[int], None],
+              diag: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """[k, blocks] joint-HVP samples v_b . (H v)_b for probe vectors ``ts``, chunk by chunk
-    (H = sum_c H_c; the weight part of v is shared by every chunk)."""
+    (H = sum_c H_c; the weight part of v is shared by every chunk, so the chunks' v * H_c v
+    add up to the diagonal sample v * H v, summed into ``diag[b]`` for weight blocks)."""
+    held = {j: diag[b] for j, b in enumerate(bl) if diag and b in diag}
     k, n_chunks = len(ts), len(p.chunks)
     total = torch.zeros(k, len(bl), dtype=torch.float64)
     wv: list[dict[int, torch.Tensor]] = [{} for _ in ts]  # weight vectors, drawn once
@@ -528,7 +561,7 @@ def _hvp_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batched:
                                               x.dtype, x.device)
                     v.append(wv[r][b])
             vs.append(v)
-        total += (_hvp_batched if batched else _hvp_loop)(inputs, grads, vs).cpu()
+        total += (_hvp_batched if batched else _hvp_loop)(inputs, grads, vs, held).cpu()
         del inputs, grads, vs
         tick(c)
     return total

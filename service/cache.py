@@ -117,13 +117,16 @@ class StageCache:
 def sensitivity_key(model: str | Path, calib: str | Path, constraints: Any,
                     holdout_fraction: float) -> str:
     """The sensitivity stage's key: the two files, the Hessian settings, the calibration split
-    and, for measured Omega, the bit widths it was measured at."""
+    and, for measured Omega, the bit widths it was measured at (for diagonal Omega, the group
+    sizes its grouped tables were computed for)."""
     settings: dict[str, Any] = {"format": SENSITIVITY_FORMAT,
                                 "hessian": constraints.hessian.model_dump(),
                                 "holdout_fraction": holdout_fraction}
     if constraints.hessian.omega == "measured":
         settings["bits"] = [sorted(constraints.weight_bits), sorted(constraints.activation_bits),
                             constraints.uses_drq]
+    if constraints.hessian.omega == "diagonal":
+        settings["group_sizes"] = sorted(g for g in constraints.weight_group_sizes if g)
     return stage_key("sensitivity", {"model": model, "calibration": calib}, settings)
 
 

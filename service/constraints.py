@@ -148,11 +148,13 @@ class Hessian(_Strict):
         description="samples per Hessian pass (null: as many as the memory budget allows); "
         "the estimate does not depend on it",
     )
-    omega: Literal["trace", "measured"] = Field(
+    omega: Literal["trace", "diagonal", "measured"] = Field(
         "trace",
         description="how each option's Omega is estimated: 'trace' (HAWQ-V3, Tr(H)/n * "
-        "||Q(W) - W||^2 from the Hessian traces) or 'measured' (twice the calibration loss "
-        "increase with only that layer quantized; L x bit-widths extra forward passes)",
+        "||Q(W) - W||^2 from the Hessian traces), 'diagonal' (sum_i H_ii * (Q(W)_i - W_i)^2 "
+        "with the Hessian diagonal from the same probes; activations stay trace-based) or "
+        "'measured' (twice the calibration loss increase with only that layer quantized; "
+        "L x bit-widths extra forward passes)",
     )
 
 

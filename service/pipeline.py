@@ -318,11 +318,11 @@ def run_pipeline(
         sens = _measure(intake, constraints, device, tick, memory_budget)
         if constraints.hessian.omega == "measured":
             sens = _measured_omegas(intake, sens, constraints, device, tick)
+        elif constraints.hessian.omega == "diagonal":  # needs the in-memory diagonals
+            sens = _group_omegas(intake, sens, constraints)
         cache.put("sensitivity", sens_key, sens.to_json())
-    if any(g is not None for g in constraints.weight_group_sizes):
-        from sensitivity.engine import group_omegas
-
-        sens = group_omegas(intake, sens, list(constraints.weight_group_sizes))
+    if constraints.hessian.omega != "diagonal":  # diagonal: omega_wg cached with the rest
+        sens = _group_omegas(intake, sens, constraints)
     _write_atomic(out / SENSITIVITY_FILE, sens.to_json())
     tick("sensitivity", 1.0)
 
@@ -507,10 +507,18 @@ def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: 
     h = constraints.hessian
     cfg = HessianConfig(
         max_iter=h.max_iter, tol=h.tol, seed=h.seed, min_iter=min(10, h.max_iter),
-        batch_size=h.batch_size, memory_budget=memory_budget,
+        batch_size=h.batch_size, memory_budget=memory_budget, diagonal=h.omega == "diagonal",
     )
     tick("sensitivity", 0.0)
     return measure(intake, cfg, device, tick)
+
+
+def _group_omegas(intake: Any, sens: Any, constraints: Constraints) -> Any:
+    if not any(g is not None for g in constraints.weight_group_sizes):
+        return sens
+    from sensitivity.engine import group_omegas
+
+    return group_omegas(intake, sens, list(constraints.weight_group_sizes))
 
 
 def _cached_sensitivity(text: str | None) -> Any:
