@@ -2,27 +2,29 @@
 
 The cost is measured, not modelled: one probe pass (the same ``vectors_per_pass`` vectors, the
 same estimators, activations included) runs on a chunk of ``m`` and of ``2 m`` samples, and
-the peak memory above the level before the pass is read each time:
+the peak memory above the level before the pass is read each time (the 2 m pass first):
 
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (the caching
   allocator's exact peak of live tensors);
 - CPU on Linux: the process's peak resident set (``VmHWM`` in ``/proc/self/status``) after
-  resetting it to the current RSS by writing ``5`` to ``/proc/self/clear_refs``;
+  giving free heap pages back (glibc ``malloc_trim``) and resetting the peak to the current
+  RSS by writing ``5`` to ``/proc/self/clear_refs``;
 - elsewhere: ``resource.getrusage`` ``ru_maxrss`` growth, which only sees a new process peak
   (a lower bound: the method is reported as ``maxrss``).
 
-per-sample cost = (peak(2m) - peak(m)) / m (floored at peak(2m) / (8 m) against a noisy
-difference), the intercept = peak(m) - m * per-sample; both times ``safety``. A no-grad
-forward is charged at least ``forward_share`` of a probe pass's per-sample cost. A chunk of c
-samples then needs intercept + c * per-sample + the accumulators of a many-chunk pass (the
-summed weight gradients of the output probes and the shared weight vectors of the HVPs, k x
-the weights each), on top of what the process holds already. The forward-only stages
-(activation statistics, regions, quantize, evaluate) get their own chunk from one no-grad
-forward measured the same way.
+Measured after one unmeasured 1-sample pass, per-sample cost = (peak(2m) - peak(m)) / m (floored at
+peak(2m) / (8 m) against a noisy difference), intercept = peak(m) - m * per-sample; both
+times ``safety``. A no-grad forward is charged at least ``forward_share`` of a probe pass's
+per-sample cost. A chunk of c samples then needs intercept + c * per-sample + the
+accumulators of a many-chunk pass (the summed weight gradients of the output probes and the
+shared weight vectors of the HVPs, k x the weights each), on top of what the process holds
+already. The forward-only stages (activation statistics, regions, quantize, evaluate) get
+their own chunk from one no-grad forward measured the same way.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import resource
@@ -42,8 +44,10 @@ log = logging.getLogger(__name__)
 class MemoryParams:
     """Tuning constants of the chunk planner."""
 
-    probe_samples: int = 1  # m: a probe pass on 224x224 ResNets takes seconds a sample
-    safety: float = 1.25  # allocator fragmentation and transient copies the peak missed
+    probe_samples: int = 2  # m: at 1 vs 2 samples the RSS difference was lost in noise
+    warmup: bool = True  # one unmeasured 1-sample pass first: one-off allocations (kernel
+    # caches, thread pools) otherwise land in the first measured peak
+    safety: float = 1.5  # RSS peaks of small passes vary by tens of percent between runs
     min_slope_share: float = 0.125  # per-sample cost >= this share of peak(2m) / 2m
     forward_max: int = 64  # forward-only chunks beyond this gain nothing on CPU
     forward_share: float = 0.25  # a no-grad forward's per-sample cost >= this x a probe's:
@@ -75,6 +79,15 @@ def _status() -> dict[str, int]:
                 key, value = line.split(":")
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def _trim() -> None:
+    """Give the allocator's free heap memory back to the OS (glibc ``malloc_trim``), so the
+    next pass's growth shows in the RSS instead of reusing pages an earlier pass left."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _clear_refs_works() -> bool:
@@ -113,6 +126,7 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.method == "vmhwm":
+            _trim()
             Path("/proc/self/clear_refs").write_text("5")
         self.start = self.held()
         return self
@@ -173,9 +187,13 @@ def plan_chunks(
         sizes = [fixed_batch]
     else:
         m = max(1, min(params.probe_samples, n_samples // 2))
-        sizes = [m, 2 * m] if 2 * m <= n_samples else [m]
+        # the larger first: memory the allocator kept from the first run can hide part of the
+        # second's growth, and hiding it from the smaller one errs towards a larger slope
+        sizes = [2 * m, m] if 2 * m <= n_samples else [m]
 
     def costs(run: Any) -> tuple[float, float]:
+        if params.warmup and fixed_batch is None:
+            run(1)
         peaks = []
         for size in sizes:
             with PeakMeter(device) as pm:
@@ -183,9 +201,9 @@ def plan_chunks(
             peaks.append(pm.peak)
         if len(sizes) == 1:  # no slope: charge everything per sample (conservative)
             return peaks[0] / sizes[0] * params.safety, 0.0
-        slope = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
-        slope = max(slope, params.min_slope_share * peaks[1] / sizes[1])
-        return slope * params.safety, max(0.0, peaks[0] - sizes[0] * slope) * params.safety
+        slope = (peaks[0] - peaks[1]) / (sizes[0] - sizes[1])
+        slope = max(slope, params.min_slope_share * peaks[0] / sizes[0])
+        return slope * params.safety, max(0.0, peaks[1] - sizes[1] * slope) * params.safety
 
     per_sample, fixed = costs(measure_pass)
     fwd_sample, fwd_fixed = costs(measure_forward)

@@ -25,9 +25,9 @@ def test_per_sample_cost_is_measured():
     plan = plan_chunks(_touch, _touch, 40, None, 0, 64 * 2**30, torch.device("cpu"))
     if plan.method == "maxrss":
         pytest.skip("no resettable peak RSS on this platform")
-    # slope of two measured peaks times the 1.25 safety factor; the margin covers pages the
+    # slope of two measured peaks times the 1.5 safety factor; the margin covers pages the
     # allocator kept or touched around the tensor (a few MB against 48 MB a sample)
-    assert 1.0 * SAMPLE < plan.per_sample_bytes < 1.6 * SAMPLE
+    assert 1.3 * SAMPLE < plan.per_sample_bytes < 1.8 * SAMPLE
     held, fixed = plan.held_bytes, plan.fixed_bytes
     budget = held + fixed + int(3.5 * plan.per_sample_bytes)
     tight = plan_chunks(_touch, _touch, 40, None, 0, budget, torch.device("cpu"))
