@@ -1,7 +1,8 @@
 """Plan quality against baselines at the same budget: bitplan's plan, uniform INT8 / INT4, random
 allocations and a greedy oracle that knows each layer's measured loss increase.
 
-    python bench/quality.py [--models cnn,resnet18,llama] [--weight-clip max|mse] [--random 10]
+    python bench/quality.py [--models cnn,resnet18,llama] [--omega trace|diagonal|measured]
+                            [--weight-clip max|mse] [--random 10]
 
 Models: the digits CNN, a residual CNN of ResNet-18's shape (width 8, digits at 16x16), both
 trained on digits 0..999 (200 calibration digits the plan sees; the other 597 only evaluate),
@@ -248,14 +249,14 @@ def trained(name: str, work: Path) -> tuple[Path, torch.Tensor, torch.Tensor | N
             y[N_TRAIN:])
 
 
-def prepare(name: str, work: Path, activation_bits: list[int]) -> tuple:
+def prepare(name: str, work: Path, activation_bits: list[int], omega: str = "trace") -> tuple:
     pt2, x, y = trained(name, work)  # x, y: the samples no model saw
     cal_y = None if y is None else y[:N_CALIB]
     calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x[:N_CALIB], cal_y)
-    out = work / f"{name}-a{''.join(map(str, activation_bits))}"
+    out = work / f"{name}-a{''.join(map(str, activation_bits))}-{omega}"
     constraints = {"limits": {"size_ratio": 1.0}, "weight_bits": [4, 8],
                    "activation_bits": activation_bits, "drq": {"enabled": False},
-                   "pin": {"first": None, "last": None}}
+                   "pin": {"first": None, "last": None}, "hessian": {"omega": omega}}
     t0 = time.perf_counter()
     run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1, pareto_points=0)
     seconds = time.perf_counter() - t0
@@ -274,11 +275,17 @@ def budgets(problem: Problem, resource: str, fractions: list[float]) -> list[tup
     return [(f"{resource} {f:.2f}", lo + f * (hi - lo)) for f in fractions]
 
 
-def run_budget(problem, template, ev, increase, resource, limit, n_random, seed) -> dict:
+def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
+               extra: dict[str, Problem] | None = None) -> dict:
+    """Rows of every method at one budget; ``extra``: the same options with another
+    estimator's Omega (``--omega``'s later entries), solved as rows ``bitplan-<omega>``."""
     limits = Limits(**{resource: limit})
     plans: dict[str, dict[str, int] | list[dict[str, int]]] = {}
     sol = solve(Problem(problem.layers, limits, problem.ties), SolveConfig())
     plans["bitplan"] = dict(sol.choices)
+    for omega, other in (extra or {}).items():
+        plans[f"bitplan-{omega}"] = dict(
+            solve(Problem(other.layers, limits, other.ties), SolveConfig()).choices)
     sol_m = solve(with_omega(problem, increase, limits), SolveConfig())
     plans["ilp-measured"] = dict(sol_m.choices)
     plans["greedy"] = greedy(problem, increase, resource, limit)
@@ -322,17 +329,25 @@ def main() -> None:
     ap.add_argument("--weight-clip", choices=["max", "mse"], default=None,
                     help="weight scales for every method (Omega and checkpoint alike): "
                     "max|W| or the MSE-optimal clipping (default: the library's)")
+    ap.add_argument("--omega", default="trace",
+                    help="the pipeline's hessian.omega (trace, diagonal, measured) for the "
+                    "bitplan row; a comma list adds a row bitplan-<omega> for each later one, "
+                    "paired against the first")
     args = ap.parse_args()
+    omegas = args.omega.split(",")
+    if not omegas or any(o not in ("trace", "diagonal", "measured") for o in omegas):
+        ap.error(f"--omega: each of trace, diagonal, measured; got {args.omega!r}")
     torch.set_num_threads(args.threads)
     if args.weight_clip:
         primitives.WEIGHT_CLIP = args.weight_clip
-    print(f"weight scales: {primitives.WEIGHT_CLIP}")
+    print(f"weight scales: {primitives.WEIGHT_CLIP}; bitplan's Omega: {args.omega}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             for resource, abits, fractions in (("size_bytes", [8], [0.25, 0.5, 0.75]),
                                                ("bops", [4, 8], [0.5])):
-                problem, template, ev, secs = prepare(name, Path(tmp), abits)
+                problem, template, ev, secs = prepare(name, Path(tmp), abits, omegas[0])
+                extra = {o: prepare(name, Path(tmp), abits, o)[0] for o in omegas[1:]}
                 t0 = time.perf_counter()
                 increase = measured_increase(ev, template, problem)
                 m_secs = time.perf_counter() - t0
@@ -344,13 +359,13 @@ def main() -> None:
                 head = "ppl" if ev.lm else "acc"
                 for label, limit in budgets(problem, resource, fractions):
                     rows = run_budget(problem, template, ev, increase, resource, limit,
-                                      args.random, args.seed)
+                                      args.random, args.seed, extra)
                     results[f"{name} {label}"] = rows
                     print(f"  {label}:")
-                    print(f"    {'method':14s} {head:>7s} {'vs bitplan':>18s} "
+                    print(f"    {'method':16s} {head:>7s} {'vs bitplan':>18s} "
                           f"{'KL to FP32':>10s} {'KL vs bitplan':>22s}  budget use")
                     for k, r in rows.items():
-                        line = f"    {k:14s} {r['value']:7.4f}"
+                        line = f"    {k:16s} {r['value']:7.4f}"
                         if "vs_bitplan" in r:
                             vs = (f"{r['vs_bitplan']:+.4f} (se {r['se']:.4f})" if ev.lm
                                   else f"{r['vs_bitplan']:+4d} (se {r['se']:4.1f})")
