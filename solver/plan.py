@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .config import STATUSES, Solution
 from .errors import BadPlanError
-from .ilp import RESOURCES, STATUSES, Solution
 from .options import LayerSpec
-from .problem import Problem
+from .problem import RESOURCES, Problem
 
 # 2: a drq entry carries mac_fraction (the share of MACs at high bits) and the INT8 input grid
 # its threshold was calibrated on (scale, signed)

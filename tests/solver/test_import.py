@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-MODULES = ("solver, solver.options, solver.plan, solver.pareto, solver.hardware, solver.ilp, "
+MODULES = ("solver, solver.options, solver.plan, solver.pareto, solver.hardware, "
            "solver.problem, solver.errors, solver.arrays, solver.bounds, solver.config, "
            "solver.diagnose, solver.driver, solver.groups, solver.heuristics, solver.lagrange, "
            "solver.lp, solver.milp, solver.params, solver.presolve, solver.search, solver.highs")
