@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,21 @@ def child(args: argparse.Namespace) -> dict:
             close()
             _reset_peak()
             current.update(stage=stage, t=time.perf_counter())
+            print(f"[{time.perf_counter() - start:7.1f} s] stage {stage}, RSS "
+                  f"{_status()['VmRSS'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+
+    def guard() -> None:  # a shared machine: stop before the job takes it over
+        while True:
+            rss = _status()["VmRSS"]
+            if rss > args.rss_limit_gb * 1e9:
+                print(f"ABORT: RSS {rss / 1e9:.2f} GB > --rss-limit-gb {args.rss_limit_gb} in "
+                      f"stage {current['stage']} after {time.perf_counter() - start:.0f} s",
+                      file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(0.5)
+
+    start = time.perf_counter()
+    threading.Thread(target=guard, daemon=True).start()
 
     groups = [None if g == "null" else int(g) for g in args.group_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +114,8 @@ def child(args: argparse.Namespace) -> dict:
         torch.export.save(program, str(Path(tmp) / "m.pt2"))
         save_file({"input.input_ids": ids.contiguous()}, str(Path(tmp) / "c.safetensors"))
         setup = time.perf_counter() - t0
+        print(f"[{time.perf_counter() - start:7.1f} s] setup done ({params / 1e6:.1f}M "
+              f"parameters), RSS {_status()['VmRSS'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
         del model, program
         dev = torch.device("cpu")
         budget = memory_budget(args.memory_gb, dev)
@@ -166,6 +184,8 @@ def main() -> None:
     ap.add_argument("--group-sizes", default="null,128,64,32")
     ap.add_argument("--pareto-evaluate", type=int, default=5)
     ap.add_argument("--memory-gb", type=float, default=None)
+    ap.add_argument("--rss-limit-gb", type=float, default=10.0,
+                    help="abort the job when its RSS passes this (shared machines)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -174,10 +194,10 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           "(a shared machine: times are as measured, not of an idle one)")
     cmd = [sys.executable, __file__, "--child", *sys.argv[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr: stage lines, live
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
-        print(f"failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+        print(f"failed (exit {proc.returncode}); see the lines above")
         sys.exit(1)
     show(json.loads(lines[-1][len("RESULT "):]), args)
     print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
