@@ -33,11 +33,14 @@ def test_integer_matches_fake_quant_within_one_lsb(model, bits, request, plan_fo
     fq_codes = torch.round(fq.to(torch.float64) / out.grid.scale)
     lsb = (out.codes.to(torch.float64) - fq_codes).abs()
     assert float(lsb.max()) <= 1.0
-    # same dyadic arithmetic at the same points: in practice bit-exact
-    assert float((lsb > 0).float().mean()) < 0.001
-    # and the integer model classifies like the fake-quant one
-    agree = (out.codes.argmax(1) == fq.argmax(1)).float().mean()
-    assert float(agree) > 0.99
+    # same dyadic arithmetic at the same points: in practice bit-exact (0 outputs off on AMD
+    # EPYC). The fake-quant side sums in float32, in an order that depends on the CPU's kernels,
+    # so an output a hair from a rounding tie may land one step over: 12 of the 2380 outputs
+    # (0.5 %) are allowed; a wrong integer path moves most of them.
+    assert int((lsb > 0).sum()) <= 12 and lsb.numel() >= 2000
+    # and the integer model classifies like the fake-quant one (0 of 238 flips measured, 4
+    # allowed)
+    assert int((out.codes.argmax(1) != fq.argmax(1)).sum()) <= 4
 
 
 def test_int_conv_is_exact() -> None:
