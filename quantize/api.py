@@ -247,6 +247,8 @@ def apply(
             "w_bits": row.w_bits,
             "weight_shape": list(qlayers[name].weight_shape),
             "bn": qlayers[name].bn,
+            # the model stores this weight [in, out] (GPT-2 Conv1D, x @ W); codes are [out, in]
+            **({"transposed": True} if qlayers[name].transposed else {}),
             "input": g_in.to_dict(),
             "output": g_out.to_dict(),
         }

@@ -62,6 +62,7 @@ def test_conv1d_quantized_per_output_column_and_integer_model_agrees(
     assert scale.shape == (24,)
     assert torch.allclose(scale, weight_scales(model.fc.weight.detach().t(), 4))
     assert res.checkpoint.codes("fc").shape == (24, 64)
+    assert res.checkpoint.quant["layers"]["fc"]["transposed"] is True  # said in the metadata
     path = res.save(tmp_path / "m.safetensors")
     x = split[1].args[0]
     loaded = load_checkpoint(path, program)
