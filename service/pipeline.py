@@ -141,14 +141,20 @@ class _Guard:
 def shared_input_ties(module: torch.fx.GraphModule, layers: Sequence[Any]) -> list[tuple[str, str]]:
     """Pairs of layers that read the same input tensor: they must share one activation
     quantizer, hence one precision choice (e.g. a residual block's conv1 and its 1x1
-    downsample). ``layers`` are intake ``LayerInfo`` rows (with ``.graph.node``)."""
+    downsample; q/k/v projections). ``layers`` are intake ``LayerInfo`` rows (with
+    ``.graph.node``). Reshapes are looked through: GPT-2's Conv1D layers each read their own
+    ``view`` of the same tensor."""
     nodes = {n.name: n for n in module.graph.nodes}
     by_input: dict[str, list[str]] = {}
     for layer in layers:
         node = nodes.get(layer.graph.node)
         if node is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
             continue
-        by_input.setdefault(node.args[0].name, []).append(layer.name)
+        src = node.args[0]
+        while (src.op == "call_function" and src.args and isinstance(src.args[0], torch.fx.Node)
+               and getattr(src.target, "_opname", None) in ("view", "reshape", "_unsafe_view")):
+            src = src.args[0]
+        by_input.setdefault(src.name, []).append(layer.name)
     ties = []
     for names in by_input.values():
         ties.extend((names[0], other) for other in names[1:])

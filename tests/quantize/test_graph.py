@@ -74,3 +74,31 @@ def test_conv1d_quantized_per_output_column_and_integer_model_agrees(
     out = IntegerExecutor.from_checkpoint(path, program)(x)
     lsb = (out.codes.double() - torch.round(fq.double() / out.grid.scale)).abs()
     assert float(lsb.max()) <= 1.0  # same bound as the reference models' integer test
+
+
+class _SplitQKV(nn.Module):
+    """Separate q/k/v Conv1D projections of one input (each reads its own view of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = Conv1D(8, 16), Conv1D(8, 16), Conv1D(8, 16)
+        self.out = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([self.q(x), self.k(x), self.v(x)], -1)).sum(1)
+
+
+def test_conv1d_projections_of_one_input_are_tied(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from sensitivity.intake import intake
+    from service.pipeline import shared_input_ties
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 16)
+    path = tmp_path / "m.pt2"
+    torch.export.save(zoo.export(_SplitQKV().eval(), x[:2]), str(path))
+    save_file({"inputs": x}, str(tmp_path / "c.safetensors"))
+    it = intake(path, tmp_path / "c.safetensors")
+    assert [layer.name for layer in it.layers] == ["q", "k", "v", "out"]
+    assert shared_input_ties(it.module, it.layers) == [("q", "k"), ("q", "v")]
