@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-STAGES = ("sensitivity", "regions", "evaluations")
+STAGES = ("sensitivity", "regions", "evaluations", "latency")
 SENSITIVITY_FORMAT = 1  # sensitivity.json's version: a new format measures again
 _CHUNK = 1 << 20
 

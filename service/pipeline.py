@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STAGES = ("intake", "sensitivity", "regions", "solve", "quantize", "evaluate", "export")
 PLAN_FILE, CHECKPOINT_FILE, REPORT_FILE = "plan.json", "model.safetensors", "report.json"
 ONNX_FILE = "model.onnx"
+LATENCY_FILE = "latency.json"  # hardware onnxruntime-cpu: the measured per-layer latencies
 PARETO_FILE, PLOTS_DIR = "pareto.json", "plots"
 SENSITIVITY_FILE, REGIONS_FILE, PROBLEM_FILE, SOLUTION_FILE = (
     "sensitivity.json",
@@ -348,13 +349,17 @@ def run_pipeline(
 
     # 4-5. options, solve, plan
     tick("solve", 0.0)
+    hardware, latency_table = constraints.hardware, constraints.latency_table
+    if hardware == "onnxruntime-cpu":  # measured here (cached), instead of a roofline profile
+        latency_table = _measured_latency(model_path, intake, constraints, cache, reused, out)
+        hardware = None
     opts = OptionsConfig(
         weight_bits=tuple(constraints.weight_bits),
         activation_bits=tuple(constraints.activation_bits),
         pin_first=constraints.pin.first,
         pin_last=constraints.pin.last,
-        hardware=constraints.hardware,
-        latency_table=constraints.latency_table,
+        hardware=hardware,
+        latency_table=latency_table,
         weight_group_sizes=tuple(constraints.weight_group_sizes),
     )
     specs = _layer_specs(intake, sens, regions)
@@ -454,6 +459,33 @@ def _load_evaluation(intake: Any, path: str | Path) -> Any:
         raise BadCalibrationError(
             "the evaluation file must have 'labels' exactly when the calibration file has them")
     return data
+
+
+def _measured_latency(model_path: str | Path, intake: Any, constraints: Constraints,
+                      cache: StageCache, reused: list[str], out: Path) -> dict[str, Any]:
+    """``hardware: onnxruntime-cpu``: every layer's latency per option measured in ONNX
+    Runtime (``quantize.onnx.profile``, batch 1, one thread), cached by model bytes, options,
+    batch, threads, runtime version and CPU model; written to ``latency.json``."""
+    from quantize.onnx import onnxruntime
+    from quantize.onnx.profile import ProfileConfig, cpu_model, profile
+
+    from .cache import stage_key
+
+    bits = sorted(set(constraints.activation_bits) | ({4} if constraints.uses_drq else set()))
+    cfg = ProfileConfig(weight_bits=tuple(sorted(set(constraints.weight_bits))),
+                        activation_bits=tuple(bits))
+    key = stage_key("latency", {"model": model_path},
+                    {"config": cfg.to_dict(), "cpu": cpu_model(),
+                     "runtime": onnxruntime().__version__})
+    hit = cache.get("latency", key)
+    if hit is not None:
+        result = json.loads(hit)
+        reused.append("latency")
+    else:
+        result = profile(intake.program, cfg)
+        cache.put("latency", key, json.dumps(result))
+    _write_json(out / LATENCY_FILE, result)
+    return result["latency_table"]
 
 
 def _forward_chunk(sens: Any) -> int | None:

@@ -92,3 +92,29 @@ def test_profile_writes_a_latency_table_the_constraints_accept(cnn_pt2, tmp_path
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 2 and "Conv" in ops
     assert ProfileConfig().repeat >= 10
+
+
+def test_hardware_onnxruntime_cpu_measures_latency_once(mlp_pt2, calib_path, tmp_path) -> None:
+    """The job measures its latency table in ONNX Runtime, writes latency.json, and a re-plan
+    of the same model and options reuses the cached measurement."""
+    from service.cache import StageCache
+    from service.constraints import parse_constraints
+    from service.pipeline import _measured_latency
+
+    cache = StageCache(tmp_path / "cache")
+    cons = {"hessian": FAST_HESSIAN, "limits": {"latency_ratio": 1.5},
+            "hardware": "onnxruntime-cpu", "weight_bits": [4, 8], "pin": {"first": None}}
+    first = run_pipeline(mlp_pt2, calib_path, cons, tmp_path / "a", cache=cache, pareto_points=0)
+    doc = json.loads((tmp_path / "a" / "latency.json").read_text())
+    table = doc["latency_table"]
+    assert set(table) == {"fc1", "fc2"} and set(table["fc1"]) == {"w4a8", "w8a8"}
+    assert doc["runtime"].startswith("onnxruntime") and doc["config"]["batch"] == 1
+    assert "latency" not in first.reused
+    for row in first.plan["layers"]:  # the plan's latencies are the measured ones
+        assert row["latency_ms"] == pytest.approx(table[row["name"]][f"w{row['w_bits']}a8"])
+    # a re-plan of the same model and options: the cached table, no intake needed
+    reused: list[str] = []
+    again = _measured_latency(mlp_pt2, None, parse_constraints(cons), cache, reused,
+                              tmp_path)
+    assert reused == ["latency"] and again == table
+    assert json.loads((tmp_path / "latency.json").read_text()) == doc
