@@ -42,8 +42,12 @@ def pick(front: Sequence[ParetoPoint], k: int = EVALUATED) -> list[int]:
     """Indices of up to ``k`` feasible points spread evenly along ``front`` (both ends kept),
     distinct choices only (neighbouring budgets often settle on the same plan)."""
     feasible = [i for i, p in enumerate(front) if p.choices]
+    if k <= 0:
+        return []
     if len(feasible) <= k:
         candidates = feasible
+    elif k == 1:
+        candidates = [feasible[-1]]  # the most precise end: what the budget buys at most
     else:
         step = (len(feasible) - 1) / (k - 1)
         candidates = sorted({feasible[round(j * step)] for j in range(k)})

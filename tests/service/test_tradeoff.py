@@ -25,6 +25,7 @@ def test_pick_spreads_distinct_feasible_points() -> None:
     assert len(picked) == len({tuple(front[i].choices.items()) for i in picked}) <= 5
     assert all(front[i].choices for i in picked)
     assert tradeoff.pick([_point(0, None)], 5) == []
+    assert tradeoff.pick(front, 1) == [19] and tradeoff.pick(front, 0) == []
 
 
 @pytest.fixture(scope="module")
