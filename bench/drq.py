@@ -185,7 +185,7 @@ class PlanRun:
                        "pin": {"first": None, "last": None}, "hardware": hardware}
         out = work / f"{name}-{hardware or 'bops'}"
         t0 = time.perf_counter()
-        run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1)
+        run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1, pareto_points=0)
         self.seconds = time.perf_counter() - t0
         self.problem = Problem.from_json((out / "problem.json").read_text())
         self.template = json.loads((out / "plan.json").read_text())
