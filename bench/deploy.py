@@ -3,6 +3,7 @@ predicted latency (the sum of `bitplan profile`'s per-layer latencies for the pl
 and against the float ONNX model, all measured in the same run.
 
     python bench/deploy.py [--models cnn,resnet18] [--batch 1] [--threads 1] [--repeat 30]
+                           [--chain]
 
 Models: the digits CNN (8x8, trained 5 epochs) and ResNet-18 at 224x224 (random weights, BN
 statistics on 16 random images; latency does not depend on the weights). Plans, built directly
@@ -105,15 +106,53 @@ def whole_model_ms(model, x: np.ndarray, threads: int, repeat: int) -> float:  #
     return float(np.median(times))
 
 
+def conv_chain(n: int):  # noqa: ANN201 - onnx.ModelProto
+    """``n`` fused-pattern 64->64 3x3 W8A8 convs (+ ReLU) at 56x56, as the export writes them."""
+    from onnx import TensorProto, helper
+
+    from quantize.onnx.builder import GraphBuilder
+    from quantize.onnx.context import Context
+    from quantize.onnx.layers import dequantized_weight
+    from quantize.onnx.ops import conv
+    from quantize.points import Grid
+
+    b = GraphBuilder()
+    ctx = Context(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), b)
+    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 56, 56]))
+    grid = Grid(0.05, 8, False)
+    y = b.qdq("x", grid, "in")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        codes = torch.randint(-127, 128, (64, 64, 3, 3), generator=gen, dtype=torch.int32)
+        w = dequantized_weight(ctx, f"w{i}", codes, torch.full((64,), 1e-3), 8)
+        y = b.qdq(b.op("Relu", [conv(ctx, y, w, None, (3, 3), (1, 1), (1, 1), (1, 1), 1,
+                                     f"c{i}")], f"r{i}"), grid, f"o{i}")
+    b.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    return b.model()
+
+
+def chain_probe(threads: int, repeat: int) -> None:
+    """Wall time per conv of a chain of 1, 4, 8 identical convs (the profile times one)."""
+    x = np.random.default_rng(0).random((1, 64, 56, 56), dtype=np.float32) * 5
+    for n in (1, 4, 8):
+        ms = whole_model_ms(conv_chain(n), x, threads, repeat)
+        print(f"  chain of {n}: {ms / n:.3f} ms per conv")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="cnn,resnet18")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--chain", action="store_true",
+                    help="also time chains of 1/4/8 identical W8A8 convs (per conv)")
     args = ap.parse_args()
     print(f"CPU: {cpu_model()}; batch {args.batch}, {args.threads} thread(s), "
           f"median of {args.repeat} runs")
+    if args.chain:
+        chain_probe(args.threads, args.repeat)
     for name in args.models.split(","):
         program, data = model_and_data(name)
         x = data[: args.batch].numpy()
