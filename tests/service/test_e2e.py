@@ -10,6 +10,7 @@ from safetensors import safe_open
 from svc_helpers import FAST_HESSIAN, run_worker_until_done
 
 import quantize
+from quantize.checkpoint import FORMAT
 from sensitivity.intake import load_calibration, load_program
 from service.jobs import JobStore
 
@@ -43,7 +44,7 @@ def test_submit_poll_download_and_load(start_server, mlp_pt2, calib_path, tmp_pa
             for chunk in r.iter_bytes():
                 f.write(chunk)
     with safe_open(str(ckpt), "pt") as f:
-        assert f.metadata()["format"] == "bitplan-qckpt/1"
+        assert f.metadata()["format"] == FORMAT  # the current checkpoint format
     module = quantize.load(ckpt, load_program(mlp_pt2))
     calib = load_calibration(calib_path)
     with torch.no_grad():
