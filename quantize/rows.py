@@ -17,6 +17,7 @@ from solver.plan import DRQEntry, Plan, PlanRow, parse_plan
 
 from .graph import GraphLayer
 
+
 def parse_rows(plan: Plan | Any) -> list[PlanRow]:
     """The plan's layer rows (a :class:`Plan`, or its dict form, validated). Raises
     BadPlanError."""
