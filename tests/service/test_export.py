@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -118,3 +119,30 @@ def test_hardware_onnxruntime_cpu_measures_latency_once(mlp_pt2, calib_path, tmp
                               tmp_path)
     assert reused == ["latency"] and again == table
     assert json.loads((tmp_path / "latency.json").read_text()) == doc
+
+
+def test_get_onnx_route(client, service, mlp_pt2, calib_path) -> None:
+    """GET /jobs/{id}/onnx: 409 while queued, the file once succeeded, 404 for a succeeded job
+    without one (a model the exporter cannot express)."""
+    from svc_helpers import constraints, post_plan
+
+    ids = []
+    for _ in range(2):
+        r = post_plan(client, mlp_pt2.read_bytes(), calib_path.read_bytes(),
+                      constraints(size_mb=0.01))
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["job_id"])
+    r = client.get(f"/jobs/{ids[0]}/onnx")
+    assert r.status_code == 409
+    assert client.get(f"/jobs/{ids[0]}").json()["links"]["onnx"] == f"/jobs/{ids[0]}/onnx"
+    for i, job_id in enumerate(ids):
+        job = service.store.claim(job_id)
+        assert job is not None
+        if i == 0:
+            Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(job.out_dir) / "model.onnx").write_bytes(b"onnx-bytes")
+        assert service.store.mark_succeeded(job_id)
+    r = client.get(f"/jobs/{ids[0]}/onnx")
+    assert r.status_code == 200 and r.content == b"onnx-bytes"
+    assert r.headers["content-disposition"].endswith(f'{ids[0]}.onnx"')
+    assert client.get(f"/jobs/{ids[1]}/onnx").status_code == 404
