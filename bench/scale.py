@@ -56,6 +56,7 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
     from sensitivity import zoo
     from service.pipeline import run_pipeline
     from service.settings import memory_budget, resolve_device
+    from solver.errors import BitplanError
 
     forwards = {"n": 0}
 
@@ -97,11 +98,17 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         cons = {**CONSTRAINTS, "hessian": {"max_iter": max_iter}}
         _reset_peak()
         t0 = time.perf_counter()
-        result = run_pipeline(Path(tmp) / "m.pt2", Path(tmp) / "c.safetensors", cons,
-                              Path(tmp) / "out", device=dev, progress=progress,
-                              memory_budget=budget)
+        error = None
+        try:
+            run_pipeline(Path(tmp) / "m.pt2", Path(tmp) / "c.safetensors", cons,
+                         Path(tmp) / "out", device=dev, progress=progress,
+                         memory_budget=budget)
+        except BitplanError as exc:  # a late stage (export) failing still leaves the figures
+            error = f"{exc.code}: {exc.message}"
         close()
         total = time.perf_counter() - t0
+        report = Path(tmp) / "out" / "report.json"
+        metrics = json.loads(report.read_text()).get("metrics") if report.is_file() else None
         sens = json.loads((Path(tmp) / "out" / "sensitivity.json").read_text())
         # plain forward + backward of one chunk, in the same process, for the ratio
         chunk = sens["model"]["chunk"]
@@ -130,7 +137,7 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         "passes": passes, "vectors": vectors, "sample_backwards": vectors * kinds * n_train,
         "t_fwd_chunk": t_fwd, "t_bwd_chunk": t_bwd, "floor_s": floor,
         "memory": sens["model"].get("memory"), "blocks_at_max_iter": stuck,
-        "blocks": 2 * len(layers), "metrics": result.report.get("metrics"),
+        "blocks": 2 * len(layers), "metrics": metrics, "error": error,
         "peak_rss": _status()["VmHWM"], "budget": budget,
     }
 
@@ -159,7 +166,14 @@ def show(r: dict) -> None:
         print(f"memory plan ({m['method']}): {m['per_sample_bytes'] / 2**20:.0f} MiB a sample "
               f"(probe pass), intercept {m['fixed_bytes'] / 2**20:.0f} MiB, forward chunk "
               f"{m['forward_chunk']}")
-    print(f"peak RSS of the process {_gb(r['peak_rss'])}; metrics {r['metrics']}")
+    m = r["metrics"] or {}
+    acc = (m.get("intervals") or {}).get("top1_agreement")
+    if acc:
+        print(f"top-1 agreement with FP32 {acc['value']:.3f} [{acc['low']:.3f}, "
+              f"{acc['high']:.3f}] on {acc['n']} held-out samples")
+    print(f"peak RSS of the process {_gb(r['peak_rss'])}")
+    if r["error"]:
+        print(f"the job failed after its stages above: {r['error']}")
 
 
 def main() -> None:
