@@ -235,6 +235,7 @@ def plan_chunks(
         fwd = max(1, min(params.forward_max, math.floor(fwd_room / max(fwd_sample, 1.0))))
     plan = ChunkPlan(chunk, fwd, int(per_sample), int(fwd_sample), int(fixed), int(held),
                      int(budget_bytes), meter.method)
+    _trim()  # what the measuring passes left in the heap would otherwise stay resident
     log.info("memory plan: %s", plan)
     return plan
 
