@@ -222,7 +222,8 @@ def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
                        for g in graphs)
     # a many-chunk pass keeps k summed weight gradients (probes) and k weight vectors (HVPs)
     kinds = {exact.get(layer.name, (False, False))[0] for layer in intake.layers}
-    accumulators = cfg.vectors_per_pass * weight_bytes * len(kinds) + cfg.diagonal * weight_bytes
+    # (the diagonal's running sums, HessianConfig.diagonal, are in the measured pass already)
+    accumulators = cfg.vectors_per_pass * weight_bytes * len(kinds)
     return plan_chunks(probe_pass, forward, len(intake.train), intake.batch_size, accumulators,
                        int(cfg.memory_budget or 0), device)
 
