@@ -98,7 +98,11 @@ def quantized_layer(ctx: Context, node: fx.Node, layer: GraphLayer, row: PlanRow
     """A conv / linear with integer weights and a QDQ input; returns its float output."""
     name = layer.name
     g_in = ckpt.input_grid(name)
-    x = ctx.builder.qdq(ctx.value(node.args[0], widen=False), g_in, name + "_in")
+    # With 8-bit weights ONNX Runtime fuses DQ -> Conv/MatMul -> Q into QLinearConv /
+    # QLinearMatMul, which have no 4-bit input type: a <= 4-bit input is then stored in the
+    # 8-bit type on its own grid (the same values), and runs the INT8 kernel.
+    x = ctx.builder.qdq(ctx.value(node.args[0], widen=False), g_in, name + "_in",
+                        wide=row.w_bits > 4)
     s_w = ckpt.tensors[f"{name}.weight_scale"]
     if s_w.dim() == 2:  # per-group scales along the flattened fan-in: blocked DQ
         w = grouped_weight(ctx, name + "_w", ckpt.codes(name), s_w, row)

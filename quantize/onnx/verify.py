@@ -25,7 +25,12 @@ import numpy as np
 import onnx
 import torch
 
-from solver.errors import BadConstraintsError, ExportMismatchError, MissingDependencyError
+from solver.errors import (
+    BadConstraintsError,
+    ExportMismatchError,
+    MissingDependencyError,
+    UnsupportedExportError,
+)
 
 from ..checkpoint import Checkpoint
 from ..data import CalibrationSet
@@ -80,8 +85,17 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
         opts.inter_op_num_threads = 1
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind classes
+        # A graph the checker accepts but this ONNX Runtime has no kernel for (after its
+        # fusions): not a wrong export, an inexpressible one for this runtime.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedExportError(
+            f"ONNX Runtime {ort.__version__} cannot run the exported graph: {first}",
+            detail={"runtime": f"onnxruntime {ort.__version__}"},
+        ) from None
 
 
 def run(sess, args: tuple[torch.Tensor, ...]) -> np.ndarray:  # noqa: ANN001

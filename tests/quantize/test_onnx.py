@@ -119,6 +119,29 @@ def test_mixed_weight_and_activation_bits(cnn_program, plan_for, heldout_eval) -
     assert onnx.TensorProto.UINT4 in q_types and onnx.TensorProto.UINT8 in q_types
 
 
+def test_8bit_weights_with_4bit_activations_run(resnet_program, mlp_program, plan_for,
+                                                  heldout_eval) -> None:
+    # ONNX Runtime fuses DQ(int8 weight) -> Conv/MatMul into QLinearConv / QLinearMatMul,
+    # which take no 4-bit input: the 4-bit input is stored in the 8-bit type on its own grid
+    # (same values). Exported with a UINT4 input instead, the session refused the graph.
+    for program in (resnet_program, mlp_program):
+        plan = plan_for(program, w_bits=8, a_bits=4)
+        model = _check(program, apply(program, plan, *heldout_eval, QuantizeConfig()),
+                       heldout_eval[1])["model"]
+        types = {i.name: i.data_type for i in model.graph.initializer}
+        inputs = {types[n.input[2]] for n in model.graph.node
+                  if n.op_type == "QuantizeLinear" and "_in_q" in n.output[0]}
+        assert inputs and inputs <= {onnx.TensorProto.UINT8, onnx.TensorProto.INT8}
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_an_unsupported_export(cnn_program,
+                                                                   cnn_int8) -> None:
+    model = export_onnx(cnn_program, cnn_int8.checkpoint)
+    model.graph.node[0].op_type = "NoSuchOperator"  # passes no checker, loads in no runtime
+    with pytest.raises(UnsupportedExportError, match="ONNX Runtime .* cannot run"):
+        session(model)
+
+
 def test_resnet_and_mlp(resnet_program, mlp_program, plan_for, heldout_eval) -> None:
     for program, w in ((resnet_program, 4), (mlp_program, 8)):
         plan = plan_for(program, w_bits=lambda i, n, w=w: 8 if i == 0 else w)
