@@ -74,7 +74,8 @@ def _bits_figure(d: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
 
     n = len(d["names"])
-    fig = Figure(figsize=(max(6.0, 0.35 * n + 2), 4.2), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 0.35 * n + 2), 4.2))
+    fig.subplots_adjust(left=0.08, right=0.88, bottom=0.28, top=0.92)  # fixed: no layout pass
     ax = fig.add_subplot()
     xs = range(n)
     ax.bar([x - 0.2 for x in xs], d["w_bits"], width=0.4, label="weight bits", color="#3b6ea8")
@@ -103,7 +104,8 @@ def _bits_figure(d: dict[str, Any]) -> Any:
 def _pareto_figure(d: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5 * max(len(d), 1), 4.2), layout="constrained")
+    fig = Figure(figsize=(5.5 * max(len(d), 1), 4.2))
+    fig.subplots_adjust(left=0.14, right=0.86, bottom=0.13, top=0.92, wspace=0.45)
     for k, (r, f) in enumerate(d.items()):
         label, scale, unit = _UNITS.get(r, (r, 1.0, ""))
         ax = fig.add_subplot(1, len(d), k + 1)
