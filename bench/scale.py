@@ -35,25 +35,13 @@ CONSTRAINTS = {"limits": {"size_ratio": 0.6}, "weight_bits": [4, 8], "activation
                "pin": {"first": None, "last": None}}
 
 
-def _status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            key, value = line.split(":")
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def child(name: str, samples: int, max_iter: int, memory_gb: float | None, device: str) -> dict:
     import torch
     import torch.nn.functional as F
     from torch import fx
 
     from sensitivity import zoo
+    from sensitivity.memory import proc_status, reset_peak
     from service.pipeline import run_pipeline
     from service.settings import memory_budget, resolve_device
     from solver.errors import BitplanError
@@ -73,13 +61,13 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         if st is not None:
             s = stages.setdefault(st, {"seconds": 0.0, "peak_rss": 0, "forwards": 0})
             s["seconds"] += time.perf_counter() - current["t"]
-            s["peak_rss"] = max(s["peak_rss"], _status()["VmHWM"])
+            s["peak_rss"] = max(s["peak_rss"], proc_status()["VmHWM"])
             s["forwards"] += forwards["n"] - current["f"]
 
     def progress(stage: str, fraction: float) -> None:
         if stage != current["stage"]:
             close()
-            _reset_peak()
+            reset_peak()
             current.update(stage=stage, t=time.perf_counter(), f=forwards["n"])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +84,7 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         dev = resolve_device(device)
         budget = memory_budget(memory_gb, dev)
         cons = {**CONSTRAINTS, "hessian": {"max_iter": max_iter}}
-        _reset_peak()
+        reset_peak()
         t0 = time.perf_counter()
         error = None
         try:
@@ -138,7 +126,7 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         "t_fwd_chunk": t_fwd, "t_bwd_chunk": t_bwd, "floor_s": floor,
         "memory": sens["model"].get("memory"), "blocks_at_max_iter": stuck,
         "blocks": 2 * len(layers), "metrics": metrics, "error": error,
-        "peak_rss": _status()["VmHWM"], "budget": budget,
+        "peak_rss": proc_status()["VmHWM"], "budget": budget,
     }
 
 

@@ -29,19 +29,6 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 
-def _status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            key, value = line.split(":")
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def _model(args: argparse.Namespace):
     import torch
     from torch import nn
@@ -67,6 +54,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from safetensors.torch import save_file
 
+    from sensitivity.memory import proc_status, reset_peak
     from service.pipeline import run_pipeline
     from service.settings import memory_budget
 
@@ -78,19 +66,19 @@ def child(args: argparse.Namespace) -> dict:
         if st is not None:
             s = stages.setdefault(st, {"seconds": 0.0, "peak_rss": 0})
             s["seconds"] += time.perf_counter() - current["t"]
-            s["peak_rss"] = max(s["peak_rss"], _status()["VmHWM"])
+            s["peak_rss"] = max(s["peak_rss"], proc_status()["VmHWM"])
 
     def progress(stage: str, fraction: float) -> None:
         if stage != current["stage"]:
             close()
-            _reset_peak()
+            reset_peak()
             current.update(stage=stage, t=time.perf_counter())
             print(f"[{time.perf_counter() - start:7.1f} s] stage {stage}, RSS "
-                  f"{_status()['VmRSS'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+                  f"{proc_status()['VmRSS'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
 
     def guard() -> None:  # a shared machine: stop before the job takes it over
         while True:
-            rss = _status()["VmRSS"]
+            rss = proc_status()["VmRSS"]
             if rss > args.rss_limit_gb * 1e9:
                 print(f"ABORT: RSS {rss / 1e9:.2f} GB > --rss-limit-gb {args.rss_limit_gb} in "
                       f"stage {current['stage']} after {time.perf_counter() - start:.0f} s",
@@ -115,13 +103,14 @@ def child(args: argparse.Namespace) -> dict:
         save_file({"input.input_ids": ids.contiguous()}, str(Path(tmp) / "c.safetensors"))
         setup = time.perf_counter() - t0
         print(f"[{time.perf_counter() - start:7.1f} s] setup done ({params / 1e6:.1f}M "
-              f"parameters), RSS {_status()['VmRSS'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+              f"parameters), RSS {proc_status()['VmRSS'] / 1e9:.2f} GB", file=sys.stderr,
+              flush=True)
         del model, program
         dev = torch.device("cpu")
         budget = memory_budget(args.memory_gb, dev)
         cons = {"limits": {"size_ratio": args.size_ratio}, "weight_bits": [4, 8],
                 "weight_group_sizes": groups, "hessian": {"max_iter": args.max_iter}}
-        _reset_peak()
+        reset_peak()
         t0 = time.perf_counter()
         result = run_pipeline(Path(tmp) / "m.pt2", Path(tmp) / "c.safetensors", cons,
                               Path(tmp) / "out", device=dev, progress=progress,
@@ -141,7 +130,7 @@ def child(args: argparse.Namespace) -> dict:
         "vectors": max(r["weight_iterations"] for r in layers),
         "blocks_at_max_iter": sum(not r["weight_converged"] for r in layers),
         "chosen": chosen, "metrics": result.report.get("metrics"),
-        "peak_rss": _status()["VmHWM"], "budget": budget,
+        "peak_rss": proc_status()["VmHWM"], "budget": budget,
     }
 
 

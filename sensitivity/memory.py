@@ -71,7 +71,9 @@ class ChunkPlan:
         return asdict(self)
 
 
-def _status() -> dict[str, int]:
+def proc_status() -> dict[str, int]:
+    """This process's ``VmHWM`` (peak resident set since the last ``reset_peak``) and
+    ``VmRSS``, in bytes (Linux ``/proc/self/status``)."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -79,6 +81,11 @@ def _status() -> dict[str, int]:
                 key, value = line.split(":")
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def reset_peak() -> None:
+    """Set ``VmHWM`` back to the current RSS (Linux: ``5`` into ``/proc/self/clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _trim() -> None:
@@ -94,8 +101,8 @@ def _clear_refs_works() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return "VmHWM" in _status()
+        reset_peak()
+        return "VmHWM" in proc_status()
     except OSError:
         return False
 
@@ -118,7 +125,7 @@ class PeakMeter:
         if self.method == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         if self.method == "vmhwm":
-            return _status()["VmRSS"]
+            return proc_status()["VmRSS"]
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def __enter__(self) -> PeakMeter:
@@ -127,7 +134,7 @@ class PeakMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.method == "vmhwm":
             _trim()
-            Path("/proc/self/clear_refs").write_text("5")
+            reset_peak()
         self.start = self.held()
         return self
 
@@ -136,7 +143,7 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             top = int(torch.cuda.max_memory_allocated(self.device))
         elif self.method == "vmhwm":
-            top = _status()["VmHWM"]
+            top = proc_status()["VmHWM"]
         else:
             top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.peak = max(0, top - self.start)
