@@ -109,6 +109,7 @@ class JobRow(_Base):
     # Columns added after the first release are nullable: _add_missing_columns adds them to a
     # job store created before them.
     parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    stage_eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class Job:
     out_dir: str
     summary: Any
     parent_id: str | None = None  # the job this one re-plans (POST /jobs/{id}/replan)
+    stage_eta_s: float | None = None  # seconds left in the stage, as last reported
 
     @property
     def error(self) -> dict[str, Any] | None:
@@ -163,6 +165,7 @@ class Job:
             out_dir=row.out_dir,
             summary=row.summary,
             parent_id=row.parent_id,
+            stage_eta_s=row.stage_eta_s,
         )
 
 
@@ -327,13 +330,16 @@ class JobStore:
                 return None
         return self.get(job_id)
 
-    def update_progress(self, job_id: str, stage: str, progress: float) -> bool:
-        """Record progress (and a heartbeat); False when the job is no longer running."""
+    def update_progress(self, job_id: str, stage: str, progress: float,
+                        eta_s: float | None = None) -> bool:
+        """Record progress, the stage's estimated time left (None: not known yet) and a
+        heartbeat; False when the job is no longer running."""
         return self._transition(
             job_id,
             (RUNNING,),
             stage=stage,
             progress=min(max(float(progress), 0.0), 1.0),
+            stage_eta_s=None if eta_s is None else max(float(eta_s), 0.0),
             heartbeat_at=_now(),
         )
 

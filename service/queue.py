@@ -34,6 +34,7 @@ from . import jobs as J
 from .cache import StageCache
 from .errors import job_error
 from .jobs import JobStore, age_cutoff
+from .progress import Eta
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,15 +149,17 @@ class JobQueue:
         beater = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
         beater.start()
         last_write = [0.0, ""]
+        eta = Eta()  # sees every report, so its estimate does not depend on the write throttle
 
         def progress(stage: str, fraction: float) -> None:
+            left = eta(stage, fraction)
             now = time.monotonic()
             if stage == last_write[1] and fraction < 1.0 and now - last_write[0] < 0.5:
                 return
             last_write[0], last_write[1] = now, stage
             try:  # progress is best effort: a failed write must not fail the job
                 still_running = self.store.update_progress(
-                    job_id, stage, overall_progress(stage, fraction)
+                    job_id, stage, overall_progress(stage, fraction), left
                 )
             except Exception:  # noqa: BLE001
                 log.warning("progress of job %s not recorded", job_id, exc_info=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 
 class ErrorPublic(BaseModel):
@@ -79,6 +79,16 @@ class JobPublic(BaseModel):
     error: ErrorPublic | None = None
     summary: dict[str, Any] | None = Field(None, description="plan totals and evaluation")
     parent_id: str | None = Field(None, description="the job this one re-plans")
+    stage_eta_s: float | None = Field(
+        None, description="estimated seconds left in the current stage (running jobs, once the "
+        "stage has advanced a few times; an upper bound for sensitivity, which stops early "
+        "when converged)")
+
+    @model_validator(mode="after")
+    def _eta_only_while_running(self) -> JobPublic:
+        if self.status != "running":
+            self.stage_eta_s = None
+        return self
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -278,3 +278,25 @@ def test_jobs_past_retention_are_deleted_with_their_files(settings, store, tmp_p
     # an unset retention keeps everything
     keep = JobQueue(settings.model_copy(update={"retention_days": None}), store, Script())
     assert keep.recover()["expired"] == []
+
+
+def test_running_jobs_show_the_stages_time_left(settings, store, tmp_path) -> None:
+    from service.schemas import JobPublic
+
+    seen: list[float | None] = []
+
+    def pipeline(*args, progress, **kwargs):
+        for k in range(1, 6):  # 0.1 of the stage every 0.6 s: past the 0.5 s write throttle
+            progress("sensitivity", k / 10)
+            seen.append(store.get(job).stage_eta_s)
+            time.sleep(0.6)
+        return None
+
+    job = _job(store, tmp_path)
+    JobQueue(settings, store, pipeline).run_job(job)
+    # none before three advances, then elapsed x (1 - f) / f: ~0.6 x 3 x 0.6 / 0.4 = 2.7 s at
+    # f = 0.4 (bounds of 0.5 and 20 s leave room for a slow machine)
+    assert seen[:3] == [None, None, None]
+    assert all(v is not None and 0.5 < v < 20 for v in seen[3:]), seen
+    finished = store.get(job)
+    assert finished.status == "succeeded" and JobPublic.model_validate(finished).stage_eta_s is None
