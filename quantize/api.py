@@ -60,60 +60,36 @@ def _layer_tensors(
     g_in: Grid,
     g_out: Grid,
 ) -> dict[str, torch.Tensor]:
-    """Quantized weight, integer bias and dyadic requantisation of one (folded) layer."""
+    """Quantized weight, integer bias and dyadic requantisation of one (folded) layer.
+
+    Per channel: one multiplier ``b / 2^c`` per output channel. Per group of
+    ``row.group_size`` inputs: the bias on the grid of the channel's largest group scale, and
+    per-group multipliers with one shift per channel (``quantize.primitives.group_dyadic``),
+    bounded so the integer sum fits int64."""
     weight = weight.detach().cpu().to(torch.float32)
     out = weight.shape[0]
     bias = torch.zeros(out) if bias is None else bias.detach().cpu().to(torch.float32)
-    if row.group_size is not None:
-        return _grouped_tensors(row, weight, bias, g_in, g_out)
-    codes, s_w = quantize_weight(weight, row.w_bits)
-    s_w = s_w.to(torch.float32)
-    acc_scale = s_w.to(torch.float64) * g_in.scale  # scale of one accumulator unit
-    bias_q = torch.round(bias.to(torch.float64) / acc_scale)
-    if bool((bias_q.abs() > 2**31 - 1).any()):
-        raise BadModelError(
-            f"layer {row.name!r}: the folded bias does not fit int32 at the accumulator scale; "
-            "the layer's input range is degenerate"
-        )
-    pairs = [dyadic(float(m)) for m in acc_scale / g_out.scale]
-    p = row.name + "."
-    t = {
-        p + "weight_q": encode_weight(codes, row.w_bits),
-        p + "weight_scale": s_w,
-        p + "bias": bias,
-        p + "bias_q": bias_q.to(torch.int32),
-        p + "input_scale": torch.tensor(g_in.scale, dtype=torch.float32),
-        p + "output_scale": torch.tensor(g_out.scale, dtype=torch.float32),
-        p + "requant_b": torch.tensor([b for b, _ in pairs], dtype=torch.int32),
-        p + "requant_c": torch.tensor([c for _, c in pairs], dtype=torch.int32),
-    }
-    if row.drq is not None:
-        t[p + "drq_threshold"] = torch.tensor(row.drq.threshold, dtype=torch.int32)
-        t[p + "drq_region"] = torch.tensor(list(row.drq.region), dtype=torch.int32)
-    return t
-
-
-def _grouped_tensors(
-    row: PlanRow, weight: torch.Tensor, bias: torch.Tensor, g_in: Grid, g_out: Grid
-) -> dict[str, torch.Tensor]:
-    """A layer with one weight scale per group of ``row.group_size`` inputs: the bias on the
-    grid of the channel's largest group scale, and per-group multipliers with one shift per
-    channel (``quantize.primitives.group_dyadic``), bounded so the integer sum fits int64."""
-    assert row.group_size is not None
+    grouped = row.group_size is not None
     codes, s_w = quantize_weight(weight, row.w_bits, group_size=row.group_size)
     s_w = s_w.to(torch.float32)
-    acc_scale = s_w.amax(dim=1).to(torch.float64) * g_in.scale
+    # scale of one accumulator unit (of the bias, for groups)
+    acc_scale = (s_w.amax(dim=1) if grouped else s_w).to(torch.float64) * g_in.scale
     bias_q = torch.round(bias.to(torch.float64) / acc_scale)
     if bool((bias_q.abs() > 2**31 - 1).any()):
         raise BadModelError(
             f"layer {row.name!r}: the folded bias does not fit int32 at the accumulator scale; "
             "the layer's input range is degenerate"
         )
-    fan_in = weight[0].numel()
-    max_bits = group_multiplier_bits(fan_in, row.w_bits, g_in.bits, int(bias_q.abs().max()))
-    b, c = group_dyadic(s_w.to(torch.float64) * g_in.scale / g_out.scale, max_bits)
+    if grouped:
+        max_bits = group_multiplier_bits(weight[0].numel(), row.w_bits, g_in.bits,
+                                         int(bias_q.abs().max()))
+        b, c = group_dyadic(s_w.to(torch.float64) * g_in.scale / g_out.scale, max_bits)
+    else:
+        pairs = [dyadic(float(m)) for m in acc_scale / g_out.scale]
+        b = torch.tensor([b for b, _ in pairs])
+        c = torch.tensor([c for _, c in pairs])
     p = row.name + "."
-    return {
+    t = {
         p + "weight_q": encode_weight(codes, row.w_bits),
         p + "weight_scale": s_w,
         p + "bias": bias,
@@ -123,6 +99,10 @@ def _grouped_tensors(
         p + "requant_b": b.to(torch.int32),
         p + "requant_c": c.to(torch.int32),
     }
+    if row.drq is not None:
+        t[p + "drq_threshold"] = torch.tensor(row.drq.threshold, dtype=torch.int32)
+        t[p + "drq_region"] = torch.tensor(list(row.drq.region), dtype=torch.int32)
+    return t
 
 
 def _report(
