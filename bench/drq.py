@@ -37,7 +37,6 @@ when p < 0.05. The mean KL divergence to FP32 and its paired standard error are 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -48,10 +47,12 @@ from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and would shadow the packages.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.quality import plan_for  # noqa: E402
 from quantize import QuantizeConfig, apply  # noqa: E402
 from quantize.data import CalibrationSet  # noqa: E402
 from quantize.drq import apply_drq, drq_modules  # noqa: E402
@@ -210,14 +211,7 @@ class PlanRun:
         return "latency_ms" if self.template["constraints"].get("hardware") else "bops"
 
     def plan(self, problem: Problem, choice: dict[str, int]) -> dict:
-        plan = copy.deepcopy(self.template)
-        rows = {r["name"]: r for r in plan["layers"]}
-        for la in problem.layers:
-            o = la.options[choice[la.name]]
-            rows[la.name].update(w_bits=int(o.w_bits), a_bits=o.a_bits, omega=o.omega,
-                                 size_bytes=o.size_bytes, bops=o.bops, latency_ms=o.latency_ms,
-                                 drq=None if o.drq is None else dict(o.drq))
-        return plan
+        return plan_for(self.template, problem, choice)
 
     @torch.no_grad()
     def score(self, plan: dict) -> dict:
