@@ -1,5 +1,5 @@
-"""Content-addressed cache of the expensive stages (sensitivity, DRQ regions, and the metrics of
-plans evaluated along a Pareto front).
+"""Content-addressed cache of the expensive stages (sensitivity, DRQ regions, the metrics of
+plans evaluated along a Pareto front, and the fronts themselves).
 
 The ILP takes milliseconds, the Hessian minutes: a job whose model bytes, calibration bytes and
 the settings a stage depends on match an earlier job's reuses that stage's result. Keys are
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-STAGES = ("sensitivity", "regions", "evaluations", "latency")
+STAGES = ("sensitivity", "regions", "evaluations", "latency", "fronts")
 SENSITIVITY_FORMAT = 1  # sensitivity.json's version: a new format measures again
 _CHUNK = 1 << 20
 

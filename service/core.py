@@ -193,14 +193,17 @@ class BitplanService:
         raise NotFoundError(f"job {job_id} {job.status} without a {name}")
 
     def plot(self, job_id: str, name: str) -> tuple[Path, str]:
-        """(path, media type) of a succeeded job's plot ``name`` (see PLOT_PATTERN).
+        """(path, media type) of a succeeded job's plot ``name`` (see PLOT_PATTERN), drawn
+        the first time it is asked for.
 
         Raises NotFoundError (no such job or plot), ConflictError (not finished yet)."""
         if not re.match(PLOT_PATTERN, name):
             raise NotFoundError(f"no plot {name!r}: use bits.svg, bits.png, pareto.svg, pareto.png")
+        from .plots import ensure
+
         job = self.store.get(job_id)
-        path = Path(job.out_dir) / "plots" / name
-        if path.is_file() and job.status == J.SUCCEEDED:
+        path = ensure(job.out_dir, name) if job.status == J.SUCCEEDED else None
+        if path is not None:  # drawn on its first request, then kept
             return path, _PLOT_TYPES[name.rsplit(".", 1)[1]]
         if job.status in J.ACTIVE:
             raise ConflictError(f"job {job_id} is {job.status}; its plots are not ready yet")

@@ -28,6 +28,7 @@ from solver.errors import BitplanError
 from . import jobs as J
 from .core import BitplanService
 from .errors import http_status
+from .plots import available
 from .tradeoff import primary_metric
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -150,8 +151,8 @@ def _job_context(svc: BitplanService, job_id: str) -> dict[str, Any]:
     out = Path(job.out_dir)
     plan = _json(out / "plan.json") if job.status in (J.SUCCEEDED, J.FAILED) else None
     report = _json(out / "report.json") if job.status == J.SUCCEEDED else None
-    plots = sorted(p.name for p in (out / "plots").glob("*.svg")) if job.status == J.SUCCEEDED \
-        else []
+    plots = [n for n in available(out) if n.endswith(".svg")] if job.status == J.SUCCEEDED \
+        else []  # drawn when the page's <img> asks for them
     files = [k for k, f in _FILES.items() if job.status == J.SUCCEEDED and (out / f).is_file()]
     return {"job": job, "plan": plan, "report": report, "plots": plots, "files": files,
             "constraints": json.dumps(job.constraints, indent=2),

@@ -278,6 +278,7 @@ def run_pipeline(
     cache: StageCache | None = None,
     memory_budget: int | None = None,
     eval_path: str | Path | None = None,
+    plots: bool = True,
 ) -> PipelineResult:
     """Run every stage and write ``plan.json``, ``model.safetensors``, ``report.json``,
     ``sensitivity.json`` (plus ``problem.json`` / ``solution.json``, and ``regions.json`` with
@@ -287,8 +288,10 @@ def run_pipeline(
     InfeasibleError (detail: the solver's diagnosis) when no plan meets the limits,
     CancelledError when ``should_cancel()`` turns true. Also writes ``pareto.json`` and
     ``plots/`` (``pareto_points`` per front, ``pareto_evaluate`` of them evaluated; 0 points:
-    no fronts, the bits plot only). With a ``cache``, the sensitivity and DRQ regions of the
-    same model bytes, calibration bytes and settings are reused (``PipelineResult.reused``).
+    no fronts, the bits plot only; ``plots=False``: no ``plots/``, the service draws each file
+    on its first request, see ``service.plots.ensure``). With a ``cache``, the sensitivity and
+    DRQ regions of the same model bytes, calibration bytes and settings are reused
+    (``PipelineResult.reused``).
     """
     from sensitivity.intake import IntakeConfig
     from sensitivity.intake import intake as run_intake
@@ -410,7 +413,7 @@ def run_pipeline(
         return metrics
 
     _tradeoff(out, problem, solution, specs, constraints, plan, result.report, tick,
-              pareto_points, pareto_evaluate, evaluate_plan)
+              pareto_points, pareto_evaluate, evaluate_plan, plots, cache)
     tick("evaluate", 1.0)
     # 9. export: model.onnx, checked in ONNX Runtime against the fake-quant module
     _export(intake, result, out, tick)
@@ -514,14 +517,16 @@ def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
 
 def _tradeoff(out: Path, problem: Any, solution: Any, specs: Any, constraints: Constraints,
               plan: dict[str, Any], report: dict[str, Any], tick: _Guard, points: int,
-              evaluate: int, evaluate_plan: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+              evaluate: int, evaluate_plan: Callable[[dict[str, Any]], dict[str, Any]],
+              draw: bool = True, cache: StageCache | None = None) -> None:
     """Write ``pareto.json`` (a front per limited resource; up to ``evaluate`` points of each
-    quantized and evaluated by ``evaluate_plan``) and the plots (``plots/``)."""
+    quantized and evaluated by ``evaluate_plan``) and, with ``draw``, the plots (``plots/``);
+    a front swept before for the same problem comes from ``cache``."""
     from solver import make_plan
 
     from . import plots, tradeoff
 
-    swept = tradeoff.fronts(problem, points) if points >= 2 else {}
+    swept = tradeoff.fronts(problem, points, cache=cache) if points >= 2 else {}
     measured: dict[tuple[str, int], dict[str, Any]] = {("chosen", 0): report.get("metrics") or {}}
     todo = [(r, i) for r, front in swept.items() for i in tradeoff.pick(front, evaluate)]
     for k, (r, i) in enumerate(todo):
@@ -531,6 +536,8 @@ def _tradeoff(out: Path, problem: Any, solution: Any, specs: Any, constraints: C
         tick("evaluate", (k + 1) / (len(todo) + 1))
     doc = tradeoff.document(problem, solution, swept, measured)
     _write_json(out / PARETO_FILE, doc)
+    if not draw:
+        return
     sens = json.loads((out / SENSITIVITY_FILE).read_text())
     (out / PLOTS_DIR).mkdir(exist_ok=True)
     for name, data in plots.render(plan, sens, doc).items():

@@ -6,15 +6,23 @@
   limit as a line, the chosen plan marked, and the measured quality of the evaluated points.
 
 The figures are drawn from plain data (``bits_data`` / ``pareto_data``), which the tests check;
-``render(plan, sensitivity, pareto)`` returns ``{file name: bytes}``.
+``render(plan, sensitivity, pareto)`` returns ``{file name: bytes}`` (what ``bitplan plan --out``
+writes). A service job draws nothing while it runs: ``ensure(out_dir, name)`` draws one file
+from the job's ``plan.json``, ``sensitivity.json`` and ``pareto.json`` the first time it is
+asked for, and keeps it in ``out_dir/plots/``.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from .errors import storage_error
 from .tradeoff import primary_metric
 
 NAMES = ("bits.svg", "bits.png", "pareto.svg", "pareto.png")
@@ -61,9 +69,9 @@ def pareto_data(doc: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _figure_bytes(fig: Any) -> dict[str, bytes]:
+def _figure_bytes(fig: Any, exts: tuple[str, ...] = ("svg", "png")) -> dict[str, bytes]:
     out = {}
-    for ext in ("svg", "png"):
+    for ext in exts:
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, dpi=100)
         out[ext] = buf.getvalue()
@@ -141,3 +149,67 @@ def render(plan: Mapping[str, Any], sensitivity: Mapping[str, Any] | None,
         for ext, data in _figure_bytes(_pareto_figure(pareto_data(pareto))).items():
             out[f"pareto.{ext}"] = data
     return out
+
+
+def render_one(name: str, plan: Mapping[str, Any], sensitivity: Mapping[str, Any] | None,
+               pareto: Mapping[str, Any] | None) -> bytes | None:
+    """One file of ``NAMES`` (one figure, one format); None for ``pareto.*`` without fronts."""
+    if name not in NAMES:
+        raise ValueError(f"no plot {name!r}")
+    stem, ext = name.split(".")
+    if stem == "bits":
+        fig = _bits_figure(bits_data(plan, sensitivity))
+    elif pareto and pareto.get("fronts"):
+        fig = _pareto_figure(pareto_data(pareto))
+    else:
+        return None
+    return _figure_bytes(fig, (ext,))[ext]
+
+
+_DRAWING = threading.Lock()  # matplotlib's text and font caches are shared: one figure at a time
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def available(out_dir: str | Path) -> list[str]:
+    """The plot files a finished job has, drawn yet or not: ``bits.*`` with a plan that has
+    layers, ``pareto.*`` with a front in ``pareto.json``."""
+    out = Path(out_dir)
+    plan = _read(out / "plan.json")
+    names = ["bits.svg", "bits.png"] if plan and plan.get("layers") else []
+    pareto = _read(out / "pareto.json")
+    if names and isinstance(pareto, dict) and pareto.get("fronts"):
+        names += ["pareto.svg", "pareto.png"]
+    return names
+
+
+def ensure(out_dir: str | Path, name: str) -> Path | None:
+    """``out_dir/plots/name``, drawn on first request from the job's files and kept (written
+    whole or not at all); None when the job has no such plot. A full disk is a StorageError."""
+    out = Path(out_dir)
+    path = out / "plots" / name
+    if path.is_file():
+        return path
+    if name not in available(out):
+        return None
+    with _DRAWING:
+        if path.is_file():  # drawn by the request that held the lock before this one
+            return path
+        data = render_one(name, _read(out / "plan.json"), _read(out / "sensitivity.json"),
+                          _read(out / "pareto.json"))
+        if data is None:
+            return None
+        tmp = path.with_name(f".{name}.{os.getpid()}.partial")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(exc, f"plots/{name}") or exc from None
+    return path

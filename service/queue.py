@@ -154,7 +154,9 @@ class JobQueue:
         def progress(stage: str, fraction: float) -> None:
             left = eta(stage, fraction)
             now = time.monotonic()
-            if stage == last_write[1] and fraction < 1.0 and now - last_write[0] < 0.5:
+            # a write per new stage, else at most one per 0.5 s (a stage's end needs none: it
+            # is the next stage's start, the same overall progress, and success writes 1.0)
+            if stage == last_write[1] and now - last_write[0] < 0.5:
                 return
             last_write[0], last_write[1] = now, stage
             try:  # progress is best effort: a failed write must not fail the job
@@ -196,6 +198,7 @@ class JobQueue:
                 cache=StageCache(self.settings.cache_dir),
                 memory_budget=self.settings.memory_budget_bytes(self.settings.torch_device()),
                 eval_path=_evaluation_file(job.calib_path),
+                plots=False,  # drawn on first request (service.plots.ensure)
             )
         except CancelledError:
             if self._stopping.is_set() and not lost.is_set() and self.store.release(job_id):

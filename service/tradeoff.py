@@ -1,23 +1,31 @@
 """A job's trade-off curves: the Pareto front of predicted Omega against each limited resource,
 the chosen plan marked, and measured quality at a few points along each front.
 
-``fronts(problem, solution, points)`` sweeps every resource the job limits (size, BOPS,
-latency) from its smallest reachable total to its largest (all options at their most precise,
-all-INT8 when 8 is the widest width offered), the job's other limits held. ``pick(front, k)``
+``fronts(problem, points)`` sweeps every resource the job limits (size, BOPS, latency) from its
+smallest reachable total to its largest (all options at their most precise, all-INT8 when 8 is
+the widest width offered), the job's other limits held. A front does not depend on the limit of
+the resource it sweeps, so with a ``cache`` a re-plan that changes only that limit takes the
+parent's front instead of sweeping again. ``pick(front, k)``
 chooses up to ``k`` feasible points spread along a front for the pipeline to quantize and
 evaluate; ``document(...)`` is ``pareto.json`` (format ``bitplan-pareto/1``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from solver import ParetoPoint, Problem, Solution, SolveConfig, pareto
+from solver.params import PARAMS
 from solver.problem import RESOURCES
+
+from .cache import StageCache, stage_key
 
 VERSION = 1
 FORMAT = "bitplan-pareto/1"
+FRONT_FORMAT = 1  # the cached sweep's layout (a list of ParetoPoint.to_dict())
 POINTS = 20  # points per front: a smooth curve at ~1-30 ms per solve on 50-1000 layers
 EVALUATED = 5  # points per front the job quantizes and evaluates (each costs a quantize pass)
 _METRICS = ("quant_accuracy", "perplexity_quant", "cosine_mean", "top1_agreement", "kl_mean")
@@ -28,14 +36,34 @@ def limited(problem: Problem) -> list[str]:
     return [r for r in RESOURCES if problem.limits.get(r) is not None]
 
 
-def fronts(problem: Problem, points: int = POINTS,
-           cfg: SolveConfig | None = None) -> dict[str, list[ParetoPoint]]:
-    """One front per limited resource (``{}`` when the job limits nothing sweepable)."""
+def fronts(problem: Problem, points: int = POINTS, cfg: SolveConfig | None = None,
+           cache: StageCache | None = None) -> dict[str, list[ParetoPoint]]:
+    """One front per limited resource (``{}`` when the job limits nothing sweepable), each
+    taken from ``cache`` when the same sweep was made before."""
+    cfg = cfg or SolveConfig()
     out = {}
     for r in limited(problem):
         if all(o.cost(r) is not None for la in problem.layers for o in la.options):
-            out[r] = pareto(problem, r, points, cfg or SolveConfig())
+            key = front_key(problem, r, points, cfg)
+            hit = cache.get("fronts", key) if cache is not None else None
+            if hit is not None:
+                out[r] = [ParetoPoint(**p) for p in json.loads(hit)]
+                continue
+            out[r] = pareto(problem, r, points, cfg)
+            if cache is not None:
+                cache.put("fronts", key, json.dumps([p.to_dict() for p in out[r]]))
     return out
+
+
+def front_key(problem: Problem, resource: str, points: int, cfg: SolveConfig) -> str:
+    """The cache key of one sweep: the problem without the swept resource's limit (the sweep
+    replaces it by its budgets), the resource, the point count and the solver's settings."""
+    doc = problem.to_dict()
+    doc.pop("source", None)  # a name, not part of the problem
+    doc["limits"] = {**doc.get("limits", {}), resource: None}
+    return stage_key("fronts", {}, {
+        "format": FRONT_FORMAT, "problem": doc, "resource": resource, "points": points,
+        "config": dataclasses.asdict(cfg), "params": dataclasses.asdict(PARAMS)})
 
 
 def pick(front: Sequence[ParetoPoint], k: int = EVALUATED) -> list[int]:

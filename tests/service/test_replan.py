@@ -82,13 +82,18 @@ def test_replan_refusals(client, service, parent, tmp_path) -> None:
     assert r.status_code == 409 and "before its sensitivity" in r.json()["error"]["message"]
 
 
-def test_pareto_and_plots_routes(client, parent) -> None:
+def test_pareto_and_plots_routes(client, service, parent) -> None:
     doc = client.get(f"/jobs/{parent}/pareto").json()
     assert doc["format"] == "bitplan-pareto/1" and "size_bytes" in doc["fronts"]
+    drawn = Path(service.get(parent).out_dir) / "plots"
+    assert not drawn.exists()  # a job draws no plot while it runs: each on its first request
     svg = client.get(f"/jobs/{parent}/plots/bits.svg")
     assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml")
+    assert b"<svg" in svg.content[:400]
     png = client.get(f"/jobs/{parent}/plots/pareto.png")
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    assert sorted(p.name for p in drawn.iterdir()) == ["bits.svg", "pareto.png"]  # kept
+    assert client.get(f"/jobs/{parent}/plots/pareto.png").content == png.content
     assert client.get(f"/jobs/{parent}/plots/../plan.json").status_code == 404
     assert client.get(f"/jobs/{parent}/plots/other.svg").status_code in (404, 422)
 

@@ -78,3 +78,34 @@ def test_plots_are_written_and_drawn_from_the_plan(job) -> None:
     p = plots.pareto_data(json.loads((out / "pareto.json").read_text()))
     assert p["size_bytes"]["metric"] == "quant_accuracy"
     assert p["size_bytes"]["limit"] == result.plan["limits"]["size_bytes"]
+
+
+def test_a_front_swept_before_comes_from_the_cache(job, tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    from service.cache import StageCache
+    from solver.problem import Limits
+
+    out, _ = job
+    problem = Problem.from_json((out / "problem.json").read_text())
+    cache = StageCache(tmp_path / "cache")
+    first = tradeoff.fronts(problem, 8, cache=cache)
+    assert len(list((tmp_path / "cache" / "fronts").iterdir())) == 2  # size and BOPS
+    # another size limit: the size front is the same sweep (its budgets replace the limit),
+    # the BOPS front holds the new size limit, so it is swept again
+    lim = problem.limits
+    tighter = dataclasses.replace(problem, limits=Limits(size_bytes=lim.size_bytes * 0.9,
+                                                         bops=lim.bops))
+    swept: list[str] = []
+    real = tradeoff.pareto
+
+    def counted(p, resource, *args, **kwargs):
+        swept.append(resource)
+        return real(p, resource, *args, **kwargs)
+
+    monkeypatch.setattr(tradeoff, "pareto", counted)
+    again = tradeoff.fronts(tighter, 8, cache=cache)
+    assert swept == ["bops"]
+    assert again["size_bytes"] == first["size_bytes"] == real(tighter, "size_bytes", 8)
+    assert tradeoff.fronts(problem, 8, cache=cache) == first and swept == ["bops"]
+    assert tradeoff.fronts(problem, 9, cache=cache)["size_bytes"] != first["size_bytes"]
