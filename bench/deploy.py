@@ -2,29 +2,41 @@
 predicted latency (the sum of `bitplan profile`'s per-layer latencies for the plan's options)
 and against the float ONNX model, all measured in the same run.
 
-    python bench/deploy.py [--models cnn,resnet18] [--batch 1] [--threads 1] [--repeat 30]
-                           [--chain]
+    python bench/deploy.py [--models cnn,resnet18,llama] [--batch 1] [--threads 1]
+                           [--repeat 30] [--ilp] [--chain]
 
-Models: the digits CNN (8x8, trained 5 epochs) and ResNet-18 at 224x224 (random weights, BN
-statistics on 16 random images; latency does not depend on the weights). Plans, built directly
-(not by the ILP, which needs the Hessian pass): ``w8a8`` (every layer INT8) and ``size0.75``
-(4-bit weights on the largest layers until the stored weights fit 0.75 x INT8, activations 8
-bits; the first and last layer stay at 8 bits as the default pins do). Each plan is quantized
-on 16 calibration samples, exported, checked in ONNX Runtime against the fake-quant module, and
-timed whole (median of --repeat runs after 5 warm-up runs). Printed per model and plan:
-measured ms, predicted ms (sum of layers timed in isolation), predicted / measured, and
-measured / float. The machine may be shared: read ratios, not absolute times.
+Models: the digits CNN (8x8, trained 5 epochs), ResNet-18 at 224x224 (random weights, BN
+statistics on 16 random images; latency does not depend on the weights) and the tiny
+Llama-style decoder of tests/hf_zoo.py (32 tokens, untrained: latency does not depend on the
+weights). Two latency tables per model, both timed here: ``context`` (the profile's default:
+each layer inside the whole model, ``quantize.onnx.incontext``) and ``isolated`` (each layer
+alone). Plans, built directly: ``w8a8`` (every layer INT8) and ``size0.75`` (4-bit weights on
+the largest layers until the stored weights fit 0.75 x INT8, activations 8 bits; the first and
+last layer stay at 8 bits as the default pins do). With ``--ilp`` (ResNet-18 only) the job
+pipeline plans with ``hardware: onnxruntime-cpu`` (its own measured table, a quick Hessian on
+16 random images labelled by the float model): ``size_ratio 0.75`` with ``latency_ratio
+1.15``; when that is infeasible, the smallest feasible latency ratio of 1.15 x 2^(k/4); and
+``size_ratio 0.75`` alone; the jobs' ``model.onnx`` files are timed with the rest.
+
+Each plan is quantized on 16 calibration samples, exported, checked in ONNX Runtime against the
+fake-quant module, and all models of one model are timed whole, interleaved round by round
+(--repeat rounds after 5 warm-up rounds): median and 10th..90th percentile. Printed per plan:
+measured ms, predicted ms and predicted / measured for both tables, and measured / float. The
+machine may be shared: read ratios, not absolute times.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,33 +45,24 @@ from quantize import QuantizeConfig, apply  # noqa: E402
 from quantize.data import CalibrationSet  # noqa: E402
 from quantize.graph import find_layers  # noqa: E402
 from quantize.onnx import export_onnx, session, verify  # noqa: E402
+from quantize.onnx.incontext import uniform_plan  # noqa: E402
 from quantize.onnx.profile import ProfileConfig, cpu_model, profile  # noqa: E402
 from sensitivity import zoo  # noqa: E402
 from solver.options import size_bytes  # noqa: E402
-from solver.plan import FORMAT as PLAN_FORMAT  # noqa: E402
-from solver.plan import VERSION as PLAN_VERSION  # noqa: E402
+
+ILP_HESSIAN = {"max_iter": 4, "tol": 0.5, "seed": 0}  # a quick Hessian: the bench is latency
 
 
 def make_plan(program: torch.export.ExportedProgram, w_bits: dict[str, int]) -> dict:
     """A plan (current format) with the given weight bits per layer and 8-bit activations."""
-    layers = find_layers(program.module())
-    rows = []
-    for layer in layers:
-        n = math.prod(layer.weight_shape)
-        rows.append({"name": layer.name, "kind": layer.kind, "params": n, "macs": 0,
-                     "w_bits": w_bits[layer.name], "a_bits": 8, "weight_trace": None,
-                     "omega": 0.0, "size_bytes": float(size_bytes(n, w_bits[layer.name],
-                                                                  layer.weight_shape[0])),
-                     "bops": 0.0, "latency_ms": None, "drq": None})
-    params = sum(r["params"] for r in rows)
-    return {"version": PLAN_VERSION, "format": PLAN_FORMAT,
-            "model": {"layers": len(rows), "params": params, "macs": 0,
-                      "quantized_params": params, "other_params": 0},
-            "constraints": {}, "status": "optimal", "objective": 0.0,
-            "totals": {"size_bytes": sum(r["size_bytes"] for r in rows), "bops": 0.0,
-                       "latency_ms": None},
-            "limits": {"size_bytes": None, "bops": None, "latency_ms": None},
-            "binding": [], "layers": rows, "diagnosis": None}
+    plan = uniform_plan(find_layers(program.module()), 8, 8)
+    for row in plan["layers"]:
+        n, w = row["params"], w_bits[row["name"]]
+        out = next(x.weight_shape[0] for x in find_layers(program.module())
+                   if x.name == row["name"])
+        row.update(w_bits=w, size_bytes=float(size_bytes(n, w, out)))
+    plan["totals"]["size_bytes"] = sum(r["size_bytes"] for r in plan["layers"])
+    return plan
 
 
 def size_forced(program: torch.export.ExportedProgram, ratio: float) -> dict[str, int]:
@@ -90,20 +93,87 @@ def model_and_data(name: str) -> tuple[torch.export.ExportedProgram, torch.Tenso
         model = zoo.reference_model("resnet18", samples=16)
         data = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(5))
         return zoo.export(model, data[:2]), data
-    raise SystemExit(f"unknown model {name!r}: use cnn, resnet18")
+    if name == "llama":  # tests/hf_zoo.py's tiny decoder, untrained (latency only)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import hf_zoo
+
+        torch.manual_seed(0)
+        model = hf_zoo.CausalLM(hf_zoo.llama()).eval()
+        ids = hf_zoo.calibration_ids(n=32, seq=32, seed=1)
+        return hf_zoo.export(model, (ids[:2],)), ids
+    raise SystemExit(f"unknown model {name!r}: use cnn, resnet18, llama")
 
 
-def whole_model_ms(model, x: np.ndarray, threads: int, repeat: int) -> float:  # noqa: ANN001
-    sess = session(model, threads)
-    name = sess.get_inputs()[0].name
-    for _ in range(5):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeat):
+def time_whole(models: dict[str, onnx.ModelProto], x: np.ndarray, threads: int,
+               repeat: int) -> dict[str, list[float]]:
+    """Wall times (ms) of every model, interleaved: one run of each per round."""
+    sessions = {k: session(m, threads) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(5 + repeat):
+        for k, sess in sessions.items():
+            feed = {sess.get_inputs()[0].name: x}
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            if r >= 5:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def spread(ts: list[float]) -> str:
+    return (f"{np.median(ts):9.3f} [{np.percentile(ts, 10):.3f}..{np.percentile(ts, 90):.3f}]")
+
+
+def ilp_plans(name: str, program_data: torch.Tensor, work: Path
+              ) -> dict[str, tuple[dict, onnx.ModelProto]]:
+    """The job pipeline's plans (``hardware: onnxruntime-cpu``) at size 0.75 with and without
+    a latency limit: {label: (plan, exported model)}."""
+    from service.cache import StageCache
+    from service.pipeline import run_pipeline
+    from solver import Limits, Problem, SolveConfig, solve
+    from solver.errors import InfeasibleError
+
+    model = zoo.reference_model(name, samples=16)
+    x = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    pt2 = zoo.save_model(model, x[:2], work / f"{name}.pt2")
+    calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x, y)
+    cache = StageCache(work / "cache")
+    base = {"hardware": "onnxruntime-cpu", "weight_bits": [4, 8], "activation_bits": [8],
+            "drq": {"enabled": False}, "hessian": ILP_HESSIAN}
+    out: dict[str, tuple[dict, onnx.ModelProto]] = {}
+
+    def job(label: str, limits: dict) -> bool:
         t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+        try:
+            run_pipeline(pt2, calib, {**base, "limits": limits}, work / label, cache=cache,
+                         pareto_points=0, plots=False)
+        except InfeasibleError as exc:
+            print(f"  ILP {label} {limits}: infeasible ({exc.message[:300]})")
+            return False
+        plan = json.loads((work / label / "plan.json").read_text())
+        out[label] = (plan, onnx.load(str(work / label / "model.onnx")))
+        print(f"  ILP {label} {limits}: job {time.perf_counter() - t0:.0f} s, "
+              f"{sum(r['w_bits'] == 4 for r in plan['layers'])} layers at 4 bits, "
+              f"predicted {plan['totals']['latency_ms']:.3f} ms, limit "
+              f"{plan['limits']['latency_ms'] or float('nan'):.3f} ms")
+        return True
+
+    if not job("ilp-lat1.15", {"size_ratio": 0.75, "latency_ratio": 1.15}):
+        problem = Problem.from_json((work / "ilp-lat1.15" / "problem.json").read_text())
+        int8 = json.loads((work / "ilp-lat1.15" / "plan.json").read_text())
+        size_limit = int8["limits"]["size_bytes"]
+        lat8 = int8["limits"]["latency_ms"] / 1.15
+        for k in range(1, 16):  # the smallest feasible ratio on a 2^(1/4) grid (solver only)
+            ratio = round(1.15 * 2 ** (k / 4), 3)
+            sol = solve(Problem(problem.layers, Limits(size_bytes=size_limit,
+                                                       latency_ms=ratio * lat8),
+                                problem.ties), SolveConfig())
+            if sol.choices:
+                job(f"ilp-lat{ratio}", {"size_ratio": 0.75, "latency_ratio": ratio})
+                break
+    job("ilp-size-only", {"size_ratio": 0.75})
+    return out
 
 
 def conv_chain(n: int):  # noqa: ANN201 - onnx.ModelProto
@@ -133,11 +203,61 @@ def conv_chain(n: int):  # noqa: ANN201 - onnx.ModelProto
 
 
 def chain_probe(threads: int, repeat: int) -> None:
-    """Wall time per conv of a chain of 1, 4, 8 identical convs (the profile times one)."""
+    """Wall time per conv of a chain of 1, 4, 8 identical convs (the isolated profile times
+    one)."""
     x = np.random.default_rng(0).random((1, 64, 56, 56), dtype=np.float32) * 5
-    for n in (1, 4, 8):
-        ms = whole_model_ms(conv_chain(n), x, threads, repeat)
-        print(f"  chain of {n}: {ms / n:.3f} ms per conv")
+    times = time_whole({n: conv_chain(n) for n in (1, 4, 8)}, x, threads, repeat)
+    for n, ts in times.items():
+        print(f"  chain of {n}: {np.median(ts) / n:.3f} ms per conv")
+
+
+def bench_model(name: str, args: argparse.Namespace) -> None:
+    program, data = model_and_data(name)
+    x = data[: args.batch].numpy()
+    tables = {}
+    for method in ("context", "isolated"):
+        t0 = time.perf_counter()
+        doc = profile(program, ProfileConfig(weight_bits=(4, 8), activation_bits=(8,),
+                                             batch=args.batch, threads=args.threads,
+                                             repeat=args.repeat, method=method))
+        tables[method] = doc["latency_table"]
+        extra = (f", rest {doc['rest_ms']:.3f} ms, option scale {doc['scale']}, isolated "
+                 f"fallbacks {doc['fallback'] or 'none'}" if method == "context" else "")
+        print(f"\n{name}: {method} profile {time.perf_counter() - t0:.0f} s{extra}")
+    train, holdout = CalibrationSet((data[:16],)), CalibrationSet((data[16:],))
+    layers = [x.name for x in find_layers(program.module())]
+    plans = {"w8a8": make_plan(program, dict.fromkeys(layers, 8)),
+             "size0.75": make_plan(program, size_forced(program, 0.75))}
+    models = {"float": export_onnx(program, None)}
+    agreement = {}
+    for plan_name, plan in plans.items():
+        res = apply(program, plan, train, holdout, QuantizeConfig(batch_size=8))
+        models[plan_name] = export_onnx(program, res.checkpoint)
+        agreement[plan_name] = verify(program, res.checkpoint, models[plan_name],
+                                      holdout)["top1_agreement"]
+    if args.ilp and name == "resnet18":
+        with tempfile.TemporaryDirectory(prefix="bitplan-deploy-") as tmp:
+            for label, (plan, model) in ilp_plans(name, data, Path(tmp)).items():
+                plans[label], models[label] = plan, model
+    times = time_whole(models, x, args.threads, args.repeat)
+    fp32 = float(np.median(times["float"]))
+    print(f"  {'plan':<16} {'measured ms [p10..p90]':>32} {'pred ctx':>9} {'ctx/meas':>8} "
+          f"{'pred iso':>9} {'iso/meas':>8} {'meas/float':>10} {'4-bit':>5} {'top-1':>6}")
+    print(f"  {'float':<16} {spread(times['float']):>32}")
+    for plan_name, plan in plans.items():
+        measured = float(np.median(times[plan_name]))
+        bits = {r["name"]: r["w_bits"] for r in plan["layers"]}
+        pred = {m: sum(t[n][f"w{bits[n]}a8"] for n in layers) for m, t in tables.items()}
+        agree = agreement.get(plan_name, (plan.get("onnx") or {}).get("top1_agreement"))
+        print(f"  {plan_name:<16} {spread(times[plan_name]):>32} {pred['context']:9.3f} "
+              f"{pred['context'] / measured:8.2f} {pred['isolated']:9.3f} "
+              f"{pred['isolated'] / measured:8.2f} {measured / fp32:10.2f} "
+              f"{sum(b == 4 for b in bits.values()):5d} "
+              f"{agree if agree is not None else float('nan'):6.3f}")
+        limit = (plan.get("limits") or {}).get("latency_ms")
+        if limit:
+            print(f"  {'':<16} latency limit {limit:.3f} ms (job's table): measured / limit "
+                  f"{measured / limit:.2f}")
 
 
 def main() -> None:
@@ -146,36 +266,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--ilp", action="store_true",
+                    help="ResNet-18: also the job pipeline's plans with and without a latency "
+                    "limit (minutes)")
     ap.add_argument("--chain", action="store_true",
                     help="also time chains of 1/4/8 identical W8A8 convs (per conv)")
     args = ap.parse_args()
     print(f"CPU: {cpu_model()}; batch {args.batch}, {args.threads} thread(s), "
-          f"median of {args.repeat} runs")
+          f"median of {args.repeat} interleaved rounds")
     if args.chain:
         chain_probe(args.threads, args.repeat)
     for name in args.models.split(","):
-        program, data = model_and_data(name)
-        x = data[: args.batch].numpy()
-        table = profile(program, ProfileConfig(weight_bits=(4, 8), activation_bits=(8,),
-                                               batch=args.batch, threads=args.threads,
-                                               repeat=args.repeat))["latency_table"]
-        fp32 = whole_model_ms(export_onnx(program, None), x, args.threads, args.repeat)
-        print(f"\n{name}: float ONNX {fp32:.3f} ms")
-        print(f"  {'plan':<9} {'measured':>9} {'predicted':>10} {'pred/meas':>10} "
-              f"{'meas/float':>11} {'top-1 agr.':>10}")
-        train, holdout = CalibrationSet((data[:16],)), CalibrationSet((data[16:],))
-        layers = [x.name for x in find_layers(program.module())]
-        for plan_name, bits in (("w8a8", dict.fromkeys(layers, 8)),
-                                ("size0.75", size_forced(program, 0.75))):
-            res = apply(program, make_plan(program, bits), train, holdout, QuantizeConfig(
-                batch_size=8))
-            model = export_onnx(program, res.checkpoint)
-            check = verify(program, res.checkpoint, model, holdout)
-            measured = whole_model_ms(model, x, args.threads, args.repeat)
-            predicted = sum(table[n][f"w{bits[n]}a8"] for n in layers)
-            print(f"  {plan_name:<9} {measured:9.3f} {predicted:10.3f} "
-                  f"{predicted / measured:10.2f} {measured / fp32:11.2f} "
-                  f"{check['top1_agreement']:10.3f}")
+        bench_model(name, args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,23 @@
 """Measured per-layer latency in ONNX Runtime: a ``latency_table`` for the constraints.
 
-Every quantizable layer is timed in isolation, for every (weight bits, activation bits)
-option, as the QDQ subgraph the export writes for it (input Q/DQ on an activation grid of the
-option's bits, integer weight initializer -> DequantizeLinear, int32 bias, Conv / Gemm /
-MatMul, output Q/DQ on an 8-bit grid) at the layer's real input shape with the chosen batch.
-The weights are random codes of the right width (the kernels' speed does not depend on their
-values). Each timing is the median of ``repeat`` runs after ``warmup`` runs. Tags are the
-solver's ``w<w>a<a>``; DRQ tags are left to the solver, which mixes ``w<w>a8`` and
-``w<min(w,4)>a4`` by the DRQ fraction.
+Two methods (``ProfileConfig.method``):
+
+- ``context`` (default, :mod:`.incontext`): every layer timed inside the whole exported model,
+  one model per option with every layer at that option, from ONNX Runtime's per-node profile;
+  the glue no layer owns and the per-run overhead are measured on the all-W8A8 model and
+  spread over the layers (the same amount on each option of a layer). The sum of a plan's
+  entries is its predicted whole-model latency.
+- ``isolated``: every layer alone, as the QDQ subgraph the export writes for it (input Q/DQ
+  on an activation grid of the option's bits, integer weight initializer -> DequantizeLinear,
+  int32 bias, Conv / Gemm / MatMul, output Q/DQ on an 8-bit grid) at the layer's real input
+  shape. It misses the glue between layers and counts a Transpose pair and a run overhead per
+  layer; ``context`` falls back to it for an option whose uniform model fails and for a layer
+  no node of the optimised graph is named after.
+
+Weights in ``isolated`` are random codes of the right width, inputs of ``context`` random
+samples (the kernels' speed does not depend on the values). Each timing is the median of
+``repeat`` runs after ``warmup`` runs. Tags are the solver's ``w<w>a<a>``; DRQ tags are left
+to the solver, which mixes ``w<w>a8`` and ``w<min(w,4)>a4`` by the DRQ fraction.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from .ops import conv, linear
 from .verify import onnxruntime, session
 
 FORMAT = "bitplan-latency/1"
+VERSION = 2  # 2: method, rest_ms, whole_ms, fallback (the table itself as in 1)
+METHODS = ("context", "isolated")
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class ProfileConfig:
     repeat: int = 30  # the median of these runs is reported
     seed: int = 0  # the random weight codes and inputs
     layers: tuple[str, ...] | None = field(default=None)  # None: every quantizable layer
+    method: str = "context"  # in the whole model (module docstring); "isolated": layer alone
 
     def __post_init__(self) -> None:
         if self.version != 1:
@@ -55,6 +68,12 @@ class ProfileConfig:
             raise BadConstraintsError(f"bits must be in 2..8 and non-empty, got {bad}")
         if min(self.batch, self.threads, self.warmup + 1, self.repeat) < 1:
             raise BadConstraintsError("batch, threads and repeat must be >= 1, warmup >= 0")
+        if self.method not in METHODS:
+            raise BadConstraintsError(f"profile method must be one of {METHODS}, "
+                                      f"got {self.method!r}")
+        if self.method == "context" and self.layers is not None:
+            raise BadConstraintsError("the context method times the whole model: "
+                                      "give no layer subset (or method 'isolated')")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,24 +163,55 @@ def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = N
             raise BadConstraintsError(f"unknown layers {unknown}")
         layers = [layer for layer in layers if layer.name in cfg.layers]
     shapes = _input_shapes(gm, layers, cfg.batch)
-    table: dict[str, dict[str, float]] = {}
     options = [(w, a) for w in cfg.weight_bits for a in cfg.activation_bits]
     if (8, 8) not in options:
         options.append((8, 8))  # latency ratios are relative to the all-INT8 model
+    tags = [f"w{w}a{a}" for w, a in options]
+    ctx: dict[str, Any] = {}
+    if cfg.method == "context":
+        from .incontext import measure
+
+        ctx = measure(program, options, cfg.batch, cfg.threads, cfg.warmup, cfg.repeat,
+                      cfg.seed)
+        if progress is not None:
+            progress("profile", 0.5)
+    table: dict[str, dict[str, float]] = {}
+    fallback: dict[str, list[str]] = {}
     for i, layer in enumerate(layers):
-        table[layer.name] = {
-            f"w{w}a{a}": round(time_model(layer_model(layer, shapes[layer.name], w, a,
-                                                      cfg.seed), shapes[layer.name], cfg), 6)
-            for w, a in options
-        }
+        row = ctx.get("table", {}).get(layer.name, {})
+        share = ctx.get("share", {}).get(layer.name, 0.0)
+        scale = ctx.get("scale", {})
+        table[layer.name] = {}
+        for (w, a), tag in zip(options, tags, strict=True):
+            ms = row.get(tag)
+            if ms is not None:
+                ms *= scale.get(tag, 1.0)
+            else:  # isolated (the method, a failed uniform model or no named node)
+                ms = time_model(layer_model(layer, shapes[layer.name], w, a, cfg.seed),
+                                shapes[layer.name], cfg)
+                if cfg.method == "context":
+                    fallback.setdefault(layer.name, []).append(tag)
+            table[layer.name][tag] = round(max(0.0, ms + share), 6)
         if progress is not None:
             progress("profile", (i + 1) / len(layers))
-    return {
+    out = {
         "format": FORMAT,
-        "version": 1,
+        "version": VERSION,
+        "method": cfg.method,
         "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
         "cpu": cpu_model(),
         "config": cfg.to_dict(),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
         "latency_table": table,
     }
+    if cfg.method == "context":
+        out.update({
+            "rest_ms": round(ctx["rest_ms"], 6),  # spread over the layers' entries
+            "scale": {k: round(v, 6) for k, v in ctx["scale"].items()},
+            "whole_ms": {k: round(v, 6) for k, v in ctx["whole_ms"].items()},
+            "unattributed_ms": {k: round(v, 6) for k, v in sorted(
+                ctx["unattributed"].items(), key=lambda kv: -kv[1])},
+            "failed_options": ctx["failed"],
+            "fallback": fallback,  # {layer: [tags timed in isolation]}
+        })
+    return out

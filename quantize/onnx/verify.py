@@ -2,9 +2,12 @@
 
 The fake-quant module (``quantize.load``) is the reference: ONNX Runtime runs the exported
 graph on the held-out samples and must agree on the top-1 class for at least
-``VerifyConfig.min_top1_agreement`` of them, with 99 % of the output values within
-``max_step_p99`` steps of an 8-bit grid over the output's range (the output grid itself when it
-has 8 bits or fewer; for the default 16-bit logits grid one such step is 256 of its steps).
+``VerifyConfig.min_top1_agreement`` of them (leaving out near-ties: samples whose reference top
+two outputs are within twice the allowed output deviation, where a flip is within the output
+bar; a random-weight ResNet-18 on random images has most of its samples there), with 99 % of
+the output values within ``max_step_p99`` steps of an 8-bit grid over the output's range (the
+output grid itself when it has 8 bits or fewer; for the default 16-bit logits grid one such
+step is 256 of its steps).
 
 The two differ only by rounding: ONNX requantises in float (round half to even) where the
 checkpoint uses dyadic integer multipliers (round half up), so values that float arithmetic
@@ -138,7 +141,9 @@ def verify(
     sess = session(model, cfg.threads)
     fake = build_fake_quant(program, ckpt)
     grid = _output_grid(ckpt)
-    n = agree = 0
+    n = 0
+    agrees: list[np.ndarray] = []
+    margins: list[np.ndarray] = []
     diffs: list[np.ndarray] = []
     ref_scale = 0.0
     with torch.no_grad():
@@ -148,8 +153,11 @@ def verify(
             ref = fake(*batch.args).detach().to(torch.float64).numpy()[: batch.size]
             got = run(sess, batch.args).astype(np.float64)[: batch.size]
             n += batch.size
-            agree += int((ref.reshape(batch.size, -1).argmax(1)
-                          == got.reshape(batch.size, -1).argmax(1)).sum())
+            flat = ref.reshape(batch.size, -1)
+            agrees.append(flat.argmax(1) == got.reshape(batch.size, -1).argmax(1))
+            top2 = np.sort(flat, axis=1)[:, -2:] if flat.shape[1] > 1 else None
+            margins.append(top2[:, 1] - top2[:, 0] if top2 is not None
+                           else np.full(batch.size, np.inf))
             diffs.append(np.abs(ref - got).reshape(-1))
             ref_scale = max(ref_scale, float(np.abs(ref).max()) if ref.size else 0.0)
     diff = np.concatenate(diffs) if diffs else np.zeros(1)
@@ -158,11 +166,18 @@ def verify(
     else:  # a float output: grids over its observed range
         unit, unit8 = max(ref_scale, 1e-12) / 32767.0, max(ref_scale, 1e-12) / 127.0
     steps, steps8 = diff / unit, diff / unit8
+    agree = np.concatenate(agrees) if agrees else np.zeros(0, bool)
+    # a sample whose reference top two are closer than two outputs each moved by the allowed
+    # deviation is a tie: its top-1 may flip within the output bar, so it is not counted
+    decisive = (np.concatenate(margins) if margins else np.zeros(0)) > \
+        2 * cfg.max_step_p99 * unit8
     result = {
         "format": "bitplan-onnx/1",
         "opset": int(model.opset_import[0].version),
         "samples": n,
-        "top1_agreement": agree / n if n else None,
+        "top1_agreement": float(agree.mean()) if n else None,
+        "tied_samples": int(n - decisive.sum()),
+        "top1_agreement_decisive": float(agree[decisive].mean()) if decisive.any() else 1.0,
         "output_step": unit,
         "output_grid": "model" if grid is not None else "float output: 1/32767 of its range",
         "step8": unit8,
@@ -175,13 +190,14 @@ def verify(
         "model_bytes": model.ByteSize(),
         "criteria": cfg.to_dict(),
     }
-    ok = (n > 0 and result["top1_agreement"] >= cfg.min_top1_agreement
+    ok = (n > 0 and result["top1_agreement_decisive"] >= cfg.min_top1_agreement
           and result["p99_steps8"] <= cfg.max_step_p99 and math.isfinite(result["max_steps"]))
     result["passed"] = bool(ok)
     if not ok:
         raise ExportMismatchError(
             f"ONNX Runtime disagrees with the fake-quant module: top-1 agreement "
-            f"{result['top1_agreement']}, 99th percentile {result['p99_steps8']:.2f} steps of an "
+            f"{result['top1_agreement_decisive']:.3f} on the {n - result['tied_samples']} "
+            f"samples without a near-tie, 99th percentile {result['p99_steps8']:.2f} steps of an "
             f"8-bit output grid (need >= {cfg.min_top1_agreement} and <= {cfg.max_step_p99})",
             detail=result,
         )
