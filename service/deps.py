@@ -12,14 +12,15 @@ from .core import BitplanService
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
-def get_service(request: Request) -> BitplanService:
+async def get_service(request: Request) -> BitplanService:
+    # async: a plain function dependency would cost a thread-pool hop on every request
     return request.app.state.service
 
 
 ServiceDep = Annotated[BitplanService, Depends(get_service)]
 
 
-def require_api_key(
+async def require_api_key(
     svc: ServiceDep,
     x_api_key: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,

@@ -294,9 +294,10 @@ def run_pipeline(
     (``PipelineResult.reused``).
     """
     from sensitivity.intake import IntakeConfig
-    from sensitivity.intake import intake as run_intake
     from solver import SolveConfig, build_problem, make_plan, solve
     from solver.options import OptionsConfig, reference_totals
+
+    from .validation import checked_intake
 
     if not isinstance(constraints, Constraints):
         constraints = parse_constraints(
@@ -310,7 +311,7 @@ def run_pipeline(
 
     # 1. intake
     tick("intake", 0.0)
-    intake = run_intake(
+    intake = checked_intake(  # the upload's model is loaded here first: failures are typed
         model_path,
         calib_path,
         IntakeConfig(holdout_fraction=holdout_fraction, seed=constraints.hessian.seed),

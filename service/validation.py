@@ -1,9 +1,14 @@
 """Checks run on a submission before it is queued, so that a bad upload fails the request (4xx)
-and not, minutes later, the job.
+and not, minutes later, the job; and the intake the worker runs, with the same typed errors.
 
-The model must be a pt2 zip that ``torch.export.load`` accepts (never unpickled), the
-calibration file a safetensors file whose tensors fit the model's inputs and are finite; both
-checks are the intake's own (``sensitivity.intake``), run once here on the uploaded files.
+At submission the model is not loaded: its forward signature is read from the archive's JSON
+(``sensitivity.signature``: input names, dtypes, shapes, embedding sizes, the output's shape;
+nothing unpickled, milliseconds), the calibration file is loaded (``load_calibration``: header,
+finiteness, labels) and checked against that signature as the intake would (names, shapes,
+integer dtypes and token-id ranges, labels against the output). The full load
+(``torch.export.load``, guarded against pickles) and a forward pass happen in the worker
+(:func:`checked_intake`); a model that fails there fails its job with ``bad_model``. An archive
+whose JSON this reader does not know is loaded in full at submission instead, as before.
 """
 
 from __future__ import annotations
@@ -40,28 +45,14 @@ def check_calibration_file(path: Path) -> None:
         )
 
 
-def validate_submission(
-    model_path: Path,
-    calib_path: Path,
-    constraints: Constraints,
-    holdout_fraction: float,
-    max_calib_bytes: int | None = None,
-) -> dict[str, Any]:
-    """Load and check the model + calibration pair like a job would; returns the model summary.
+def checked_intake(model_path: Path, calib_path: Path, cfg: Any) -> Any:
+    """``sensitivity.intake.intake`` with every failure typed: BadModelError for what torch
+    raises on a corrupt archive or a graph that does not run, BadCalibrationError for unusable
+    calibration data (a ValueError). The worker's first stage, and the submission's fallback."""
+    from sensitivity.intake import intake
 
-    Raises BadModelError / BadCalibrationError / BadConstraintsError / TooLargeError.
-    """
-    from sensitivity.intake import IntakeConfig, intake
-
-    check_model_file(model_path)
-    check_calibration_file(calib_path)
-    cfg = IntakeConfig(
-        holdout_fraction=holdout_fraction,
-        seed=constraints.hessian.seed,
-        max_calib_bytes=max_calib_bytes,
-    )
     try:
-        result = intake(model_path, calib_path, cfg)
+        return intake(model_path, calib_path, cfg)
     except BitplanError:
         raise
     except ValueError as exc:
@@ -72,4 +63,33 @@ def validate_submission(
         raise BadModelError(
             f"could not load the model with its calibration data ({type(exc).__name__}: {exc})"
         ) from None
-    return result.summary()
+
+
+def validate_submission(
+    model_path: Path,
+    calib_path: Path,
+    constraints: Constraints,
+    holdout_fraction: float,
+    max_calib_bytes: int | None = None,
+) -> None:
+    """Check the model + calibration pair before it is queued (see the module docstring).
+
+    Raises BadModelError / BadCalibrationError / BadConstraintsError / TooLargeError.
+    """
+    from sensitivity.intake import IntakeConfig, load_calibration
+    from sensitivity.signature import SignatureUnreadable, check_inputs, read_signature
+
+    check_model_file(model_path)
+    check_calibration_file(calib_path)
+    cfg = IntakeConfig(
+        holdout_fraction=holdout_fraction,
+        seed=constraints.hessian.seed,
+        max_calib_bytes=max_calib_bytes,
+    )
+    try:
+        signature = read_signature(model_path)
+    except SignatureUnreadable as exc:
+        log.info("model signature not readable from its JSON (%s): loading the model", exc)
+        checked_intake(model_path, calib_path, cfg)
+        return
+    check_inputs(signature, load_calibration(calib_path, max_calib_bytes))

@@ -1,10 +1,19 @@
 """``bitplan worker``: run queued jobs (no API). Scale out by starting more of these against the
-same BITPLAN_REDIS_URL and BITPLAN_DATABASE_URL (and shared BITPLAN_DATA_DIR storage)."""
+same BITPLAN_REDIS_URL and BITPLAN_DATABASE_URL (and shared BITPLAN_DATA_DIR storage).
+``bitplan serve`` starts one as its child process (``--nice``, ``--parent-pid``)."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +25,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-dir", help="override BITPLAN_DATA_DIR")
     p.add_argument("--jobs", type=int, help="override BITPLAN_MAX_CONCURRENT_JOBS")
+    p.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by N")
+    p.add_argument("--parent-pid", type=int,
+                   help="exit when process PID ends (`bitplan serve` starts its worker so)")
     p.set_defaults(func=run)
+
+
+def _die_with(parent: int) -> None:
+    """End this process with ``parent``: on Linux the kernel SIGKILLs it when the parent dies
+    (as the worker thread of a crashed API would die); elsewhere, and if the parent is already
+    gone, a watcher sends SIGTERM (a clean stop)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="bitplan-parent-watch", daemon=True).start()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from ..queue import JobQueue, Worker
     from ..settings import Settings
 
+    if args.parent_pid is not None:
+        _die_with(args.parent_pid)
+    if args.nice:
+        os.nice(args.nice)
     logging.getLogger("service").setLevel(logging.INFO)
     overrides = {}
     if args.data_dir is not None:
@@ -36,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     queue = JobQueue(settings, store)
     print(
         f"bitplan: worker with {settings.max_concurrent_jobs} thread(s) on "
-        f"{'Redis' if settings.redis_url else settings.queue_path}",
+        f"{'Redis' if settings.redis_url else settings.queue_path}"
+        f"{f', nice {os.nice(0)}' if args.nice else ''}",
         flush=True,
     )
     try:

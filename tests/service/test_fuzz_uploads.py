@@ -255,11 +255,14 @@ def calib_mutations(calib: bytes, seed: int = 1) -> list[tuple[str, bytes]]:
 # -- the test ----------------------------------------------------------------------------------
 
 def _intake_only(model_path, calib_path, constraints_, out_dir, **kwargs):
-    """The worker's pipeline cut after its first stage (the real intake on the stored files)."""
-    from sensitivity.intake import IntakeConfig, intake
+    """The worker's pipeline cut after its first stage (the real intake on the stored files,
+    its failures typed as the pipeline's)."""
+    from sensitivity.intake import IntakeConfig
+    from service.validation import checked_intake
 
     kwargs["progress"]("intake", 0.0)
-    intake(model_path, calib_path, IntakeConfig(holdout_fraction=kwargs["holdout_fraction"]))
+    checked_intake(model_path, calib_path,
+                   IntakeConfig(holdout_fraction=kwargs["holdout_fraction"]))
     kwargs["progress"]("intake", 1.0)
 
 
@@ -300,5 +303,10 @@ def test_mutated_uploads_are_refused_or_fail_typed_and_nothing_unpickles(
     print(outcomes)
     assert unpickle_calls == []
     assert not marker.exists()
-    # the fuzz reached both sides: refusals and (harmless data flips) accepted jobs
-    assert sum(v for k, v in outcomes.items() if not k.startswith("job")) >= 150
+    # The fuzz reached every side: refusals at submission, accepted jobs that fail typed (a
+    # damaged model is loaded only by the worker) and harmless data flips that succeed.
+    # Measured 151 / 24 / 25 (seeded mutations, no float arithmetic: the same on every CPU);
+    # the bounds only say each side is well exercised.
+    assert sum(v for k, v in outcomes.items() if not k.startswith("job")) >= 100
+    assert sum(v for k, v in outcomes.items() if k.startswith("job failed")) >= 10
+    assert outcomes.get("job succeeded", 0) >= 10
