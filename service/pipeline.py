@@ -326,7 +326,7 @@ def run_pipeline(
     if sens is not None:
         reused.append("sensitivity")
     else:
-        sens = _measure(intake, constraints, device, tick, memory_budget)
+        sens = _measure(intake, constraints, device, tick, memory_budget)  # + activations
         if constraints.hessian.omega == "measured":
             sens = _measured_omegas(intake, sens, constraints, device, tick)
         elif constraints.hessian.omega == "diagonal":  # needs the in-memory diagonals
@@ -335,6 +335,9 @@ def run_pipeline(
     if constraints.hessian.omega != "diagonal":  # diagonal: omega_wg cached with the rest
         sens = _group_omegas(intake, sens, constraints)
     _write_atomic(out / SENSITIVITY_FILE, sens.to_json())
+    # the layer input ranges, measured once (with the sensitivity, cached with it) and handed
+    # to regions and quantize, so every stage uses the same activation grids
+    activations = sens.activations or _observe(intake, sens, device)
     tick("sensitivity", 1.0)
 
     # 3. regions (DRQ)
@@ -346,7 +349,7 @@ def run_pipeline(
             reused.append("regions")
         else:
             regions = _regions(intake, sens, constraints, device, tick,
-                               chunk=_forward_chunk(sens))
+                               chunk=_forward_chunk(sens), activations=activations)
             cache.put("regions", r_key, regions.to_json())
         _write_atomic(out / REGIONS_FILE, regions.to_json())
         tick("regions", 1.0)
@@ -354,9 +357,17 @@ def run_pipeline(
     # 4-5. options, solve, plan
     tick("solve", 0.0)
     hardware, latency_table = constraints.hardware, constraints.latency_table
+    latency_source = None  # where the plan's latencies come from (recorded in plan.json)
     if hardware == "onnxruntime-cpu":  # measured here (cached), instead of a roofline profile
-        latency_table = _measured_latency(model_path, intake, constraints, cache, reused, out)
+        latency_table, latency_source = _measured_latency(model_path, intake, constraints,
+                                                          cache, reused, out)
         hardware = None
+    elif hardware is not None:
+        from solver.hardware import get_profile
+
+        latency_source = get_profile(hardware).latency_source()
+    elif latency_table is not None:
+        latency_source = {"kind": "table", "file": None}  # the constraints' own table
     opts = OptionsConfig(
         weight_bits=tuple(constraints.weight_bits),
         activation_bits=tuple(constraints.activation_bits),
@@ -379,6 +390,7 @@ def run_pipeline(
         specs,
         constraints.to_dict(),
         model_summary(intake.program, intake.layers, intake.float_params),
+        latency_source,
     )
     _write_json(out / PLAN_FILE, plan)
     if not solution.choices:
@@ -390,7 +402,8 @@ def run_pipeline(
     # else; sensitivity and regions are done with the calibration set by now)
     if evaluation is not None:
         intake.holdout = evaluation
-    result = _quantize(intake, plan, device, tick, chunk=_forward_chunk(sens))
+    result = _quantize(intake, plan, device, tick, chunk=_forward_chunk(sens),
+                       activations=activations)
     result.report["evaluation"] = {
         "source": "evaluation file" if evaluation is not None else "held-out calibration share",
         "samples": len(intake.holdout),
@@ -409,7 +422,8 @@ def run_pipeline(
         if hit is not None:
             return json.loads(hit)
         quiet = lambda stage, fraction: tick.check()  # noqa: E731 (the point's own stages)
-        metrics = _quantize(intake, point_plan, device, quiet).report["metrics"]
+        metrics = _quantize(intake, point_plan, device, quiet, chunk=_forward_chunk(sens),
+                            activations=activations).report["metrics"]
         cache.put("evaluations", key, json.dumps(metrics))
         return metrics
 
@@ -466,12 +480,14 @@ def _load_evaluation(intake: Any, path: str | Path) -> Any:
 
 
 def _measured_latency(model_path: str | Path, intake: Any, constraints: Constraints,
-                      cache: StageCache, reused: list[str], out: Path) -> dict[str, Any]:
+                      cache: StageCache, reused: list[str], out: Path
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``hardware: onnxruntime-cpu``: every layer's latency per option measured in ONNX
     Runtime (``quantize.onnx.profile``, batch 1, one thread), cached by model bytes, options,
-    batch, threads, runtime version and CPU model; written to ``latency.json``."""
+    batch, threads, runtime version and CPU model; written to ``latency.json``. Returns the
+    table and the plan's ``latency_source``."""
     from quantize.onnx import onnxruntime
-    from quantize.onnx.profile import ProfileConfig, cpu_model, profile
+    from quantize.onnx.profile import ProfileConfig, cpu_model, latency_source, profile
 
     from .cache import stage_key
 
@@ -489,7 +505,7 @@ def _measured_latency(model_path: str | Path, intake: Any, constraints: Constrai
         result = profile(intake.program, cfg)
         cache.put("latency", key, json.dumps(result))
     _write_json(out / LATENCY_FILE, result)
-    return result["latency_table"]
+    return result["latency_table"], latency_source(result, LATENCY_FILE, key)
 
 
 def _forward_chunk(sens: Any) -> int | None:
@@ -497,10 +513,21 @@ def _forward_chunk(sens: Any) -> int | None:
     return (sens.model.get("memory") or {}).get("forward_chunk")
 
 
+def _observe(intake: Any, sens: Any, device: torch.device) -> Any:
+    """The layer input statistics of the train split (``quantize.observe``), for a sensitivity
+    result that does not carry them (measured without activation traces)."""
+    from quantize.observe import observe
+
+    return observe(intake.module, [layer.graph for layer in intake.layers], intake.train,
+                   intake.chunk_size(_forward_chunk(sens) or 64), intake.batch_size is not None,
+                   device)
+
+
 def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
-              progress: ProgressFn, chunk: int | None = None) -> Any:
+              progress: ProgressFn, chunk: int | None = None, activations: Any = None) -> Any:
     """quantize.apply on the intake's split: checkpoint, fake-quant module and report;
-    ``chunk``: samples per forward pass of a dynamic-batch program."""
+    ``chunk``: samples per forward pass of a dynamic-batch program; ``activations``: the job's
+    layer input statistics."""
     from quantize import QuantizeConfig, apply
 
     return apply(
@@ -513,6 +540,7 @@ def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
         device=device,
         progress=progress,
         token_input=intake.token_input,
+        activations=activations,
     )
 
 
@@ -554,6 +582,7 @@ def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: 
     cfg = HessianConfig(
         max_iter=h.max_iter, tol=h.tol, seed=h.seed, min_iter=min(10, h.max_iter),
         batch_size=h.batch_size, memory_budget=memory_budget, diagonal=h.omega == "diagonal",
+        sampling=h.sampling,
     )
     tick("sensitivity", 0.0)
     return measure(intake, cfg, device, tick)
@@ -597,7 +626,7 @@ def _measured_omegas(
     if constraints.uses_drq:
         weight_bits |= {min(b, 4) for b in weight_bits}  # DRQ's insensitive regions
     m = measured_omegas(intake, sorted(weight_bits), sorted(set(constraints.activation_bits)),
-                        device=device, progress=tick)
+                        device=device, progress=tick, activations=sens.activations)
     layers = [
         dataclasses.replace(s, omega_w=m.omega_w[s.name],
                             omega_a=m.omega_a[s.name] if s.omega_a else {})
@@ -610,7 +639,7 @@ def _measured_omegas(
 
 def _regions(
     intake: Any, sens: Any, constraints: Constraints, device: torch.device, tick: _Guard,
-    chunk: int | None = None,
+    chunk: int | None = None, activations: Any = None,
 ) -> Any:
     from sensitivity.regions import RegionConfig, calibrate
 
@@ -635,4 +664,5 @@ def _regions(
         batch_size=intake.batch_size,
         device=device,
         progress=tick,
+        activations=activations,
     )

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import BadConstraintsError
 
@@ -44,15 +44,75 @@ def drq_split(drq: dict) -> tuple[float, int, int]:
 
 
 @dataclass(frozen=True)
-class HardwareProfile:
-    """Roofline: peak integer throughput (MACs per second per precision class) and memory
-    bandwidth."""
+class _Profile:
+    """What every profile kind shares: a name, what it models, where its figures come from,
+    the one ``latency_ms`` signature (checked by ``supports``, computed by ``_ms``) and the
+    JSON reader (exactly ``KEYS``, ``kind`` aside)."""
 
     name: str
     description: str
     source: str
+
+    KIND: ClassVar[str] = ""
+    KEYS: ClassVar[frozenset[str]] = frozenset({"name", "description", "source"})
+
+    def supports(self, w_bits: int, a_bits: float, drq: dict | None = None) -> bool:
+        return True
+
+    def _ms(self, macs: float, params: float, w_bits: int, a_bits: float, input_numel: float,
+            drq: dict | None) -> float:
+        raise NotImplementedError
+
+    def _refusal(self, w_bits: int, a_bits: float, drq: dict | None) -> str:
+        return f"profile {self.name!r} does not run w{w_bits}a{a_bits:g}"
+
+    def latency_ms(
+        self,
+        macs: float,
+        params: float,
+        w_bits: int,
+        a_bits: float,
+        input_numel: float,
+        drq: dict | None = None,
+    ) -> float:
+        """Modelled latency of one layer in ms at (w, a) bits, or a DRQ option (``drq`` with
+        ``mac_fraction``, ``high_bits``, ``low_bits``; split as :func:`drq_split` says).
+        Raises BadConstraintsError for a precision the profile does not run."""
+        if not self.supports(w_bits, a_bits, drq):
+            raise BadConstraintsError(self._refusal(w_bits, a_bits, drq))
+        return self._ms(macs, params, w_bits, a_bits, input_numel, drq)
+
+    def latency_source(self) -> dict[str, Any]:
+        """The plan's ``latency_source`` for latencies from this profile (modelled)."""
+        return {"kind": "modelled", "profile": self.name, "profile_kind": self.KIND,
+                "source": self.source}
+
+    @classmethod
+    def _fields(cls, obj: dict[str, Any]) -> dict[str, Any]:
+        """Typed constructor arguments of a checked JSON object (its kind's own fields)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Any:
+        obj = {k: v for k, v in obj.items() if k != "kind"} if isinstance(obj, dict) else obj
+        if not isinstance(obj, dict) or set(obj) != cls.KEYS:
+            raise BadConstraintsError(
+                f"a {cls.KIND} hardware profile needs exactly the keys {sorted(cls.KEYS)} "
+                "(and kind)")
+        return cls(name=obj["name"], description=obj["description"], source=obj["source"],
+                   **cls._fields(obj))
+
+
+@dataclass(frozen=True)
+class HardwareProfile(_Profile):
+    """Roofline: peak integer throughput (MACs per second per precision class) and memory
+    bandwidth. Every precision runs (at its class's rate)."""
+
     macs_per_s: dict[int, float]
     bandwidth_bytes_per_s: float
+
+    KIND: ClassVar[str] = "roofline"
+    KEYS: ClassVar[frozenset[str]] = _Profile.KEYS | {"macs_per_s", "bandwidth_bytes_per_s"}
 
     def __post_init__(self) -> None:
         if set(self.macs_per_s) != set(CLASSES):
@@ -72,19 +132,12 @@ class HardwareProfile:
             f"profile {self.name!r} has no integer rate for {bits}-bit operands (max 8)"
         )
 
-    def latency_ms(
-        self,
-        macs: float,
-        params: float,
-        w_bits: int,
-        a_bits: float,
-        input_numel: float,
-        drq: dict | None = None,
-    ) -> float:
-        """Roofline latency in ms. For a DRQ option (``drq`` with ``mac_fraction`` f,
-        ``high_bits``, ``low_bits``) a fraction f of the MACs are ``w x high`` multiplications at
-        that class's rate and the rest ``min(w, low) x low`` at the low class's rate, as the DRQ
-        runtime computes them; its input moves as high-bit codes (the predictor reads them)."""
+    def _ms(self, macs: float, params: float, w_bits: int, a_bits: float, input_numel: float,
+            drq: dict | None) -> float:
+        """Roofline: ``max(compute, bytes moved / bandwidth)``. For a DRQ option a fraction f
+        of the MACs are ``w x high`` multiplications at that class's rate and the rest
+        ``min(w, low) x low`` at the low class's rate, as the DRQ runtime computes them; its
+        input moves as high-bit codes (the predictor reads them)."""
         if drq is not None:
             f, hi, lo = drq_split(drq)
             compute = macs * (f / self.rate(max(w_bits, hi))
@@ -95,27 +148,14 @@ class HardwareProfile:
         moved = math.ceil(params * w_bits / 8) + input_numel * a_bits / 8
         return max(compute, moved / self.bandwidth_bytes_per_s) * 1e3
 
-    def supports(self, w_bits: int, a_bits: float, drq: dict | None = None) -> bool:
-        """Every precision runs on a roofline profile (at its class's rate)."""
-        return True
-
     @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> HardwareProfile:
-        keys = {"name", "description", "source", "macs_per_s", "bandwidth_bytes_per_s"}
-        obj = {k: v for k, v in obj.items() if k != "kind"} if isinstance(obj, dict) else obj
-        if not isinstance(obj, dict) or set(obj) != keys:
-            raise BadConstraintsError(f"a hardware profile needs exactly the keys {sorted(keys)}")
-        return cls(
-            name=obj["name"],
-            description=obj["description"],
-            source=obj["source"],
-            macs_per_s={int(k): float(v) for k, v in obj["macs_per_s"].items()},
-            bandwidth_bytes_per_s=float(obj["bandwidth_bytes_per_s"]),
-        )
+    def _fields(cls, obj: dict[str, Any]) -> dict[str, Any]:
+        return {"macs_per_s": {int(k): float(v) for k, v in obj["macs_per_s"].items()},
+                "bandwidth_bytes_per_s": float(obj["bandwidth_bytes_per_s"])}
 
 
 @dataclass(frozen=True)
-class DRQArrayProfile:
+class DRQArrayProfile(_Profile):
     """DRQ's variable-speed mixed-precision array (Song et al., ISCA 2020).
 
     ``pe_groups`` PE groups, each running one 8x8 or four 4x4 multiplications per cycle, at
@@ -125,14 +165,15 @@ class DRQArrayProfile:
     (see ``assumptions``): cycles = MACs_8x8 / groups + MACs_4x4 / (4 groups).
     """
 
-    name: str
-    description: str
-    source: str
     assumptions: str
     pe_groups: int
     clock_hz: float
     precisions: tuple[tuple[int, int], ...]
     drq_weight_bits: tuple[int, ...]
+
+    KIND: ClassVar[str] = "drq-array"
+    KEYS: ClassVar[frozenset[str]] = _Profile.KEYS | {
+        "assumptions", "pe_groups", "clock_hz", "precisions", "drq_weight_bits"}
 
     def __post_init__(self) -> None:
         if self.pe_groups < 1 or not (math.isfinite(self.clock_hz) and self.clock_hz > 0):
@@ -150,6 +191,12 @@ class DRQArrayProfile:
             return w_bits in self.drq_weight_bits
         return (w_bits, a_bits) in self.precisions
 
+    def _refusal(self, w_bits: int, a_bits: float, drq: dict | None) -> str:
+        return (f"{super()._refusal(w_bits, a_bits, drq)}"
+                f"{' with DRQ' if drq is not None else ''}; it runs "
+                f"{[f'w{w}a{a}' for w, a in self.precisions]} and DRQ at weight bits "
+                f"{list(self.drq_weight_bits)}")
+
     def cycles(self, macs: float, w_bits: int, a_bits: float, drq: dict | None = None) -> float:
         """Cycles of one layer: each part of its MACs over the multiplications per cycle."""
         if drq is None:
@@ -159,42 +206,18 @@ class DRQArrayProfile:
         low = (1 - f) * macs / (self.pe_groups * self._per_cycle(min(w_bits, lo), lo))
         return high + low
 
-    def latency_ms(
-        self,
-        macs: float,
-        params: float,
-        w_bits: int,
-        a_bits: float,
-        input_numel: float,
-        drq: dict | None = None,
-    ) -> float:
-        """:meth:`cycles` at the clock, in ms (``params`` / ``input_numel`` do not enter: the
-        model is compute-bound). Raises BadConstraintsError for a precision it does not run."""
-        if not self.supports(w_bits, a_bits, drq):
-            raise BadConstraintsError(
-                f"profile {self.name!r} does not run w{w_bits}a{a_bits:g}"
-                f"{' with DRQ' if drq is not None else ''}; it runs "
-                f"{[f'w{w}a{a}' for w, a in self.precisions]} and DRQ at weight bits "
-                f"{list(self.drq_weight_bits)}"
-            )
+    def _ms(self, macs: float, params: float, w_bits: int, a_bits: float, input_numel: float,
+            drq: dict | None) -> float:
+        """:meth:`cycles` at the clock (``params`` / ``input_numel`` do not enter: the model
+        is compute-bound)."""
         return self.cycles(macs, w_bits, a_bits, drq) / self.clock_hz * 1e3
 
     @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> DRQArrayProfile:
-        keys = {"name", "kind", "description", "source", "assumptions", "pe_groups",
-                "clock_hz", "precisions", "drq_weight_bits"}
-        if not isinstance(obj, dict) or set(obj) != keys:
-            raise BadConstraintsError(f"a drq-array profile needs exactly the keys {sorted(keys)}")
-        return cls(
-            name=obj["name"],
-            description=obj["description"],
-            source=obj["source"],
-            assumptions=obj["assumptions"],
-            pe_groups=int(obj["pe_groups"]),
-            clock_hz=float(obj["clock_hz"]),
-            precisions=tuple((int(w), int(a)) for w, a in obj["precisions"]),
-            drq_weight_bits=tuple(int(w) for w in obj["drq_weight_bits"]),
-        )
+    def _fields(cls, obj: dict[str, Any]) -> dict[str, Any]:
+        return {"assumptions": obj["assumptions"], "pe_groups": int(obj["pe_groups"]),
+                "clock_hz": float(obj["clock_hz"]),
+                "precisions": tuple((int(w), int(a)) for w, a in obj["precisions"]),
+                "drq_weight_bits": tuple(int(w) for w in obj["drq_weight_bits"])}
 
 
 Profile = HardwareProfile | DRQArrayProfile

@@ -4,7 +4,8 @@
 by FQN (weight FQN minus ``.weight``); layers without a row stay in floating point. The solver
 builds it (:func:`build_plan`), the quantize stage reads it (``quantize.rows``), and both go
 through the one validator, :meth:`Plan.from_dict`. Its serialized form is ``plan.json``
-(version 2, format ``bitplan-plan/2``; :meth:`Plan.to_dict`); docs/internals.md has the schema.
+(version 3, format ``bitplan-plan/3``; :meth:`Plan.to_dict`); docs/internals.md has the schema.
+A version 2 plan (no ``latency_source``) is read as well.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ from .problem import RESOURCES, Problem
 
 # 2: a drq entry carries mac_fraction (the share of MACs at high bits) and the INT8 input grid
 # its threshold was calibrated on (scale, signed)
-VERSION = 2
-FORMAT = "bitplan-plan/2"
+# 3: latency_source, where the latencies of the rows and totals come from
+VERSION = 3
+FORMAT = "bitplan-plan/3"
+READ_FORMATS = {2: "bitplan-plan/2", 3: FORMAT}  # version -> format this reader accepts
+LATENCY_KINDS = ("measured", "modelled", "table")
 KINDS = ("conv2d", "conv1d", "linear")
 _MODEL_KEYS = ("layers", "params", "macs", "quantized_params", "other_params")
 # optional: the parameter tensors left in floating point ({name, op, params, share[, tied_to]})
 _FLOAT_PARAMS = "float_params"
 _TOP_KEYS = {"version", "format", "model", "constraints", "status", "objective", "totals",
              "limits", "binding", "layers", "diagnosis"}
+_TOP_OPTIONAL = frozenset({"latency_source"})  # absent in version 2
 _ROW_KEYS = {"name", "kind", "params", "macs", "w_bits", "a_bits", "weight_trace", "omega",
              "size_bytes", "bops", "latency_ms", "drq"}
 _DRQ_KEYS = {"region", "threshold", "sensitive_fraction", "mac_fraction", "high_bits",
@@ -195,6 +200,10 @@ class Plan:
     rows: tuple[PlanRow, ...] = ()
     diagnosis: dict[str, Any] | None = None
     version: int = VERSION
+    # where latency_ms comes from: None (no latency model) or {"kind": "measured" (a runtime's
+    # timed table: runtime, method, cpu, batch, threads, file, cache_key), "modelled" (a named
+    # hardware profile: profile, profile_kind, source) or "table" (a user-given table), ...}
+    latency_source: dict[str, Any] | None = None
 
     def row(self, name: str) -> PlanRow:
         for r in self.rows:
@@ -208,13 +217,20 @@ class Plan:
         field."""
         if not isinstance(obj, dict):
             raise BadPlanError("a plan must be a JSON object")
-        if obj.get("version") != VERSION:
+        version = obj.get("version")
+        if isinstance(version, bool) or version not in READ_FORMATS:
             raise BadPlanError(
-                f"plan version {obj.get('version')!r} is not supported (use {VERSION})"
+                f"plan version {version!r} is not supported (use {VERSION})"
             )
-        if obj.get("format") != FORMAT:
-            raise BadPlanError(f"plan format must be {FORMAT!r}, got {obj.get('format')!r}")
-        _keys(obj, _TOP_KEYS, "")
+        if obj.get("format") != READ_FORMATS[version]:
+            raise BadPlanError(f"plan format must be {READ_FORMATS[version]!r}, got "
+                               f"{obj.get('format')!r}")
+        _keys(obj, _TOP_KEYS, "", _TOP_OPTIONAL if version >= 3 else frozenset())
+        source = obj.get("latency_source")
+        if source is not None and not (isinstance(source, dict)
+                                       and source.get("kind") in LATENCY_KINDS):
+            raise BadPlanError(f"plan latency_source must be null or an object whose kind is "
+                               f"one of {list(LATENCY_KINDS)}")
         model = obj["model"]
         if not isinstance(model, dict) or set(model) - {_FLOAT_PARAMS} != set(_MODEL_KEYS):
             raise BadPlanError(f"plan model must have exactly the keys {list(_MODEL_KEYS)} "
@@ -251,7 +267,7 @@ class Plan:
             raise BadPlanError(f"plan layers {dup} appear twice; names must be unique")
         return cls(dict(model), obj["constraints"], obj["status"], obj["objective"],
                    dict(obj["totals"]), dict(obj["limits"]), list(obj["binding"]), rows,
-                   obj["diagnosis"])
+                   obj["diagnosis"], latency_source=None if source is None else dict(source))
 
     def to_dict(self) -> dict[str, Any]:
         """The serialized form (``plan.json``)."""
@@ -267,6 +283,7 @@ class Plan:
             "binding": list(self.binding),
             "layers": [r.to_dict() for r in self.rows],
             "diagnosis": self.diagnosis,
+            "latency_source": self.latency_source,
         }
 
 
@@ -276,11 +293,13 @@ def build_plan(
     specs: Sequence[LayerSpec],
     constraints: dict[str, Any],
     model: dict[str, Any],
+    latency_source: dict[str, Any] | None = None,
 ) -> Plan:
     """The plan of a solved problem. ``specs`` supply kind / params / MACs / trace per layer
     name; ``constraints`` are echoed; ``model`` is the summary {layers, params, macs,
     quantized_params, other_params} (+ ``float_params`` when given: the parameters left in
-    floating point). Raises BadPlanError when they disagree."""
+    floating point); ``latency_source`` says where the latencies come from (see
+    :class:`Plan`). Raises BadPlanError when they disagree."""
     by_name = {s.name: s for s in specs}
     rows = []
     if solution.choices:
@@ -317,6 +336,7 @@ def build_plan(
         "binding": list(solution.binding),
         "layers": rows,
         "diagnosis": solution.diagnosis,
+        "latency_source": latency_source,
     })
 
 
@@ -326,9 +346,10 @@ def make_plan(
     specs: Sequence[LayerSpec],
     constraints: dict[str, Any],
     model: dict[str, Any],
+    latency_source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """:func:`build_plan` in its serialized form (the plan.json object)."""
-    return build_plan(problem, solution, specs, constraints, model).to_dict()
+    return build_plan(problem, solution, specs, constraints, model, latency_source).to_dict()
 
 
 def parse_plan(obj: Plan | Any) -> Plan:

@@ -215,3 +215,14 @@ def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = N
             "fallback": fallback,  # {layer: [tags timed in isolation]}
         })
     return out
+
+
+def latency_source(result: dict[str, Any], file: str | None = None,
+                   cache_key: str | None = None) -> dict[str, Any]:
+    """The plan's ``latency_source`` for a table made by :func:`profile` (measured)."""
+    cfg = result.get("config", {})
+    return {"kind": "measured", "runtime": result.get("runtime"),
+            "method": result.get("method", "isolated"), "cpu": result.get("cpu"),
+            "batch": cfg.get("batch"), "threads": cfg.get("threads"),
+            "repeat": cfg.get("repeat"), "rest_ms": result.get("rest_ms"), "file": file,
+            "cache_key": cache_key}

@@ -31,7 +31,7 @@ def test_submit_poll_download_and_load(start_server, mlp_pt2, calib_path, tmp_pa
     assert job["summary"]["status"] == "optimal"
 
     plan = server.client.get(f"/jobs/{ok}/plan").json()
-    assert plan["format"] == "bitplan-plan/2" and plan["status"] == "optimal"
+    assert plan["format"] == "bitplan-plan/3" and plan["status"] == "optimal"
     assert plan["totals"]["size_bytes"] <= plan["limits"]["size_bytes"]
     assert {row["name"] for row in plan["layers"]} == {"fc1", "fc2"}
     assert 4 in {row["w_bits"] for row in plan["layers"]}  # 0.7 x INT8 forces some 4-bit

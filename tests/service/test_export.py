@@ -113,11 +113,16 @@ def test_hardware_onnxruntime_cpu_measures_latency_once(mlp_pt2, calib_path, tmp
     assert "latency" not in first.reused
     for row in first.plan["layers"]:  # the plan's latencies are the measured ones
         assert row["latency_ms"] == pytest.approx(table[row["name"]][f"w{row['w_bits']}a8"])
+    source = first.plan["latency_source"]  # and the plan says where they were measured
+    assert source["kind"] == "measured" and source["file"] == "latency.json"
+    assert source["runtime"] == doc["runtime"] and source["cpu"] == doc["cpu"]
+    assert source["method"] == "context" and source["batch"] == 1 and source["threads"] == 1
+    assert source["cache_key"]
     # a re-plan of the same model and options: the cached table, no intake needed
     reused: list[str] = []
-    again = _measured_latency(mlp_pt2, None, parse_constraints(cons), cache, reused,
-                              tmp_path)
-    assert reused == ["latency"] and again == table
+    again, again_source = _measured_latency(mlp_pt2, None, parse_constraints(cons), cache,
+                                            reused, tmp_path)
+    assert reused == ["latency"] and again == table and again_source == source
     assert json.loads((tmp_path / "latency.json").read_text()) == doc
 
 

@@ -88,3 +88,10 @@ def test_drq_array_options_and_latencies() -> None:
                                             hardware="drq-array"), Limits())
     with pytest.raises(BadConstraintsError, match="does not run w4a8"):
         get_profile("drq-array").latency_ms(MACS, 1000, 4, 8, 500)
+
+
+def test_a_profile_says_its_latencies_are_modelled() -> None:
+    for name, kind in (("nvidia-t4", "roofline"), ("drq-array", "drq-array")):
+        src = get_profile(name).latency_source()
+        assert src == {"kind": "modelled", "profile": name, "profile_kind": kind,
+                       "source": get_profile(name).source}

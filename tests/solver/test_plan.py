@@ -49,7 +49,7 @@ def _plan(limits: Limits) -> dict:
 
 def test_plan_rows_and_round_trip() -> None:
     plan = _plan(Limits(size_bytes=5000.0))
-    assert plan["version"] == 2 and plan["format"] == "bitplan-plan/2"
+    assert plan["version"] == 3 and plan["format"] == "bitplan-plan/3"
     assert plan["status"] == "optimal" and plan["constraints"] == CONSTRAINTS
     rows = {r["name"]: r for r in plan["layers"]}
     assert list(rows) == ["l0", "l1", "l2"]
@@ -58,6 +58,30 @@ def test_plan_rows_and_round_trip() -> None:
     assert rows["l1"]["weight_trace"] == 1.0 and rows["l0"]["weight_trace"] is None
     assert sum(r["size_bytes"] for r in rows.values()) == plan["totals"]["size_bytes"]
     assert load_plan(json.loads(json.dumps(plan))) == plan
+
+
+def test_latency_source_round_trips_and_a_version_2_plan_is_read() -> None:
+    specs = _specs()
+    problem = build_problem(specs, OptionsConfig(pin_first=None, hardware="nvidia-t4"),
+                            Limits(size_bytes=5000.0))
+    source = {"kind": "measured", "runtime": "onnxruntime 1.31.1", "method": "context",
+              "cpu": "AMD EPYC", "batch": 1, "threads": 1, "file": "latency.json",
+              "cache_key": "abc"}
+    plan = make_plan(problem, solve(problem), specs, CONSTRAINTS, MODEL, source)
+    assert plan["latency_source"] == source
+    assert load_plan(json.loads(json.dumps(plan))) == plan
+    assert _plan(Limits(size_bytes=5000.0))["latency_source"] is None
+    old = {k: v for k, v in plan.items() if k != "latency_source"}
+    old.update(version=2, format="bitplan-plan/2")  # what an older bitplan wrote
+    read = Plan.from_dict(old)
+    assert read.latency_source is None and read.rows == Plan.from_dict(plan).rows
+    assert read.to_dict()["version"] == 3
+    with pytest.raises(BadPlanError, match="unknown keys"):
+        Plan.from_dict({**old, "latency_source": source})  # not a version 2 key
+    with pytest.raises(BadPlanError, match="latency_source"):
+        Plan.from_dict({**plan, "latency_source": {"kind": "guessed"}})
+    with pytest.raises(BadPlanError, match="format"):
+        Plan.from_dict({**plan, "format": "bitplan-plan/2"})
 
 
 def test_infeasible_plan_has_no_rows_and_a_diagnosis() -> None:
