@@ -2,7 +2,7 @@
 {4, 8}, activations 8, no pinned layers) on ResNet-18, MobileNetV2 and ResNet-50 at 224x224.
 
     .venv/bin/python bench/scale.py [--models resnet18,mobilenet_v2,resnet50] [--samples 256]
-        [--max-iter 200] [--memory-gb G] [--device cpu]
+        [--max-iter 200] [--memory-gb G] [--device cpu] [--sampling all|chunk]
 
 Each model runs in its own process (peak RSS is per process). Models are the zoo's
 torchvision-faithful definitions, random-initialised with BN statistics from random images;
@@ -35,7 +35,8 @@ CONSTRAINTS = {"limits": {"size_ratio": 0.6}, "weight_bits": [4, 8], "activation
                "pin": {"first": None, "last": None}}
 
 
-def child(name: str, samples: int, max_iter: int, memory_gb: float | None, device: str) -> dict:
+def child(name: str, samples: int, max_iter: int, memory_gb: float | None, device: str,
+          sampling: str | None = None) -> dict:
     import torch
     import torch.nn.functional as F
     from torch import fx
@@ -83,7 +84,8 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         del x, y
         dev = resolve_device(device)
         budget = memory_budget(memory_gb, dev)
-        cons = {**CONSTRAINTS, "hessian": {"max_iter": max_iter}}
+        cons = {**CONSTRAINTS, "hessian": {"max_iter": max_iter,
+                                           **({"sampling": sampling} if sampling else {})}}
         reset_peak()
         t0 = time.perf_counter()
         error = None
@@ -98,8 +100,10 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         report = Path(tmp) / "out" / "report.json"
         metrics = json.loads(report.read_text()).get("metrics") if report.is_file() else None
         sens = json.loads((Path(tmp) / "out" / "sensitivity.json").read_text())
-        # plain forward + backward of one chunk, in the same process, for the ratio
-        chunk = sens["model"]["chunk"]
+        # plain forward + backward of one chunk, in the same process, for the ratio (with
+        # hessian.sampling "chunk" a pass runs on one drawn chunk of "draw" samples)
+        drawn = sens["model"].get("draw")
+        chunk = drawn or sens["model"]["chunk"]
         program = torch.export.load(str(Path(tmp) / "m.pt2")).module().to(dev)
         xb = torch.randn(chunk, 3, 224, 224, generator=gen).to(dev)
         yb = torch.randint(0, 1000, (chunk,), generator=gen).to(dev)
@@ -110,9 +114,9 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         loss.backward()
         t_bwd = time.perf_counter() - t0
     layers = sens["layers"]
-    vectors = max(r["weight_iterations"] for r in layers)
+    vectors = sens["model"].get("vectors") or max(r["weight_iterations"] for r in layers)
     n_train = sens["model"]["calibration"]["train"]
-    n_chunks = -(-n_train // chunk)
+    n_chunks = 1 if drawn else -(-n_train // chunk)
     passes = sens["model"]["passes"]
     kinds = len({r["weight_estimator"] for r in layers} | {r["activation_estimator"]
                                                            for r in layers} - {""})
@@ -122,7 +126,9 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
     return {
         "model": name, "samples": samples, "train": n_train, "setup_s": setup,
         "total_s": total, "stages": stages, "chunk": chunk, "chunks": n_chunks,
-        "passes": passes, "vectors": vectors, "sample_backwards": vectors * kinds * n_train,
+        "passes": passes, "vectors": vectors,
+        "sample_backwards": vectors * kinds * n_chunks * chunk, "sampling": sens["model"].get(
+            "sampling", "all"),
         "t_fwd_chunk": t_fwd, "t_bwd_chunk": t_bwd, "floor_s": floor,
         "memory": sens["model"].get("memory"), "blocks_at_max_iter": stuck,
         "blocks": 2 * len(layers), "metrics": metrics, "error": error,
@@ -143,7 +149,8 @@ def show(r: dict) -> None:
         print(f"{st:<12} {s['seconds']:8.1f} {s['seconds'] / r['total_s']:6.1%} "
               f"{_gb(s['peak_rss'])} {s['forwards']:9d}")
     sens = r["stages"].get("sensitivity", {}).get("seconds", 0.0)
-    print(f"sensitivity: chunk {r['chunk']} x {r['chunks']}, {r['passes']} probe passes, "
+    print(f"sensitivity ({r.get('sampling', 'all')} sampling): chunk {r['chunk']} x "
+          f"{r['chunks']}, {r['passes']} probe passes, "
           f"{r['vectors']} vectors a block, {r['sample_backwards']} per-sample backwards; "
           f"plain forward+backward floor {r['floor_s']:.0f} s "
           f"(one chunk: fwd {r['t_fwd_chunk']:.2f} s, bwd {r['t_bwd_chunk']:.2f} s); "
@@ -171,10 +178,13 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, default=200)
     ap.add_argument("--memory-gb", type=float, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sampling", choices=("all", "chunk"), default=None,
+                    help="hessian.sampling (default: the constraints' default)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        r = child(args.child, args.samples, args.max_iter, args.memory_gb, args.device)
+        r = child(args.child, args.samples, args.max_iter, args.memory_gb, args.device,
+                  args.sampling)
         print("RESULT " + json.dumps(r))
         return
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
@@ -184,6 +194,8 @@ def main() -> None:
                "--max-iter", str(args.max_iter), "--device", args.device]
         if args.memory_gb is not None:
             cmd += ["--memory-gb", str(args.memory_gb)]
+        if args.sampling is not None:
+            cmd += ["--sampling", args.sampling]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not lines:

@@ -31,23 +31,16 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 def _model(args: argparse.Namespace):
     import torch
-    from torch import nn
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    class CausalLM(nn.Module):
-        def __init__(self, model: nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=input_ids, use_cache=False).logits
+    # one definition of the decoder and its logits wrapper: the test zoo's (tests/hf_zoo.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import hf_zoo
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      max_position_embeddings=max(args.seq, 128), attn_implementation="sdpa")
-    return CausalLM(LlamaForCausalLM(cfg)).eval()
+    model = hf_zoo.llama(hidden=args.hidden, layers=args.layers, heads=args.heads,
+                         kv_heads=args.kv_heads, tied=False, intermediate=args.intermediate,
+                         vocab=args.vocab, positions=max(args.seq, 128))
+    return hf_zoo.CausalLM(model).eval()
 
 
 def child(args: argparse.Namespace) -> dict:

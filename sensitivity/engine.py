@@ -202,7 +202,7 @@ def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
     graphs = [layer.graph for layer in intake.layers]
     fixed = intake.batch_size is not None
     probe_cfg = dataclasses.replace(cfg, max_iter=max(2, cfg.vectors_per_pass), min_iter=2,
-                                    batch_size=None, memory_budget=None)
+                                    batch_size=None, memory_budget=None, sampling="all")
 
     def first(m: int) -> CalibrationSet:
         return intake.train.subset(torch.arange(min(m, len(intake.train))))
@@ -224,6 +224,9 @@ def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
     kinds = {exact.get(layer.name, (False, False))[0] for layer in intake.layers}
     # (the diagonal's running sums, HessianConfig.diagonal, are in the measured pass already)
     accumulators = cfg.vectors_per_pass * weight_bytes * len(kinds)
+    # the sweep's chunks copy the whole train set (the measured passes copied m samples)
+    accumulators += sum(t.numel() * t.element_size() for t in
+                        (*intake.train.args, *intake.train.kwargs.values()))
     return plan_chunks(probe_pass, forward, len(intake.train), intake.batch_size, accumulators,
                        int(cfg.memory_budget or 0), device)
 
@@ -282,7 +285,11 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
         chunk = memory.hessian_chunk
     p = prepare(intake.module, graphs, intake.train, intake.loss_kind,
                 intake.chunk_size(chunk), intake.batch_size is not None, device)
-    est = hutchinson(p, cfg, progress, "sensitivity", exact)
+    draw = None
+    if cfg.sampling == "chunk":  # each pass draws this many samples (within the budget)
+        draw = intake.chunk_size(min(cfg.batch_size or cfg.draw_size, chunk or len(intake.train)))
+    est = hutchinson(p, cfg if draw is None else dataclasses.replace(cfg, batch_size=draw),
+                     progress, "sensitivity", exact)
     a_err, a_numel = activation_errors(p) if cfg.activations else ({}, {})
     rows = []
     for info in intake.layers:
@@ -313,7 +320,8 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
         ))
     seconds = time.perf_counter() - start
     model = {**intake.summary(), "device": str(device), "hvp_mode": est.method,
-             "chunk": p.chunks[0].size if p.chunks else 0, "passes": est.passes}
+             "chunk": p.chunks[0].size if p.chunks else 0, "passes": est.passes,
+             "sampling": cfg.sampling, "draw": draw, "vectors": est.iterations}
     if memory is not None:
         model["memory"] = memory.to_dict()
     diagonals = {name: d.detach().cpu() for name, d in est.weight_diag.items()}

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, float], None]
 LOSS_KINDS = ("cross_entropy", "kl", "mse")
 ESTIMATORS = ("auto", "hvp")
+SAMPLINGS = ("all", "chunk")
 KINDS = ("gn", "hvp")  # output-space probes, joint HVPs
 
 
@@ -75,7 +76,9 @@ class HessianConfig:
     pass may use (None: no limit); with ``batch_size`` None the chunk size then comes from
     the budget and a measured per-sample cost (``sensitivity.memory``); ``diagonal``: also
     keep each weight block's Hessian diagonal, from the same probes (one running sum the size
-    of the weights per layer, no extra pass).
+    of the weights per layer, no extra pass); ``sampling``: ``all`` (every probe pass sees every
+    train sample, chunk after chunk) or ``chunk`` (each probe pass draws ``draw_size`` samples
+    at random, or ``batch_size`` when set, see :func:`hutchinson`).
     """
 
     max_iter: int = 200
@@ -89,6 +92,10 @@ class HessianConfig:
     activations: bool = True
     memory_budget: int | None = None
     diagonal: bool = False
+    sampling: str = "all"
+    draw_size: int = 8  # samples a ``chunk`` pass draws: on ResNet-18 16 left every block's
+    # relative se at 0.022 after 6 passes (tol 0.05), so min_iter binds, and time ~ c
+    # (bench/sampling.py, docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None and self.memory_budget < 1:
@@ -103,6 +110,10 @@ class HessianConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.vectors_per_pass < 1:
             raise ValueError("vectors_per_pass must be at least 1")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.draw_size < 1:
+            raise ValueError(f"draw_size must be positive, got {self.draw_size}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
 
@@ -190,9 +201,10 @@ class Prepared:
     weights: list[torch.Tensor]
     leaves: dict[str, _Leaf]
     chunks: list[Batch]
-    targets: list[torch.Tensor | None]
     n_total: int
     loss_kind: str
+    data: CalibrationSet  # the train set the chunks come from (``chunk`` sampling draws it)
+    fixed: bool  # a fixed-batch program: every chunk is padded to its export batch
 
 
 def prepare(
@@ -204,8 +216,9 @@ def prepare(
     fixed: bool,
     device: torch.device,
 ) -> Prepared:
-    """Copy ``module`` to ``device``, add input probes, chunk the data, compute FP32 targets
-    for the self-distillation losses."""
+    """Copy ``module`` to ``device``, add input probes, chunk the data. (The self-distillation
+    losses' FP32 targets are the copy's own outputs, taken in each forward: nothing per
+    sample is kept.)"""
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"loss_kind must be one of {LOSS_KINDS}")
     gm = copy.deepcopy(module).to(device)
@@ -220,15 +233,8 @@ def prepare(
     leaves = {layer.name: _Leaf() for layer in layers}
     insert_input_modules(gm, list(layers), leaves, "hessian_probe")
     chunks = [b.to(device) for b in data.batches(chunk, fixed=fixed)]
-    targets: list[torch.Tensor | None] = []
-    with torch.no_grad():
-        for b in chunks:
-            if loss_kind == "cross_entropy":
-                targets.append(None)
-            else:
-                targets.append(_output(gm, b).detach())
-    return Prepared(gm, [layer.name for layer in layers], weights, leaves, chunks, targets,
-                    len(data), loss_kind)
+    return Prepared(gm, [layer.name for layer in layers], weights, leaves, chunks,
+                    len(data), loss_kind, data, fixed)
 
 
 def _output(gm: nn.Module, b: Batch) -> torch.Tensor:
@@ -247,12 +253,13 @@ def chunk_loss(p: Prepared, i: int) -> torch.Tensor:
         loss = F.cross_entropy(out.flatten(0, -2), b.labels[: b.size].reshape(-1))
     elif p.loss_kind == "kl":
         # KL(p_fp32 || q_model) over the last dim, mean over samples (and over tokens for
-        # [N, T, V] logits); zero with zero gradient at the FP32 point.
-        target = F.log_softmax(p.targets[i], dim=-1)
+        # [N, T, V] logits); zero with zero gradient at the FP32 point. The module is the
+        # unmodified FP32 copy, so its detached output is the FP32 target.
+        target = F.log_softmax(out.detach(), dim=-1)
         loss = F.kl_div(F.log_softmax(out, dim=-1), target, log_target=True,
                         reduction="none").sum(-1).mean()
     else:
-        loss = F.mse_loss(out, p.targets[i])
+        loss = F.mse_loss(out, out.detach())
     return loss * (b.size / p.n_total)
 
 
@@ -408,6 +415,16 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     v . H_c v are summed over chunks; so every sample equals the one-chunk sample up to float
     summation order. ``progress`` is called after every chunk.
 
+    With ``cfg.sampling == "chunk"`` each probe pass draws its own chunk of c samples (c =
+    ``batch_size`` or ``draw_size``, at most N; without replacement within the chunk, a fresh
+    seeded draw per pass) and estimates the trace of the chunk's mean-loss Hessian H_c with
+    the pass's k vectors. Every sample enters a chunk with probability c / N, so E[H_c] = H,
+    and the pass's mean over its k vectors is unbiased for Tr(H_ii); passes are i.i.d. (their
+    vectors and chunks are drawn independently), so a block's samples are the pass means and
+    their standard error holds both the probe noise and the sampling of data: the stopping
+    rule (``min_iter`` counts passes here) sees both. The cost of a pass no longer grows
+    with N.
+
     With ``cfg.diagonal`` the same samples also give each weight block's Hessian diagonal:
     E[g_i * g_i] = diag(J_i^T B B^T J_i) for the output probes (g summed over chunks first),
     E[v_i * (H v)_i] = diag(H_ii) for the HVPs (Rademacher v: E[v v^T] = I); one running sum
@@ -427,10 +444,13 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     batched = cfg.vectorize if cfg.vectorize is not None else p.weights[0].is_cuda
     stats = [BlockStats() for _ in range(2 * n)]
     blocks_of = {"gn": gn_blocks, "hvp": hvp_blocks}
-    done = {"gn": 0, "hvp": 0}
+    done = {"gn": 0, "hvp": 0}  # vectors
+    taken = {"gn": 0, "hvp": 0}  # samples of each block: vectors, or passes when drawing
     cache: dict[str, Any] = {}  # single chunk: forward graph / create_graph gradient kept
     passes = 0
-    n_chunks = len(p.chunks)
+    draw = cfg.sampling == "chunk"
+    whole = (p.chunks, p.n_total)
+    n_chunks = 1 if draw else len(p.chunks)
     live = [kind for kind in KINDS if blocks_of[kind]]
     diag = {b: torch.zeros(p.weights[b].shape, dtype=p.weights[b].dtype,
                            device=p.weights[b].device) for b in range(n)} if cfg.diagonal else {}
@@ -438,7 +458,7 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     def pending(kind: str) -> bool:
         bl = blocks_of[kind]
         return bool(bl) and done[kind] < cfg.max_iter and (
-            done[kind] < cfg.min_iter or not all(stats[b].converged(cfg.tol) for b in bl))
+            taken[kind] < cfg.min_iter or not all(stats[b].converged(cfg.tol) for b in bl))
 
     def report(kind: str, k: int, c: int) -> None:
         if progress is None:
@@ -449,6 +469,9 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
 
     while pending("gn") or pending("hvp"):
         passes += 1
+        if draw:
+            _draw(p, cfg.batch_size or cfg.draw_size, cfg.seed, passes - 1)
+            cache.clear()
         for kind in KINDS:
             if not pending(kind):
                 continue
@@ -462,12 +485,17 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
                 total = _probe_pass(p, bl, n, cfg.seed, ts, batched, cache,
                                     lambda c, kind=kind, k=k: report(kind, k, c), diag)
             done[kind] += k
+            taken[kind] += 1 if draw else k
             for j, b in enumerate(bl):
                 s = stats[b]
-                s.samples.extend(total[:, j].tolist())
+                if draw:  # one sample a pass: its vectors share the pass's chunk
+                    s.samples.append(float(total[:, j].mean()))
+                else:
+                    s.samples.extend(total[:, j].tolist())
                 if s.converged_at is None and s.n >= cfg.min_iter and s.converged(cfg.tol):
                     s.converged_at = s.n
     cache.clear()
+    p.chunks, p.n_total = whole
     for leaf in p.leaves.values():
         leaf.active, leaf.leaf = False, None
     if progress is not None:
@@ -481,10 +509,22 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     stuck = [nm for nm, s in [*w_stats.items(), *a_stats.items()] if not s.converged(cfg.tol)]
     if stuck:
         log.info("%d block(s) did not reach tol=%s: %s", len(stuck), cfg.tol, stuck[:10])
-    weight_diag = {name: diag[i] / max(stats[i].n, 1) for i, name in enumerate(p.names)
-                   if i in diag}
+    weight_diag = {name: diag[i] / max(done["gn" if i in gn_blocks else "hvp"], 1)
+                   for i, name in enumerate(p.names) if i in diag}
     return TraceEstimates(w_stats, a_stats, max(done.values()),
                           "batched" if batched else "loop", passes, weight_diag)
+
+
+def _draw(p: Prepared, size: int, seed: int, t: int) -> None:
+    """Make ``p``'s one chunk ``size`` train samples drawn at random for probe pass ``t``
+    (without replacement; seeded by ``seed`` and ``t`` only); the loss is their mean."""
+    n = len(p.data)
+    size = min(size, n)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + 7) * 1_000_003 + t)
+    idx = torch.randperm(n, generator=gen)[:size].sort().values
+    device = p.weights[0].device
+    p.chunks = [b.to(device) for b in p.data.subset(idx).batches(size, fixed=p.fixed)]
+    p.n_total = size
 
 
 def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batched: bool,

@@ -1,25 +1,30 @@
-"""How many calibration samples a pass may hold: a memory budget and a measured per-sample cost.
+"""How many calibration samples a pass may hold: a memory budget and a counted per-sample cost.
 
-The cost is measured, not modelled: one probe pass (the same ``vectors_per_pass`` vectors, the
-same estimators, activations included) runs on a chunk of ``m`` and of ``2 m`` samples, and
-the peak memory above the level before the pass is read each time (the 2 m pass first):
+The cost is counted, not guessed from the process's resident set (whose growth over a small
+pass varied 17-118 MiB between runs of the same pass: the heap keeps and reuses pages): one
+probe pass (the same ``vectors_per_pass`` vectors, the same estimators, activations, the
+saved tensors of the backward and the HVP's double backward included) runs on a chunk of
+``2 m`` and of ``m`` samples, and the peak of live tensor bytes above the level before the
+pass is taken each time:
 
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (the caching
   allocator's exact peak of live tensors);
-- CPU on Linux: the process's peak resident set (``VmHWM`` in ``/proc/self/status``) after
-  giving free heap pages back (glibc ``malloc_trim``) and resetting the peak to the current
-  RSS by writing ``5`` to ``/proc/self/clear_refs``;
-- elsewhere: ``resource.getrusage`` ``ru_maxrss`` growth, which only sees a new process peak
-  (a lower bound: the method is reported as ``maxrss``).
+- CPU: :class:`TensorMeter`, a ``TorchDispatchMode`` that adds the bytes of every storage an
+  operator allocates (outputs that are views of, or written into, an input's storage are
+  not new) and subtracts them when the storage is freed (a weak reference's callback). Torch
+  has no CPU allocator peak; this counts every tensor of the pass, forward and backward
+  (autograd's saved tensors are such storages), so the same pass gives the same bytes on
+  any machine. Not counted: scratch buffers inside one kernel and the heap's own overhead,
+  which ``safety`` and ``slack_bytes`` cover.
 
-Measured after one unmeasured 1-sample pass, per-sample cost = (peak(2m) - peak(m)) / m (floored at
-peak(2m) / (8 m) against a noisy difference), intercept = peak(m) - m * per-sample; both
-times ``safety``. A no-grad forward is charged at least ``forward_share`` of a probe pass's
-per-sample cost. A chunk of c samples then needs intercept + c * per-sample + the
+Per-sample cost = (peak(2m) - peak(m)) / m, intercept = peak(m) - m * per-sample; both times
+``safety``. A no-grad forward is charged at least ``forward_share`` of a probe pass's
+per-sample cost. A chunk of c samples then needs slack + intercept + c * per-sample + the
 accumulators of a many-chunk pass (the summed weight gradients of the output probes and the
 shared weight vectors of the HVPs, k x the weights each), on top of what the process holds
-already. The forward-only stages (activation statistics, regions, quantize, evaluate) get
-their own chunk from one no-grad forward measured the same way.
+already (its resident set, or the CUDA allocator's live bytes). The forward-only stages
+(activation statistics, regions, quantize, evaluate) get their own chunk from one no-grad
+forward counted the same way.
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ import logging
 import math
 import resource
 import sys
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from solver.errors import ResourceLimitError
 
@@ -44,14 +52,14 @@ log = logging.getLogger(__name__)
 class MemoryParams:
     """Tuning constants of the chunk planner."""
 
-    probe_samples: int = 2  # m: at 1 vs 2 samples the RSS difference was lost in noise
-    warmup: bool = True  # one unmeasured 1-sample pass first: one-off allocations (kernel
-    # caches, thread pools) otherwise land in the first measured peak
-    safety: float = 1.5  # RSS peaks of small passes vary by tens of percent between runs
-    min_slope_share: float = 0.125  # per-sample cost >= this share of peak(2m) / 2m
+    probe_samples: int = 2  # m: the slope is exact for counted bytes; small keeps it quick
+    safety: float = 1.25  # resident set over counted bytes per sample was 1.09 on ResNet-18
+    # (chunk 4 -> 16, docs/benchmarks.md): kernel scratch and heap fragmentation
+    slack_bytes: int = 256 * 2**20  # resident set above the counted intercept (thread
+    # pools, kernel caches, heap pages): 150-220 MiB on ResNet-18
     forward_max: int = 64  # forward-only chunks beyond this gain nothing on CPU
     forward_share: float = 0.25  # a no-grad forward's per-sample cost >= this x a probe's:
-    # its RSS growth is often hidden by memory the allocator kept from the probe pass
+    # the later forward stages (fake quantization, statistics) hold more than a plain forward
 
 
 @dataclass(frozen=True)
@@ -66,9 +74,47 @@ class ChunkPlan:
     held_bytes: int
     budget_bytes: int
     method: str
+    accumulator_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class TensorMeter(TorchDispatchMode):
+    """``with TensorMeter() as m: ...`` then ``m.peak``: the most bytes of tensor storage
+    allocated inside the block and alive at once (``m.live``: alive now).
+
+    Every operator call is seen (forward, backward, double backward); an output storage is
+    new unless an input holds it (a view, an in-place or ``out=`` write). Its bytes count
+    until the storage is freed (torch keeps one Python object per live storage, so a weak
+    reference's callback fires exactly then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._alive: dict[int, Any] = {}
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        if self._alive.pop(key, None) is not None:
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs:
+            return out
+        held = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor)}
+        for t in outs:
+            st = t.untyped_storage()
+            key, nbytes = st.data_ptr(), st.nbytes()
+            if nbytes == 0 or key in held or key in self._alive:
+                continue
+            self._alive[key] = weakref.ref(st, lambda _r, k=key, n=nbytes: self._freed(k, n))
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        return out
 
 
 def proc_status() -> dict[str, int]:
@@ -97,56 +143,45 @@ def _trim() -> None:
         pass
 
 
-def _clear_refs_works() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        reset_peak()
-        return "VmHWM" in proc_status()
-    except OSError:
-        return False
-
-
 class PeakMeter:
-    """``with PeakMeter(device) as m: ...`` then ``m.peak``: bytes above the level at entry."""
+    """``with PeakMeter(device) as m: ...`` then ``m.peak``: the peak of live tensor bytes
+    allocated inside the block (CUDA: the allocator's peak above its level at entry; CPU:
+    :class:`TensorMeter`)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        if device.type == "cuda":
-            self.method = "cuda"
-        elif _clear_refs_works():
-            self.method = "vmhwm"
-        else:
-            self.method = "maxrss"
+        self.method = "cuda" if device.type == "cuda" else "tensors"
         self.peak = 0
+        self._meter: TensorMeter | None = None
 
     def held(self) -> int:
-        """Bytes the process (CPU) or the allocator (CUDA) holds now."""
+        """Bytes the allocator (CUDA) or the process (CPU: its resident set) holds now."""
         if self.method == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
-        if self.method == "vmhwm":
-            return proc_status()["VmRSS"]
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if sys.platform.startswith("linux"):
+            try:
+                return proc_status()["VmRSS"]
+            except (OSError, KeyError):
+                pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+            1 if sys.platform == "darwin" else 1024)
 
     def __enter__(self) -> PeakMeter:
         if self.method == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.method == "vmhwm":
-            _trim()
-            reset_peak()
-        self.start = self.held()
+            self.start = self.held()
+        else:
+            self._meter = TensorMeter().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.method == "cuda":
             torch.cuda.synchronize(self.device)
-            top = int(torch.cuda.max_memory_allocated(self.device))
-        elif self.method == "vmhwm":
-            top = proc_status()["VmHWM"]
+            self.peak = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self.start)
         else:
-            top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.peak = max(0, top - self.start)
+            self._meter.__exit__(*exc)
+            self.peak = self._meter.peak
 
 
 def available_bytes(device: torch.device) -> int:
@@ -183,8 +218,10 @@ def plan_chunks(
     """Chunk sizes that keep a probe pass and a forward pass within ``budget_bytes``.
 
     ``measure_pass(m)`` / ``measure_forward(m)`` run one probe pass / one no-grad forward on
-    the first m samples (a fixed-batch program always runs its ``fixed_batch``).
-    ``accumulator_bytes``: what a many-chunk pass holds beyond a one-chunk one.
+    the first m samples (a fixed-batch program always runs its ``fixed_batch``); their tensor
+    bytes are counted (:class:`PeakMeter`).
+    ``accumulator_bytes``: what a many-chunk pass holds beyond a one-chunk one (and whatever
+    grows with the number of samples rather than the chunk, e.g. the chunked copy of the data).
     Raises ResourceLimitError when not even one sample (or the fixed batch) fits.
     """
     params = params or MemoryParams()
@@ -194,13 +231,9 @@ def plan_chunks(
         sizes = [fixed_batch]
     else:
         m = max(1, min(params.probe_samples, n_samples // 2))
-        # the larger first: memory the allocator kept from the first run can hide part of the
-        # second's growth, and hiding it from the smaller one errs towards a larger slope
         sizes = [2 * m, m] if 2 * m <= n_samples else [m]
 
     def costs(run: Any) -> tuple[float, float]:
-        if params.warmup and fixed_batch is None:
-            run(1)
         peaks = []
         for size in sizes:
             with PeakMeter(device) as pm:
@@ -208,13 +241,14 @@ def plan_chunks(
             peaks.append(pm.peak)
         if len(sizes) == 1:  # no slope: charge everything per sample (conservative)
             return peaks[0] / sizes[0] * params.safety, 0.0
-        slope = (peaks[0] - peaks[1]) / (sizes[0] - sizes[1])
-        slope = max(slope, params.min_slope_share * peaks[0] / sizes[0])
+        slope = max(0.0, (peaks[0] - peaks[1]) / (sizes[0] - sizes[1]))
         return slope * params.safety, max(0.0, peaks[1] - sizes[1] * slope) * params.safety
 
     per_sample, fixed = costs(measure_pass)
     fwd_sample, fwd_fixed = costs(measure_forward)
     fwd_sample = max(fwd_sample, params.forward_share * per_sample)
+    fixed += params.slack_bytes
+    fwd_fixed += params.slack_bytes
     room = budget_bytes - held - fixed
     per_chunk = fixed_batch or 1
     if room - accumulator_bytes < per_chunk * per_sample:
@@ -222,7 +256,7 @@ def plan_chunks(
                 else "a single calibration sample")
         raise ResourceLimitError(
             f"{what} needs about {_gib(per_chunk * per_sample + fixed + accumulator_bytes)} "
-            f"for a Hessian probe pass ({_gib(per_sample)} a sample, measured) on top of the "
+            f"for a Hessian probe pass ({_gib(per_sample)} a sample, counted) on top of the "
             f"{_gib(held)} the job holds, but the memory budget is {_gib(budget_bytes)}; raise "
             "BITPLAN_MEMORY_GB (or --memory-gb), use smaller inputs, or lower "
             "hessian.vectors_per_pass",
@@ -241,7 +275,7 @@ def plan_chunks(
         fwd_room = budget_bytes - held - fwd_fixed
         fwd = max(1, min(params.forward_max, math.floor(fwd_room / max(fwd_sample, 1.0))))
     plan = ChunkPlan(chunk, fwd, int(per_sample), int(fwd_sample), int(fixed), int(held),
-                     int(budget_bytes), meter.method)
+                     int(budget_bytes), meter.method, int(accumulator_bytes))
     _trim()  # what the measuring passes left in the heap would otherwise stay resident
     log.info("memory plan: %s", plan)
     return plan

@@ -152,6 +152,13 @@ class Hessian(_Strict):
         description="samples per Hessian pass (null: as many as the memory budget allows); "
         "the estimate does not depend on it",
     )
+    sampling: Literal["all", "chunk"] = Field(
+        "chunk",
+        description="which samples a probe pass sees: 'chunk' (a fresh random chunk of "
+        "batch_size samples, default 8 within the memory budget: unbiased for the same mean "
+        "loss, its standard error includes the sampling of data, and a pass costs the same "
+        "whatever N) or 'all' (every calibration sample, chunk after chunk: a pass costs N)",
+    )
     omega: Literal["trace", "diagonal", "measured"] = Field(
         "trace",
         description="how each option's Omega is estimated: 'trace' (HAWQ-V3, Tr(H)/n * "

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
         0.2, gt=0, lt=1, description="share of the calibration samples kept for evaluation"
     )
     memory_gb: PositiveFloat | None = Field(
-        None, description="memory a job's passes may use, GB = 1e9 B (default: half the "
-        "machine's available RAM, or half the GPU's memory); chunk sizes follow from it"
+        None, description="memory a job's passes may use, GB = 1e9 B (default: a quarter of "
+        "the machine's available RAM, or half the GPU's memory); chunk sizes follow from it"
     )
     poll_interval_s: PositiveFloat = Field(0.5, description="longest idle wait of a worker")
     embedded_worker: bool = Field(True, description="`bitplan serve` also runs a worker")
@@ -163,17 +163,21 @@ def check_device(value: str) -> str:
     )
 
 
-DEFAULT_MEMORY_SHARE = 0.5  # the rest for the OS, the service and other jobs
+DEFAULT_MEMORY_SHARE = 0.25  # of the available RAM: the rest for the OS, the service and
+# other jobs; with the counted per-sample cost a job stays within it (docs/benchmarks.md)
+DEFAULT_GPU_MEMORY_SHARE = 0.5  # of the GPU's memory: the GPU runs one job's passes
 
 
 def memory_budget(memory_gb: float | None, device) -> int:
     """Bytes a job's passes may use on ``device``: ``memory_gb`` x 1e9, or by default
-    ``DEFAULT_MEMORY_SHARE`` of the GPU's memory / of the RAM available now."""
+    ``DEFAULT_GPU_MEMORY_SHARE`` of the GPU's memory / ``DEFAULT_MEMORY_SHARE`` of the RAM
+    available now."""
     if memory_gb is not None:
         return int(memory_gb * 1e9)
     from sensitivity.memory import available_bytes
 
-    return int(DEFAULT_MEMORY_SHARE * available_bytes(device))
+    share = DEFAULT_GPU_MEMORY_SHARE if device.type == "cuda" else DEFAULT_MEMORY_SHARE
+    return int(share * available_bytes(device))
 
 
 def resolve_device(value: str):  # -> torch.device

@@ -65,13 +65,16 @@ def _one_thread() -> Iterator[None]:
 
 
 def llama(hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-          tied: bool = False) -> nn.Module:
-    """A Llama-style decoder (RMSNorm, rotary, SDPA causal, gated MLP, GQA)."""
+          tied: bool = False, intermediate: int | None = None, vocab: int = VOCAB,
+          positions: int = 64) -> nn.Module:
+    """A Llama-style decoder (RMSNorm, rotary, SDPA causal, gated MLP, GQA); ``intermediate``
+    defaults to 2 x hidden. (bench/transformer.py builds its 30M-parameter model here too.)"""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden,
+                      intermediate_size=intermediate or 2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      num_key_value_heads=kv_heads, max_position_embeddings=positions,
                       tie_word_embeddings=tied, attn_implementation="sdpa")
     return LlamaForCausalLM(cfg)
 

@@ -26,6 +26,23 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers like 0.1,0.3, got {text!r}") from None
 
 
+def _group_sizes(text: str) -> list[int | None]:
+    """``none,128,64`` -> [None, 128, 64] (none / null / channel: one scale per output
+    channel)."""
+    out: list[int | None] = []
+    for v in (v.strip() for v in text.split(",") if v.strip()):
+        if v.lower() in ("none", "null", "channel"):
+            out.append(None)
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected group sizes like none,128,64 (none: per output channel), got {text!r}"
+            ) from None
+    return out
+
+
 def _pin(text: str) -> int | None:
     if text.lower() in ("none", "null", "off"):
         return None
@@ -63,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ):
         lim.add_argument(flag, type=float, help=what)
     p.add_argument("--weight-bits", type=_ints, help="candidate weight bits, e.g. 4,8")
+    p.add_argument("--weight-group-sizes", type=_group_sizes,
+                   help="candidate weight scale groups, e.g. none,128,64,32 (none: one scale "
+                   "per output channel; g: one per g inputs, offered where g divides the fan-in)")
     p.add_argument("--activation-bits", type=_ints, help="candidate activation bits, e.g. 4,8")
     p.add_argument("--no-drq", action="store_true", help="no region-based activation precision")
     p.add_argument("--region-sizes", type=_ints, help="DRQ region sides, e.g. 2,4,8")
@@ -77,11 +97,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tol", type=float,
                    help="target relative standard error of each layer's trace (stderr / mean)")
     p.add_argument("--seed", type=int, help="seed of every random draw")
+    p.add_argument("--sampling", choices=("all", "chunk"),
+                   help="samples a Hessian probe pass sees: all, or a random chunk (default)")
     add_device_argument(p)
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="samples kept for eval")
     p.add_argument("--memory-gb", type=float, default=None,
-                   help="memory the passes may use, GB (default: BITPLAN_MEMORY_GB, else half "
-                   "the available RAM / GPU memory)")
+                   help="memory the passes may use, GB (default: BITPLAN_MEMORY_GB, else a "
+                   "quarter of the available RAM / half the GPU memory)")
     p.add_argument("--json", action="store_true", help="print the job summary as JSON")
     p.set_defaults(func=run)
 
@@ -104,7 +126,7 @@ def constraints_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             limits[key] = value
     doc["limits"] = limits
-    for key in ("weight_bits", "activation_bits", "hardware"):
+    for key in ("weight_bits", "weight_group_sizes", "activation_bits", "hardware"):
         if getattr(args, key) is not None:
             doc[key] = getattr(args, key)
     if args.latency_table is not None:
@@ -132,7 +154,7 @@ def constraints_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if pin:
         doc["pin"] = pin
     hessian = dict(doc.get("hessian") or {})
-    for key in ("max_iter", "tol", "seed"):
+    for key in ("max_iter", "tol", "seed", "sampling"):
         if getattr(args, key) is not None:
             hessian[key] = getattr(args, key)
     if hessian:
@@ -160,12 +182,16 @@ def format_summary(plan: dict[str, Any], report: dict[str, Any]) -> str:
         bound = f" <= {_human(key, limit)}" if limit is not None else ""
         binding = " (binding)" if key in plan.get("binding", []) else ""
         lines.append(f"  {key:<11} {_human(key, total)}{bound}{binding}")
-    lines.append("  layer                          w  a     drq")
+    grouped = any(row.get("group_size") for row in plan["layers"])
+    lines.append("  layer                          w  " + ("group   " if grouped else "")
+                 + "a     drq")
     for row in plan["layers"]:
         drq = row.get("drq")
         drq_text = f"{drq['region'][0]}x{drq['region'][1]} f={drq['sensitive_fraction']:.2f}" \
             if drq else "-"
-        lines.append(f"  {row['name']:<30} {row['w_bits']}  {row['a_bits']:<5g} {drq_text}")
+        group = f"{row.get('group_size') or 'channel':<8}" if grouped else ""
+        lines.append(f"  {row['name']:<30} {row['w_bits']}  {group}{row['a_bits']:<5g} "
+                     f"{drq_text}")
     m = report.get("metrics", {})
     ci = m.get("intervals") or {}
 

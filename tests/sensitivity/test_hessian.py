@@ -52,6 +52,49 @@ def test_traces_match_exact_blocks(case, request):
                 assert how == expected
 
 
+@pytest.mark.parametrize("case", ["cnn-ce-probe", "tanh-ce-mixed", "tanh-kl-probe"])
+def test_drawn_chunks_converge_to_the_exact_mean_loss_traces(case, request):
+    """``sampling: chunk``: each pass draws 3 of the 8 train samples; the pass means are
+    unbiased for the trace of the mean loss over all 8, and their standard error (probe noise
+    plus the sampling of data) brackets the exact value."""
+    model, calib, estimator, _ = CASES[case]
+    it = intake(request.getfixturevalue(model), request.getfixturevalue(calib))
+    exact_w, exact_a = exact_traces(it)
+    cfg = HessianConfig(max_iter=2400, tol=0.02, min_iter=100, seed=5, estimator=estimator,
+                        vectors_per_pass=4, sampling="chunk", batch_size=3)
+    res = measure(it, cfg)
+    assert res.model["draw"] == 3 and res.model["sampling"] == "chunk"
+    for row in res.layers:
+        assert row.weight_iterations >= 100  # passes: one sample each
+        for est, se, exact in [
+            (row.weight_trace, row.weight_trace_stderr, exact_w[row.name]),
+            (row.activation_trace, row.activation_trace_stderr, exact_a[row.name]),
+        ]:
+            assert se < 0.15 * exact, (row.name, est, se, exact)
+            # 16 comparisons: a family-wise 1 % bound is 3.42 se (Bonferroni, two-sided)
+            assert abs(est - exact) < 3.42 * se, (row.name, est, se, exact)
+
+
+def test_drawn_chunks_do_not_grow_with_the_set(cnn_pt2, tiny_calib):
+    """A drawn pass runs on its chunk only: the forward calls see 2 samples whatever N."""
+    it = intake(cnn_pt2, tiny_calib)
+    seen: list[int] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append(args[0].shape[0]) if isinstance(m, torch.fx.GraphModule)
+        and args else None)
+    try:
+        from sensitivity.hessian import hutchinson, prepare
+        p = prepare(it.module, [x.graph for x in it.layers], it.train, it.loss_kind, 8, False,
+                    torch.device("cpu"))
+        seen.clear()
+        est = hutchinson(p, HessianConfig(max_iter=8, min_iter=4, vectors_per_pass=2,
+                                          sampling="chunk", batch_size=2))
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {2}
+    assert est.passes == 4 and len(p.chunks) == 1 and p.chunks[0].size == 8  # restored
+
+
 def test_non_piecewise_linear_layer_uses_hvps(tanh_pt2, tiny_calib):
     it = intake(tanh_pt2, tiny_calib)
     res = measure(it, HessianConfig(max_iter=20, min_iter=10))
