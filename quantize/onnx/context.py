@@ -13,6 +13,9 @@ from solver.errors import UnsupportedExportError
 
 from .builder import GraphBuilder
 
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+          torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
+
 
 @dataclass
 class Context:
@@ -26,7 +29,9 @@ class Context:
 
     def params(self) -> dict[str, torch.Tensor]:
         if self._params is None:
-            self._params = {**dict(self.gm.named_parameters()), **dict(self.gm.named_buffers())}
+            # every name of a shared tensor (a tied lm_head reads the embedding's weight)
+            self._params = {**dict(self.gm.named_parameters(remove_duplicate=False)),
+                            **dict(self.gm.named_buffers(remove_duplicate=False))}
         return self._params
 
     def value(self, arg: object, widen: bool = True) -> str:
@@ -52,6 +57,16 @@ class Context:
         if isinstance(arg, (int, float)):
             return self.builder.const(float(arg))
         raise UnsupportedExportError(f"cannot express the argument {arg!r} in ONNX")
+
+    def scalar(self, value: object, like: fx.Node) -> str:
+        """A Python number as a constant of ``like``'s element type (float32 by default)."""
+        val = like.meta.get("val")
+        dtype = _NUMPY.get(val.dtype, np.float32) if isinstance(val, torch.Tensor) \
+            else np.float32
+        if isinstance(value, bool) and dtype is not np.bool_:
+            raise UnsupportedExportError(f"a boolean argument ({value}) where a tensor is "
+                                         "expected")
+        return self.builder.const(value, dtype)
 
     def attr(self, target: str) -> str:
         """A float initializer of a parameter / buffer (shared per FQN)."""

@@ -28,6 +28,7 @@ from solver.errors import UnsupportedExportError
 from ..checkpoint import Checkpoint, read_checkpoint
 from ..fakequant import prepare
 from ..points import Grid
+from . import ops_lm  # noqa: F401 - registers the decoder ops
 from .builder import GraphBuilder
 from .context import Context, shape
 from .layers import drq_layer, quantized_layer

@@ -110,18 +110,9 @@ def node_times(profile_file: str, skip_runs: int) -> dict[str, list[float]]:
 
 def _sessions(model: Any, threads: int, prefix: str):  # noqa: ANN202
     """A plain session (wall time) and a profiled one (kernel times) of ``model``."""
-    from .verify import onnxruntime
+    from .verify import session
 
-    ort = onnxruntime()
-    out = []
-    for profiled in (False, True):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
-        if profiled:
-            opts.enable_profiling, opts.profile_file_prefix = True, prefix
-        out.append(ort.InferenceSession(model.SerializeToString(), opts,
-                                        providers=["CPUExecutionProvider"]))
-    return out
+    return session(model, threads), session(model, threads, profile_prefix=prefix)
 
 
 def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]],
@@ -159,7 +150,7 @@ def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]
                             QuantizeConfig(batch_size=4))
                 model = export_onnx(program, res.checkpoint)
                 plain, prof = _sessions(model, threads, str(Path(tmp) / tag))
-            except (BitplanError, RuntimeError) as exc:  # ORT load failures are RuntimeErrors
+            except BitplanError as exc:  # session(): UnsupportedExportError when ORT fails
                 failed[tag] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 continue
             feed = {i.name: x for i, x in zip(plain.get_inputs(), feed_args, strict=True)}

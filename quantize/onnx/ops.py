@@ -160,7 +160,10 @@ def _binary(op: str) -> Translator:
     def fn(ctx: Context, node: fx.Node) -> str:
         if _arg(node, 2, "alpha", 1) != 1:
             raise UnsupportedExportError(f"{node.name}: {node.target} with alpha != 1")
-        return ctx.builder.op(op, [ctx.value(a) for a in node.args[:2]], node.name)
+        # a Python scalar takes the result's element type (int64 index arithmetic stays int)
+        return ctx.builder.op(op, [ctx.value(a) if isinstance(a, fx.Node)
+                                   else ctx.scalar(a, node) for a in node.args[:2]],
+                              node.name)
     return fn
 
 
@@ -333,12 +336,6 @@ def _split(ctx: Context, node: fx.Node) -> tuple:
     return tuple(ctx.builder.node("Split", [ctx.value(node.args[0]),
                                             ctx.builder.const(sizes, np.int64)],
                                   node.name, n_out=len(sizes), axis=dim))
-
-
-@handles(aten.sym_size.int)
-def _sym_size(ctx: Context, node: fx.Node) -> tuple:
-    # a dynamic dim read for a reshape's target; reshapes take shapes from the metadata
-    return ()
 
 
 @handles(operator.getitem)

@@ -14,6 +14,7 @@ measured 1.0 on 397 digits), not the maximum, which another CPU's summation orde
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -181,21 +182,21 @@ def test_weight_initializers_hold_the_plans_bytes(programs, plan_for, heldout_ev
         res.checkpoint.tensors[r["name"] + ".weight_q"].nbytes for r in plan["layers"])
 
 
-class Cumsum(nn.Module):
+class Cumprod(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1)).cumsum(dim=1)
+        return self.fc(x.flatten(1)).cumprod(dim=1)
 
 
 def test_unsupported_op_is_refused_by_name(digits, plan_for, heldout_eval, tmp_path) -> None:
     x, _ = digits
     torch.manual_seed(0)
-    program = zoo.export(Cumsum().eval(), x[:4])
+    program = zoo.export(Cumprod().eval(), x[:4])
     res = apply(program, plan_for(program), *heldout_eval, QuantizeConfig())
-    with pytest.raises(UnsupportedExportError, match="cumsum"):
+    with pytest.raises(UnsupportedExportError, match="cumprod"):
         export_onnx(program, res.checkpoint)
 
 
@@ -409,3 +410,33 @@ def test_profile_config_refuses_bad_methods() -> None:
     with pytest.raises(BadConstraintsError, match="whole model"):
         ProfileConfig(layers=("conv1",))
     assert ProfileConfig(layers=("conv1",), method="isolated").layers == ("conv1",)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_llama_exports_and_matches_fake_quant(tied, plan_for) -> None:
+    """The tiny Llama of tests/hf_zoo.py (causal mask from arange / cumsum / advanced
+    indexing, rotary tables, RMSNorm, GQA attention; ``tied``: lm_head shares the embedding's
+    weight, one float initializer read by the Gather and the MatMul): the float export equals
+    the program, and W8 / W4 linears with 8-bit inputs match fake-quant in ONNX Runtime on
+    every next-token argmax that is not a near-tie, at any batch size."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import hf_zoo
+
+    model = hf_zoo.trained_llama(tied=tied, steps=30)
+    ids = hf_zoo.calibration_ids(n=40, seq=16, seed=1)
+    program = hf_zoo.export(model, (ids[:2],))
+    fp = session(export_onnx(program, None))
+    with torch.no_grad():
+        want = program.module()(ids[:3]).numpy()
+    got = fp.run(None, {fp.get_inputs()[0].name: ids[:3].numpy()})[0]
+    assert np.abs(got - want).max() < 1e-4  # float32 reassociation only
+    plan = plan_for(program, w_bits=lambda i, n: 4 if i % 2 else 8)
+    res = apply(program, plan, CalibrationSet((ids[:24],)), CalibrationSet((ids[24:],)),
+                QuantizeConfig(batch_size=8))
+    out = export_onnx(program, res.checkpoint)
+    report = verify(program, res.checkpoint, out, CalibrationSet((ids[24:],)))
+    assert report["passed"] and report["p99_steps8"] <= P99_STEPS
+    if tied:  # lm_head stays float (a shared weight) and reads the embedding's table
+        users = sorted(n.op_type for n in out.graph.node for i in n.input
+                       if i == "model.lm_head.weight")
+        assert users == ["Gather", "Transpose"]  # one initializer, two ops
