@@ -20,10 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "profile",
         help="measure per-layer latency per option in ONNX Runtime (a latency_table)",
-        description="Time every quantizable layer of MODEL.pt2 in isolation, for every "
-        "(weight bits, activation bits) option, as the QDQ subgraph `bitplan export` writes "
-        "for it, at the layer's input shape with --batch samples; the median of --repeat runs "
-        "after --warmup. Writes {format, runtime, cpu, config, input_shapes, latency_table}; "
+        description="Time every quantizable layer of MODEL.pt2 for every (weight bits, "
+        "activation bits) option with --batch samples, the median of --repeat runs after "
+        "--warmup: by default inside the whole exported model (one model per option, ONNX "
+        "Runtime's per-node profile, the glue between layers spread over them), or with "
+        "--method isolated each layer alone as the QDQ subgraph `bitplan export` writes for "
+        "it. Writes {format, version, method, runtime, cpu, config, input_shapes, "
+        "latency_table, ...}; "
         "pass the file's latency_table as the constraints' latency_table "
         "(`bitplan plan --latency-table` reads the file as it is). Needs the [onnx] extra.",
     )
@@ -36,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation-bits", type=_ints, default=(8,), help="e.g. 4,8")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--repeat", type=int, default=30, help="timed runs (default 30)")
+    p.add_argument("--method", choices=("context", "isolated"), default="context",
+                   help="time layers inside the whole model (default) or each alone")
     p.add_argument("--out", type=Path, required=True, help="latency.json to write")
     p.set_defaults(func=run)
 
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ProfileConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits,
                         batch=args.batch, threads=args.threads, warmup=args.warmup,
-                        repeat=args.repeat)
+                        repeat=args.repeat, method=args.method)
     program = load_program(args.model)
     bar = TerminalProgress()
     try:

@@ -93,6 +93,13 @@ def test_profile_writes_a_latency_table_the_constraints_accept(cnn_pt2, tmp_path
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 2 and "Conv" in ops
     assert ProfileConfig().repeat >= 10
+    # each layer alone instead of inside the model: the same table shape, no glue figures
+    iso = tmp_path / "iso.json"
+    assert main(["profile", str(cnn_pt2), "--method", "isolated", "--warmup", "0",
+                 "--repeat", "2", "--out", str(iso)]) == 0
+    doc = json.loads(iso.read_text())
+    assert doc["method"] == "isolated" and "rest_ms" not in doc
+    assert set(doc["latency_table"]) == {"conv1", "conv2", "fc"}
 
 
 def test_hardware_onnxruntime_cpu_measures_latency_once(mlp_pt2, calib_path, tmp_path) -> None:
