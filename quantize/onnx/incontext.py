@@ -58,6 +58,17 @@ def synthetic_inputs(program: torch.export.ExportedProgram, n: int,
     return tuple(out)
 
 
+def fixed_batch(program: torch.export.ExportedProgram) -> int | None:
+    """The batch size a program was exported for, or None when its batch is dynamic."""
+    for node in program.module().graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], int):
+                return int(val.shape[0])
+            return None
+    return None
+
+
 def uniform_plan(layers: list[GraphLayer], w_bits: int, a_bits: int) -> dict[str, Any]:
     """A plan (current format) with every layer at ``w<w_bits>a<a_bits>``."""
     from solver.options import size_bytes
@@ -121,7 +132,7 @@ def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]
     """Per-layer in-context latency per option tag, the rest, and what was measured.
 
     Returns ``{"table": {layer: {tag: ms | None}}, "share": {layer: ms}, "scale": {tag: x},
-    "rest_ms": float,
+    "rest_ms": float, "batch": int (the program's own batch when it was exported for one),
     "whole_ms": {tag: ms}, "unattributed": {node: ms}, "failed": {tag: reason}}``: ``table``
     holds the layers' own kernel times (None where no node of the optimised graph carries the
     layer's name), ``share`` each layer's part of the rest, ``scale`` per option the factor
@@ -137,9 +148,13 @@ def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]
 
     layers = find_layers(program.module())
     owner = owner_of(layers)
-    data = synthetic_inputs(program, 4 + batch, seed)
-    train = CalibrationSet(tuple(t[:4] for t in data))
-    feed_args = tuple(t[4:].numpy() for t in data)
+    fixed = fixed_batch(program)  # a program exported for one batch size runs only at it
+    if fixed is not None:
+        batch = fixed
+    data = synthetic_inputs(program, 2 * batch if fixed else 4 + batch, seed)
+    cut = batch if fixed else 4
+    train = CalibrationSet(tuple(t[:cut] for t in data))
+    feed_args = tuple(t[cut:].numpy() for t in data)
     runs: dict[str, tuple[Any, Any, dict]] = {}
     failed: dict[str, str] = {}
     with TemporaryDirectory(prefix="bitplan-profile-") as tmp:
@@ -147,7 +162,7 @@ def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]
             tag = f"w{w}a{a}"
             try:
                 res = apply(program, uniform_plan(layers, w, a), train, train,
-                            QuantizeConfig(batch_size=4))
+                            QuantizeConfig(batch_size=4), batch_size=fixed)
                 model = export_onnx(program, res.checkpoint)
                 plain, prof = _sessions(model, threads, str(Path(tmp) / tag))
             except BitplanError as exc:  # session(): UnsupportedExportError when ORT fails
@@ -195,5 +210,5 @@ def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]
         extra = whole[tag] - sum(per_layer.values()) - rest_ms if tag != "w8a8" else 0.0
         kernels = sum(per_layer.values())
         scale[tag] = 1.0 + (extra / kernels if kernels else 0.0)
-    return {"table": table, "share": share, "scale": scale, "rest_ms": rest_ms,
+    return {"table": table, "share": share, "scale": scale, "rest_ms": rest_ms, "batch": batch,
             "whole_ms": whole, "unattributed": unattributed.get("w8a8", {}), "failed": failed}

@@ -213,6 +213,7 @@ def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = N
                 ctx["unattributed"].items(), key=lambda kv: -kv[1])},
             "failed_options": ctx["failed"],
             "fallback": fallback,  # {layer: [tags timed in isolation]}
+            "context_batch": ctx["batch"],  # a fixed-batch program runs at its own batch
         })
     return out
 

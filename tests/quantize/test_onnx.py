@@ -440,3 +440,13 @@ def test_tiny_llama_exports_and_matches_fake_quant(tied, plan_for) -> None:
         users = sorted(n.op_type for n in out.graph.node for i in n.input
                        if i == "model.lm_head.weight")
         assert users == ["Gather", "Transpose"]  # one initializer, two ops
+
+
+def test_in_context_profile_of_a_fixed_batch_program(cnn_fixed_batch_pt2) -> None:
+    """A program exported for batches of 16 is timed at 16 (it runs at no other size)."""
+    from quantize.onnx.profile import ProfileConfig, profile
+
+    doc = profile(torch.export.load(str(cnn_fixed_batch_pt2)),
+                  ProfileConfig(warmup=1, repeat=2))
+    assert doc["context_batch"] == 16 and doc["fallback"] == {}
+    assert doc["failed_options"] == {} and set(doc["whole_ms"]) == {"w4a8", "w8a8"}
