@@ -460,7 +460,7 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
         return bool(bl) and done[kind] < cfg.max_iter and (
             taken[kind] < cfg.min_iter or not all(stats[b].converged(cfg.tol) for b in bl))
 
-    def report(kind: str, k: int, c: int) -> None:
+    def report(kind: str, k: int, c: float) -> None:
         if progress is None:
             return
         work = [(done[x] + (k * (c + 1) / n_chunks if x == kind else 0)) / cfg.max_iter
@@ -528,7 +528,7 @@ def _draw(p: Prepared, size: int, seed: int, t: int) -> None:
 
 
 def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batched: bool,
-                cache: dict[str, Any], tick: Callable[[int], None],
+                cache: dict[str, Any], tick: Callable[[float], None],
                 diag: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """[k, blocks] output-probe samples for probe vectors ``ts``, chunk by chunk; adds the
     squared weight gradients summed over the k vectors to ``diag[b]`` (weight blocks held)."""
@@ -560,6 +560,8 @@ def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batche
                         acc[j] = g.new_zeros((k, *inputs[b].shape))
                     acc[j][rows] += g
             del grads
+            if isinstance(rows, int) and rows + 1 < k:  # a looped vector done: progress moves
+                tick(c - 1 + (rows + 1) / k)  # within a pass of a large model
         del z, inputs, prob, ws
         tick(c)
     for j, g in acc.items():

@@ -95,6 +95,18 @@ def test_drawn_chunks_do_not_grow_with_the_set(cnn_pt2, tiny_calib):
     assert est.passes == 4 and len(p.chunks) == 1 and p.chunks[0].size == 8  # restored
 
 
+def test_progress_moves_after_every_looped_vector(cnn_pt2, tiny_calib):
+    """A large model's pass takes long: the fraction advances per vector, never backwards."""
+    it = intake(cnn_pt2, tiny_calib)
+    calls: list[float] = []
+    measure(it, HessianConfig(max_iter=8, min_iter=2, vectors_per_pass=4, sampling="chunk",
+                              batch_size=4, vectorize=False),
+            progress=lambda stage, f: calls.append(f))
+    assert calls == sorted(calls) and calls[-1] == 1.0
+    # 2 passes of 4 output-probe vectors: a report after each of them (plus start and end)
+    assert len({round(f, 6) for f in calls if 0 < f < 1}) >= 7
+
+
 def test_non_piecewise_linear_layer_uses_hvps(tanh_pt2, tiny_calib):
     it = intake(tanh_pt2, tiny_calib)
     res = measure(it, HessianConfig(max_iter=20, min_iter=10))
