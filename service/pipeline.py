@@ -396,6 +396,17 @@ def run_pipeline(
     if not solution.choices:
         tick.finish()
         raise InfeasibleError(_diagnosis_text(solution.diagnosis), detail=solution.diagnosis)
+    drq_check = None  # DRQ rows are kept only if they measure better on the calibration data
+    if any(row.get("drq") for row in plan["layers"]):
+        from .drqcheck import check_drq
+
+        summary = model_summary(intake.program, intake.layers, intake.float_params)
+        solution, plan, drq_check = check_drq(
+            intake, problem, solution, lambda s: make_plan(
+                problem, s, specs, constraints.to_dict(), summary, latency_source),
+            device, _forward_chunk(sens), activations)
+        _write_atomic(out / SOLUTION_FILE, solution.to_json(indent=2))
+        _write_json(out / PLAN_FILE, plan)
     tick("solve", 1.0)
 
     # 6-7. quantize, evaluate (on the evaluation file when one was given: it is used nowhere
@@ -408,6 +419,8 @@ def run_pipeline(
         "source": "evaluation file" if evaluation is not None else "held-out calibration share",
         "samples": len(intake.holdout),
     }
+    if drq_check is not None:
+        result.report["drq_check"] = drq_check
     tick.check()
     _save_checkpoint(result, out)  # model.safetensors and report.json
     # 8. the trade-off: Pareto fronts, a few of their points evaluated, plots
