@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/drq.py [--seeds 1] [--epochs 30] [--width 8] [--calib 256]
     .venv/bin/python bench/drq.py --low-weights [--seeds 3]
-    .venv/bin/python bench/drq.py --plans [--models cnn,resnet18] [--json out.json]
+    .venv/bin/python bench/drq.py --plans [--models cnn,resnet18] [--budgets 0.1,0.25,0.5,0.75]
+    .venv/bin/python bench/drq.py --issue-case [--json out.json]
 
 For each init seed a DigitsCNN is trained on digits 0..1399 (as in the tests), exported, and
 calibrated by ``sensitivity.regions.calibrate`` on the first ``--calib`` training digits. Every
@@ -32,6 +33,16 @@ the DRQ layers' multiplications at 4x4 (counted by the runtime on the held-out d
 paired comparison: b / c = digits only the DRQ plan / only the plain plan gets right, with the
 exact two-sided McNemar p-value (binomial, b of b + c at 1/2); a gap is called more than noise
 when p < 0.05. The mean KL divergence to FP32 and its paired standard error are printed too.
+Then the job's DRQ acceptance check (``quantize.drqcheck.decide``) on the 200 calibration
+digits only: the per-digit cross-entropy of both plans, DRQ kept when lower by more than one
+paired standard error; "checked" is the plan the check keeps, judged on the 597 held-out
+digits against the plan without DRQ (by construction the same plan or the DRQ one). The two
+cost models share one stage cache, so the second pipeline reuses the sensitivity and regions.
+
+``--issue-case``: the issue's constraints on DigitsResNet (``bops_ratio`` 0.6, weights and
+activations {4, 8}, DRQ enabled, default pins and Hessian): the pipeline's plan against, for
+each layer with DRQ options, the best plan that runs that layer in DRQ (its other options
+removed), by Omega, calibration cross-entropy, held-out accuracy and KL.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ from bench.quality import plan_for  # noqa: E402
 from quantize import QuantizeConfig, apply  # noqa: E402
 from quantize.data import CalibrationSet  # noqa: E402
 from quantize.drq import apply_drq, drq_modules  # noqa: E402
+from quantize.drqcheck import CheckConfig, decide, sample_losses  # noqa: E402
 from quantize.graph import find_layers  # noqa: E402
 from sensitivity import zoo  # noqa: E402
 from sensitivity.regions import RegionConfig, calibrate  # noqa: E402
@@ -154,6 +166,7 @@ N_PLAN_TRAIN, N_PLAN_CALIB = 1000, 200
 PLAN_MODELS = {  # name -> (factory, image side, input channels)
     "cnn": (lambda: zoo.DigitsCNN(width=8), 8, 1),
     "resnet18": (lambda: zoo.ResNet18Like(width=8), 16, 3),
+    "digitsresnet": (lambda: zoo.DigitsResNet(), 8, 1),
 }
 
 
@@ -167,35 +180,46 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-class PlanRun:
-    """One model under one cost model: the pipeline's problem, and plans quantized and scored."""
+class PlanModel:
+    """One trained model, its calibration file (200 digits) and the 597 digits that judge."""
 
-    def __init__(self, name: str, work: Path, hardware: str | None) -> None:
-        from service.pipeline import run_pipeline
-
+    def __init__(self, name: str, work: Path) -> None:
         factory, side, channels = PLAN_MODELS[name]
         x, y = zoo.digits_data(image_size=side, seed=0)
         x = x.expand(-1, channels, -1, -1).contiguous()
         torch.manual_seed(0)
-        model = zoo.train(factory(), x[:N_PLAN_TRAIN], y[:N_PLAN_TRAIN], epochs=15, seed=0)
-        pt2 = zoo.save_model(model, x[:4], work / f"{name}.pt2")
-        cal = slice(N_PLAN_TRAIN, N_PLAN_TRAIN + N_PLAN_CALIB)
-        calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x[cal], y[cal])
-        constraints = {"limits": {"bops_ratio": 1.0}, "weight_bits": [4, 8],
-                       "activation_bits": [4, 8], "drq": {"enabled": True},
-                       "pin": {"first": None, "last": None}, "hardware": hardware}
-        out = work / f"{name}-{hardware or 'bops'}"
         t0 = time.perf_counter()
-        run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1, pareto_points=0)
-        self.seconds = time.perf_counter() - t0
-        self.problem = Problem.from_json((out / "problem.json").read_text())
-        self.template = json.loads((out / "plan.json").read_text())
-        self.program = torch.export.load(str(pt2))
+        model = zoo.train(factory(), x[:N_PLAN_TRAIN], y[:N_PLAN_TRAIN], epochs=15, seed=0)
+        self.train_seconds = time.perf_counter() - t0
+        self.name, self.work = name, work
+        self.pt2 = zoo.save_model(model, x[:4], work / f"{name}.pt2")
+        cal = slice(N_PLAN_TRAIN, N_PLAN_TRAIN + N_PLAN_CALIB)
+        self.calib_path = zoo.save_calibration(work / f"{name}-calib.safetensors", x[cal], y[cal])
+        self.program = torch.export.load(str(self.pt2))
         self.calib = CalibrationSet((x[cal],), labels=y[cal])
         self.x_ev, self.y_ev = x[N_PLAN_TRAIN + N_PLAN_CALIB:], y[N_PLAN_TRAIN + N_PLAN_CALIB:]
         with torch.no_grad():
             self.fp32_logp = F.log_softmax(self.program.module()(self.x_ev), dim=1)
         self.fp32_accuracy = float((self.fp32_logp.argmax(1) == self.y_ev).float().mean())
+
+
+class PlanRun:
+    """One model under one set of constraints: the pipeline's problem, and plans quantized
+    and scored (calibrated on the 200 calibration digits; the check's loss on those digits,
+    held-out accuracy and KL on the other 597)."""
+
+    def __init__(self, model: PlanModel, constraints: dict, cache) -> None:
+        from service.pipeline import run_pipeline
+
+        self.model = model
+        out = model.work / f"{model.name}-{constraints.get('hardware') or 'bops'}"
+        t0 = time.perf_counter()
+        self.result = run_pipeline(model.pt2, model.calib_path, constraints, out,
+                                   holdout_fraction=0.1, pareto_points=0, plots=False,
+                                   cache=cache)
+        self.seconds = time.perf_counter() - t0
+        self.problem = Problem.from_json((out / "problem.json").read_text())
+        self.template = json.loads((out / "plan.json").read_text())
 
     def without_drq(self, limits: Limits) -> Problem:
         layers = tuple(LayerOptions(la.name, tuple(o for o in la.options if o.drq is None))
@@ -215,20 +239,33 @@ class PlanRun:
 
     @torch.no_grad()
     def score(self, plan: dict) -> dict:
-        res = apply(self.program, plan, self.calib, self.calib, QuantizeConfig())
+        m = self.model
+        res = apply(m.program, plan, m.calib, m.calib, QuantizeConfig())
+        # the acceptance check's loss: cross-entropy per calibration digit (the job's loss)
+        cal_loss = sample_losses(m.program.module(), res.module, m.calib, "cross_entropy", 256)
         mods = list(drq_modules(res.module).values())
-        for m in mods:
-            m.reset_stats()
-        logq = F.log_softmax(res.module(self.x_ev), dim=1)
-        regions = sum(m.total_regions for m in mods)
-        macs = sum(m.macs_high + m.macs_low for m in mods)
+        for mod in mods:
+            mod.reset_stats()
+        logq = F.log_softmax(res.module(m.x_ev), dim=1)
+        regions = sum(mod.total_regions for mod in mods)
+        macs = sum(mod.macs_high + mod.macs_low for mod in mods)
         return {
-            "correct": logq.argmax(1) == self.y_ev,
-            "kl": (self.fp32_logp.exp() * (self.fp32_logp - logq)).sum(1),
+            "correct": logq.argmax(1) == m.y_ev,
+            "kl": (m.fp32_logp.exp() * (m.fp32_logp - logq)).sum(1),
+            "cal_loss": cal_loss,
             "drq_rows": len(mods),
-            "int4_regions": sum(m.int4_regions for m in mods) / regions if regions else 0.0,
-            "int4_macs": sum(m.macs_low for m in mods) / macs if macs else 0.0,
+            "int4_regions": sum(mod.int4_regions for mod in mods) / regions if regions else 0.0,
+            "int4_macs": sum(mod.macs_low for mod in mods) / macs if macs else 0.0,
         }
+
+    def compare(self, d: dict, p: dict) -> dict:
+        """Paired held-out comparison of plan ``d`` against plan ``p``."""
+        b = int((d["correct"] & ~p["correct"]).sum())
+        c = int((~d["correct"] & p["correct"]).sum())
+        dkl = d["kl"] - p["kl"]
+        return {"acc": float(d["correct"].float().mean()), "b": b, "c": c,
+                "mcnemar_p": mcnemar_p(b, c), "kl": float(d["kl"].mean()),
+                "kl_diff_se": float(dkl.std()) / math.sqrt(len(dkl))}
 
     def budget(self, limit: float) -> dict:
         limits = Limits(**{self.resource: limit})
@@ -241,54 +278,134 @@ class PlanRun:
                 return {**out, "status": sol.status}
             out[key] = self.score(self.plan(prob, sol.choices))
             out[key]["objective"] = sol.objective
-            out[key]["used"] = sol.totals[self.resource]
         d, p = out["drq"], out["plain"]
-        b = int((d["correct"] & ~p["correct"]).sum())
-        c = int((~d["correct"] & p["correct"]).sum())
-        dkl = d["kl"] - p["kl"]
-        n = len(self.y_ev)
+        drq_cmp = self.compare(d, p)
+        if d["drq_rows"]:  # the job's check, on the calibration digits only
+            check = decide(d["cal_loss"], p["cal_loss"], "cross_entropy", CheckConfig())
+            kept = check.kept
+            check_d = {"kept": kept, "cal_loss_drq": check.loss_drq,
+                       "cal_loss_off": check.loss_off, "cal_diff_se": check.diff_se}
+        else:
+            kept, check_d = "off", {"kept": "no DRQ row"}
+        checked = self.compare(d if kept == "drq" else p, p)
         out["summary"] = {
-            "acc_drq": float(d["correct"].float().mean()),
-            "acc_plain": float(p["correct"].float().mean()),
-            "b": b, "c": c, "mcnemar_p": mcnemar_p(b, c),
-            "kl_drq": float(d["kl"].mean()), "kl_plain": float(p["kl"].mean()),
-            "kl_diff_se": float(dkl.std()) / math.sqrt(n),
+            "acc_drq": drq_cmp["acc"], "acc_plain": float(p["correct"].float().mean()),
+            "b": drq_cmp["b"], "c": drq_cmp["c"], "mcnemar_p": drq_cmp["mcnemar_p"],
+            "kl_drq": drq_cmp["kl"], "kl_plain": float(p["kl"].mean()),
+            "kl_diff_se": drq_cmp["kl_diff_se"],
             "objective_drq": d["objective"], "objective_plain": p["objective"],
             "drq_rows": d["drq_rows"], "int4_regions": d["int4_regions"],
-            "int4_macs": d["int4_macs"],
+            "int4_macs": d["int4_macs"], "check": check_d,
+            "checked": {"acc": checked["acc"], "kl": checked["kl"], "b": checked["b"],
+                        "c": checked["c"], "mcnemar_p": checked["mcnemar_p"],
+                        "kl_diff_se": checked["kl_diff_se"]},
         }
         return out
 
 
 def plans(args: argparse.Namespace) -> None:
+    from service.cache import StageCache
+
     results = {}
+    fracs = [float(f) for f in args.budgets.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
+        cache = StageCache(Path(tmp) / "cache")  # the two cost models share the sensitivity
         for name in args.models.split(","):
+            model = PlanModel(name, Path(tmp))
             for hardware in ("drq-array", None):
-                run = PlanRun(name, Path(tmp), hardware)
+                constraints = {"limits": {"bops_ratio": 1.0}, "weight_bits": [4, 8],
+                               "activation_bits": [4, 8], "drq": {"enabled": True},
+                               "pin": {"first": None, "last": None}, "hardware": hardware}
+                run = PlanRun(model, constraints, cache)
                 lo, hi = run.extreme("w4a4"), run.extreme("w8a8")
                 print(f"\n{name}, {run.resource} ({hardware or 'BOPS'}): "
-                      f"{len(run.problem.layers)} layers, pipeline {run.seconds:.1f} s, "
-                      f"{len(run.y_ev)} held-out digits (one = {100 / len(run.y_ev):.2f} pt), "
-                      f"FP32 accuracy {run.fp32_accuracy:.4f}")
-                print(f"  {'budget':>10} {'acc DRQ':>8} {'acc off':>8} {'b':>3} {'c':>3} "
+                      f"{len(run.problem.layers)} layers, pipeline {run.seconds:.1f} s "
+                      f"(reused {run.result.reused}), "
+                      f"{len(model.y_ev)} held-out digits (one = {100 / len(model.y_ev):.2f} pt), "
+                      f"FP32 accuracy {model.fp32_accuracy:.4f}")
+                print(f"  {'budget':>6} {'acc DRQ':>8} {'acc off':>8} {'b':>3} {'c':>3} "
                       f"{'McNemar p':>9} {'KL DRQ':>7} {'KL off':>7} {'+-se':>6} "
-                      f"{'DRQ rows':>8} {'INT4 reg':>8} {'4x4 MACs':>8}")
-                for frac in (0.25, 0.5, 0.75):
+                      f"{'DRQ rows':>8} {'INT4 reg':>8} {'4x4 MACs':>8} | {'check':>5} "
+                      f"{'cal dCE/se':>10} | {'acc chk':>7} {'b':>3} {'c':>3} {'p':>6} "
+                      f"{'KL chk':>7}")
+                for frac in fracs:
                     r = run.budget(lo + frac * (hi - lo))
                     key = f"{name} {run.resource} {frac}"
                     if "summary" not in r:
-                        print(f"  {frac:10.2f} {r['status']}")
+                        print(f"  {frac:6.2f} {r['status']}")
                         results[key] = {"status": r["status"]}
                         continue
                     sm = r["summary"]
                     results[key] = {"limit": r["limit"], **sm}
-                    print(f"  {frac:10.2f} {sm['acc_drq']:8.4f} {sm['acc_plain']:8.4f} "
+                    ck, cd = sm["check"], sm["checked"]
+                    dce = (f"{(ck['cal_loss_drq'] - ck['cal_loss_off']) / ck['cal_diff_se']:+10.1f}"
+                           if "cal_loss_drq" in ck else f"{'-':>10}")
+                    print(f"  {frac:6.2f} {sm['acc_drq']:8.4f} {sm['acc_plain']:8.4f} "
                           f"{sm['b']:3d} {sm['c']:3d} {sm['mcnemar_p']:9.3g} "
                           f"{sm['kl_drq']:7.4f} {sm['kl_plain']:7.4f} {sm['kl_diff_se']:6.4f} "
-                          f"{sm['drq_rows']:8d} {sm['int4_regions']:8.3f} {sm['int4_macs']:8.3f}")
+                          f"{sm['drq_rows']:8d} {sm['int4_regions']:8.3f} {sm['int4_macs']:8.3f}"
+                          f" | {ck['kept'][:5]:>5} {dce} | {cd['acc']:7.4f} {cd['b']:3d} "
+                          f"{cd['c']:3d} {cd['mcnemar_p']:6.3g} {cd['kl']:7.4f}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def issue_case(args: argparse.Namespace) -> None:
+    """The issue's exact case: DigitsResNet, bops_ratio 0.6, weights and activations {4, 8},
+    DRQ enabled, default pins and Hessian settings. The pipeline's plan against the best plan
+    forced to run layer L in DRQ (the same problem with L's non-DRQ options removed), for
+    every layer L with DRQ options: Omega objective, calibration cross-entropy (the check's
+    loss), held-out accuracy and KL to FP32, paired."""
+    from service.cache import StageCache
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = PlanModel("digitsresnet", Path(tmp))
+        constraints = {"limits": {"bops_ratio": 0.6}, "weight_bits": [4, 8],
+                       "activation_bits": [4, 8], "drq": {"enabled": True}}
+        run = PlanRun(model, constraints, StageCache(None))
+        base = run.score(run.template)
+        tags = {r["name"]: _tag(r) for r in run.template["layers"]}
+        print(f"\ndigitsresnet, bops_ratio 0.6 (the issue's case): pipeline {run.seconds:.1f} s, "
+              f"plan {tags}, objective {run.template['objective']:.5f}, drq_check "
+              f"{run.result.report.get('drq_check', 'not run (no DRQ row)')}")
+        print(f"  {'forced DRQ layer':>18} {'tag':>16} {'Omega':>8} {'cal CE':>7} {'+-se':>6} "
+              f"{'acc':>7} {'b':>3} {'c':>3} {'p':>6} {'KL':>7} {'KL plan':>7} {'+-se':>6}")
+        print(f"  {'(the plan)':>18} {'':>16} {run.template['objective']:8.5f} "
+              f"{float(base['cal_loss'].mean()):7.4f} {'':>6} "
+              f"{float(base['correct'].float().mean()):7.4f}")
+        for k, la in enumerate(run.problem.layers):
+            drq = tuple(o for o in la.options if o.drq is not None)
+            if not drq:
+                continue
+            layers = list(run.problem.layers)
+            layers[k] = LayerOptions(la.name, drq)
+            prob = Problem(tuple(layers), run.problem.limits, run.problem.ties)
+            sol = solve(prob)
+            if not sol.choices:
+                print(f"  {la.name:>18} {sol.status}")
+                continue
+            forced = run.score(run.plan(prob, sol.choices))
+            cmp = run.compare(forced, base)
+            d = forced["cal_loss"] - base["cal_loss"]
+            se = float(d.std()) / math.sqrt(len(d))
+            tag = prob.layers[k].options[sol.choices[la.name]].tag
+            results[la.name] = {"tag": tag, "objective": sol.objective,
+                                "objective_plan": run.template["objective"],
+                                "cal_loss": float(forced["cal_loss"].mean()),
+                                "cal_loss_plan": float(base["cal_loss"].mean()),
+                                "cal_diff_se": se, **cmp, "kl_plan": float(base["kl"].mean())}
+            print(f"  {la.name:>18} {tag:>16} {sol.objective:8.5f} "
+                  f"{float(forced['cal_loss'].mean()):7.4f} {se:6.4f} {cmp['acc']:7.4f} "
+                  f"{cmp['b']:3d} {cmp['c']:3d} {cmp['mcnemar_p']:6.3g} {cmp['kl']:7.4f} "
+                  f"{float(base['kl'].mean()):7.4f} {cmp['kl_diff_se']:6.4f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _tag(row: dict) -> str:
+    return (f"w{row['w_bits']}drq{row['drq']['region'][0]}f{row['drq']['sensitive_fraction']:g}"
+            if row.get("drq") else f"w{row['w_bits']}a{row['a_bits']:g}")
 
 
 def main() -> None:
@@ -301,11 +418,18 @@ def main() -> None:
                         help="compare requantised against clipped 4-bit weights")
     parser.add_argument("--plans", action="store_true",
                         help="best plan with DRQ options against without, at 3+3 budgets")
+    parser.add_argument("--issue-case", action="store_true",
+                        help="DigitsResNet at bops_ratio 0.6: the plan against forced-DRQ plans")
     parser.add_argument("--models", default="cnn,resnet18", help="for --plans")
+    parser.add_argument("--budgets", default="0.1,0.25,0.5,0.75",
+                        help="--plans: fractions of the way from all-W4A4 to all-W8A8")
     parser.add_argument("--json", type=Path, default=None, help="--plans: write figures here")
     args = parser.parse_args()
     if args.plans:
         plans(args)
+        return
+    if args.issue_case:
+        issue_case(args)
         return
     x, y = zoo.digits_data(image_size=8, seed=0)
     if args.low_weights:
