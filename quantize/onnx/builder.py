@@ -72,6 +72,10 @@ class GraphBuilder:
     _consts: dict[tuple, str] = field(default_factory=dict)
     # value name -> grid, for values that are the direct output of a DequantizeLinear
     dq_grid: dict[str, Grid] = field(default_factory=dict)
+    # <= 4-bit per-channel weights: packed INT4 initializer -> Cast(INT8) -> DequantizeLinear,
+    # which ONNX Runtime folds at load into an INT8 weight of its QLinearConv / QLinearMatMul
+    # (False: DequantizeLinear of the INT4 codes, a float Conv in ONNX Runtime 1.31)
+    int8_kernels: bool = True
 
     def fresh(self, base: str) -> str:
         base = base.replace("/", "_") or "v"

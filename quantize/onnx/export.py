@@ -69,10 +69,15 @@ def _check_shared_weights(gm: fx.GraphModule, weights: set[str]) -> None:
 
 
 def export_onnx(
-    program: torch.export.ExportedProgram, checkpoint: Checkpoint | str | Path | None
+    program: torch.export.ExportedProgram, checkpoint: Checkpoint | str | Path | None,
+    int8_kernels: bool = True,
 ) -> onnx.ModelProto:
     """The ONNX model (opset 21) of ``checkpoint`` applied to ``program`` (``None``: the
     float model, every layer as it is, e.g. a latency baseline).
+
+    ``int8_kernels``: <= 4-bit per-channel weights (packed INT4 in the file) pass a Cast to
+    INT8 before their DequantizeLinear, so ONNX Runtime runs the layer on its INT8 kernel
+    (False: DequantizeLinear of the INT4 codes, DQ + float Conv in ONNX Runtime 1.31).
 
     Weights are INT8 / INT4 initializers feeding DequantizeLinear (axis 0, per output
     channel), biases int32 at ``S_w * S_in``, activations Q/DQ on the checkpoint's grids,
@@ -93,7 +98,7 @@ def export_onnx(
     # float readers get a widened copy); adds and pools are stored at >= 8 bits
     layer_ends = {p.end for p, _ in points if p.kind == "layer"}
     add_grid = {p.node: g for p, g in points if p.kind == "add"}
-    builder = GraphBuilder()
+    builder = GraphBuilder(int8_kernels=int8_kernels)
     ctx = Context(gm, builder)
     for node in gm.graph.nodes:
         if node.op == "placeholder":

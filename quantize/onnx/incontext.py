@@ -127,8 +127,8 @@ def _sessions(model: Any, threads: int, prefix: str):  # noqa: ANN202
 
 
 def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]],
-            batch: int, threads: int, warmup: int, repeat: int, seed: int
-            ) -> dict[str, Any]:
+            batch: int, threads: int, warmup: int, repeat: int, seed: int,
+            int8_kernels: bool = True) -> dict[str, Any]:
     """Per-layer in-context latency per option tag, the rest, and what was measured.
 
     Returns ``{"table": {layer: {tag: ms | None}}, "share": {layer: ms}, "scale": {tag: x},
@@ -163,7 +163,7 @@ def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]
             try:
                 res = apply(program, uniform_plan(layers, w, a), train, train,
                             QuantizeConfig(batch_size=4), batch_size=fixed)
-                model = export_onnx(program, res.checkpoint)
+                model = export_onnx(program, res.checkpoint, int8_kernels)
                 plain, prof = _sessions(model, threads, str(Path(tmp) / tag))
             except BitplanError as exc:  # session(): UnsupportedExportError when ORT fails
                 failed[tag] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

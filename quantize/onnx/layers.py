@@ -62,8 +62,12 @@ def weight_initializer(ctx: Context, base: str, codes: torch.Tensor, w_bits: int
 
 def dequantized_weight(ctx: Context, base: str, codes: torch.Tensor, scale: torch.Tensor,
                        w_bits: int) -> str:
-    """DequantizeLinear(codes, per-output-channel scale, axis 0)."""
+    """DequantizeLinear(codes, per-output-channel scale, axis 0); packed INT4 codes go
+    through a Cast to INT8 first when the builder asks for INT8 kernels (the file keeps the
+    INT4 bytes; ONNX Runtime folds the Cast at load and fuses the layer into its INT8 kernel)."""
     w = weight_initializer(ctx, base + "_q", codes, w_bits)
+    if packed(w_bits) and ctx.builder.int8_kernels:
+        w = ctx.builder.op("Cast", [w], base + "_q8", to=TensorProto.INT8)
     s = ctx.builder.tensor(base + "_scale", scale.to(torch.float32).numpy())
     return ctx.builder.op("DequantizeLinear", [w, s], base + "_dq", axis=0)
 
@@ -98,12 +102,13 @@ def quantized_layer(ctx: Context, node: fx.Node, layer: GraphLayer, row: PlanRow
     """A conv / linear with integer weights and a QDQ input; returns its float output."""
     name = layer.name
     g_in = ckpt.input_grid(name)
-    # With 8-bit weights ONNX Runtime fuses DQ -> Conv/MatMul -> Q into QLinearConv /
-    # QLinearMatMul, which have no 4-bit input type: a <= 4-bit input is then stored in the
-    # 8-bit type on its own grid (the same values), and runs the INT8 kernel.
-    x = ctx.builder.qdq(ctx.value(node.args[0], widen=False), g_in, name + "_in",
-                        wide=row.w_bits > 4)
+    # With 8-bit weights (or 4-bit ones cast to INT8) ONNX Runtime fuses DQ -> Conv/MatMul ->
+    # Q into QLinearConv / QLinearMatMul, which have no 4-bit input type: a <= 4-bit input is
+    # then stored in the 8-bit type on its own grid (the same values), and runs the INT8 kernel.
     s_w = ckpt.tensors[f"{name}.weight_scale"]
+    int8_kernel = row.w_bits > 4 or (ctx.builder.int8_kernels and s_w.dim() == 1)
+    x = ctx.builder.qdq(ctx.value(node.args[0], widen=False), g_in, name + "_in",
+                        wide=int8_kernel)
     if s_w.dim() == 2:  # per-group scales along the flattened fan-in: blocked DQ
         w = grouped_weight(ctx, name + "_w", ckpt.codes(name), s_w, row)
         s_bias = s_w.to(torch.float64).amax(dim=1)  # bias_q's grid: the largest group scale

@@ -59,6 +59,7 @@ class ProfileConfig:
     seed: int = 0  # the random weight codes and inputs
     layers: tuple[str, ...] | None = field(default=None)  # None: every quantizable layer
     method: str = "context"  # in the whole model (module docstring); "isolated": layer alone
+    int8_kernels: bool = True  # as export_onnx: 4-bit weights cast to INT8 for its kernels
 
     def __post_init__(self) -> None:
         if self.version != 1:
@@ -80,16 +81,16 @@ class ProfileConfig:
 
 
 def layer_model(layer: GraphLayer, in_shape: tuple[int, ...], w_bits: int, a_bits: int,
-                seed: int = 0):  # noqa: ANN201 - onnx.ModelProto
+                seed: int = 0, int8_kernels: bool = True):  # noqa: ANN201 - onnx.ModelProto
     """The export's QDQ subgraph of one layer on an input of ``in_shape`` (batch included)."""
     from onnx import TensorProto, helper
 
     gen = torch.Generator().manual_seed(seed)
-    b = GraphBuilder(name=f"profile_{layer.name}")
+    b = GraphBuilder(name=f"profile_{layer.name}", int8_kernels=int8_kernels)
     ctx = Context(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), b)
     b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape)))
     g_in = Grid(0.05, a_bits, False)  # a post-ReLU grid: unsigned, as most layer inputs
-    x = b.qdq("x", g_in, "in")
+    x = b.qdq("x", g_in, "in", wide=w_bits > 4 or int8_kernels)  # as quantized_layer
     q = 2 ** (w_bits - 1) - 1
     codes = torch.randint(-q, q + 1, layer.weight_shape, generator=gen, dtype=torch.int32)
     out = layer.weight_shape[0]
@@ -172,7 +173,7 @@ def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = N
         from .incontext import measure
 
         ctx = measure(program, options, cfg.batch, cfg.threads, cfg.warmup, cfg.repeat,
-                      cfg.seed)
+                      cfg.seed, cfg.int8_kernels)
         if progress is not None:
             progress("profile", 0.5)
     table: dict[str, dict[str, float]] = {}
@@ -187,8 +188,8 @@ def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = N
             if ms is not None:
                 ms *= scale.get(tag, 1.0)
             else:  # isolated (the method, a failed uniform model or no named node)
-                ms = time_model(layer_model(layer, shapes[layer.name], w, a, cfg.seed),
-                                shapes[layer.name], cfg)
+                ms = time_model(layer_model(layer, shapes[layer.name], w, a, cfg.seed,
+                                            cfg.int8_kernels), shapes[layer.name], cfg)
                 if cfg.method == "context":
                     fallback.setdefault(layer.name, []).append(tag)
             table[layer.name][tag] = round(max(0.0, ms + share), 6)

@@ -450,3 +450,27 @@ def test_in_context_profile_of_a_fixed_batch_program(cnn_fixed_batch_pt2) -> Non
                   ProfileConfig(warmup=1, repeat=2))
     assert doc["context_batch"] == 16 and doc["fallback"] == {}
     assert doc["failed_options"] == {} and set(doc["whole_ms"]) == {"w4a8", "w8a8"}
+
+
+def test_4bit_weights_run_on_the_int8_kernel(cnn_program, plan_for, heldout_eval,
+                                             tmp_path) -> None:
+    """conv2 at W4A8: its packed INT4 initializer (the plan's bytes) is cast to INT8 before
+    DequantizeLinear, ONNX Runtime folds the Cast and fuses the layer into QLinearConv;
+    ``int8_kernels=False`` leaves DQ + float Conv. Both match fake-quant."""
+    ort = pytest.importorskip("onnxruntime")
+    plan = plan_for(cnn_program, w_bits=lambda i, n: 4 if n == "conv2" else 8)
+    res = apply(cnn_program, plan, *heldout_eval, QuantizeConfig())
+    fused = {}
+    for int8_kernels in (True, False):
+        model = export_onnx(cnn_program, res.checkpoint, int8_kernels=int8_kernels)
+        assert verify(cnn_program, res.checkpoint, model, heldout_eval[1])["passed"]
+        conv2 = next(x for x in find_layers(cnn_program.module()) if x.name == "conv2")
+        numel = int(np.prod(conv2.weight_shape))
+        assert weight_bytes(model)["conv2_w_q"] == numel // 2  # packed nibbles either way
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"opt{int8_kernels}.onnx")
+        ort.InferenceSession(model.SerializeToString(), opts,
+                             providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+        fused[int8_kernels] = (ops.count("QLinearConv"), ops.count("Conv"))
+    assert fused == {True: (2, 0), False: (1, 1)}
