@@ -8,11 +8,14 @@ and against the float ONNX model, all measured in the same run.
 Models: the digits CNN (8x8, trained 5 epochs), ResNet-18 at 224x224 (random weights, BN
 statistics on 16 random images; latency does not depend on the weights) and the tiny
 Llama-style decoder of tests/hf_zoo.py (32 tokens, untrained: latency does not depend on the
-weights). Two latency tables per model, both timed here: ``context`` (the profile's default:
-each layer inside the whole model, ``quantize.onnx.incontext``) and ``isolated`` (each layer
-alone). Plans, built directly: ``w8a8`` (every layer INT8) and ``size0.75`` (4-bit weights on
-the largest layers until the stored weights fit 0.75 x INT8, activations 8 bits; the first and
-last layer stay at 8 bits as the default pins do). With ``--ilp`` (ResNet-18 only) the job
+weights). Latency tables per model, all timed here: ``context`` (the profile's default: each
+layer inside the whole model, ``quantize.onnx.incontext``), ``isolated`` (each layer alone),
+and ``context-dq`` (context, for the export without the INT8 cast of 4-bit weights). Plans,
+built directly: ``w8a8`` (every layer INT8) and ``size0.75`` (4-bit weights on the largest
+layers until the stored weights fit 0.75 x INT8, activations 8 bits; the first and
+last layer stay at 8 bits as the default pins do), and ``size0.75-dq``: the same checkpoint
+exported with ``int8_kernels=False`` (4-bit weights as DequantizeLinear + float conv; its
+``pred ctx`` column is the context-dq table). With ``--ilp`` (ResNet-18 only) the job
 pipeline plans with ``hardware: onnxruntime-cpu`` (its own measured table, a quick Hessian on
 16 random images labelled by the float model): ``size_ratio 0.75`` with ``latency_ratio
 1.15`` and ``size_ratio 0.75`` alone; when the first is infeasible, the solver alone finds per
@@ -234,26 +237,33 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     program, data = model_and_data(name)
     x = data[: args.batch].numpy()
     tables = {}
-    for method in ("context", "isolated"):
+    for method, int8 in (("context", True), ("isolated", True), ("context", False)):
         t0 = time.perf_counter()
         doc = profile(program, ProfileConfig(weight_bits=(4, 8), activation_bits=(8,),
                                              batch=args.batch, threads=args.threads,
-                                             repeat=args.repeat, method=method))
-        tables[method] = doc["latency_table"]
+                                             repeat=args.repeat, method=method,
+                                             int8_kernels=int8))
+        key = method if int8 else "context-dq"
+        tables[key] = doc["latency_table"]
         extra = (f", rest {doc['rest_ms']:.3f} ms, option scale {doc['scale']}, isolated "
                  f"fallbacks {doc['fallback'] or 'none'}" if method == "context" else "")
-        print(f"\n{name}: {method} profile {time.perf_counter() - t0:.0f} s{extra}")
+        print(f"\n{name}: {key} profile {time.perf_counter() - t0:.0f} s{extra}")
     train, holdout = CalibrationSet((data[:16],)), CalibrationSet((data[16:],))
     layers = [x.name for x in find_layers(program.module())]
     plans = {"w8a8": make_plan(program, dict.fromkeys(layers, 8)),
              "size0.75": make_plan(program, size_forced(program, 0.75))}
     models = {"float": export_onnx(program, None)}
     agreement = {}
-    for plan_name, plan in plans.items():
+    for plan_name, plan in list(plans.items()):
         res = apply(program, plan, train, holdout, QuantizeConfig(batch_size=8))
         models[plan_name] = export_onnx(program, res.checkpoint)
         agreement[plan_name] = verify(program, res.checkpoint, models[plan_name],
                                       holdout)["top1_agreement_decisive"]
+        if plan_name == "size0.75":  # 4-bit weights as DQ + float conv (no INT8 kernel)
+            plans["size0.75-dq"] = plan
+            models["size0.75-dq"] = export_onnx(program, res.checkpoint, int8_kernels=False)
+            agreement["size0.75-dq"] = verify(program, res.checkpoint, models["size0.75-dq"],
+                                              holdout)["top1_agreement_decisive"]
     if args.ilp and name == "resnet18":
         with tempfile.TemporaryDirectory(prefix="bitplan-deploy-") as tmp:
             for label, (plan, model) in ilp_plans(name, data, Path(tmp)).items():
@@ -267,6 +277,8 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
         measured = float(np.median(times[plan_name]))
         bits = {r["name"]: r["w_bits"] for r in plan["layers"]}
         pred = {m: sum(t[n][f"w{bits[n]}a8"] for n in layers) for m, t in tables.items()}
+        if plan_name.endswith("-dq"):
+            pred["context"] = pred["context-dq"]
         agree = agreement.get(plan_name,
                               (plan.get("onnx") or {}).get("top1_agreement_decisive"))
         print(f"  {plan_name:<16} {spread(times[plan_name]):>32} {pred['context']:9.3f} "
