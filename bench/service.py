@@ -152,9 +152,10 @@ def _goal(what: str, value: float, unit: str, op: str, bound: float) -> str:
 
 
 def _child(pid: int) -> int:
-    """The first child process of ``pid`` (the worker `bitplan serve` starts)."""
+    """The first child process of ``pid`` (the worker `bitplan serve` starts); ``pid`` itself
+    when it has none (a server whose worker runs in its own process)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return int(children[0])
+    return int(children[0]) if children else pid
 
 
 def _poll_measured(server: Server, ids: list[str], conns: int,

@@ -3,6 +3,7 @@ worker) on a free port, driven over HTTP."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import torch
@@ -49,6 +50,7 @@ def test_submit_poll_download_and_load(start_server, mlp_pt2, calib_path, tmp_pa
     calib = load_calibration(calib_path)
     with torch.no_grad():
         pred = module(calib.args[0]).argmax(1)
+    # measured 0.955 (379 of 397; FP32 0.960): 0.8 leaves 61 samples of margin
     assert (pred == calib.labels).float().mean() > 0.8
 
     failed = server.wait(bad)
@@ -99,9 +101,11 @@ def test_dead_worker_job_is_retried_and_a_running_job_cancels(start_server, mlp_
     assert job["started_at"] is not None
     r = server.client.delete(f"/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    t0 = time.monotonic()
-    server.stop()  # the worker's pipeline noticed: a graceful stop does not wait for the sweep
-    assert time.monotonic() - t0 < 15
+    # The worker's pipeline noticed: a graceful stop does not wait for the sweep (minutes). The
+    # server exits on its own within Server.stop's 20 s grace (measured a few seconds), not by
+    # its SIGKILL: no wall-clock bound of our own.
+    server.stop()
+    assert server.proc.returncode != -signal.SIGKILL
     store = JobStore(f"sqlite:///{tmp_path / 'data' / 'jobs.db'}")
     final = store.get(job_id)
     store.close()

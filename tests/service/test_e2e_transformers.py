@@ -84,12 +84,15 @@ def test_transformer_planned_downloaded_and_loaded(arch, start_server, tmp_path)
         assert metrics["tokens_per_sample"] == SEQ
         for key in ("fp32_perplexity", "quant_perplexity"):
             assert got[key] == pytest.approx(metrics[key], rel=1e-3)
-        # trained: far better than the 256 of a uniform guess; 4-bit layers cost a little
+        # trained: far better than the 256 of a uniform guess; 4-bit layers cost a little.
+        # Measured (AMD EPYC): FP32 13.8, quantized / FP32 1.0003; the replay agrees to ~1e-12.
         assert metrics["fp32_perplexity"] < 40
         assert metrics["quant_perplexity"] < 1.5 * metrics["fp32_perplexity"]
     else:
+        # measured 0.999997 (AMD EPYC); the replay agrees to ~1e-11
         assert metrics["cosine_mean"] is not None and metrics["cosine_mean"] > 0.9
         assert got["cosine_mean"] == pytest.approx(metrics["cosine_mean"], abs=1e-4)
+    # measured to agree within 3e-6 relative (both architectures)
     assert got["kl_mean"] == pytest.approx(metrics["kl_mean"], rel=0.05, abs=1e-6)
 
 

@@ -30,6 +30,9 @@ def test_reproduces_published_bits(name: str) -> None:
         assert within(sol.totals[r], problem.limits.get(r))
     bits = {la.name: la.options[sol.choices[la.name]].w_bits for la in problem.layers}
     reference = SOLUTIONS[name]
+    # Holds on any CPU: every instance's optimum is unique in its bits by a relative margin of
+    # at least 3.5e-4 (resnet50_latency_0.5; the best assignment with other bits, ties and
+    # limits kept, by CBC), against float summation noise of ~1e-15 and the 1e-9 compared here.
     assert sol.objective == pytest.approx(reference["objective"], rel=1e-9)
     published = json.loads((DATA / f"{name}.expected.json").read_text())["bits"]
     if name == "resnet50_modelsize_0.25":
