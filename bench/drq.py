@@ -34,9 +34,10 @@ paired comparison: b / c = digits only the DRQ plan / only the plain plan gets r
 exact two-sided McNemar p-value (binomial, b of b + c at 1/2); a gap is called more than noise
 when p < 0.05. The mean KL divergence to FP32 and its paired standard error are printed too.
 Then the job's DRQ acceptance check (``quantize.drqcheck.decide``) on the 200 calibration
-digits only: the per-digit cross-entropy of both plans, DRQ kept when lower by more than one
-paired standard error; "checked" is the plan the check keeps, judged on the 597 held-out
-digits against the plan without DRQ (by construction the same plan or the DRQ one). The two
+digits only: the per-digit cross-entropy of the best plan with DRQ rows (the ILP's; when it
+has none, the best plan that forces one, marked *) and of the plan without DRQ, DRQ kept when
+lower by more than one paired standard error; "checked" is the plan the check keeps, judged on
+the 597 held-out digits against the plan without DRQ. The two
 cost models share one stage cache, so the second pipeline reuses the sensitivity and regions.
 
 ``--issue-case``: the issue's constraints on DigitsResNet (``bops_ratio`` 0.6, weights and
@@ -268,6 +269,8 @@ class PlanRun:
                 "kl_diff_se": float(dkl.std()) / math.sqrt(len(dkl))}
 
     def budget(self, limit: float) -> dict:
+        from service.drqcheck import solve_with_drq
+
         limits = Limits(**{self.resource: limit})
         with_drq = Problem(self.problem.layers, limits, self.problem.ties)
         plain = self.without_drq(limits)
@@ -280,14 +283,21 @@ class PlanRun:
             out[key]["objective"] = sol.objective
         d, p = out["drq"], out["plain"]
         drq_cmp = self.compare(d, p)
-        if d["drq_rows"]:  # the job's check, on the calibration digits only
-            check = decide(d["cal_loss"], p["cal_loss"], "cross_entropy", CheckConfig())
-            kept = check.kept
-            check_d = {"kept": kept, "cal_loss_drq": check.loss_drq,
-                       "cal_loss_off": check.loss_off, "cal_diff_se": check.diff_se}
+        # the job's check, on the calibration digits only: the best plan with DRQ rows (the
+        # ILP's, or when it has none the best that forces one) against the best without
+        cand = d
+        if not d["drq_rows"]:
+            forced = solve_with_drq(with_drq)
+            cand = None if forced is None else self.score(self.plan(with_drq, forced.choices))
+        if cand is None:
+            kept, check_d = "off", {"kept": "no DRQ plan"}
         else:
-            kept, check_d = "off", {"kept": "no DRQ row"}
-        checked = self.compare(d if kept == "drq" else p, p)
+            check = decide(cand["cal_loss"], p["cal_loss"], "cross_entropy", CheckConfig())
+            kept = check.kept
+            check_d = {"kept": kept, "forced": cand is not d, "cal_loss_drq": check.loss_drq,
+                       "cal_loss_off": check.loss_off, "cal_diff_se": check.diff_se,
+                       "drq_rows": cand["drq_rows"], "int4_macs": cand["int4_macs"]}
+        checked = self.compare(cand if kept == "drq" else p, p)
         out["summary"] = {
             "acc_drq": drq_cmp["acc"], "acc_plain": float(p["correct"].float().mean()),
             "b": drq_cmp["b"], "c": drq_cmp["c"], "mcnemar_p": drq_cmp["mcnemar_p"],
@@ -309,7 +319,8 @@ def plans(args: argparse.Namespace) -> None:
     results = {}
     fracs = [float(f) for f in args.budgets.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        cache = StageCache(Path(tmp) / "cache")  # the two cost models share the sensitivity
+        # the two cost models share the sensitivity and regions (and so do reruns, --cache)
+        cache = StageCache(args.cache or Path(tmp) / "cache")
         for name in args.models.split(","):
             model = PlanModel(name, Path(tmp))
             for hardware in ("drq-array", None):
@@ -338,7 +349,8 @@ def plans(args: argparse.Namespace) -> None:
                     sm = r["summary"]
                     results[key] = {"limit": r["limit"], **sm}
                     ck, cd = sm["check"], sm["checked"]
-                    dce = (f"{(ck['cal_loss_drq'] - ck['cal_loss_off']) / ck['cal_diff_se']:+10.1f}"
+                    dce = (f"{(ck['cal_loss_drq'] - ck['cal_loss_off']) / ck['cal_diff_se']:+9.1f}"
+                           + ("*" if ck["forced"] else " ")
                            if "cal_loss_drq" in ck else f"{'-':>10}")
                     print(f"  {frac:6.2f} {sm['acc_drq']:8.4f} {sm['acc_plain']:8.4f} "
                           f"{sm['b']:3d} {sm['c']:3d} {sm['mcnemar_p']:9.3g} "
@@ -424,6 +436,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.1,0.25,0.5,0.75",
                         help="--plans: fractions of the way from all-W4A4 to all-W8A8")
     parser.add_argument("--json", type=Path, default=None, help="--plans: write figures here")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="--plans: a stage cache folder kept between runs")
     args = parser.parse_args()
     if args.plans:
         plans(args)

@@ -1,8 +1,11 @@
-"""The DRQ acceptance check of a job: when the chosen plan has DRQ rows, the same problem is
-solved again with the DRQ options removed, both plans are quantized and scored on the
-calibration (train) samples with the job's loss (``quantize.drqcheck``), and the DRQ plan is
-kept only when it measures better by more than the margin. The report records both losses and
-the decision (``drq_check``)."""
+"""The DRQ acceptance check of a job. The ILP's Omega is a second-order proxy, and a DRQ option
+adds one more estimate, so the measured loss decides between the ILP's two candidates: the
+best plan with DRQ rows and the best plan without DRQ options. When the chosen plan has DRQ
+rows, the other is the same problem solved with the DRQ options removed; when it has none
+(but DRQ options were offered), the other is the best plan that runs at least one layer in DRQ.
+Both are quantized and scored on the calibration (train) samples with the job's loss
+(``quantize.drqcheck``); the DRQ plan is kept only when it measures better by more than the
+margin. The report records both losses and the decision (``drq_check``)."""
 
 from __future__ import annotations
 
@@ -47,30 +50,56 @@ def solve_without_drq(problem: Problem, cfg: SolveConfig | None = None) -> Solut
     return dataclasses.replace(sol, choices=choices)
 
 
+def solve_with_drq(problem: Problem, cfg: SolveConfig | None = None) -> Solution | None:
+    """The best solution of ``problem`` that runs at least one layer in DRQ (the lowest
+    objective over one solve per layer with DRQ options, that layer restricted to them), its
+    choices indexing ``problem``'s options; None when no such assignment meets the limits."""
+    best = None
+    for k, la in enumerate(problem.layers):
+        keep = [i for i, o in enumerate(la.options) if o.drq is not None]
+        if not keep:
+            continue
+        layers = list(problem.layers)
+        layers[k] = LayerOptions(la.name, tuple(la.options[i] for i in keep))
+        sol = solve(Problem(tuple(layers), problem.limits, problem.ties, problem.source),
+                    cfg or SolveConfig())
+        if not sol.choices or (best is not None and sol.objective >= best.objective):
+            continue
+        choices = {**sol.choices, la.name: keep[sol.choices[la.name]]}
+        best = dataclasses.replace(sol, choices=choices)
+    return best
+
+
+def offers_drq(problem: Problem) -> bool:
+    return any(o.drq is not None for la in problem.layers for o in la.options)
+
+
 def check_drq(intake: Any, problem: Problem, solution: Solution,
               make: Callable[[Solution], dict[str, Any]], device: torch.device,
               chunk: int | None = None, activations: Any = None,
               cfg: Any = None) -> tuple[Solution, dict[str, Any], dict[str, Any]]:
-    """(solution, plan, record) to keep for a solution whose plan (``make(solution)``) has DRQ
-    rows: the DRQ one or the best one without DRQ options, by the calibration loss of both
+    """(solution, plan, record) to keep, for a problem that offers DRQ options: the best plan
+    with DRQ rows or the best without DRQ options (one of them is ``solution``, the ILP's
+    optimum; ``make`` turns a solution into its plan), by the calibration loss of both
     (``quantize.drqcheck.compare`` on ``intake.train``, never the held-out samples)."""
     from quantize.drqcheck import CheckConfig, compare
 
     cfg = cfg or (CheckConfig() if chunk is None else CheckConfig(batch_size=chunk))
     plan = make(solution)
+    chosen = "drq" if any(r.get("drq") for r in plan["layers"]) else "off"
     t0 = time.perf_counter()
-    off = solve_without_drq(problem)
-    solve_s = time.perf_counter() - t0
-    record: dict[str, Any] = {"drq_rows": sum(1 for r in plan["layers"] if r.get("drq")),
-                              "objective_drq": solution.objective, "solve_seconds": solve_s}
-    if off is None:
-        record.update(kept="drq", reason="no plan without DRQ options meets the limits")
+    other = solve_without_drq(problem) if chosen == "drq" else solve_with_drq(problem)
+    sols = {chosen: solution, ("off" if chosen == "drq" else "drq"): other}
+    record: dict[str, Any] = {"chosen_by_ilp": chosen, "solve_seconds": time.perf_counter() - t0}
+    if other is None:
+        record.update(kept=chosen, reason="no plan " + ("without DRQ options" if chosen == "drq"
+                                                       else "with a DRQ row")
+                      + " meets the limits")
         return solution, plan, record
-    off_plan = make(off)
-    result = compare(intake.program, {"drq": plan, "off": off_plan}, intake.train,
-                     intake.loss_kind, cfg, batch_size=intake.batch_size, device=device,
-                     activations=activations)
-    record.update(result.to_dict(), objective_off=off.objective)
-    if result.kept == "drq":
-        return solution, plan, record
-    return off, off_plan, record
+    plans = {k: plan if k == chosen else make(s) for k, s in sols.items()}
+    record.update(drq_rows=sum(1 for r in plans["drq"]["layers"] if r.get("drq")),
+                  objective_drq=sols["drq"].objective, objective_off=sols["off"].objective)
+    result = compare(intake.program, plans, intake.train, intake.loss_kind, cfg,
+                     batch_size=intake.batch_size, device=device, activations=activations)
+    record.update(result.to_dict())
+    return sols[result.kept], plans[result.kept], record

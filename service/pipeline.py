@@ -396,10 +396,12 @@ def run_pipeline(
     if not solution.choices:
         tick.finish()
         raise InfeasibleError(_diagnosis_text(solution.diagnosis), detail=solution.diagnosis)
-    drq_check = None  # DRQ rows are kept only if they measure better on the calibration data
-    if any(row.get("drq") for row in plan["layers"]):
-        from .drqcheck import check_drq
+    # with DRQ options offered, the calibration loss decides between the best plan with DRQ
+    # rows and the best without (DRQ kept only if it measures better; service/drqcheck.py)
+    from .drqcheck import check_drq, offers_drq
 
+    drq_check = None
+    if offers_drq(problem):
         summary = model_summary(intake.program, intake.layers, intake.float_params)
         solution, plan, drq_check = check_drq(
             intake, problem, solution, lambda s: make_plan(

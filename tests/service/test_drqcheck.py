@@ -14,7 +14,7 @@ from svc_helpers import FAST_HESSIAN
 from quantize import QuantizeConfig, apply
 from quantize.drqcheck import CheckConfig
 from sensitivity.intake import IntakeConfig, intake
-from service.drqcheck import check_drq, solve_without_drq, without_drq
+from service.drqcheck import check_drq, offers_drq, solve_with_drq, solve_without_drq, without_drq
 from service.pipeline import run_pipeline
 from solver import solve
 from solver.config import Solution
@@ -50,6 +50,18 @@ def test_solve_without_drq_indexes_the_full_problem() -> None:
     assert solve_without_drq(_problem(3.0)) is None  # 2 x W4A4 = 4 BOPS > 3
     only = Problem((LayerOptions("a", (_opt("drq", 0.1, 5, DRQ),)),), Limits(bops=10))
     assert without_drq(only) is None and solve_without_drq(only) is None
+
+
+def test_solve_with_drq_forces_the_best_drq_row() -> None:
+    # 20 BOPS buy both layers at W8A8 (Omega 0); the best plan with a DRQ row puts b in DRQ
+    problem = _problem(20.0)
+    assert solve(problem).choices == {"a": 0, "b": 1}
+    forced = solve_with_drq(problem)
+    assert forced is not None and forced.choices == {"a": 0, "b": 0}
+    assert forced.objective == pytest.approx(0.05)
+    assert solve_with_drq(_problem(3.0)) is None and offers_drq(problem)
+    plain = Problem((LayerOptions("a", (_opt("w8a8", 0.0, 10),)),), Limits(bops=10))
+    assert not offers_drq(plain) and solve_with_drq(plain) is None
 
 
 def _template_make(plan: dict, problem: Problem):
@@ -88,6 +100,7 @@ def test_pipeline_keeps_drq_only_when_it_measures_better(cnn_pt2, calib_path, tm
     assert (check["kept"] == "drq") == (check["loss_drq"] + check["margin_se"] * check["diff_se"]
                                         < check["loss_off"])
     # the ILP preferred DRQ: the plan without it has the larger (or equal) objective
+    assert check["chosen_by_ilp"] == "drq"
     assert check["objective_off"] >= check["objective_drq"] - 1e-12
     problem = Problem.from_json((tmp_path / "problem.json").read_text())
     solution = json.loads((tmp_path / "solution.json").read_text())
@@ -108,3 +121,12 @@ def test_pipeline_keeps_drq_only_when_it_measures_better(cnn_pt2, calib_path, tm
     assert record["loss_drq"] == pytest.approx(check["loss_drq"], rel=1e-9)
     assert all(problem.layers[k].options[i].drq is None
                for k, i in enumerate(sol.choices.values()))
+
+    # the other direction: handed the plan without DRQ as the ILP's choice, the check finds
+    # the best plan with a DRQ row (the same optimum) and decides the same way
+    sol, _, back = check_drq(job, problem, solve_without_drq(problem), make,
+                             torch.device("cpu"))
+    assert back["chosen_by_ilp"] == "off" and back["kept"] == check["kept"]
+    assert back["objective_drq"] == pytest.approx(check["objective_drq"], rel=1e-12)
+    assert back["loss_drq"] == pytest.approx(check["loss_drq"], rel=1e-9)
+    assert back["loss_off"] == pytest.approx(check["loss_off"], rel=1e-9)
