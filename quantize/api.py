@@ -24,6 +24,7 @@ from .evaluate import evaluate
 from .fakequant import build_fake_quant
 from .fold import fold_layers
 from .graph import find_layers, module_name
+from .observe import ActivationStats, observe
 from .points import Grid, find_points
 from .primitives import dyadic, group_dyadic, group_multiplier_bits, quantize_weight
 from .rows import PlanRow, match_rows
@@ -187,11 +188,15 @@ def apply(
     device: torch.device | None = None,
     progress: ProgressFn | None = None,
     token_input: str | int | None = None,
+    activations: ActivationStats | None = None,
 ) -> QuantizeResult:
     """Quantize ``program`` as ``plan`` says, calibrating on ``train``; evaluate on ``holdout``.
 
     ``token_input`` names a language model's token-id input (keyword name or positional index)
-    for the next-token perplexities of the report (see ``quantize.evaluate``).
+    for the next-token perplexities of the report (see ``quantize.evaluate``). ``activations``:
+    the layer input statistics of ``train`` (``quantize.observe``; the pipeline's, measured once
+    per job); without them, ``minmax`` calibration observes them here on the unfolded program,
+    the same way, so the checkpoint is the same either way.
 
     ``batch_size`` is the program's fixed export batch size (None when the batch dimension is
     dynamic; then ``cfg.batch_size`` chunks are used). Raises BadPlanError when the plan does
@@ -207,13 +212,17 @@ def apply(
     qlayers = {layer.name: layer for layer in layers if layer.name in rows}
     if progress is not None:
         progress("quantize", 0.0)
-    folded = fold_layers(gm, list(qlayers.values()))
-    points = find_points(gm, qlayers)
     drq_grids = {n: Grid(f32(r.drq.scale), r.drq.high_bits, r.drq.signed)
                  for n, r in rows.items() if r.drq is not None}
+    if activations is None and cfg.calibration == "minmax":  # on the unfolded program
+        activations = observe(gm, [layer for n, layer in qlayers.items() if n not in drq_grids],
+                              train, batch_size or cfg.batch_size, batch_size is not None,
+                              device)
+    folded = fold_layers(gm, list(qlayers.values()))
+    points = find_points(gm, qlayers)
     in_grids, free_grids = calibrate(
         gm, qlayers, {n: r.input_bits for n, r in rows.items()}, drq_grids, points, train, cfg,
-        batch_size, device, progress,
+        batch_size, device, progress, activations,
     )
     grids = {p.node: in_grids[p.consumer] if p.consumer else free_grids[p.node] for p in points}
     layer_point = {p.layer: p for p in points if p.kind == "layer"}

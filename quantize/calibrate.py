@@ -1,10 +1,14 @@
 """Activation calibration: per-tensor ranges observed on the calibration set, streamed.
 
-Observers are small modules inserted into a copy of the (BN-folded, float) program: one on the
-input of every quantized layer (``quantize.graph.insert_input_modules``) and one after every
-materialisation point whose grid is not a layer input grid (see ``quantize.points``). They keep
-running statistics only (min / max, and for the percentile method a fixed-size histogram filled
-in a second pass), never whole tensors. Padding samples of fixed-size batches are excluded.
+A quantized layer's input grid comes from the job's activation statistics
+(``quantize.observe.ActivationStats``, measured once on the unfolded model and shared with the
+sensitivity and DRQ stages) with the ``minmax`` method. Observers are small modules inserted
+into a copy of the (BN-folded, float) program: one after every materialisation point whose grid
+is not a layer input grid (see ``quantize.points``), and, for the ``percentile`` method (or a
+layer the statistics lack), one on the layer's input (``quantize.graph.insert_input_modules``).
+They keep running statistics only (min / max, and for the percentile method a fixed-size
+histogram filled in a second pass), never whole tensors. Padding samples of fixed-size batches
+are excluded.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from solver.errors import BadCalibrationError
 from .config import QuantizeConfig
 from .data import CalibrationSet, run_batch
 from .graph import GraphLayer, insert_input_modules
+from .observe import ActivationStats
 from .points import Grid, Point
 from .primitives import activation_scale
 
@@ -124,19 +129,27 @@ def calibrate(
     batch_size: int | None,
     device: torch.device,
     progress: ProgressFn | None = None,
+    activations: ActivationStats | None = None,
 ) -> tuple[dict[str, Grid], dict[str, Grid]]:
     """Calibrated input grid of each quantized layer and grid of each free point.
 
     ``gm`` (a BN-folded float copy) is modified: observers are inserted. ``input_bits`` maps a
     layer name to its input bits; layers in ``given`` (DRQ rows: the grid their threshold was
-    calibrated on, from the plan) keep that grid and are not observed.
+    calibrated on, from the plan) keep that grid and are not observed; with ``minmax``, a layer
+    in ``activations`` takes its grid from those statistics and is not observed either.
     A free point is one with no consumer layer; its grid has ``cfg.out_bits`` bits, or
     ``cfg.final_bits`` when it is a model output.
     Raises BadCalibrationError when a tensor never shows up or is non-finite.
     """
+    stats = activations if activations is not None and cfg.calibration == "minmax" else None
+    in_grids: dict[str, Grid] = dict(given)
+    for name in input_bits:
+        if name not in given and stats is not None and name in stats:
+            scale, signed = stats.grid(name, input_bits[name])
+            in_grids[name] = Grid(f32(scale), input_bits[name], signed)
     info = _BatchInfo()
     in_obs = {name: RangeObserver(info, cfg.histogram_bins) for name in input_bits
-              if name not in given}
+              if name not in in_grids}
     out_obs = {
         p.end: RangeObserver(info, cfg.histogram_bins) for p in points if p.consumer is None
     }
@@ -157,7 +170,6 @@ def calibrate(
                 run_batch(gm, batch.to(device))
                 if progress is not None:
                     progress("calibrate", (phase * n_batches + i + 1) / (phases * n_batches))
-    in_grids: dict[str, Grid] = dict(given)
     for name, obs in in_obs.items():
         amin, amax = obs.value_range(cfg.calibration, cfg.percentile)
         scale, signed = activation_scale(amin, amax, input_bits[name])

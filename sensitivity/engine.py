@@ -7,8 +7,9 @@ Omega scaling (both are about twice the second-order increase of the mean calibr
 - activations: ``omega_a[a] = Tr(H_x) / numel * ||Q_a(x) - x||^2`` where x is the layer's input
   over all N train calibration samples, numel = N * per-sample size (the size of the block whose
   trace was measured), Q_a the per-tensor quantizer with the min/max scale of those samples
-  (``quantize.primitives.activation_scale``). Tr(H_x) is the trace of d2L/dx2 for the mean
-  loss L, so the same 1/2 dx^T H dx argument gives 1/2 omega_a.
+  (``quantize.observe.ActivationStats.grid``: the job's one range measurement, returned in
+  ``SensitivityResult.activations`` for the regions and quantize stages). Tr(H_x) is the
+  trace of d2L/dx2 for the mean loss L, so the same 1/2 dx^T H dx argument gives 1/2 omega_a.
 With ``HessianConfig(diagonal=True)`` (``hessian.omega: diagonal``) the weight Omega drops the
 isotropic model: ``omega_w[b] = sum_i H_ii * (Q_b(W)_i - W_i)^2`` with the Hutchinson diagonal
 of the same probes (clamped at 0: an HVP block's noisy diagonal can sum below zero). omega_a
@@ -26,7 +27,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from quantize.data import CalibrationSet, run_batch
+from quantize.observe import ActivationStats, observe
 from quantize.primitives import (
-    activation_scale,
     fake_quantize_activation,
     fake_quantize_weight,
     weight_quant_error,
@@ -48,7 +48,7 @@ from .structure import gauss_newton_exact
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: the layer input statistics ("activations"); version 1 is still read
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8)
 ACTIVATION_BITS = (4, 8)
 
@@ -110,6 +110,9 @@ class SensitivityResult:
     # layer -> Hessian diagonal of its weight (HessianConfig.diagonal); in memory only, not in
     # the JSON (group_omegas needs it, so the pipeline fills omega_wg before caching)
     diagonals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # the layer input ranges the activation Omegas used (None: not measured); in the JSON, so a
+    # cached result hands them to the later stages too
+    activations: ActivationStats | None = field(default=None, repr=False, compare=False)
 
     def layer(self, name: str) -> LayerSensitivity:
         for layer in self.layers:
@@ -118,23 +121,28 @@ class SensitivityResult:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": self.version, "model": self.model,
             "layers": [layer.to_dict() for layer in self.layers],
             "iterations": self.iterations, "seconds": self.seconds, "config": self.config,
         }
+        if self.activations is not None:
+            d["activations"] = self.activations.to_dict()
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SensitivityResult:
-        if d.get("version") != VERSION:
+        if d.get("version") not in (1, VERSION):
             raise ValueError(f"unsupported sensitivity format version {d.get('version')!r}")
         return cls(
             layers=[LayerSensitivity.from_dict(x) for x in d["layers"]],
             iterations=int(d["iterations"]), seconds=float(d["seconds"]),
             model=dict(d.get("model", {})), config=dict(d.get("config", {})),
+            activations=None if d.get("activations") is None
+            else ActivationStats.from_dict(d["activations"]),
         )
 
     @classmethod
@@ -142,12 +150,12 @@ class SensitivityResult:
         return cls.from_dict(json.loads(text))
 
 
-def activation_errors(p: Prepared, bits: tuple[int, ...] = ACTIVATION_BITS,
+def activation_errors(p: Prepared, activations: ActivationStats,
+                      bits: tuple[int, ...] = ACTIVATION_BITS,
                       ) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
     """Per layer input: {bits: ||Q_a(x) - x||^2 summed over the calibration samples} and the
-    element count, with one per-tensor min/max scale per layer (padding rows excluded)."""
-    lo = {n: math.inf for n in p.names}
-    hi = {n: -math.inf for n in p.names}
+    element count, with one per-tensor scale per layer from ``activations`` (the min/max of
+    those samples, ``quantize.observe``; padding rows excluded)."""
     err = {n: dict.fromkeys(bits, 0.0) for n in p.names}
     numel = dict.fromkeys(p.names, 0)
 
@@ -164,18 +172,11 @@ def activation_errors(p: Prepared, bits: tuple[int, ...] = ACTIVATION_BITS,
             for leaf in p.leaves.values():
                 leaf.observer, leaf.rows = None, None
 
-    def ranges(name: str):
-        def obs(x: torch.Tensor) -> None:
-            lo[name] = min(lo[name], float(x.min()))
-            hi[name] = max(hi[name], float(x.max()))
-            numel[name] += x.numel()
-        return obs
-
-    run(ranges)
-    scales = {n: {a: activation_scale(lo[n], hi[n], a) for a in bits} for n in p.names}
+    scales = {n: {a: activations.grid(n, a) for a in bits} for n in p.names}
 
     def errors(name: str):
         def obs(x: torch.Tensor) -> None:
+            numel[name] += x.numel()
             for a in bits:
                 scale, signed = scales[name][a]
                 q = fake_quantize_activation(x.float(), scale, a, signed)
@@ -265,11 +266,15 @@ def group_omegas(intake: Intake, result: SensitivityResult,
 
 
 def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.device | str | None
-            = None, progress: ProgressFn | None = None) -> SensitivityResult:
+            = None, progress: ProgressFn | None = None,
+            activations: ActivationStats | None = None) -> SensitivityResult:
     """Per-layer Hessian traces (weights and input activations) and Omega tables.
 
     ``device``: where the HVPs run (default CPU). ``progress(stage, fraction)`` is called as the
-    sweep proceeds. Deterministic given ``cfg.seed``.
+    sweep proceeds. Deterministic given ``cfg.seed``. ``activations``: the layer input
+    statistics of ``intake.train`` (``quantize.observe``); with ``cfg.activations`` and none
+    given, they are observed here (one no-grad pass in the Hessian chunks). Either way they are
+    ``result.activations``, for the later stages.
     """
     cfg = cfg or HessianConfig()
     device = torch.device(device or "cpu")
@@ -290,7 +295,12 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
         draw = intake.chunk_size(min(cfg.batch_size or cfg.draw_size, chunk or len(intake.train)))
     est = hutchinson(p, cfg if draw is None else dataclasses.replace(cfg, batch_size=draw),
                      progress, "sensitivity", exact)
-    a_err, a_numel = activation_errors(p) if cfg.activations else ({}, {})
+    if cfg.activations and activations is None:
+        for leaf in p.leaves.values():  # pass-through probes on the Hessian's model copy
+            leaf.active = False
+        activations = observe(p.module, graphs, intake.train, intake.chunk_size(chunk),
+                              intake.batch_size is not None, device)
+    a_err, a_numel = activation_errors(p, activations) if cfg.activations else ({}, {})
     rows = []
     for info in intake.layers:
         w = est.weight[info.name]
@@ -326,4 +336,4 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
         model["memory"] = memory.to_dict()
     diagonals = {name: d.detach().cpu() for name, d in est.weight_diag.items()}
     return SensitivityResult(rows, est.iterations, seconds, model, cfg.to_dict(),
-                             diagonals=diagonals)
+                             diagonals=diagonals, activations=activations)

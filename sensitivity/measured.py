@@ -1,21 +1,23 @@
 """Measured Omega: each layer's loss increase when only that layer is quantized.
 
 ``measured_omegas(intake, weight_bits, activation_bits, ...)`` runs the calibration set through
-the model once in FP32, once to record every quantizable layer's input range, then once per
-(layer, bit width): with that layer's weights on the b-bit grid (the same symmetric
-per-output-channel quantizer the checkpoint uses), or with its input on the a-bit per-tensor
-grid (min/max scale over the same samples, as ``sensitivity.engine`` and the quantize stage
-compute it). Omega is twice the increase of the mean calibration loss, clamped at zero, so it
-sits on the scale of the Hessian estimates (``omega ~ 2 * delta L``, see ``engine.py``).
+the model once in FP32, then once per (layer, bit width): with that layer's weights on the b-bit
+grid (the same symmetric per-output-channel quantizer the checkpoint uses), or with its input on
+the a-bit per-tensor grid of the job's activation statistics (``quantize.observe``: min/max
+over the same samples, the grid ``sensitivity.engine`` and the quantize stage use; observed
+here first when not given). Omega is twice the increase of the mean calibration loss,
+clamped at zero, so it sits on the scale of the Hessian estimates (``omega ~ 2 * delta L``,
+see ``engine.py``).
 
-Cost: ``2 + L * (|weight_bits| + |activation_bits|)`` forward passes over the calibration set,
-no backward pass. The sum over layers ignores interactions between layers, as every Omega does.
+Cost: ``1 + L * (|weight_bits| + |activation_bits|)`` forward passes over the calibration set
+(one more for the FP32 targets of a self-distillation loss, and one more to observe the ranges
+when they are not given), no backward pass. The sum over layers ignores interactions between
+layers, as every Omega does.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +27,8 @@ from torch import nn
 
 from quantize.data import Batch, run_batch
 from quantize.graph import insert_input_modules
-from quantize.primitives import activation_scale, fake_quantize_activation, fake_quantize_weight
+from quantize.observe import ActivationStats, observe
+from quantize.primitives import fake_quantize_activation, fake_quantize_weight
 
 ProgressFn = Callable[[str, float], None]
 
@@ -42,18 +45,13 @@ class MeasuredOmegas:
 
 
 class _InputQuant(nn.Module):
-    """Records its input's range, or fake-quantizes it when ``grid`` is set."""
+    """Fake-quantizes its input when ``grid`` is set."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lo, self.hi = math.inf, -math.inf
-        self.observe = False
         self.grid: tuple[float, int, bool] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observe:
-            self.lo = min(self.lo, float(x.min()))
-            self.hi = max(self.hi, float(x.max()))
         if self.grid is None:
             return x
         scale, bits, signed = self.grid
@@ -92,20 +90,26 @@ def measured_omegas(
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
     stage: str = "sensitivity",
+    activations: ActivationStats | None = None,
 ) -> MeasuredOmegas:
     """Measured Omega tables for every layer of ``intake`` (an ``Intake``: module, layers,
-    train, loss_kind, batch_size) on its training calibration samples."""
+    train, loss_kind, batch_size) on its training calibration samples; ``activations``: their
+    layer input statistics (``quantize.observe``; observed here when None)."""
     device = torch.device(device)
-    gm = copy.deepcopy(intake.module).to(device)  # type: ignore[attr-defined]
     layers = [layer.graph for layer in intake.layers]  # type: ignore[attr-defined]
-    probes = {layer.name: _InputQuant() for layer in layers}
-    insert_input_modules(gm, layers, probes, "measured_probe")
     fixed = intake.batch_size is not None  # type: ignore[attr-defined]
     chunk = intake.batch_size or batch_size  # type: ignore[attr-defined]
+    passes = 0
+    if activations is None:
+        activations = observe(intake.module, layers, intake.train, chunk, fixed,  # type: ignore
+                              device)
+        passes += 1
+    gm = copy.deepcopy(intake.module).to(device)  # type: ignore[attr-defined]
+    probes = {layer.name: _InputQuant() for layer in layers}
+    insert_input_modules(gm, layers, probes, "measured_probe")
     batches = [b.to(device) for b in intake.train.batches(chunk, fixed=fixed)]  # type: ignore
     n = sum(b.size for b in batches)
     kind = intake.loss_kind  # type: ignore[attr-defined]
-    passes = 0
 
     def loss() -> float:
         nonlocal passes
@@ -116,15 +120,9 @@ def measured_omegas(
         return total / n
 
     targets: list[torch.Tensor | None] = [None] * len(batches)
-    for p in probes.values():
-        p.observe = True
     if kind != "cross_entropy":
         targets = [_first(run_batch(gm, b)).detach() for b in batches]
-    else:
-        for b in batches:
-            run_batch(gm, b)
-    for p in probes.values():
-        p.observe = False
+        passes += 1
     base = loss()
     params = dict(gm.named_parameters())
     omega_w: dict[str, dict[int, float]] = {}
@@ -139,12 +137,12 @@ def measured_omegas(
         w.copy_(original)
         probe = probes[layer.name]
         omega_a[layer.name] = {}
-        if math.isfinite(probe.lo):
+        if activations[layer.name].seen:
             for bits in activation_bits:
-                scale, signed = activation_scale(probe.lo, probe.hi, int(bits))
+                scale, signed = activations.grid(layer.name, int(bits))
                 probe.grid = (scale, int(bits), signed)
                 omega_a[layer.name][int(bits)] = max(2.0 * (loss() - base), 0.0)
             probe.grid = None
         if progress is not None:
             progress(stage, (i + 1) / len(layers))
-    return MeasuredOmegas(omega_w, omega_a, base, passes + 1)
+    return MeasuredOmegas(omega_w, omega_a, base, passes)

@@ -4,11 +4,13 @@ For every conv2d layer of an exported program this measures, on the calibration 
 layer's input behaves under the DRQ predictor (see ``quantize.drq``) and turns each candidate
 (region size, target sensitive fraction f) into a ``DRQMode`` the solver can choose:
 
-- the INT8 input grid: min/max of the input over the train part ->
-  ``quantize.primitives.activation_scale``, rounded to float32 (the precision the checkpoint
-  stores it in). The plan's drq entry carries this scale and signedness
-  (:meth:`LayerRegions.drq_dict`), and the quantize stage and every runtime use it as the
-  layer's input grid, so the threshold is applied on the grid it was calibrated on;
+- the INT8 input grid: min/max of the input over the whole train part (the job's activation
+  statistics, ``quantize.observe``, shared with the sensitivity and quantize stages, so a layer
+  has one input grid whether or not it runs DRQ) -> ``quantize.primitives.activation_scale``,
+  rounded to float32 (the precision the checkpoint stores it in). The plan's drq entry
+  carries this scale and signedness (:meth:`LayerRegions.drq_dict`), and the quantize stage
+  and every runtime use it as the layer's input grid, so the threshold is applied on the grid
+  it was calibrated on;
 - the threshold: the (1 - f) quantile of the region means over the train part, on the integer
   grid of INT8 code units the plan stores. Because a region is sensitive iff
   ``mean >= T`` and T is an integer, ``mean >= T`` iff ``floor(mean) >= T``; a histogram of
@@ -34,12 +36,10 @@ Memory stays bounded: batches are streamed and each (layer, region size) keeps t
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,7 +51,8 @@ from quantize.calibrate import f32
 from quantize.data import CalibrationSet
 from quantize.drq import DRQLayerSettings, input_uses, low_scale, region_grid, region_sums
 from quantize.graph import GraphLayer, insert_input_modules
-from quantize.primitives import activation_qrange, activation_scale, quantize_activation
+from quantize.observe import ActivationStats, graph_copy, observe
+from quantize.primitives import activation_qrange, quantize_activation
 from solver.errors import BadCalibrationError, BadConstraintsError
 
 log = logging.getLogger(__name__)
@@ -441,21 +442,6 @@ class _Probe(nn.Module):
         return x
 
 
-def _graph_copy(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
-    """A GraphModule with a copied graph on ``device``. It shares the parameters when they are
-    on ``device`` already (no weight copy); otherwise the weights are copied, because moving
-    shared parameters would move the caller's module too."""
-    on_device = all(
-        t.device == device for t in [*gm.parameters(), *gm.buffers()]
-    )
-    with warnings.catch_warnings():
-        # torch's own pytree spec copy warns about a deprecated isinstance check.
-        warnings.simplefilter("ignore", FutureWarning)
-        if on_device:
-            return fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        return copy.deepcopy(gm).to(device)
-
-
 def _conv_uses(layer: GraphLayer, height: int, width: int) -> tuple[torch.Tensor, float]:
     """Per-pixel multiplication counts of a conv2d layer's input (``quantize.drq.input_uses``)
     and the multiplications of one sample per (input, output) channel pair, padding included."""
@@ -468,10 +454,22 @@ def _conv_uses(layer: GraphLayer, height: int, width: int) -> tuple[torch.Tensor
     return uses, float(out.numel() * math.prod(kernel))
 
 
-def _grid(lo: float, hi: float, bits: int) -> tuple[float, bool]:
-    """The INT8 input grid of a layer: ``activation_scale`` rounded to float32, as stored."""
-    scale, signed = activation_scale(lo, hi, bits)
-    return f32(scale), signed
+def _grids(convs: list[GraphLayer], stats: ActivationStats, bits: int
+           ) -> tuple[dict[str, tuple[float, bool]], dict[str, tuple[int, ...]]]:
+    """Each conv layer's INT8 input grid (``activation_scale`` of its observed range, rounded to
+    float32 as stored) and per-sample input shape; BadCalibrationError for an input that is not
+    an [N, C, H, W] map."""
+    grids, shapes = {}, {}
+    for layer in convs:
+        s = stats[layer.name]
+        if s.seen and len(s.shape) != 3:
+            raise BadCalibrationError(
+                f"conv layer {layer.name!r} gets a {len(s.shape) + 1}-D input; DRQ needs "
+                "[N, C, H, W] maps"
+            )
+        scale, signed = stats.grid(layer.name, bits)
+        grids[layer.name], shapes[layer.name] = (f32(scale), signed), s.shape
+    return grids, shapes
 
 
 def _first(data: CalibrationSet, limit: int | None) -> CalibrationSet:
@@ -495,7 +493,7 @@ class _Runner:
         self._fn: Callable[[str, torch.Tensor], None] | None = None
         self._size = 0
         probes = {layer.name: _Probe(layer.name, self._sink) for layer in convs}
-        self.module = insert_input_modules(_graph_copy(module, device), convs, probes, STAGE)
+        self.module = insert_input_modules(graph_copy(module, device), convs, probes, STAGE)
         self.batch_size = batch_size
         self.fixed = fixed
         self.device = device
@@ -549,31 +547,6 @@ class _Ticker:
             self.progress(STAGE, self.done / self.planned)
 
 
-class _Ranges:
-    """Pass 1: the min / max and per-sample shape of each conv layer's input."""
-
-    def __init__(self, convs: list[GraphLayer]) -> None:
-        self.lo = {layer.name: math.inf for layer in convs}
-        self.hi = {layer.name: -math.inf for layer in convs}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-
-    def __call__(self, name: str, a: torch.Tensor) -> None:
-        if a.dim() != 4:
-            raise BadCalibrationError(
-                f"conv layer {name!r} gets a {a.dim()}-D input; DRQ needs [N, C, H, W] maps"
-            )
-        if not bool(torch.isfinite(a).all()):
-            raise BadCalibrationError(
-                f"the input of layer {name!r} has NaN/inf values on the calibration data"
-            )
-        self.shapes[name] = tuple(a.shape[1:])
-        self.lo[name] = min(self.lo[name], float(a.min()))
-        self.hi[name] = max(self.hi[name], float(a.max()))
-
-    def grids(self, bits: int) -> dict[str, tuple[float, bool]]:
-        return {n: _grid(self.lo[n], self.hi[n], bits) for n in self.lo}
-
-
 def _region_tables(
     convs: list[GraphLayer],
     shapes: Mapping[str, tuple[int, ...]],
@@ -607,7 +580,7 @@ def _whole_map_tables(
 
 
 class _Collector:
-    """Passes 2 and 3: adds a batch of a layer's inputs to every table's statistics."""
+    """The region passes: adds a batch of a layer's inputs to every table's statistics."""
 
     def __init__(
         self,
@@ -699,6 +672,7 @@ def calibrate(
     batch_size: int | None = None,
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
+    activations: ActivationStats | None = None,
 ) -> RegionResult:
     """DRQ region calibration of every conv2d layer in ``layers`` (others are ignored).
 
@@ -708,8 +682,11 @@ def calibrate(
     trace was taken over)}`` from the sensitivity engine (None: omega is the raw error term and
     ``omega_is_raw`` is set); ``batch_size``: the program's fixed export batch size (batches are
     then padded to it), else ``cfg.batch_size`` samples per pass. ``progress("regions", f)``
-    is called once a batch. Raises BadCalibrationError for empty data, a non-4-D conv input or
-    non-finite activations; ValueError when ``activation_traces`` lacks a conv layer.
+    is called once a batch. ``activations``: the input statistics of all of ``train``
+    (``quantize.observe``; the job's, measured once), which fix the INT8 grids; without them
+    they are observed here first. The region statistics use the first ``cfg.max_samples``
+    train and held-out samples. Raises BadCalibrationError for empty data, a non-4-D conv input
+    or non-finite activations; ValueError when ``activation_traces`` lacks a conv layer.
     """
     cfg = cfg or RegionConfig()
     device = _device(device)
@@ -719,6 +696,7 @@ def calibrate(
     raw = activation_traces is None
     if not convs:
         return RegionResult([], cfg, raw, time.perf_counter() - start)
+    observed = train
     train = _first(train, cfg.max_samples)
     holdout = _first(holdout, cfg.max_samples)
     if len(train) == 0 or len(holdout) == 0:
@@ -726,23 +704,25 @@ def calibrate(
             "region calibration needs at least one train and one held-out sample"
         )
     bs = batch_size if batch_size is not None else cfg.batch_size
-    runner = _Runner(module, convs, bs, batch_size is not None, device)
-    tick = _Ticker(progress, -(-len(train) // bs) * 2 + -(-len(holdout) // bs))
-
-    ranges = _Ranges(convs)  # pass 1: input range per layer -> INT8 grid
-    runner.run(train, ranges, tick)
-    grids = ranges.grids(cfg.high_bits)
+    fixed = batch_size is not None
+    own = 0 if activations is not None else -(-len(observed) // bs)  # batches of our own pass
+    tick = _Ticker(progress, own + -(-len(train) // bs) + -(-len(holdout) // bs))
+    if activations is None:  # the input ranges of the whole train part -> INT8 grids
+        activations = observe(module, convs, observed, bs, fixed, device,
+                              lambda stage, f: tick())
+    grids, shapes = _grids(convs, activations, cfg.high_bits)
+    runner = _Runner(module, convs, bs, fixed, device)
     bins = activation_qrange(cfg.high_bits, False)[1] + 1  # mean |code| lies in [0, qmax]
-    train_stats = _region_tables(convs, ranges.shapes, cfg, bins, device)
-    hold_stats = _region_tables(convs, ranges.shapes, cfg, bins, device)
-    whole = _whole_map_tables(ranges.shapes, train_stats, bins, device)
-    # Pass 2: region statistics on the train part (thresholds, errors); pass 3: held-out counts.
+    train_stats = _region_tables(convs, shapes, cfg, bins, device)
+    hold_stats = _region_tables(convs, shapes, cfg, bins, device)
+    whole = _whole_map_tables(shapes, train_stats, bins, device)
+    # Region statistics on the train part (thresholds, errors), then the held-out counts.
     runner.run(train, _Collector((train_stats, whole), grids, cfg, True), tick)
     runner.run(holdout, _Collector((hold_stats,), grids, cfg, False), tick)
 
     results = [
         _layer_result(
-            layer.name, ranges.shapes[layer.name], grids[layer.name],
+            layer.name, shapes[layer.name], grids[layer.name],
             (train_stats[layer.name], hold_stats[layer.name], whole.get(layer.name, [])),
             (len(train), len(holdout)), cfg,
             None if raw else activation_traces[layer.name], bins,

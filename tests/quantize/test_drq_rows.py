@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from quantize import QuantizeConfig, apply, load
+from quantize.calibrate import f32
 from quantize.checkpoint import read_checkpoint
 from quantize.data import CalibrationSet
 from quantize.drq import DRQConv2d
 from quantize.graph import find_layers
 from quantize.integer import IntegerExecutor
+from quantize.observe import observe
 from sensitivity.regions import RegionConfig
 from sensitivity.regions import calibrate as calibrate_regions
 
@@ -29,16 +31,20 @@ def drq_result(cnn_program, plan_for, heldout_eval, cnn_int8):
 
 def test_quantize_uses_the_grid_the_threshold_was_calibrated_on(cnn_program, plan_for,
                                                                  digits, calib_digits) -> None:
-    """Regions calibrate on their first ``max_samples`` (4) train digits, quantize sees 256:
-    the DRQ layer's input grid is still the one in the plan row, and on the digits the
-    thresholds were set on, the runtime reaches exactly the calibrated fraction. (The first 4
-    digits give conv2 another min/max grid than all 256: checked below.)"""
+    """Regions calibrate their thresholds on the first ``max_samples`` (4) train digits, on the
+    grid of the activation statistics they are given; here those of the 4 digits alone, while
+    quantize sees 256 (another min/max grid for conv2: checked below). The DRQ layer's input
+    grid is still the one in the plan row, and on the digits the thresholds were set on, the
+    runtime reaches exactly the calibrated fraction."""
     x, y = digits
     train = CalibrationSet((x[:256],), labels=y[:256])
     holdout = CalibrationSet((calib_digits[0],), labels=calib_digits[1])
     gm = cnn_program.module()
-    regions = calibrate_regions(gm, find_layers(gm), train, holdout,
-                                RegionConfig(region_sizes=(2,), max_samples=4))
+    layers = find_layers(gm)
+    first4 = observe(gm, layers, train.subset(torch.arange(4)), 4)
+    regions = calibrate_regions(gm, layers, train, holdout,
+                                RegionConfig(region_sizes=(2,), max_samples=4),
+                                activations=first4)
     layer = regions.layer("conv2")
     mode = layer.mode(2, 0.3)
     assert layer.samples == 4
@@ -48,9 +54,7 @@ def test_quantize_uses_the_grid_the_threshold_was_calibrated_on(cnn_program, pla
     grid = res.checkpoint.input_grid("conv2")
     assert (grid.scale, grid.signed, grid.bits) == (layer.scale, layer.signed, 8)
     # the test discriminates: min/max over all 256 digits gives another grid
-    full = calibrate_regions(gm, find_layers(gm), train, holdout,
-                             RegionConfig(region_sizes=(2,), max_samples=None)).layer("conv2")
-    assert full.scale != layer.scale
+    assert f32(observe(gm, layers, train, 64).grid("conv2", 8)[0]) != layer.scale
     # the quantized module's DRQ conv on the 4 calibration digits: the calibrated fraction
     (drq,) = [m for m in res.module.modules() if isinstance(m, DRQConv2d)]
     drq.reset_stats()
@@ -58,6 +62,26 @@ def test_quantize_uses_the_grid_the_threshold_was_calibrated_on(cnn_program, pla
         res.module(x[:4])
     assert drq.input_scale == layer.scale
     assert drq.int4_fraction == pytest.approx(1.0 - mode.fraction_calib, abs=1e-12)
+
+
+def test_one_grid_with_and_without_drq(cnn_program, plan_for, digits, calib_digits) -> None:
+    """Without handed-down statistics, regions take the INT8 grid from all train samples (not
+    only their first ``max_samples``), so a layer's 8-bit input grid is the same whether the
+    plan runs it with DRQ (the plan row's grid) or not (quantize's own)."""
+    x, y = digits
+    train = CalibrationSet((x[:256],), labels=y[:256])
+    holdout = CalibrationSet((calib_digits[0],), labels=calib_digits[1])
+    gm = cnn_program.module()
+    layer = calibrate_regions(gm, find_layers(gm), train, holdout,
+                              RegionConfig(region_sizes=(2,), max_samples=4)).layer("conv2")
+    assert layer.samples == 4
+    with_drq = apply(cnn_program, plan_for(cnn_program, only={"conv2"},
+                                           drq={"conv2": layer.drq_dict(layer.modes[0])}),
+                     train, holdout, QuantizeConfig())
+    without = apply(cnn_program, plan_for(cnn_program), train, holdout, QuantizeConfig())
+    g = without.checkpoint.input_grid("conv2")
+    assert (g.bits, g.scale, g.signed) == (8, layer.scale, layer.signed)
+    assert with_drq.checkpoint.input_grid("conv2") == g
 
 
 def test_drq_tensors_and_report(drq_result, cnn_int8) -> None:

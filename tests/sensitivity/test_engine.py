@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -29,7 +30,7 @@ def cnn_result(cnn_pt2, tiny_calib):
 def test_json_schema_and_round_trip(cnn_result):
     _, res = cnn_result
     d = json.loads(res.to_json())
-    assert d["version"] == 1
+    assert d["version"] == 2
     assert {"model", "layers", "iterations", "seconds"} <= set(d)
     assert d["model"]["layers"] == 3 and d["model"]["loss"] == "cross_entropy"
     for row in d["layers"]:
@@ -38,8 +39,15 @@ def test_json_schema_and_round_trip(cnn_result):
         assert set(row["omega_a"]) == {str(a) for a in ACTIVATION_BITS}
     back = SensitivityResult.from_json(res.to_json())
     assert back.to_json() == res.to_json()
+    # version 2 carries the layer input statistics the activation Omegas used
+    assert back.activations == res.activations and set(d["activations"]["layers"]) == {
+        row["name"] for row in d["layers"]}
+    # version 1 (no statistics) is still read
+    old = SensitivityResult.from_dict({k: v for k, v in {**d, "version": 1}.items()
+                                       if k != "activations"})
+    assert old.activations is None and old.layers == res.layers
     with pytest.raises(ValueError):
-        SensitivityResult.from_dict({**d, "version": 2})
+        SensitivityResult.from_dict({**d, "version": 3})
 
 
 def test_omega_tables(cnn_result):
@@ -132,3 +140,25 @@ def test_measure_leaves_intake_module_untouched(cnn_result):
     x = it.train.args[0][:2]
     with torch.no_grad():
         assert it.module(x).shape == (2, 10)
+
+
+def test_handed_down_activation_statistics_give_the_same_result(cnn_result):
+    """measure() with the statistics observed outside (as a caller that already has them)
+    equals measure() observing them itself; they come back in ``result.activations``."""
+    from quantize.observe import observe
+
+    it, _ = cnn_result
+    res = measure(it, FAST)  # on this test's thread count (the fixture ran before one_thread)
+    graphs = [info.graph for info in it.layers]
+    stats = observe(it.module, graphs, it.train, it.chunk_size(FAST.batch_size))
+    assert res.activations == stats
+    handed = measure(it, FAST, activations=stats)
+    assert handed.activations is stats
+    assert [(r.omega_w, r.omega_a, r.activation_numel) for r in handed.layers] == [
+        (r.omega_w, r.omega_a, r.activation_numel) for r in res.layers]
+    # the statistics are used: another range gives other activation Omegas
+    wide = dataclasses.replace(stats, layers={
+        n: dataclasses.replace(s, hi=2 * s.hi) for n, s in stats.layers.items()})
+    other = measure(it, FAST, activations=wide)
+    assert all(a.omega_a[8] != b.omega_a[8] for a, b in zip(other.layers, res.layers,
+                                                             strict=True))

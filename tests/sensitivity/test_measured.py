@@ -44,3 +44,18 @@ def test_fewer_bits_cost_more(cnn_intake, one_thread):
     # 10x to 1000x); a loose factor of 3 keeps the test machine-independent.
     assert sum(v[2] for v in m.omega_w.values()) > 3 * sum(v[8] for v in m.omega_w.values())
     assert m.passes == 2 + len(m.omega_w) * 4
+
+
+def test_handed_down_statistics_give_the_same_omegas(cnn_intake, one_thread):
+    """The job's activation statistics (``quantize.observe``) handed down: the same tables, one
+    forward pass fewer (the ranges are not observed again)."""
+    from quantize.observe import observe
+
+    own = measured_omegas(cnn_intake, weight_bits=[4], activation_bits=[4, 8])
+    stats = observe(cnn_intake.module, [layer.graph for layer in cnn_intake.layers],
+                    cnn_intake.train, 64)
+    handed = measured_omegas(cnn_intake, weight_bits=[4], activation_bits=[4, 8],
+                             activations=stats)
+    assert (handed.omega_w, handed.omega_a, handed.fp32_loss) == (
+        own.omega_w, own.omega_a, own.fp32_loss)
+    assert handed.passes == own.passes - 1

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from quantize.calibrate import f32
 from quantize.data import CalibrationSet
 from quantize.drq import apply_drq, drq_fake_quantize, drq_modules, region_means
 from quantize.graph import find_layers, insert_input_modules
+from quantize.observe import observe
 from quantize.primitives import activation_scale, fake_quantize_activation
 from sensitivity import zoo
 from sensitivity.regions import (
@@ -167,6 +169,26 @@ def test_streaming_is_deterministic_and_ignores_batch_padding(
                     mb.region, mb.threshold, mb.fraction_calib, mb.fraction_holdout,
                 )
                 assert math.isclose(ma.omega, mb.omega, rel_tol=1e-6)
+
+
+def test_handed_down_statistics_give_the_same_result(program, split, result) -> None:
+    """With the job's activation statistics handed down, regions skip their own range pass
+    (one pass fewer of progress) and give the same result; the grid is that of the whole train
+    part even when ``max_samples`` limits the region statistics."""
+    train, holdout = split
+    gm = program.module()
+    layers = find_layers(gm)
+    stats = observe(gm, layers, train, 64)
+    calls: list[float] = []
+    handed = calibrate(gm, layers, train, holdout, RegionConfig(), TRACES, activations=stats,
+                       progress=lambda stage, f: calls.append(f))
+    assert handed.to_dict()["layers"] == result.to_dict()["layers"]
+    assert len(calls) == math.ceil(len(train) / 64) + math.ceil(len(holdout) / 64)
+    few = calibrate(gm, layers, train, holdout, RegionConfig(max_samples=8), TRACES)
+    for layer in few.layers:
+        assert layer.samples == 8
+        assert layer.scale == f32(stats.grid(layer.name, 8)[0])
+        assert layer.scale == result.layer(layer.name).scale
 
 
 def test_raw_omega_without_traces_and_small_maps(program, split) -> None:
