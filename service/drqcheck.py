@@ -52,20 +52,25 @@ def solve_without_drq(problem: Problem, cfg: SolveConfig | None = None) -> Solut
 
 def solve_with_drq(problem: Problem, cfg: SolveConfig | None = None) -> Solution | None:
     """The best solution of ``problem`` that runs at least one layer in DRQ (the lowest
-    objective over one solve per layer with DRQ options, that layer restricted to them), its
-    choices indexing ``problem``'s options; None when no such assignment meets the limits."""
+    objective over one solve per tie group with DRQ options, that group restricted to them),
+    its choices indexing ``problem``'s options; None when no such assignment meets the
+    limits."""
     best = None
-    for k, la in enumerate(problem.layers):
-        keep = [i for i, o in enumerate(la.options) if o.drq is not None]
-        if not keep:
+    pos = {la.name: k for k, la in enumerate(problem.layers)}
+    for group in problem.tie_groups():
+        keep = {n: [i for i, o in enumerate(problem.layers[pos[n]].options) if o.drq is not None]
+                for n in group}
+        if not all(keep.values()):
             continue
         layers = list(problem.layers)
-        layers[k] = LayerOptions(la.name, tuple(la.options[i] for i in keep))
+        for n in group:
+            la = problem.layers[pos[n]]
+            layers[pos[n]] = LayerOptions(n, tuple(la.options[i] for i in keep[n]))
         sol = solve(Problem(tuple(layers), problem.limits, problem.ties, problem.source),
                     cfg or SolveConfig())
         if not sol.choices or (best is not None and sol.objective >= best.objective):
             continue
-        choices = {**sol.choices, la.name: keep[sol.choices[la.name]]}
+        choices = {**sol.choices, **{n: keep[n][sol.choices[n]] for n in group}}
         best = dataclasses.replace(sol, choices=choices)
     return best
 

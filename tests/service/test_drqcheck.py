@@ -60,6 +60,18 @@ def test_solve_with_drq_forces_the_best_drq_row() -> None:
     assert forced is not None and forced.choices == {"a": 0, "b": 0}
     assert forced.objective == pytest.approx(0.05)
     assert solve_with_drq(_problem(3.0)) is None and offers_drq(problem)
+    # tied layers are forced together (they must offer, and pick, the same tags)
+    a, b = _problem(20.0).layers
+    c = LayerOptions("c", (_opt("w8a8", 0.0, 10), _opt("drq", 0.01, 5, DRQ),
+                           _opt("w4a4", 0.5, 2)))
+    tied = Problem((a, b, c), Limits(bops=30.0), ties=(("a", "c"),))
+    forced = solve_with_drq(tied)
+    assert forced is not None and forced.choices == {"a": 0, "b": 0, "c": 0}
+    assert forced.objective == pytest.approx(0.05)  # b in DRQ beats a and c together (0.11)
+    forced = solve_with_drq(Problem((a, b, c), Limits(bops=30.0), ties=(("a", "b"),)))
+    # a and b only together (0.15): c alone in DRQ is the best plan with a DRQ row
+    assert forced is not None and forced.choices == {"a": 0, "b": 1, "c": 1}
+    assert forced.objective == pytest.approx(0.01)
     plain = Problem((LayerOptions("a", (_opt("w8a8", 0.0, 10),)),), Limits(bops=10))
     assert not offers_drq(plain) and solve_with_drq(plain) is None
 
