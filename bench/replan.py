@@ -1,15 +1,17 @@
 """Re-plan against a fresh job: how long a POST /jobs/{id}/replan takes to finish compared with
 the job it re-plans, on the digits CNN (or the ResNet-18-like model at 32x32).
 
-    python bench/replan.py [--model cnn|resnet18] [--threads 1] [--repeats 3]
+    python bench/replan.py [--model cnn|resnet18] [--threads 1] [--repeats 3] [--load-again]
 
 Runs the real service in-process (SQLite job store, the worker's run_job, the real pipeline
 with the default Hessian settings): one POST /plan, then re-plans with other size limits, each
 timed from submission to the end of its run, with the stage times of both. Goal ([5/8]): a
 re-plan finishes in under 10 % of its parent's time. The re-plans reuse the uploads and the
 sensitivity; each still solves, quantizes, evaluates (its front's evaluated points come from
-the cache when the front is the parent's) and exports. A job draws its plots on their first
-request (GET /jobs/{id}/plots/{name}), not while it runs: that is timed apart.
+the cache when the front is the parent's) and exports. The worker keeps the model its last job
+loaded, so a re-plan on the same files does not load it again (``--load-again``: it does, as a
+re-plan run by another worker process would). A job draws its plots on their first request
+(GET /jobs/{id}/plots/{name}), not while it runs: that is timed apart.
 
 Each repeat starts from an empty data directory (no cache carried over). The first repeat's
 parent also pays the process's first imports (ONNX, ONNX Runtime, matplotlib); a worker is a
@@ -72,9 +74,12 @@ def _stages(seconds: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in seconds.items())
 
 
-def _repeat(model: Path, calib: Path, data_dir: Path) -> tuple[float, list[float]]:
+def _repeat(model: Path, calib: Path, data_dir: Path,
+            load_again: bool) -> tuple[float, list[float]]:
     """One parent and its re-plans in a fresh data directory: (parent s, [re-plan s])."""
     svc = BitplanService.from_settings(Settings(data_dir=data_dir))
+    if load_again:
+        svc.queue.loaded = None  # every job loads its model
     with TestClient(create_app(service=svc)) as client:
         def run(job_id: str, t0: float) -> float:
             svc.queue.run_job(job_id)
@@ -99,10 +104,11 @@ def _repeat(model: Path, calib: Path, data_dir: Path) -> tuple[float, list[float
             child = r.json()["job_id"]
             t_child = run(child, t0)
             children.append(t_child)
+            summary = svc.get(child).summary
             print(f"  re-plan size_ratio {ratio}: {t_child:.3f} s = "
-                  f"{100 * t_child / t_parent:.1f} % of the parent (reuses "
-                  f"{', '.join(r.json()['reuses'])}): "
-                  f"{_stages(svc.get(child).summary['seconds'])}")
+                  f"{100 * t_child / t_parent:.1f} % of the parent (reused "
+                  f"{', '.join(['uploads', *summary['reused']])}): "
+                  f"{_stages(summary['seconds'])}")
         t0 = time.perf_counter()
         for name in NAMES:
             got = client.get(f"/jobs/{child}/plots/{name}")
@@ -118,9 +124,12 @@ def main() -> None:
     ap.add_argument("--model", default="cnn", choices=["cnn", "resnet18"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--load-again", action="store_true",
+                    help="no model kept between jobs: each re-plan loads its model again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {_machine()}; torch threads {args.threads}")
+    print(f"machine: {_machine()}; torch threads {args.threads}"
+          + ("; every job loads its model" if args.load_again else ""))
     ratios: list[list[float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -128,7 +137,7 @@ def main() -> None:
         for k in range(args.repeats):
             print(f"{args.model}, repeat {k + 1} (fresh data directory"
                   + (", first imports in this process)" if k == 0 else ")"))
-            t_parent, children = _repeat(model, calib, work / f"data{k}")
+            t_parent, children = _repeat(model, calib, work / f"data{k}", args.load_again)
             ratios.append([100 * t / t_parent for t in children])
     kept = ratios[1:] or ratios
     every = [r for rep in kept for r in rep]

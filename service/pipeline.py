@@ -15,6 +15,7 @@ An infeasible problem is a result of the solver, not a crash: ``plan.json`` is s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ from solver.errors import CancelledError, InfeasibleError
 from .cache import StageCache, evaluation_key, file_digest, regions_key, sensitivity_key
 from .constraints import Constraints, parse_constraints
 from .errors import storage_error
+from .loaded import LoadedModels
+from .loaded import load_key as loaded_key
 from .progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ class PipelineResult:
     plan: dict[str, Any]
     report: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
-    reused: list[str] = field(default_factory=list)  # stages taken from the cache
+    reused: list[str] = field(default_factory=list)  # cached stages, and "loaded model"
 
     @property
     def plan_path(self) -> Path:
@@ -279,6 +282,7 @@ def run_pipeline(
     memory_budget: int | None = None,
     eval_path: str | Path | None = None,
     plots: bool = True,
+    loaded: LoadedModels | None = None,
 ) -> PipelineResult:
     """Run every stage and write ``plan.json``, ``model.safetensors``, ``report.json``,
     ``sensitivity.json`` (plus ``problem.json`` / ``solution.json``, and ``regions.json`` with
@@ -291,7 +295,9 @@ def run_pipeline(
     no fronts, the bits plot only; ``plots=False``: no ``plots/``, the service draws each file
     on its first request, see ``service.plots.ensure``). With a ``cache``, the sensitivity and
     DRQ regions of the same model bytes, calibration bytes and settings are reused
-    (``PipelineResult.reused``).
+    (``PipelineResult.reused``). With ``loaded``, a model the previous job loaded from the same
+    files is taken from it instead of loaded again, and this job's is kept there when it
+    succeeds (``service.loaded``).
     """
     from sensitivity.intake import IntakeConfig
     from solver import SolveConfig, build_problem, make_plan, solve
@@ -311,11 +317,15 @@ def run_pipeline(
 
     # 1. intake
     tick("intake", 0.0)
-    intake = checked_intake(  # the upload's model is loaded here first: failures are typed
-        model_path,
-        calib_path,
-        IntakeConfig(holdout_fraction=holdout_fraction, seed=constraints.hessian.seed),
-    )
+    intake_cfg = IntakeConfig(holdout_fraction=holdout_fraction, seed=constraints.hessian.seed)
+    load_key = None if loaded is None else loaded_key(model_path, calib_path, intake_cfg)
+    pristine = None if loaded is None else loaded.take(load_key)  # the last job's, same files
+    if pristine is not None:
+        reused.append("loaded model")
+    else:
+        # the upload's model is loaded here first: failures are typed
+        pristine = checked_intake(model_path, calib_path, intake_cfg)
+    intake = dataclasses.replace(pristine)  # this job's view (it may rebind the holdout)
     evaluation = None if eval_path is None else _load_evaluation(intake, eval_path)
     tick("intake", 1.0)
 
@@ -449,6 +459,8 @@ def run_pipeline(
     _export(intake, result, out, tick)
     tick.finish()
     log.info("pipeline done in %s", tick.seconds)
+    if loaded is not None:
+        loaded.keep(load_key, pristine)
     return PipelineResult(out, plan, result.report, dict(tick.seconds), reused)
 
 

@@ -34,6 +34,7 @@ from . import jobs as J
 from .cache import StageCache
 from .errors import job_error
 from .jobs import JobStore, age_cutoff
+from .loaded import LoadedModels
 from .progress import Eta
 from .settings import Settings
 
@@ -94,6 +95,7 @@ class JobQueue:
         self.settings = settings
         self.store = store
         self.pipeline = pipeline or _default_pipeline
+        self.loaded = LoadedModels()  # the last job's model, for a re-plan on the same files
         self.huey = make_huey(settings)
         self.task = self.huey.task(name=TASK_NAME)(self.run_job)
         self._stopping = threading.Event()
@@ -199,6 +201,7 @@ class JobQueue:
                 memory_budget=self.settings.memory_budget_bytes(self.settings.torch_device()),
                 eval_path=_evaluation_file(job.calib_path),
                 plots=False,  # drawn on first request (service.plots.ensure)
+                loaded=self.loaded,
             )
         except CancelledError:
             if self._stopping.is_set() and not lost.is_set() and self.store.release(job_id):

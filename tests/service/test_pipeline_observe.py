@@ -60,3 +60,23 @@ def test_a_job_observes_the_activations_once(cnn_pt2, calib_path, tmp_path, obse
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_result_without_statistics_is_observed_by_the_pipeline(cnn_pt2, calib_path) -> None:
+    """A sensitivity result measured without activation traces carries no statistics; the
+    pipeline then observes them itself, with the same numbers (up to float rounding between
+    chunkings)."""
+    from sensitivity import HessianConfig, measure
+    from sensitivity.intake import IntakeConfig, intake
+    from service.pipeline import _observe
+
+    it = intake(cnn_pt2, calib_path, IntakeConfig(holdout_fraction=0.2, seed=0))
+    with_stats = measure(it, HessianConfig(max_iter=4, min_iter=2, tol=0.5))
+    without = measure(it, HessianConfig(max_iter=4, min_iter=2, tol=0.5, activations=False))
+    assert without.activations is None
+    observed = _observe(it, without, torch.device("cpu"))
+    assert observed.layers.keys() == with_stats.activations.layers.keys()
+    for name, s in observed.layers.items():
+        t = with_stats.activations[name]
+        assert (s.numel, s.shape) == (t.numel, t.shape)
+        assert (s.lo, s.hi) == pytest.approx((t.lo, t.hi), rel=1e-6, abs=1e-7)

@@ -43,7 +43,7 @@ def test_replan_reuses_uploads_and_sensitivity(client, service, parent) -> None:
     assert sorted(evaluations.iterdir()) == before
     job = client.get(f"/jobs/{child}").json()
     assert job["status"] == "succeeded" and job["parent_id"] == parent
-    assert job["summary"]["reused"] == ["sensitivity"]
+    assert job["summary"]["reused"] == ["loaded model", "sensitivity"]  # the worker kept it
     p_dir = Path(service.get(parent).out_dir)
     c_dir = Path(service.get(child).out_dir)
     assert (p_dir / "sensitivity.json").read_text() == (c_dir / "sensitivity.json").read_text()
