@@ -38,6 +38,18 @@ class _KwModel(nn.Module):
         return self.fc(self.emb(ids) * x.unsqueeze(-1)).sum(1)
 
 
+class _TokenLM(nn.Module):
+    """[N, T] token ids -> [N, T, 16] logits, no attention (quick to load and run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
 class _NoLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1).relu()
@@ -53,6 +65,9 @@ def models(tmp_path_factory, mlp_pt2, cnn_fixed_batch_pt2) -> dict[str, Path]:
     torch.export.save(kw, str(d / "kw.pt2"))
     torch.export.save(torch.export.export(_NoLayer(), (torch.ones(2, 1, 8, 8),)),
                       str(d / "nolayer.pt2"))
+    tok_ids = torch.zeros(2, 6, dtype=torch.long)
+    torch.export.save(torch.export.export(_TokenLM().eval(), (tok_ids,), dynamic_shapes=(
+        {0: torch.export.Dim("batch")},)), str(d / "tok.pt2"))
     return {
         "mlp": mlp_pt2,
         "cnn_fixed_batch": cnn_fixed_batch_pt2,
@@ -62,10 +77,11 @@ def models(tmp_path_factory, mlp_pt2, cnn_fixed_batch_pt2) -> dict[str, Path]:
                             (ids[:2], torch.ones_like(ids[:2])), d / "bert.pt2"),
         "kw": d / "kw.pt2",
         "nolayer": d / "nolayer.pt2",
+        "tok": d / "tok.pt2",
     }
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn_fixed_batch", "llama", "bert", "kw"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_fixed_batch", "llama", "bert", "kw", "tok"])
 def test_signature_matches_the_loaded_program(models, name) -> None:
     sig = read_signature(models[name])
     program = load_program(models[name])
@@ -109,6 +125,7 @@ def _cases(digits) -> list[tuple[str, str, dict]]:
     x, y = x[:12], y[:12]
     ids = hf_zoo.calibration_ids(6, SEQ)
     kw_ids = torch.randint(0, 10, (6, 5), generator=torch.Generator().manual_seed(0))
+    tok = torch.randint(0, 16, (6, 6), generator=torch.Generator().manual_seed(1))
     return [
         ("mlp", "good", {"inputs": x, "labels": y}),
         ("mlp", "unlabelled", {"inputs": x}),
@@ -120,22 +137,29 @@ def _cases(digits) -> list[tuple[str, str, dict]]:
         ("mlp", "wrong name", {"input.image": x}),
         ("cnn_fixed_batch", "good", {"inputs": x, "labels": y}),
         ("llama", "good", {"input.input_ids": ids}),
-        ("llama", "next-token labels", {"input.input_ids": ids, "labels": ids.roll(-1, 1)}),
         ("llama", "ids too large", {"input.input_ids": ids.index_fill(1, torch.tensor([3]), 300)}),
-        ("llama", "negative ids", {"input.input_ids": ids.index_fill(1, torch.tensor([3]), -1)}),
-        ("llama", "float ids", {"input.input_ids": ids.float()}),
-        ("llama", "int32 ids", {"input.input_ids": ids.to(torch.int32)}),
         ("llama", "longer sequence", {"input.input_ids": torch.cat([ids, ids], 1)}),
         ("bert", "good", {"input.input_ids": ids, "input.attention_mask": torch.ones_like(ids)}),
-        ("bert", "inputs for two", {"inputs": ids}),
         ("bert", "mask missing", {"input.input_ids": ids}),
-        ("bert", "bool mask", {"input.input_ids": ids,
-                               "input.attention_mask": torch.ones_like(ids, dtype=torch.bool)}),
+        ("tok", "next-token labels", {"inputs": tok, "labels": tok.roll(-1, 1)}),
+        ("tok", "labels one token short", {"inputs": tok, "labels": tok[:, :5]}),
+        ("tok", "label index too large", {"inputs": tok, "labels": tok + 16}),
+        ("tok", "ignored labels", {"inputs": tok, "labels": tok.index_fill(1, torch.tensor([0]),
+                                                                            -100)}),
         ("kw", "good", {"input.x": torch.rand(6, 5), "input.ids": kw_ids}),
         ("kw", "ids too large", {"input.x": torch.rand(6, 5), "input.ids": kw_ids + 10}),
-        ("kw", "dynamic batch expected", {"input.x": torch.rand(6, 5, 1), "input.ids": kw_ids}),
+        ("kw", "negative ids", {"input.x": torch.rand(6, 5), "input.ids": kw_ids - 1}),
+        ("kw", "float ids", {"input.x": torch.rand(6, 5), "input.ids": kw_ids.float()}),
+        ("kw", "int32 ids", {"input.x": torch.rand(6, 5), "input.ids": kw_ids.int()}),
+        ("kw", "3-d input", {"input.x": torch.rand(6, 5, 1), "input.ids": kw_ids}),
+        ("kw", "inputs for two", {"inputs": torch.rand(6, 5)}),
         ("nolayer", "good", {"inputs": x}),
     ]
+
+
+# accepted by the full intake in tests/sensitivity/test_transformers.py (the same models and
+# calibration layout; seconds each, for the attention decomposition): not loaded again here
+_INTAKE_ACCEPTS = {("llama", "good"), ("bert", "good")}
 
 
 def test_check_inputs_agrees_with_the_intake(models, digits, tmp_path) -> None:
@@ -144,11 +168,12 @@ def test_check_inputs_agrees_with_the_intake(models, digits, tmp_path) -> None:
     refused = set()
     for k, (model, case, tensors) in enumerate(_cases(digits)):
         path = _calib(tmp_path / f"c{k}.safetensors", **tensors)
-        try:
-            intake(models[model], path)
-            full = None
-        except BitplanError as exc:
-            full = exc
+        full = None
+        if (model, case) not in _INTAKE_ACCEPTS:
+            try:
+                intake(models[model], path)
+            except BitplanError as exc:
+                full = exc
         try:
             check_inputs(read_signature(models[model]), load_calibration(path))
             fast = None
@@ -163,8 +188,8 @@ def test_check_inputs_agrees_with_the_intake(models, digits, tmp_path) -> None:
         refused.add(f"{model}: {case}")
     accepted = {f"{m}: {c}" for m, c, _ in _cases(digits)} - refused
     assert accepted == {"mlp: good", "mlp: unlabelled", "mlp: named input",
-                        "cnn_fixed_batch: good", "llama: good", "llama: next-token labels",
-                        "bert: good", "kw: good"}
+                        "cnn_fixed_batch: good", "llama: good", "bert: good", "kw: good",
+                        "tok: next-token labels", "tok: ignored labels"}
 
 
 def test_no_layer_is_refused_like_the_intake(models) -> None:
