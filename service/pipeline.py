@@ -388,6 +388,8 @@ def run_pipeline(
         weight_group_sizes=tuple(constraints.weight_group_sizes),
     )
     specs = _layer_specs(intake, sens, regions)
+    if latency_source is not None and latency_source["kind"] == "measured":
+        _drq_latencies(latency_table, specs)
     limits = constraints.limits.to_solver(reference_totals(specs, opts))
     problem = build_problem(specs, opts, limits, shared_input_ties(intake.module, intake.layers))
     _write_atomic(out / PROBLEM_FILE, problem.to_json())
@@ -520,7 +522,9 @@ def _measured_latency(model_path: str | Path, intake: Any, constraints: Constrai
 
     bits = sorted(set(constraints.activation_bits) | ({4} if constraints.uses_drq else set()))
     cfg = ProfileConfig(weight_bits=tuple(sorted(set(constraints.weight_bits))),
-                        activation_bits=tuple(bits))
+                        activation_bits=tuple(bits),
+                        drq_regions=tuple(constraints.drq.region_sizes)
+                        if constraints.uses_drq else ())
     key = stage_key("latency", {"model": model_path},
                     {"config": cfg.to_dict(), "cpu": cpu_model(),
                      "runtime": onnxruntime().__version__})
@@ -533,6 +537,18 @@ def _measured_latency(model_path: str | Path, intake: Any, constraints: Constrai
         cache.put("latency", key, json.dumps(result))
     _write_json(out / LATENCY_FILE, result)
     return result["latency_table"], latency_source(result, LATENCY_FILE, key)
+
+
+def _drq_latencies(table: dict[str, dict[str, float]], specs: list[Any]) -> None:
+    """A measured table times each DRQ region size once per layer and weight width
+    (``w<w>drq<x>x<y>``: the cost does not depend on the threshold); every DRQ option tag of
+    that region gets the entry, so the solver does not mix the plain entries by fraction."""
+    for spec in specs:
+        row = table.get(spec.name)
+        for mode in spec.activation_modes if isinstance(row, dict) else ():
+            x, y = mode.drq["region"]
+            for key in [k for k in row if k.endswith(f"drq{x}x{y}")]:
+                row[key.split("drq")[0] + mode.tag] = row[key]
 
 
 def _forward_chunk(sens: Any) -> int | None:

@@ -132,21 +132,32 @@ def drq_layer(ctx: Context, node: fx.Node, layer: GraphLayer, row: PlanRow,
               ckpt: Checkpoint) -> str:
     """The DRQ conv of ``quantize.drq.DRQConv2d`` from standard ONNX operators."""
     assert row.drq is not None
+    name, spec = layer.name, row.drq
+    weight = ckpt.dequantized_weight(name)
+    w_low_bits = min(row.w_bits, spec.low_bits)
+    bias = ckpt.tensors[f"{name}.bias"].to(torch.float32).numpy()
+    return drq_graph(ctx, layer, ctx.value(node.args[0], widen=False), shape(node.args[0]),
+                     ckpt.input_grid(name), spec.region, spec.threshold, spec.high_bits,
+                     spec.low_bits, (*quantize_weight(weight, row.w_bits), row.w_bits),
+                     (*quantize_weight(weight, w_low_bits), w_low_bits), bias, node.name)
+
+
+def drq_graph(ctx: Context, layer: GraphLayer, x: str, in_shape: tuple, g8: Grid,
+              region: tuple[int, int], threshold: float, high_bits: int, low_bits: int,
+              w_high: tuple, w_low: tuple, bias: np.ndarray, out_name: str) -> str:
+    """The DRQ subgraph (module docstring) on input ``x`` of ``in_shape`` on the INT8 grid
+    ``g8``; ``w_high`` / ``w_low``: (codes, per-channel scale, bits) of the two branches."""
     name, b = layer.name, ctx.builder
-    spec = row.drq
-    g8 = ckpt.input_grid(name)
-    in_shape = shape(node.args[0])
     channels, height, width = in_shape[1], in_shape[2], in_shape[3]
-    rx, ry = spec.region
+    rx, ry = region
     pixels = rx * ry
-    if spec.threshold * channels * pixels >= EXACT_MASK_LIMIT:
+    if threshold * channels * pixels >= EXACT_MASK_LIMIT:
         raise UnsupportedExportError(
-            f"DRQ layer {name!r}: threshold {spec.threshold} x {channels} channels x "
+            f"DRQ layer {name!r}: threshold {threshold} x {channels} channels x "
             f"{pixels}-pixel regions is too large for an exact float32 region mask in ONNX",
             detail={"layer": name},
         )
-    x = ctx.value(node.args[0], widen=False)
-    hi = Grid(g8.scale, spec.high_bits, g8.signed)
+    hi = Grid(g8.scale, high_bits, g8.signed)
     q8 = b.quantize(x, hi, name + "_drq8", exact=True)  # the mask needs the exact codes
     codes = b.op("Cast", [q8], name + "_codes", to=TensorProto.FLOAT)
     if g8.signed:
@@ -154,7 +165,7 @@ def drq_layer(ctx: Context, node: fx.Node, layer: GraphLayer, row: PlanRow,
     summed = b.op("ReduceSum", [codes, b.const([1], np.int64)], name + "_csum", keepdims=1)
     avg = b.op("AveragePool", [summed], name + "_regions", kernel_shape=[ry, rx],
                strides=[ry, rx], ceil_mode=1, count_include_pad=0)
-    cut = spec.threshold * channels - 0.5 / pixels
+    cut = threshold * channels - 0.5 / pixels
     mask = b.op("Greater", [avg, b.const(cut)], name + "_sensitive")
     m = b.op("Cast", [mask], name + "_maskf", to=TensorProto.FLOAT)
     m = b.op("Resize", [m, "", b.const([1.0, 1.0, float(ry), float(rx)])], name + "_mask_up",
@@ -164,22 +175,18 @@ def drq_layer(ctx: Context, node: fx.Node, layer: GraphLayer, row: PlanRow,
         m = b.op("Slice", [m, b.const([0, 0], np.int64), b.const([height, width], np.int64),
                            b.const([2, 3], np.int64)], name + "_mask")
     x8 = b.dequantize(q8, hi, name + "_drq8")
-    s_low = low_scale(g8.scale, g8.signed, spec.high_bits, spec.low_bits)
-    lo = Grid(s_low, spec.low_bits, g8.signed)
+    s_low = low_scale(g8.scale, g8.signed, high_bits, low_bits)
+    lo = Grid(s_low, low_bits, g8.signed)
     x4 = b.dequantize(b.quantize(x, lo, name + "_drq4", exact=True), lo, name + "_drq4")
     x_high = b.op("Mul", [x8, m], name + "_x_high")
     x_low = b.op("Mul", [x4, b.op("Sub", [b.const(1.0), m], name + "_not_mask")],
                  name + "_x_low")
-    weight = ckpt.dequantized_weight(name)
-    w_low_bits = min(row.w_bits, spec.low_bits)
-    w_hi = dequantized_weight(ctx, name + "_w_high", *quantize_weight(weight, row.w_bits),
-                              row.w_bits)
-    w_lo = dequantized_weight(ctx, name + "_w_low", *quantize_weight(weight, w_low_bits),
-                              w_low_bits)
-    bias = b.tensor(name + "_bias", ckpt.tensors[f"{name}.bias"].to(torch.float32).numpy())
+    w_hi = dequantized_weight(ctx, name + "_w_high", *w_high)
+    w_lo = dequantized_weight(ctx, name + "_w_low", *w_low)
+    bias_name = b.tensor(name + "_bias", bias)
     kernel = tuple(layer.weight_shape[2:])
-    y_hi = conv(ctx, x_high, w_hi, bias, kernel, layer.stride, layer.padding, layer.dilation,
-                layer.groups, name + "_conv_high")
+    y_hi = conv(ctx, x_high, w_hi, bias_name, kernel, layer.stride, layer.padding,
+                layer.dilation, layer.groups, name + "_conv_high")
     y_lo = conv(ctx, x_low, w_lo, None, kernel, layer.stride, layer.padding, layer.dilation,
                 layer.groups, name + "_conv_low")
-    return b.op("Add", [y_hi, y_lo], node.name)
+    return b.op("Add", [y_hi, y_lo], out_name)

@@ -60,6 +60,7 @@ class ProfileConfig:
     layers: tuple[str, ...] | None = field(default=None)  # None: every quantizable layer
     method: str = "context"  # in the whole model (module docstring); "isolated": layer alone
     int8_kernels: bool = True  # as export_onnx: 4-bit weights cast to INT8 for its kernels
+    drq_regions: tuple[int, ...] = ()  # square DRQ region sizes to time (conv2d layers)
 
     def __post_init__(self) -> None:
         if self.version != 1:
@@ -69,6 +70,8 @@ class ProfileConfig:
             raise BadConstraintsError(f"bits must be in 2..8 and non-empty, got {bad}")
         if min(self.batch, self.threads, self.warmup + 1, self.repeat) < 1:
             raise BadConstraintsError("batch, threads and repeat must be >= 1, warmup >= 0")
+        if any(int(k) < 1 for k in self.drq_regions):
+            raise BadConstraintsError("DRQ region sizes must be >= 1")
         if self.method not in METHODS:
             raise BadConstraintsError(f"profile method must be one of {METHODS}, "
                                       f"got {self.method!r}")
@@ -107,6 +110,32 @@ def layer_model(layer: GraphLayer, in_shape: tuple[int, ...], w_bits: int, a_bit
     y = b.qdq(y, Grid(0.1, 8, True), "out")
     b.nodes.append(helper.make_node("Identity", [y], ["y"]))
     b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    return b.model()
+
+
+def drq_layer_model(layer: GraphLayer, in_shape: tuple[int, ...], w_bits: int, region: int,
+                    seed: int = 0, int8_kernels: bool = True):  # noqa: ANN201
+    """The export's DRQ subgraph of one conv layer (``layers.drq_graph``: region mask, INT8 and
+    INT4 branches, two convs) with random codes; its cost does not depend on the threshold
+    (both convs run dense)."""
+    from onnx import TensorProto, helper
+
+    from .layers import drq_graph
+
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder(name=f"profile_drq_{layer.name}", int8_kernels=int8_kernels)
+    ctx = Context(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), b)
+    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape)))
+    out = layer.weight_shape[0]
+
+    def weights(bits: int) -> tuple:
+        q = 2 ** (bits - 1) - 1
+        return (torch.randint(-q, q + 1, layer.weight_shape, generator=gen, dtype=torch.int32),
+                torch.full((out,), 0.01), bits)
+
+    y = drq_graph(ctx, layer, "x", in_shape, Grid(0.05, 8, False), (region, region), 16, 8, 4,
+                  weights(w_bits), weights(min(w_bits, 4)), np.zeros(out, np.float32), "y")
+    b.outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
     return b.model()
 
 
@@ -193,6 +222,13 @@ def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = N
                 if cfg.method == "context":
                     fallback.setdefault(layer.name, []).append(tag)
             table[layer.name][tag] = round(max(0.0, ms + share), 6)
+        if layer.kind == "conv2d" and len(shapes[layer.name]) == 4:
+            for w in cfg.weight_bits:  # DRQ alone (float convs, no fusion), plus the share
+                for k in cfg.drq_regions:
+                    model = drq_layer_model(layer, shapes[layer.name], w, int(k), cfg.seed,
+                                            cfg.int8_kernels)
+                    ms = time_model(model, shapes[layer.name], cfg)
+                    table[layer.name][f"w{w}drq{k}x{k}"] = round(max(0.0, ms + share), 6)
         if progress is not None:
             progress("profile", (i + 1) / len(layers))
     out = {

@@ -474,3 +474,28 @@ def test_4bit_weights_run_on_the_int8_kernel(cnn_program, plan_for, heldout_eval
         ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
         fused[int8_kernels] = (ops.count("QLinearConv"), ops.count("Conv"))
     assert fused == {True: (2, 0), False: (1, 1)}
+
+
+def test_profile_times_drq_per_region(cnn_program) -> None:
+    """With drq_regions the profile times each conv layer's DRQ subgraph per weight width and
+    region (``w<w>drq<k>x<k>``); linear layers get none. The job copies an entry to every DRQ
+    option tag of that region."""
+    from quantize.onnx.profile import ProfileConfig, drq_layer_model, profile
+    from service.pipeline import _drq_latencies
+    from solver import ActivationMode, LayerSpec
+
+    doc = profile(cnn_program, ProfileConfig(weight_bits=(4, 8), drq_regions=(2,),
+                                             warmup=1, repeat=2))
+    table = doc["latency_table"]
+    assert {"w4drq2x2", "w8drq2x2"} <= set(table["conv2"]) and "w8drq2x2" not in table["fc"]
+    layer = next(x for x in find_layers(cnn_program.module()) if x.name == "conv2")
+    ops = [n.op_type for n in drq_layer_model(layer, (1, 8, 8, 8), 8, 2).graph.node]
+    assert ops.count("Conv") == 2 and "AveragePool" in ops and "Resize" in ops
+    drq = {"region": [2, 2], "threshold": 10, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
+           "high_bits": 8, "low_bits": 4, "scale": 0.05, "signed": False}
+    spec = LayerSpec(name="conv2", kind="conv2d", params=1, macs=1, out_channels=1,
+                     input_numel=1, omega_w={4: 1.0, 8: 0.1}, omega_a={8: 0.0},
+                     activation_modes=[ActivationMode("drq2x2f0.3", 5.2, 0.0, drq)])
+    _drq_latencies(table, [spec])
+    assert table["conv2"]["w8drq2x2f0.3"] == table["conv2"]["w8drq2x2"]
+    assert table["conv2"]["w4drq2x2f0.3"] == table["conv2"]["w4drq2x2"]

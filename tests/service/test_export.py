@@ -162,3 +162,20 @@ def test_get_onnx_route(client, service, mlp_pt2, calib_path) -> None:
     assert r.status_code == 200 and r.content == b"onnx-bytes"
     assert r.headers["content-disposition"].endswith(f'{ids[0]}.onnx"')
     assert client.get(f"/jobs/{ids[1]}/onnx").status_code == 404
+
+
+def test_measured_drq_options_take_the_timed_drq_entries(cnn_pt2, calib_path,
+                                                          tmp_path) -> None:
+    """With DRQ modes and hardware onnxruntime-cpu, every DRQ option's latency is the timed
+    DRQ subgraph of its layer and region, not the plain entries mixed by the MAC fraction."""
+    cons = {"hessian": FAST_HESSIAN, "limits": {"size_ratio": 0.9},
+            "hardware": "onnxruntime-cpu", "weight_bits": [4, 8], "activation_bits": [4, 8],
+            "drq": {"region_sizes": [2], "sensitive_fractions": [0.3]}}
+    run_pipeline(cnn_pt2, calib_path, cons, tmp_path, pareto_points=0, plots=False)
+    table = json.loads((tmp_path / "latency.json").read_text())["latency_table"]
+    problem = json.loads((tmp_path / "problem.json").read_text())
+    drq_options = [(la["name"], o) for la in problem["layers"] for o in la["options"]
+                   if o.get("drq")]
+    assert drq_options
+    for name, o in drq_options:
+        assert o["latency_ms"] == pytest.approx(table[name][f"w{o['w_bits']}drq2x2"])
