@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation-bits", type=_ints, default=(8,), help="e.g. 4,8")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--repeat", type=int, default=30, help="timed runs (default 30)")
+    p.add_argument("--drq-regions", type=_ints, default=(),
+                   help="also time each conv layer's DRQ subgraph at these square region "
+                   "sizes, e.g. 2,4,8 (tags w<w>drq<k>x<k>)")
     p.add_argument("--method", choices=("context", "isolated"), default="context",
                    help="time layers inside the whole model (default) or each alone")
     p.add_argument("--out", type=Path, required=True, help="latency.json to write")
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ProfileConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits,
                         batch=args.batch, threads=args.threads, warmup=args.warmup,
-                        repeat=args.repeat, method=args.method)
+                        repeat=args.repeat, method=args.method,
+                        drq_regions=args.drq_regions)
     program = load_program(args.model)
     bar = TerminalProgress()
     try:
@@ -63,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = result["latency_table"]
-    total = {tag: sum(row[tag] for row in table.values()) for tag in next(iter(table.values()))}
+    tags = [t for t in next(iter(table.values())) if "drq" not in t]  # every layer has them
+    total = {tag: sum(row[tag] for row in table.values()) for tag in tags}
     print(f"wrote {args.out}: {len(table)} layers, batch {cfg.batch}, {cfg.threads} thread(s), "
           f"{result['runtime']} on {result['cpu']}")
     print("sum of layer latencies (ms): " + ", ".join(f"{k} {v:.4g}" for k, v in total.items()))
