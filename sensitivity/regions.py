@@ -72,8 +72,9 @@ class RegionConfig:
     ``region_sizes``: square region sides in pixels (a size larger than a layer's map is skipped
     for that layer); ``sensitive_fractions``: target fractions f in (0, 1) of regions at
     ``high_bits``; ``max_samples``: at most this many train (and held-out) samples are used
-    (the first ones; None = all); ``batch_size``: samples per forward pass when the program
-    does not fix it. Raises BadConstraintsError when a field is out of range.
+    for the region statistics (the first ones; None = all; the INT8 grid is that of all train
+    samples); ``batch_size``: samples per forward pass when the program does not fix it.
+    Raises BadConstraintsError when a field is out of range.
     """
 
     region_sizes: tuple[int, ...] = (2, 4, 8)
