@@ -165,6 +165,7 @@ def low_weights(args: argparse.Namespace, x, y) -> None:
 
 
 N_PLAN_TRAIN, N_PLAN_CALIB = 1000, 200
+CHECK_LOSSES = ("cross_entropy", "kl")  # the check's loss: the job's (labels), and label-free
 PLAN_MODELS = {  # name -> (factory, image side, input channels)
     "cnn": (lambda: zoo.DigitsCNN(width=8), 8, 1),
     "resnet18": (lambda: zoo.ResNet18Like(width=8), 16, 3),
@@ -243,8 +244,10 @@ class PlanRun:
     def score(self, plan: dict) -> dict:
         m = self.model
         res = apply(m.program, plan, m.calib, m.calib, QuantizeConfig())
-        # the acceptance check's loss: cross-entropy per calibration digit (the job's loss)
-        cal_loss = sample_losses(m.program.module(), res.module, m.calib, "cross_entropy", 256)
+        # the acceptance check's losses per calibration digit: cross-entropy at the labels
+        # (the job's loss) and KL to FP32 (label-free)
+        cal = {k: sample_losses(m.program.module(), res.module, m.calib, k, 256)
+               for k in CHECK_LOSSES}
         mods = list(drq_modules(res.module).values())
         for mod in mods:
             mod.reset_stats()
@@ -254,7 +257,7 @@ class PlanRun:
         return {
             "correct": logq.argmax(1) == m.y_ev,
             "kl": (m.fp32_logp.exp() * (m.fp32_logp - logq)).sum(1),
-            "cal_loss": cal_loss,
+            "cal": cal,
             "drq_rows": len(mods),
             "int4_regions": sum(mod.int4_regions for mod in mods) / regions if regions else 0.0,
             "int4_macs": sum(mod.macs_low for mod in mods) / macs if macs else 0.0,
@@ -290,15 +293,18 @@ class PlanRun:
         if not d["drq_rows"]:
             forced = solve_with_drq(with_drq)
             cand = None if forced is None else self.score(self.plan(with_drq, forced.choices))
-        if cand is None:
-            kept, check_d = "off", {"kept": "no DRQ plan"}
-        else:
-            check = decide(cand["cal_loss"], p["cal_loss"], "cross_entropy", CheckConfig())
-            kept = check.kept
-            check_d = {"kept": kept, "forced": cand is not d, "cal_loss_drq": check.loss_drq,
-                       "cal_loss_off": check.loss_off, "cal_diff_se": check.diff_se,
-                       "drq_rows": cand["drq_rows"], "int4_macs": cand["int4_macs"]}
-        checked = self.compare(cand if kept == "drq" else p, p)
+        checks, checked = {}, {}
+        for loss in CHECK_LOSSES:
+            if cand is None:
+                kept, checks[loss] = "off", {"kept": "no DRQ plan", "forced": False}
+            else:
+                check = decide(cand["cal"][loss], p["cal"][loss], loss, CheckConfig())
+                kept = check.kept
+                checks[loss] = {"kept": kept, "forced": cand is not d,
+                                "cal_loss_drq": check.loss_drq, "cal_loss_off": check.loss_off,
+                                "cal_diff_se": check.diff_se, "drq_rows": cand["drq_rows"],
+                                "int4_macs": cand["int4_macs"]}
+            checked[loss] = self.compare(cand if kept == "drq" else p, p)
         out["summary"] = {
             "acc_drq": drq_cmp["acc"], "acc_plain": float(p["correct"].float().mean()),
             "b": drq_cmp["b"], "c": drq_cmp["c"], "mcnemar_p": drq_cmp["mcnemar_p"],
@@ -306,10 +312,7 @@ class PlanRun:
             "kl_diff_se": drq_cmp["kl_diff_se"],
             "objective_drq": d["objective"], "objective_plain": p["objective"],
             "drq_rows": d["drq_rows"], "int4_regions": d["int4_regions"],
-            "int4_macs": d["int4_macs"], "check": check_d,
-            "checked": {"acc": checked["acc"], "kl": checked["kl"], "b": checked["b"],
-                        "c": checked["c"], "mcnemar_p": checked["mcnemar_p"],
-                        "kl_diff_se": checked["kl_diff_se"]},
+            "int4_macs": d["int4_macs"], "check": checks, "checked": checked,
         }
         return out
 
@@ -337,9 +340,8 @@ def plans(args: argparse.Namespace) -> None:
                       f"FP32 accuracy {model.fp32_accuracy:.4f}")
                 print(f"  {'budget':>6} {'acc DRQ':>8} {'acc off':>8} {'b':>3} {'c':>3} "
                       f"{'McNemar p':>9} {'KL DRQ':>7} {'KL off':>7} {'+-se':>6} "
-                      f"{'DRQ rows':>8} {'INT4 reg':>8} {'4x4 MACs':>8} | {'check':>5} "
-                      f"{'cal dCE/se':>10} | {'acc chk':>7} {'b':>3} {'c':>3} {'p':>6} "
-                      f"{'KL chk':>7}")
+                      f"{'DRQ rows':>8} {'INT4 reg':>8} {'4x4 MACs':>8}")
+                rows = []
                 for frac in fracs:
                     r = run.budget(lo + frac * (hi - lo))
                     key = f"{name} {run.resource} {frac}"
@@ -349,16 +351,28 @@ def plans(args: argparse.Namespace) -> None:
                         continue
                     sm = r["summary"]
                     results[key] = {"limit": r["limit"], **sm}
-                    ck, cd = sm["check"], sm["checked"]
-                    dce = (f"{(ck['cal_loss_drq'] - ck['cal_loss_off']) / ck['cal_diff_se']:+9.1f}"
-                           + ("*" if ck["forced"] else " ")
-                           if "cal_loss_drq" in ck else f"{'-':>10}")
+                    rows.append((frac, sm))
                     print(f"  {frac:6.2f} {sm['acc_drq']:8.4f} {sm['acc_plain']:8.4f} "
                           f"{sm['b']:3d} {sm['c']:3d} {sm['mcnemar_p']:9.3g} "
                           f"{sm['kl_drq']:7.4f} {sm['kl_plain']:7.4f} {sm['kl_diff_se']:6.4f} "
-                          f"{sm['drq_rows']:8d} {sm['int4_regions']:8.3f} {sm['int4_macs']:8.3f}"
-                          f" | {ck['kept'][:5]:>5} {dce} | {cd['acc']:7.4f} {cd['b']:3d} "
-                          f"{cd['c']:3d} {cd['mcnemar_p']:6.3g} {cd['kl']:7.4f}")
+                          f"{sm['drq_rows']:8d} {sm['int4_regions']:8.3f} {sm['int4_macs']:8.3f}")
+                print("  the check (* = forced DRQ candidate), by calibration loss; the kept plan "
+                      "on the held-out digits against off:")
+                print(f"  {'budget':>6} {'loss':>13} {'kept':>4} {'cal d/se':>9} {'acc':>7} "
+                      f"{'b':>3} {'c':>3} {'p':>6} {'KL':>7} {'KL off':>7} {'d/se':>6}")
+                for frac, sm in rows:
+                    for loss in CHECK_LOSSES:
+                        ck, cd = sm["check"][loss], sm["checked"][loss]
+                        dse = f"{'-':>8}"
+                        if "cal_loss_drq" in ck:
+                            z = (ck["cal_loss_drq"] - ck["cal_loss_off"]) / ck["cal_diff_se"]
+                            dse = f"{z:+8.1f}"
+                        kdse = ((cd["kl"] - sm["kl_plain"]) / cd["kl_diff_se"]
+                                if cd["kl_diff_se"] > 0 else 0.0)
+                        print(f"  {frac:6.2f} {loss:>13} {ck['kept'][:4]:>4} {dse}"
+                              f"{'*' if ck['forced'] else ' '} {cd['acc']:7.4f} {cd['b']:3d} "
+                              f"{cd['c']:3d} {cd['mcnemar_p']:6.3g} {cd['kl']:7.4f} "
+                              f"{sm['kl_plain']:7.4f} {kdse:+6.1f}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -384,10 +398,12 @@ def issue_case(args: argparse.Namespace) -> None:
               f"the job's plan {tags}, drq_check "
               f"{run.result.report.get('drq_check', 'not run')}")
         print(f"  against the ILP's optimum (Omega {ilp.objective:.5f}, calibration CE "
-              f"{float(base['cal_loss'].mean()):.4f}, accuracy "
+              f"{float(base['cal']['cross_entropy'].mean()):.4f}, KL "
+              f"{float(base['cal']['kl'].mean()):.5f}, accuracy "
               f"{float(base['correct'].float().mean()):.4f}, KL {float(base['kl'].mean()):.4f})")
-        print(f"  {'plan':>18} {'tag':>16} {'Omega':>8} {'cal CE':>7} {'+-se':>6} "
-              f"{'acc':>7} {'b':>3} {'c':>3} {'p':>6} {'KL':>7} {'+-se':>6}")
+        print(f"  {'plan':>18} {'tag':>16} {'Omega':>8} {'cal CE':>7} {'d/se':>5} "
+              f"{'cal KL':>7} {'d/se':>5} {'acc':>7} {'b':>3} {'c':>3} {'p':>6} {'KL':>7} "
+              f"{'d/se':>5}")
         rows = [("the job's plan", None, run.problem, None)]
         for k, la in enumerate(run.problem.layers):
             drq = tuple(o for o in la.options if o.drq is not None)
@@ -407,17 +423,22 @@ def issue_case(args: argparse.Namespace) -> None:
                 scored, objective = run.score(run.plan(prob, sol.choices)), sol.objective
                 tag = prob.layers[k].options[sol.choices[name]].tag
             cmp = run.compare(scored, base)
-            d = scored["cal_loss"] - base["cal_loss"]
-            se = float(d.std()) / math.sqrt(len(d))
+            cal = {}
+            for loss in CHECK_LOSSES:
+                d = scored["cal"][loss] - base["cal"][loss]
+                se = float(d.std()) / math.sqrt(len(d))
+                cal[loss] = {"loss": float(scored["cal"][loss].mean()),
+                             "loss_ilp": float(base["cal"][loss].mean()),
+                             "diff_se": se, "z": float(d.mean()) / se if se > 0 else 0.0}
+            z = (cmp["kl"] - float(base["kl"].mean())) / cmp["kl_diff_se"] \
+                if cmp["kl_diff_se"] > 0 else 0.0
             results[label] = {"tag": tag, "objective": objective, "objective_ilp": ilp.objective,
-                              "cal_loss": float(scored["cal_loss"].mean()),
-                              "cal_loss_ilp": float(base["cal_loss"].mean()),
-                              "cal_diff_se": se, **cmp, "kl_ilp": float(base["kl"].mean()),
+                              "cal": cal, **cmp, "kl_ilp": float(base["kl"].mean()),
                               "acc_ilp": float(base["correct"].float().mean())}
-            print(f"  {label:>18} {tag:>16} {objective:8.5f} "
-                  f"{float(scored['cal_loss'].mean()):7.4f} {se:6.4f} {cmp['acc']:7.4f} "
-                  f"{cmp['b']:3d} {cmp['c']:3d} {cmp['mcnemar_p']:6.3g} {cmp['kl']:7.4f} "
-                  f"{cmp['kl_diff_se']:6.4f}")
+            ce, kl = cal["cross_entropy"], cal["kl"]
+            print(f"  {label:>18} {tag:>16} {objective:8.5f} {ce['loss']:7.4f} {ce['z']:+5.1f} "
+                  f"{kl['loss']:7.5f} {kl['z']:+5.1f} {cmp['acc']:7.4f} {cmp['b']:3d} "
+                  f"{cmp['c']:3d} {cmp['mcnemar_p']:6.3g} {cmp['kl']:7.4f} {z:+5.1f}")
         results["drq_check"] = run.result.report.get("drq_check")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

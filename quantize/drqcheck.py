@@ -33,11 +33,20 @@ KINDS = ("cross_entropy", "kl", "mse")
 class CheckConfig:
     """``margin_se``: DRQ is kept only when its mean calibration loss is lower than the plan
     without DRQ by more than this many paired standard errors (1: a gain larger than the noise
-    of the difference on these samples). ``batch_size``: samples per forward pass of a
-    dynamic-batch program."""
+    of the difference on these samples). ``label_free``: score a classifier (job loss
+    cross-entropy) by KL to the FP32 outputs instead of cross-entropy at the labels: two
+    plans' per-sample cross-entropy differs by a first-order term ``(p - y) . dz`` that is zero
+    only on average and buries the second-order gain in noise, while KL to FP32 has no
+    first-order term (docs/drq.md measures both). ``batch_size``: samples per forward pass of
+    a dynamic-batch program."""
 
     margin_se: float = 1.0
+    label_free: bool = True
     batch_size: int = 64
+
+    def loss(self, loss_kind: str) -> str:
+        """The check's loss for a job whose loss is ``loss_kind``."""
+        return "kl" if self.label_free and loss_kind == "cross_entropy" else loss_kind
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.margin_se) and self.margin_se >= 0):
@@ -130,7 +139,8 @@ def compare(program: torch.export.ExportedProgram, plans: Mapping[str, Any],
             batch_size: int | None = None, device: torch.device | None = None,
             activations: Any = None) -> CheckResult:
     """Quantize ``plans["drq"]`` and ``plans["off"]`` (calibrated on ``train``, as the job
-    quantizes), score both on ``train`` with ``loss_kind`` and decide (:func:`decide`).
+    quantizes), score both on ``train`` with the check's loss for a job whose loss is
+    ``loss_kind`` (``cfg.loss``) and decide (:func:`decide`).
     ``batch_size``: the program's fixed export batch size (None: dynamic); ``activations``:
     the job's layer input statistics of ``train`` (``quantize.observe``)."""
     cfg = cfg or CheckConfig()
@@ -139,6 +149,7 @@ def compare(program: torch.export.ExportedProgram, plans: Mapping[str, Any],
     chunk = batch_size or cfg.batch_size
     reference = program.module().to(device)
     losses = {}
+    loss_kind = cfg.loss(loss_kind)
     for key in ("drq", "off"):
         res = apply(program, plans[key], train, train, QuantizeConfig(batch_size=cfg.batch_size),
                     batch_size=batch_size, device=device, activations=activations)

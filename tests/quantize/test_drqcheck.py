@@ -94,13 +94,26 @@ def test_compare_scores_both_plans_on_the_calibration_samples(cnn_program, plan_
     plans = {"drq": plan_for(cnn_program, drq={"conv2": {**DRQ, "scale": grid.scale,
                                                          "signed": grid.signed}}),
              "off": plan_for(cnn_program)}
+    # a classifier is checked by KL to FP32 (label_free), or at the labels when asked
     r = compare(cnn_program, plans, train, "cross_entropy")
+    ce = compare(cnn_program, plans, train, "cross_entropy", CheckConfig(label_free=False))
+    assert r.loss_kind == "kl" and ce.loss_kind == "cross_entropy"
     assert r.samples == len(train) and r.seconds > 0
     x, y = train.args[0], train.labels
-    for key, loss in (("drq", r.loss_drq), ("off", r.loss_off)):
+    with torch.no_grad():
+        logp = F.log_softmax(cnn_program.module()(x).double(), 1)
+    for key in ("drq", "off"):
         module = apply(cnn_program, plans[key], train, train, QuantizeConfig()).module
         with torch.no_grad():
-            want = float(F.cross_entropy(module(x).double(), y))
-        assert loss == pytest.approx(want, rel=1e-9)
+            out = module(x).double()
+        kl = float((logp.exp() * (logp - F.log_softmax(out, 1))).sum(1).mean())
+        assert getattr(r, f"loss_{key}") == pytest.approx(kl, rel=1e-9)
+        assert getattr(ce, f"loss_{key}") == pytest.approx(float(F.cross_entropy(out, y)),
+                                                          rel=1e-9)
     assert r.loss_drq != r.loss_off
     assert r.to_dict()["kept"] == r.kept and r.to_dict()["diff"] == r.loss_drq - r.loss_off
+
+
+def test_the_check_loss_of_each_job_loss() -> None:
+    assert [CheckConfig().loss(k) for k in ("cross_entropy", "kl", "mse")] == ["kl", "kl", "mse"]
+    assert CheckConfig(label_free=False).loss("cross_entropy") == "cross_entropy"
