@@ -291,7 +291,7 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     p = prepare(intake.module, graphs, intake.train, intake.loss_kind,
                 intake.chunk_size(chunk), intake.batch_size is not None, device)
     draw = None
-    if cfg.sampling == "chunk":  # each pass draws this many samples (within the budget)
+    if cfg.sampling != "all":  # a drawing pass takes this many samples (within the budget)
         draw = intake.chunk_size(min(cfg.batch_size or cfg.draw_size, chunk or len(intake.train)))
     est = hutchinson(p, cfg if draw is None else dataclasses.replace(cfg, batch_size=draw),
                      progress, "sensitivity", exact)
@@ -331,7 +331,8 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     seconds = time.perf_counter() - start
     model = {**intake.summary(), "device": str(device), "hvp_mode": est.method,
              "chunk": p.chunks[0].size if p.chunks else 0, "passes": est.passes,
-             "sampling": cfg.sampling, "draw": draw, "vectors": est.iterations}
+             "sampling": est.sampling, "draw": draw if est.sampling == "chunk" else None,
+             "vectors": est.iterations}
     if memory is not None:
         model["memory"] = memory.to_dict()
     diagonals = {name: d.detach().cpu() for name, d in est.weight_diag.items()}

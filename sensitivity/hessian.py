@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, float], None]
 LOSS_KINDS = ("cross_entropy", "kl", "mse")
 ESTIMATORS = ("auto", "hvp")
-SAMPLINGS = ("all", "chunk")
+SAMPLINGS = ("all", "chunk", "auto")
 KINDS = ("gn", "hvp")  # output-space probes, joint HVPs
 
 
@@ -168,6 +168,7 @@ class TraceEstimates:
     passes: int
     # weight block -> Hutchinson mean of diag(H_ww) (weight's shape), with HessianConfig.diagonal
     weight_diag: dict[str, torch.Tensor] = field(default_factory=dict)
+    sampling: str = "all"  # the mode the estimates come from: "chunk", "all" (or auto's switch)
 
 
 class _Leaf(nn.Module):
@@ -448,9 +449,16 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     taken = {"gn": 0, "hvp": 0}  # samples of each block: vectors, or passes when drawing
     cache: dict[str, Any] = {}  # single chunk: forward graph / create_graph gradient kept
     passes = 0
-    draw = cfg.sampling == "chunk"
     whole = (p.chunks, p.n_total)
+    draw_size = min(cfg.batch_size or cfg.draw_size, len(p.data))
+    # an 'all' pass costs N samples and the rule needs ceil(min_iter / k) of them; a drawn
+    # pass costs c and the rule needs min_iter of them
+    all_floor = math.ceil(cfg.min_iter / cfg.vectors_per_pass) * len(p.data)
+    draw = cfg.sampling == "chunk" or (cfg.sampling == "auto"
+                                       and cfg.min_iter * draw_size < all_floor)
+    switched = False
     n_chunks = 1 if draw else len(p.chunks)
+    shown = [0.0]
     live = [kind for kind in KINDS if blocks_of[kind]]
     diag = {b: torch.zeros(p.weights[b].shape, dtype=p.weights[b].dtype,
                            device=p.weights[b].device) for b in range(n)} if cfg.diagonal else {}
@@ -465,12 +473,13 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
             return
         work = [(done[x] + (k * (c + 1) / n_chunks if x == kind else 0)) / cfg.max_iter
                 for x in live]
-        progress(stage, min(1.0, max(work) if work else 1.0))
+        shown[0] = max(shown[0], min(1.0, max(work) if work else 1.0))  # never backwards
+        progress(stage, shown[0])
 
     while pending("gn") or pending("hvp"):
         passes += 1
         if draw:
-            _draw(p, cfg.batch_size or cfg.draw_size, cfg.seed, passes - 1)
+            _draw(p, draw_size, cfg.seed, passes - 1)
             cache.clear()
         for kind in KINDS:
             if not pending(kind):
@@ -494,6 +503,19 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
                     s.samples.extend(total[:, j].tolist())
                 if s.converged_at is None and s.n >= cfg.min_iter and s.converged(cfg.tol):
                     s.converged_at = s.n
+        if (draw and cfg.sampling == "auto"
+                and _drawing_costs_more(stats, blocks_of, taken, cfg, draw_size, all_floor)):
+            # the data's spread makes drawn chunks need more samples than whole passes
+            # would: start again with every sample in every pass (the drawn samples are
+            # dropped, so each estimate stays one mode's i.i.d. mean)
+            log.info("sampling: auto switches to all after %d drawn passes", passes)
+            draw, switched, n_chunks = False, True, len(whole[0])
+            p.chunks, p.n_total = whole
+            cache.clear()
+            stats = [BlockStats() for _ in range(2 * n)]
+            done, taken = {"gn": 0, "hvp": 0}, {"gn": 0, "hvp": 0}
+            for d in diag.values():
+                d.zero_()
     cache.clear()
     p.chunks, p.n_total = whole
     for leaf in p.leaves.values():
@@ -511,8 +533,28 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
         log.info("%d block(s) did not reach tol=%s: %s", len(stuck), cfg.tol, stuck[:10])
     weight_diag = {name: diag[i] / max(done["gn" if i in gn_blocks else "hvp"], 1)
                    for i, name in enumerate(p.names) if i in diag}
+    sampled = "chunk" if draw else ("all (auto switched)" if switched else "all")
     return TraceEstimates(w_stats, a_stats, max(done.values()),
-                          "batched" if batched else "loop", passes, weight_diag)
+                          "batched" if batched else "loop", passes, weight_diag, sampled)
+
+
+def _drawing_costs_more(stats: list[BlockStats], blocks_of: dict[str, list[int]],
+                        taken: dict[str, int], cfg: HessianConfig, draw_size: int,
+                        all_floor: int) -> bool:
+    """``auto``: once the rule could fire (``min_iter`` drawn passes), whether the drawn
+    passes still needed (the largest n * (se / (tol * mean))^2 - n over the blocks, each a
+    pass of ``draw_size`` samples) cost more samples than ``all`` would at its floor."""
+    if min(taken[kind] for kind in KINDS if blocks_of[kind]) < cfg.min_iter:
+        return False
+    need = 0.0
+    for b in (b for kind in KINDS for b in blocks_of[kind]):
+        s = stats[b]
+        if s.converged(cfg.tol):
+            continue
+        if s.mean <= 0.0:  # only max_iter stops it in either mode
+            continue
+        need = max(need, s.n * (s.stderr / (cfg.tol * s.mean)) ** 2 - s.n)
+    return need * draw_size > all_floor
 
 
 def _draw(p: Prepared, size: int, seed: int, t: int) -> None:

@@ -152,12 +152,14 @@ class Hessian(_Strict):
         description="samples per Hessian pass (null: as many as the memory budget allows); "
         "the estimate does not depend on it",
     )
-    sampling: Literal["all", "chunk"] = Field(
-        "chunk",
+    sampling: Literal["auto", "chunk", "all"] = Field(
+        "auto",
         description="which samples a probe pass sees: 'chunk' (a fresh random chunk of "
         "batch_size samples, default 8 within the memory budget: unbiased for the same mean "
         "loss, its standard error includes the sampling of data, and a pass costs the same "
-        "whatever N) or 'all' (every calibration sample, chunk after chunk: a pass costs N)",
+        "whatever N), 'all' (every calibration sample, chunk after chunk: a pass costs N), or "
+        "'auto' (chunk while its projected samples to tol cost less than all's fewest, else "
+        "all from the start again)",
     )
     omega: Literal["trace", "diagonal", "measured"] = Field(
         "trace",

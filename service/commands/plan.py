@@ -97,8 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tol", type=float,
                    help="target relative standard error of each layer's trace (stderr / mean)")
     p.add_argument("--seed", type=int, help="seed of every random draw")
-    p.add_argument("--sampling", choices=("all", "chunk"),
-                   help="samples a Hessian probe pass sees: all, or a random chunk (default)")
+    p.add_argument("--sampling", choices=("auto", "chunk", "all"),
+                   help="samples a Hessian probe pass sees: a random chunk, all, or auto "
+                   "(default: chunk while it is projected to reach tol sooner)")
     add_device_argument(p)
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="samples kept for eval")
     p.add_argument("--memory-gb", type=float, default=None,

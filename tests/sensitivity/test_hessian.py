@@ -95,6 +95,44 @@ def test_drawn_chunks_do_not_grow_with_the_set(cnn_pt2, tiny_calib):
     assert est.passes == 4 and len(p.chunks) == 1 and p.chunks[0].size == 8  # restored
 
 
+def test_auto_keeps_drawing_only_while_it_is_projected_cheaper():
+    from sensitivity.hessian import _drawing_costs_more
+
+    cfg = HessianConfig(min_iter=10, tol=0.05, vectors_per_pass=8)
+    blocks = {"gn": [0], "hvp": []}
+    taken = {"gn": 10, "hvp": 0}
+    # relative se 0.1 after 10 passes: ~30 more passes of 8 samples = 240 > 2 x 64 samples
+    spread = BlockStats([1.0 + (0.316 if i % 2 else -0.316) for i in range(10)])
+    assert spread.stderr / spread.mean == pytest.approx(0.1, rel=0.1)
+    assert _drawing_costs_more([spread], blocks, taken, cfg, 8, all_floor=2 * 64)
+    assert not _drawing_costs_more([spread], blocks, taken, cfg, 8, all_floor=2 * 256)
+    assert not _drawing_costs_more([spread], blocks, {"gn": 9, "hvp": 0}, cfg, 8, 2 * 64)
+    tight = BlockStats([1.0 + (0.01 if i % 2 else -0.01) for i in range(10)])
+    assert not _drawing_costs_more([tight], blocks, taken, cfg, 8, all_floor=16)
+
+
+@pytest.mark.parametrize("draw,tol,expected", [(1, 0.03, "all (auto switched)"),
+                                               (2, 0.3, "chunk"), (4, 0.03, "all")])
+def test_auto_sampling_reports_its_mode_and_stays_unbiased(cnn_pt2, tiny_calib, draw, tol,
+                                                           expected):
+    """auto on the digits CNN (8 train samples, 4 vectors a pass: 'all' needs 3 passes of 8,
+    24 samples): single-sample draws (10 at least) spread too much for tol 0.03 and it starts
+    again with all samples; 2-sample draws reach tol 0.3; 4-sample draws (40) cannot beat 24
+    and it never draws. Either way the estimate is of the same mean-loss trace (exact within
+    the Bonferroni bound for 8 comparisons, 3.23 se)."""
+    it = intake(cnn_pt2, tiny_calib)
+    exact_w, exact_a = exact_traces(it)
+    cfg = HessianConfig(max_iter=1200, tol=tol, min_iter=10, seed=2, vectors_per_pass=4,
+                        sampling="auto", batch_size=draw)
+    res = measure(it, cfg)
+    assert res.model["sampling"] == expected
+    for row in res.layers:
+        for est, se, exact in [(row.weight_trace, row.weight_trace_stderr, exact_w[row.name]),
+                               (row.activation_trace, row.activation_trace_stderr,
+                                exact_a[row.name])]:
+            assert abs(est - exact) < 3.23 * se, (row.name, est, se, exact)
+
+
 def test_progress_moves_after_every_looped_vector(cnn_pt2, tiny_calib):
     """A large model's pass takes long: the fraction advances per vector, never backwards."""
     it = intake(cnn_pt2, tiny_calib)
