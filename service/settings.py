@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     )
     poll_interval_s: PositiveFloat = Field(0.5, description="longest idle wait of a worker")
     embedded_worker: bool = Field(True, description="`bitplan serve` also runs a worker")
+    worker_nice: int = Field(
+        10, ge=0, le=19, description="niceness of the worker `bitplan serve` starts: its jobs "
+        "take the CPU time the API's requests leave (0: the API's priority)"
+    )
     retention_days: float | None = Field(
         30.0, gt=0, description="a job that ended longer ago is deleted with its files "
         "(by a worker's maintenance pass); empty keeps jobs forever"

@@ -1,8 +1,8 @@
 """``bitplan serve``: the API plus its worker (the default set-up, ``make serve``).
 
-The worker is a child process (``bitplan worker``) at a lower CPU priority: a job's Python code
-then never holds the API's interpreter lock, and the kernel gives the CPU to the requests
-first, so polls and uploads stay quick while jobs run. It dies with the API (SIGKILL included:
+The worker is a child process (``bitplan worker``) at a lower CPU priority
+(``BITPLAN_WORKER_NICE``): a job's Python code then never holds the API's interpreter lock, and
+the kernel gives the CPU to the requests first, so polls and uploads stay quick while jobs run. It dies with the API (SIGKILL included:
 its jobs are then retried by the next worker's reaper, as after any crash) and is stopped with
 SIGTERM when the API stops (its running jobs go back to the queue).
 """
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_NICE = 10  # the worker's jobs take the CPU time the API's requests leave
 WORKER_STOP_S = 30.0  # the worker's own stop waits up to 10 s for its jobs to yield
 RESTART_DELAY_S = 2.0  # a worker that cannot start at all is not restarted in a tight loop
 
@@ -62,13 +61,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 class WorkerProcess:
     """``bitplan worker`` on the same settings (the environment, and the data directory given
-    here), niced by WORKER_NICE, tied to this process's life; started again if it dies while
-    the API runs (e.g. killed for memory: the reaper of the new one retries its jobs)."""
+    here), niced by ``BITPLAN_WORKER_NICE``, tied to this process's life; started again if it
+    dies while the API runs (e.g. killed for memory: the reaper of the new one retries its
+    jobs)."""
 
     def __init__(self, settings: Settings) -> None:
         self.cmd = [sys.executable, "-m", "service.cli", "worker",
                     "--data-dir", str(settings.data_dir.resolve()),
-                    "--nice", str(WORKER_NICE), "--parent-pid", str(os.getpid())]
+                    "--nice", str(settings.worker_nice), "--parent-pid", str(os.getpid())]
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # stop() never misses a worker started meanwhile
         self.proc = subprocess.Popen(self.cmd)
