@@ -117,3 +117,22 @@ def test_compare_scores_both_plans_on_the_calibration_samples(cnn_program, plan_
 def test_the_check_loss_of_each_job_loss() -> None:
     assert [CheckConfig().loss(k) for k in ("cross_entropy", "kl", "mse")] == ["kl", "kl", "mse"]
     assert CheckConfig(label_free=False).loss("cross_entropy") == "cross_entropy"
+
+
+def test_compare_on_a_fixed_batch_program(cnn_program, cnn_fixed_batch_pt2, plan_for,
+                                          heldout_eval, cnn_int8) -> None:
+    """A program exported for batches of exactly 16: the 256 digits run in padded chunks and
+    the losses are those of the dynamic-batch export of the same model."""
+    train, _ = heldout_eval
+    fixed = torch.export.load(str(cnn_fixed_batch_pt2))
+    grid = cnn_int8.checkpoint.input_grid("conv2")
+    plans = {"drq": plan_for(cnn_program, drq={"conv2": {**DRQ, "scale": grid.scale,
+                                                         "signed": grid.signed}}),
+             "off": plan_for(cnn_program)}
+    sub = train.subset(torch.arange(250))  # not a multiple of 16: the last chunk is padded
+    r = compare(fixed, plans, sub, "cross_entropy", batch_size=16)
+    want = compare(cnn_program, plans, sub, "cross_entropy")
+    assert r.samples == 250
+    # equal here (AMD EPYC); 1e-5 leaves room for another kernel order on another CPU
+    assert r.loss_drq == pytest.approx(want.loss_drq, rel=1e-5)
+    assert r.loss_off == pytest.approx(want.loss_off, rel=1e-5)
