@@ -2,7 +2,8 @@
 allocations and a greedy oracle that knows each layer's measured loss increase.
 
     python bench/quality.py [--models cnn,resnet18,llama] [--omega trace|diagonal|measured]
-                            [--weight-clip max|mse] [--random 10]
+                            [--weight-clip max|mse] [--bias-correction off|on|both]
+                            [--random 10]
 
 Models: the digits CNN, a residual CNN of ResNet-18's shape (width 8, digits at 16x16), both
 trained on digits 0..999 (200 calibration digits the plan sees; the other 597 only evaluate),
@@ -22,6 +23,11 @@ quantized and evaluated on the held-out samples:
 - ``random``: the median and best of ``--random`` allocations that fill the budget (layers in
   random order dropped to a random cheaper option until it fits);
 - ``int8`` / ``int4``: uniform (over budget / under it, for reference).
+
+``--bias-correction on`` quantizes every plan (and every measured loss increase) with
+``QuantizeConfig(bias_correction=True)``; ``both`` quantizes as ``off`` and adds rows
+``<method>+bc``: the same plans of bitplan, ilp-measured, greedy, int8 and int4 quantized
+with the correction, paired against bitplan without it.
 
 A layer's measured loss increase for an option is the calibration loss (cross-entropy on the
 200 calibration digits; for the decoder the per-token KL to FP32) with only that layer
@@ -116,8 +122,9 @@ class Evaluator:
     FP32; the calibration loss is that KL (label-free, as the pipeline's)."""
 
     def __init__(self, program, calib: CalibrationSet, holdout: CalibrationSet,
-                 lm: bool = False) -> None:
+                 lm: bool = False, qcfg: QuantizeConfig | None = None) -> None:
         self.program, self.calib, self.holdout, self.lm = program, calib, holdout, lm
+        self.qcfg = qcfg or QuantizeConfig()
         self.x_cal, self.y_cal = calib.args[0], calib.labels
         self.x_ev, self.y_ev = holdout.args[0], holdout.labels
         with torch.no_grad():
@@ -127,8 +134,8 @@ class Evaluator:
             self.fp32_loss = 0.0 if lm else float(F.nll_loss(self.fp32_cal, self.y_cal))
             self.fp32_primary = self._primary(self.fp32_logp)
 
-    def module(self, plan: dict):
-        return apply(self.program, plan, self.calib, self.calib, QuantizeConfig(),
+    def module(self, plan: dict, qcfg: QuantizeConfig | None = None):
+        return apply(self.program, plan, self.calib, self.calib, qcfg or self.qcfg,
                      token_input=0 if self.lm else None).module
 
     def _primary(self, logq: torch.Tensor) -> torch.Tensor:
@@ -150,10 +157,11 @@ class Evaluator:
         return float(F.nll_loss(logq, self.y_cal))
 
     @torch.no_grad()
-    def score(self, plan: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, plan: dict, qcfg: QuantizeConfig | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per held-out sample: the primary measure (correct, or next-token NLL) and the KL
         to FP32 in nats."""
-        logq = F.log_softmax(self.module(plan)(self.x_ev), dim=-1)
+        logq = F.log_softmax(self.module(plan, qcfg)(self.x_ev), dim=-1)
         return self._primary(logq), self._kl(self.fp32_logp, logq)
 
 
@@ -249,7 +257,8 @@ def trained(name: str, work: Path) -> tuple[Path, torch.Tensor, torch.Tensor | N
             y[N_TRAIN:])
 
 
-def prepare(name: str, work: Path, activation_bits: list[int], omega: str = "trace") -> tuple:
+def prepare(name: str, work: Path, activation_bits: list[int], omega: str = "trace",
+            qcfg: QuantizeConfig | None = None) -> tuple:
     pt2, x, y = trained(name, work)  # x, y: the samples no model saw
     cal_y = None if y is None else y[:N_CALIB]
     calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x[:N_CALIB], cal_y)
@@ -265,7 +274,7 @@ def prepare(name: str, work: Path, activation_bits: list[int], omega: str = "tra
     program = torch.export.load(str(pt2))
     ev = Evaluator(program, CalibrationSet((x[:N_CALIB],), labels=cal_y),
                    CalibrationSet((x[N_CALIB:],), labels=None if y is None else y[N_CALIB:]),
-                   lm=y is None)
+                   lm=y is None, qcfg=qcfg)
     return problem, template, ev, seconds
 
 
@@ -276,7 +285,7 @@ def budgets(problem: Problem, resource: str, fractions: list[float]) -> list[tup
 
 
 def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
-               extra: dict[str, Problem] | None = None) -> dict:
+               extra: dict[str, Problem] | None = None, bc_rows: bool = False) -> dict:
     """Rows of every method at one budget; ``extra``: the same options with another
     estimator's Omega (``--omega``'s later entries), solved as rows ``bitplan-<omega>``."""
     limits = Limits(**{resource: limit})
@@ -293,6 +302,11 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
     plans["int4"] = extreme(problem, min)
     rng = random.Random(seed)
     scores = {k: ev.score(plan_for(template, problem, c)) for k, c in plans.items()}
+    if bc_rows:  # the same plans with bias correction
+        bc = QuantizeConfig(bias_correction=True)
+        for k in ("bitplan", "ilp-measured", "greedy", "int8", "int4"):
+            plans[k + "+bc"] = plans[k]
+            scores[k + "+bc"] = ev.score(plan_for(template, problem, plans[k]), bc)
     rand = [ev.score(plan_for(template, problem, random_fill(problem, resource, limit, rng)))
             for _ in range(n_random)]
     n = len(ev.x_ev)
@@ -333,20 +347,24 @@ def main() -> None:
                     help="the pipeline's hessian.omega (trace, diagonal, measured) for the "
                     "bitplan row; a comma list adds a row bitplan-<omega> for each later one, "
                     "paired against the first")
+    ap.add_argument("--bias-correction", choices=["off", "on", "both"], default="off",
+                    help="quantize every plan with bias correction (on), or add +bc rows (both)")
     args = ap.parse_args()
+    qcfg = QuantizeConfig(bias_correction=args.bias_correction == "on")
     omegas = args.omega.split(",")
     if not omegas or any(o not in ("trace", "diagonal", "measured") for o in omegas):
         ap.error(f"--omega: each of trace, diagonal, measured; got {args.omega!r}")
     torch.set_num_threads(args.threads)
     if args.weight_clip:
         primitives.WEIGHT_CLIP = args.weight_clip
-    print(f"weight scales: {primitives.WEIGHT_CLIP}; bitplan's Omega: {args.omega}")
+    print(f"weight scales: {primitives.WEIGHT_CLIP}; bitplan's Omega: {args.omega}; "
+          f"bias correction: {args.bias_correction}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             for resource, abits, fractions in (("size_bytes", [8], [0.25, 0.5, 0.75]),
                                                ("bops", [4, 8], [0.5])):
-                problem, template, ev, secs = prepare(name, Path(tmp), abits, omegas[0])
+                problem, template, ev, secs = prepare(name, Path(tmp), abits, omegas[0], qcfg)
                 extra = {o: prepare(name, Path(tmp), abits, o)[0] for o in omegas[1:]}
                 t0 = time.perf_counter()
                 increase = measured_increase(ev, template, problem)
@@ -359,7 +377,8 @@ def main() -> None:
                 head = "ppl" if ev.lm else "acc"
                 for label, limit in budgets(problem, resource, fractions):
                     rows = run_budget(problem, template, ev, increase, resource, limit,
-                                      args.random, args.seed, extra)
+                                      args.random, args.seed, extra,
+                                      args.bias_correction == "both")
                     results[f"{name} {label}"] = rows
                     print(f"  {label}:")
                     print(f"    {'method':16s} {head:>7s} {'vs bitplan':>18s} "

@@ -16,6 +16,7 @@ from torch import nn
 from solver.errors import BadModelError
 from solver.plan import Plan, parse_plan
 
+from .biascorr import correct_biases
 from .calibrate import calibrate, f32
 from .checkpoint import Checkpoint, encode_weight, read_checkpoint
 from .config import QuantizeConfig
@@ -219,6 +220,10 @@ def apply(
                               train, batch_size or cfg.batch_size, batch_size is not None,
                               device)
     folded = fold_layers(gm, list(qlayers.values()))
+    if cfg.bias_correction:  # on the folded float model, before calibration inserts observers
+        folded.update(correct_biases(
+            gm, qlayers, folded, {n: (r.w_bits, r.group_size) for n, r in rows.items()},
+            train, batch_size or cfg.batch_size, batch_size is not None, device))
     points = find_points(gm, qlayers)
     in_grids, free_grids = calibrate(
         gm, qlayers, {n: r.input_bits for n, r in rows.items()}, drq_grids, points, train, cfg,

@@ -27,6 +27,10 @@ class QuantizeConfig:
       runtime keeps them wide, and rounding them to 8 bits would cost accuracy for nothing.
     - ``batch_size``: samples per forward pass when the program accepts any batch size (a
       program exported with a fixed batch size always runs at that size).
+    - ``bias_correction``: store each quantized layer's bias minus the mean output shift its
+      weight quantization causes on the calibration set (``quantize.biascorr``); the
+      checkpoint, fake-quant and the integer executor all use the corrected bias. Off by
+      default (``docs/quality.md`` has what it measured).
     """
 
     version: int = 1
@@ -36,6 +40,7 @@ class QuantizeConfig:
     out_bits: int = 8
     final_bits: int = 16
     batch_size: int = 64
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.version != 1:
@@ -56,6 +61,10 @@ class QuantizeConfig:
             raise BadConstraintsError(f"final_bits must be in 2..16, got {self.final_bits}")
         if int(self.batch_size) < 1:
             raise BadConstraintsError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.bias_correction, bool):
+            raise BadConstraintsError(
+                f"bias_correction must be true or false, got {self.bias_correction!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,131 @@
+"""Bias correction: remove the expected output shift that weight quantization causes.
+
+A quantized layer computes ``op(x, Q(W)) + b = op(x, W) + b + op(x, Q(W) - W)``. The last term
+has, per output channel ``o``, a mean ``mu_o = E[op(x, Q(W) - W)]_o`` over the calibration
+inputs (and over every output position of a conv / every token of a sequence) that the float
+layer does not have. Bias correction (Nagel et al., "Data-Free Quantization", 2019, the
+empirical variant) stores ``b - mu`` instead of ``b``: the quantized layer's output mean then
+equals the float layer's on the calibration inputs.
+
+``mu`` is measured exactly, not from a per-channel input mean: one no-grad pass of the
+calibration set through the BN-folded float model, with a probe on each corrected layer's
+input that runs the layer's op on ``Q(W) - W`` (no bias) and sums the result per output channel
+(padding rows of fixed-size batches dropped). ``x`` is the float model's input to the layer
+(the classic choice: the correction of one layer does not depend on the others').
+
+The corrected bias is what ``quantize.apply`` writes to the checkpoint (``bias`` and
+``bias_q``), so fake-quant, the integer executor and the exports compute with it. ``Q(W)`` is
+the quantizer the checkpoint uses (``quantize.primitives.quantize_weight``, the plan row's
+bits and group size). Cost: one forward pass plus one extra op per corrected layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import fx, nn
+
+from .data import CalibrationSet
+from .graph import GraphLayer, insert_input_modules
+from .observe import graph_copy
+from .primitives import expand_scales, quantize_weight
+
+
+def weight_delta(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """``Q(W) - W`` in float64, with the checkpoint's quantizer."""
+    w = weight.detach().cpu().to(torch.float32)
+    codes, s_w = quantize_weight(w, bits, group_size=group_size)
+    deq = codes.to(torch.float64) * expand_scales(s_w.to(torch.float64), codes)
+    return deq - w.to(torch.float64)
+
+
+def layer_op(layer: GraphLayer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's op on ``x`` with ``weight`` and no bias (output channels on axis -1 for
+    linear, axis 1 for conv)."""
+    if layer.kind == "linear":
+        return nn.functional.linear(x, weight)
+    conv = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d,
+            "conv3d": nn.functional.conv3d}[layer.kind]
+    return conv(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+class _ShiftProbe(nn.Module):
+    """Passes its input through; sums ``op(x, dW)`` per output channel over real samples."""
+
+    def __init__(self, layer: GraphLayer, delta: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("delta", delta)
+        self.full: int | None = None
+        self.valid: int | None = None
+        self.total = torch.zeros(delta.shape[0], dtype=torch.float64)
+        self.count = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.detach()
+        if self.valid is not None and v.dim() and v.shape[0] == self.full:
+            v = v[: self.valid]
+        if v.numel() == 0:
+            return x
+        y = layer_op(self.layer, v.to(torch.float64), self.delta)
+        axis = y.dim() - 1 if self.layer.kind == "linear" else 1
+        y = y.movedim(axis, -1).reshape(-1, y.shape[axis])
+        self.total += y.sum(0).cpu()
+        self.count += y.shape[0]
+        return x
+
+    def shift(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+
+@torch.no_grad()
+def output_shifts(
+    gm: fx.GraphModule,
+    layers: Mapping[str, GraphLayer],
+    deltas: Mapping[str, torch.Tensor],
+    data: CalibrationSet,
+    batch_size: int,
+    fixed: bool = False,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """``E[op(x, deltas[name])]`` per output channel (float64 ``[out]``) for each named layer,
+    ``x`` the layer's input in ``gm`` (the BN-folded float module; left unchanged)."""
+    device = torch.device(device)
+    probes = {n: _ShiftProbe(layers[n], d.to(device)) for n, d in deltas.items()}
+    copy = insert_input_modules(graph_copy(gm, device), [layers[n] for n in probes], probes,
+                                "biascorr")
+    for batch in data.batches(batch_size, fixed=fixed):
+        b = batch.to(device)
+        first = b.args[0] if b.args else next(iter(b.kwargs.values()))
+        for p in probes.values():
+            p.full, p.valid = int(first.shape[0]), b.size
+        copy(*b.args, **b.kwargs)
+    return {n: p.shift() for n, p in probes.items()}
+
+
+def correct_biases(
+    gm: fx.GraphModule,
+    layers: Mapping[str, GraphLayer],
+    folded: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]],
+    bits: Mapping[str, tuple[int, int | None]],
+    data: CalibrationSet,
+    batch_size: int,
+    fixed: bool = False,
+    device: torch.device | str = "cpu",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (W, b - mu)}`` for every layer in ``bits`` (``(w_bits, group_size)``), from the
+    BN-folded ``(W, b)`` of ``folded`` (``b`` None counts as zero); float32 biases."""
+    deltas = {n: weight_delta(folded[n][0], *bits[n]) for n in bits}
+    shifts = output_shifts(gm, layers, deltas, data, batch_size, fixed, device)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, (weight, bias) in folded.items():
+        if name not in shifts:
+            continue
+        b = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else \
+            bias.detach().cpu().to(torch.float64)
+        out[name] = (weight, (b - shifts[name]).to(torch.float32))
+    return out
+
+
+__all__ = ["correct_biases", "layer_op", "output_shifts", "weight_delta"]
