@@ -24,10 +24,12 @@ the jobs run at the size ratio where the size-only plan is predicted slowest aga
 jobs' ``model.onnx`` files are timed with the rest.
 
 Each plan is quantized on 16 calibration samples, exported, checked in ONNX Runtime against the
-fake-quant module, and all models of one model are timed whole, interleaved round by round
-(--repeat rounds after 5 warm-up rounds): median and 10th..90th percentile. Printed per plan:
-measured ms, predicted ms and predicted / measured for both tables, and measured / float. The
-machine may be shared: read ratios, not absolute times.
+fake-quant module. Then --rounds times: the tables are profiled, and all models of one model
+are timed whole, interleaved run by run (--repeat runs each after 5 warm-up runs). Printed per
+plan: measured ms (median and 10th..90th percentile of all rounds' runs), predicted ms (median
+over rounds) and predicted / measured per round (median [min..max]) for the context and
+isolated tables, and measured / float. The machine may be shared: read ratios, not absolute
+times.
 """
 
 from __future__ import annotations
@@ -233,9 +235,9 @@ def chain_probe(threads: int, repeat: int) -> None:
         print(f"  chain of {n}: {np.median(ts) / n:.3f} ms per conv")
 
 
-def bench_model(name: str, args: argparse.Namespace) -> None:
-    program, data = model_and_data(name)
-    x = data[: args.batch].numpy()
+def profile_tables(program: torch.export.ExportedProgram, name: str,
+                   args: argparse.Namespace) -> dict[str, dict]:
+    """The context, isolated and context-dq tables, timed now."""
     tables = {}
     for method, int8 in (("context", True), ("isolated", True), ("context", False)):
         t0 = time.perf_counter()
@@ -247,7 +249,18 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
         tables[key] = doc["latency_table"]
         extra = (f", rest {doc['rest_ms']:.3f} ms, option scale {doc['scale']}, isolated "
                  f"fallbacks {doc['fallback'] or 'none'}" if method == "context" else "")
-        print(f"\n{name}: {key} profile {time.perf_counter() - t0:.0f} s{extra}")
+        print(f"  {name}: {key} profile {time.perf_counter() - t0:.0f} s{extra}")
+    return tables
+
+
+def ratios(values: list[float]) -> str:
+    return f"{np.median(values):.2f} [{min(values):.2f}..{max(values):.2f}]"
+
+
+def bench_model(name: str, args: argparse.Namespace) -> None:
+    program, data = model_and_data(name)
+    x = data[: args.batch].numpy()
+    print(f"\n{name}")
     train, holdout = CalibrationSet((data[:16],)), CalibrationSet((data[16:],))
     layers = [x.name for x in find_layers(program.module())]
     plans = {"w8a8": make_plan(program, dict.fromkeys(layers, 8)),
@@ -268,28 +281,42 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix="bitplan-deploy-") as tmp:
             for label, (plan, model) in ilp_plans(name, data, Path(tmp)).items():
                 plans[label], models[label] = plan, model
-    times = time_whole(models, x, args.threads, args.repeat)
-    fp32 = float(np.median(times["float"]))
-    print(f"  {'plan':<16} {'measured ms [p10..p90]':>32} {'pred ctx':>9} {'ctx/meas':>8} "
-          f"{'pred iso':>9} {'iso/meas':>8} {'meas/float':>10} {'4-bit':>5} {'top-1':>6}")
-    print(f"  {'float':<16} {spread(times['float']):>32}")
+    # rounds of (tables, whole models): a table and the models it predicts are timed minutes
+    # apart at most, and the spread over rounds shows what the machine's load does
+    rounds = [(profile_tables(program, name, args), time_whole(models, x, args.threads,
+                                                               args.repeat))
+              for _ in range(args.rounds)]
+    pooled = {k: [t for _, times in rounds for t in times[k]] for k in models}
+    fp32 = float(np.median(pooled["float"]))
+    print(f"  {'plan':<16} {'measured ms [p10..p90]':>32} {'pred ctx':>9} "
+          f"{'ctx/meas [range]':>17} {'pred iso':>9} {'iso/meas [range]':>17} "
+          f"{'meas/float':>10} {'4-bit':>5} {'top-1':>6}")
+    print(f"  {'float':<16} {spread(pooled['float']):>32}")
     for plan_name, plan in plans.items():
-        measured = float(np.median(times[plan_name]))
+        measured = float(np.median(pooled[plan_name]))
         bits = {r["name"]: r["w_bits"] for r in plan["layers"]}
-        pred = {m: sum(t[n][f"w{bits[n]}a8"] for n in layers) for m, t in tables.items()}
-        if plan_name.endswith("-dq"):
-            pred["context"] = pred["context-dq"]
+        pred: dict[str, list[float]] = {"context": [], "isolated": []}
+        ratio: dict[str, list[float]] = {"context": [], "isolated": []}
+        for tables, times in rounds:
+            meas_r = float(np.median(times[plan_name]))
+            for m in pred:
+                t = tables["context-dq" if m == "context" and plan_name.endswith("-dq")
+                           else m]
+                p = sum(t[n][f"w{bits[n]}a8"] for n in layers)
+                pred[m].append(p)
+                ratio[m].append(p / meas_r)
         agree = agreement.get(plan_name,
                               (plan.get("onnx") or {}).get("top1_agreement_decisive"))
-        print(f"  {plan_name:<16} {spread(times[plan_name]):>32} {pred['context']:9.3f} "
-              f"{pred['context'] / measured:8.2f} {pred['isolated']:9.3f} "
-              f"{pred['isolated'] / measured:8.2f} {measured / fp32:10.2f} "
-              f"{sum(b == 4 for b in bits.values()):5d} "
+        print(f"  {plan_name:<16} {spread(pooled[plan_name]):>32} "
+              f"{np.median(pred['context']):9.3f} {ratios(ratio['context']):>17} "
+              f"{np.median(pred['isolated']):9.3f} {ratios(ratio['isolated']):>17} "
+              f"{measured / fp32:10.2f} {sum(b == 4 for b in bits.values()):5d} "
               f"{agree if agree is not None else float('nan'):6.3f}")
         limit = (plan.get("limits") or {}).get("latency_ms")
         if limit:
-            print(f"  {'':<16} latency limit {limit:.3f} ms (job's table): measured / limit "
-                  f"{measured / limit:.2f}")
+            per_round = [float(np.median(times[plan_name])) / limit for _, times in rounds]
+            print(f"  {'':<16} latency limit {limit:.3f} ms (the job's own table): "
+                  f"measured / limit {ratios(per_round)}")
 
 
 def main() -> None:
@@ -298,6 +325,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (profile the tables, time the whole models)")
     ap.add_argument("--ilp", action="store_true",
                     help="ResNet-18: also the job pipeline's plans with and without a latency "
                     "limit (minutes)")
