@@ -43,6 +43,8 @@ STAGES = ("intake", "sensitivity", "regions", "solve", "quantize", "evaluate", "
 PLAN_FILE, CHECKPOINT_FILE, REPORT_FILE = "plan.json", "model.safetensors", "report.json"
 ONNX_FILE = "model.onnx"
 LATENCY_FILE = "latency.json"  # hardware onnxruntime-cpu: the measured per-layer latencies
+PARETO_EVAL_SAMPLES = 32  # held-out samples a Pareto point is evaluated on: the 5 points of
+# a 256-sample ResNet-18 job on all 51 took 32 % of the job (bench/scale.py, goal <= 20 %)
 PARETO_FILE, PLOTS_DIR = "pareto.json", "plots"
 SENSITIVITY_FILE, REGIONS_FILE, PROBLEM_FILE, SOLUTION_FILE = (
     "sensitivity.json",
@@ -441,6 +443,10 @@ def run_pipeline(
     split = {"holdout_fraction": holdout_fraction, "seed": constraints.hessian.seed}
     if eval_path is not None:
         split["evaluation"] = file_digest(eval_path)
+    # the front's points are evaluated on at most PARETO_EVAL_SAMPLES of the held-out samples
+    # (their metrics carry the count and interval): the job's own plan on all of them
+    point_intake = _holdout_subset(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
+    split["point_samples"] = len(point_intake.holdout)
 
     def evaluate_plan(point_plan: dict[str, Any]) -> dict[str, Any]:
         """A front point's metrics, from the cache when the same plan was evaluated."""
@@ -449,8 +455,8 @@ def run_pipeline(
         if hit is not None:
             return json.loads(hit)
         quiet = lambda stage, fraction: tick.check()  # noqa: E731 (the point's own stages)
-        metrics = _quantize(intake, point_plan, device, quiet, chunk=_forward_chunk(sens),
-                            activations=activations).report["metrics"]
+        metrics = _quantize(point_intake, point_plan, device, quiet,
+                            chunk=_forward_chunk(sens), activations=activations).report["metrics"]
         cache.put("evaluations", key, json.dumps(metrics))
         return metrics
 
@@ -549,6 +555,18 @@ def _drq_latencies(table: dict[str, dict[str, float]], specs: list[Any]) -> None
             x, y = mode.drq["region"]
             for key in [k for k in row if k.endswith(f"drq{x}x{y}")]:
                 row[key.split("drq")[0] + mode.tag] = row[key]
+
+
+def _holdout_subset(intake: Any, n: int, seed: int) -> Any:
+    """``intake`` with its held-out set cut to ``n`` samples drawn at random (seeded; a file
+    sorted by class would bias its first samples)."""
+    if len(intake.holdout) <= n:
+        return intake
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    keep = torch.randperm(len(intake.holdout), generator=gen)[:n].sort().values
+    return dataclasses.replace(intake, holdout=intake.holdout.subset(keep))
 
 
 def _forward_chunk(sens: Any) -> int | None:
