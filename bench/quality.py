@@ -2,7 +2,8 @@
 allocations and a greedy oracle that knows each layer's measured loss increase.
 
     python bench/quality.py [--models cnn,resnet18,llama] [--omega trace|diagonal|measured]
-                            [--weight-clip max|mse] [--bias-correction off|on|both]
+                            [--weight-clip max|mse] [--bias-correction none|weight|layer]
+                            [--bc-rows weight,layer]
                             [--random 10]
 
 Models: the digits CNN, a residual CNN of ResNet-18's shape (width 8, digits at 16x16), both
@@ -24,10 +25,10 @@ quantized and evaluated on the held-out samples:
   random order dropped to a random cheaper option until it fits);
 - ``int8`` / ``int4``: uniform (over budget / under it, for reference).
 
-``--bias-correction on`` quantizes every plan (and every measured loss increase) with
-``QuantizeConfig(bias_correction=True)``; ``both`` quantizes as ``off`` and adds rows
-``<method>+bc``: the same plans of bitplan, ilp-measured, greedy, int8 and int4 quantized
-with the correction, paired against bitplan without it.
+``--bias-correction MODE`` quantizes every plan (and every measured loss increase) with
+``QuantizeConfig(bias_correction=MODE)``; ``--bc-rows weight,layer`` adds rows
+``<method>+<mode>``: the same plans of bitplan, ilp-measured, greedy, int8 and int4
+quantized with that correction, paired against bitplan's row.
 
 A layer's measured loss increase for an option is the calibration loss (cross-entropy on the
 200 calibration digits; for the decoder the per-token KL to FP32) with only that layer
@@ -285,7 +286,8 @@ def budgets(problem: Problem, resource: str, fractions: list[float]) -> list[tup
 
 
 def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
-               extra: dict[str, Problem] | None = None, bc_rows: bool = False) -> dict:
+               extra: dict[str, Problem] | None = None, bc_rows: tuple[str, ...] = ()
+               ) -> dict:
     """Rows of every method at one budget; ``extra``: the same options with another
     estimator's Omega (``--omega``'s later entries), solved as rows ``bitplan-<omega>``."""
     limits = Limits(**{resource: limit})
@@ -302,11 +304,11 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
     plans["int4"] = extreme(problem, min)
     rng = random.Random(seed)
     scores = {k: ev.score(plan_for(template, problem, c)) for k, c in plans.items()}
-    if bc_rows:  # the same plans with bias correction
-        bc = QuantizeConfig(bias_correction=True)
+    for mode in bc_rows:  # the same plans with a bias correction
+        bc = QuantizeConfig(bias_correction=mode)
         for k in ("bitplan", "ilp-measured", "greedy", "int8", "int4"):
-            plans[k + "+bc"] = plans[k]
-            scores[k + "+bc"] = ev.score(plan_for(template, problem, plans[k]), bc)
+            plans[f"{k}+{mode}"] = plans[k]
+            scores[f"{k}+{mode}"] = ev.score(plan_for(template, problem, plans[k]), bc)
     rand = [ev.score(plan_for(template, problem, random_fill(problem, resource, limit, rng)))
             for _ in range(n_random)]
     n = len(ev.x_ev)
@@ -347,10 +349,17 @@ def main() -> None:
                     help="the pipeline's hessian.omega (trace, diagonal, measured) for the "
                     "bitplan row; a comma list adds a row bitplan-<omega> for each later one, "
                     "paired against the first")
-    ap.add_argument("--bias-correction", choices=["off", "on", "both"], default="off",
-                    help="quantize every plan with bias correction (on), or add +bc rows (both)")
+    ap.add_argument("--bias-correction", choices=["none", "weight", "layer"], default=None,
+                    help="QuantizeConfig.bias_correction for every method (default: the "
+                    "library's)")
+    ap.add_argument("--bc-rows", default="",
+                    help="comma list of bias corrections: rows <method>+<mode> for each")
     args = ap.parse_args()
-    qcfg = QuantizeConfig(bias_correction=args.bias_correction == "on")
+    qcfg = (QuantizeConfig() if args.bias_correction is None
+            else QuantizeConfig(bias_correction=args.bias_correction))
+    bc_rows = tuple(m for m in args.bc_rows.split(",") if m)
+    if any(m not in ("none", "weight", "layer") for m in bc_rows):
+        ap.error(f"--bc-rows: each of none, weight, layer; got {args.bc_rows!r}")
     omegas = args.omega.split(",")
     if not omegas or any(o not in ("trace", "diagonal", "measured") for o in omegas):
         ap.error(f"--omega: each of trace, diagonal, measured; got {args.omega!r}")
@@ -358,7 +367,7 @@ def main() -> None:
     if args.weight_clip:
         primitives.WEIGHT_CLIP = args.weight_clip
     print(f"weight scales: {primitives.WEIGHT_CLIP}; bitplan's Omega: {args.omega}; "
-          f"bias correction: {args.bias_correction}")
+          f"bias correction: {qcfg.bias_correction}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -378,13 +387,13 @@ def main() -> None:
                 for label, limit in budgets(problem, resource, fractions):
                     rows = run_budget(problem, template, ev, increase, resource, limit,
                                       args.random, args.seed, extra,
-                                      args.bias_correction == "both")
+                                      bc_rows)
                     results[f"{name} {label}"] = rows
                     print(f"  {label}:")
-                    print(f"    {'method':16s} {head:>7s} {'vs bitplan':>18s} "
+                    print(f"    {'method':18s} {head:>7s} {'vs bitplan':>18s} "
                           f"{'KL to FP32':>10s} {'KL vs bitplan':>22s}  budget use")
                     for k, r in rows.items():
-                        line = f"    {k:16s} {r['value']:7.4f}"
+                        line = f"    {k:18s} {r['value']:7.4f}"
                         if "vs_bitplan" in r:
                             vs = (f"{r['vs_bitplan']:+.4f} (se {r['se']:.4f})" if ev.lm
                                   else f"{r['vs_bitplan']:+4d} (se {r['se']:4.1f})")

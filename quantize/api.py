@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .fakequant import build_fake_quant
 from .fold import fold_layers
 from .graph import find_layers, module_name
-from .observe import ActivationStats, observe
+from .observe import ActivationStats, graph_copy, observe
 from .points import Grid, find_points
 from .primitives import dyadic, group_dyadic, group_multiplier_bits, quantize_weight
 from .rows import PlanRow, match_rows
@@ -220,15 +220,19 @@ def apply(
                               train, batch_size or cfg.batch_size, batch_size is not None,
                               device)
     folded = fold_layers(gm, list(qlayers.values()))
-    if cfg.bias_correction:  # on the folded float model, before calibration inserts observers
-        folded.update(correct_biases(
-            gm, qlayers, folded, {n: (r.w_bits, r.group_size) for n, r in rows.items()},
-            train, batch_size or cfg.batch_size, batch_size is not None, device))
+    # the folded float model, before calibration inserts its observers
+    float_gm = graph_copy(gm, device) if cfg.bias_correction != "none" else None
     points = find_points(gm, qlayers)
     in_grids, free_grids = calibrate(
         gm, qlayers, {n: r.input_bits for n, r in rows.items()}, drq_grids, points, train, cfg,
         batch_size, device, progress, activations,
     )
+    if float_gm is not None:
+        bc_grids = ({n: in_grids[n] for n in rows if n not in drq_grids}
+                    if cfg.bias_correction == "layer" else None)
+        folded.update(correct_biases(
+            float_gm, qlayers, folded, {n: (r.w_bits, r.group_size) for n, r in rows.items()},
+            train, batch_size or cfg.batch_size, batch_size is not None, device, bc_grids))
     grids = {p.node: in_grids[p.consumer] if p.consumer else free_grids[p.node] for p in points}
     layer_point = {p.layer: p for p in points if p.kind == "layer"}
     tensors: dict[str, torch.Tensor] = {}

@@ -5,7 +5,11 @@ has, per output channel ``o``, a mean ``mu_o = E[op(x, Q(W) - W)]_o`` over the c
 inputs (and over every output position of a conv / every token of a sequence) that the float
 layer does not have. Bias correction (Nagel et al., "Data-Free Quantization", 2019, the
 empirical variant) stores ``b - mu`` instead of ``b``: the quantized layer's output mean then
-equals the float layer's on the calibration inputs.
+equals the float layer's on the calibration inputs. Two variants
+(``QuantizeConfig.bias_correction``): ``"weight"`` corrects the weight error's shift above;
+``"layer"`` also the shift of the layer's own input rounding,
+``mu = E[op(Q_a(x), Q(W)) - op(x, W)]`` with ``Q_a`` the layer's input grid (DRQ rows, whose
+input grid varies by region, get the ``"weight"`` correction).
 
 ``mu`` is measured exactly, not from a per-channel input mean: one no-grad pass of the
 calibration set through the BN-folded float model, with a probe on each corrected layer's
@@ -29,7 +33,8 @@ from torch import fx, nn
 from .data import CalibrationSet
 from .graph import GraphLayer, insert_input_modules
 from .observe import graph_copy
-from .primitives import expand_scales, quantize_weight
+from .points import Grid
+from .primitives import expand_scales, fake_quantize_activation, quantize_weight
 
 
 def weight_delta(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
@@ -51,12 +56,15 @@ def layer_op(layer: GraphLayer, x: torch.Tensor, weight: torch.Tensor) -> torch.
 
 
 class _ShiftProbe(nn.Module):
-    """Passes its input through; sums ``op(x, dW)`` per output channel over real samples."""
+    """Passes its input through; sums ``op(x, dW)`` per output channel over real samples
+    (with ``grid``: ``op(Q_a(x), W + dW) - op(x, W)``)."""
 
-    def __init__(self, layer: GraphLayer, delta: torch.Tensor) -> None:
+    def __init__(self, layer: GraphLayer, delta: torch.Tensor, weight: torch.Tensor,
+                 grid: Grid | None = None) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.grid = layer, grid
         self.register_buffer("delta", delta)
+        self.register_buffer("weight", weight.detach().to(torch.float64))
         self.full: int | None = None
         self.valid: int | None = None
         self.total = torch.zeros(delta.shape[0], dtype=torch.float64)
@@ -68,7 +76,14 @@ class _ShiftProbe(nn.Module):
             v = v[: self.valid]
         if v.numel() == 0:
             return x
-        y = layer_op(self.layer, v.to(torch.float64), self.delta)
+        v = v.to(torch.float64)
+        if self.grid is None:
+            y = layer_op(self.layer, v, self.delta)
+        else:
+            g = self.grid
+            vq = fake_quantize_activation(v, g.scale, g.bits, g.signed)
+            y = layer_op(self.layer, vq, self.weight + self.delta) - layer_op(self.layer, v,
+                                                                              self.weight)
         axis = y.dim() - 1 if self.layer.kind == "linear" else 1
         y = y.movedim(axis, -1).reshape(-1, y.shape[axis])
         self.total += y.sum(0).cpu()
@@ -88,11 +103,17 @@ def output_shifts(
     batch_size: int,
     fixed: bool = False,
     device: torch.device | str = "cpu",
+    weights: Mapping[str, torch.Tensor] | None = None,
+    grids: Mapping[str, Grid] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``E[op(x, deltas[name])]`` per output channel (float64 ``[out]``) for each named layer,
-    ``x`` the layer's input in ``gm`` (the BN-folded float module; left unchanged)."""
+    ``x`` the layer's input in ``gm`` (the BN-folded float module; left unchanged). A layer in
+    ``grids`` (its float weight in ``weights``) gets ``E[op(Q_a(x), W + dW) - op(x, W)]``."""
     device = torch.device(device)
-    probes = {n: _ShiftProbe(layers[n], d.to(device)) for n, d in deltas.items()}
+    weights, grids = weights or {}, grids or {}
+    probes = {n: _ShiftProbe(layers[n], d.to(device),
+                             weights.get(n, torch.zeros(0)).to(device), grids.get(n))
+              for n, d in deltas.items()}
     copy = insert_input_modules(graph_copy(gm, device), [layers[n] for n in probes], probes,
                                 "biascorr")
     for batch in data.batches(batch_size, fixed=fixed):
@@ -113,11 +134,14 @@ def correct_biases(
     batch_size: int,
     fixed: bool = False,
     device: torch.device | str = "cpu",
+    grids: Mapping[str, Grid] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (W, b - mu)}`` for every layer in ``bits`` (``(w_bits, group_size)``), from the
-    BN-folded ``(W, b)`` of ``folded`` (``b`` None counts as zero); float32 biases."""
+    BN-folded ``(W, b)`` of ``folded`` (``b`` None counts as zero); float32 biases. Layers in
+    ``grids`` (their input grids) get the ``"layer"`` correction, the others ``"weight"``."""
     deltas = {n: weight_delta(folded[n][0], *bits[n]) for n in bits}
-    shifts = output_shifts(gm, layers, deltas, data, batch_size, fixed, device)
+    weights = {n: folded[n][0].detach().cpu() for n in (grids or {})}
+    shifts = output_shifts(gm, layers, deltas, data, batch_size, fixed, device, weights, grids)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (weight, bias) in folded.items():
         if name not in shifts:

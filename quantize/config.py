@@ -9,6 +9,7 @@ from typing import Any
 from solver.errors import BadConstraintsError
 
 CALIBRATION_METHODS = ("minmax", "percentile")
+BIAS_CORRECTIONS = ("none", "weight", "layer")
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,11 @@ class QuantizeConfig:
       runtime keeps them wide, and rounding them to 8 bits would cost accuracy for nothing.
     - ``batch_size``: samples per forward pass when the program accepts any batch size (a
       program exported with a fixed batch size always runs at that size).
-    - ``bias_correction``: store each quantized layer's bias minus the mean output shift its
-      weight quantization causes on the calibration set (``quantize.biascorr``); the
-      checkpoint, fake-quant and the integer executor all use the corrected bias. Off by
-      default (``docs/quality.md`` has what it measured).
+    - ``bias_correction``: store each quantized layer's bias minus the mean output shift that
+      quantization causes on the calibration set (``quantize.biascorr``): ``"none"``;
+      ``"weight"`` (the shift of its weight error); ``"layer"`` (of its weight error and its
+      own input rounding together). The checkpoint, fake-quant and the integer executor all
+      use the corrected bias. ``docs/quality.md`` has what each measured.
     """
 
     version: int = 1
@@ -40,7 +42,7 @@ class QuantizeConfig:
     out_bits: int = 8
     final_bits: int = 16
     batch_size: int = 64
-    bias_correction: bool = False
+    bias_correction: str = "none"
 
     def __post_init__(self) -> None:
         if self.version != 1:
@@ -61,9 +63,9 @@ class QuantizeConfig:
             raise BadConstraintsError(f"final_bits must be in 2..16, got {self.final_bits}")
         if int(self.batch_size) < 1:
             raise BadConstraintsError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not isinstance(self.bias_correction, bool):
+        if self.bias_correction not in BIAS_CORRECTIONS:
             raise BadConstraintsError(
-                f"bias_correction must be true or false, got {self.bias_correction!r}"
+                f"bias_correction must be one of {BIAS_CORRECTIONS}, got {self.bias_correction!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
