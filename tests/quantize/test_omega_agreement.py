@@ -1,5 +1,6 @@
 """Omega and the checkpoint agree on the quantizer: the weight error behind a layer's Omega is
-the error of the weights the checkpoint stores, for either way of choosing scales."""
+the error of the weights the checkpoint stores, for either way of choosing scales, with or
+without bias correction (which changes the stored bias only; Omega does not model it)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from sensitivity import HessianConfig, measure
 from sensitivity.intake import IntakeConfig, intake
 
 
-@pytest.mark.parametrize("clip", ["max", "mse"])
-def test_omega_uses_the_checkpoints_quantizer(clip, mlp_pt2, calib_path, plan_for,
-                                               monkeypatch) -> None:
+@pytest.mark.parametrize(("clip", "bias_correction"),
+                         [("max", "none"), ("mse", "none"), ("max", "layer")])
+def test_omega_uses_the_checkpoints_quantizer(clip, bias_correction, mlp_pt2, calib_path,
+                                               plan_for, monkeypatch) -> None:
     monkeypatch.setattr(primitives, "WEIGHT_CLIP", clip)
     job = intake(mlp_pt2, calib_path, IntakeConfig(holdout_fraction=0.2, seed=0))
     sens = measure(job, HessianConfig(max_iter=4, tol=0.5, min_iter=2, activations=False))
     plan = plan_for(job.program, w_bits=4)
-    res = apply(job.program, plan, job.train, job.holdout, QuantizeConfig())
+    res = apply(job.program, plan, job.train, job.holdout,
+                QuantizeConfig(bias_correction=bias_correction))
     weights = dict(job.program.module().named_parameters())
     for s in sens.layers:  # the MLP has no BatchNorm: stored weights are the trained ones
         w = weights[f"{s.name}.weight"].detach()
