@@ -25,6 +25,10 @@ quantized and evaluated on the held-out samples:
   random order dropped to a random cheaper option until it fits);
 - ``int8`` / ``int4``: uniform (over budget / under it, for reference).
 
+``--all-plans`` (models with at most 64 plans, the digits CNN) also prints every plan that
+fits each budget: its weight / activation bits per layer, summed Omega and held-out KL (with
+each ``--bc-rows`` correction too).
+
 ``--bias-correction MODE`` quantizes every plan (and every measured loss increase) with
 ``QuantizeConfig(bias_correction=MODE)``; ``--bc-rows weight,layer`` adds rows
 ``<method>+<mode>``: the same plans of bitplan, ilp-measured, greedy, int8 and int4
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import itertools
 import json
 import math
 import random
@@ -285,6 +290,31 @@ def budgets(problem: Problem, resource: str, fractions: list[float]) -> list[tup
     return [(f"{resource} {f:.2f}", lo + f * (hi - lo)) for f in fractions]
 
 
+def plan_bits(problem: Problem, choice: dict[str, int]) -> str:
+    """``name:w<bits>a<bits>`` per layer."""
+    return " ".join(f"{la.name}:w{la.options[choice[la.name]].w_bits}"
+                    f"a{la.options[choice[la.name]].a_bits}" for la in problem.layers)
+
+
+def all_plans(problem: Problem, template: dict, ev: Evaluator, resource: str, limit: float,
+              bc_rows: tuple[str, ...]) -> None:
+    """Print every plan that fits: bits per layer, summed Omega, held-out KL per correction."""
+    sizes = [range(len(la.options)) for la in problem.layers]
+    if math.prod(len(r) for r in sizes) > 64:
+        print("    (--all-plans: more than 64 plans, skipped)")
+        return
+    for combo in itertools.product(*sizes):
+        c = {la.name: i for la, i in zip(problem.layers, combo, strict=True)}
+        if not fits(problem, c, resource, limit):
+            continue
+        opts = [la.options[c[la.name]] for la in problem.layers]
+        bits = plan_bits(problem, c)
+        kls = [f"{m}: KL {float(ev.score(plan_for(template, problem, c), cfg)[1].mean()):.5f}"
+               for m, cfg in [(ev.qcfg.bias_correction, None)]
+               + [(m, QuantizeConfig(bias_correction=m)) for m in bc_rows]]
+        print(f"    plan {bits}  Omega {sum(o.omega for o in opts):.5f}  {'  '.join(kls)}")
+
+
 def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
                extra: dict[str, Problem] | None = None, bc_rows: tuple[str, ...] = ()
                ) -> dict:
@@ -326,7 +356,8 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
                    "se": float(d.std()) / math.sqrt(n) if ev.lm else float(d.std()) * math.sqrt(n),
                    "kl": float(kl.mean()), "kl_vs_bitplan": float(dkl.mean()),
                    "kl_se": float(dkl.std()) / math.sqrt(n),
-                   "use": totals(problem, plans[k])[resource] / limit}
+                   "use": totals(problem, plans[k])[resource] / limit,
+                   "plan": plan_bits(problem, plans[k])}
     best, median = (rand_val[0], rand_val[len(rand_val) // 2]) if ev.lm else (
         rand_val[-1], statistics.median(rand_val))
     rows["random-median"] = {"value": median, "kl": statistics.median(rand_kl)}
@@ -352,6 +383,8 @@ def main() -> None:
     ap.add_argument("--bias-correction", choices=["none", "weight", "layer"], default=None,
                     help="QuantizeConfig.bias_correction for every method (default: the "
                     "library's)")
+    ap.add_argument("--all-plans", action="store_true",
+                    help="print every plan that fits (models with at most 64 plans)")
     ap.add_argument("--bc-rows", default="",
                     help="comma list of bias corrections: rows <method>+<mode> for each")
     args = ap.parse_args()
@@ -402,6 +435,10 @@ def main() -> None:
                         else:
                             line += f" {'':18s} {r['kl']:10.5f}"
                         print(line)
+                    if args.all_plans:
+                        for k in ("bitplan", "greedy"):
+                            print(f"    {k} plan: {rows[k]['plan']}")
+                        all_plans(problem, template, ev, resource, limit, bc_rows)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -16,7 +16,8 @@ Tensors, per quantized layer ``<name>`` with ``out`` output channels (and, for a
 ``weight_scale``         float32 [out]          per-output-channel scale S_w (of the folded W)
                          float32 [out, G]       grouped: S_w[o, g] of inputs g*gs..(g+1)*gs-1
                                                 (flattened fan-in, the weight's memory order)
-``bias``                 float32 [out]          BN-folded bias (0 where the layer has none)
+``bias``                 float32 [out]          BN-folded bias (0 where the layer has none),
+                                                minus the bias correction's shift if any
 ``bias_q``               int32 [out]            round(bias / (S_w * S_in)); grouped: on the
                                                 grid max_g S_w[o, g] * S_in
 ``input_scale``          float32 []             S_in (input grid; bits/signedness in ``quant``)
