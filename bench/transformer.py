@@ -32,9 +32,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 def _model(args: argparse.Namespace):
     import torch
 
-    # one definition of the decoder and its logits wrapper: the test zoo's (tests/hf_zoo.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import hf_zoo
+    # one definition of the decoder and its logits wrapper: the test zoo's (tests/hf_zoo.py);
+    # tests/ leaves sys.path again at once (its quantize/ folder would shadow the package)
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    sys.path.insert(0, tests)
+    try:
+        import hf_zoo
+    finally:
+        sys.path.remove(tests)
 
     torch.manual_seed(0)
     model = hf_zoo.llama(hidden=args.hidden, layers=args.layers, heads=args.heads,
