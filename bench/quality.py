@@ -3,7 +3,7 @@ allocations and a greedy oracle that knows each layer's measured loss increase.
 
     python bench/quality.py [--models cnn,resnet18,llama] [--omega trace|diagonal|measured]
                             [--weight-clip max|mse] [--bias-correction none|weight|layer]
-                            [--bc-rows weight,layer]
+                            [--bc-rows weight,layer] [--calibration minmax|percentile|mse]
                             [--random 10]
 
 Models: the digits CNN, a residual CNN of ResNet-18's shape (width 8, digits at 16x16), both
@@ -311,7 +311,8 @@ def all_plans(problem: Problem, template: dict, ev: Evaluator, resource: str, li
         bits = plan_bits(problem, c)
         kls = [f"{m}: KL {float(ev.score(plan_for(template, problem, c), cfg)[1].mean()):.5f}"
                for m, cfg in [(ev.qcfg.bias_correction, None)]
-               + [(m, QuantizeConfig(bias_correction=m)) for m in bc_rows]]
+               + [(m, QuantizeConfig(calibration=ev.qcfg.calibration, bias_correction=m))
+                  for m in bc_rows]]
         print(f"    plan {bits}  Omega {sum(o.omega for o in opts):.5f}  {'  '.join(kls)}")
 
 
@@ -335,7 +336,7 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
     rng = random.Random(seed)
     scores = {k: ev.score(plan_for(template, problem, c)) for k, c in plans.items()}
     for mode in bc_rows:  # the same plans with a bias correction
-        bc = QuantizeConfig(bias_correction=mode)
+        bc = QuantizeConfig(calibration=ev.qcfg.calibration, bias_correction=mode)
         for k in ("bitplan", "ilp-measured", "greedy", "int8", "int4"):
             plans[f"{k}+{mode}"] = plans[k]
             scores[f"{k}+{mode}"] = ev.score(plan_for(template, problem, plans[k]), bc)
@@ -383,13 +384,16 @@ def main() -> None:
     ap.add_argument("--bias-correction", choices=["none", "weight", "layer"], default=None,
                     help="QuantizeConfig.bias_correction for every method (default: the "
                     "library's)")
+    ap.add_argument("--calibration", choices=["minmax", "percentile", "mse"], default="minmax",
+                    help="QuantizeConfig.calibration (activation ranges) for every method")
     ap.add_argument("--all-plans", action="store_true",
                     help="print every plan that fits (models with at most 64 plans)")
     ap.add_argument("--bc-rows", default="",
                     help="comma list of bias corrections: rows <method>+<mode> for each")
     args = ap.parse_args()
-    qcfg = (QuantizeConfig() if args.bias_correction is None
-            else QuantizeConfig(bias_correction=args.bias_correction))
+    qcfg = QuantizeConfig(calibration=args.calibration,
+                          **({} if args.bias_correction is None
+                             else {"bias_correction": args.bias_correction}))
     bc_rows = tuple(m for m in args.bc_rows.split(",") if m)
     if any(m not in ("none", "weight", "layer") for m in bc_rows):
         ap.error(f"--bc-rows: each of none, weight, layer; got {args.bc_rows!r}")
@@ -400,7 +404,7 @@ def main() -> None:
     if args.weight_clip:
         primitives.WEIGHT_CLIP = args.weight_clip
     print(f"weight scales: {primitives.WEIGHT_CLIP}; bitplan's Omega: {args.omega}; "
-          f"bias correction: {qcfg.bias_correction}")
+          f"bias correction: {qcfg.bias_correction}; activation ranges: {qcfg.calibration}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

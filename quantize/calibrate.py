@@ -27,7 +27,11 @@ from .data import CalibrationSet, run_batch
 from .graph import GraphLayer, insert_input_modules
 from .observe import ActivationStats
 from .points import Grid, Point
-from .primitives import activation_scale
+from .primitives import activation_qrange, activation_scale
+
+# ``mse`` calibration: the clipped ranges tried, as fractions of the observed one (1.0 keeps
+# min/max; below 0.2 a grid loses most of a tensor's values on any data seen so far).
+MSE_CLIP_RATIOS = tuple(round(0.2 + 0.01 * i, 2) for i in range(81))
 
 ProgressFn = Callable[[str, float], None]
 
@@ -78,14 +82,19 @@ class RangeObserver(nn.Module):
             self.hist = h if self.hist is None else self.hist + h
         return x
 
-    def value_range(self, method: str, percentile: float) -> tuple[float, float]:
-        """(amin, amax) by min/max or by the percentile pair of the streamed histogram."""
+    def value_range(self, method: str, percentile: float,
+                    bits: int | None = None) -> tuple[float, float]:
+        """(amin, amax) by min/max, by the percentile pair of the streamed histogram, or
+        (``mse``, needs ``bits``) the clipped range whose ``bits``-bit grid has the least
+        squared error over the histogram."""
         if self.count == 0:
             raise BadCalibrationError(
                 "a quantized layer never ran on the calibration data; is it reachable?"
             )
         if method == "minmax" or self.hist is None or self.amax <= self.amin:
             return self.amin, self.amax
+        if method == "mse" and bits is not None:
+            return self._mse_range(bits)
         cdf = torch.cumsum(self.hist, 0)
         total = float(cdf[-1])
         width = (self.amax - self.amin) / self.bins
@@ -99,6 +108,27 @@ class RangeObserver(nn.Module):
             )
             amin = min(max(self.amin, self.amin + lo_bin * width), 0.0)
         return amin, max(amax, 0.0)
+
+
+    def _mse_range(self, bits: int) -> tuple[float, float]:
+        """The range among ``MSE_CLIP_RATIOS`` x (amin, amax) (the low end scaled only for
+        signed tensors) whose grid minimises ``sum_i h_i (Q(c_i) - c_i)^2`` over the histogram's
+        bin centres ``c_i`` and counts ``h_i``."""
+        assert self.hist is not None
+        width = (self.amax - self.amin) / self.bins
+        centers = self.amin + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
+        best: tuple[float, float, float] | None = None
+        for t in MSE_CLIP_RATIOS:
+            lo = self.amin * t if self.amin < 0 else self.amin
+            hi = self.amax * t if self.amax > 0 else self.amax
+            scale, signed = activation_scale(lo, hi, bits)
+            qlo, qhi = activation_qrange(bits, signed)
+            err = float((self.hist * (torch.round(centers / scale).clamp(qlo, qhi) * scale
+                                      - centers).pow(2)).sum())
+            if best is None or err < best[0]:
+                best = (err, lo, hi)
+        assert best is not None
+        return best[1], best[2]
 
 
 def _insert_after(gm: fx.GraphModule, node_name: str, module: nn.Module, target: str) -> None:
@@ -158,7 +188,7 @@ def calibrate(
     gm.to(device)
     fixed = batch_size is not None
     size = batch_size if fixed else cfg.batch_size
-    phases = 2 if cfg.calibration == "percentile" else 1
+    phases = 2 if cfg.calibration in ("percentile", "mse") else 1
     n_batches = max(1, math.ceil(len(data) / size))
     for phase in range(phases):
         for obs in [*in_obs.values(), *out_obs.values()]:
@@ -171,14 +201,14 @@ def calibrate(
                 if progress is not None:
                     progress("calibrate", (phase * n_batches + i + 1) / (phases * n_batches))
     for name, obs in in_obs.items():
-        amin, amax = obs.value_range(cfg.calibration, cfg.percentile)
+        amin, amax = obs.value_range(cfg.calibration, cfg.percentile, input_bits[name])
         scale, signed = activation_scale(amin, amax, input_bits[name])
         in_grids[name] = Grid(f32(scale), input_bits[name], signed)
     out_grids: dict[str, Grid] = {}
     for p in points:
         if p.consumer is None:
-            amin, amax = out_obs[p.end].value_range(cfg.calibration, cfg.percentile)
             bits = cfg.final_bits if p.final else cfg.out_bits
+            amin, amax = out_obs[p.end].value_range(cfg.calibration, cfg.percentile, bits)
             scale, signed = activation_scale(amin, amax, bits)
             out_grids[p.node] = Grid(f32(scale), bits, signed)
     return in_grids, out_grids

@@ -8,7 +8,7 @@ from typing import Any
 
 from solver.errors import BadConstraintsError
 
-CALIBRATION_METHODS = ("minmax", "percentile")
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 BIAS_CORRECTIONS = ("none", "weight", "layer")
 
 
@@ -16,8 +16,10 @@ BIAS_CORRECTIONS = ("none", "weight", "layer")
 class QuantizeConfig:
     """How activation ranges are calibrated and how the model is run while doing so.
 
-    - ``calibration``: ``"minmax"`` (the observed range) or ``"percentile"`` (the range between
-      the ``100 - percentile`` and ``percentile`` percentiles, from a streamed histogram). DRQ
+    - ``calibration``: ``"minmax"`` (the observed range), ``"percentile"`` (the range between
+      the ``100 - percentile`` and ``percentile`` percentiles, from a streamed histogram) or
+      ``"mse"`` (the clipped range whose grid at the tensor's bits has the least squared error
+      over that histogram). Omega's activation quantizer uses min/max ranges. DRQ
       layers use the input grid stored in their plan row: their thresholds were calibrated on
       it.
     - ``percentile``: in (50, 100], e.g. 99.99.
