@@ -34,6 +34,28 @@ def _input_meta(program: torch.export.ExportedProgram) -> dict[str, Any]:
     }
 
 
+def match_inputs(wanted: list[str], calib: CalibrationSet) -> dict[str, torch.Tensor]:
+    """The calibration tensor of each forward argument in ``wanted``: the single ``inputs``
+    tensor for a one-input model, else ``input.<name>`` per argument. Raises
+    BadCalibrationError naming what is missing or unexpected."""
+    if calib.args:
+        if len(wanted) != 1:
+            raise BadCalibrationError(
+                f"the model takes {len(wanted)} inputs {wanted}; provide one tensor per input "
+                "named 'input.<name>' instead of 'inputs'."
+            )
+        return {wanted[0]: calib.args[0]}
+    given = dict(calib.kwargs)
+    missing, extra = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
+    if missing or extra:
+        raise BadCalibrationError(
+            f"calibration inputs {sorted(given)} do not match the model's forward arguments "
+            f"{wanted}: missing {['input.' + m for m in missing]}, unexpected "
+            f"{['input.' + e for e in extra]}."
+        )
+    return given
+
+
 def bind_inputs(program: torch.export.ExportedProgram, gm: fx.GraphModule,
                  calib: CalibrationSet) -> tuple[CalibrationSet, int | None]:
     """Map calibration tensors onto the program's inputs; check per-sample shapes and dtypes;
@@ -47,22 +69,7 @@ def bind_inputs(program: torch.export.ExportedProgram, gm: fx.GraphModule,
     if len(sig_names) == len(pos) + len(kw):
         pos, kw = sig_names[: len(pos)], sig_names[len(pos):]
     wanted = pos + kw
-    if calib.args:
-        if len(wanted) != 1:
-            raise BadCalibrationError(
-                f"the model takes {len(wanted)} inputs {wanted}; provide one tensor per input "
-                "named 'input.<name>' instead of 'inputs'."
-            )
-        given = {wanted[0]: calib.args[0]}
-    else:
-        given = dict(calib.kwargs)
-        missing, extra = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
-        if missing or extra:
-            raise BadCalibrationError(
-                f"calibration inputs {sorted(given)} do not match the model's forward arguments "
-                f"{wanted}: missing {['input.' + m for m in missing]}, unexpected "
-                f"{['input.' + e for e in extra]}."
-            )
+    given = match_inputs(wanted, calib)
     meta = _input_meta(program)
     user = list(program.graph_signature.user_inputs)
     batch_sizes: set[int] = set()

@@ -30,7 +30,7 @@ import torch
 from quantize.data import CalibrationSet
 from solver.errors import BadCalibrationError, BadModelError
 
-from .inputs import _INDEX_PASS, _fit_dtype
+from .inputs import _INDEX_PASS, _fit_dtype, match_inputs
 from .program import HOW_TO_EXPORT
 
 # ops find_layers turns into layers (quantize.graph): a program with none has no layer
@@ -199,22 +199,7 @@ def check_inputs(sig: Signature, calib: CalibrationSet) -> None:
             "in the exported graph); bitplan quantizes conv and linear weights."
         )
     wanted = [spec.name for spec in sig.inputs]
-    if calib.args:
-        if len(wanted) != 1:
-            raise BadCalibrationError(
-                f"the model takes {len(wanted)} inputs {wanted}; provide one tensor per input "
-                "named 'input.<name>' instead of 'inputs'."
-            )
-        given = {wanted[0]: calib.args[0]}
-    else:
-        given = dict(calib.kwargs)
-        missing, extra = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
-        if missing or extra:
-            raise BadCalibrationError(
-                f"calibration inputs {sorted(given)} do not match the model's forward arguments "
-                f"{wanted}: missing {['input.' + m for m in missing]}, unexpected "
-                f"{['input.' + e for e in extra]}."
-            )
+    given = match_inputs(wanted, calib)
     batch_sizes: set[int] = set()
     for spec in sig.inputs:
         t = given[spec.name]
