@@ -136,18 +136,26 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
     }
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
     return f"{n / 1e9:5.2f} GB"
+
+
+def stage_table(stages: dict[str, dict], total_s: float) -> None:
+    """Print one row per stage: wall time, share of the whole plan, peak RSS and, where the
+    stages count them, forward passes."""
+    counts = all("forwards" in s for s in stages.values())
+    print(f"{'stage':<12} {'wall s':>8} {'share':>6} {'peak RSS':>9}"
+          + (f" {'forwards':>9}" if counts else ""))
+    for st, s in stages.items():
+        print(f"{st:<12} {s['seconds']:8.1f} {s['seconds'] / total_s:6.1%} "
+              f"{gb(s['peak_rss'])}" + (f" {s['forwards']:9d}" if counts else ""))
 
 
 def show(r: dict) -> None:
     print(f"\n== {r['model']}: {r['samples']} samples ({r['train']} for the Hessian), "
           f"whole plan {r['total_s']:.0f} s (setup {r['setup_s']:.0f} s not counted), "
-          f"budget {_gb(r['budget'])}")
-    print(f"{'stage':<12} {'wall s':>8} {'share':>6} {'peak RSS':>9} {'forwards':>9}")
-    for st, s in r["stages"].items():
-        print(f"{st:<12} {s['seconds']:8.1f} {s['seconds'] / r['total_s']:6.1%} "
-              f"{_gb(s['peak_rss'])} {s['forwards']:9d}")
+          f"budget {gb(r['budget'])}")
+    stage_table(r["stages"], r["total_s"])
     sens = r["stages"].get("sensitivity", {}).get("seconds", 0.0)
     print(f"sensitivity ({r.get('sampling', 'all')} sampling): chunk {r['chunk']} x "
           f"{r['chunks']}, {r['passes']} probe passes, "
@@ -166,7 +174,7 @@ def show(r: dict) -> None:
     if acc:
         print(f"top-1 agreement with FP32 {acc['value']:.3f} [{acc['low']:.3f}, "
               f"{acc['high']:.3f}] on {acc['n']} held-out samples")
-    print(f"peak RSS of the process {_gb(r['peak_rss'])}")
+    print(f"peak RSS of the process {gb(r['peak_rss'])}")
     if r["error"]:
         print(f"the job failed after its stages above: {r['error']}")
 

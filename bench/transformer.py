@@ -27,6 +27,9 @@ from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and would shadow the packages.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.scale import gb, stage_table  # noqa: E402
 
 
 def _model(args: argparse.Namespace):
@@ -132,26 +135,19 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:5.2f} GB"
-
-
 def show(r: dict, args: argparse.Namespace) -> None:
     print(f"\n== Llama-style decoder: {r['params'] / 1e6:.1f}M parameters ({r['quantized_layers']}"
           f" Linear layers), hidden {args.hidden}, {args.layers} layers, seq {args.seq}, "
           f"{r['samples']} sequences; whole plan {r['total_s']:.0f} s (setup "
-          f"{r['setup_s']:.0f} s not counted), memory budget {_gb(r['budget'])}")
-    print(f"{'stage':<12} {'wall s':>8} {'share':>6} {'peak RSS':>9}")
-    for st, s in r["stages"].items():
-        print(f"{st:<12} {s['seconds']:8.1f} {s['seconds'] / r['total_s']:6.1%} "
-              f"{_gb(s['peak_rss'])}")
+          f"{r['setup_s']:.0f} s not counted), memory budget {gb(r['budget'])}")
+    stage_table(r["stages"], r["total_s"])
     sens = r["stages"].get("sensitivity", {}).get("seconds", 0.0)
     passes = r["passes"] or 0
     per = f"{sens / passes:.1f} s per probe pass" if passes else "passes not reported"
     print(f"sensitivity: {passes} probe passes (chunk {r['chunk']}), {r['vectors']} vectors a "
           f"block, {per}; blocks stopped at max_iter: {r['blocks_at_max_iter']}")
     print(f"chosen weight options: {r['chosen']}")
-    print(f"peak RSS of the job process {_gb(r['peak_rss'])}; goal <= 15 min and <= 6 GB: "
+    print(f"peak RSS of the job process {gb(r['peak_rss'])}; goal <= 15 min and <= 6 GB: "
           f"{'met' if r['total_s'] <= 900 and r['peak_rss'] <= 6e9 else 'NOT met'}")
     print(f"metrics {r['metrics']}")
 
