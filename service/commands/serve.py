@@ -2,9 +2,10 @@
 
 The worker is a child process (``bitplan worker``) at a lower CPU priority
 (``BITPLAN_WORKER_NICE``): a job's Python code then never holds the API's interpreter lock, and
-the kernel gives the CPU to the requests first, so polls and uploads stay quick while jobs run. It dies with the API (SIGKILL included:
-its jobs are then retried by the next worker's reaper, as after any crash) and is stopped with
-SIGTERM when the API stops (its running jobs go back to the queue).
+the kernel gives the CPU to the requests first, so polls and uploads stay quick while jobs run.
+It dies with the API (SIGKILL included: its jobs are then retried by the next worker's reaper,
+as after any crash) and is stopped with SIGTERM when the API stops (its running jobs go back to
+the queue).
 """
 
 from __future__ import annotations
