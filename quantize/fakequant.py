@@ -308,17 +308,22 @@ def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) ->
     grids = value_grids(gm, {p.node: g for p, g in points})
     sources = {n: grids.get(node_by_name(gm, layer.node).args[0].name)
                for n, layer in qlayers.items()}
+    # the grids of each add / pool input, read before any node is replaced: an add that feeds
+    # another add directly (MobileNetV2's residual chain) is renamed by its replacement
+    arg_grids = {p.node: [grids.get(a.name) if isinstance(a, fx.Node) else None
+                          for a in node_by_name(gm, p.node).args]
+                 for p, _ in points if p.kind in ("add", "pool")}
     after: dict[str, nn.Module] = {}
     for point, grid in points:
         node = node_by_name(gm, point.node)
         if point.kind == "add":
             a, b = node.args
-            module = QuantAdd(grid, grids[a.name], grids[b.name])
+            module = QuantAdd(grid, *arg_grids[point.node][:2])
             _replace(gm, node, f"_bitplan_add_{point.node}", module, tuple(node.args))
         elif point.kind == "pool":
             x = node.args[0]
             keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            module = QuantMean(list(node.args[1]), bool(keep), grids[x.name], grid)
+            module = QuantMean(list(node.args[1]), bool(keep), arg_grids[point.node][0], grid)
             _replace(gm, node, f"_bitplan_pool_{point.node}", module, (x,))
         elif rows[point.layer].drq is not None or rows[point.layer].group_size is not None:
             after[point.node] = FakeQuant(grid)  # DRQ / GroupedLayer output: on the grid
