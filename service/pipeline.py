@@ -43,8 +43,8 @@ STAGES = ("intake", "sensitivity", "regions", "solve", "quantize", "evaluate", "
 PLAN_FILE, CHECKPOINT_FILE, REPORT_FILE = "plan.json", "model.safetensors", "report.json"
 ONNX_FILE = "model.onnx"
 LATENCY_FILE = "latency.json"  # hardware onnxruntime-cpu: the measured per-layer latencies
-PARETO_EVAL_SAMPLES = 32  # held-out samples a Pareto point is evaluated on: the 5 points of
-# a 256-sample ResNet-18 job on all 51 took 32 % of the job (bench/scale.py, goal <= 20 %)
+PARETO_EVAL_SAMPLES = 32  # held-out samples a Pareto point is evaluated on (bounds evaluate's
+# share of a large job; docs/benchmarks.md)
 PARETO_FILE, PLOTS_DIR = "pareto.json", "plots"
 SENSITIVITY_FILE, REGIONS_FILE, PROBLEM_FILE, SOLUTION_FILE = (
     "sensitivity.json",
@@ -562,8 +562,6 @@ def _holdout_subset(intake: Any, n: int, seed: int) -> Any:
     sorted by class would bias its first samples)."""
     if len(intake.holdout) <= n:
         return intake
-    import dataclasses
-
     gen = torch.Generator().manual_seed(seed + 1)
     keep = torch.randperm(len(intake.holdout), generator=gen)[:n].sort().values
     return dataclasses.replace(intake, holdout=intake.holdout.subset(keep))
@@ -679,8 +677,6 @@ def _measured_omegas(
 ) -> Any:
     """Replace the Hessian Omega tables by measured loss increases (``hessian.omega:
     measured``); the traces stay in ``sensitivity.json`` beside them."""
-    import dataclasses
-
     from sensitivity.measured import measured_omegas
 
     weight_bits = set(constraints.weight_bits)
