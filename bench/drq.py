@@ -186,18 +186,19 @@ def mcnemar_p(b: int, c: int) -> float:
 class PlanModel:
     """One trained model, its calibration file (200 digits) and the 597 digits that judge."""
 
-    def __init__(self, name: str, work: Path) -> None:
+    def __init__(self, name: str, work: Path, seed: int = 0) -> None:
         factory, side, channels = PLAN_MODELS[name]
-        x, y = zoo.digits_data(image_size=side, seed=0)
+        x, y = zoo.digits_data(image_size=side, seed=0)  # one split for every seed
         x = x.expand(-1, channels, -1, -1).contiguous()
-        torch.manual_seed(0)
+        torch.manual_seed(seed)  # the init
         t0 = time.perf_counter()
-        model = zoo.train(factory(), x[:N_PLAN_TRAIN], y[:N_PLAN_TRAIN], epochs=15, seed=0)
+        model = zoo.train(factory(), x[:N_PLAN_TRAIN], y[:N_PLAN_TRAIN], epochs=15, seed=seed)
         self.train_seconds = time.perf_counter() - t0
-        self.name, self.work = name, work
-        self.pt2 = zoo.save_model(model, x[:4], work / f"{name}.pt2")
+        self.name, self.work, self.seed = name, work, seed
+        stem = name if seed == 0 else f"{name}-s{seed}"
+        self.pt2 = zoo.save_model(model, x[:4], work / f"{stem}.pt2")
         cal = slice(N_PLAN_TRAIN, N_PLAN_TRAIN + N_PLAN_CALIB)
-        self.calib_path = zoo.save_calibration(work / f"{name}-calib.safetensors", x[cal], y[cal])
+        self.calib_path = zoo.save_calibration(work / f"{stem}-calib.safetensors", x[cal], y[cal])
         self.program = torch.export.load(str(self.pt2))
         self.calib = CalibrationSet((x[cal],), labels=y[cal])
         self.x_ev, self.y_ev = x[N_PLAN_TRAIN + N_PLAN_CALIB:], y[N_PLAN_TRAIN + N_PLAN_CALIB:]
@@ -215,7 +216,8 @@ class PlanRun:
         from service.pipeline import run_pipeline
 
         self.model = model
-        out = model.work / f"{model.name}-{constraints.get('hardware') or 'bops'}"
+        out = model.work / (f"{model.name}-s{model.seed}-"
+                            f"{constraints.get('hardware') or 'bops'}")
         t0 = time.perf_counter()
         self.result = run_pipeline(model.pt2, model.calib_path, constraints, out,
                                    holdout_fraction=0.1, pareto_points=0, plots=False,
@@ -305,6 +307,14 @@ class PlanRun:
                                 "cal_diff_se": check.diff_se, "drq_rows": cand["drq_rows"],
                                 "int4_macs": cand["int4_macs"]}
             checked[loss] = self.compare(cand if kept == "drq" else p, p)
+            if loss == "kl":  # the job's rule: its kept plan, per held-out image
+                k = cand if kept == "drq" else p
+                out["per_image"] = {
+                    "ilp_correct": d["correct"].int().tolist(), "ilp_kl": d["kl"].tolist(),
+                    "off_correct": p["correct"].int().tolist(), "off_kl": p["kl"].tolist(),
+                    "checked_correct": k["correct"].int().tolist(), "checked_kl": k["kl"].tolist(),
+                    "checked_drq_rows": k["drq_rows"], "checked_int4_macs": k["int4_macs"],
+                    "checked_int4_regions": k["int4_regions"]}
         out["summary"] = {
             "acc_drq": drq_cmp["acc"], "acc_plain": float(p["correct"].float().mean()),
             "b": drq_cmp["b"], "c": drq_cmp["c"], "mcnemar_p": drq_cmp["mcnemar_p"],
@@ -320,61 +330,171 @@ class PlanRun:
 def plans(args: argparse.Namespace) -> None:
     from service.cache import StageCache
 
-    results = {}
-    fracs = [float(f) for f in args.budgets.split(",")]
+    results, per_seed = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         # the two cost models share the sensitivity and regions (and so do reruns, --cache)
         cache = StageCache(args.cache or Path(tmp) / "cache")
-        for name in args.models.split(","):
-            model = PlanModel(name, Path(tmp))
-            for hardware in ("drq-array", None):
-                constraints = {"limits": {"bops_ratio": 1.0}, "weight_bits": [4, 8],
-                               "activation_bits": [4, 8], "drq": {"enabled": True},
-                               "pin": {"first": None, "last": None}, "hardware": hardware}
-                run = PlanRun(model, constraints, cache)
-                lo, hi = run.extreme("w4a4"), run.extreme("w8a8")
-                print(f"\n{name}, {run.resource} ({hardware or 'BOPS'}): "
-                      f"{len(run.problem.layers)} layers, pipeline {run.seconds:.1f} s "
-                      f"(reused {run.result.reused}), "
-                      f"{len(model.y_ev)} held-out digits (one = {100 / len(model.y_ev):.2f} pt), "
-                      f"FP32 accuracy {model.fp32_accuracy:.4f}")
-                print(f"  {'budget':>6} {'acc DRQ':>8} {'acc off':>8} {'b':>3} {'c':>3} "
-                      f"{'McNemar p':>9} {'KL DRQ':>7} {'KL off':>7} {'+-se':>6} "
-                      f"{'DRQ rows':>8} {'INT4 reg':>8} {'4x4 MACs':>8}")
-                rows = []
-                for frac in fracs:
-                    r = run.budget(lo + frac * (hi - lo))
-                    key = f"{name} {run.resource} {frac}"
-                    if "summary" not in r:
-                        print(f"  {frac:6.2f} {r['status']}")
-                        results[key] = {"status": r["status"]}
-                        continue
-                    sm = r["summary"]
-                    results[key] = {"limit": r["limit"], **sm}
-                    rows.append((frac, sm))
-                    print(f"  {frac:6.2f} {sm['acc_drq']:8.4f} {sm['acc_plain']:8.4f} "
-                          f"{sm['b']:3d} {sm['c']:3d} {sm['mcnemar_p']:9.3g} "
-                          f"{sm['kl_drq']:7.4f} {sm['kl_plain']:7.4f} {sm['kl_diff_se']:6.4f} "
-                          f"{sm['drq_rows']:8d} {sm['int4_regions']:8.3f} {sm['int4_macs']:8.3f}")
-                print("  the check (* = forced DRQ candidate), by calibration loss; the kept plan "
-                      "on the held-out digits against off:")
-                print(f"  {'budget':>6} {'loss':>13} {'kept':>4} {'cal d/se':>9} {'acc':>7} "
-                      f"{'b':>3} {'c':>3} {'p':>6} {'KL':>7} {'KL off':>7} {'d/se':>6}")
-                for frac, sm in rows:
-                    for loss in CHECK_LOSSES:
-                        ck, cd = sm["check"][loss], sm["checked"][loss]
-                        dse = f"{'-':>8}"
-                        if "cal_loss_drq" in ck:
-                            z = (ck["cal_loss_drq"] - ck["cal_loss_off"]) / ck["cal_diff_se"]
-                            dse = f"{z:+8.1f}"
-                        kdse = ((cd["kl"] - sm["kl_plain"]) / cd["kl_diff_se"]
-                                if cd["kl_diff_se"] > 0 else 0.0)
-                        print(f"  {frac:6.2f} {loss:>13} {ck['kept'][:4]:>4} {dse}"
-                              f"{'*' if ck['forced'] else ' '} {cd['acc']:7.4f} {cd['b']:3d} "
-                              f"{cd['c']:3d} {cd['mcnemar_p']:6.3g} {cd['kl']:7.4f} "
-                              f"{sm['kl_plain']:7.4f} {kdse:+6.1f}")
+        for seed in range(args.seeds):
+            for name in args.models.split(","):
+                kept = None if args.cache is None else args.cache / "drq-seeds"
+                kept = None if kept is None else kept / f"{name}-s{seed}-b{args.budgets}.json"
+                if kept is not None and kept.exists():
+                    rec = json.loads(kept.read_text())
+                    print(f"\n{name} seed {seed}: figures from {kept}")
+                elif args.cached_only:
+                    continue
+                else:
+                    rec = plans_model(args, PlanModel(name, Path(tmp), seed), cache)
+                    if kept is not None:
+                        kept.parent.mkdir(parents=True, exist_ok=True)
+                        kept.write_text(json.dumps(rec) + "\n")
+                per_seed.setdefault(name, {})[seed] = rec
+                if seed == 0:
+                    results.update({k: {f: v for f, v in r.items() if f != "per_image"}
+                                    for k, r in rec.items()})
+    if args.seeds > 1:
+        results["seeds"] = seeds_table(per_seed)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+SIGN_FLIPS = 200_000  # random sign vectors per permutation test (p resolves to ~0.002 at 0.05)
+
+
+def sign_flip_p(d: torch.Tensor, flips: int = SIGN_FLIPS, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation p of mean(d) = 0, images the exchangeable unit:
+    (hits + 1) / (flips + 1), hits = random sign vectors with |mean| >= the observed."""
+    d = d[d != 0].double()
+    if not len(d):
+        return 1.0
+    obs = float(d.sum().abs()) - 1e-9
+    gen = torch.Generator().manual_seed(seed)
+    hits, done = 0, 0
+    while done < flips:
+        n = min(10_000, flips - done)
+        signs = torch.randint(0, 2, (n, len(d)), generator=gen).double() * 2 - 1
+        hits += int(((signs @ d).abs() >= obs).sum())
+        done += n
+    return (hits + 1) / (flips + 1)
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error over ``ps``)."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adj, run = [1.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        run = max(run, min(1.0, (len(ps) - rank) * ps[i]))
+        adj[i] = run
+    return adj
+
+
+def seeds_table(per_seed: dict) -> dict:
+    """The multi-seed test (docs/drq.md): per held-out image the mean over seeds of
+    (correct with DRQ - correct off), its mean and se over images, the sign-flip p, Holm over
+    the budgets of each comparison; for all seeds and for seeds 1.. alone (each model over
+    the seeds it has)."""
+    out = {}
+    for arm in ("ilp", "checked"):
+        for fresh in (False, True):
+            label = f"{arm}, {'seeds 1.. (unseen)' if fresh else 'all seeds'}"
+            rows = []
+            for recs in per_seed.values():
+                seeds = sorted(s for s in recs if s > 0 or not fresh)
+                if not seeds:
+                    continue
+                for key in recs[seeds[0]]:
+                    got = [recs[s][key]["per_image"] for s in seeds if "per_image" in recs[s][key]]
+                    if len(got) < len(seeds):
+                        continue
+                    t = {f: torch.tensor([g[f] for g in got], dtype=torch.float64)
+                         for f in ("ilp_correct", "off_correct", "checked_correct", "ilp_kl",
+                                   "off_kl", "checked_kl")}
+                    d = (t[f"{arm}_correct"] - t["off_correct"]).mean(0)
+                    dkl = (t[f"{arm}_kl"] - t["off_kl"]).mean(0)
+                    n = len(d)
+                    drq = [recs[s][key]["drq_rows"] if arm == "ilp"
+                           else recs[s][key]["per_image"]["checked_drq_rows"] for s in seeds]
+                    macs = [recs[s][key]["int4_macs"] if arm == "ilp"
+                            else recs[s][key]["per_image"]["checked_int4_macs"] for s in seeds]
+                    with_rows = [m for m, r in zip(macs, drq, strict=True) if r]
+                    rows.append({
+                        "budget": key, "acc_drq": float(t[f"{arm}_correct"].mean()),
+                        "acc_off": float(t["off_correct"].mean()), "gain": float(d.mean()),
+                        "gain_se": float(d.std()) / math.sqrt(n), "p": sign_flip_p(d),
+                        "kl_drq": float(t[f"{arm}_kl"].mean()), "kl_off": float(t["off_kl"].mean()),
+                        "kl_diff_se": float(dkl.std()) / math.sqrt(n),
+                        "seeds_with_drq": sum(1 for r in drq if r), "seeds": len(seeds),
+                        "int4_macs": sum(with_rows) / len(with_rows) if with_rows else 0.0})
+            for row, adj in zip(rows, holm([r["p"] for r in rows]), strict=True):
+                row["p_holm"] = adj
+            out[label] = rows
+            print(f"\n{label} (per image the mean over seeds of correct "
+                  f"DRQ - correct off; p: sign-flip over images, {SIGN_FLIPS} flips)")
+            print(f"  {'budget':>28} {'acc DRQ':>8} {'acc off':>8} {'gain pt':>8} {'+-se':>5} "
+                  f"{'p':>7} {'Holm':>6} {'KL DRQ':>7} {'KL off':>7} {'d/se':>6} {'DRQ in':>6} "
+                  f"{'4x4 MACs':>8}")
+            for r in rows:
+                z = (r["kl_drq"] - r["kl_off"]) / r["kl_diff_se"] if r["kl_diff_se"] else 0.0
+                print(f"  {r['budget']:>28} {r['acc_drq']:8.4f} {r['acc_off']:8.4f} "
+                      f"{100 * r['gain']:+8.2f} {100 * r['gain_se']:5.2f} {r['p']:7.4f} "
+                      f"{r['p_holm']:6.3f} {r['kl_drq']:7.4f} {r['kl_off']:7.4f} {z:+6.1f} "
+                      f"{r['seeds_with_drq']:3d}/{r['seeds']:<2} {r['int4_macs']:8.3f}")
+    return out
+
+
+def plans_model(args: argparse.Namespace, model: PlanModel, cache) -> dict:
+    """Both cost models at every budget for one trained model: printed, and returned per
+    budget (summary and per-image vectors)."""
+    results = {}
+    name = model.name
+    fracs = [float(f) for f in args.budgets.split(",")]
+    for hardware in ("drq-array", None):
+        constraints = {"limits": {"bops_ratio": 1.0}, "weight_bits": [4, 8],
+                       "activation_bits": [4, 8], "drq": {"enabled": True},
+                       "pin": {"first": None, "last": None}, "hardware": hardware}
+        run = PlanRun(model, constraints, cache)
+        lo, hi = run.extreme("w4a4"), run.extreme("w8a8")
+        print(f"\n{name} seed {model.seed}, {run.resource} ({hardware or 'BOPS'}): "
+              f"{len(run.problem.layers)} layers, pipeline {run.seconds:.1f} s "
+              f"(reused {run.result.reused}), "
+              f"{len(model.y_ev)} held-out digits (one = {100 / len(model.y_ev):.2f} pt), "
+              f"FP32 accuracy {model.fp32_accuracy:.4f}")
+        print(f"  {'budget':>6} {'acc DRQ':>8} {'acc off':>8} {'b':>3} {'c':>3} "
+              f"{'McNemar p':>9} {'KL DRQ':>7} {'KL off':>7} {'+-se':>6} "
+              f"{'DRQ rows':>8} {'INT4 reg':>8} {'4x4 MACs':>8}")
+        rows = []
+        for frac in fracs:
+            r = run.budget(lo + frac * (hi - lo))
+            key = f"{name} {run.resource} {frac}"
+            if "summary" not in r:
+                print(f"  {frac:6.2f} {r['status']}")
+                results[key] = {"status": r["status"]}
+                continue
+            sm = r["summary"]
+            results[key] = {"limit": r["limit"], **sm, "per_image": r["per_image"]}
+            rows.append((frac, sm))
+            print(f"  {frac:6.2f} {sm['acc_drq']:8.4f} {sm['acc_plain']:8.4f} "
+                  f"{sm['b']:3d} {sm['c']:3d} {sm['mcnemar_p']:9.3g} "
+                  f"{sm['kl_drq']:7.4f} {sm['kl_plain']:7.4f} {sm['kl_diff_se']:6.4f} "
+                  f"{sm['drq_rows']:8d} {sm['int4_regions']:8.3f} {sm['int4_macs']:8.3f}")
+        print("  the check (* = forced DRQ candidate), by calibration loss; the kept plan "
+              "on the held-out digits against off:")
+        print(f"  {'budget':>6} {'loss':>13} {'kept':>4} {'cal d/se':>9} {'acc':>7} "
+              f"{'b':>3} {'c':>3} {'p':>6} {'KL':>7} {'KL off':>7} {'d/se':>6}")
+        for frac, sm in rows:
+            for loss in CHECK_LOSSES:
+                ck, cd = sm["check"][loss], sm["checked"][loss]
+                dse = f"{'-':>8}"
+                if "cal_loss_drq" in ck:
+                    z = (ck["cal_loss_drq"] - ck["cal_loss_off"]) / ck["cal_diff_se"]
+                    dse = f"{z:+8.1f}"
+                kdse = ((cd["kl"] - sm["kl_plain"]) / cd["kl_diff_se"]
+                        if cd["kl_diff_se"] > 0 else 0.0)
+                print(f"  {frac:6.2f} {loss:>13} {ck['kept'][:4]:>4} {dse}"
+                      f"{'*' if ck['forced'] else ' '} {cd['acc']:7.4f} {cd['b']:3d} "
+                      f"{cd['c']:3d} {cd['mcnemar_p']:6.3g} {cd['kl']:7.4f} "
+                      f"{sm['kl_plain']:7.4f} {kdse:+6.1f}")
+    return results
 
 
 def issue_case(args: argparse.Namespace) -> None:
@@ -451,7 +571,8 @@ def _tag(row: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1, help="init seeds 0..N-1")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="init seeds 0..N-1 (--plans: models per seed and the seeds test)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--calib", type=int, default=256, help="training digits to calibrate on")
@@ -465,6 +586,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.1,0.25,0.5,0.75",
                         help="--plans: fractions of the way from all-W4A4 to all-W8A8")
     parser.add_argument("--json", type=Path, default=None, help="--plans: write figures here")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="--plans: use only the per-seed figures already in --cache")
     parser.add_argument("--cache", type=Path, default=None,
                         help="--plans: a stage cache folder kept between runs")
     args = parser.parse_args()
