@@ -30,9 +30,10 @@ Tensors, per quantized layer ``<name>`` with ``out`` output channels (and, for a
 =======================  =====================  ==============================================
 
 Reading never unpickles (safetensors only) and checks the tag, version, digest, and every
-tensor's name, dtype and shape against the embedded plan; anything else is a
-BadCheckpointError. Version 1 files (``bitplan-qckpt/1``: per-channel scales only) still load;
-files are written as version 2.
+tensor's name, dtype and shape against the embedded plan, and a DRQ layer's stored input grid
+against the plan row's ``drq.scale`` / ``drq.signed``; anything else is a BadCheckpointError.
+Version 1 files (``bitplan-qckpt/1``: per-channel scales only) still load; files are written
+as version 2.
 """
 
 from __future__ import annotations
@@ -259,6 +260,8 @@ def validate(
             region = tuple(int(v) for v in tensors[p + "drq_region"])
             if region != row.drq.region or int(tensors[p + "drq_threshold"]) != row.drq.threshold:
                 raise _fail(where, f"{p}drq_* tensors disagree with the plan's drq entry")
+            _check_drq_grid(where, row, float(tensors[p + "input_scale"]),
+                            bool(layers[row.name]["input"]["signed"]))
     points = quant.get("points")
     if not isinstance(points, list):
         raise _fail(where, "the 'quant' metadata has no point list")
@@ -274,6 +277,19 @@ def validate(
                 raise _fail(where, f"point {p.get('node')!r} has no grid") from exc
             if not (math.isfinite(grid.scale) and grid.scale > 0 and 2 <= grid.bits <= 16):
                 raise _fail(where, f"point {p.get('node')!r} has an invalid grid")
+
+
+def _check_drq_grid(where: object, row: PlanRow, scale: float, signed: bool) -> None:
+    """A DRQ layer's stored input grid must be the one its threshold was calibrated on (the
+    plan row's ``drq.scale`` / ``drq.signed``, stored as float32): the threshold counts INT8
+    units of that grid, so on another grid it selects other regions."""
+    assert row.drq is not None
+    want = float(torch.tensor(row.drq.scale, dtype=torch.float32))
+    if scale != want or signed != row.drq.signed:
+        raise _fail(where, f"layer {row.name!r}: its stored input grid (input_scale {scale!r}, "
+                    f"signed {signed}) is not the grid its DRQ threshold was calibrated on "
+                    f"(the plan's drq.scale {row.drq.scale!r}, signed {row.drq.signed}); "
+                    "quantize the model again with this plan")
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

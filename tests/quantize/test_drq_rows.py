@@ -155,3 +155,43 @@ def test_integer_executor_runs_drq_like_fake_quant(drq_result, cnn_program, spli
     assert float((final.max(dim=1).values <= 1).double().mean()) > 0.9
     assert float(final.max()) <= 0.01 * out.grid.qrange[1]
     assert int((out.codes.argmax(1) != fq.argmax(1)).sum()) <= 4
+
+
+def test_checkpoint_refuses_a_drq_grid_other_than_the_plans(drq_result, tmp_path) -> None:
+    """A DRQ layer's stored input scale (and signedness) must be the plan row's ``drq.scale``
+    (``drq.signed``): its threshold counts INT8 units of that grid. Each mismatch, re-signed
+    so only the validation can refuse it, is a BadCheckpointError naming the layer."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from quantize.checkpoint import digest
+    from solver.errors import BadCheckpointError
+
+    ckpt = drq_result.checkpoint
+
+    def written(name, tensors, plan=None, quant=None):
+        meta = ckpt.metadata()
+        meta.pop("sha256")
+        if plan is not None:
+            meta["plan"] = json.dumps(plan)
+        if quant is not None:
+            meta["quant"] = json.dumps(quant)
+        meta["sha256"] = digest(tensors, meta)
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        return path
+
+    same = read_checkpoint(written("same", dict(ckpt.tensors)))
+    assert same.tensors.keys() == ckpt.tensors.keys()
+    scale = ckpt.tensors["conv2.input_scale"]
+    tensors = {**ckpt.tensors, "conv2.input_scale": scale * 1.01}
+    plan = json.loads(json.dumps(ckpt.plan))
+    (row,) = [r for r in plan["layers"] if r["name"] == "conv2"]
+    row["drq"]["scale"] = float(scale) * 2
+    quant = json.loads(json.dumps(ckpt.quant))
+    quant["layers"]["conv2"]["input"]["signed"] = not quant["layers"]["conv2"]["input"]["signed"]
+    for path in (written("stored", tensors), written("plan", dict(ckpt.tensors), plan=plan),
+                 written("signed", dict(ckpt.tensors), quant=quant)):
+        with pytest.raises(BadCheckpointError, match="'conv2'.*DRQ threshold was calibrated"):
+            read_checkpoint(path)
