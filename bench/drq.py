@@ -216,8 +216,10 @@ class PlanRun:
         from service.pipeline import run_pipeline
 
         self.model = model
+        omega = constraints.get("hessian", {}).get("omega", "trace")
         out = model.work / (f"{model.name}-s{model.seed}-"
-                            f"{constraints.get('hardware') or 'bops'}")
+                            f"{constraints.get('hardware') or 'bops'}-{omega}")
+        self.out = out
         t0 = time.perf_counter()
         self.result = run_pipeline(model.pt2, model.calib_path, constraints, out,
                                    holdout_fraction=0.1, pareto_points=0, plots=False,
@@ -497,6 +499,111 @@ def plans_model(args: argparse.Namespace, model: PlanModel, cache) -> dict:
     return results
 
 
+def measured_drq_problem(run: PlanRun) -> Problem:
+    """``run``'s problem with each DRQ option's activation Omega (the regions' estimate) replaced
+    by the measured one (``sensitivity.drqmeasured``, on the pipeline's train split); the weight
+    part and every other option unchanged."""
+    from sensitivity.drqmeasured import measured_drq_omegas
+    from sensitivity.intake import IntakeConfig, intake
+    from sensitivity.regions import RegionResult
+
+    regions = RegionResult.from_json((run.out / "regions.json").read_text())
+    it = intake(run.model.pt2, run.model.calib_path, IntakeConfig(holdout_fraction=0.1, seed=0))
+    measured = measured_drq_omegas(it, regions)
+    layers = []
+    for la in run.problem.layers:
+        modes = {m.tag: m for m in regions.layer(la.name).modes} if la.name in measured else {}
+        opts = []
+        for o in la.options:
+            if o.drq is not None:
+                tag = o.tag[o.tag.index("drq"):]  # w8drq-2x2-f0.5 -> the mode's drq-2x2-f0.5
+                o = dataclasses.replace(o, omega=o.omega - modes[tag].omega
+                                        + measured[la.name][tag])
+            opts.append(o)
+        layers.append(LayerOptions(la.name, tuple(opts)))
+    return Problem(tuple(layers), run.problem.limits, run.problem.ties)
+
+
+def drq_omega(args: argparse.Namespace) -> None:
+    """Does the measured DRQ Omega help the ILP? (docs/drq.md, fixed before the run.) The
+    pipeline with ``hessian.omega: measured`` gives one problem (uniform options measured, DRQ
+    modes by the regions' trace-weighted estimate); the same problem with the DRQ options'
+    activation Omega measured is the other. At every budget, each problem's ILP optimum is
+    quantized and judged on the 597 held-out digits (KL to FP32 and accuracy, per image, mean
+    over seeds, measured minus estimated)."""
+    from service.cache import StageCache
+
+    fracs = [float(f) for f in args.budgets.split(",")]
+    per: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = StageCache(args.cache or Path(tmp) / "cache")
+        for seed in range(args.seeds):
+            for name in args.models.split(","):
+                model = PlanModel(name, Path(tmp), seed)
+                for hardware in ("drq-array", None):
+                    constraints = {"limits": {"bops_ratio": 1.0}, "weight_bits": [4, 8],
+                                   "activation_bits": [4, 8], "drq": {"enabled": True},
+                                   "pin": {"first": None, "last": None}, "hardware": hardware,
+                                   "hessian": {"omega": "measured"}}
+                    run = PlanRun(model, constraints, cache)
+                    t0 = time.perf_counter()
+                    est_problem, meas_problem = run.problem, measured_drq_problem(run)
+                    t_meas = time.perf_counter() - t0
+                    lo, hi = run.extreme("w4a4"), run.extreme("w8a8")
+                    print(f"\n{name} seed {seed}, {run.resource}: pipeline {run.seconds:.1f} s, "
+                          f"measured DRQ Omega {t_meas:.1f} s")
+                    print(f"  {'budget':>6} {'same':>4} {'acc est':>7} {'acc meas':>8} "
+                          f"{'KL est':>7} {'KL meas':>7} {'d/se':>6} {'DRQ est/meas':>12}")
+                    for frac in fracs:
+                        limits = Limits(**{run.resource: lo + frac * (hi - lo)})
+                        got = []
+                        for prob in (est_problem, meas_problem):
+                            prob = Problem(prob.layers, limits, prob.ties)
+                            sol = solve(prob)
+                            got.append((sol.choices, run.score(run.plan(prob, sol.choices))
+                                        if sol.choices else None))
+                        (c_est, e), (c_meas, m) = got
+                        if e is None or m is None:
+                            print(f"  {frac:6.2f} infeasible")
+                            continue
+                        dkl = m["kl"] - e["kl"]
+                        se = float(dkl.std()) / math.sqrt(len(dkl))
+                        z = float(dkl.mean()) / se if se > 0 else 0.0
+                        print(f"  {frac:6.2f} {str(c_est == c_meas):>4} "
+                              f"{float(e['correct'].float().mean()):7.4f} "
+                              f"{float(m['correct'].float().mean()):8.4f} "
+                              f"{float(e['kl'].mean()):7.4f} {float(m['kl'].mean()):7.4f} "
+                              f"{z:+6.1f} {e['drq_rows']:5d}/{m['drq_rows']:<6d}")
+                        per.setdefault(f"{name} {run.resource} {frac}", []).append({
+                            "seed": seed, "same": c_est == c_meas,
+                            "est_correct": e["correct"].int().tolist(),
+                            "meas_correct": m["correct"].int().tolist(),
+                            "est_kl": e["kl"].tolist(), "meas_kl": m["kl"].tolist(),
+                            "est_drq_rows": e["drq_rows"], "meas_drq_rows": m["drq_rows"]})
+    print(f"\nmeasured minus estimated DRQ Omega, per image the mean over seeds (p: sign-flip, "
+          f"{SIGN_FLIPS} flips)")
+    print(f"  {'budget':>28} {'seeds':>5} {'same':>4} {'KL est':>7} {'KL meas':>7} {'d/se':>6} "
+          f"{'acc est':>7} {'acc meas':>8} {'p':>7}")
+    summary = {}
+    for key, recs in per.items():
+        t = {f: torch.tensor([r[f] for r in recs], dtype=torch.float64)
+             for f in ("est_correct", "meas_correct", "est_kl", "meas_kl")}
+        dkl = (t["meas_kl"] - t["est_kl"]).mean(0)
+        dacc = (t["meas_correct"] - t["est_correct"]).mean(0)
+        se = float(dkl.std()) / math.sqrt(len(dkl))
+        row = {"seeds": len(recs), "same": sum(r["same"] for r in recs),
+               "kl_est": float(t["est_kl"].mean()), "kl_meas": float(t["meas_kl"].mean()),
+               "kl_diff_se": se, "z": float(dkl.mean()) / se if se > 0 else 0.0,
+               "acc_est": float(t["est_correct"].mean()),
+               "acc_meas": float(t["meas_correct"].mean()), "p": sign_flip_p(dacc)}
+        summary[key] = row
+        print(f"  {key:>28} {row['seeds']:5d} {row['same']:4d} {row['kl_est']:7.4f} "
+              f"{row['kl_meas']:7.4f} {row['z']:+6.1f} {row['acc_est']:7.4f} "
+              f"{row['acc_meas']:8.4f} {row['p']:7.4f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def issue_case(args: argparse.Namespace) -> None:
     """The issue's exact case: DigitsResNet, bops_ratio 0.6, weights and activations {4, 8},
     DRQ enabled, default pins and Hessian settings. The pipeline's plan against the best plan
@@ -582,7 +689,9 @@ def main() -> None:
                         help="best plan with DRQ options against without, at 3+3 budgets")
     parser.add_argument("--issue-case", action="store_true",
                         help="DigitsResNet at bops_ratio 0.6: the plan against forced-DRQ plans")
-    parser.add_argument("--models", default="cnn,resnet18", help="for --plans")
+    parser.add_argument("--drq-omega", action="store_true",
+                        help="the ILP with measured against estimated DRQ activation Omega")
+    parser.add_argument("--models", default="cnn,resnet18", help="for --plans / --drq-omega")
     parser.add_argument("--budgets", default="0.1,0.25,0.5,0.75",
                         help="--plans: fractions of the way from all-W4A4 to all-W8A8")
     parser.add_argument("--json", type=Path, default=None, help="--plans: write figures here")
@@ -596,6 +705,9 @@ def main() -> None:
         return
     if args.issue_case:
         issue_case(args)
+        return
+    if args.drq_omega:
+        drq_omega(args)
         return
     x, y = zoo.digits_data(image_size=8, seed=0)
     if args.low_weights:
