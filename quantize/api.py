@@ -21,7 +21,7 @@ from .calibrate import calibrate, f32
 from .checkpoint import Checkpoint, encode_weight, read_checkpoint
 from .config import QuantizeConfig
 from .data import CalibrationSet
-from .evaluate import evaluate
+from .evaluate import Reference, evaluate
 from .fakequant import build_fake_quant
 from .fold import fold_layers
 from .graph import find_layers, module_name
@@ -45,6 +45,10 @@ class QuantizeResult:
     report: dict[str, Any]
     checkpoint: Checkpoint = field(repr=False)
     module: nn.Module | None = field(default=None, repr=False)
+    # the activation statistics this call used, with what it measured added (its layer input
+    # sums when it observed them, its free-point ranges): ``apply(activations=)`` of the next
+    # plan of the same model and data calibrates and corrects its biases without a pass
+    activations: ActivationStats | None = field(default=None, repr=False)
 
     def save(self, path: str | Path) -> Path:
         """Write the checkpoint to ``path`` and ``report.json`` in the same directory."""
@@ -190,6 +194,7 @@ def apply(
     progress: ProgressFn | None = None,
     token_input: str | int | None = None,
     activations: ActivationStats | None = None,
+    reference: Reference | None = None,
 ) -> QuantizeResult:
     """Quantize ``program`` as ``plan`` says, calibrating on ``train``; evaluate on ``holdout``.
 
@@ -197,7 +202,11 @@ def apply(
     for the next-token perplexities of the report (see ``quantize.evaluate``). ``activations``:
     the layer input statistics of ``train`` (``quantize.observe``; the pipeline's, measured once
     per job); without them, ``minmax`` calibration observes them here on the unfolded program,
-    the same way, so the checkpoint is the same either way.
+    the same way, so the checkpoint is the same either way. With their ``sums`` the ``weight``
+    bias correction needs no pass, with their ``outputs`` for this plan's layer set (from an
+    earlier call's ``QuantizeResult.activations``) the calibration needs none either.
+    ``reference``: the FP32 program's outputs on ``holdout`` (``quantize.evaluate``), to
+    evaluate without running it again.
 
     ``batch_size`` is the program's fixed export batch size (None when the batch dimension is
     dynamic; then ``cfg.batch_size`` chunks are used). Raises BadPlanError when the plan does
@@ -216,23 +225,29 @@ def apply(
     drq_grids = {n: Grid(f32(r.drq.scale), r.drq.high_bits, r.drq.signed)
                  for n, r in rows.items() if r.drq is not None}
     if activations is None and cfg.calibration == "minmax":  # on the unfolded program
-        activations = observe(gm, [layer for n, layer in qlayers.items() if n not in drq_grids],
-                              train, batch_size or cfg.batch_size, batch_size is not None,
-                              device)
+        activations = observe(gm, list(qlayers.values()), train, batch_size or cfg.batch_size,
+                              batch_size is not None, device)
+    sums = {} if activations is None else activations.sums
     folded = fold_layers(gm, list(qlayers.values()))
-    # the folded float model, before calibration inserts its observers
-    float_gm = graph_copy(gm, device) if cfg.bias_correction != "none" else None
+    # the folded float model, before calibration inserts its observers (only for a
+    # correction pass: "layer", or a layer without input sums)
+    corrected = cfg.bias_correction != "none"
+    bias_pass = corrected and (cfg.bias_correction == "layer" or any(n not in sums for n in rows))
+    float_gm = graph_copy(gm, device) if bias_pass else None
     points = find_points(gm, qlayers)
-    in_grids, free_grids = calibrate(
+    in_grids, free_grids, ranges = calibrate(
         gm, qlayers, {n: r.input_bits for n, r in rows.items()}, drq_grids, points, train, cfg,
         batch_size, device, progress, activations,
     )
-    if float_gm is not None:
+    if activations is not None and cfg.calibration == "minmax":
+        activations = activations.with_outputs(frozenset(qlayers), ranges)
+    if corrected:
         bc_grids = ({n: in_grids[n] for n in rows if n not in drq_grids}
                     if cfg.bias_correction == "layer" else None)
         folded.update(correct_biases(
             float_gm, qlayers, folded, {n: (r.w_bits, r.group_size) for n, r in rows.items()},
-            train, batch_size or cfg.batch_size, batch_size is not None, device, bc_grids))
+            train, batch_size or cfg.batch_size, batch_size is not None, device, bc_grids,
+            sums))
     grids = {p.node: in_grids[p.consumer] if p.consumer else free_grids[p.node] for p in points}
     layer_point = {p.layer: p for p in points if p.kind == "layer"}
     tensors: dict[str, torch.Tensor] = {}
@@ -269,14 +284,17 @@ def apply(
     for m in drq_modules.values():
         m.reset_stats()
     fixed = batch_size is not None
+    if reference is not None and reference.samples != len(holdout):
+        reference = None  # of another held-out set
     metrics = evaluate(
-        program.module().to(device), qmodule, holdout, batch_size or cfg.batch_size,
-        fixed=fixed, device=device, progress=progress, token_input=token_input,
+        None if reference is not None else program.module().to(device), qmodule, holdout,
+        batch_size or cfg.batch_size, fixed=fixed, device=device, progress=progress,
+        token_input=token_input, reference=reference,
     )
     drq_fractions = {k: float(m.int4_fraction) for k, m in drq_modules.items()}
     report = _report(ckpt, rows, len(layers), metrics, cfg, len(train), drq_fractions)
     log.info("quantized %d layers; metrics %s", len(rows), metrics)
-    return QuantizeResult(tensors, ckpt.metadata(), report, ckpt, qmodule)
+    return QuantizeResult(tensors, ckpt.metadata(), report, ckpt, qmodule, activations)
 
 
 def load(checkpoint_path: str | Path, program: torch.export.ExportedProgram) -> nn.Module:

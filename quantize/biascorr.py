@@ -11,16 +11,23 @@ equals the float layer's on the calibration inputs. Two variants
 ``mu = E[op(Q_a(x), Q(W)) - op(x, W)]`` with ``Q_a`` the layer's input grid (DRQ rows, whose
 input grid varies by region, get the ``"weight"`` correction).
 
-``mu`` is measured exactly, not from a per-channel input mean: one no-grad pass of the
-calibration set through the BN-folded float model, with a probe on each corrected layer's
-input that runs the layer's op on ``Q(W) - W`` (no bias) and sums the result per output channel
-(padding rows of fixed-size batches dropped). ``x`` is the float model's input to the layer
-(the classic choice: the correction of one layer does not depend on the others').
+``mu`` is exact, not from a per-channel input mean. The op is linear in ``x``, so the
+``"weight"`` shift is ``E[op(x, dW)] = op(E[x], dW)`` averaged over output positions, i.e. ``dW``
+against the layer input summed per weight tap (``quantize.observe.InputSums``, padding zeros of
+the conv included): given those sums (measured once per job with the activation statistics),
+the correction of any plan needs no data (``sums=``). Otherwise, and always for ``"layer"``
+(``Q_a`` is not linear), one no-grad pass of the calibration set through the BN-folded float
+model, with a probe on each corrected layer's input that runs the layer's op on ``Q(W) - W``
+(no bias) and sums the result per output channel (padding rows of fixed-size batches dropped).
+``x`` is the float model's input to the layer (the classic choice: the correction of one layer
+does not depend on the others'); the sums come from the unfolded model, whose layer inputs are
+the same up to float rounding (the BN folded or not).
 
 The corrected bias is what ``quantize.apply`` writes to the checkpoint (``bias`` and
 ``bias_q``), so fake-quant, the integer executor and the exports compute with it. ``Q(W)`` is
 the quantizer the checkpoint uses (``quantize.primitives.quantize_weight``, the plan row's
-bits and group size). Cost: one forward pass plus one extra op per corrected layer.
+bits and group size). Cost: with the sums, one weight-sized product per layer; without, one
+forward pass plus one extra float64 op per corrected layer.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from torch import fx, nn
 
 from .data import CalibrationSet
 from .graph import GraphLayer, insert_input_modules
-from .observe import graph_copy
+from .observe import InputSums, graph_copy
 from .points import Grid
 from .primitives import expand_scales, fake_quantize_activation, quantize_weight
 
@@ -126,7 +133,7 @@ def output_shifts(
 
 
 def correct_biases(
-    gm: fx.GraphModule,
+    gm: fx.GraphModule | None,
     layers: Mapping[str, GraphLayer],
     folded: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]],
     bits: Mapping[str, tuple[int, int | None]],
@@ -135,13 +142,24 @@ def correct_biases(
     fixed: bool = False,
     device: torch.device | str = "cpu",
     grids: Mapping[str, Grid] | None = None,
+    sums: Mapping[str, InputSums] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (W, b - mu)}`` for every layer in ``bits`` (``(w_bits, group_size)``), from the
     BN-folded ``(W, b)`` of ``folded`` (``b`` None counts as zero); float32 biases. Layers in
-    ``grids`` (their input grids) get the ``"layer"`` correction, the others ``"weight"``."""
+    ``grids`` (their input grids) get the ``"layer"`` correction, the others ``"weight"``: from
+    their ``sums`` (the train inputs summed per tap, ``quantize.observe``) when given, no pass;
+    the pass over ``data`` through ``gm`` runs only for the layers left (none: ``gm`` unused)."""
+    grids, sums = grids or {}, sums or {}
     deltas = {n: weight_delta(folded[n][0], *bits[n]) for n in bits}
-    weights = {n: folded[n][0].detach().cpu() for n in (grids or {})}
-    shifts = output_shifts(gm, layers, deltas, data, batch_size, fixed, device, weights, grids)
+    shifts = {n: sums[n].mean_output(d) for n, d in deltas.items()
+              if n in sums and n not in grids}
+    rest = {n: d for n, d in deltas.items() if n not in shifts}
+    if rest:
+        weights = {n: folded[n][0].detach().cpu() for n in grids if n in rest}
+        if gm is None:
+            raise ValueError(f"no input sums for {sorted(rest)}: the pass needs the model")
+        shifts.update(output_shifts(gm, layers, rest, data, batch_size, fixed, device, weights,
+                                    {n: g for n, g in grids.items() if n in rest}))
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (weight, bias) in folded.items():
         if name not in shifts:

@@ -160,18 +160,22 @@ def calibrate(
     device: torch.device,
     progress: ProgressFn | None = None,
     activations: ActivationStats | None = None,
-) -> tuple[dict[str, Grid], dict[str, Grid]]:
-    """Calibrated input grid of each quantized layer and grid of each free point.
+) -> tuple[dict[str, Grid], dict[str, Grid], dict[str, tuple[float, float]]]:
+    """Calibrated input grid of each quantized layer, grid of each free point, and (minmax)
+    the observed (min, max) of each free point's end node.
 
     ``gm`` (a BN-folded float copy) is modified: observers are inserted. ``input_bits`` maps a
     layer name to its input bits; layers in ``given`` (DRQ rows: the grid their threshold was
     calibrated on, from the plan) keep that grid and are not observed; with ``minmax``, a layer
-    in ``activations`` takes its grid from those statistics and is not observed either.
+    in ``activations`` takes its grid from those statistics and is not observed either, and so
+    does a free point whose range ``activations.outputs`` holds for this set of ``layers``
+    (measured by an earlier call on the same model and data). No observer left: no pass.
     A free point is one with no consumer layer; its grid has ``cfg.out_bits`` bits, or
     ``cfg.final_bits`` when it is a model output.
     Raises BadCalibrationError when a tensor never shows up or is non-finite.
     """
     stats = activations if activations is not None and cfg.calibration == "minmax" else None
+    known = {} if stats is None else stats.outputs.get(frozenset(layers), {})
     in_grids: dict[str, Grid] = dict(given)
     for name in input_bits:
         if name not in given and stats is not None and name in stats:
@@ -181,14 +185,15 @@ def calibrate(
     in_obs = {name: RangeObserver(info, cfg.histogram_bins) for name in input_bits
               if name not in in_grids}
     out_obs = {
-        p.end: RangeObserver(info, cfg.histogram_bins) for p in points if p.consumer is None
+        p.end: RangeObserver(info, cfg.histogram_bins) for p in points
+        if p.consumer is None and p.end not in known
     }
     insert_after(gm, out_obs, "obs_out")
     insert_input_modules(gm, [layers[n] for n in in_obs], in_obs, "obs_in")
     gm.to(device)
     fixed = batch_size is not None
     size = batch_size if fixed else cfg.batch_size
-    phases = 2 if cfg.calibration in ("percentile", "mse") else 1
+    phases = (2 if cfg.calibration in ("percentile", "mse") else 1) if in_obs or out_obs else 0
     n_batches = max(1, math.ceil(len(data) / size))
     for phase in range(phases):
         for obs in [*in_obs.values(), *out_obs.values()]:
@@ -205,10 +210,13 @@ def calibrate(
         scale, signed = activation_scale(amin, amax, input_bits[name])
         in_grids[name] = Grid(f32(scale), input_bits[name], signed)
     out_grids: dict[str, Grid] = {}
+    ranges: dict[str, tuple[float, float]] = {}
     for p in points:
         if p.consumer is None:
             bits = cfg.final_bits if p.final else cfg.out_bits
-            amin, amax = out_obs[p.end].value_range(cfg.calibration, cfg.percentile, bits)
+            amin, amax = known[p.end] if p.end in known else \
+                out_obs[p.end].value_range(cfg.calibration, cfg.percentile, bits)
+            ranges[p.end] = (amin, amax)
             scale, signed = activation_scale(amin, amax, bits)
             out_grids[p.node] = Grid(f32(scale), bits, signed)
-    return in_grids, out_grids
+    return in_grids, out_grids, ranges

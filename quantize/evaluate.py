@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -86,8 +87,40 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
     return float(nll), int(keep.sum())
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The FP32 module's outputs on every real sample of a held-out set, in order (rows
+    ``[i, i + n)`` for the batch starting at sample ``i``): measured once, it serves every plan
+    evaluated on that set (``evaluate(reference=)``)."""
+
+    outputs: torch.Tensor
+    samples: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.outputs.numel() * self.outputs.element_size()
+
+
+@torch.no_grad()
+def reference_outputs(fp32_module: nn.Module, holdout: CalibrationSet, batch_size: int, *,
+                      fixed: bool = False, device: torch.device | None = None,
+                      max_bytes: int | None = None) -> Reference | None:
+    """``fp32_module``'s outputs on ``holdout`` (batches as ``evaluate`` runs them, kept on the
+    CPU), or None when they would exceed ``max_bytes`` (known after the first batch: the
+    outputs of a language model's vocabulary can be large)."""
+    device = device or torch.device("cpu")
+    parts: list[torch.Tensor] = []
+    for batch in holdout.batches(batch_size, fixed=fixed):
+        out = run_batch(fp32_module, batch.to(device)).detach().cpu()
+        if max_bytes is not None and out.element_size() * out[:1].numel() * len(holdout) \
+                > max_bytes:
+            return None
+        parts.append(out)
+    return Reference(torch.cat(parts), len(holdout))
+
+
 def evaluate(
-    fp32_module: nn.Module,
+    fp32_module: nn.Module | None,
     quant_module: nn.Module,
     holdout: CalibrationSet,
     batch_size: int,
@@ -96,8 +129,10 @@ def evaluate(
     device: torch.device | None = None,
     progress: ProgressFn | None = None,
     token_input: str | int | None = None,
+    reference: Reference | None = None,
 ) -> dict:
-    """Metrics of ``quant_module`` against ``fp32_module`` on ``holdout``.
+    """Metrics of ``quant_module`` against ``fp32_module`` on ``holdout`` (against the FP32
+    outputs in ``reference`` instead, when given: then ``fp32_module`` is not run).
 
     Returns a dict with ``samples``; ``fp32_accuracy`` / ``quant_accuracy`` / ``accuracy_drop``
     (fractions; None without labels); ``top1_agreement`` (argmax over the last output dim);
@@ -114,6 +149,11 @@ def evaluate(
     these three are None where they do not apply.
     """
     device = device or torch.device("cpu")
+    if reference is not None and reference.samples != len(holdout):
+        raise ValueError(f"the reference outputs are of {reference.samples} samples, "
+                         f"the held-out set has {len(holdout)}")
+    if reference is None and fp32_module is None:
+        raise ValueError("evaluate needs the FP32 module or its reference outputs")
     n = rows_seen = correct_f = correct_q = scored = agree = 0
     kl_sum = kl_sq = signal = noise = cos_sum = 0.0
     diff_sum = diff_sq = 0  # paired per-row correctness difference fp32 - quant
@@ -126,7 +166,9 @@ def evaluate(
     with torch.no_grad():
         for i, batch in enumerate(holdout.batches(batch_size, fixed=fixed)):
             batch = batch.to(device)
-            fo, qo = run_batch(fp32_module, batch), run_batch(quant_module, batch)
+            qo = run_batch(quant_module, batch)
+            fo = run_batch(fp32_module, batch) if reference is None else \
+                reference.outputs[n:n + batch.size].to(device)
             out_dim = fo.dim()
             f, q = _rows(fo), _rows(qo)
             per_sample = f.shape[0] // batch.size

@@ -11,21 +11,37 @@ from, ``ActivationStats.grid(name, bits) = activation_scale(lo, hi, bits)``:
 - ``sensitivity.regions``: the INT8 grid of the DRQ statistics (stored in the plan row);
 - ``quantize.calibrate``: the input grid of each quantized layer (``minmax`` calibration).
 
+The same pass also sums each layer's input per weight tap (``InputSums``: for a conv, the input
+summed over samples and output positions at each (input channel, kernel offset) a weight
+touches, padding zeros included; for a linear layer, summed over every row), so the mean output
+of the layer's op with any weight, ``E[op(x, D)]``, is ``InputSums.mean_output(D)`` without a
+pass (the op is linear in ``x``): ``quantize.biascorr``'s ``weight`` correction of any plan.
+Their size is the weight's input side (``C_in x kernel`` float64 per layer: 0.25 / 0.44 /
+0.59 MB for ResNet-18 / ResNet-50 / MobileNetV2), in ``to_dict`` as base64 (exact), so a
+cached sensitivity result hands them to a re-plan too.
+
+``ActivationStats.outputs`` carries the other per-job measurement of the quantize stage: the
+min / max of every free point (``quantize.points``) of the BN-folded float model, per set of
+quantized layers (the folded graph depends on it), filled by ``quantize.apply`` so the next
+plan of the same job (a Pareto point) calibrates without a pass.
+
 A job measures them once (``sensitivity.measure`` returns them in
 ``SensitivityResult.activations``) and hands them to the other stages; each entry point also
 measures them itself when called without them. Memory: one no-grad forward of ``batch_size``
-samples at a time; the statistics are a few numbers per layer.
+samples at a time; the statistics are a few numbers per layer, plus the sums above.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -35,7 +51,7 @@ from .data import CalibrationSet
 from .graph import GraphLayer, insert_input_modules
 from .primitives import activation_scale
 
-VERSION = 1
+VERSION = 2  # 2: the layer input sums (``InputSums``); version 1 is still read
 ProgressFn = Callable[[str, float], None]
 
 
@@ -65,12 +81,88 @@ class InputStats:
 
 
 @dataclass(frozen=True)
+class InputSums:
+    """A layer's input summed per weight tap over ``count`` output elements per channel.
+
+    ``total``: float64, ``[groups, C_in / groups, *kernel]`` for a conv (the input value each
+    weight element multiplies, summed over samples and output positions), ``[D]`` for a linear
+    layer (summed over samples and tokens); ``count``: samples x output positions (rows for
+    a linear layer)."""
+
+    total: torch.Tensor
+    count: int
+
+    def mean_output(self, weight: torch.Tensor) -> torch.Tensor:
+        """``E[op(x, weight)]`` per output channel (float64 ``[out]``, no bias), the mean over
+        the summed samples and positions; ``weight`` in the layer's own shape."""
+        w = weight.to(torch.float64)
+        if self.total.dim() == 1:  # linear
+            return (w @ self.total.to(w.device)) / max(self.count, 1)
+        groups = self.total.shape[0]
+        per_group = w.shape[0] // groups
+        taps = self.total.to(w.device).repeat_interleave(per_group, dim=0)  # [out, C_in/g, *k]
+        return (w * taps).flatten(1).sum(1) / max(self.count, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.total.numel() * self.total.element_size()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON: the float64 sums exactly, as base64 of their little-endian bytes."""
+        data = self.total.detach().cpu().to(torch.float64).contiguous().numpy().astype("<f8")
+        return {"count": self.count, "shape": list(self.total.shape),
+                "float64": base64.b64encode(data.tobytes()).decode("ascii")}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InputSums:
+        raw = np.frombuffer(base64.b64decode(d["float64"]), dtype="<f8")
+        shape = tuple(int(s) for s in d["shape"])
+        if raw.size != math.prod(shape):
+            raise ValueError(f"input sums of {raw.size} values for shape {shape}")
+        return cls(torch.from_numpy(raw.astype(np.float64)).reshape(shape), int(d["count"]))
+
+
+def tap_sums(layer: GraphLayer, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(``InputSums.total``, ``count``) of the batch ``x`` (real rows only) for ``layer``: the
+    batch summed first (the op is linear), then per tap as the weight gradient of the summed
+    output of a conv with one output channel per group (torch's own padding and stride)."""
+    v = x.detach()
+    if layer.kind == "linear":
+        rows = v.reshape(-1, v.shape[-1])
+        return rows.sum(0, dtype=torch.float64).cpu(), rows.shape[0]
+    conv = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d}[layer.kind]
+    summed = v.sum(0, keepdim=True, dtype=torch.float64)
+    w = torch.zeros(layer.groups, *layer.weight_shape[1:], dtype=torch.float64,
+                    device=v.device, requires_grad=True)
+    with torch.enable_grad():
+        out = conv(summed, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        (grad,) = torch.autograd.grad(out.sum(), w)
+    return grad.cpu(), v.shape[0] * out[0, 0].numel()
+
+
+@dataclass(frozen=True)
 class ActivationStats:
-    """``InputStats`` per layer name, measured on ``samples`` samples."""
+    """``InputStats`` per layer name, measured on ``samples`` samples; ``sums``: the layers'
+    ``InputSums``; ``outputs``: per frozenset of quantized layer names, the
+    (min, max) of each free point's end node in the BN-folded float model (minmax calibration,
+    ``quantize.calibrate``; in memory only)."""
 
     layers: dict[str, InputStats] = field(default_factory=dict)
     samples: int = 0
     version: int = VERSION
+    sums: dict[str, InputSums] = field(default_factory=dict, repr=False, compare=False)
+    outputs: dict[frozenset[str], dict[str, tuple[float, float]]] = field(
+        default_factory=dict, repr=False, compare=False)
+
+    def with_outputs(self, layers: frozenset[str],
+                     ranges: Mapping[str, tuple[float, float]]) -> ActivationStats:
+        """These statistics with the free-point ranges of quantized layer set ``layers``."""
+        return replace(self, outputs={**self.outputs, layers: dict(ranges)})
+
+    @property
+    def sums_bytes(self) -> int:
+        """Bytes held by ``sums`` (counted in memory estimates)."""
+        return sum(s.nbytes for s in self.sums.values())
 
     def __contains__(self, name: object) -> bool:
         return name in self.layers
@@ -93,22 +185,28 @@ class ActivationStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "samples": self.samples,
-                "layers": {n: s.to_dict() for n, s in self.layers.items()}}
+                "layers": {n: s.to_dict() for n, s in self.layers.items()},
+                "sums": {n: s.to_dict() for n, s in self.sums.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ActivationStats:
-        if d.get("version") != VERSION:
+        if d.get("version") not in (1, VERSION):  # 1: without the sums
             raise ValueError(f"unsupported activation statistics version {d.get('version')!r}")
         return cls({n: InputStats.from_dict(s) for n, s in d["layers"].items()},
-                   int(d["samples"]))
+                   int(d["samples"]),
+                   sums={n: InputSums.from_dict(s) for n, s in d.get("sums", {}).items()})
 
 
 class _Probe(nn.Module):
-    """Passes its input through and keeps its running min / max / count."""
+    """Passes its input through and keeps its running min / max / count (and, with a layer,
+    its ``InputSums``)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, layer: GraphLayer | None = None) -> None:
         super().__init__()
         self.name = name
+        self.layer = layer
+        self.total: torch.Tensor | None = None
+        self.count = 0
         self.full: int | None = None  # rows of the current batch, padding included
         self.valid: int | None = None  # real rows of the current batch
         self.lo, self.hi, self.numel = math.inf, -math.inf, 0
@@ -128,10 +226,17 @@ class _Probe(nn.Module):
         self.hi = max(self.hi, float(v.max()))
         self.numel += v.numel()
         self.shape = tuple(v.shape[1:])
+        if self.layer is not None:
+            total, count = tap_sums(self.layer, v)
+            self.total = total if self.total is None else self.total + total
+            self.count += count
         return x
 
     def stats(self) -> InputStats:
         return InputStats(self.lo, self.hi, self.numel, self.shape)
+
+    def sums(self) -> InputSums | None:
+        return None if self.total is None else InputSums(self.total, self.count)
 
 
 def graph_copy(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
@@ -157,8 +262,10 @@ def observe(
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
     stage: str = "observe",
+    sums: bool = True,
 ) -> ActivationStats:
-    """Input statistics of every layer in ``layers`` over all samples of ``data``.
+    """Input statistics of every layer in ``layers`` over all samples of ``data`` (with
+    ``sums``, also their ``InputSums``).
 
     ``module`` is left unchanged (the probes go on a graph copy that shares its parameters when
     they are on ``device``); ``batch_size`` samples per forward, padded to it when ``fixed``
@@ -166,7 +273,7 @@ def observe(
     BadCalibrationError when a layer input is NaN/inf.
     """
     device = torch.device(device)
-    probes = {layer.name: _Probe(layer.name) for layer in layers}
+    probes = {layer.name: _Probe(layer.name, layer if sums else None) for layer in layers}
     gm = insert_input_modules(graph_copy(module, device), list(layers), probes, "observe")
     planned = max(1, math.ceil(len(data) / batch_size))
     for i, batch in enumerate(data.batches(batch_size, fixed=fixed)):
@@ -177,7 +284,9 @@ def observe(
         gm(*b.args, **b.kwargs)
         if progress is not None:
             progress(stage, (i + 1) / planned)
-    return ActivationStats({n: p.stats() for n, p in probes.items()}, len(data))
+    found = {n: p.sums() for n, p in probes.items()}
+    return ActivationStats({n: p.stats() for n, p in probes.items()}, len(data),
+                           sums={n: s for n, s in found.items() if s is not None})
 
 
-__all__ = ["ActivationStats", "InputStats", "graph_copy", "observe"]
+__all__ = ["ActivationStats", "InputStats", "InputSums", "graph_copy", "observe", "tap_sums"]

@@ -45,6 +45,9 @@ ONNX_FILE = "model.onnx"
 LATENCY_FILE = "latency.json"  # hardware onnxruntime-cpu: the measured per-layer latencies
 PARETO_EVAL_SAMPLES = 32  # held-out samples a Pareto point is evaluated on (bounds evaluate's
 # share of a large job; docs/benchmarks.md)
+# the FP32 outputs on the points' held-out samples are kept for all points up to this size (a
+# classifier's are kilobytes; a language model's [N, T, V] logits may not be worth holding)
+REFERENCE_MAX_BYTES = 256 * 2**20
 PARETO_FILE, PLOTS_DIR = "pareto.json", "plots"
 SENSITIVITY_FILE, REGIONS_FILE, PROBLEM_FILE, SOLUTION_FILE = (
     "sensitivity.json",
@@ -348,8 +351,11 @@ def run_pipeline(
         sens = _group_omegas(intake, sens, constraints)
     _write_atomic(out / SENSITIVITY_FILE, sens.to_json())
     # the layer input ranges, measured once (with the sensitivity, cached with it) and handed
-    # to regions and quantize, so every stage uses the same activation grids
-    activations = sens.activations or _observe(intake, sens, device)
+    # to regions and quantize, so every stage uses the same activation grids, with the layer
+    # input sums (bias correction without a pass); a result cached without sums observes again
+    activations = sens.activations
+    if activations is None or any(layer.name not in activations.sums for layer in intake.layers):
+        activations = _observe(intake, sens, device)
     tick("sensitivity", 1.0)
 
     # 3. regions (DRQ)
@@ -447,18 +453,27 @@ def run_pipeline(
     # (their metrics carry the count and interval): the job's own plan on all of them
     point_intake = _holdout_subset(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
     split["point_samples"] = len(point_intake.holdout)
+    # measured once for every point: the free-point ranges (the job's plan measured them, for
+    # its layer set), the layer input sums (with the sensitivity) and the FP32 outputs
+    activations = result.activations or activations
+    reference = None
+    point_chunk = _forward_chunk(sens)
 
     def evaluate_plan(point_plan: dict[str, Any]) -> dict[str, Any]:
         """A front point's metrics, from the cache when the same plan was evaluated."""
+        nonlocal reference
         key = evaluation_key(model_path, calib_path, point_plan, split)
         hit = cache.get("evaluations", key)
         if hit is not None:
             return json.loads(hit)
         quiet = lambda stage, fraction: tick.check()  # noqa: E731 (the point's own stages)
-        metrics = _quantize(point_intake, point_plan, device, quiet,
-                            chunk=_forward_chunk(sens), activations=activations).report["metrics"]
+        if reference is None:
+            reference = _reference(point_intake, point_chunk, device)
+        metrics = _quantize(point_intake, point_plan, device, quiet, chunk=point_chunk,
+                            activations=activations, reference=reference).report["metrics"]
         cache.put("evaluations", key, json.dumps(metrics))
         return metrics
+
 
     _tradeoff(out, problem, solution, specs, constraints, plan, result.report, tick,
               pareto_points, pareto_evaluate, evaluate_plan, plots, cache)
@@ -582,25 +597,44 @@ def _observe(intake: Any, sens: Any, device: torch.device) -> Any:
                    device)
 
 
+def _quantize_config(chunk: int | None) -> Any:
+    from quantize import QuantizeConfig
+
+    return QuantizeConfig() if chunk is None else QuantizeConfig(batch_size=chunk)
+
+
 def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
-              progress: ProgressFn, chunk: int | None = None, activations: Any = None) -> Any:
+              progress: ProgressFn, chunk: int | None = None, activations: Any = None,
+              reference: Any = None) -> Any:
     """quantize.apply on the intake's split: checkpoint, fake-quant module and report;
     ``chunk``: samples per forward pass of a dynamic-batch program; ``activations``: the job's
-    layer input statistics."""
-    from quantize import QuantizeConfig, apply
+    layer input statistics; ``reference``: the FP32 outputs on ``intake.holdout``."""
+    from quantize import apply
 
     return apply(
         intake.program,
         plan,
         intake.train,
         intake.holdout,
-        QuantizeConfig() if chunk is None else QuantizeConfig(batch_size=chunk),
+        _quantize_config(chunk),
         batch_size=intake.batch_size,
         device=device,
         progress=progress,
         token_input=intake.token_input,
         activations=activations,
+        reference=reference,
     )
+
+
+def _reference(intake: Any, chunk: int | None, device: torch.device) -> Any:
+    """The FP32 program's outputs on ``intake.holdout``, batched as ``_quantize`` evaluates
+    (None when over ``REFERENCE_MAX_BYTES``: each point then runs the FP32 model itself)."""
+    from quantize.evaluate import reference_outputs
+
+    size = intake.batch_size or _quantize_config(chunk).batch_size
+    return reference_outputs(intake.program.module().to(device), intake.holdout, size,
+                             fixed=intake.batch_size is not None, device=device,
+                             max_bytes=REFERENCE_MAX_BYTES)
 
 
 def _tradeoff(out: Path, problem: Any, solution: Any, specs: Any, constraints: Constraints,

@@ -3,6 +3,8 @@ checkpoint, fake-quant and the integer executor compute with."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +128,114 @@ def test_config_rejects_an_unknown_mode() -> None:
     with pytest.raises(BadConstraintsError, match="bias_correction"):
         QuantizeConfig(bias_correction=True)  # type: ignore[arg-type]
     assert QuantizeConfig.from_dict({"bias_correction": "layer"}).bias_correction == "layer"
+
+
+class _Shapes(nn.Module):
+    """Convs with stride / padding / dilation / groups (depthwise too), a 1-D conv and a linear
+    layer on [B, T, D] rows: every way a tap sees padding zeros or a strided window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6)  # depthwise
+        self.c3 = nn.Conv2d(6, 4, (3, 1), stride=(1, 2), padding=(1, 0), groups=2, bias=False)
+        self.c4 = nn.Conv2d(4, 4, 3, padding=3)  # more padding than the kernel reaches
+        self.t1 = nn.Conv1d(4, 5, 2, stride=2, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c4(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))  # [B, 4, 8, 6]
+        t = self.t1(h[:, :, :2, :4].flatten(2))  # [B, 5, 5]
+        return self.fc(torch.tanh(t).transpose(1, 2))  # [B, 5 tokens, 3]
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_input_sums_give_the_pass_based_shift(fixed) -> None:
+    """``E[op(x, dW)]`` from the per-tap input sums of one observe pass equals the pass that
+    runs ``op(x, dW)`` on every sample (float64 both, 1e-9 relative: only the summation order
+    differs), for every layer shape above; fixed batches (11 samples in 4s) drop the padding
+    rows in both."""
+    from quantize.observe import observe
+
+    torch.manual_seed(0)
+    x = torch.randn(11, 4, 8, 8) + 0.3  # a non-zero mean, so the padding taps matter
+    gm = torch.export.export(_Shapes().eval(), (x[:4],),
+                             dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    layers = {layer.name: layer for layer in find_layers(gm)}
+    assert set(layers) == {"c1", "c2", "c3", "c4", "t1", "fc"}
+    params = dict(gm.named_parameters())
+    deltas = {n: weight_delta(params[layer.weight], 3, None) for n, layer in layers.items()}
+    data = CalibrationSet((x,))
+    passed = output_shifts(gm, layers, deltas, data, 4, fixed=fixed)
+    stats = observe(gm, list(layers.values()), data, 4, fixed)
+    for name, delta in deltas.items():
+        got = stats.sums[name].mean_output(delta)
+        torch.testing.assert_close(got, passed[name], rtol=1e-9, atol=1e-12)
+        assert float(got.abs().max()) > 1e-4  # a real shift at 3 bits (far above the atol)
+    assert stats.sums["fc"].count == 11 * 5  # rows of every token
+    assert stats.sums["c1"].count == 11 * 4 * 4  # samples x output positions
+
+
+def test_correction_from_sums_equals_the_pass_on_the_folded_model(resnet_program, plan_for,
+                                                                  split) -> None:
+    """The checkpoint with the sums of the unfolded program (the job's observe pass) has the
+    biases of the pass on the BN-folded float model: the layer inputs differ only by the
+    rounding of the folded BN (measured 1.8e-7 relative, two float32 steps; 2e-6 allowed), and
+    every other tensor is equal."""
+    from quantize.observe import observe
+
+    plan = plan_for(resnet_program, w_bits=lambda i, _: 4 if i % 2 == 0 else 8)
+    train, holdout = split
+    gm = resnet_program.module()
+    stats = observe(gm, find_layers(gm), train, 64)
+    with_sums = apply(resnet_program, plan, train, holdout, activations=stats)
+    no_sums = dataclasses.replace(stats, sums={})
+    passed = apply(resnet_program, plan, train, holdout, activations=no_sums)
+    none = apply(resnet_program, plan, train, holdout, QuantizeConfig(bias_correction="none"),
+                 activations=no_sums)
+    moved, biases = 0, 0
+    for key, t in with_sums.tensors.items():
+        if key.endswith(".bias"):
+            torch.testing.assert_close(t, passed.tensors[key], rtol=2e-6, atol=1e-7)
+            moved += int(not torch.equal(t, none.tensors[key]))
+            biases += 1
+        elif not key.endswith(".bias_q"):
+            assert torch.equal(t, passed.tensors[key]), key
+    assert moved == biases == 4  # the correction changed every bias (by 0.01-0.3 here)
+    q = [k for k in with_sums.tensors if k.endswith(".bias_q")]
+    diff = sum(int((with_sums.tensors[k] != passed.tensors[k]).sum()) for k in q)
+    assert diff <= 2  # an integer bias on a rounding tie may flip by one unit
+
+
+class _CountingSet(CalibrationSet):
+    """A calibration set that counts the passes made over it."""
+
+    passes = 0
+
+    def batches(self, batch_size, fixed=False):
+        type(self).passes += 1
+        return super().batches(batch_size, fixed)
+
+
+def test_a_second_plan_reuses_the_measurements(resnet_program, plan_for, split) -> None:
+    """A Pareto point quantized with the first plan's measurements (activation statistics with
+    input sums and free-point ranges, FP32 reference outputs) makes no pass over the train set
+    and gives the checkpoint and metrics of a fresh ``apply``."""
+    from quantize.evaluate import reference_outputs
+
+    train, holdout = split
+    counted = _CountingSet(train.args, train.kwargs, train.labels)
+    first = apply(resnet_program, plan_for(resnet_program, w_bits=8), counted, holdout)
+    assert first.activations is not None and first.activations.outputs
+    point = plan_for(resnet_program, w_bits=lambda i, _: 4 if i % 3 == 0 else 8)
+    fresh = apply(resnet_program, point, counted, holdout)
+    ref = reference_outputs(resnet_program.module(), holdout, 64)
+    _CountingSet.passes = 0
+    reused = apply(resnet_program, point, counted, holdout, activations=first.activations,
+                   reference=ref)
+    assert _CountingSet.passes == 0
+    assert fresh.tensors.keys() == reused.tensors.keys()
+    for key, t in fresh.tensors.items():
+        assert torch.equal(t, reused.tensors[key]), key
+    assert fresh.checkpoint.quant == reused.checkpoint.quant
+    assert fresh.report["metrics"] == reused.report["metrics"]

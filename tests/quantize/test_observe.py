@@ -72,9 +72,17 @@ def test_json_round_trip(cnn_program, calib_digits):
     gm = cnn_program.module()
     stats = observe(gm, find_layers(gm), CalibrationSet((calib_digits[0][:20],)), 8)
     stats = ActivationStats({**stats.layers, "unused": InputStats(math.inf, -math.inf, 0, ())},
-                            stats.samples)
+                            stats.samples, sums=stats.sums)
     back = ActivationStats.from_dict(json.loads(json.dumps(stats.to_dict())))
     assert back == stats
+    # the input sums exactly (float64 bits), with their counts and shapes
+    assert back.sums.keys() == stats.sums.keys() == {"conv1", "conv2", "fc"}
+    for name, s in stats.sums.items():
+        assert torch.equal(back.sums[name].total, s.total) and back.sums[name].count == s.count
+        assert s.total.dtype == torch.float64
+    # version 1 (no sums) is still read
+    old = {k: v for k, v in stats.to_dict().items() if k != "sums"}
+    assert ActivationStats.from_dict({**old, "version": 1}).sums == {}
     with pytest.raises(ValueError, match="version"):
         ActivationStats.from_dict({**stats.to_dict(), "version": 99})
 
