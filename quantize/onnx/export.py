@@ -14,6 +14,7 @@ the exporter cannot express is refused (``UnsupportedExportError``, naming it) f
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -37,6 +38,9 @@ from .ops import translate
 log = logging.getLogger(__name__)
 
 FORMAT = "bitplan-onnx/1"
+# model property: JSON {chain-end fx node of each materialised point: its ONNX value name},
+# which ``verify`` reads to check every point on its own (``point_check``)
+POINTS_PROP = "bitplan_points"
 
 _DTYPES = {
     torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE,
@@ -100,6 +104,7 @@ def export_onnx(
     add_grid = {p.node: g for p, g in points if p.kind == "add"}
     builder = GraphBuilder(int8_kernels=int8_kernels)
     ctx = Context(gm, builder)
+    point_values: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             builder.inputs.append(_value_info(node.name, node))
@@ -132,6 +137,7 @@ def export_onnx(
                                                  "outputs")
                 out = builder.qdq(out, end_grid[node.name], node.name + "_out",
                                   wide=node.name not in layer_ends)
+                point_values[node.name] = out
             ctx.env[node.name] = out
         elif node.op == "output":
             results = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
@@ -148,6 +154,7 @@ def export_onnx(
         meta = ckpt.metadata()
         props["checkpoint_sha256"] = meta["sha256"]
         props["plan_sha256"] = hashlib.sha256(meta["plan"].encode()).hexdigest()
+        props[POINTS_PROP] = json.dumps(point_values, sort_keys=True)
     helper.set_model_props(model, props)
     log.info("exported %d quantized layers, %d nodes", len(qlayers), len(builder.nodes))
     return model

@@ -1,25 +1,38 @@
 """Checking an export: ``onnx.checker`` (full check) and ONNX Runtime against fake-quant.
 
-The fake-quant module (``quantize.load``) is the reference: ONNX Runtime runs the exported
-graph on the held-out samples and must agree on the top-1 class for at least
-``VerifyConfig.min_top1_agreement`` of them (leaving out near-ties: samples whose reference top
-two outputs are within twice the allowed output deviation, where a flip is within the output
-bar; a random-weight ResNet-18 on random images has most of its samples there), with 99 % of
-the output values within ``max_step_p99`` steps of an 8-bit grid over the output's range (the
-output grid itself when it has 8 bits or fewer; for the default 16-bit logits grid one such
-step is 256 of its steps).
+The fake-quant module (``quantize.load``) is the reference, checked two ways on the held-out
+samples:
+
+- **per point** (``point_check``): every tensor the integer model materialises (layer outputs,
+  residual adds, pools; ``quantize.points``) and the model output are computed by ONNX Runtime
+  from the fake-quant module's own values of the points before them (the exported graph cut at
+  every point: each point's value is a graph input), so each part of the graph is compared on
+  its own. At most ``VerifyConfig.max_point_mismatch`` of a point's values may sit on another
+  code than the reference's (another 8-bit step for wider grids);
+- **end to end**: ONNX Runtime's outputs must pick the fake-quant module's top-1 class for at
+  least ``VerifyConfig.min_top1_agreement`` of the samples (leaving out near-ties: samples whose
+  reference top two outputs are within ``2 x max_step_p99`` 8-bit output steps, where a flip is
+  within rounding; a random-weight ResNet-18 on random images has most of its samples there).
+  The output deviation is reported (99th percentile in steps of an 8-bit grid over the output's
+  range: the output grid itself when it has 8 bits or fewer; for the default 16-bit logits grid
+  one such step is 256 of its steps) but is not a pass criterion.
 
 The two differ only by rounding: ONNX requantises in float (round half to even) where the
-checkpoint uses dyadic integer multipliers (round half up), so values that float arithmetic
-puts on the other side of a rounding boundary (about 1 in 10^6 at a first layer) differ by one
-code, and a deep network carries those differences on: on ResNet-18 at 224x224 (random
-weights, all INT8) half of the last block's outputs differ by a code or more and the 99th
-percentile of the logits is one 8-bit step, while every top-1 agrees. Steps of the fine
-16-bit grid would call that 256 steps; they are also reported (``*_steps``).
+checkpoint uses dyadic integer multipliers (round half up), and a full-width signed 8-bit type
+holds one code (-128) below the symmetric grid; so values that float arithmetic puts on the
+other side of a rounding boundary (about 1 in 10^5 of a layer's outputs) differ by one code.
+A network carries those differences on, and how far depends on the network, not the export:
+on ResNet-18 at 224x224 (random weights, all INT8) the 99th percentile of the logits is one
+8-bit step, while a random-weight MobileNetV2 at 224x224 amplifies them to 7-11 steps (one
+code changed in 1 of 10^5 outputs of its second conv alone moves its logits by 6 steps at the
+99th percentile, in the fake-quant module itself) with every point within one code of the
+reference. Hence the per-point bar: it holds for any network an export computes correctly,
+and a wrong scale, zero point, bias, padding or op moves most of a point's values.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +40,8 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper
+from torch import fx
 
 from solver.errors import (
     BadConstraintsError,
@@ -38,6 +53,7 @@ from solver.errors import (
 from ..checkpoint import Checkpoint
 from ..data import CalibrationSet
 from ..fakequant import build_fake_quant
+from ..points import Grid, Point
 
 EXTRA = "onnx"
 
@@ -49,10 +65,16 @@ class VerifyConfig:
     version: int = 1
     # the issue's bar: ORT picks the fake-quant module's class on >= 99 % of the samples
     min_top1_agreement: float = 0.99
-    # 99th percentile of |ORT - fake-quant| in steps of an 8-bit grid over the output range:
-    # measured 0..1 on the digits models and ResNet-18 (module docstring); 4 leaves room
+    # the output deviation rounding alone may cause (8-bit output steps): samples whose top
+    # two are within twice it are near-ties; end-to-end 99th percentile measured 0..1 on the
+    # digits models and ResNet-18, 7-11 on a random MobileNetV2 (module docstring)
     max_step_p99: float = 4.0
+    # share of a point's values ONNX Runtime may put on another code than the reference when
+    # both read the same inputs: measured <= 2e-5 (rounding, MobileNetV2 at 224x224); a wrong
+    # scale, bias or op moves most values
+    max_point_mismatch: float = 0.01
     batch_size: int = 64
+    point_batch: int = 8  # samples per pass of the point check (it keeps every point's values)
     threads: int = 1  # deterministic and light on a shared machine
 
     def __post_init__(self) -> None:
@@ -60,8 +82,12 @@ class VerifyConfig:
             raise BadConstraintsError(f"unsupported verify config version {self.version}")
         if not 0.0 <= self.min_top1_agreement <= 1.0:
             raise BadConstraintsError("min_top1_agreement must be in [0, 1]")
-        if not self.max_step_p99 > 0 or self.batch_size < 1 or self.threads < 1:
-            raise BadConstraintsError("max_step_p99, batch_size and threads must be positive")
+        if not 0.0 <= self.max_point_mismatch <= 1.0:
+            raise BadConstraintsError("max_point_mismatch must be in [0, 1]")
+        if (not self.max_step_p99 > 0 or self.batch_size < 1 or self.threads < 1
+                or self.point_batch < 1):
+            raise BadConstraintsError("max_step_p99, batch_size, point_batch and threads must "
+                                      "be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,6 +174,123 @@ def top_margin(flat: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
+def _fake_point_nodes(gm: fx.GraphModule, points: list[Point]) -> dict[str, str]:
+    """The fake-quant module's node holding each point's value, by chain end: the chain end
+    itself after a grid-preserving op, else the module that rounds the producer's output
+    (``_bitplan_outq_*`` after a layer; ``_bitplan_add_*`` / ``_bitplan_pool_*``, which
+    replaced an add / pool; ``quantize.fakequant.build_fake_quant``)."""
+    names = {n.name for n in gm.graph.nodes}
+    modules = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
+    prefix = {"layer": "outq", "add": "add", "pool": "pool"}
+    out = {}
+    for p in points:
+        name = (p.end if p.end in names else None) if p.end != p.node else \
+            modules.get(f"_bitplan_{prefix[p.kind]}_{p.node}")
+        if name is None:
+            raise ExportMismatchError(f"point {p.node!r} has no value in the fake-quant module")
+        out[p.end] = name
+    return out
+
+
+def cut_at_points(model: onnx.ModelProto, values: dict[str, str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which every value of ``values`` (point -> ONNX value) is a graph
+    output and its readers read a new float graph input ``<value>_ref`` instead."""
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    taken = {o for n in cut.graph.node for o in n.output} | {i.name for i in cut.graph.input}
+    refs = {}
+    for v in dict.fromkeys(values.values()):
+        ref = v + "_ref"
+        while ref in taken:
+            ref += "_"
+        refs[v] = ref
+    for node in cut.graph.node:
+        for i, name in enumerate(node.input):
+            if name in refs:
+                node.input[i] = refs[name]
+    for v, ref in refs.items():
+        cut.graph.input.append(helper.make_tensor_value_info(ref, TensorProto.FLOAT, None))
+        cut.graph.output.append(helper.make_tensor_value_info(v, TensorProto.FLOAT, None))
+    return cut
+
+
+def point_check(
+    program: torch.export.ExportedProgram, ckpt: Checkpoint, model: onnx.ModelProto,
+    holdout: CalibrationSet, out_unit: float, cfg: VerifyConfig | None = None,
+    fixed_batch: int | None = None,
+) -> dict[str, Any] | None:
+    """Every materialised point and the model output, computed by ONNX Runtime from the
+    fake-quant module's values of the points before them (:func:`cut_at_points`), against
+    the fake-quant module's values: the share of values on another code (another 8-bit step
+    for grids wider than 8 bits; ``out_unit`` for the model output) and the largest
+    deviation, worst point first. None for a file without bitplan's point map."""
+    from .export import POINTS_PROP
+
+    cfg = cfg or VerifyConfig()
+    props = {p.key: p.value for p in model.metadata_props}
+    if POINTS_PROP not in props:
+        return None
+    values: dict[str, str] = json.loads(props[POINTS_PROP])
+    grids: dict[str, tuple[Point, Grid]] = {p.end: (p, g) for p, g in ckpt.points()}
+    if set(values) - set(grids):
+        raise ExportMismatchError("the ONNX file's points are not the checkpoint's: "
+                                  f"{sorted(set(values) - set(grids))[:5]}")
+    fake = build_fake_quant(program, ckpt)
+    nodes = _fake_point_nodes(fake, [grids[end][0] for end in values])
+    units = {end: grids[end][1].scale * 2.0 ** max(0, grids[end][1].bits - 8) for end in values}
+    sess = session(cut_at_points(model, values), cfg.threads)
+    n_inputs = len(model.graph.input)
+    in_names = [i.name for i in sess.get_inputs()]
+    refs = dict(zip(values, in_names[n_inputs:], strict=True))
+    out_names = [o.name for o in sess.get_outputs()]
+    keep = set(nodes.values())
+    stats = {end: [0, 0, 0.0] for end in [*values, "output"]}  # values, mismatched, max steps
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            res = super().run_node(node)
+            if node.name in keep:
+                seen[node.name] = res.detach().to(torch.float32).cpu().numpy()
+            return res
+
+    def tally(end: str, got: np.ndarray, want: np.ndarray, unit: float) -> None:
+        d = np.abs(got.astype(np.float64) - want.astype(np.float64)) / unit
+        st = stats[end]
+        st[0] += d.size
+        st[1] += int((d > 0.5).sum())
+        st[2] = max(st[2], float(d.max()) if d.size else 0.0)
+
+    n = 0
+    with torch.no_grad():
+        for batch in holdout.batches(fixed_batch or cfg.point_batch,
+                                     fixed=fixed_batch is not None):
+            seen: dict[str, np.ndarray] = {}
+            ref_out = Recorder(fake).run(*batch.args)
+            if isinstance(ref_out, (tuple, list)):
+                ref_out = ref_out[0]
+            feed = {name: a.detach().cpu().numpy()
+                    for name, a in zip(in_names[:n_inputs], batch.args, strict=True)}
+            feed.update({refs[end]: seen[nodes[end]] for end in values})
+            got = dict(zip(out_names, sess.run(None, feed), strict=True))
+            k = batch.size
+            for end, v in values.items():
+                tally(end, got[v][:k], seen[nodes[end]][:k], units[end])
+            tally("output", got[out_names[0]][:k],
+                  ref_out.detach().to(torch.float64).cpu().numpy()[:k], out_unit)
+            n += k
+    shares = {end: st[1] / max(st[0], 1) for end, st in stats.items()}
+    worst = max(shares, key=lambda e: (shares[e], stats[e][2]))
+    return {
+        "points": len(values),
+        "samples": n,
+        "max_mismatch": shares[worst],
+        "worst_point": worst,
+        "max_steps": max(st[2] for st in stats.values()),
+        "points_with_mismatch": sum(1 for e in values if stats[e][1]),
+        "output_mismatch": shares["output"],
+    }
+
+
 def verify(
     program: torch.export.ExportedProgram,
     ckpt: Checkpoint,
@@ -214,15 +357,24 @@ def verify(
         "model_bytes": model.ByteSize(),
         "criteria": cfg.to_dict(),
     }
+    points = point_check(program, ckpt, model, holdout, unit8, cfg, fixed_batch)
+    result["points"] = points
+    if points is None:  # a file without the point map: the end-to-end bar instead
+        local_ok = result["p99_steps8"] <= cfg.max_step_p99
+        local = (f"99th percentile {result['p99_steps8']:.2f} steps of an 8-bit output grid "
+                 f"(need <= {cfg.max_step_p99})")
+    else:
+        local_ok = points["max_mismatch"] <= cfg.max_point_mismatch
+        local = (f"{points['max_mismatch']:.2%} of the values of {points['worst_point']!r} on "
+                 f"another code from the same inputs (need <= {cfg.max_point_mismatch:.2%})")
     ok = (n > 0 and result["top1_agreement_decisive"] >= cfg.min_top1_agreement
-          and result["p99_steps8"] <= cfg.max_step_p99 and math.isfinite(result["max_steps"]))
+          and local_ok and math.isfinite(result["max_steps"]))
     result["passed"] = bool(ok)
     if not ok:
         raise ExportMismatchError(
             f"ONNX Runtime disagrees with the fake-quant module: top-1 agreement "
             f"{result['top1_agreement_decisive']:.3f} on the {n - result['tied_samples']} "
-            f"samples without a near-tie, 99th percentile {result['p99_steps8']:.2f} steps of an "
-            f"8-bit output grid (need >= {cfg.min_top1_agreement} and <= {cfg.max_step_p99})",
+            f"samples without a near-tie (need >= {cfg.min_top1_agreement}), {local}",
             detail=result,
         )
     return result
