@@ -3,7 +3,7 @@ predicted latency (the sum of `bitplan profile`'s per-layer latencies for the pl
 and against the float ONNX model, all measured in the same run.
 
     python bench/deploy.py [--models cnn,resnet18,llama] [--batch 1] [--threads 1]
-                           [--repeat 30] [--ilp] [--chain]
+                           [--repeat 30] [--ilp] [--groups G] [--chain]
 
 Models: the digits CNN (8x8, trained 5 epochs), ResNet-18 at 224x224 (random weights, BN
 statistics on 16 random images; latency does not depend on the weights) and the tiny
@@ -21,7 +21,10 @@ pipeline plans with ``hardware: onnxruntime-cpu`` (its own measured table, a qui
 1.15`` and ``size_ratio 0.75`` alone; when the first is infeasible, the solver alone finds per
 size ratio (0.75 .. 0.95) the smallest feasible latency ratio on a 1.15 x 2^(k/8) grid, and
 the jobs run at the size ratio where the size-only plan is predicted slowest against it. The
-jobs' ``model.onnx`` files are timed with the rest.
+jobs' ``model.onnx`` files are timed with the rest. With ``--groups G`` the jobs also offer
+per-group weights (``weight_group_sizes: [null, G]``: one scale per G inputs, lower Omega,
+a few more bytes, and in ONNX Runtime a blocked DequantizeLinear + float conv) and every
+table times the ``w<w>g<G>a8`` options too.
 
 Each plan is quantized on 16 calibration samples, exported, checked in ONNX Runtime against the
 fake-quant module. Then --rounds times: the tables are profiled, and all models of one model
@@ -130,7 +133,13 @@ def spread(ts: list[float]) -> str:
     return (f"{np.median(ts):9.3f} [{np.percentile(ts, 10):.3f}..{np.percentile(ts, 90):.3f}]")
 
 
-def ilp_plans(name: str, program_data: torch.Tensor, work: Path
+def row_tag(row: dict) -> str:
+    """The solver's tag of a plan row (8-bit activations)."""
+    g = row.get("group_size")
+    return f"w{row['w_bits']}a8" if g is None else f"w{row['w_bits']}g{g}a8"
+
+
+def ilp_plans(name: str, program_data: torch.Tensor, work: Path, groups: int | None = None
               ) -> dict[str, tuple[dict, onnx.ModelProto]]:
     """The job pipeline's plans (``hardware: onnxruntime-cpu``) at size 0.75 with and without
     a latency limit: {label: (plan, exported model)}."""
@@ -147,7 +156,8 @@ def ilp_plans(name: str, program_data: torch.Tensor, work: Path
     calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x, y)
     cache = StageCache(work / "cache")
     base = {"hardware": "onnxruntime-cpu", "weight_bits": [4, 8], "activation_bits": [8],
-            "drq": {"enabled": False}, "hessian": ILP_HESSIAN}
+            "drq": {"enabled": False}, "hessian": ILP_HESSIAN,
+            **({"weight_group_sizes": [None, groups]} if groups else {})}
     out: dict[str, tuple[dict, onnx.ModelProto]] = {}
 
     def job(label: str, limits: dict) -> bool:
@@ -162,7 +172,8 @@ def ilp_plans(name: str, program_data: torch.Tensor, work: Path
         plan["onnx"] = json.loads((work / label / "report.json").read_text()).get("onnx")
         out[label] = (plan, onnx.load(str(work / label / "model.onnx")))
         print(f"  ILP {label} {limits}: job {time.perf_counter() - t0:.0f} s, "
-              f"{sum(r['w_bits'] == 4 for r in plan['layers'])} layers at 4 bits, "
+              f"{sum(r['w_bits'] == 4 for r in plan['layers'])} layers at 4 bits "
+              f"({sum(r.get('group_size') is not None for r in plan['layers'])} per group), "
               f"predicted {plan['totals']['latency_ms']:.3f} ms, limit "
               f"{plan['limits']['latency_ms'] or float('nan'):.3f} ms")
         return True
@@ -244,7 +255,8 @@ def profile_tables(program: torch.export.ExportedProgram, name: str,
         doc = profile(program, ProfileConfig(weight_bits=(4, 8), activation_bits=(8,),
                                              batch=args.batch, threads=args.threads,
                                              repeat=args.repeat, method=method,
-                                             int8_kernels=int8))
+                                             int8_kernels=int8,
+                                             group_sizes=(args.groups,) if args.groups else ()))
         key = method if int8 else "context-dq"
         tables[key] = doc["latency_table"]
         extra = (f", rest {doc['rest_ms']:.3f} ms, option scale {doc['scale']}, isolated "
@@ -279,7 +291,7 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
                                               holdout)["top1_agreement_decisive"]
     if args.ilp and name == "resnet18":
         with tempfile.TemporaryDirectory(prefix="bitplan-deploy-") as tmp:
-            for label, (plan, model) in ilp_plans(name, data, Path(tmp)).items():
+            for label, (plan, model) in ilp_plans(name, data, Path(tmp), args.groups).items():
                 plans[label], models[label] = plan, model
     # rounds of (tables, whole models): a table and the models it predicts are timed minutes
     # apart at most, and the spread over rounds shows what the machine's load does
@@ -290,11 +302,12 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     fp32 = float(np.median(pooled["float"]))
     print(f"  {'plan':<16} {'measured ms [p10..p90]':>32} {'pred ctx':>9} "
           f"{'ctx/meas [range]':>17} {'pred iso':>9} {'iso/meas [range]':>17} "
-          f"{'meas/float':>10} {'4-bit':>5} {'top-1':>6}")
+          f"{'meas/float':>10} {'4-bit':>5} {'group':>5} {'top-1':>6}")
     print(f"  {'float':<16} {spread(pooled['float']):>32}")
     for plan_name, plan in plans.items():
         measured = float(np.median(pooled[plan_name]))
         bits = {r["name"]: r["w_bits"] for r in plan["layers"]}
+        tags = {r["name"]: row_tag(r) for r in plan["layers"]}
         pred: dict[str, list[float]] = {"context": [], "isolated": []}
         ratio: dict[str, list[float]] = {"context": [], "isolated": []}
         for tables, times in rounds:
@@ -302,7 +315,7 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
             for m in pred:
                 t = tables["context-dq" if m == "context" and plan_name.endswith("-dq")
                            else m]
-                p = sum(t[n][f"w{bits[n]}a8"] for n in layers)
+                p = sum(t[n].get(tags[n], t[n][f"w{bits[n]}a8"]) for n in layers)
                 pred[m].append(p)
                 ratio[m].append(p / meas_r)
         agree = agreement.get(plan_name,
@@ -311,6 +324,7 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
               f"{np.median(pred['context']):9.3f} {ratios(ratio['context']):>17} "
               f"{np.median(pred['isolated']):9.3f} {ratios(ratio['isolated']):>17} "
               f"{measured / fp32:10.2f} {sum(b == 4 for b in bits.values()):5d} "
+              f"{sum('g' in t for t in tags.values()):5d} "
               f"{agree if agree is not None else float('nan'):6.3f}")
         limit = (plan.get("limits") or {}).get("latency_ms")
         if limit:
@@ -330,6 +344,9 @@ def main() -> None:
     ap.add_argument("--ilp", action="store_true",
                     help="ResNet-18: also the job pipeline's plans with and without a latency "
                     "limit (minutes)")
+    ap.add_argument("--groups", type=int, default=None,
+                    help="with --ilp: also offer per-group weights of this group size (and "
+                    "time them in every table)")
     ap.add_argument("--chain", action="store_true",
                     help="also time chains of 1/4/8 identical W8A8 convs (per conv)")
     args = ap.parse_args()

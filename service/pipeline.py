@@ -545,7 +545,9 @@ def _measured_latency(model_path: str | Path, intake: Any, constraints: Constrai
     cfg = ProfileConfig(weight_bits=tuple(sorted(set(constraints.weight_bits))),
                         activation_bits=tuple(bits),
                         drq_regions=tuple(constraints.drq.region_sizes)
-                        if constraints.uses_drq else ())
+                        if constraints.uses_drq else (),
+                        group_sizes=tuple(g for g in constraints.weight_group_sizes
+                                          if g is not None))
     key = stage_key("latency", {"model": model_path},
                     {"config": cfg.to_dict(), "cpu": cpu_model(),
                      "runtime": onnxruntime().__version__})

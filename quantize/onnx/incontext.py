@@ -69,18 +69,24 @@ def fixed_batch(program: torch.export.ExportedProgram) -> int | None:
     return None
 
 
-def uniform_plan(layers: list[GraphLayer], w_bits: int, a_bits: int) -> dict[str, Any]:
-    """A plan (current format) with every layer at ``w<w_bits>a<a_bits>``."""
-    from solver.options import size_bytes
+def uniform_plan(layers: list[GraphLayer], w_bits: int, a_bits: int,
+                 group: int | None = None) -> dict[str, Any]:
+    """A plan (current format) with every layer at ``w<w_bits>a<a_bits>``; with ``group``,
+    per-group weight scales on every layer whose fan-in the group fits (the others per
+    channel)."""
+    from solver.options import group_fits, size_bytes
     from solver.plan import FORMAT, VERSION
 
     rows = []
     for layer in layers:
         n = math.prod(layer.weight_shape)
+        g = group if group is not None and group_fits(n // layer.weight_shape[0], group) \
+            else None
         rows.append({"name": layer.name, "kind": layer.kind, "params": n, "macs": 0,
                      "w_bits": w_bits, "a_bits": a_bits, "weight_trace": None, "omega": 0.0,
-                     "size_bytes": float(size_bytes(n, w_bits, layer.weight_shape[0])),
-                     "bops": 0.0, "latency_ms": None, "drq": None})
+                     "size_bytes": float(size_bytes(n, w_bits, layer.weight_shape[0], g)),
+                     "bops": 0.0, "latency_ms": None, "drq": None,
+                     **({"group_size": g} if g is not None else {})})
     params = sum(r["params"] for r in rows)
     return {"version": VERSION, "format": FORMAT,
             "model": {"layers": len(rows), "params": params, "macs": 0,
@@ -126,10 +132,12 @@ def _sessions(model: Any, threads: int, prefix: str):  # noqa: ANN202
     return session(model, threads), session(model, threads, profile_prefix=prefix)
 
 
-def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]],
+def measure(program: torch.export.ExportedProgram,
+            options: list[tuple[int, int, int | None]],
             batch: int, threads: int, warmup: int, repeat: int, seed: int,
             int8_kernels: bool = True) -> dict[str, Any]:
-    """Per-layer in-context latency per option tag, the rest, and what was measured.
+    """Per-layer in-context latency per option ``(w, a, group | None)`` tag, the rest, and
+    what was measured.
 
     Returns ``{"table": {layer: {tag: ms | None}}, "share": {layer: ms}, "scale": {tag: x},
     "rest_ms": float, "batch": int (the program's own batch when it was exported for one),
@@ -145,6 +153,7 @@ def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]
     from .. import QuantizeConfig, apply
     from ..data import CalibrationSet
     from .export import export_onnx
+    from .profile import option_tag
 
     layers = find_layers(program.module())
     owner = owner_of(layers)
@@ -158,10 +167,10 @@ def measure(program: torch.export.ExportedProgram, options: list[tuple[int, int]
     runs: dict[str, tuple[Any, Any, dict]] = {}
     failed: dict[str, str] = {}
     with TemporaryDirectory(prefix="bitplan-profile-") as tmp:
-        for w, a in options:
-            tag = f"w{w}a{a}"
+        for w, a, g in options:
+            tag = option_tag(w, a, g)
             try:
-                res = apply(program, uniform_plan(layers, w, a), train, train,
+                res = apply(program, uniform_plan(layers, w, a, g), train, train,
                             QuantizeConfig(batch_size=4), batch_size=fixed)
                 model = export_onnx(program, res.checkpoint, int8_kernels)
                 plain, prof = _sessions(model, threads, str(Path(tmp) / tag))

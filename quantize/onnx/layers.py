@@ -73,15 +73,15 @@ def dequantized_weight(ctx: Context, base: str, codes: torch.Tensor, scale: torc
 
 
 def grouped_weight(ctx: Context, base: str, codes: torch.Tensor, scale: torch.Tensor,
-                   row: PlanRow) -> str:
+                   w_bits: int, group_size: int) -> str:
     """Per-group weights: codes as a 2-D [out, fan_in] initializer (the checkpoint's bytes),
     DequantizeLinear blocked along axis 1 (``block_size`` = the group size, scales
     [out, fan_in / group]), reshaped back to the weight's shape for a conv."""
     out = codes.shape[0]
-    w = weight_initializer(ctx, base + "_q", codes.reshape(out, -1), row.w_bits)
+    w = weight_initializer(ctx, base + "_q", codes.reshape(out, -1), w_bits)
     s = ctx.builder.tensor(base + "_scale", scale.to(torch.float32).numpy())
     dq = ctx.builder.op("DequantizeLinear", [w, s], base + "_dq", axis=1,
-                        block_size=int(row.group_size))
+                        block_size=int(group_size))
     if codes.dim() == 2:
         return dq
     return ctx.builder.op("Reshape", [dq, ctx.builder.const(list(codes.shape), np.int64)],
@@ -110,7 +110,8 @@ def quantized_layer(ctx: Context, node: fx.Node, layer: GraphLayer, row: PlanRow
     x = ctx.builder.qdq(ctx.value(node.args[0], widen=False), g_in, name + "_in",
                         wide=int8_kernel)
     if s_w.dim() == 2:  # per-group scales along the flattened fan-in: blocked DQ
-        w = grouped_weight(ctx, name + "_w", ckpt.codes(name), s_w, row)
+        w = grouped_weight(ctx, name + "_w", ckpt.codes(name), s_w, row.w_bits,
+                           int(row.group_size))
         s_bias = s_w.to(torch.float64).amax(dim=1)  # bias_q's grid: the largest group scale
     else:
         w = dequantized_weight(ctx, name + "_w", ckpt.codes(name), s_w, row.w_bits)

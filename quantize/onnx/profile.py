@@ -16,12 +16,16 @@ Two methods (``ProfileConfig.method``):
 
 Weights in ``isolated`` are random codes of the right width, inputs of ``context`` random
 samples (the kernels' speed does not depend on the values). Each timing is the median of
-``repeat`` runs after ``warmup`` runs. Tags are the solver's ``w<w>a<a>``; DRQ tags are left
-to the solver, which mixes ``w<w>a8`` and ``w<min(w,4)>a4`` by the DRQ fraction.
+``repeat`` runs after ``warmup`` runs. Tags are the solver's ``w<w>a<a>``, and
+``w<w>g<g>a<a>`` for per-group weights (``group_sizes``: one scale per ``g`` inputs, a blocked
+DequantizeLinear, which ONNX Runtime 1.31 runs as DQ + a float Conv / MatMul; only for the
+layers whose fan-in ``g`` fits, ``solver.options.group_fits``); DRQ tags are left to the
+solver, which mixes ``w<w>a8`` and ``w<min(w,4)>a4`` by the DRQ fraction.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,12 +35,13 @@ import numpy as np
 import torch
 
 from solver.errors import BadConstraintsError
+from solver.options import group_fits
 
 from ..graph import GraphLayer, find_layers
 from ..points import Grid
 from .builder import GraphBuilder
 from .context import Context
-from .layers import dequantized_weight
+from .layers import dequantized_weight, grouped_weight
 from .ops import conv, linear
 from .verify import onnxruntime, session
 
@@ -61,6 +66,7 @@ class ProfileConfig:
     method: str = "context"  # in the whole model (module docstring); "isolated": layer alone
     int8_kernels: bool = True  # as export_onnx: 4-bit weights cast to INT8 for its kernels
     drq_regions: tuple[int, ...] = ()  # square DRQ region sizes to time (conv2d layers)
+    group_sizes: tuple[int, ...] = ()  # per-group weight options to time (w<w>g<g>a<a>)
 
     def __post_init__(self) -> None:
         if self.version != 1:
@@ -72,6 +78,9 @@ class ProfileConfig:
             raise BadConstraintsError("batch, threads and repeat must be >= 1, warmup >= 0")
         if any(int(k) < 1 for k in self.drq_regions):
             raise BadConstraintsError("DRQ region sizes must be >= 1")
+        if any(int(g) < 1 for g in self.group_sizes) or \
+                len(set(self.group_sizes)) != len(self.group_sizes):
+            raise BadConstraintsError("group sizes must be distinct positive integers")
         if self.method not in METHODS:
             raise BadConstraintsError(f"profile method must be one of {METHODS}, "
                                       f"got {self.method!r}")
@@ -83,9 +92,22 @@ class ProfileConfig:
         return asdict(self)
 
 
+def option_tag(w: int, a: int, group: int | None = None) -> str:
+    """The solver's tag of an option (``solver.options``)."""
+    return f"w{w}a{a}" if group is None else f"w{w}g{group}a{a}"
+
+
+def fan_in(layer: GraphLayer) -> int:
+    """Inputs per output channel (``in_features``, or ``in / groups * kh * kw``)."""
+    return math.prod(layer.weight_shape[1:])
+
+
 def layer_model(layer: GraphLayer, in_shape: tuple[int, ...], w_bits: int, a_bits: int,
-                seed: int = 0, int8_kernels: bool = True):  # noqa: ANN201 - onnx.ModelProto
-    """The export's QDQ subgraph of one layer on an input of ``in_shape`` (batch included)."""
+                seed: int = 0, int8_kernels: bool = True,
+                group: int | None = None):  # noqa: ANN201 - onnx.ModelProto
+    """The export's QDQ subgraph of one layer on an input of ``in_shape`` (batch included);
+    with ``group``, per-group weight scales (a blocked DequantizeLinear) as the export writes
+    them."""
     from onnx import TensorProto, helper
 
     gen = torch.Generator().manual_seed(seed)
@@ -93,12 +115,17 @@ def layer_model(layer: GraphLayer, in_shape: tuple[int, ...], w_bits: int, a_bit
     ctx = Context(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), b)
     b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape)))
     g_in = Grid(0.05, a_bits, False)  # a post-ReLU grid: unsigned, as most layer inputs
-    x = b.qdq("x", g_in, "in", wide=w_bits > 4 or int8_kernels)  # as quantized_layer
+    # as quantized_layer: the 8-bit type unless a <= 4-bit weight keeps its own DQ path
+    x = b.qdq("x", g_in, "in", wide=w_bits > 4 or (int8_kernels and group is None))
     q = 2 ** (w_bits - 1) - 1
     codes = torch.randint(-q, q + 1, layer.weight_shape, generator=gen, dtype=torch.int32)
     out = layer.weight_shape[0]
     s_w = torch.full((out,), 0.01)
-    w = dequantized_weight(ctx, "w", codes, s_w, w_bits)
+    if group is None:
+        w = dequantized_weight(ctx, "w", codes, s_w, w_bits)
+    else:
+        w = grouped_weight(ctx, "w", codes, torch.full((out, fan_in(layer) // group), 0.01),
+                           w_bits, group)
     bias = b.op("DequantizeLinear", [b.tensor("bias_q", np.zeros(out, np.int32)),
                                      b.tensor("bias_scale", (s_w * g_in.scale).numpy())],
                 "bias_dq", axis=0)
@@ -193,10 +220,13 @@ def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = N
             raise BadConstraintsError(f"unknown layers {unknown}")
         layers = [layer for layer in layers if layer.name in cfg.layers]
     shapes = _input_shapes(gm, layers, cfg.batch)
-    options = [(w, a) for w in cfg.weight_bits for a in cfg.activation_bits]
-    if (8, 8) not in options:
-        options.append((8, 8))  # latency ratios are relative to the all-INT8 model
-    tags = [f"w{w}a{a}" for w, a in options]
+    options: list[tuple[int, int, int | None]] = [
+        (w, a, None) for w in cfg.weight_bits for a in cfg.activation_bits]
+    if (8, 8, None) not in options:
+        options.append((8, 8, None))  # latency ratios are relative to the all-INT8 model
+    options += [(w, a, int(g)) for g in cfg.group_sizes for w in cfg.weight_bits
+                for a in cfg.activation_bits]
+    tags = [option_tag(*o) for o in options]
     ctx: dict[str, Any] = {}
     if cfg.method == "context":
         from .incontext import measure
@@ -212,13 +242,15 @@ def profile(program: torch.export.ExportedProgram, cfg: ProfileConfig | None = N
         share = ctx.get("share", {}).get(layer.name, 0.0)
         scale = ctx.get("scale", {})
         table[layer.name] = {}
-        for (w, a), tag in zip(options, tags, strict=True):
+        for (w, a, g), tag in zip(options, tags, strict=True):
+            if g is not None and not group_fits(fan_in(layer), g):
+                continue  # not offered to this layer (the solver's rule)
             ms = row.get(tag)
             if ms is not None:
                 ms *= scale.get(tag, 1.0)
             else:  # isolated (the method, a failed uniform model or no named node)
                 ms = time_model(layer_model(layer, shapes[layer.name], w, a, cfg.seed,
-                                            cfg.int8_kernels), shapes[layer.name], cfg)
+                                            cfg.int8_kernels, g), shapes[layer.name], cfg)
                 if cfg.method == "context":
                     fallback.setdefault(layer.name, []).append(tag)
             table[layer.name][tag] = round(max(0.0, ms + share), 6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 
@@ -42,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drq-regions", type=_ints, default=(),
                    help="also time each conv layer's DRQ subgraph at these square region "
                    "sizes, e.g. 2,4,8 (tags w<w>drq<k>x<k>)")
+    p.add_argument("--group-sizes", type=_ints, default=(),
+                   help="also time per-group weight options with these group sizes, e.g. 32,64 "
+                   "(tags w<w>g<g>a<a>; for the layers whose fan-in the size divides)")
     p.add_argument("--method", choices=("context", "isolated"), default="context",
                    help="time layers inside the whole model (default) or each alone")
     p.add_argument("--out", type=Path, required=True, help="latency.json to write")
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ProfileConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits,
                         batch=args.batch, threads=args.threads, warmup=args.warmup,
                         repeat=args.repeat, method=args.method,
-                        drq_regions=args.drq_regions)
+                        drq_regions=args.drq_regions, group_sizes=args.group_sizes)
     program = load_program(args.model)
     bar = TerminalProgress()
     try:
@@ -67,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = result["latency_table"]
-    tags = [t for t in next(iter(table.values())) if "drq" not in t]  # every layer has them
-    total = {tag: sum(row[tag] for row in table.values()) for tag in tags}
+    tags = list(dict.fromkeys(t for row in table.values() for t in row if "drq" not in t))
+    # a layer without a grouped tag (the group does not fit it) runs per channel there
+    total = {tag: sum(row.get(tag, row.get(re.sub(r"g\d+", "", tag), 0.0))
+                      for row in table.values()) for tag in tags}
     print(f"wrote {args.out}: {len(table)} layers, batch {cfg.batch}, {cfg.threads} thread(s), "
           f"{result['runtime']} on {result['cpu']}")
     print("sum of layer latencies (ms): " + ", ".join(f"{k} {v:.4g}" for k, v in total.items()))

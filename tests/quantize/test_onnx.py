@@ -499,3 +499,26 @@ def test_profile_times_drq_per_region(cnn_program) -> None:
     _drq_latencies(table, [spec])
     assert table["conv2"]["w8drq2x2f0.3"] == table["conv2"]["w8drq2x2"]
     assert table["conv2"]["w4drq2x2f0.3"] == table["conv2"]["w4drq2x2"]
+
+
+@pytest.mark.parametrize("method", ["context", "isolated"])
+def test_profile_times_per_group_options(cnn_program, method) -> None:
+    """With group_sizes the profile times ``w<w>g<g>a<a>`` for the layers whose fan-in the
+    group divides (conv2: 72, fc: 16; not conv1: 9), as the export writes them (blocked
+    DequantizeLinear); in context every grouped layer's nodes are found by name. Timings:
+    only the structure is asserted."""
+    from quantize.onnx.profile import ProfileConfig, layer_model, profile
+
+    doc = profile(cnn_program, ProfileConfig(weight_bits=(4, 8), group_sizes=(8,), warmup=1,
+                                             repeat=2, method=method))
+    table = doc["latency_table"]
+    assert set(table["conv1"]) == {"w4a8", "w8a8"}
+    assert set(table["conv2"]) == set(table["fc"]) == {"w4a8", "w8a8", "w4g8a8", "w8g8a8"}
+    assert all(v >= 0 for r in table.values() for v in r.values())
+    if method == "context":
+        assert doc["fallback"] == {} and doc["failed_options"] == {}
+    layer = next(x for x in find_layers(cnn_program.module()) if x.name == "conv2")
+    dq = [n for n in layer_model(layer, (1, 8, 8, 8), 4, 8, group=8).graph.node
+          if n.op_type == "DequantizeLinear" and any(a.name == "block_size"
+                                                     for a in n.attribute)]
+    assert len(dq) == 1
