@@ -268,10 +268,14 @@ def prepare(name: str, work: Path, activation_bits: list[int], omega: str = "tra
     pt2, x, y = trained(name, work)  # x, y: the samples no model saw
     cal_y = None if y is None else y[:N_CALIB]
     calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x[:N_CALIB], cal_y)
-    out = work / f"{name}-a{''.join(map(str, activation_bits))}-{omega}"
+    out = work / f"{name}-a{''.join(map(str, activation_bits))}-{omega.replace(':', '-')}"
+    estimator, _, priced = omega.partition(":")
+    hessian: dict = {"omega": estimator}
+    if priced:  # ':bc' prices the quantizer's bias correction, ':raw' the uncorrected error
+        hessian["bias_corrected"] = priced == "bc"
     constraints = {"limits": {"size_ratio": 1.0}, "weight_bits": [4, 8],
                    "activation_bits": activation_bits, "drq": {"enabled": False},
-                   "pin": {"first": None, "last": None}, "hessian": {"omega": omega}}
+                   "pin": {"first": None, "last": None}, "hessian": hessian}
     t0 = time.perf_counter()
     run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1, pareto_points=0)
     seconds = time.perf_counter() - t0
@@ -379,8 +383,9 @@ def main() -> None:
                     "max|W| or the MSE-optimal clipping (default: the library's)")
     ap.add_argument("--omega", default="trace",
                     help="the pipeline's hessian.omega (trace, diagonal, measured) for the "
-                    "bitplan row; a comma list adds a row bitplan-<omega> for each later one, "
-                    "paired against the first")
+                    "bitplan row, ':bc' / ':raw' appended sets hessian.bias_corrected true / "
+                    "false (none: the default); a comma list adds a row bitplan-<omega> for "
+                    "each later one, paired against the first")
     ap.add_argument("--bias-correction", choices=["none", "weight", "layer"], default=None,
                     help="QuantizeConfig.bias_correction for every method (default: the "
                     "library's)")
@@ -398,8 +403,10 @@ def main() -> None:
     if any(m not in ("none", "weight", "layer") for m in bc_rows):
         ap.error(f"--bc-rows: each of none, weight, layer; got {args.bc_rows!r}")
     omegas = args.omega.split(",")
-    if not omegas or any(o not in ("trace", "diagonal", "measured") for o in omegas):
-        ap.error(f"--omega: each of trace, diagonal, measured; got {args.omega!r}")
+    if not omegas or any(o.partition(":")[0] not in ("trace", "diagonal", "measured")
+                         or o.partition(":")[2] not in ("", "bc", "raw") for o in omegas):
+        ap.error(f"--omega: each of trace, diagonal, measured, optionally with :bc or :raw; "
+                 f"got {args.omega!r}")
     torch.set_num_threads(args.threads)
     if args.weight_clip:
         primitives.WEIGHT_CLIP = args.weight_clip

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,12 +44,15 @@ from quantize.primitives import (
 
 from .hessian import HessianConfig, Prepared, ProgressFn, hutchinson, prepare
 from .intake import Intake
+from .meanshift import ErrorMoments, gauss_newton_kept
 from .memory import ChunkPlan, plan_chunks
 from .structure import gauss_newton_exact
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: the layer input statistics ("activations"); version 1 is still read
+VERSION = 3  # 3: omega_w_kept (bias-corrected weight Omega); 2: the layer input statistics
+# ("activations"); versions 1 and 2 are still read
+BIAS_CORRECTIONS = ("none", "weight", "layer")  # quantize.config's, priced by measure()
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8)
 ACTIVATION_BITS = (4, 8)
 
@@ -79,10 +83,14 @@ class LayerSensitivity:
     # {group size: {bits: omega}}: weight Omega with one scale per group of inputs (added by
     # group_omegas for the constraints' weight_group_sizes; empty otherwise)
     omega_wg: dict[int, dict[int, float]] = field(default_factory=dict)
+    # {bits: kept}: omega_w[bits] is the bias-corrected weight Omega, the uncorrected one times
+    # this share (sensitivity/meanshift.py); empty when Omega prices the uncorrected error
+    omega_w_kept: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["omega_w"] = {str(b): v for b, v in self.omega_w.items()}
+        d["omega_w_kept"] = {str(b): v for b, v in self.omega_w_kept.items()}
         d["omega_a"] = {str(a): v for a, v in self.omega_a.items()}
         d["omega_wg"] = {str(g): {str(b): v for b, v in t.items()}
                          for g, t in self.omega_wg.items()}
@@ -93,6 +101,7 @@ class LayerSensitivity:
         d = dict(d)
         d["omega_w"] = {int(b): float(v) for b, v in d["omega_w"].items()}
         d["omega_a"] = {int(a): float(v) for a, v in d["omega_a"].items()}
+        d["omega_w_kept"] = {int(b): float(v) for b, v in d.get("omega_w_kept", {}).items()}
         d["omega_wg"] = {int(g): {int(b): float(v) for b, v in t.items()}
                          for g, t in d.get("omega_wg", {}).items()}
         known = set(cls.__dataclass_fields__)
@@ -135,7 +144,7 @@ class SensitivityResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SensitivityResult:
-        if d.get("version") not in (1, VERSION):
+        if d.get("version") not in (1, 2, VERSION):
             raise ValueError(f"unsupported sensitivity format version {d.get('version')!r}")
         return cls(
             layers=[LayerSensitivity.from_dict(x) for x in d["layers"]],
@@ -150,12 +159,18 @@ class SensitivityResult:
         return cls.from_dict(json.loads(text))
 
 
-def activation_errors(p: Prepared, activations: ActivationStats,
+def activation_errors(p: Prepared, activations: ActivationStats | None,
                       bits: tuple[int, ...] = ACTIVATION_BITS,
+                      also: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
                       ) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
     """Per layer input: {bits: ||Q_a(x) - x||^2 summed over the calibration samples} and the
     element count, with one per-tensor scale per layer from ``activations`` (the min/max of
-    those samples, ``quantize.observe``; padding rows excluded)."""
+    those samples, ``quantize.observe``; padding rows excluded). ``also``: more observers of a
+    layer's input (real rows) called in the same pass; with ``activations`` None only they
+    run (the errors stay empty)."""
+    also = also or {}
+    if activations is None:
+        bits = ()
     err = {n: dict.fromkeys(bits, 0.0) for n in p.names}
     numel = dict.fromkeys(p.names, 0)
 
@@ -172,10 +187,12 @@ def activation_errors(p: Prepared, activations: ActivationStats,
             for leaf in p.leaves.values():
                 leaf.observer, leaf.rows = None, None
 
-    scales = {n: {a: activations.grid(n, a) for a in bits} for n in p.names}
+    scales = {n: {a: activations.grid(n, a) for a in bits} for n in p.names} if bits else {}
 
     def errors(name: str):
         def obs(x: torch.Tensor) -> None:
+            if name in also:
+                also[name](x)
             numel[name] += x.numel()
             for a in bits:
                 scale, signed = scales[name][a]
@@ -255,8 +272,9 @@ def group_omegas(intake: Intake, result: SensitivityResult,
         for g in (g for g in sizes if group_fits(fan_in, g)):
             table[g] = {}
             for b, omega in s.omega_w.items():
-                if s.name in result.diagonals:
-                    table[g][b] = diagonal_omega(result.diagonals[s.name], weight, b, g)
+                if s.name in result.diagonals:  # (times the per-channel quantizer's kept share)
+                    table[g][b] = diagonal_omega(result.diagonals[s.name], weight, b, g) * \
+                        s.omega_w_kept.get(b, 1.0)
                     continue
                 base = weight_quant_error(weight, b)
                 grouped = weight_quant_error(weight, b, g)
@@ -267,15 +285,23 @@ def group_omegas(intake: Intake, result: SensitivityResult,
 
 def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.device | str | None
             = None, progress: ProgressFn | None = None,
-            activations: ActivationStats | None = None) -> SensitivityResult:
+            activations: ActivationStats | None = None,
+            bias_correction: str = "none") -> SensitivityResult:
     """Per-layer Hessian traces (weights and input activations) and Omega tables.
 
     ``device``: where the HVPs run (default CPU). ``progress(stage, fraction)`` is called as the
     sweep proceeds. Deterministic given ``cfg.seed``. ``activations``: the layer input
     statistics of ``intake.train`` (``quantize.observe``); with ``cfg.activations`` and none
     given, they are observed here (one no-grad pass in the Hessian chunks). Either way they are
-    ``result.activations``, for the later stages.
+    ``result.activations``, for the later stages. ``bias_correction``: the quantizer's
+    (``QuantizeConfig.bias_correction``); other than ``"none"``, each weight Omega prices the
+    error left after the correction removes its mean output shift (``omega_w_kept``,
+    ``sensitivity.meanshift``; measured in the activation-error pass), and the result's config
+    records it.
     """
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, "
+                         f"got {bias_correction!r}")
     cfg = cfg or HessianConfig()
     device = torch.device(device or "cpu")
     start = time.perf_counter()
@@ -300,7 +326,21 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
             leaf.active = False
         activations = observe(p.module, graphs, intake.train, intake.chunk_size(chunk),
                               intake.batch_size is not None, device)
-    a_err, a_numel = activation_errors(p, activations) if cfg.activations else ({}, {})
+    moments: dict[str, ErrorMoments] = {}
+    if bias_correction != "none":
+        params = dict(p.module.named_parameters())
+        moments = {info.name: ErrorMoments(info.graph, params[info.graph.weight], WEIGHT_BITS)
+                   for info in intake.layers}
+    a_err, a_numel = ({}, {})
+    if cfg.activations or moments:
+        a_err, a_numel = activation_errors(p, activations if cfg.activations else None,
+                                           also=moments)
+    kept: dict[str, dict[int, float]] = {}
+    if moments:  # the Gauss-Newton share of each option that the correction keeps
+        means = {n: {b: mm.mean(b) for b in WEIGHT_BITS} for n, mm in moments.items()}
+        kept = gauss_newton_kept(intake.module, graphs, intake.train, intake.loss_kind, means,
+                                 intake.chunk_size(chunk), intake.batch_size is not None,
+                                 device)
     rows = []
     for info in intake.layers:
         w = est.weight[info.name]
@@ -311,6 +351,8 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
             omega_w = {b: diagonal_omega(diag, weight, b) for b in WEIGHT_BITS}
         else:
             omega_w = {b: w.mean / n * weight_quant_error(weight, b) for b in WEIGHT_BITS}
+        if info.name in kept:
+            omega_w = {b: v * kept[info.name][b] for b, v in omega_w.items()}
         a = est.activation.get(info.name)
         if a is not None:
             numel = a_numel[info.name]
@@ -326,7 +368,7 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
             weight_converged=w.converged(cfg.tol),
             activation_converged=False if a is None else a.converged(cfg.tol),
             weight_estimator=w.estimator, activation_estimator="" if a is None else a.estimator,
-            out_channels=info.out_channels, bn=info.bn,
+            out_channels=info.out_channels, bn=info.bn, omega_w_kept=kept.get(info.name, {}),
         ))
     seconds = time.perf_counter() - start
     model = {**intake.summary(), "device": str(device), "hvp_mode": est.method,
@@ -336,5 +378,6 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     if memory is not None:
         model["memory"] = memory.to_dict()
     diagonals = {name: d.detach().cpu() for name, d in est.weight_diag.items()}
-    return SensitivityResult(rows, est.iterations, seconds, model, cfg.to_dict(),
+    config = {**cfg.to_dict(), "bias_correction": bias_correction}
+    return SensitivityResult(rows, est.iterations, seconds, model, config,
                              diagonals=diagonals, activations=activations)

@@ -9,10 +9,17 @@ here first when not given). Omega is twice the increase of the mean calibration 
 clamped at zero, so it sits on the scale of the Hessian estimates (``omega ~ 2 * delta L``,
 see ``engine.py``).
 
+``bias_correction`` (``QuantizeConfig.bias_correction``) measures the layer as the checkpoint
+stores it: ``"weight"`` and ``"layer"`` subtract from the quantized-weight layer's output the
+mean shift ``mu_o = E[op(x, Q(W) - W)]_o`` (x the layer's input in the FP32 model, the mean
+over the calibration samples and output positions, as ``quantize.biascorr`` measures it);
+``"layer"`` also subtracts ``E[op(Q_a(x) - x, W)]_o`` from the quantized-input layer's output
+(the correction of its own input rounding). The shifts come from one more pass.
+
 Cost: ``1 + L * (|weight_bits| + |activation_bits|)`` forward passes over the calibration set
-(one more for the FP32 targets of a self-distillation loss, and one more to observe the ranges
-when they are not given), no backward pass. The sum over layers ignores interactions between
-layers, as every Omega does.
+(one more for the FP32 targets of a self-distillation loss, one more to observe the ranges
+when they are not given, one more for the shifts of a bias correction), no backward pass. The
+sum over layers ignores interactions between layers, as every Omega does.
 """
 
 from __future__ import annotations
@@ -25,10 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantize.biascorr import layer_op, weight_delta
 from quantize.data import Batch, run_batch
-from quantize.graph import insert_input_modules
+from quantize.graph import GraphLayer, insert_input_modules
 from quantize.observe import ActivationStats, observe
 from quantize.primitives import fake_quantize_activation, fake_quantize_weight
+
+from .meanshift import insert_output_modules
+
+BIAS_CORRECTIONS = ("none", "weight", "layer")
 
 ProgressFn = Callable[[str, float], None]
 
@@ -42,20 +54,80 @@ class MeasuredOmegas:
     omega_a: dict[str, dict[int, float]]
     fp32_loss: float
     passes: int
+    bias_correction: str = "none"
 
 
 class _InputQuant(nn.Module):
-    """Fake-quantizes its input when ``grid`` is set."""
+    """Fake-quantizes its input when ``grid`` is set; hands the first ``rows`` rows (the real
+    ones) to ``observer`` when set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.grid: tuple[float, int, bool] | None = None
+        self.observer: Callable[[torch.Tensor], None] | None = None
+        self.rows: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x if self.rows is None else x[: self.rows])
         if self.grid is None:
             return x
         scale, bits, signed = self.grid
         return fake_quantize_activation(x, scale, bits, signed)
+
+
+class _OutputShift(nn.Module):
+    """Subtracts ``shift`` (per output channel, on ``axis``) from the layer's output when set."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+        self.shift: torch.Tensor | None = None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.shift is None:
+            return y
+        axis = self.axis % y.dim()
+        return y - self.shift.to(y.dtype).reshape([-1 if i == axis else 1
+                                                   for i in range(y.dim())])
+
+
+def _channel_sums(layer: GraphLayer, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per output channel the sum of ``y`` (float64, CPU) and the rows summed over."""
+    axis = y.dim() - 1 if layer.kind == "linear" else 1
+    y = y.movedim(axis, -1).reshape(-1, y.shape[axis]).double()
+    return y.sum(0).cpu(), int(y.shape[0])
+
+
+class _ShiftMeans:
+    """Observer of a layer's input (real rows): per output channel the means of
+    ``op(x, Q_b(W) - W)`` per weight width and of ``op(Q_a(x) - x, W)`` per activation grid."""
+
+    def __init__(self, layer: GraphLayer, weight: torch.Tensor, weight_bits: Sequence[int],
+                 grids: dict[int, tuple[float, bool]]) -> None:
+        self.layer, self.weight, self.grids = layer, weight, grids
+        self.weight_bits = [int(b) for b in weight_bits]
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.count = 0
+
+    def _add(self, key: tuple[str, int], y: torch.Tensor) -> int:
+        total, rows = _channel_sums(self.layer, y)
+        self.sums[key] = self.sums[key] + total if key in self.sums else total
+        return rows
+
+    def __call__(self, x: torch.Tensor) -> None:
+        v, w = x.detach(), self.weight.detach()
+        rows = 0
+        for b in self.weight_bits:
+            delta = weight_delta(w, b, None).to(device=v.device, dtype=v.dtype)
+            rows = self._add(("w", b), layer_op(self.layer, v, delta))
+        for a, (scale, signed) in self.grids.items():
+            dq = fake_quantize_activation(v, scale, a, signed) - v
+            rows = self._add(("a", a), layer_op(self.layer, dq, w.to(v.dtype)))
+        self.count += rows
+
+    def mean(self, key: tuple[str, int]) -> torch.Tensor:
+        return self.sums[key] / max(self.count, 1)
 
 
 def _first(out: object) -> torch.Tensor:
@@ -91,10 +163,15 @@ def measured_omegas(
     progress: ProgressFn | None = None,
     stage: str = "sensitivity",
     activations: ActivationStats | None = None,
+    bias_correction: str = "none",
 ) -> MeasuredOmegas:
     """Measured Omega tables for every layer of ``intake`` (an ``Intake``: module, layers,
     train, loss_kind, batch_size) on its training calibration samples; ``activations``: their
-    layer input statistics (``quantize.observe``; observed here when None)."""
+    layer input statistics (``quantize.observe``; observed here when None);
+    ``bias_correction``: the quantizer's (``"none"``, ``"weight"``, ``"layer"``)."""
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, "
+                         f"got {bias_correction!r}")
     device = torch.device(device)
     layers = [layer.graph for layer in intake.layers]  # type: ignore[attr-defined]
     fixed = intake.batch_size is not None  # type: ignore[attr-defined]
@@ -125,6 +202,13 @@ def measured_omegas(
         passes += 1
     base = loss()
     params = dict(gm.named_parameters())
+    means = _shift_means(gm, layers, probes, batches, params, weight_bits,
+                         activation_bits if bias_correction == "layer" else (), activations) \
+        if bias_correction != "none" else {}
+    passes += bool(means)
+    shifts = {layer.name: _OutputShift(-1 if layer.kind == "linear" else 1) for layer in layers}
+    if means:
+        insert_output_modules(gm, layers, shifts, "measured_shift")
     omega_w: dict[str, dict[int, float]] = {}
     omega_a: dict[str, dict[int, float]] = {}
     for i, layer in enumerate(layers):
@@ -133,16 +217,45 @@ def measured_omegas(
         omega_w[layer.name] = {}
         for bits in weight_bits:
             w.copy_(fake_quantize_weight(original, int(bits)))
+            if means:
+                shifts[layer.name].shift = means[layer.name].mean(("w", int(bits))).to(device)
             omega_w[layer.name][int(bits)] = max(2.0 * (loss() - base), 0.0)
         w.copy_(original)
+        shifts[layer.name].shift = None
         probe = probes[layer.name]
         omega_a[layer.name] = {}
         if activations[layer.name].seen:
             for bits in activation_bits:
                 scale, signed = activations.grid(layer.name, int(bits))
                 probe.grid = (scale, int(bits), signed)
+                if bias_correction == "layer":
+                    shifts[layer.name].shift = means[layer.name].mean(("a", int(bits))).to(device)
                 omega_a[layer.name][int(bits)] = max(2.0 * (loss() - base), 0.0)
             probe.grid = None
+            shifts[layer.name].shift = None
         if progress is not None:
             progress(stage, (i + 1) / len(layers))
-    return MeasuredOmegas(omega_w, omega_a, base, passes)
+    return MeasuredOmegas(omega_w, omega_a, base, passes, bias_correction)
+
+
+def _shift_means(gm: torch.fx.GraphModule, layers: Sequence[GraphLayer],
+                 probes: dict[str, _InputQuant], batches: list[Batch],
+                 params: dict[str, torch.Tensor], weight_bits: Sequence[int],
+                 activation_bits: Sequence[int], activations: ActivationStats,
+                 ) -> dict[str, _ShiftMeans]:
+    """One FP32 pass: every layer's mean output shifts (``_ShiftMeans``) on its float input."""
+    means = {}
+    for layer in layers:
+        grids = {int(a): activations.grid(layer.name, int(a)) for a in activation_bits
+                 if activations[layer.name].seen}
+        means[layer.name] = _ShiftMeans(layer, params[layer.weight], weight_bits, grids)
+        probes[layer.name].observer = means[layer.name]
+    try:
+        for b in batches:
+            for probe in probes.values():
+                probe.rows = b.size
+            run_batch(gm, b)
+    finally:
+        for probe in probes.values():
+            probe.observer, probe.rows = None, None
+    return means

@@ -169,6 +169,13 @@ class Hessian(_Strict):
         "'measured' (twice the calibration loss increase with only that layer quantized; "
         "L x bit-widths extra forward passes)",
     )
+    bias_corrected: bool = Field(
+        False,
+        description="price each weight option after the quantize stage's bias correction "
+        "(its checkpoint stores b - E[op(x, Q(W) - W)]): the Hessian Omegas keep the share of "
+        "the layer's output error that is not its mean shift (sensitivity/meanshift.py), the "
+        "measured Omega quantizes with the correction; false: the uncorrected weight error",
+    )
 
 
 class Constraints(_Strict):

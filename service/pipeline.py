@@ -680,7 +680,17 @@ def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: 
         sampling=h.sampling,
     )
     tick("sensitivity", 0.0)
-    return measure(intake, cfg, device, tick)
+    # (measured Omega measures the corrected layers itself: no kept shares needed)
+    correction = "none" if h.omega == "measured" else _omega_bias_correction(constraints)
+    return measure(intake, cfg, device, tick, bias_correction=correction)
+
+
+def _omega_bias_correction(constraints: Constraints) -> str:
+    """The bias correction Omega prices: the quantize stage's (``QuantizeConfig()``, as
+    ``_quantize`` applies it) with ``hessian.bias_corrected``, else none."""
+    from quantize import QuantizeConfig
+
+    return QuantizeConfig().bias_correction if constraints.hessian.bias_corrected else "none"
 
 
 def _group_omegas(intake: Any, sens: Any, constraints: Constraints) -> Any:
@@ -719,7 +729,8 @@ def _measured_omegas(
     if constraints.uses_drq:
         weight_bits |= {min(b, 4) for b in weight_bits}  # DRQ's insensitive regions
     m = measured_omegas(intake, sorted(weight_bits), sorted(set(constraints.activation_bits)),
-                        device=device, progress=tick, activations=sens.activations)
+                        device=device, progress=tick, activations=sens.activations,
+                        bias_correction=_omega_bias_correction(constraints))
     layers = [
         dataclasses.replace(s, omega_w=m.omega_w[s.name],
                             omega_a=m.omega_a[s.name] if s.omega_a else {})
@@ -727,7 +738,8 @@ def _measured_omegas(
     ]
     return dataclasses.replace(sens, layers=layers,
                                config={**sens.config, "omega": "measured",
-                                       "measured_passes": m.passes})
+                                       "measured_passes": m.passes,
+                                       "bias_correction": m.bias_correction})
 
 
 def _regions(

@@ -1,0 +1,195 @@
+"""Weight Omega after bias correction: the share of an option's damage that the correction keeps.
+
+With ``QuantizeConfig.bias_correction`` the checkpoint stores ``b - mu`` for a quantized layer,
+``mu_o = E[op(x, dW)]_o`` the mean over the calibration inputs (and every output position /
+token) of the output error that the weight error ``dW = Q(W) - W`` causes in output channel
+``o`` (``quantize.biascorr``). So the layer is perturbed by ``v = (dW, -mu)`` in (weight, bias)
+space, not by ``dW`` alone, and its second-order loss increase is ``1/2 v^T H v``.
+
+Per-channel error energy does not price this: downstream pooling and normalisation weigh a
+per-channel constant shift far more than position-varying noise of the same energy (on the
+digits CNN the mean is ~25 % of conv2's 4-bit output error energy but removing it cuts the
+loss increase ~9x, docs/quality.md). So the share is measured with the Hessian itself, in its
+Gauss-Newton form ``H = J^T S J`` (``S = B B^T`` the loss's Hessian in the model's outputs):
+for output-space probes ``g = J^T B u`` (Rademacher ``u`` per sample and output, one backward
+pass each, with a zero "virtual bias" added to every layer output so ``g`` has a bias part)
+``E[(g . v)^2] = v^T H v``. With ``a = g_W . dW`` and ``m = g_b . mu`` per probe,
+
+    kept = sum_probes (a - m)^2 / sum_probes a^2      (~ v^T H v / dW^T H dW),
+
+and the weight Omega becomes ``omega * kept``: the estimator's own scale (trace or diagonal)
+times the Gauss-Newton ratio of the corrected to the uncorrected perturbation. The ratio of two
+sums over the same probes has much less noise than either sum. The constant scale of ``S``
+cancels, so ``B u`` is taken unnormalised.
+
+``mu`` per layer and width comes from :class:`ErrorMoments`, an observer of the layer's input in
+the activation-error pass, with the checkpoint's quantizer (``quantize.biascorr.weight_delta``,
+per output channel) through the layer's own op (``quantize.biascorr.layer_op``), on every
+calibration sample. A folded BatchNorm scales ``dW_o`` and ``mu_o`` by the same per-channel
+factor (per-channel symmetric rounding commutes with it), so the unfolded model is used.
+Grouped quantizers' Omegas take the per-channel quantizer's ``kept``.
+
+Cost: per layer and weight width one extra layer op per calibration chunk in that pass, then
+``MeanShiftParams.probes`` backward passes over at most ``max_samples`` samples; memory: the
+model once more and the weight errors of every width.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from quantize.biascorr import layer_op, weight_delta
+from quantize.data import CalibrationSet
+from quantize.graph import GraphLayer, module_name, node_by_name
+
+
+@dataclass(frozen=True)
+class MeanShiftParams:
+    """The Gauss-Newton ratio's sampling."""
+
+    probes: int = 64  # output-space probes: the ratio's relative noise ~ sqrt(2 / probes)
+    max_samples: int = 256  # calibration samples the probes see (a ratio, not a total)
+    seed: int = 0
+
+
+class ErrorMoments:
+    """Per weight width: the sum per output channel of ``op(x, dW)`` over every input row it
+    is called with (a leaf observer: ``x`` the real rows of the layer's input)."""
+
+    def __init__(self, layer: GraphLayer, weight: torch.Tensor, bits: Sequence[int]) -> None:
+        self.layer, self.weight, self.bits = layer, weight, tuple(int(b) for b in bits)
+        self.total = {b: torch.zeros(int(weight.shape[0]), dtype=torch.float64)
+                      for b in self.bits}
+        self.count = 0
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        v = x.detach()
+        rows = 0
+        for b in self.bits:  # dW from the weight each time: no per-width copies held
+            d = weight_delta(self.weight, b, None).to(device=v.device, dtype=v.dtype)
+            y = layer_op(self.layer, v, d)
+            axis = y.dim() - 1 if self.layer.kind == "linear" else 1
+            y = y.movedim(axis, -1).reshape(-1, y.shape[axis])
+            self.total[b] += y.double().sum(0).cpu()
+            rows = y.shape[0]
+        self.count += rows
+
+    def mean(self, bits: int) -> torch.Tensor:
+        """``mu`` per output channel (float64 ``[out]``)."""
+        return self.total[int(bits)] / max(self.count, 1)
+
+
+def insert_output_modules(gm: fx.GraphModule, layers: Sequence[GraphLayer],
+                          modules: Mapping[str, nn.Module], prefix: str) -> fx.GraphModule:
+    """Insert ``modules[layer.name]`` on the output of each layer's op (every user rewired)."""
+    for layer in layers:
+        if layer.name not in modules:
+            continue
+        op = node_by_name(gm, layer.node)
+        target = module_name(layer.name, prefix)
+        gm.add_submodule(target, modules[layer.name])
+        with gm.graph.inserting_after(op):
+            new = gm.graph.call_module(target, (op,))
+        op.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+class _VirtualBias(nn.Module):
+    """Adds a zero per-channel bias that requires grad (its gradient: the loss's gradient
+    with respect to a constant shift of each output channel)."""
+
+    def __init__(self, channels: int, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        axis = self.axis % y.dim()
+        return y + self.bias.to(y.dtype).reshape([-1 if i == axis else 1 for i in range(y.dim())])
+
+
+def output_factor(z: torch.Tensor, u: torch.Tensor, loss_kind: str) -> torch.Tensor:
+    """``B u`` up to a constant, ``B B^T`` the per-sample Hessian of the loss in the outputs
+    ``z``: softmax losses ``sqrt(p) u - p (sqrt(p) . u)``, MSE ``u``."""
+    if loss_kind == "mse":
+        return u
+    prob = torch.softmax(z.detach().float(), dim=-1).to(z.dtype)
+    root = prob.sqrt()
+    return root * u - prob * (root * u).sum(dim=-1, keepdim=True)
+
+
+def gauss_newton_kept(
+    module: fx.GraphModule,
+    layers: Sequence[GraphLayer],
+    data: CalibrationSet,
+    loss_kind: str,
+    means: Mapping[str, Mapping[int, torch.Tensor]],
+    chunk: int,
+    fixed: bool = False,
+    device: torch.device | str = "cpu",
+    params: MeanShiftParams | None = None,
+) -> dict[str, dict[int, float]]:
+    """``{layer: {bits: kept}}`` for every layer in ``means`` (``{bits: mu [out]}``): the
+    Gauss-Newton ratio of the corrected perturbation ``(dW, -mu)`` to ``dW`` (module doc)."""
+    params = params or MeanShiftParams()
+    device = torch.device(device)
+    gm = copy.deepcopy(module).to(device)
+    named = dict(gm.named_parameters())
+    for p in named.values():
+        p.requires_grad_(False)
+    chosen = [layer for layer in layers if layer.name in means]
+    weights = [named[layer.weight] for layer in chosen]
+    for w in weights:
+        w.requires_grad_(True)
+    vbias = {layer.name: _VirtualBias(int(named[layer.weight].shape[0]),
+                                      -1 if layer.kind == "linear" else 1) for layer in chosen}
+    insert_output_modules(gm, chosen, vbias, "meanshift_bias")
+    biases = [vbias[layer.name].bias for layer in chosen]
+    deltas = {layer.name: {b: weight_delta(named[layer.weight], b, None).to(
+        device=device, dtype=named[layer.weight].dtype) for b in means[layer.name]}
+        for layer in chosen}
+    mus = {layer.name: {b: mu.to(device=device, dtype=named[layer.weight].dtype)
+                        for b, mu in means[layer.name].items()} for layer in chosen}
+    k = params.probes
+    a = {(layer.name, b): torch.zeros(k, dtype=torch.float64) for layer in chosen
+         for b in means[layer.name]}
+    m = {key: torch.zeros(k, dtype=torch.float64) for key in a}
+    gens = [torch.Generator().manual_seed(params.seed * 1_000_003 + r) for r in range(k)]
+    subset = data.subset(torch.arange(min(len(data), params.max_samples)))
+    for batch in subset.batches(chunk, fixed=fixed):
+        b = batch.to(device)
+        with torch.enable_grad():
+            out = gm(*b.args, **b.kwargs)
+            z = (out[0] if isinstance(out, tuple | list) else out)[: b.size]
+            for r in range(k):
+                u = (torch.randint(0, 2, z.shape, generator=gens[r]) * 2 - 1).to(z)
+                w = output_factor(z, u, loss_kind)
+                grads = torch.autograd.grad(z, weights + biases, grad_outputs=w,
+                                            retain_graph=True, allow_unused=True)
+                for i, layer in enumerate(chosen):
+                    gw, gb = grads[i], grads[len(chosen) + i]
+                    for bits in means[layer.name]:
+                        if gw is not None:
+                            a[layer.name, bits][r] += float((gw * deltas[layer.name][bits]).sum())
+                        if gb is not None:
+                            m[layer.name, bits][r] += float((gb * mus[layer.name][bits]).sum())
+    kept: dict[str, dict[int, float]] = {}
+    for (name, bits), ar in a.items():
+        raw = float(ar.pow(2).sum())
+        corrected = float((ar - m[name, bits]).pow(2).sum())
+        kept.setdefault(name, {})[int(bits)] = corrected / raw if raw > 0 else 1.0
+    return kept
+
+
+__all__ = ["ErrorMoments", "MeanShiftParams", "gauss_newton_kept", "insert_output_modules",
+           "output_factor"]
