@@ -8,6 +8,11 @@ from pathlib import Path
 
 from ..cli import add_device_argument
 
+# quantize.config's CALIBRATION_METHODS and BIAS_CORRECTIONS (spelled out: the CLI imports no
+# torch until a command runs; tests/service/test_quantize_command.py keeps them equal)
+CALIBRATIONS = ("minmax", "percentile", "mse")
+BIAS_CORRECTIONS = ("none", "weight", "layer")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -24,14 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.2,
                    help="share of calibration samples kept for evaluation (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration split")
-    p.add_argument("--calibration", choices=("minmax", "percentile"), default="minmax",
-                   help="activation range estimator (default minmax)")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default="minmax",
+                   help="activation range estimator: observed min/max, percentiles, or the "
+                   "clipped range with the least squared error at the tensor's bits "
+                   "(default minmax)")
     p.add_argument("--percentile", type=float, default=99.99,
                    help="upper percentile for --calibration percentile (default 99.99)")
     p.add_argument("--out-bits", type=int, default=8,
                    help="bits of materialised tensors no quantized layer reads (default 8)")
     p.add_argument("--final-bits", type=int, default=16,
                    help="bits of quantized layer outputs that are model outputs (default 16)")
+    p.add_argument("--bias-correction", choices=BIAS_CORRECTIONS, default=None,
+                   help="store each quantized layer's bias minus the mean output shift of its "
+                   "weight error ('weight'), of its weight error and input rounding ('layer'), "
+                   "or not ('none'); default: the library's (QuantizeConfig, 'weight')")
     p.add_argument("--batch-size", type=int, default=64,
                    help="samples per forward pass when the batch dimension is dynamic")
     add_device_argument(p)
@@ -61,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.holdout_fraction < 1.0:
         raise BadConstraintsError("--holdout-fraction must be in (0, 1)")
+    extra = {} if args.bias_correction is None else {"bias_correction": args.bias_correction}
     cfg = quantize.QuantizeConfig(
         calibration=args.calibration, percentile=args.percentile, out_bits=args.out_bits,
-        final_bits=args.final_bits, batch_size=args.batch_size,
+        final_bits=args.final_bits, batch_size=args.batch_size, **extra,
     )
     plan = _read_plan(Path(args.plan))
     data = intake(args.model, args.calib,
