@@ -393,6 +393,8 @@ def main() -> None:
                     help="QuantizeConfig.calibration (activation ranges) for every method")
     ap.add_argument("--all-plans", action="store_true",
                     help="print every plan that fits (models with at most 64 plans)")
+    ap.add_argument("--resources", default="size_bytes,bops",
+                    help="which budgets: size_bytes (0.25 / 0.5 / 0.75), bops (0.5)")
     ap.add_argument("--bc-rows", default="",
                     help="comma list of bias corrections: rows <method>+<mode> for each")
     args = ap.parse_args()
@@ -417,6 +419,8 @@ def main() -> None:
         for name in args.models.split(","):
             for resource, abits, fractions in (("size_bytes", [8], [0.25, 0.5, 0.75]),
                                                ("bops", [4, 8], [0.5])):
+                if resource not in args.resources.split(","):
+                    continue
                 problem, template, ev, secs = prepare(name, Path(tmp), abits, omegas[0], qcfg)
                 extra = {o: prepare(name, Path(tmp), abits, o)[0] for o in omegas[1:]}
                 t0 = time.perf_counter()
