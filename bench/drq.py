@@ -336,7 +336,7 @@ def plans(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # the two cost models share the sensitivity and regions (and so do reruns, --cache)
         cache = StageCache(args.cache or Path(tmp) / "cache")
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.seeds):
             for name in args.models.split(","):
                 kept = None if args.cache is None else args.cache / "drq-seeds"
                 kept = None if kept is None else kept / f"{name}-s{seed}-b{args.budgets}.json"
@@ -695,6 +695,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.1,0.25,0.5,0.75",
                         help="--plans: fractions of the way from all-W4A4 to all-W8A8")
     parser.add_argument("--json", type=Path, default=None, help="--plans: write figures here")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="--plans: train from this seed on (a second process in parallel; "
+                        "the test takes every seed in --cache)")
     parser.add_argument("--cached-only", action="store_true",
                         help="--plans: use only the per-seed figures already in --cache")
     parser.add_argument("--cache", type=Path, default=None,
