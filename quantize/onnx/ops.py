@@ -237,12 +237,13 @@ def reshape_to(ctx: Context, x: str, node: fx.Node, src: fx.Node) -> str:
     """Reshape ``x`` to the node's output shape: static dims as they are, a dynamic batch
     dim copied from the input (0), at most one other unknown (-1)."""
     out, inp = shape(node), shape(src)
+    sym_out, sym_in = node.meta["val"].shape, src.meta["val"].shape
     target = []
     for i, d in enumerate(out):
         if d is not None:
             target.append(d)
-        elif i == 0 and inp and inp[0] is None:
-            target.append(0)
+        elif i == 0 and inp and inp[0] is None and str(sym_out[0]) == str(sym_in[0]):
+            target.append(0)  # the same dynamic batch (not e.g. batch x heads)
         else:
             target.append(-1)
     if target.count(-1) > 1:

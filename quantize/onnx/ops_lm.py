@@ -12,6 +12,7 @@ Scalars next to a tensor take the tensor's element type (an int64 ``arange + 0``
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -185,6 +186,63 @@ def _filled(ctx: Context, node: fx.Node) -> str:
     fill = 1 if "ones" in str(node.target) else 0
     return ctx.builder.tensor(node.name, np.full([int(d) for d in size], fill,
                                                  _NUMPY[dtype_of(node)]))
+
+
+@handles(aten.full.default)
+def _full(ctx: Context, node: fx.Node) -> str:
+    size, fill = node.args[0], node.args[1]
+    if not all(isinstance(d, int) for d in size):
+        raise UnsupportedExportError(f"{node.name}: a filled tensor of dynamic size")
+    return ctx.builder.tensor(node.name, np.full([int(d) for d in size], fill,
+                                                 _NUMPY[dtype_of(node)]))
+
+
+@handles(aten.full_like.default)
+def _full_like(ctx: Context, node: fx.Node) -> str:
+    """``ConstantOfShape(Shape(x))`` with the fill value in the result's type (the shape may
+    be dynamic: the batch)."""
+    from onnx import numpy_helper
+
+    dims = ctx.builder.op("Shape", [ctx.value(node.args[0])], node.name + "_shape")
+    value = numpy_helper.from_array(np.full([1], node.args[1], _NUMPY[dtype_of(node)]))
+    return ctx.builder.op("ConstantOfShape", [dims], node.name, value=value)
+
+
+@handles(aten.scalar_tensor.default)
+def _scalar_tensor(ctx: Context, node: fx.Node) -> str:
+    return ctx.builder.tensor(node.name, np.array(node.args[0], _NUMPY[dtype_of(node)]))
+
+
+@handles(aten.where.self)
+def _where(ctx: Context, node: fx.Node) -> str:
+    dtype = dtype_of(node)
+    return ctx.builder.op("Where", [ctx.value(node.args[0])] +
+                          [typed(ctx, a, dtype) for a in node.args[1:3]], node.name)
+
+
+@handles(aten.logical_not.default)
+def _not(ctx: Context, node: fx.Node) -> str:
+    return ctx.builder.op("Not", [ctx.value(node.args[0])], node.name)
+
+
+@handles(aten.any.dim)
+def _any(ctx: Context, node: fx.Node) -> str:
+    """ReduceMax of the values cast to int32 (ONNX has no ReduceAny), back to bool."""
+    rank = len(shape(node.args[0]))
+    axis = int(_arg(node, 1, "dim")) % rank
+    keep = int(bool(_arg(node, 2, "keepdim", False)))
+    b = ctx.builder
+    ints = b.op("Cast", [ctx.value(node.args[0])], node.name + "_int", to=TensorProto.INT32)
+    top = b.op("ReduceMax", [ints, b.const([axis], np.int64)], node.name + "_max",
+               keepdims=keep)
+    return b.op("Cast", [top], node.name, to=TensorProto.BOOL)
+
+
+@handles(operator.mul)
+def _sym_mul(ctx: Context, node: fx.Node) -> str:
+    """A product of sizes (a dynamic dim read by sym_size times an int): int64 scalars."""
+    return ctx.builder.op("Mul", [typed(ctx, a, torch.int64) for a in node.args[:2]],
+                          node.name)
 
 
 @handles(aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
