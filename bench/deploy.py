@@ -3,7 +3,7 @@ predicted latency (the sum of `bitplan profile`'s per-layer latencies for the pl
 and against the float ONNX model, all measured in the same run.
 
     python bench/deploy.py [--models cnn,resnet18,llama] [--batch 1] [--threads 1]
-                           [--repeat 30] [--ilp] [--groups G] [--chain]
+                           [--repeat 30] [--ilp] [--groups G] [--quick] [--chain]
 
 Models: the digits CNN (8x8, trained 5 epochs), ResNet-18 at 224x224 (random weights, BN
 statistics on 16 random images; latency does not depend on the weights) and the tiny
@@ -24,7 +24,8 @@ the jobs run at the size ratio where the size-only plan is predicted slowest aga
 jobs' ``model.onnx`` files are timed with the rest. With ``--groups G`` the jobs also offer
 per-group weights (``weight_group_sizes: [null, G]``: one scale per G inputs, lower Omega,
 a few more bytes, and in ONNX Runtime a blocked DequantizeLinear + float conv) and every
-table times the ``w<w>g<G>a8`` options too.
+table times the ``w<w>g<G>a8`` options too. ``--quick``: only the float, all-INT8 and ILP
+plans, and only the context table (a locked run of minutes).
 
 Each plan is quantized on 16 calibration samples, exported, checked in ONNX Runtime against the
 fake-quant module. Then --rounds times: the tables are profiled, and all models of one model
@@ -162,16 +163,22 @@ def ilp_plans(name: str, program_data: torch.Tensor, work: Path, groups: int | N
 
     def job(label: str, limits: dict) -> bool:
         t0 = time.perf_counter()
+        done = (work / label / "model.onnx").is_file()  # --work: a finished job is reused
         try:
-            run_pipeline(pt2, calib, {**base, "limits": limits}, work / label, cache=cache,
-                         pareto_points=0, plots=False)
+            if not done:
+                run_pipeline(pt2, calib, {**base, "limits": limits}, work / label,
+                             cache=cache, pareto_points=0, plots=False)
         except InfeasibleError as exc:
             print(f"  ILP {label} {limits}: infeasible ({exc.message[:300]})")
+            return False
+        if not (work / label / "model.onnx").is_file():
+            print(f"  ILP {label} {limits}: infeasible (an earlier run)")
             return False
         plan = json.loads((work / label / "plan.json").read_text())
         plan["onnx"] = json.loads((work / label / "report.json").read_text()).get("onnx")
         out[label] = (plan, onnx.load(str(work / label / "model.onnx")))
-        print(f"  ILP {label} {limits}: job {time.perf_counter() - t0:.0f} s, "
+        print(f"  ILP {label} {limits}: job {time.perf_counter() - t0:.0f} s"
+              f"{' (reused)' if done else ''}, "
               f"{sum(r['w_bits'] == 4 for r in plan['layers'])} layers at 4 bits "
               f"({sum(r.get('group_size') is not None for r in plan['layers'])} per group), "
               f"predicted {plan['totals']['latency_ms']:.3f} ms, limit "
@@ -250,7 +257,8 @@ def profile_tables(program: torch.export.ExportedProgram, name: str,
                    args: argparse.Namespace) -> dict[str, dict]:
     """The context, isolated and context-dq tables, timed now."""
     tables = {}
-    for method, int8 in (("context", True), ("isolated", True), ("context", False)):
+    kinds = (("context", True), ("isolated", True), ("context", False))
+    for method, int8 in kinds[:1] if args.quick else kinds:
         t0 = time.perf_counter()
         doc = profile(program, ProfileConfig(weight_bits=(4, 8), activation_bits=(8,),
                                              batch=args.batch, threads=args.threads,
@@ -275,8 +283,9 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     print(f"\n{name}")
     train, holdout = CalibrationSet((data[:16],)), CalibrationSet((data[16:],))
     layers = [x.name for x in find_layers(program.module())]
-    plans = {"w8a8": make_plan(program, dict.fromkeys(layers, 8)),
-             "size0.75": make_plan(program, size_forced(program, 0.75))}
+    plans = {"w8a8": make_plan(program, dict.fromkeys(layers, 8))}
+    if not args.quick:
+        plans["size0.75"] = make_plan(program, size_forced(program, 0.75))
     models = {"float": export_onnx(program, None)}
     agreement = {}
     for plan_name, plan in list(plans.items()):
@@ -291,7 +300,9 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
                                               holdout)["top1_agreement_decisive"]
     if args.ilp and name == "resnet18":
         with tempfile.TemporaryDirectory(prefix="bitplan-deploy-") as tmp:
-            for label, (plan, model) in ilp_plans(name, data, Path(tmp), args.groups).items():
+            work = Path(args.work) if args.work else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            for label, (plan, model) in ilp_plans(name, data, work, args.groups).items():
                 plans[label], models[label] = plan, model
     # rounds of (tables, whole models): a table and the models it predicts are timed minutes
     # apart at most, and the spread over rounds shows what the machine's load does
@@ -313,8 +324,12 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
         for tables, times in rounds:
             meas_r = float(np.median(times[plan_name]))
             for m in pred:
-                t = tables["context-dq" if m == "context" and plan_name.endswith("-dq")
-                           else m]
+                t = tables.get("context-dq" if m == "context" and plan_name.endswith("-dq")
+                               else m)
+                if t is None:  # --quick: no isolated table
+                    pred[m].append(float("nan"))
+                    ratio[m].append(float("nan"))
+                    continue
                 p = sum(t[n].get(tags[n], t[n][f"w{bits[n]}a8"]) for n in layers)
                 pred[m].append(p)
                 ratio[m].append(p / meas_r)
@@ -347,6 +362,11 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=None,
                     help="with --ilp: also offer per-group weights of this group size (and "
                     "time them in every table)")
+    ap.add_argument("--work", default=None,
+                    help="with --ilp: keep the jobs' outputs (and cache) here and reuse "
+                    "finished jobs")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the float, all-INT8 and --ilp plans, and only the context table")
     ap.add_argument("--chain", action="store_true",
                     help="also time chains of 1/4/8 identical W8A8 convs (per conv)")
     args = ap.parse_args()
