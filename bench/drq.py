@@ -604,6 +604,36 @@ def drq_omega(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def omega_table(args: argparse.Namespace) -> None:
+    """Per conv layer of one trained model (``--models``' first, seed ``--first-seed``): each
+    DRQ mode's activation Omega as the regions estimate it, as measured with the job's loss
+    (cross-entropy at the labels) and as measured with KL to FP32, beside the uniform A8 / A4
+    measured both ways (``sensitivity.measured``), on the pipeline's train split."""
+    from quantize.observe import observe
+    from sensitivity.drqmeasured import measured_drq_omegas
+    from sensitivity.intake import IntakeConfig, intake
+    from sensitivity.measured import measured_omegas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = PlanModel(args.models.split(",")[0], Path(tmp), args.first_seed)
+        it = intake(model.pt2, model.calib_path, IntakeConfig(holdout_fraction=0.1, seed=0))
+        graphs = [la.graph for la in it.layers]
+        stats = observe(it.module, graphs, it.train, 64)
+        regions = calibrate(it.module, graphs, it.train, it.holdout, RegionConfig(),
+                            activations=stats)
+        label_free = dataclasses.replace(it, loss_kind="kl")
+        ce, kl = measured_drq_omegas(it, regions), measured_drq_omegas(label_free, regions)
+        uce = measured_omegas(it, [8], [4, 8], activations=stats)
+        ukl = measured_omegas(label_free, [8], [4, 8], activations=stats)
+    print(f"{model.name} seed {model.seed}, {len(it.train)} train digits "
+          f"(regions' estimate is trace-weighted only when the pipeline gives traces: raw here)")
+    for name in ce:
+        print(f"  {name}: uniform A8 CE {uce.omega_a[name][8]:.5f} KL {ukl.omega_a[name][8]:.5f}"
+              f", A4 CE {uce.omega_a[name][4]:.5f} KL {ukl.omega_a[name][4]:.5f}")
+        for mode in regions.layer(name).modes:
+            print(f"    {mode.tag:>14} CE {ce[name][mode.tag]:.5f} KL {kl[name][mode.tag]:.5f}")
+
+
 def issue_case(args: argparse.Namespace) -> None:
     """The issue's exact case: DigitsResNet, bops_ratio 0.6, weights and activations {4, 8},
     DRQ enabled, default pins and Hessian settings. The pipeline's plan against the best plan
@@ -691,6 +721,8 @@ def main() -> None:
                         help="DigitsResNet at bops_ratio 0.6: the plan against forced-DRQ plans")
     parser.add_argument("--drq-omega", action="store_true",
                         help="the ILP with measured against estimated DRQ activation Omega")
+    parser.add_argument("--omega-table", action="store_true",
+                        help="one model's DRQ activation Omegas measured by CE and by KL")
     parser.add_argument("--models", default="cnn,resnet18", help="for --plans / --drq-omega")
     parser.add_argument("--budgets", default="0.1,0.25,0.5,0.75",
                         help="--plans: fractions of the way from all-W4A4 to all-W8A8")
@@ -711,6 +743,9 @@ def main() -> None:
         return
     if args.drq_omega:
         drq_omega(args)
+        return
+    if args.omega_table:
+        omega_table(args)
         return
     x, y = zoo.digits_data(image_size=8, seed=0)
     if args.low_weights:
