@@ -11,9 +11,11 @@ per-channel constant shift far more than position-varying noise of the same ener
 digits CNN the mean is ~25 % of conv2's 4-bit output error energy but removing it cuts the
 loss increase ~9x, docs/quality.md). So the share is measured with the Hessian itself, in its
 Gauss-Newton form ``H = J^T S J`` (``S = B B^T`` the loss's Hessian in the model's outputs):
-for output-space probes ``g = J^T B u`` (Rademacher ``u`` per sample and output, one backward
-pass each, with a zero "virtual bias" added to every layer output so ``g`` has a bias part)
-``E[(g . v)^2] = v^T H v``. With ``a = g_W . dW`` and ``m = g_b . mu`` per probe,
+for output-space probes ``g = J^T B u`` (Rademacher ``u`` per sample and output, one forward
+and backward pass each on ``MeanShiftParams.draw`` samples drawn at random, with a zero
+"virtual bias" added to every layer output so ``g`` has a bias part) ``E[(g . v)^2]`` is
+``v^T H v`` up to a constant factor (the expectation over the draw is the calibration mean).
+With ``a = g_W . dW`` and ``m = g_b . mu`` per probe,
 
     kept = sum_probes (a - m)^2 / sum_probes a^2      (~ v^T H v / dW^T H dW),
 
@@ -30,8 +32,8 @@ factor (per-channel symmetric rounding commutes with it), so the unfolded model 
 Grouped quantizers' Omegas take the per-channel quantizer's ``kept``.
 
 Cost: per layer and weight width one extra layer op per calibration chunk in that pass, then
-``MeanShiftParams.probes`` backward passes over at most ``max_samples`` samples; memory: the
-model once more and the weight errors of every width.
+``MeanShiftParams.probes`` forward and backward passes of ``draw`` samples (256 x 16: about 16
+passes over 256 samples); memory: the model once more and the weight errors of every width.
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ from quantize.graph import GraphLayer, module_name, node_by_name
 class MeanShiftParams:
     """The Gauss-Newton ratio's sampling."""
 
-    probes: int = 64  # output-space probes: the ratio's relative noise ~ sqrt(2 / probes)
-    max_samples: int = 256  # calibration samples the probes see (a ratio, not a total)
+    probes: int = 256  # output-space probes, each on its own drawn samples: with 64 (on
+    # every sample) two of the Llama's 15 ratios were 15-30 % off the measured ones and flipped
+    # a BOPS plan; 256 chose the plan of the measured ratios (docs/quality.md)
+    draw: int = 16  # samples a probe draws (a fixed-batch program: its batch); the ratio's
+    # expectation is over the data, so a probe need not see all of it
     seed: int = 0
 
 
@@ -164,25 +169,26 @@ def gauss_newton_kept(
     a = {(layer.name, b): torch.zeros(k, dtype=torch.float64) for layer in chosen
          for b in means[layer.name]}
     m = {key: torch.zeros(k, dtype=torch.float64) for key in a}
-    gens = [torch.Generator().manual_seed(params.seed * 1_000_003 + r) for r in range(k)]
-    subset = data.subset(torch.arange(min(len(data), params.max_samples)))
-    for batch in subset.batches(chunk, fixed=fixed):
-        b = batch.to(device)
-        with torch.enable_grad():
-            out = gm(*b.args, **b.kwargs)
-            z = (out[0] if isinstance(out, tuple | list) else out)[: b.size]
-            for r in range(k):
-                u = (torch.randint(0, 2, z.shape, generator=gens[r]) * 2 - 1).to(z)
-                w = output_factor(z, u, loss_kind)
-                grads = torch.autograd.grad(z, weights + biases, grad_outputs=w,
-                                            retain_graph=True, allow_unused=True)
-                for i, layer in enumerate(chosen):
-                    gw, gb = grads[i], grads[len(chosen) + i]
-                    for bits in means[layer.name]:
-                        if gw is not None:
-                            a[layer.name, bits][r] += float((gw * deltas[layer.name][bits]).sum())
-                        if gb is not None:
-                            m[layer.name, bits][r] += float((gb * mus[layer.name][bits]).sum())
+    draw = min(chunk if fixed else params.draw, len(data))
+    for r in range(k):
+        gen = torch.Generator().manual_seed(params.seed * 1_000_003 + r)
+        picked = data.subset(torch.randperm(len(data), generator=gen)[:draw])
+        for batch in picked.batches(chunk, fixed=fixed):
+            b = batch.to(device)
+            with torch.enable_grad():
+                out = gm(*b.args, **b.kwargs)
+                z = (out[0] if isinstance(out, tuple | list) else out)[: b.size]
+                u = (torch.randint(0, 2, z.shape, generator=gen) * 2 - 1).to(z)
+                grads = torch.autograd.grad(z, weights + biases,
+                                            grad_outputs=output_factor(z, u, loss_kind),
+                                            allow_unused=True)
+            for i, layer in enumerate(chosen):
+                gw, gb = grads[i], grads[len(chosen) + i]
+                for bits in means[layer.name]:
+                    if gw is not None:
+                        a[layer.name, bits][r] += float((gw * deltas[layer.name][bits]).sum())
+                    if gb is not None:
+                        m[layer.name, bits][r] += float((gb * mus[layer.name][bits]).sum())
     kept: dict[str, dict[int, float]] = {}
     for (name, bits), ar in a.items():
         raw = float(ar.pow(2).sum())
