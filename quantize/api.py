@@ -16,7 +16,7 @@ from torch import nn
 from solver.errors import BadModelError
 from solver.plan import Plan, parse_plan
 
-from .biascorr import correct_biases
+from .biascorr import codes_delta, correct_biases
 from .calibrate import calibrate, f32
 from .checkpoint import Checkpoint, encode_weight, read_checkpoint
 from .config import QuantizeConfig
@@ -65,18 +65,20 @@ def _layer_tensors(
     bias: torch.Tensor | None,
     g_in: Grid,
     g_out: Grid,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantized weight, integer bias and dyadic requantisation of one (folded) layer.
 
     Per channel: one multiplier ``b / 2^c`` per output channel. Per group of
     ``row.group_size`` inputs: the bias on the grid of the channel's largest group scale, and
     per-group multipliers with one shift per channel (``quantize.primitives.group_dyadic``),
-    bounded so the integer sum fits int64."""
+    bounded so the integer sum fits int64. ``quantized``: ``quantize_weight``'s (codes, scales)
+    of this weight, when computed already."""
     weight = weight.detach().cpu().to(torch.float32)
     out = weight.shape[0]
     bias = torch.zeros(out) if bias is None else bias.detach().cpu().to(torch.float32)
     grouped = row.group_size is not None
-    codes, s_w = quantize_weight(weight, row.w_bits, group_size=row.group_size)
+    codes, s_w = quantized or quantize_weight(weight, row.w_bits, group_size=row.group_size)
     s_w = s_w.to(torch.float32)
     # scale of one accumulator unit (of the bias, for groups)
     acc_scale = (s_w.amax(dim=1) if grouped else s_w).to(torch.float64) * g_in.scale
@@ -241,20 +243,24 @@ def apply(
     )
     if activations is not None and cfg.calibration == "minmax":
         activations = activations.with_outputs(frozenset(qlayers), ranges)
+    # each weight quantized once: its codes for the checkpoint, Q(W) - W for the correction
+    weights = {n: folded[n][0].detach().cpu().to(torch.float32) for n in rows}
+    quantized = {n: quantize_weight(weights[n], r.w_bits, group_size=r.group_size)
+                 for n, r in rows.items()}
     if corrected:
         bc_grids = ({n: in_grids[n] for n in rows if n not in drq_grids}
                     if cfg.bias_correction == "layer" else None)
         folded.update(correct_biases(
             float_gm, qlayers, folded, {n: (r.w_bits, r.group_size) for n, r in rows.items()},
             train, batch_size or cfg.batch_size, batch_size is not None, device, bc_grids,
-            sums))
+            sums, {n: codes_delta(weights[n], *quantized[n]) for n in rows}))
     grids = {p.node: in_grids[p.consumer] if p.consumer else free_grids[p.node] for p in points}
     layer_point = {p.layer: p for p in points if p.kind == "layer"}
     tensors: dict[str, torch.Tensor] = {}
     quant_layers: dict[str, Any] = {}
     for name, row in rows.items():
         g_in, g_out = in_grids[name], grids[layer_point[name].node]
-        tensors.update(_layer_tensors(row, *folded[name], g_in, g_out))
+        tensors.update(_layer_tensors(row, *folded[name], g_in, g_out, quantized[name]))
         quant_layers[name] = {
             "kind": row.kind,
             "w_bits": row.w_bits,

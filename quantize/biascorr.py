@@ -47,9 +47,15 @@ from .primitives import expand_scales, fake_quantize_activation, quantize_weight
 def weight_delta(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
     """``Q(W) - W`` in float64, with the checkpoint's quantizer."""
     w = weight.detach().cpu().to(torch.float32)
-    codes, s_w = quantize_weight(w, bits, group_size=group_size)
-    deq = codes.to(torch.float64) * expand_scales(s_w.to(torch.float64), codes)
-    return deq - w.to(torch.float64)
+    return codes_delta(w, *quantize_weight(w, bits, group_size=group_size))
+
+
+def codes_delta(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``Q(W) - W`` in float64 from the codes and scales ``quantize_weight`` gave for
+    ``weight`` (float32, CPU): what :func:`weight_delta` computes, for a caller that holds
+    them already."""
+    deq = codes.to(torch.float64) * expand_scales(scales.to(torch.float64), codes)
+    return deq - weight.to(torch.float64)
 
 
 def layer_op(layer: GraphLayer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -143,14 +149,16 @@ def correct_biases(
     device: torch.device | str = "cpu",
     grids: Mapping[str, Grid] | None = None,
     sums: Mapping[str, InputSums] | None = None,
+    deltas: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (W, b - mu)}`` for every layer in ``bits`` (``(w_bits, group_size)``), from the
     BN-folded ``(W, b)`` of ``folded`` (``b`` None counts as zero); float32 biases. Layers in
     ``grids`` (their input grids) get the ``"layer"`` correction, the others ``"weight"``: from
     their ``sums`` (the train inputs summed per tap, ``quantize.observe``) when given, no pass;
-    the pass over ``data`` through ``gm`` runs only for the layers left (none: ``gm`` unused)."""
-    grids, sums = grids or {}, sums or {}
-    deltas = {n: weight_delta(folded[n][0], *bits[n]) for n in bits}
+    the pass over ``data`` through ``gm`` runs only for the layers left (none: ``gm`` unused).
+    ``deltas``: ``Q(W) - W`` of some layers, computed already (:func:`codes_delta`)."""
+    grids, sums, given = grids or {}, sums or {}, deltas or {}
+    deltas = {n: given[n] if n in given else weight_delta(folded[n][0], *bits[n]) for n in bits}
     shifts = {n: sums[n].mean_output(d) for n, d in deltas.items()
               if n in sums and n not in grids}
     rest = {n: d for n, d in deltas.items() if n not in shifts}
@@ -170,4 +178,4 @@ def correct_biases(
     return out
 
 
-__all__ = ["correct_biases", "layer_op", "output_shifts", "weight_delta"]
+__all__ = ["codes_delta", "correct_biases", "layer_op", "output_shifts", "weight_delta"]

@@ -98,10 +98,10 @@ class InputSums:
         w = weight.to(torch.float64)
         if self.total.dim() == 1:  # linear
             return (w @ self.total.to(w.device)) / max(self.count, 1)
-        groups = self.total.shape[0]
-        per_group = w.shape[0] // groups
-        taps = self.total.to(w.device).repeat_interleave(per_group, dim=0)  # [out, C_in/g, *k]
-        return (w * taps).flatten(1).sum(1) / max(self.count, 1)
+        groups = self.total.shape[0]  # output channel o reads the taps of group o // (out/g)
+        taps = self.total.to(w.device).reshape(groups, -1, 1)
+        per_group = w.reshape(groups, w.shape[0] // groups, -1)
+        return torch.bmm(per_group, taps).reshape(-1) / max(self.count, 1)
 
     @property
     def nbytes(self) -> int:
@@ -124,14 +124,15 @@ class InputSums:
 
 def tap_sums(layer: GraphLayer, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(``InputSums.total``, ``count``) of the batch ``x`` (real rows only) for ``layer``: the
-    batch summed first (the op is linear), then per tap as the weight gradient of the summed
-    output of a conv with one output channel per group (torch's own padding and stride)."""
+    batch summed first (the op is linear; in the input's dtype, a cascade sum over the rows of
+    one batch, then float64), then per tap as the weight gradient of the summed output of a
+    conv with one output channel per group (torch's own padding and stride)."""
     v = x.detach()
     if layer.kind == "linear":
         rows = v.reshape(-1, v.shape[-1])
-        return rows.sum(0, dtype=torch.float64).cpu(), rows.shape[0]
+        return rows.sum(0).to(torch.float64).cpu(), rows.shape[0]
     conv = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d}[layer.kind]
-    summed = v.sum(0, keepdim=True, dtype=torch.float64)
+    summed = v.sum(0, keepdim=True).to(torch.float64)
     w = torch.zeros(layer.groups, *layer.weight_shape[1:], dtype=torch.float64,
                     device=v.device, requires_grad=True)
     with torch.enable_grad():
@@ -218,12 +219,13 @@ class _Probe(nn.Module):
             v = v[: self.valid]  # a batch-leading tensor: drop the padding rows
         if v.numel() == 0:
             return x
-        if not bool(torch.isfinite(v).all()):
+        lo, hi = (float(t) for t in torch.aminmax(v))  # one pass; NaN propagates to both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise BadCalibrationError(
                 f"the input of layer {self.name!r} has NaN/inf values on the calibration data"
             )
-        self.lo = min(self.lo, float(v.min()))
-        self.hi = max(self.hi, float(v.max()))
+        self.lo = min(self.lo, lo)
+        self.hi = max(self.hi, hi)
         self.numel += v.numel()
         self.shape = tuple(v.shape[1:])
         if self.layer is not None:

@@ -152,9 +152,9 @@ class _Shapes(nn.Module):
 @pytest.mark.parametrize("fixed", [False, True])
 def test_input_sums_give_the_pass_based_shift(fixed) -> None:
     """``E[op(x, dW)]`` from the per-tap input sums of one observe pass equals the pass that
-    runs ``op(x, dW)`` on every sample (float64 both, 1e-9 relative: only the summation order
-    differs), for every layer shape above; fixed batches (11 samples in 4s) drop the padding
-    rows in both."""
+    runs ``op(x, dW)`` on every sample in float64, for every layer shape above (1e-5 relative:
+    the sums add a batch's rows in float32 first, measured 5e-7 off); fixed batches (11 samples
+    in 4s) drop the padding rows in both."""
     from quantize.observe import observe
 
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def test_input_sums_give_the_pass_based_shift(fixed) -> None:
     stats = observe(gm, list(layers.values()), data, 4, fixed)
     for name, delta in deltas.items():
         got = stats.sums[name].mean_output(delta)
-        torch.testing.assert_close(got, passed[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got, passed[name], rtol=1e-5, atol=1e-9)
         assert float(got.abs().max()) > 1e-4  # a real shift at 3 bits (far above the atol)
     assert stats.sums["fc"].count == 11 * 5  # rows of every token
     assert stats.sums["c1"].count == 11 * 4 * 4  # samples x output positions
