@@ -597,10 +597,12 @@ def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batche
                 if g is None:
                     continue
                 if b >= n or n_chunks == 1:  # activation blocks are disjoint over chunks
-                    sq = g.double().pow(2)
-                    total[rows, j] += (sq.flatten(1).sum(1) if batched else sq.sum()).cpu()
                     if b in diag:
+                        sq = g.double().pow(2)
                         diag[b] += (sq.sum(0) if batched else sq).to(diag[b].dtype)
+                    else:  # one float32 square (cascade sum, ~1e-7): activation gradients
+                        sq = g.square()  # are the pass's largest tensors
+                    total[rows, j] += (sq.flatten(1).sum(1) if batched else sq.sum()).double().cpu()
                 else:
                     if j not in acc:
                         acc[j] = g.new_zeros((k, *inputs[b].shape))

@@ -162,3 +162,18 @@ def test_handed_down_activation_statistics_give_the_same_result(cnn_result):
     other = measure(it, FAST, activations=wide)
     assert all(a.omega_a[8] != b.omega_a[8] for a, b in zip(other.layers, res.layers,
                                                              strict=True))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_rounding_error_is_the_fake_quantized_error(signed) -> None:
+    """The in-place float32 error equals ``||fake_quantize_activation(x) - x||^2`` in float64
+    (1e-5 relative; measured ~1e-7), also for values clipped at the grid's ends."""
+    from sensitivity.engine import rounding_error
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 16, 9, 9, generator=gen) * 3 + (0 if signed else 2)
+    x = x if signed else x.clamp_min(0)
+    for bits, scale in [(8, 0.05), (4, 0.3), (4, 0.02)]:  # 0.02 at 4 bits clips most values
+        exact = float((fake_quantize_activation(x.double(), scale, bits, signed)
+                       - x.double()).pow(2).sum())
+        assert rounding_error(x, scale, bits, signed) == pytest.approx(exact, rel=1e-5)
