@@ -3,6 +3,9 @@
     .venv/bin/python bench/drq.py [--seeds 1] [--epochs 30] [--width 8] [--calib 256]
     .venv/bin/python bench/drq.py --low-weights [--seeds 3]
     .venv/bin/python bench/drq.py --plans [--models cnn,resnet18] [--budgets 0.1,0.25,0.5,0.75]
+    .venv/bin/python bench/drq.py --plans --seeds 5 --cache DIR [--first-seed N] [--cached-only]
+    .venv/bin/python bench/drq.py --drq-omega [--models cnn] [--seeds 5]
+    .venv/bin/python bench/drq.py --omega-table [--models cnn] [--first-seed 1]
     .venv/bin/python bench/drq.py --issue-case [--json out.json]
 
 For each init seed a DigitsCNN is trained on digits 0..1399 (as in the tests), exported, and
@@ -39,6 +42,19 @@ has none, the best plan that forces one, marked *) and of the plan without DRQ, 
 lower by more than one paired standard error; "checked" is the plan the check keeps, judged on
 the 597 held-out digits against the plan without DRQ. The two
 cost models share one stage cache, so the second pipeline reuses the sensitivity and regions.
+
+``--plans --seeds K``: the above for K independently trained models of each (seed s: the init
+and the data order; one split, so every seed is judged on the same 597 digits), then the test
+of docs/drq.md: per held-out digit the mean over seeds of (correct with DRQ - correct off),
+for the ILP's plan and for the job's checked plan, its mean and se over digits, a two-sided
+sign-flip permutation p over digits, Holm over the budgets, for all seeds and for seeds 1..
+alone. Per-seed figures are kept in ``--cache``/drq-seeds (``--first-seed`` lets a second
+process train later seeds into it; ``--cached-only`` only aggregates).
+
+``--drq-omega``: the ILP with the DRQ options' activation Omega measured
+(``sensitivity.drqmeasured``) against estimated (the regions'), both in a pipeline with
+``hessian.omega: measured``; ``--omega-table`` prints one model's DRQ Omegas measured with the
+job's cross-entropy and with KL to FP32.
 
 ``--issue-case``: the issue's constraints on DigitsResNet (``bops_ratio`` 0.6, weights and
 activations {4, 8}, DRQ enabled, default pins and Hessian): the ILP's optimum against the
