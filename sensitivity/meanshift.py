@@ -160,15 +160,18 @@ def gauss_newton_kept(
                                       -1 if layer.kind == "linear" else 1) for layer in chosen}
     insert_output_modules(gm, chosen, vbias, "meanshift_bias")
     biases = [vbias[layer.name].bias for layer in chosen]
-    deltas = {layer.name: {b: weight_delta(named[layer.weight], b, None).to(
-        device=device, dtype=named[layer.weight].dtype) for b in means[layer.name]}
-        for layer in chosen}
-    mus = {layer.name: {b: mu.to(device=device, dtype=named[layer.weight].dtype)
-                        for b, mu in means[layer.name].items()} for layer in chosen}
+    bits = {layer.name: sorted(int(b) for b in means[layer.name]) for layer in chosen}
+    # per layer the weight errors and shifts of every width stacked: [widths, ...]
+    deltas = {layer.name: torch.stack([weight_delta(named[layer.weight], b, None) for b in
+                                       bits[layer.name]]).to(device=device,
+                                                             dtype=named[layer.weight].dtype)
+              for layer in chosen}
+    mus = {layer.name: torch.stack([means[layer.name][b] for b in bits[layer.name]]).to(
+        device=device, dtype=named[layer.weight].dtype) for layer in chosen}
     k = params.probes
-    a = {(layer.name, b): torch.zeros(k, dtype=torch.float64) for layer in chosen
-         for b in means[layer.name]}
-    m = {key: torch.zeros(k, dtype=torch.float64) for key in a}
+    a = {layer.name: torch.zeros(len(bits[layer.name]), k, dtype=torch.float64, device=device)
+         for layer in chosen}
+    m = {name: torch.zeros_like(t) for name, t in a.items()}
     draw = min(chunk if fixed else params.draw, len(data))
     for r in range(k):
         gen = torch.Generator().manual_seed(params.seed * 1_000_003 + r)
@@ -184,16 +187,16 @@ def gauss_newton_kept(
                                             allow_unused=True)
             for i, layer in enumerate(chosen):
                 gw, gb = grads[i], grads[len(chosen) + i]
-                for bits in means[layer.name]:
-                    if gw is not None:
-                        a[layer.name, bits][r] += float((gw * deltas[layer.name][bits]).sum())
-                    if gb is not None:
-                        m[layer.name, bits][r] += float((gb * mus[layer.name][bits]).sum())
+                if gw is not None:
+                    a[layer.name][:, r] += (deltas[layer.name] * gw).flatten(1).sum(1).double()
+                if gb is not None:
+                    m[layer.name][:, r] += (mus[layer.name] @ gb).double()
     kept: dict[str, dict[int, float]] = {}
-    for (name, bits), ar in a.items():
-        raw = float(ar.pow(2).sum())
-        corrected = float((ar - m[name, bits]).pow(2).sum())
-        kept.setdefault(name, {})[int(bits)] = corrected / raw if raw > 0 else 1.0
+    for name, ar in a.items():
+        raw = ar.pow(2).sum(1).cpu()
+        corrected = (ar - m[name]).pow(2).sum(1).cpu()
+        kept[name] = {b: float(c / w) if w > 0 else 1.0
+                      for b, c, w in zip(bits[name], corrected, raw, strict=True)}
     return kept
 
 

@@ -172,9 +172,10 @@ class Hessian(_Strict):
     bias_corrected: bool = Field(
         False,
         description="price each weight option after the quantize stage's bias correction "
-        "(its checkpoint stores b - E[op(x, Q(W) - W)]): the Hessian Omegas keep the share of "
-        "the layer's output error that is not its mean shift (sensitivity/meanshift.py), the "
-        "measured Omega quantizes with the correction; false: the uncorrected weight error",
+        "(its checkpoint stores b - E[op(x, Q(W) - W)]): the Hessian Omegas are multiplied by "
+        "the Gauss-Newton share of the option's damage that the correction keeps "
+        "(sensitivity/meanshift.py: 256 probe passes of 16 samples), the measured Omega "
+        "quantizes with the correction; false: the uncorrected weight error",
     )
 
 

@@ -39,6 +39,7 @@ def test_grouped_options_are_costed_chosen_and_stored(mlp_pt2, calib_path, tmp_p
         for g, table in row["omega_wg"].items():
             for b, omega in table.items():
                 expect = row["weight_trace"] / row["params"] * weight_quant_error(w, int(b), int(g))
+                expect *= row["omega_w_kept"].get(b, 1.0)  # with hessian.bias_corrected
                 assert omega == pytest.approx(expect, rel=1e-6)
     problem = {la["name"]: la["options"] for la in json.loads((out / "problem.json").read_text())[
         "layers"]}
