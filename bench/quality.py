@@ -1,7 +1,8 @@
 """Plan quality against baselines at the same budget: bitplan's plan, uniform INT8 / INT4, random
 allocations and a greedy oracle that knows each layer's measured loss increase.
 
-    python bench/quality.py [--models cnn,resnet18,llama] [--omega trace|diagonal|measured]
+    python bench/quality.py [--models cnn,resnet18,llama] [--resources size_bytes,bops]
+                            [--omega trace|diagonal|measured[:bc|:raw],...]
                             [--weight-clip max|mse] [--bias-correction none|weight|layer]
                             [--bc-rows weight,layer] [--calibration minmax|percentile|mse]
                             [--random 10]
@@ -28,6 +29,9 @@ quantized and evaluated on the held-out samples:
 ``--all-plans`` (models with at most 64 plans, the digits CNN) also prints every plan that
 fits each budget: its weight / activation bits per layer, summed Omega and held-out KL (with
 each ``--bc-rows`` correction too).
+
+``--omega trace:bc`` (``:raw``) runs the pipeline with ``hessian.bias_corrected`` true (false):
+Omega priced after the quantizer's bias correction (``sensitivity/meanshift.py``) or not.
 
 ``--bias-correction MODE`` quantizes every plan (and every measured loss increase) with
 ``QuantizeConfig(bias_correction=MODE)``; ``--bc-rows weight,layer`` adds rows
