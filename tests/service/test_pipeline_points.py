@@ -30,11 +30,12 @@ def test_points_reuse_the_jobs_measurements(cnn_pt2, calib_path, tmp_path, monke
     once for all of them (its outputs on the points' held-out samples, kept)."""
     import json
 
+    from svc_helpers import FAST_HESSIAN
+
     import quantize.biascorr
     import quantize.calibrate
     import quantize.evaluate
     from service.pipeline import run_pipeline
-    from svc_helpers import FAST_HESSIAN
 
     calls = {"calibrate": 0, "shifts": 0, "reference": 0}
     run_batch, shifts = quantize.calibrate.run_batch, quantize.biascorr.output_shifts
