@@ -24,7 +24,7 @@ from solver.errors import BadCalibrationError
 
 from .config import QuantizeConfig
 from .data import CalibrationSet, run_batch
-from .graph import GraphLayer, insert_input_modules
+from .graph import GraphLayer, insert_after_node, insert_input_modules
 from .observe import ActivationStats
 from .points import Grid, Point
 from .primitives import activation_qrange, activation_scale
@@ -131,18 +131,10 @@ class RangeObserver(nn.Module):
         return best[1], best[2]
 
 
-def _insert_after(gm: fx.GraphModule, node_name: str, module: nn.Module, target: str) -> None:
-    node = next(n for n in gm.graph.nodes if n.name == node_name)
-    gm.add_submodule(target, module)
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(target, (node,))
-    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-
-
 def insert_after(gm: fx.GraphModule, modules: dict[str, nn.Module], prefix: str) -> fx.GraphModule:
     """Insert ``modules[node]`` right after each named node (all uses rewired), in place."""
     for node_name, module in modules.items():
-        _insert_after(gm, node_name, module, f"_bitplan_{prefix}_{node_name}")
+        insert_after_node(gm, node_name, module, f"_bitplan_{prefix}_{node_name}")
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -19,7 +19,7 @@ and calls ``find_layers``, so sensitivity, checkpoint, fake-quant and the intege
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +245,28 @@ def node_by_name(gm: fx.GraphModule, name: str) -> fx.Node:
 def module_name(layer_name: str, prefix: str) -> str:
     """A submodule name that cannot collide with the model's own FQNs."""
     return f"_bitplan_{prefix}_" + layer_name.replace(".", "_")
+
+
+def insert_after_node(gm: fx.GraphModule, node_name: str, module: nn.Module, target: str) -> None:
+    """Add ``module`` as submodule ``target`` and call it on node ``node_name``'s output, with
+    every other use of that output rewired to the module's (no lint / recompile)."""
+    node = node_by_name(gm, node_name)
+    gm.add_submodule(target, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(target, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
+def insert_output_modules(gm: fx.GraphModule, layers: Sequence[GraphLayer],
+                          modules: Mapping[str, nn.Module], prefix: str) -> fx.GraphModule:
+    """Insert ``modules[layer.name]`` on the output of each layer's op (every user rewired),
+    in place. Returns ``gm`` (recompiled)."""
+    for layer in layers:
+        if layer.name in modules:
+            insert_after_node(gm, layer.node, modules[layer.name], module_name(layer.name, prefix))
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def insert_input_modules(

@@ -47,7 +47,7 @@ from torch import fx, nn
 
 from quantize.biascorr import layer_op, weight_delta
 from quantize.data import CalibrationSet
-from quantize.graph import GraphLayer, module_name, node_by_name
+from quantize.graph import GraphLayer, insert_output_modules
 
 
 @dataclass(frozen=True)
@@ -90,23 +90,6 @@ class ErrorMoments:
     def mean(self, bits: int) -> torch.Tensor:
         """``mu`` per output channel (float64 ``[out]``)."""
         return self.total[int(bits)] / max(self.count, 1)
-
-
-def insert_output_modules(gm: fx.GraphModule, layers: Sequence[GraphLayer],
-                          modules: Mapping[str, nn.Module], prefix: str) -> fx.GraphModule:
-    """Insert ``modules[layer.name]`` on the output of each layer's op (every user rewired)."""
-    for layer in layers:
-        if layer.name not in modules:
-            continue
-        op = node_by_name(gm, layer.node)
-        target = module_name(layer.name, prefix)
-        gm.add_submodule(target, modules[layer.name])
-        with gm.graph.inserting_after(op):
-            new = gm.graph.call_module(target, (op,))
-        op.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 class _VirtualBias(nn.Module):
@@ -200,5 +183,4 @@ def gauss_newton_kept(
     return kept
 
 
-__all__ = ["ErrorMoments", "MeanShiftParams", "gauss_newton_kept", "insert_output_modules",
-           "output_factor"]
+__all__ = ["ErrorMoments", "MeanShiftParams", "gauss_newton_kept", "output_factor"]

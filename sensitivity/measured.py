@@ -34,11 +34,9 @@ from torch import nn
 
 from quantize.biascorr import layer_op, weight_delta
 from quantize.data import Batch, run_batch
-from quantize.graph import GraphLayer, insert_input_modules
+from quantize.graph import GraphLayer, insert_input_modules, insert_output_modules
 from quantize.observe import ActivationStats, observe
 from quantize.primitives import fake_quantize_activation, fake_quantize_weight
-
-from .meanshift import insert_output_modules
 
 BIAS_CORRECTIONS = ("none", "weight", "layer")
 
