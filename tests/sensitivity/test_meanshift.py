@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_hooks import layer_input
 
 from quantize.primitives import fake_quantize_weight
 from sensitivity.engine import WEIGHT_BITS, SensitivityResult, measure
@@ -36,15 +37,6 @@ def results(kl_intake):
     return (measure(kl_intake, FAST), measure(kl_intake, FAST, bias_correction="weight"))
 
 
-def _inputs(model: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    seen = []
-    handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: seen.append(i[0]))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    return seen[0]
-
-
 def _error(module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """op(x, delta) rows x output channels, straight from torch.nn.functional."""
     if isinstance(module, torch.nn.Conv2d):
@@ -56,7 +48,7 @@ def _error(module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tor
 def _direct_mean(model, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
     module = model.get_submodule(name)
     w = module.weight.detach().double()
-    xin = _inputs(model, name, x).double()
+    xin = layer_input(model, name, x).double()
     return _error(module, xin, fake_quantize_weight(w, bits) - w).mean(0)
 
 
@@ -80,7 +72,7 @@ def test_mean_shift_is_the_mean_output_error(cnn, kl_intake):
     for info in kl_intake.layers:
         weight = dict(kl_intake.module.named_parameters())[info.graph.weight]
         moments = ErrorMoments(info.graph, weight, (2, 4, 8))
-        moments(_inputs(cnn, info.name, x))
+        moments(layer_input(cnn, info.name, x))
         for bits in (2, 4, 8):
             expected = _direct_mean(cnn, info.name, x, bits)
             # float32 layer op against the float64 reference: 1e-6 of the largest mean

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_hooks import layer_input
 
 from quantize.primitives import fake_quantize_weight
 from sensitivity.intake import IntakeConfig, intake
@@ -61,15 +62,6 @@ def test_handed_down_statistics_give_the_same_omegas(cnn_intake, one_thread):
     assert handed.passes == own.passes - 1
 
 
-def _layer_input(model, name: str, x: torch.Tensor) -> torch.Tensor:
-    seen = []
-    handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: seen.append(i[0]))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    return seen[0]
-
-
 def _channel_mean(module, y: torch.Tensor) -> torch.Tensor:
     return y.mean(dim=(0, 2, 3)) if isinstance(module, torch.nn.Conv2d) else y.mean(0)
 
@@ -103,7 +95,7 @@ def test_bias_corrected_omegas_measure_the_corrected_layer(cnn, cnn_intake, one_
     for info in cnn_intake.layers:
         module = cnn.get_submodule(info.name)
         shape = [1, -1, 1, 1] if isinstance(module, torch.nn.Conv2d) else [1, -1]
-        xin = _layer_input(cnn, info.name, x)
+        xin = layer_input(cnn, info.name, x)
         original = module.weight.detach().clone()
         for bits in (2, 4):
             q = fake_quantize_weight(original, bits)
