@@ -474,7 +474,6 @@ def run_pipeline(
         cache.put("evaluations", key, json.dumps(metrics))
         return metrics
 
-
     _tradeoff(out, problem, solution, specs, constraints, plan, result.report, tick,
               pareto_points, pareto_evaluate, evaluate_plan, plots, cache)
     tick("evaluate", 1.0)
