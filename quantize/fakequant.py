@@ -22,6 +22,14 @@ that it reproduces the integer reference (``quantize.integer``) code for code:
 Rounding a float value back to integer codes is exact while its accumulated float error stays
 below half a step (float32 conv accumulators below about 2^22 units; the reference models are
 far below). The dyadic products run in float64, exact while ``|codes * b| < 2^53``.
+
+The elementwise chains (``Requant``, ``QuantAdd``, ``FakeQuant``) run block by block
+(``BLOCK`` elements, in place on one float64 copy of the block): the same torch operations in
+the same order on each element as the whole-tensor formulas (``codes_of``, ``dyadic_round``,
+``fake_quantize_activation``), so the outputs are bit-identical to them, without a dozen
+full-size temporaries that each go through memory once. The multiplier is applied as
+``codes * (b / 2^c)``: ``b / 2^c`` is exact in float64 (|b| < 2^31, c <= 31) and scaling by a
+power of two commutes with rounding, so ``fl(codes * b) / 2^c == fl(codes * (b / 2^c))``.
 """
 
 from __future__ import annotations
@@ -38,8 +46,55 @@ from .checkpoint import Checkpoint
 from .fold import remove_bn, set_layer_params
 from .graph import GraphLayer, find_layers, insert_input_modules, module_name, node_by_name
 from .points import TRANSPARENT_OPS, Grid
-from .primitives import dyadic, dyadic_group_requantize, expand_scales, fake_quantize_activation
+from .primitives import (
+    activation_qrange,
+    dyadic,
+    dyadic_group_requantize,
+    expand_scales,
+    fake_quantize_activation,
+)
 from .rows import PlanRow, match_rows
+
+# elements a fused chain works on at once: 512 KiB in float64, so the ~10 in-place passes of a
+# block stay in a core's L2 cache instead of streaming full-size tensors through memory
+BLOCK = 1 << 16
+
+
+def _as3d(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+    """``x`` (contiguous) as ``[outer, channels, inner]`` around ``channel_dim`` (None: one
+    channel)."""
+    if channel_dim is None or x.dim() == 0:
+        return x.reshape(1, 1, -1)
+    d = channel_dim % x.dim()
+    return x.reshape(math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:]))
+
+
+def _blocks(shape: tuple[int, int, int]):
+    """Index tuples into an ``[outer, channels, inner]`` tensor covering it in pieces of about
+    ``BLOCK`` elements (whole inner rows where they fit, whole channel planes where those fit)."""
+    outer, channels, inner = shape
+    block = BLOCK
+    if inner >= block:
+        for o in range(outer):
+            for ch in range(channels):
+                for i in range(0, inner, block):
+                    yield slice(o, o + 1), slice(ch, ch + 1), slice(i, i + block)
+    elif channels * inner >= block:
+        step = block // inner
+        for o in range(outer):
+            for ch in range(0, channels, step):
+                yield slice(o, o + 1), slice(ch, ch + step), slice(None)
+    else:
+        step = max(1, block // max(channels * inner, 1))
+        for o in range(0, outer, step):
+            yield slice(o, o + step), slice(None), slice(None)
+
+
+def _per_channel(t: torch.Tensor | float, ch: slice) -> torch.Tensor | float:
+    """A ``[C]`` parameter's view for the channels ``ch`` of a 3-d block (0-d / float as is)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t[ch].reshape(1, -1, 1) if t.numel() > 1 else t.reshape(())
 
 
 class FakeQuant(nn.Module):
@@ -50,7 +105,17 @@ class FakeQuant(nn.Module):
         self.scale, self.bits, self.signed = grid.scale, grid.bits, grid.signed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_activation(x, self.scale, self.bits, self.signed)
+        if (torch.is_grad_enabled() and x.requires_grad) or not x.is_floating_point():
+            return fake_quantize_activation(x, self.scale, self.bits, self.signed)
+        # fake_quantize_activation's operations, block by block, in place
+        lo, hi = activation_qrange(self.bits, self.signed)
+        x3 = _as3d(x.contiguous(), None)
+        out = torch.empty_like(x3)
+        for idx in _blocks(tuple(x3.shape)):
+            xs, o = x3[idx], out[idx]
+            torch.div(xs, self.scale, out=o)
+            o.round_().clamp_(lo, hi).mul_(self.scale).sub_(xs).add_(xs)
+        return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
@@ -81,6 +146,9 @@ class Requant(nn.Module):
         self.register_buffer("src_scale", src_scale.to(torch.float64).reshape(-1))
         self.register_buffer("b", b.to(torch.int64).reshape(-1))
         self.register_buffer("c", c.to(torch.int64).reshape(-1))
+        # b / 2^c, exact in float64 (see the module docstring)
+        self.register_buffer("multiplier", self.b.to(torch.float64)
+                             / torch.exp2(self.c.to(torch.float64)), persistent=False)
         self.scale, self.bits, self.signed = grid.scale, grid.bits, grid.signed
         self.lo, self.hi = grid.qrange
         self.channel_dim = channel_dim
@@ -93,10 +161,31 @@ class Requant(nn.Module):
         return t.reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = codes_of(x, self._view(self.src_scale, x))
-        q = dyadic_round(codes, self._view(self.b, x), self._view(self.c, x))
-        out = (q.clamp(self.lo, self.hi) * self.scale).to(x.dtype)
-        return x + (out - x).detach()
+        if torch.is_grad_enabled() and x.requires_grad:  # the straight-through gradient
+            with torch.no_grad():
+                out = self._requant(x, ste=False)
+            return x + (out - x).detach()
+        return self._requant(x, ste=True)
+
+    def _requant(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
+        """``(clamp(dyadic_round(codes_of(x, src), b, c)) * scale).to(x.dtype)``, block by block
+        (``+ x - x`` in place when ``ste``: the forward value of ``x + (out - x)``)."""
+        channels = max(self.src_scale.numel(), self.multiplier.numel())
+        x3 = _as3d(x.contiguous(), self.channel_dim if channels > 1 else None)
+        if channels > 1 and x3.shape[1] != channels:
+            raise BadCheckpointError(f"a requantisation of {channels} channels got a tensor "
+                                     f"of shape {tuple(x.shape)}")
+        out = torch.empty_like(x3)
+        for idx in _blocks(tuple(x3.shape)):
+            xs, o = x3[idx], out[idx]
+            y = xs.to(torch.float64)
+            y.div_(_per_channel(self.src_scale, idx[1])).round_()  # codes_of
+            y.mul_(_per_channel(self.multiplier, idx[1])).add_(0.5).floor_()  # dyadic_round
+            y.clamp_(self.lo, self.hi).mul_(self.scale)
+            o.copy_(y)
+            if ste:
+                o.sub_(xs).add_(xs)
+        return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
@@ -120,12 +209,27 @@ class QuantAdd(nn.Module):
                       for s in self.in_scales]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        total = None
-        for x, s, pair in zip((a, b), self.in_scales, self.pairs, strict=True):
-            codes = codes_of(x, s)
-            q = codes if pair is None else dyadic_round(codes, *pair)
-            total = q if total is None else total + q
-        return (total.clamp(self.lo, self.hi) * self.scale).to(a.dtype)
+        if a.shape != b.shape or a.dtype != b.dtype:  # broadcasting: whole-tensor formulas
+            total = None
+            for x, s, pair in zip((a, b), self.in_scales, self.pairs, strict=True):
+                codes = codes_of(x, s)
+                q = codes if pair is None else dyadic_round(codes, *pair)
+                total = q if total is None else total + q
+            return (total.clamp(self.lo, self.hi) * self.scale).to(a.dtype)
+        # the same operations block by block (b / 2^c as one exact float64 multiplier)
+        mults = [None if p is None else float(p[0]) / 2.0 ** int(p[1]) for p in self.pairs]
+        a3, b3 = _as3d(a.contiguous(), None), _as3d(b.contiguous(), None)
+        out = torch.empty_like(a3)
+        for idx in _blocks(tuple(a3.shape)):
+            total = None
+            for x3, s, mult in zip((a3, b3), self.in_scales, mults, strict=True):
+                y = x3[idx].to(torch.float64)
+                y.div_(s).round_()
+                if mult is not None:
+                    y.mul_(mult).add_(0.5).floor_()
+                total = y if total is None else total.add_(y)
+            out[idx].copy_(total.clamp_(self.lo, self.hi).mul_(self.scale))
+        return out.reshape(a.shape)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
