@@ -12,6 +12,10 @@ as ``measured_omegas``' ``omega_a`` is of a uniform one (the weight part, mixed 
 fraction, stays the solver's). ``with_measured_omegas`` returns the region result with these
 values in place of the trace-weighted error estimates.
 
+``loss`` is ``sensitivity.measured``'s: ``"job"`` (the intake's loss) or ``"label_free"`` (KL to
+the FP32 model's softmax for a classifier); a DRQ mode's Omega sits beside uniform options'
+only when both were measured in the same loss.
+
 Cost: ``1 + sum over conv layers of their modes`` forward passes (one more for the FP32 targets
 of a self-distillation loss), no backward pass. Like every Omega it ignores interactions
 between layers.
@@ -29,7 +33,7 @@ from torch import nn
 from quantize.data import run_batch
 from quantize.drq import drq_fake_quantize
 from quantize.graph import insert_input_modules
-from sensitivity.measured import batch_loss
+from sensitivity.measured import batch_loss, measured_loss_kind
 from sensitivity.regions import DRQMode, LayerRegions, RegionResult
 
 ProgressFn = Callable[[str, float], None]
@@ -63,9 +67,12 @@ def measured_drq_omegas(
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
     stage: str = "regions",
+    loss: str = "job",
 ) -> dict[str, dict[str, float]]:
     """Per conv layer of ``regions``: ``{mode tag: measured Omega}`` on the train samples of
-    ``intake`` (an ``Intake``: module, layers, train, loss_kind, batch_size)."""
+    ``intake`` (an ``Intake``: module, layers, train, loss_kind, batch_size), in the job's
+    loss or (``loss="label_free"``) KL to FP32 for a classifier."""
+    kind = measured_loss_kind(intake.loss_kind, loss)  # type: ignore[attr-defined]
     device = torch.device(device)
     graphs = {layer.name: layer.graph for layer in intake.layers}  # type: ignore[attr-defined]
     todo = [r for r in regions.layers if r.name in graphs and r.modes]
@@ -76,25 +83,24 @@ def measured_drq_omegas(
     chunk = intake.batch_size or batch_size  # type: ignore[attr-defined]
     batches = [b.to(device) for b in intake.train.batches(chunk, fixed=fixed)]  # type: ignore
     n = sum(b.size for b in batches)
-    kind = intake.loss_kind  # type: ignore[attr-defined]
     targets: list[torch.Tensor | None] = [None] * len(batches)
     if kind != "cross_entropy":
         targets = [_first(run_batch(gm, b)).detach() for b in batches]
 
-    def loss() -> float:
+    def mean_loss() -> float:
         total = 0.0
         for b, t in zip(batches, targets, strict=True):
             total += float(batch_loss(_first(run_batch(gm, b)), b, t, kind))
         return total / n
 
-    base = loss()
+    base = mean_loss()
     out: dict[str, dict[str, float]] = {}
     for i, r in enumerate(todo):
         probe = probes[r.name]
         out[r.name] = {}
         for mode in r.modes:
             probe.mode = mode
-            out[r.name][mode.tag] = max(2.0 * (loss() - base), 0.0)
+            out[r.name][mode.tag] = max(2.0 * (mean_loss() - base), 0.0)
         probe.mode = None
         if progress is not None:
             progress(stage, (i + 1) / len(todo))

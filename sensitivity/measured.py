@@ -16,6 +16,14 @@ over the calibration samples and output positions, as ``quantize.biascorr`` meas
 ``"layer"`` also subtracts ``E[op(Q_a(x) - x, W)]_o`` from the quantized-input layer's output
 (the correction of its own input rounding). The shifts come from one more pass.
 
+``loss`` picks what the increase is measured in: ``"job"`` the intake's own loss, or
+``"label_free"``: for a cross-entropy (classifier) job the KL divergence of the quantized
+model's softmax to the FP32 model's own (``sum_c p_c (log p_c - log q_c)`` per sample), other
+jobs their own loss (already a distance to the FP32 outputs). A cross-entropy difference on a
+few hundred samples carries a first-order term ``(p - y) . dz`` per sample whose spread swamps
+the second-order increase Omega stands for; KL to FP32 is zero at the FP32 model with zero
+gradient there, so its increase is second order (docs/drq.md, "Measured Omega by KL").
+
 Cost: ``1 + L * (|weight_bits| + |activation_bits|)`` forward passes over the calibration set
 (one more for the FP32 targets of a self-distillation loss, one more to observe the ranges
 when they are not given, one more for the shifts of a bias correction), no backward pass. The
@@ -39,6 +47,7 @@ from quantize.observe import ActivationStats, observe
 from quantize.primitives import fake_quantize_activation, fake_quantize_weight
 
 BIAS_CORRECTIONS = ("none", "weight", "layer")
+LOSSES = ("job", "label_free")
 
 ProgressFn = Callable[[str, float], None]
 
@@ -53,6 +62,7 @@ class MeasuredOmegas:
     fp32_loss: float
     passes: int
     bias_correction: str = "none"
+    loss_kind: str = "cross_entropy"  # the loss the increases were measured in
 
 
 class _InputQuant(nn.Module):
@@ -132,6 +142,14 @@ def _first(out: object) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out  # type: ignore[index,return-value]
 
 
+def measured_loss_kind(job_loss_kind: str, loss: str) -> str:
+    """The loss a measured Omega uses: the job's, or for ``loss="label_free"`` KL to FP32
+    when the job's loss is cross-entropy (its own loss otherwise)."""
+    if loss not in LOSSES:
+        raise ValueError(f"measured Omega loss must be one of {LOSSES}, got {loss!r}")
+    return "kl" if loss == "label_free" and job_loss_kind == "cross_entropy" else job_loss_kind
+
+
 def batch_loss(out: torch.Tensor, b: Batch, target: torch.Tensor | None, kind: str) -> torch.Tensor:
     """Sum over the batch's real rows of the per-sample loss (mean over tokens for [N, T, V])."""
     out = out[: b.size].float()
@@ -162,14 +180,17 @@ def measured_omegas(
     stage: str = "sensitivity",
     activations: ActivationStats | None = None,
     bias_correction: str = "none",
+    loss: str = "job",
 ) -> MeasuredOmegas:
     """Measured Omega tables for every layer of ``intake`` (an ``Intake``: module, layers,
     train, loss_kind, batch_size) on its training calibration samples; ``activations``: their
     layer input statistics (``quantize.observe``; observed here when None);
-    ``bias_correction``: the quantizer's (``"none"``, ``"weight"``, ``"layer"``)."""
+    ``bias_correction``: the quantizer's (``"none"``, ``"weight"``, ``"layer"``); ``loss``:
+    ``"job"`` (the intake's loss) or ``"label_free"`` (KL to FP32 for a classifier)."""
     if bias_correction not in BIAS_CORRECTIONS:
         raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, "
                          f"got {bias_correction!r}")
+    kind = measured_loss_kind(intake.loss_kind, loss)  # type: ignore[attr-defined]
     device = torch.device(device)
     layers = [layer.graph for layer in intake.layers]  # type: ignore[attr-defined]
     fixed = intake.batch_size is not None  # type: ignore[attr-defined]
@@ -184,9 +205,8 @@ def measured_omegas(
     insert_input_modules(gm, layers, probes, "measured_probe")
     batches = [b.to(device) for b in intake.train.batches(chunk, fixed=fixed)]  # type: ignore
     n = sum(b.size for b in batches)
-    kind = intake.loss_kind  # type: ignore[attr-defined]
 
-    def loss() -> float:
+    def mean_loss() -> float:
         nonlocal passes
         passes += 1
         total = 0.0
@@ -198,7 +218,7 @@ def measured_omegas(
     if kind != "cross_entropy":
         targets = [_first(run_batch(gm, b)).detach() for b in batches]
         passes += 1
-    base = loss()
+    base = mean_loss()
     params = dict(gm.named_parameters())
     means = _shift_means(gm, layers, probes, batches, params, weight_bits,
                          activation_bits if bias_correction == "layer" else (), activations) \
@@ -217,7 +237,7 @@ def measured_omegas(
             w.copy_(fake_quantize_weight(original, int(bits)))
             if means:
                 shifts[layer.name].shift = means[layer.name].mean(("w", int(bits))).to(device)
-            omega_w[layer.name][int(bits)] = max(2.0 * (loss() - base), 0.0)
+            omega_w[layer.name][int(bits)] = max(2.0 * (mean_loss() - base), 0.0)
         w.copy_(original)
         shifts[layer.name].shift = None
         probe = probes[layer.name]
@@ -228,12 +248,12 @@ def measured_omegas(
                 probe.grid = (scale, int(bits), signed)
                 if bias_correction == "layer":
                     shifts[layer.name].shift = means[layer.name].mean(("a", int(bits))).to(device)
-                omega_a[layer.name][int(bits)] = max(2.0 * (loss() - base), 0.0)
+                omega_a[layer.name][int(bits)] = max(2.0 * (mean_loss() - base), 0.0)
             probe.grid = None
             shifts[layer.name].shift = None
         if progress is not None:
             progress(stage, (i + 1) / len(layers))
-    return MeasuredOmegas(omega_w, omega_a, base, passes, bias_correction)
+    return MeasuredOmegas(omega_w, omega_a, base, passes, bias_correction, kind)
 
 
 def _shift_means(gm: torch.fx.GraphModule, layers: Sequence[GraphLayer],

@@ -169,6 +169,12 @@ class Hessian(_Strict):
         "'measured' (twice the calibration loss increase with only that layer quantized; "
         "L x bit-widths extra forward passes)",
     )
+    measured_loss: Literal["job", "label_free"] = Field(
+        "job",
+        description="omega 'measured' only: the loss whose increase is measured: 'job' (the "
+        "job's own) or 'label_free' (a classifier's KL divergence to the FP32 model's softmax; "
+        "other jobs their own loss)",
+    )
     bias_corrected: bool = Field(
         False,
         description="price each weight option after the quantize stage's bias correction "

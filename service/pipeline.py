@@ -304,6 +304,7 @@ def run_pipeline(
     files is taken from it instead of loaded again, and this job's is kept there when it
     succeeds (``service.loaded``).
     """
+    from sensitivity.convergence import convergence_summary
     from sensitivity.intake import IntakeConfig
     from solver import SolveConfig, build_problem, make_plan, solve
     from solver.options import OptionsConfig, reference_totals
@@ -443,6 +444,8 @@ def run_pipeline(
     }
     if drq_check is not None:
         result.report["drq_check"] = drq_check
+    # which trace blocks stopped at max_iter rather than at tol
+    result.report["sensitivity"] = convergence_summary(sens.layers, constraints.hessian.max_iter)
     tick.check()
     _save_checkpoint(result, out)  # model.safetensors and report.json
     # 8. the trade-off: Pareto fronts, a few of their points evaluated, plots
@@ -729,7 +732,8 @@ def _measured_omegas(
         weight_bits |= {min(b, 4) for b in weight_bits}  # DRQ's insensitive regions
     m = measured_omegas(intake, sorted(weight_bits), sorted(set(constraints.activation_bits)),
                         device=device, progress=tick, activations=sens.activations,
-                        bias_correction=_omega_bias_correction(constraints))
+                        bias_correction=_omega_bias_correction(constraints),
+                        loss=constraints.hessian.measured_loss)
     layers = [
         dataclasses.replace(s, omega_w=m.omega_w[s.name],
                             omega_a=m.omega_a[s.name] if s.omega_a else {})
@@ -738,7 +742,8 @@ def _measured_omegas(
     return dataclasses.replace(sens, layers=layers,
                                config={**sens.config, "omega": "measured",
                                        "measured_passes": m.passes,
-                                       "bias_correction": m.bias_correction})
+                                       "bias_correction": m.bias_correction,
+                                       "measured_loss": m.loss_kind})
 
 
 def _regions(

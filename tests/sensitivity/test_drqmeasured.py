@@ -82,3 +82,26 @@ def test_the_threshold_range_ends_are_the_uniform_grids(cnn_intake, regions, sta
         assert got[name]["drq-2x2-f1"] == pytest.approx(uniform.omega_a[name][8], abs=1e-6)
         assert got[name]["drq-2x2-f0"] == pytest.approx(uniform.omega_a[name][4], rel=1e-2)
         assert got[name]["drq-2x2-f0"] > got[name]["drq-2x2-f1"]
+
+
+def test_label_free_drq_omega_is_twice_the_kl_to_fp32(cnn, cnn_intake, regions, one_thread):
+    """``loss="label_free"``: each mode's Omega is twice KL(FP32 softmax || softmax with only
+    that conv's input through the mode), computed here on the nn.Module with a pre-hook."""
+    got = measured_drq_omegas(cnn_intake, regions, loss="label_free")
+    x = cnn_intake.train.args[0]
+    with torch.no_grad():
+        p = F.softmax(cnn(x).double(), dim=1)
+        for r in regions.layers:
+            conv = cnn.get_submodule(r.name)
+            for mode in r.modes:
+                hook = conv.register_forward_pre_hook(
+                    lambda _m, a, r=r, mode=mode: (drq_fake_quantize(
+                        a[0], r.scale, r.signed, mode.region, mode.threshold),))
+                try:
+                    logq = F.log_softmax(cnn(x).double(), dim=1)
+                finally:
+                    hook.remove()
+                expected = 2 * float((p * (p.log() - logq)).sum(1).mean())
+                # float32 logits from two graphs: 1e-6 absolute against 1e-4..1e-1 here
+                assert got[r.name][mode.tag] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+                assert expected > 0

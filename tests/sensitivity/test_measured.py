@@ -131,3 +131,73 @@ def test_bias_corrected_omegas_measure_the_corrected_layer(cnn, cnn_intake, one_
 def test_bad_bias_correction(cnn_intake):
     with pytest.raises(ValueError, match="bias_correction"):
         measured_omegas(cnn_intake, weight_bits=[4], activation_bits=[4], bias_correction="x")
+
+
+def _kl_to(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over samples of KL(softmax(ref) || softmax(logits)), computed here independently."""
+    p = F.softmax(ref_logits.double(), dim=1)
+    return float((p * (p.log() - F.log_softmax(logits.double(), dim=1))).sum(1).mean())
+
+
+def test_label_free_omega_is_twice_the_kl_to_fp32_of_that_layer_alone(cnn, cnn_intake,
+                                                                      one_thread):
+    """``loss="label_free"`` on a classifier: Omega = 2 KL(FP32 softmax || quantized softmax)
+    with only that layer's weights (or input) quantized, the FP32 model's own outputs as the
+    target (no labels); the FP32 loss is 0."""
+    from quantize.observe import observe
+    from quantize.primitives import fake_quantize_activation
+
+    stats = observe(cnn_intake.module, [layer.graph for layer in cnn_intake.layers],
+                    cnn_intake.train, 64)
+    m = measured_omegas(cnn_intake, weight_bits=[4], activation_bits=[4], activations=stats,
+                        loss="label_free")
+    assert m.loss_kind == "kl" and m.fp32_loss == 0.0
+    x = cnn_intake.train.args[0]
+    with torch.no_grad():
+        ref = cnn(x)
+        for layer in cnn_intake.layers:
+            module = cnn.get_submodule(layer.name)
+            original = module.weight.detach().clone()
+            module.weight.copy_(fake_quantize_weight(original, 4))
+            expected_w = 2 * _kl_to(ref, cnn(x))
+            module.weight.copy_(original)
+            scale, signed = stats.grid(layer.name, 4)
+            hook = module.register_forward_pre_hook(
+                lambda _m, a, s=scale, g=signed: (fake_quantize_activation(a[0], s, 4, g),))
+            try:
+                expected_a = 2 * _kl_to(ref, cnn(x))
+            finally:
+                hook.remove()
+            # float32 logits from two graphs (summation order): 1e-6 absolute against KL
+            # increases of 1e-4..1e-1 measured here
+            assert m.omega_w[layer.name][4] == pytest.approx(expected_w, rel=1e-3, abs=1e-6)
+            assert m.omega_a[layer.name][4] == pytest.approx(expected_a, rel=1e-3, abs=1e-6)
+            assert expected_w > 0 and expected_a > 0
+
+
+def test_label_free_omega_of_an_unquantized_layer_is_zero(cnn_intake, one_thread):
+    """A layer whose weights already lie on the 4-bit grid is left unchanged by quantizing it:
+    its label-free Omega is exactly 0 (KL of identical outputs, no clamp involved), while the
+    other layers' are not."""
+    import copy
+    import dataclasses
+
+    module = copy.deepcopy(cnn_intake.module)
+    first = cnn_intake.layers[0].graph
+    w = module.get_parameter(first.weight)
+    with torch.no_grad():
+        w.copy_(fake_quantize_weight(w.detach().clone(), 4))
+    on_grid = dataclasses.replace(cnn_intake, module=module)
+    m = measured_omegas(on_grid, weight_bits=[4], activation_bits=[8], loss="label_free")
+    assert m.omega_w[first.name][4] == 0.0
+    assert all(m.omega_w[la.graph.name][4] > 0 for la in cnn_intake.layers[1:])
+
+
+def test_label_free_is_the_jobs_own_loss_for_a_distance_job():
+    from sensitivity.measured import measured_loss_kind
+
+    assert measured_loss_kind("cross_entropy", "label_free") == "kl"
+    assert measured_loss_kind("cross_entropy", "job") == "cross_entropy"
+    assert measured_loss_kind("mse", "label_free") == "mse"
+    with pytest.raises(ValueError, match="loss"):
+        measured_loss_kind("cross_entropy", "labels")

@@ -35,3 +35,17 @@ def test_measured_omega_reaches_the_problem_and_the_plan(cnn_pt2, calib_path, tm
 def test_unknown_omega_is_refused() -> None:
     with pytest.raises(BadConstraintsError, match="omega"):
         parse_constraints({"limits": {"size_ratio": 0.5}, "hessian": {"omega": "diagonal?"}})
+
+
+def test_label_free_measured_omega_is_measured_in_kl(cnn_pt2, calib_path, tmp_path) -> None:
+    """``hessian.measured_loss: label_free`` on a cross-entropy job: the tables are measured in
+    KL to FP32 (recorded in ``sensitivity.json``) and differ from the job-loss tables."""
+    cons = {"hessian": {**FAST_HESSIAN, "omega": "measured", "measured_loss": "label_free"},
+            "limits": {"size_ratio": 0.7}, "pin": {"first": None, "last": None}}
+    run_pipeline(cnn_pt2, calib_path, cons, tmp_path / "kl")
+    job = {**cons, "hessian": {**cons["hessian"], "measured_loss": "job"}}
+    run_pipeline(cnn_pt2, calib_path, job, tmp_path / "job")
+    kl, ce = (json.loads((tmp_path / d / "sensitivity.json").read_text()) for d in ("kl", "job"))
+    assert kl["config"]["measured_loss"] == "kl"
+    assert ce["config"]["measured_loss"] == "cross_entropy"
+    assert [r["omega_w"] for r in kl["layers"]] != [r["omega_w"] for r in ce["layers"]]
