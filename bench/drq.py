@@ -186,6 +186,9 @@ PLAN_MODELS = {  # name -> (factory, image side, input channels)
     "cnn": (lambda: zoo.DigitsCNN(width=8), 8, 1),
     "resnet18": (lambda: zoo.ResNet18Like(width=8), 16, 3),
     "digitsresnet": (lambda: zoo.DigitsResNet(), 8, 1),
+    # bench/drqevidence.py --hard: on rotated, shifted, noisy digits (FP32 ~0.86 / 0.90)
+    "cnn-hard": (lambda: zoo.DigitsCNN(width=16), 8, 1),
+    "resnet-hard": (lambda: zoo.DigitsResNet(width=8), 8, 1),
 }
 
 
@@ -199,25 +202,35 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-class PlanModel:
-    """One trained model, its calibration file (200 digits) and the 597 digits that judge."""
+def digits_split(side: int, channels: int) -> tuple[torch.Tensor, ...]:
+    """The plans' split of the digits (shuffled with seed 0, the same for every model seed):
+    (train x, y: 1000, calibration x, y: 200, held-out x, y: 597)."""
+    x, y = zoo.digits_data(image_size=side, seed=0)
+    x = x.expand(-1, channels, -1, -1).contiguous()
+    cal = slice(N_PLAN_TRAIN, N_PLAN_TRAIN + N_PLAN_CALIB)
+    return (x[:N_PLAN_TRAIN], y[:N_PLAN_TRAIN], x[cal], y[cal],
+            x[N_PLAN_TRAIN + N_PLAN_CALIB:], y[N_PLAN_TRAIN + N_PLAN_CALIB:])
 
-    def __init__(self, name: str, work: Path, seed: int = 0) -> None:
+
+class PlanModel:
+    """One trained model, its calibration file (200 digits) and the 597 digits that judge
+    (``data``: another (train, calibration, held-out) split, as ``digits_split`` returns)."""
+
+    def __init__(self, name: str, work: Path, seed: int = 0,
+                 data: tuple[torch.Tensor, ...] | None = None) -> None:
         factory, side, channels = PLAN_MODELS[name]
-        x, y = zoo.digits_data(image_size=side, seed=0)  # one split for every seed
-        x = x.expand(-1, channels, -1, -1).contiguous()
+        xt, yt, xc, yc, xe, ye = digits_split(side, channels) if data is None else data
         torch.manual_seed(seed)  # the init
         t0 = time.perf_counter()
-        model = zoo.train(factory(), x[:N_PLAN_TRAIN], y[:N_PLAN_TRAIN], epochs=15, seed=seed)
+        model = zoo.train(factory(), xt, yt, epochs=15, seed=seed)
         self.train_seconds = time.perf_counter() - t0
         self.name, self.work, self.seed = name, work, seed
         stem = name if seed == 0 else f"{name}-s{seed}"
-        self.pt2 = zoo.save_model(model, x[:4], work / f"{stem}.pt2")
-        cal = slice(N_PLAN_TRAIN, N_PLAN_TRAIN + N_PLAN_CALIB)
-        self.calib_path = zoo.save_calibration(work / f"{stem}-calib.safetensors", x[cal], y[cal])
+        self.pt2 = zoo.save_model(model, xt[:4], work / f"{stem}.pt2")
+        self.calib_path = zoo.save_calibration(work / f"{stem}-calib.safetensors", xc, yc)
         self.program = torch.export.load(str(self.pt2))
-        self.calib = CalibrationSet((x[cal],), labels=y[cal])
-        self.x_ev, self.y_ev = x[N_PLAN_TRAIN + N_PLAN_CALIB:], y[N_PLAN_TRAIN + N_PLAN_CALIB:]
+        self.calib = CalibrationSet((xc,), labels=yc)
+        self.x_ev, self.y_ev = xe, ye
         with torch.no_grad():
             self.fp32_logp = F.log_softmax(self.program.module()(self.x_ev), dim=1)
         self.fp32_accuracy = float((self.fp32_logp.argmax(1) == self.y_ev).float().mean())
@@ -515,7 +528,7 @@ def plans_model(args: argparse.Namespace, model: PlanModel, cache) -> dict:
     return results
 
 
-def measured_drq_problem(run: PlanRun) -> Problem:
+def measured_drq_problem(run: PlanRun, loss: str = "job") -> Problem:
     """``run``'s problem with each DRQ option's activation Omega (the regions' estimate) replaced
     by the measured one (``sensitivity.drqmeasured``, on the pipeline's train split); the weight
     part and every other option unchanged."""
@@ -525,7 +538,7 @@ def measured_drq_problem(run: PlanRun) -> Problem:
 
     regions = RegionResult.from_json((run.out / "regions.json").read_text())
     it = intake(run.model.pt2, run.model.calib_path, IntakeConfig(holdout_fraction=0.1, seed=0))
-    measured = measured_drq_omegas(it, regions)
+    measured = measured_drq_omegas(it, regions, loss=loss)
     layers = []
     for la in run.problem.layers:
         modes = {m.tag: m for m in regions.layer(la.name).modes} if la.name in measured else {}
