@@ -52,6 +52,8 @@ from torch import fx, nn
 from quantize.data import Batch, CalibrationSet
 from quantize.graph import GraphLayer, insert_input_modules
 
+from .convergence import SweepProgress
+
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, float], None]
@@ -460,7 +462,7 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
                                        and cfg.min_iter * draw_size < all_floor)
     switched = False
     n_chunks = 1 if draw else len(p.chunks)
-    shown = [0.0]
+    shown = SweepProgress()  # the fraction of the projected vectors, never backwards
     live = [kind for kind in KINDS if blocks_of[kind]]
     diag = {b: torch.zeros(p.weights[b].shape, dtype=p.weights[b].dtype,
                            device=p.weights[b].device) for b in range(n)} if cfg.diagonal else {}
@@ -473,10 +475,9 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     def report(kind: str, k: int, c: float) -> None:
         if progress is None:
             return
-        work = [(done[x] + (k * (c + 1) / n_chunks if x == kind else 0)) / cfg.max_iter
-                for x in live]
-        shown[0] = max(shown[0], min(1.0, max(work) if work else 1.0))  # never backwards
-        progress(stage, shown[0])
+        progress(stage, shown.update(done, {kind: k * (c + 1) / n_chunks},  # projected total
+                                     {x: [stats[b] for b in blocks_of[x]] for x in live}, cfg,
+                                     draw))
 
     while pending("gn") or pending("hvp"):
         passes += 1

@@ -175,6 +175,8 @@ def _human(key: str, value: float) -> str:
 
 def format_summary(plan: dict[str, Any], report: dict[str, Any]) -> str:
     """A few lines for the terminal: status, totals vs limits, bits per layer, accuracy."""
+    from sensitivity.convergence import convergence_line
+
     lines = [f"plan: {plan['status']} (objective {plan['objective']:.4g})"]
     for key in ("size_bytes", "bops", "latency_ms"):
         total, limit = plan["totals"].get(key), plan["limits"].get(key)
@@ -210,6 +212,9 @@ def format_summary(plan: dict[str, Any], report: dict[str, Any]) -> str:
         lines.append(f"top-1 agreement with fp32: {with_ci('top1_agreement')}")
     if m.get("resolution"):
         lines.append(m["resolution"])
+    stuck = convergence_line(report.get("sensitivity"))
+    if stuck:
+        lines.append(stuck)
     ox = report.get("onnx")
     if ox and ox.get("exported"):
         lines.append(f"model.onnx: ONNX Runtime vs fake-quant top-1 agreement "
