@@ -44,7 +44,13 @@ from quantize.primitives import (
 
 from .hessian import HessianConfig, Prepared, ProgressFn, hutchinson, prepare
 from .intake import Intake
-from .meanshift import ErrorMoments, gauss_newton_kept
+from .meanshift import (
+    ErrorMoments,
+    MeanShiftParams,
+    gauss_newton_kept,
+    kept_from_probes,
+    weight_directions,
+)
 from .memory import ChunkPlan, plan_chunks
 from .structure import gauss_newton_exact
 
@@ -223,9 +229,10 @@ def diagonal_omega(diag: torch.Tensor, weight: torch.Tensor, bits: int,
 
 
 def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
-                exact: dict[str, tuple[bool, bool]]) -> ChunkPlan:
+                exact: dict[str, tuple[bool, bool]], directions: int = 0) -> ChunkPlan:
     """Chunk sizes for ``cfg.memory_budget`` from one measured probe pass (and one forward) on
-    a few samples; raises ResourceLimitError when a single sample does not fit."""
+    a few samples; raises ResourceLimitError when a single sample does not fit.
+    ``directions``: weight-sized tensors per layer the sweep also holds (the kept shares)."""
     graphs = [layer.graph for layer in intake.layers]
     fixed = intake.batch_size is not None
     probe_cfg = dataclasses.replace(cfg, max_iter=max(2, cfg.vectors_per_pass), min_iter=2,
@@ -250,7 +257,7 @@ def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
     # a many-chunk pass keeps k summed weight gradients (probes) and k weight vectors (HVPs)
     kinds = {exact.get(layer.name, (False, False))[0] for layer in intake.layers}
     # (the diagonal's running sums, HessianConfig.diagonal, are in the measured pass already)
-    accumulators = cfg.vectors_per_pass * weight_bytes * len(kinds)
+    accumulators = (cfg.vectors_per_pass * len(kinds) + directions) * weight_bytes
     # the sweep's chunks copy the whole train set (the measured passes copied m samples)
     accumulators += sum(t.numel() * t.element_size() for t in
                         (*intake.train.args, *intake.train.kwargs.values()))
@@ -305,8 +312,10 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     ``result.activations``, for the later stages. ``bias_correction``: the quantizer's
     (``QuantizeConfig.bias_correction``); other than ``"none"``, each weight Omega prices the
     error left after the correction removes its mean output shift (``omega_w_kept``,
-    ``sensitivity.meanshift``; measured in the activation-error pass), and the result's config
-    records it.
+    ``sensitivity.meanshift``: the mean shifts measured in the activation-error pass, the
+    Gauss-Newton probes taken from the sweep's output-probe passes, or from separate probe
+    passes when the sweep has none), and the result's config records it (``model["kept_probes"]``:
+    how many probes of either kind).
     """
     if bias_correction not in BIAS_CORRECTIONS:
         raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, "
@@ -320,16 +329,23 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
         progress("sensitivity", 0.0)
     memory = None
     chunk = cfg.batch_size
+    corrected = bias_correction != "none"
     if cfg.memory_budget is not None and (chunk is None or intake.batch_size is not None):
-        memory = plan_memory(intake, cfg, device, exact)
+        memory = plan_memory(intake, cfg, device, exact, len(WEIGHT_BITS) if corrected else 0)
         chunk = memory.hessian_chunk
     p = prepare(intake.module, graphs, intake.train, intake.loss_kind,
-                intake.chunk_size(chunk), intake.batch_size is not None, device)
+                intake.chunk_size(chunk), intake.batch_size is not None, device,
+                shifts=corrected)
     draw = None
     if cfg.sampling != "all":  # a drawing pass takes this many samples (within the budget)
         draw = intake.chunk_size(min(cfg.batch_size or cfg.draw_size, chunk or len(intake.train)))
+    # the kept shares' probes: the sweep's output-probe vectors (sensitivity.meanshift)
+    weights = dict(p.module.named_parameters())
+    directions = {info.name: weight_directions(weights[info.graph.weight], WEIGHT_BITS)
+                  for info in intake.layers} if corrected else None
     est = hutchinson(p, cfg if draw is None else dataclasses.replace(cfg, batch_size=draw),
-                     progress, "sensitivity", exact)
+                     progress, "sensitivity", exact, directions)
+    del directions
     if cfg.activations and activations is None:
         for leaf in p.leaves.values():  # pass-through probes on the Hessian's model copy
             leaf.active = False
@@ -347,9 +363,13 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     kept: dict[str, dict[int, float]] = {}
     if moments:  # the Gauss-Newton share of each option that the correction keeps
         means = {n: {b: mm.mean(b) for b in WEIGHT_BITS} for n, mm in moments.items()}
-        kept = gauss_newton_kept(intake.module, graphs, intake.train, intake.loss_kind, means,
-                                 intake.chunk_size(chunk), intake.batch_size is not None,
-                                 device)
+        kept = {n: kept_from_probes(*est.shift_probes[n], WEIGHT_BITS, means[n])
+                for n in means if n in est.shift_probes}
+        rest = {n: mu for n, mu in means.items() if n not in kept}
+        if rest:  # an HVP-only sweep made no output probes: separate probe passes
+            kept |= gauss_newton_kept(intake.module, graphs, intake.train, intake.loss_kind,
+                                      rest, intake.chunk_size(chunk),
+                                      intake.batch_size is not None, device)
     rows = []
     for info in intake.layers:
         w = est.weight[info.name]
@@ -384,6 +404,10 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
              "chunk": p.chunks[0].size if p.chunks else 0, "passes": est.passes,
              "sampling": est.sampling, "draw": draw if est.sampling == "chunk" else None,
              "vectors": est.iterations}
+    if moments:  # how many probes the kept shares come from, and whose
+        model["kept_probes"] = {"sweep": len(next(iter(est.shift_probes.values()))[0])
+                                if est.shift_probes else 0,
+                                "separate": MeanShiftParams().probes if rest else 0}
     if memory is not None:
         model["memory"] = memory.to_dict()
     diagonals = {name: d.detach().cpu() for name, d in est.weight_diag.items()}

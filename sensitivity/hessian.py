@@ -50,7 +50,7 @@ from pyhessian.utils import group_product, hessian_vector_product
 from torch import fx, nn
 
 from quantize.data import Batch, CalibrationSet
-from quantize.graph import GraphLayer, insert_input_modules
+from quantize.graph import GraphLayer, insert_input_modules, insert_output_modules
 
 from .convergence import SweepProgress
 
@@ -173,6 +173,9 @@ class TraceEstimates:
     # weight block -> Hutchinson mean of diag(H_ww) (weight's shape), with HessianConfig.diagonal
     weight_diag: dict[str, torch.Tensor] = field(default_factory=dict)
     sampling: str = "all"  # the mode the estimates come from: "chunk", "all" (or auto's switch)
+    # layer -> (g_W . d per output-probe vector and direction [K, directions], g_shift per
+    # vector [K, out]): with ``directions`` (see :func:`hutchinson`); empty without
+    shift_probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class _Leaf(nn.Module):
@@ -197,6 +200,26 @@ class _Leaf(nn.Module):
         return x + leaf
 
 
+class _Shift(nn.Module):
+    """On a layer's output: when active, adds a fresh zero leaf of one entry per output channel
+    (requires grad; a virtual bias), so each backward also gives the gradient with respect to
+    a constant shift of every channel (``sensitivity.meanshift``)."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis  # the output channel axis: 1 (conv), -1 (linear)
+        self.active = False
+        self.leaf: torch.Tensor | None = None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return y
+        axis = self.axis % y.dim()
+        shape = (y.shape[axis],) + (1,) * (y.dim() - 1 - axis)  # broadcasts from the right
+        self.leaf = torch.zeros(shape, dtype=y.dtype, device=y.device, requires_grad=True)
+        return y + self.leaf
+
+
 @dataclass
 class Prepared:
     """A private copy of the module with probes, its weights and the calibration chunks."""
@@ -210,6 +233,7 @@ class Prepared:
     loss_kind: str
     data: CalibrationSet  # the train set the chunks come from (``chunk`` sampling draws it)
     fixed: bool  # a fixed-batch program: every chunk is padded to its export batch
+    shifts: dict[str, _Shift] = field(default_factory=dict)  # output virtual biases
 
 
 def prepare(
@@ -220,10 +244,12 @@ def prepare(
     chunk: int,
     fixed: bool,
     device: torch.device,
+    shifts: bool = False,
 ) -> Prepared:
     """Copy ``module`` to ``device``, add input probes, chunk the data. (The self-distillation
     losses' FP32 targets are the copy's own outputs, taken in each forward: nothing per
-    sample is kept.)"""
+    sample is kept.) ``shifts``: also a virtual bias on every layer's output (pass-through
+    until :func:`hutchinson` is given ``directions``)."""
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"loss_kind must be one of {LOSS_KINDS}")
     gm = copy.deepcopy(module).to(device)
@@ -237,9 +263,13 @@ def prepare(
         weights.append(w)
     leaves = {layer.name: _Leaf() for layer in layers}
     insert_input_modules(gm, list(layers), leaves, "hessian_probe")
+    out_shifts = {layer.name: _Shift(-1 if layer.kind == "linear" else 1)
+                  for layer in layers} if shifts else {}
+    if out_shifts:
+        insert_output_modules(gm, list(layers), out_shifts, "hessian_shift")
     chunks = [b.to(device) for b in data.batches(chunk, fixed=fixed)]
     return Prepared(gm, [layer.name for layer in layers], weights, leaves, chunks,
-                    len(data), loss_kind, data, fixed)
+                    len(data), loss_kind, data, fixed, out_shifts)
 
 
 def _output(gm: nn.Module, b: Batch) -> torch.Tensor:
@@ -353,12 +383,13 @@ def _forward(p: Prepared, i: int, inputs_for: Sequence[str], activations: bool):
 
 
 def _probe_grads(z: torch.Tensor, inputs: list[torch.Tensor], ws: list[torch.Tensor],
-                 blocks: list[int], batched: bool,
+                 blocks: list[int], batched: bool, extra: Sequence[torch.Tensor] = (),
                  ) -> Iterator[tuple[int | slice, list[torch.Tensor | None]]]:
-    """Yields (rows, per-block J_b^T w) for the k output-space vectors ``ws``: one vmapped
-    backward (rows ``:``, gradients [k, *shape]) or one backward per vector (rows r), each
-    yielded before the next is computed so its gradients can be reduced and freed."""
-    sel = [inputs[b] for b in blocks]
+    """Yields (rows, per-block J_b^T w, then J^T w for each of ``extra``) for the k
+    output-space vectors ``ws``: one vmapped backward (rows ``:``, gradients [k, *shape]) or
+    one backward per vector (rows r), each yielded before the next is computed so its
+    gradients can be reduced and freed."""
+    sel = [inputs[b] for b in blocks] + list(extra)
     if batched:
         yield slice(None), list(torch.autograd.grad(
             z, sel, grad_outputs=torch.stack(ws), retain_graph=True, allow_unused=True,
@@ -405,7 +436,7 @@ def _hvp_graph(p: Prepared, i: int, blocks: list[int], n_layers: int,
 
 def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = None,
                stage: str = "sensitivity", exact: dict[str, tuple[bool, bool]] | None = None,
-               ) -> TraceEstimates:
+               directions: dict[str, torch.Tensor] | None = None) -> TraceEstimates:
     """Hutchinson estimates of every layer's weight (and input-activation) Hessian trace.
 
     Blocks marked in ``exact`` (H_ii equals its Gauss-Newton block, see ``structure.py``) are
@@ -434,6 +465,15 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     E[g_i * g_i] = diag(J_i^T B B^T J_i) for the output probes (g summed over chunks first),
     E[v_i * (H v)_i] = diag(H_ii) for the HVPs (Rademacher v: E[v v^T] = I); one running sum
     the size of the weights per layer, divided by the block's sample count at the end.
+
+    ``directions`` (``{layer: [D, *weight shape]}``, needs ``prepare(shifts=True)``): every
+    output-probe vector's backward also reaches each listed layer's weight and the virtual
+    bias on its output (one more leaf per layer: no extra pass), and records ``g_W . d`` for
+    each direction ``d`` and the shift gradient ``g_s`` (``TraceEstimates.shift_probes``, one
+    row per vector, summed over chunks: the rows of ``g = J^T B u`` for the whole pass's
+    loss). Layers whose weight block is an HVP block get it too: ``g`` is a Gauss-Newton probe
+    of every layer whatever its own block's estimator. Only output-probe passes record it; a
+    sweep without them (``estimator="hvp"``, or no Gauss-Newton-exact block) records none.
     """
     activations = cfg.activations
     n = len(p.names)
@@ -466,6 +506,10 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     live = [kind for kind in KINDS if blocks_of[kind]]
     diag = {b: torch.zeros(p.weights[b].shape, dtype=p.weights[b].dtype,
                            device=p.weights[b].device) for b in range(n)} if cfg.diagonal else {}
+    directions = directions or {}
+    recorded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in directions}
+    for name in directions:
+        p.shifts[name].active = True
 
     def pending(kind: str) -> bool:
         bl = blocks_of[kind]
@@ -495,7 +539,8 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
                                   lambda c, kind=kind, k=k: report(kind, k, c), diag)
             else:
                 total = _probe_pass(p, bl, n, cfg.seed, ts, batched, cache,
-                                    lambda c, kind=kind, k=k: report(kind, k, c), diag)
+                                    lambda c, kind=kind, k=k: report(kind, k, c), diag,
+                                    directions, recorded)
             done[kind] += k
             taken[kind] += 1 if draw else k
             for j, b in enumerate(bl):
@@ -519,10 +564,14 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
             done, taken = {"gn": 0, "hvp": 0}, {"gn": 0, "hvp": 0}
             for d in diag.values():
                 d.zero_()
+            for rec in recorded.values():
+                rec.clear()
     cache.clear()
     p.chunks, p.n_total = whole
     for leaf in p.leaves.values():
         leaf.active, leaf.leaf = False, None
+    for shift in p.shifts.values():
+        shift.active, shift.leaf = False, None
     if progress is not None:
         progress(stage, 1.0)
     w_stats = {name: stats[i] for i, name in enumerate(p.names)}
@@ -537,8 +586,11 @@ def hutchinson(p: Prepared, cfg: HessianConfig, progress: ProgressFn | None = No
     weight_diag = {name: diag[i] / max(done["gn" if i in gn_blocks else "hvp"], 1)
                    for i, name in enumerate(p.names) if i in diag}
     sampled = "chunk" if draw else ("all (auto switched)" if switched else "all")
+    shift_probes = {m: (torch.cat([a for a, _ in rec]), torch.cat([g for _, g in rec]))
+                    for m, rec in recorded.items() if rec}
     return TraceEstimates(w_stats, a_stats, max(done.values()),
-                          "batched" if batched else "loop", passes, weight_diag, sampled)
+                          "batched" if batched else "loop", passes, weight_diag, sampled,
+                          shift_probes)
 
 
 def _drawing_costs_more(stats: list[BlockStats], blocks_of: dict[str, list[int]],
@@ -576,24 +628,51 @@ def _draw(p: Prepared, size: int, seed: int, t: int) -> None:
 
 def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batched: bool,
                 cache: dict[str, Any], tick: Callable[[float], None],
-                diag: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                diag: dict[int, torch.Tensor] | None = None,
+                directions: dict[str, torch.Tensor] | None = None,
+                recorded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                ) -> torch.Tensor:
     """[k, blocks] output-probe samples for probe vectors ``ts``, chunk by chunk; adds the
-    squared weight gradients summed over the k vectors to ``diag[b]`` (weight blocks held)."""
+    squared weight gradients summed over the k vectors to ``diag[b]`` (weight blocks held);
+    appends ([k, D] of ``g_W . d``, [k, out] of ``g_shift``) to ``recorded[layer]`` for each
+    layer of ``directions`` (both linear in ``g``, so summed over chunks as they come)."""
     diag = diag or {}
+    directions = directions or {}
     k, n_chunks = len(ts), len(p.chunks)
     total = torch.zeros(k, len(bl), dtype=torch.float64)
+    index = {name: i for i, name in enumerate(p.names)}
+    # a tracked layer's weight gradient: its block's when the pass has it, else an extra input
+    own = {m: bl.index(index[m]) for m in directions if index[m] in bl}
+    more = [m for m in directions if m not in own]
+    dots = {m: torch.zeros(k, d.shape[0], dtype=torch.float64) for m, d in directions.items()}
+    sgrads: dict[str, torch.Tensor] = {}
     gens = [_vector_generator(seed, "gn", t, -1) for t in ts]
     acc: dict[int, torch.Tensor] = {}  # weight block -> sum over chunks of [k, *shape]
     for c in range(n_chunks):
         if "gn" in cache:
-            z, inputs, prob = cache["gn"]
+            z, inputs, prob, extra = cache["gn"]
         else:
             z, inputs = _forward(p, c, p.names, any(b >= n for b in bl))
             prob = None if p.loss_kind == "mse" else torch.softmax(z.detach(), dim=-1)
+            extra = ([p.weights[index[m]] for m in more]
+                     + [p.shifts[m].leaf for m in directions])
             if n_chunks == 1:
-                cache["gn"] = (z, inputs, prob)
+                cache["gn"] = (z, inputs, prob, extra)
         ws = [_output_factor(p, z, _sample_vector(g, z, z.shape[0]), prob) for g in gens]
-        for rows, grads in _probe_grads(z, inputs, ws, bl, batched):
+        for rows, every in _probe_grads(z, inputs, ws, bl, batched, extra):
+            grads, ex = every[: len(bl)], every[len(bl):]
+            for q, m in enumerate(directions):
+                gw = grads[own[m]] if m in own else ex[more.index(m)]
+                gs = ex[len(more) + q]
+                d = directions[m].flatten(1)
+                if gw is not None:
+                    dots[m][rows] += (gw.flatten(1) @ d.T if batched
+                                      else d @ gw.flatten()).double().cpu()
+                if gs is not None:
+                    gs = gs.reshape(k, -1) if batched else gs.reshape(-1)
+                    if m not in sgrads:
+                        sgrads[m] = torch.zeros(k, gs.shape[-1], dtype=torch.float64)
+                    sgrads[m][rows] += gs.double().cpu()
             for j, (b, g) in enumerate(zip(bl, grads, strict=True)):
                 if g is None:
                     continue
@@ -608,16 +687,21 @@ def _probe_pass(p: Prepared, bl: list[int], n: int, seed: int, ts: range, batche
                     if j not in acc:
                         acc[j] = g.new_zeros((k, *inputs[b].shape))
                     acc[j][rows] += g
-            del grads
+            del grads, every, ex
             if isinstance(rows, int) and rows + 1 < k:  # a looped vector done: progress moves
                 tick(c - 1 + (rows + 1) / k)  # within a pass of a large model
-        del z, inputs, prob, ws
+        del z, inputs, prob, ws, extra
         tick(c)
     for j, g in acc.items():
         sq = g.double().pow(2)
         total[:, j] = sq.flatten(1).sum(1).cpu()
         if bl[j] in diag:
             diag[bl[j]] += sq.sum(0).to(diag[bl[j]].dtype)
+    if recorded is not None:
+        for m, d in dots.items():
+            out = sgrads.get(m, torch.zeros(k, int(p.weights[index[m]].shape[0]),
+                                            dtype=torch.float64))
+            recorded[m].append((d, out))
     return total
 
 

@@ -24,6 +24,27 @@ times the Gauss-Newton ratio of the corrected to the uncorrected perturbation. T
 sums over the same probes has much less noise than either sum. The constant scale of ``S``
 cancels, so ``B u`` is taken unnormalised.
 
+Where the probes come from: the Hutchinson sweep's own output-space probe passes
+(``sensitivity.hessian``) are exactly such probes. A pass's backward of ``z`` against ``B u``
+(``u`` Rademacher per sample and output) gives ``g = J^T B u`` for every weight, and with a zero
+per-channel leaf on every layer output (``prepare(shifts=True)``) for every virtual bias too,
+in the same backward. ``hutchinson(directions={layer: dW of every width})`` records
+``a = g_W . dW`` per width and ``g_b`` per vector (:func:`kept_from_probes` then needs only
+``mu``). Proof that these give the same ratio: ``E_u[(g . v)^2] = v^T J^T B E[u u^T] B^T J v =
+v^T J^T S J v`` for any fixed ``v`` (``E[u u^T] = I``), for every ``v`` at once, so the
+numerator and denominator are Hutchinson-style estimates of the two Gauss-Newton quadratic
+forms from the same vectors; a pass on all samples has ``S`` of the mean loss, a drawn chunk
+``S`` of its mean, whose expectation over the draw is the same. The ratio is taken over the
+sweep's vectors, K of them (the trace's stopping rule decides K; at most ``max_iter``). A
+Rademacher HVP pass (blocks that are not Gauss-Newton exact) gives ``H v`` for a random ``v``,
+from which ``d^T H d`` is estimable as ``(v . d)((H v) . d)`` (``E[v v^T] = I``), but for
+Gaussian ``v`` its variance is ``(d^T H d)^2 + |d|^2 |H d|^2``, against ``2 (d^T G d)^2`` for
+``(g . d)^2`` (Gaussian ``u``; less for Rademacher): the second term is about ``n / r`` times
+the first for a layer of ``n`` weights whose Hessian has effective rank ``r`` (at most outputs
+x samples), so hundreds of times noisier per probe on a large layer. The kept share of an
+HVP-only sweep (``estimator="hvp"``, or no Gauss-Newton-exact block) therefore comes from
+:func:`gauss_newton_kept`'s own probe passes.
+
 ``mu`` per layer and width comes from :class:`ErrorMoments`, an observer of the layer's input in
 the activation-error pass, with the checkpoint's quantizer (``quantize.biascorr.weight_delta``,
 per output channel) through the layer's own op (``quantize.biascorr.layer_op``), on every
@@ -31,9 +52,11 @@ calibration sample. A folded BatchNorm scales ``dW_o`` and ``mu_o`` by the same 
 factor (per-channel symmetric rounding commutes with it), so the unfolded model is used.
 Grouped quantizers' Omegas take the per-channel quantizer's ``kept``.
 
-Cost: per layer and weight width one extra layer op per calibration chunk in that pass, then
-``MeanShiftParams.probes`` forward and backward passes of ``draw`` samples (256 x 16: about 16
-passes over 256 samples); memory: the model once more and the weight errors of every width.
+Cost from the sweep: per layer and weight width one extra layer op per calibration chunk in
+the activation-error pass, and per probe vector one more leaf per layer in the backward and
+``D`` dot products with the weight gradient; memory: the weight errors of every width (``D``
+times the weights). :func:`gauss_newton_kept` (HVP-only sweeps): ``MeanShiftParams.probes``
+forward and backward passes of ``draw`` samples (256 x 16) and the model once more.
 """
 
 from __future__ import annotations
@@ -116,6 +139,28 @@ def output_factor(z: torch.Tensor, u: torch.Tensor, loss_kind: str) -> torch.Ten
     return root * u - prob * (root * u).sum(dim=-1, keepdim=True)
 
 
+def weight_directions(weight: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+    """``[len(bits), *weight.shape]``: ``Q_b(W) - W`` per width with the checkpoint's quantizer
+    (per output channel), in the weight's dtype and on its device (``hutchinson``'s
+    ``directions``)."""
+    return torch.stack([weight_delta(weight, int(b), None) for b in bits]).to(
+        device=weight.device, dtype=weight.dtype)
+
+
+def kept_from_probes(dots: torch.Tensor, shift_grads: torch.Tensor, bits: Sequence[int],
+                     means: Mapping[int, torch.Tensor]) -> dict[int, float]:
+    """``{bits: kept}`` from K probes: ``dots[r, i] = g_W,r . dW_{bits[i]}``, ``shift_grads[r]
+    = g_b,r`` ([K, out]) and ``means[bits]`` = ``mu`` ([out]): ``sum_r (a_r - g_b,r . mu)^2 /
+    sum_r a_r^2`` (1 where no probe reached the weight)."""
+    out: dict[int, float] = {}
+    for i, b in enumerate(bits):
+        a = dots[:, i].double()
+        m = shift_grads.double() @ means[int(b)].double().to(shift_grads.device)
+        raw = float(a.pow(2).sum())
+        out[int(b)] = float((a - m).pow(2).sum()) / raw if raw > 0 else 1.0
+    return out
+
+
 def gauss_newton_kept(
     module: fx.GraphModule,
     layers: Sequence[GraphLayer],
@@ -183,4 +228,5 @@ def gauss_newton_kept(
     return kept
 
 
-__all__ = ["ErrorMoments", "MeanShiftParams", "gauss_newton_kept", "output_factor"]
+__all__ = ["ErrorMoments", "MeanShiftParams", "gauss_newton_kept", "kept_from_probes",
+           "output_factor", "weight_directions"]
