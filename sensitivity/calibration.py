@@ -1,7 +1,13 @@
 """The calibration file: a ``.safetensors`` header parser that checks names, dtypes, shapes and
 sizes before any tensor is read, and the loader that turns the file into a ``CalibrationSet``.
 
-Only the ``safetensors`` library reads tensor data; nothing is unpickled.
+Nothing is unpickled. The ``safetensors`` library checks the header; the tensor bytes (raw
+little-endian, as safetensors stores them and every platform torch runs on holds them) are
+then read with plain file reads, block by block, straight into the one tensor that keeps each
+input: the data is resident once (``load_file`` or a memory map would hold the file's pages
+beside the tensors), and finiteness is checked per block. With ``order`` the samples land in
+that order, so a train / held-out split is two views of the same tensors
+(``quantize.data.split_order``).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,21 @@ INPUT_DTYPES = {*FLOAT_DTYPES, *INT_DTYPES, "BOOL"}  # model inputs: float, ids,
 IGNORE_INDEX = -100  # a per-token label that is not scored (the Hugging Face convention)
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8,
                 "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPES = {**FLOAT_DTYPES, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                 "I64": torch.int64, "U8": torch.uint8, "U16": torch.uint16,
+                 "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class ReadParams:
+    """Tuning constants of the calibration reader."""
+
+    block_bytes: int = 16 * 2**20  # one read (and one finiteness check) at a time: a few
+    # hundred 224x224 images, a small fixed cost beside the data it fills
+
+
+READ_PARAMS = ReadParams()
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -83,24 +104,14 @@ def read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def load_calibration(path: str | Path, max_bytes: int | None = None) -> CalibrationSet:
-    """Read and validate a calibration ``.safetensors`` file.
+def count_samples(path: str | Path, max_bytes: int | None = None) -> int:
+    """N, the calibration file's number of samples, from its header (checked as
+    :func:`load_calibration` checks it; no tensor is read)."""
+    return _checked_header(Path(path), max_bytes)[2]
 
-    Tensors: ``inputs`` (one positional model input, [N, ...]) or ``input.<name>`` (one per
-    forward argument), optional ``labels`` (integer [N] class indices, or [N, T] per-token targets
-    where ``IGNORE_INDEX`` is not scored; returned as int64). Inputs are floating point (and
-    finite), integer or bool; whether each fits the model's input is checked by
-    ``inputs.bind_inputs``. All tensors share N >= 2. ``max_bytes`` bounds the tensor data,
-    checked from the header before anything is loaded.
 
-    Raises:
-        BadCalibrationError: naming the tensor and what to fix.
-        TooLargeError: the tensors exceed ``max_bytes``.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
+def _checked_header(path: Path, max_bytes: int | None) -> tuple[dict[str, Any], list[str], int]:
+    """(header, the ``input.<name>`` tensors, N): names, dtypes, shapes and sizes checked."""
     if not path.is_file():
         raise BadCalibrationError(f"calibration file {path.name!r} does not exist. "
                                   + HOW_TO_CALIBRATE)
@@ -155,18 +166,40 @@ def load_calibration(path: str | Path, max_bytes: int | None = None) -> Calibrat
         raise BadCalibrationError(
             f"the calibration set has {n} sample(s); send at least 2 (a few hundred is typical)."
         )
+    return header, keyword, n
+
+
+def load_calibration(path: str | Path, max_bytes: int | None = None,
+                     order: torch.Tensor | None = None) -> CalibrationSet:
+    """Read and validate a calibration ``.safetensors`` file.
+
+    Tensors: ``inputs`` (one positional model input, [N, ...]) or ``input.<name>`` (one per
+    forward argument), optional ``labels`` (integer [N] class indices, or [N, T] per-token targets
+    where ``IGNORE_INDEX`` is not scored; returned as int64). Inputs are floating point (and
+    finite), integer or bool; whether each fits the model's input is checked by
+    ``inputs.bind_inputs``. All tensors share N >= 2. ``max_bytes`` bounds the tensor data,
+    checked from the header before anything is loaded. ``order`` (a permutation of N): sample
+    i of the result is the file's sample ``order[i]`` (read in place, no second copy).
+
+    Raises:
+        BadCalibrationError: naming the tensor and what to fix.
+        TooLargeError: the tensors exceed ``max_bytes``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    header, keyword, n = _checked_header(path, max_bytes)
+    if order is not None and (order.shape != (n,) or not torch.equal(
+            order.sort().values, torch.arange(n))):
+        raise ValueError(f"order must be a permutation of the {n} samples")
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt"):  # the library's own header checks
+            pass
+        tensors = _read_tensors(path, header, order)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BadCalibrationError(
             f"could not read {path.name!r} ({str(exc)[:200]}). " + HOW_TO_CALIBRATE
         ) from None
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise BadCalibrationError(
-                f"tensor {name!r} has {bad} NaN/Inf value(s); remove or replace those samples."
-            )
     labels = tensors.get("labels")
     if labels is not None:
         labels = labels.to(torch.int64)
@@ -181,3 +214,55 @@ def load_calibration(path: str | Path, max_bytes: int | None = None) -> Calibrat
     if "inputs" in tensors:
         return CalibrationSet((tensors["inputs"],), {}, labels)
     return CalibrationSet((), {k[len("input."):]: tensors[k] for k in keyword}, labels)
+
+
+def _read_tensors(path: Path, header: dict[str, Any],
+                  order: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Every tensor of the file (``order``: samples permuted), read block by block into its
+    one tensor; a float tensor with NaN/Inf raises BadCalibrationError naming the count."""
+    params = READ_PARAMS
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        base = 8 + header_len
+        where = None if order is None else torch.empty_like(order).index_put_(
+            (order,), torch.arange(len(order)))  # file sample i -> its row in the result
+        out = {}
+        for name, entry in header.items():
+            shape = [int(d) for d in entry["shape"]]
+            t = torch.empty(shape, dtype=_TORCH_DTYPES[entry["dtype"]])
+            out[name] = t
+            if t.numel() == 0:
+                continue
+            rows = shape[0]
+            row_bytes = t[0].numel() * t.element_size()
+            step = max(1, params.block_bytes // max(row_bytes, 1))
+            buf = None if where is None else torch.empty([min(step, rows), *shape[1:]],
+                                                         dtype=t.dtype)
+            f.seek(base + int(entry["data_offsets"][0]))
+            bad = 0
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                block = t[r0:r1] if buf is None else buf[: r1 - r0]
+                _fill(f, block, name)
+                if block.is_floating_point():
+                    bad += int((~torch.isfinite(block)).sum())
+                if buf is not None:
+                    t.index_copy_(0, where[r0:r1], block)
+            if bad:
+                raise BadCalibrationError(
+                    f"tensor {name!r} has {bad} NaN/Inf value(s); remove or replace those "
+                    "samples."
+                )
+    return out
+
+
+def _fill(f: Any, block: torch.Tensor, name: str) -> None:
+    """Read ``block``'s bytes (a contiguous tensor) from ``f``'s position."""
+    view = memoryview(block.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise BadCalibrationError(f"tensor {name!r}: the file ends inside its data (it "
+                                      "is truncated). " + HOW_TO_CALIBRATE)
+        done += got

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from quantize.data import CalibrationSet
+from quantize.data import CalibrationSet, split_order
 from quantize.graph import find_layers
 from solver.errors import BadCalibrationError, BadModelError
 
-from .calibration import HOW_TO_CALIBRATE, load_calibration
+from .calibration import HOW_TO_CALIBRATE, count_samples, load_calibration
 from .inputs import bind_inputs, check_id_ranges, positional
 from .layers import LayerInfo, float_params, layer_table
 from .program import HOW_TO_EXPORT, decompose_sdpa, load_program, to_eval_semantics, uses_sdpa
@@ -114,7 +114,11 @@ def intake(
     """
     cfg = cfg or IntakeConfig()
     program = load_program(model_path)
-    calib = load_calibration(calib_path, cfg.max_calib_bytes)
+    # read in split order: train then held-out samples, so the split is two views of the
+    # one copy of the data (no copy of the file beside it, none per part)
+    order, n_train = split_order(count_samples(calib_path, cfg.max_calib_bytes),
+                                 cfg.holdout_fraction, cfg.seed)
+    calib = load_calibration(calib_path, cfg.max_calib_bytes, order=order)
     rewrites = to_eval_semantics(program)
     gm = _module(program)
     # inputs are checked before the (slow) attention decomposition, which keeps the signature
@@ -137,7 +141,7 @@ def intake(
     if token_input is not None and token_input not in calib.kwargs:
         order = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
         token_input = order.index(token_input)  # positional: its index in the args
-    train, holdout = calib.split(cfg.holdout_fraction, cfg.seed)
+    train, holdout = calib.rows(0, n_train), calib.rows(n_train, len(calib))
     if rewrites:
         log.info("training-mode export rewritten to eval semantics: %s", rewrites)
     return Intake(

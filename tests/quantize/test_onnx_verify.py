@@ -105,3 +105,63 @@ def test_a_wrong_scale_fails_at_its_point(amplified) -> None:
     with pytest.raises(ExportMismatchError, match="linear_1") as err:
         verify(program, ckpt, wrong, held)
     assert err.value.detail["points"]["max_mismatch"] > 0.5
+
+
+def _same_report(a: dict, b: dict) -> None:
+    """Two reports of the check equal up to float rounding (the criteria name the chunks)."""
+    assert set(a) == set(b)
+    for key in set(a) - {"criteria"}:
+        if isinstance(a[key], dict):
+            _same_report(a[key], b[key])
+        elif isinstance(a[key], float):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+        else:
+            assert a[key] == b[key], key
+
+
+def _outcome(*args, **kwargs) -> tuple[bool, dict]:
+    try:
+        return True, verify(*args, **kwargs)
+    except ExportMismatchError as exc:
+        return False, exc.detail
+
+
+@pytest.mark.parametrize("chunks", [(1, 1), (7, 3), (64, 8)])
+def test_chunked_check_equals_the_one_batch_check(amplified, chunks) -> None:
+    """The check runs in bounded chunks (``batch_size`` end to end, ``point_batch`` per point)
+    and sums their counts: its report and verdict are those of one batch of all 100 samples,
+    for a passing export, one that fails end to end only and one with a wrong scale."""
+    program, ckpt, model, held = amplified
+    bare, wrong = onnx.ModelProto(), onnx.ModelProto()
+    bare.CopyFrom(model)
+    kept = [p for p in bare.metadata_props if p.key != POINTS_PROP]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(kept)
+    wrong.CopyFrom(model)
+    for init in wrong.graph.initializer:
+        if init.name == "fc2_w_scale":
+            arr = onnx.numpy_helper.to_array(init) * 1.02
+            init.CopyFrom(onnx.numpy_helper.from_array(arr.astype("float32"), init.name))
+    whole = VerifyConfig(batch_size=len(held), point_batch=len(held))
+    parts = VerifyConfig(batch_size=chunks[0], point_batch=chunks[1])
+    verdicts = []
+    for onnx_model in (model, bare, wrong):
+        ok_whole, rep_whole = _outcome(program, ckpt, onnx_model, held, whole)
+        ok_parts, rep_parts = _outcome(program, ckpt, onnx_model, held, parts)
+        assert ok_whole == ok_parts
+        _same_report(rep_whole, rep_parts)
+        verdicts.append(ok_whole)
+    assert verdicts == [True, False, False]
+
+
+def test_chunked_check_on_a_conv_network(cnn_program, cnn_int8, heldout_eval) -> None:
+    """The digits CNN (all 8-bit) on 397 held-out digits: chunks of 7 / 5 samples give the
+    report of one batch of all of them."""
+    model = export_onnx(cnn_program, cnn_int8.checkpoint)
+    held = heldout_eval[1]
+    whole = verify(cnn_program, cnn_int8.checkpoint, model, held,
+                   VerifyConfig(batch_size=len(held), point_batch=len(held)))
+    parts = verify(cnn_program, cnn_int8.checkpoint, model, held,
+                   VerifyConfig(batch_size=7, point_batch=5))
+    assert whole["passed"] and whole["samples"] == parts["samples"] == 397
+    _same_report(whole, parts)
