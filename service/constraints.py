@@ -176,12 +176,13 @@ class Hessian(_Strict):
         "other jobs their own loss)",
     )
     bias_corrected: bool = Field(
-        False,
+        True,
         description="price each weight option after the quantize stage's bias correction "
         "(its checkpoint stores b - E[op(x, Q(W) - W)]): the Hessian Omegas are multiplied by "
         "the Gauss-Newton share of the option's damage that the correction keeps "
-        "(sensitivity/meanshift.py: 256 probe passes of 16 samples), the measured Omega "
-        "quantizes with the correction; false: the uncorrected weight error",
+        "(sensitivity/meanshift.py: from the sweep's output-space probe passes, no extra "
+        "pass; 256 separate probe passes of 16 samples when every block needs HVPs), the "
+        "measured Omega quantizes with the correction; false: the uncorrected weight error",
     )
 
 

@@ -19,9 +19,11 @@ def test_measured_omega_reaches_the_problem_and_the_plan(cnn_pt2, calib_path, tm
     out = tmp_path / "out"
     sens = json.loads((out / "sensitivity.json").read_text())
     assert sens["config"]["omega"] == "measured"
-    # 1 pass (FP32; the ranges come with the sensitivity) + 3 layers x (2 weight widths + 1
+    # 1 pass (FP32; the ranges come with the sensitivity) + 1 (the mean shifts of the bias
+    # correction, hessian.bias_corrected by default) + 3 layers x (2 weight widths + 1
     # activation width)
-    assert sens["config"]["measured_passes"] == 1 + 3 * 3
+    assert sens["config"]["bias_correction"] == "weight"
+    assert sens["config"]["measured_passes"] == 1 + 1 + 3 * 3
     tables = {row["name"]: row["omega_w"] for row in sens["layers"]}
     problem = json.loads((out / "problem.json").read_text())
     for layer in problem["layers"]:
