@@ -2,6 +2,7 @@
 against the whole-tensor float64 formulas it replaced, in one process, on a zoo model.
 
     .venv/bin/python bench/fakequant.py [--model mobilenet_v2] [--samples 16] [--repeats 3]
+        [--threads T]
 
 Builds the zoo's random-initialised model (224x224), a plan with 8-bit activations and 8 / 4
 bit weights on alternate layers, quantizes it on ``--samples`` random images and times the
@@ -103,7 +104,11 @@ def main() -> None:
     ap.add_argument("--model", default="mobilenet_v2")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's own)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}")
     n = args.samples

@@ -35,6 +35,7 @@ power of two commutes with rounding, so ``fl(codes * b) / 2^c == fl(codes * (b /
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -55,9 +56,11 @@ from .primitives import (
 )
 from .rows import PlanRow, match_rows
 
-# elements a fused chain works on at once: 512 KiB in float64, so the ~10 in-place passes of a
-# block stay in a core's L2 cache instead of streaming full-size tensors through memory
-BLOCK = 1 << 16
+# elements a fused chain works on at once: 128 KiB in float64, so the ~10 in-place passes of a
+# block stay in a core's L2 cache instead of streaming full-size tensors through memory; below
+# torch's intra-op grain (32768), so each op runs inline on the calling thread, with no thread
+# team to wake per op (on a loaded machine a descheduled team thread stalls every op)
+BLOCK = 1 << 14
 
 
 def _as3d(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
@@ -90,6 +93,14 @@ def _blocks(shape: tuple[int, int, int]):
             yield slice(o, o + step), slice(None), slice(None)
 
 
+def _blockwise(fn: Callable[[tuple[slice, slice, slice]], None],
+               shape: tuple[int, int, int]) -> None:
+    """``fn(idx)`` for every block of ``shape`` (``_blocks``), in order, without autograd."""
+    with torch.no_grad():
+        for idx in _blocks(shape):
+            fn(idx)
+
+
 def _per_channel(t: torch.Tensor | float, ch: slice) -> torch.Tensor | float:
     """A ``[C]`` parameter's view for the channels ``ch`` of a 3-d block (0-d / float as is)."""
     if not isinstance(t, torch.Tensor):
@@ -109,12 +120,15 @@ class FakeQuant(nn.Module):
             return fake_quantize_activation(x, self.scale, self.bits, self.signed)
         # fake_quantize_activation's operations, block by block, in place
         lo, hi = activation_qrange(self.bits, self.signed)
-        x3 = _as3d(x.contiguous(), None)
+        x3 = _as3d(x.detach().contiguous(), None)
         out = torch.empty_like(x3)
-        for idx in _blocks(tuple(x3.shape)):
+
+        def block(idx: tuple[slice, slice, slice]) -> None:
             xs, o = x3[idx], out[idx]
             torch.div(xs, self.scale, out=o)
             o.round_().clamp_(lo, hi).mul_(self.scale).sub_(xs).add_(xs)
+
+        _blockwise(block, tuple(x3.shape))
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
@@ -171,12 +185,13 @@ class Requant(nn.Module):
         """``(clamp(dyadic_round(codes_of(x, src), b, c)) * scale).to(x.dtype)``, block by block
         (``+ x - x`` in place when ``ste``: the forward value of ``x + (out - x)``)."""
         channels = max(self.src_scale.numel(), self.multiplier.numel())
-        x3 = _as3d(x.contiguous(), self.channel_dim if channels > 1 else None)
+        x3 = _as3d(x.detach().contiguous(), self.channel_dim if channels > 1 else None)
         if channels > 1 and x3.shape[1] != channels:
             raise BadCheckpointError(f"a requantisation of {channels} channels got a tensor "
                                      f"of shape {tuple(x.shape)}")
         out = torch.empty_like(x3)
-        for idx in _blocks(tuple(x3.shape)):
+
+        def block(idx: tuple[slice, slice, slice]) -> None:
             xs, o = x3[idx], out[idx]
             y = xs.to(torch.float64)
             y.div_(_per_channel(self.src_scale, idx[1])).round_()  # codes_of
@@ -185,6 +200,8 @@ class Requant(nn.Module):
             o.copy_(y)
             if ste:
                 o.sub_(xs).add_(xs)
+
+        _blockwise(block, tuple(x3.shape))
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
@@ -218,9 +235,10 @@ class QuantAdd(nn.Module):
             return (total.clamp(self.lo, self.hi) * self.scale).to(a.dtype)
         # the same operations block by block (b / 2^c as one exact float64 multiplier)
         mults = [None if p is None else float(p[0]) / 2.0 ** int(p[1]) for p in self.pairs]
-        a3, b3 = _as3d(a.contiguous(), None), _as3d(b.contiguous(), None)
+        a3, b3 = _as3d(a.detach().contiguous(), None), _as3d(b.detach().contiguous(), None)
         out = torch.empty_like(a3)
-        for idx in _blocks(tuple(a3.shape)):
+
+        def block(idx: tuple[slice, slice, slice]) -> None:
             total = None
             for x3, s, mult in zip((a3, b3), self.in_scales, mults, strict=True):
                 y = x3[idx].to(torch.float64)
@@ -229,6 +247,8 @@ class QuantAdd(nn.Module):
                     y.mul_(mult).add_(0.5).floor_()
                 total = y if total is None else total.add_(y)
             out[idx].copy_(total.clamp_(self.lo, self.hi).mul_(self.scale))
+
+        _blockwise(block, tuple(a3.shape))
         return out.reshape(a.shape)
 
     def extra_repr(self) -> str:

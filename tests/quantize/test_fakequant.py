@@ -176,7 +176,7 @@ def _requant_case(draw):
     return x, src, b, c, grid, (-1 if layout == "linear" else 1), block
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_requant_case())
 def test_requant_is_bit_identical_to_the_float64_formula(case) -> None:
     x, src, b, c, grid, channel_dim, block = case
