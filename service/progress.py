@@ -20,8 +20,8 @@ def no_progress(stage: str, fraction: float) -> None:
 class Eta:
     """Time left in a stage from its fraction: elapsed x (1 - f) / f, once the stage has
     reported ``min_updates`` advances and ``min_fraction`` of its work (before that, None).
-    A stage whose work is an upper bound (Hutchinson stops early once converged) finishes
-    sooner than this says."""
+    Sensitivity's fraction is of a projected total (``sensitivity.convergence``): while the
+    projection moves, so does this estimate."""
 
     def __init__(self, min_updates: int = 3, min_fraction: float = 0.02) -> None:
         self.min_updates = min_updates
