@@ -38,6 +38,15 @@ def test_bias_corrected_omega_is_recorded_and_reaches_the_problem(cnn_pt2, calib
                 assert cor["omega_w"][b] == pytest.approx(raw["omega_w"][b] * kept, rel=1e-9)
         else:  # measured on the corrected layer: no kept shares, a lower 4-bit increase
             assert cor["omega_w_kept"] == {}
+    if omega == "trace":  # the kept shares from the sweep's own probe vectors
+        assert sens[True]["model"]["kept_probes"] == {"sweep": sens[True]["model"]["vectors"],
+                                                      "separate": 0}
     if omega == "measured":
         assert sum(r["omega_w"]["4"] for r in sens[True]["layers"]) < sum(
             r["omega_w"]["4"] for r in sens[False]["layers"])
+
+
+def test_bias_corrected_is_the_default() -> None:
+    from service.constraints import parse_constraints
+
+    assert parse_constraints({"limits": {"size_ratio": 0.5}}).hessian.bias_corrected is True
