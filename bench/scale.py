@@ -18,7 +18,6 @@ timed on one chunk in the same process: the floor an HVP-based method cannot bea
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -43,7 +42,7 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
     from torch import fx
 
     from sensitivity import zoo
-    from sensitivity.memory import proc_status, reset_peak
+    from sensitivity.memory import proc_status, reset_peak, trim
     from service.pipeline import run_pipeline
     from service.settings import memory_budget, resolve_device
     from solver.errors import BitplanError
@@ -89,7 +88,7 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         budget = memory_budget(memory_gb, dev)
         cons = {**CONSTRAINTS, "hessian": {"max_iter": max_iter,
                                            **({"sampling": sampling} if sampling else {})}}
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the set-up's freed heap pages go back
+        trim()  # the set-up's freed heap pages go back
         reset_peak()
         t0 = time.perf_counter()
         error = None

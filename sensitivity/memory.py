@@ -134,9 +134,10 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _trim() -> None:
-    """Give the allocator's free heap memory back to the OS (glibc ``malloc_trim``), so the
-    next pass's growth shows in the RSS instead of reusing pages an earlier pass left."""
+def trim() -> None:
+    """Give the allocator's free heap memory back to the OS (glibc ``malloc_trim``: every free
+    page, also between live blocks), so what a finished pass freed does not stay resident
+    under the next one; a no-op without glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -276,7 +277,7 @@ def plan_chunks(
         fwd = max(1, min(params.forward_max, math.floor(fwd_room / max(fwd_sample, 1.0))))
     plan = ChunkPlan(chunk, fwd, int(per_sample), int(fwd_sample), int(fixed), int(held),
                      int(budget_bytes), meter.method, int(accumulator_bytes))
-    _trim()  # what the measuring passes left in the heap would otherwise stay resident
+    trim()  # what the measuring passes left in the heap would otherwise stay resident
     log.info("memory plan: %s", plan)
     return plan
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sensitivity.memory import trim
 from solver.errors import CancelledError, InfeasibleError
 
 from .cache import StageCache, evaluation_key, file_digest, regions_key, sensitivity_key
@@ -132,6 +133,9 @@ class _Guard:
             stage = self._stage or STAGES[0]
         fraction = min(max(float(fraction), 0.0), 1.0)
         if stage != self._stage:
+            # what the finished stage freed leaves the heap: the next starts from the job's
+            # live data, not from the last stage's high-water mark
+            trim()
             now = time.perf_counter()
             if self._stage is not None:
                 self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._t0
