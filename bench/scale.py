@@ -135,7 +135,10 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         "t_fwd_chunk": t_fwd, "t_bwd_chunk": t_bwd, "floor_s": floor,
         "memory": sens["model"].get("memory"), "blocks_at_max_iter": stuck,
         "blocks": 2 * len(layers), "metrics": metrics, "error": error,
-        "peak_rss": proc_status()["VmHWM"], "budget": budget,
+        # VmHWM restarts at every stage (and the floor's pass after the job is not the job's):
+        # the job's peak is the largest stage peak
+        "peak_rss": max(s["peak_rss"] for s in stages.values()),
+        "budget": budget,
     }
 
 
@@ -177,7 +180,7 @@ def show(r: dict) -> None:
     if acc:
         print(f"top-1 agreement with FP32 {acc['value']:.3f} [{acc['low']:.3f}, "
               f"{acc['high']:.3f}] on {acc['n']} held-out samples")
-    print(f"peak RSS of the process {gb(r['peak_rss'])}")
+    print(f"peak RSS of the job (largest stage peak) {gb(r['peak_rss'])}")
     if r["error"]:
         print(f"the job failed after its stages above: {r['error']}")
 
