@@ -24,10 +24,11 @@ below half a step (float32 conv accumulators below about 2^22 units; the referen
 far below). The dyadic products run in float64, exact while ``|codes * b| < 2^53``.
 
 The elementwise chains (``Requant``, ``QuantAdd``, ``FakeQuant``) run block by block
-(``BLOCK`` elements, in place on one float64 copy of the block): the same torch operations in
-the same order on each element as the whole-tensor formulas (``codes_of``, ``dyadic_round``,
-``fake_quantize_activation``), so the outputs are bit-identical to them, without a dozen
-full-size temporaries that each go through memory once. The multiplier is applied as
+(``TEAM_BLOCK`` or ``INLINE_BLOCK`` elements, in place on one float64 copy of the block): the
+same torch operations in the same order on each element as the whole-tensor formulas
+(``codes_of``, ``dyadic_round``, ``fake_quantize_activation``), so the outputs are
+bit-identical to them, without a dozen full-size temporaries that each go through memory
+once. The multiplier is applied as
 ``codes * (b / 2^c)``: ``b / 2^c`` is exact in float64 (|b| < 2^31, c <= 31) and scaling by a
 power of two commutes with rounding, so ``fl(codes * b) / 2^c == fl(codes * (b / 2^c))``.
 """
@@ -35,6 +36,7 @@ power of two commutes with rounding, so ``fl(codes * b) / 2^c == fl(codes * (b /
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -56,11 +58,26 @@ from .primitives import (
 )
 from .rows import PlanRow, match_rows
 
-# elements a fused chain works on at once: 128 KiB in float64, so the ~10 in-place passes of a
-# block stay in a core's L2 cache instead of streaming full-size tensors through memory; below
-# torch's intra-op grain (32768), so each op runs inline on the calling thread, with no thread
-# team to wake per op (on a loaded machine a descheduled team thread stalls every op)
-BLOCK = 1 << 14
+# Elements a fused chain works on at once, so its ~10 in-place passes stay in cache instead of
+# streaming full-size tensors through memory. TEAM_BLOCK (512 KiB in float64): each op runs on
+# torch's thread team (bench/fakequant.py: 3.1x the whole-tensor formulas idle). INLINE_BLOCK:
+# below torch's intra-op grain (32768), each op runs on the calling thread: on an oversubscribed
+# machine a descheduled team thread stalls every op (load ~10 on 2 cores: TEAM_BLOCK 0.38x the
+# whole-tensor formulas, INLINE_BLOCK 1.7-2.3x; load 3: TEAM_BLOCK 2.2x faster than INLINE).
+TEAM_BLOCK = 1 << 16
+INLINE_BLOCK = 1 << 14
+OVERSUBSCRIBED = 2.0  # 1-minute load average per core above which INLINE_BLOCK is used
+BLOCK: int | None = None  # a fixed block size (tests), else chosen per call by _block_size
+
+
+def _block_size() -> int:
+    if BLOCK:
+        return BLOCK
+    try:
+        busy = os.getloadavg()[0] > OVERSUBSCRIBED * (os.cpu_count() or 1)
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = False
+    return INLINE_BLOCK if busy or torch.get_num_threads() <= 1 else TEAM_BLOCK
 
 
 def _as3d(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
@@ -74,9 +91,10 @@ def _as3d(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
 
 def _blocks(shape: tuple[int, int, int]):
     """Index tuples into an ``[outer, channels, inner]`` tensor covering it in pieces of about
-    ``BLOCK`` elements (whole inner rows where they fit, whole channel planes where those fit)."""
+    ``_block_size()`` elements (whole inner rows where they fit, whole channel planes where
+    those fit)."""
     outer, channels, inner = shape
-    block = BLOCK
+    block = _block_size()
     if inner >= block:
         for o in range(outer):
             for ch in range(channels):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from quantize import apply, fakequant
-from quantize.fakequant import BLOCK, FakeQuant, QuantAdd, Requant
+from quantize.fakequant import INLINE_BLOCK, TEAM_BLOCK, FakeQuant, QuantAdd, Requant
 from quantize.integer import IntegerExecutor
 from quantize.points import Grid
 from quantize.primitives import dyadic, fake_quantize_activation
@@ -172,7 +172,7 @@ def _requant_case(draw):
     mix = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
     x = torch.tensor([r if m == 0 else v for v, r, m in zip(vals, raw, mix, strict=True)],
                      dtype=torch.float32).reshape(shape)
-    block = draw(st.sampled_from([1, 3, 7, 16, 64, BLOCK]))
+    block = draw(st.sampled_from([1, 3, 7, 16, 64, INLINE_BLOCK, TEAM_BLOCK]))
     return x, src, b, c, grid, (-1 if layout == "linear" else 1), block
 
 
@@ -199,7 +199,8 @@ def test_requant_keeps_the_straight_through_gradient() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 40), st.floats(1e-4, 1.0), st.floats(1e-4, 1.0), st.floats(1e-4, 1.0),
-       st.booleans(), st.integers(4, 16), st.sampled_from([1, 5, 16, BLOCK]), st.data())
+       st.booleans(), st.integers(4, 16), st.sampled_from([1, 5, 16, INLINE_BLOCK, TEAM_BLOCK]),
+       st.data())
 def test_quant_add_is_bit_identical_to_the_float64_formula(n, s_out, s_a, s_b, same, bits,
                                                           block, data) -> None:
     grid, in_a = Grid(s_out, bits, True), Grid(s_out if same else s_a, 8, True)
@@ -215,7 +216,7 @@ def test_quant_add_is_bit_identical_to_the_float64_formula(n, s_out, s_a, s_b, s
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 40), st.floats(1e-6, 10.0), st.integers(2, 16), st.booleans(),
-       st.sampled_from([1, 5, 16, BLOCK]), st.data())
+       st.sampled_from([1, 5, 16, INLINE_BLOCK, TEAM_BLOCK]), st.data())
 def test_fake_quant_is_bit_identical_to_fake_quantize_activation(n, scale, bits, signed, block,
                                                                  data) -> None:
     floats = st.floats(width=32) | st.sampled_from(EXTREMES) | st.integers(-300, 300).map(
