@@ -358,6 +358,22 @@ class PlanRun:
         return out
 
 
+def kept_record(kept: Path | None, cached_only: bool, compute, say: str | None = None):
+    """A per-seed record: read from ``kept`` when it exists (printing ``say`` and the path,
+    when given), None under ``cached_only``, else ``compute()``, saved to ``kept``."""
+    if kept is not None and kept.exists():
+        if say is not None:
+            print(f"\n{say}: figures from {kept}")
+        return json.loads(kept.read_text())
+    if cached_only:
+        return None
+    rec = compute()
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(rec) + "\n")
+    return rec
+
+
 def plans(args: argparse.Namespace) -> None:
     from service.cache import StageCache
 
@@ -369,16 +385,13 @@ def plans(args: argparse.Namespace) -> None:
             for name in args.models.split(","):
                 kept = None if args.cache is None else args.cache / "drq-seeds"
                 kept = None if kept is None else kept / f"{name}-s{seed}-b{args.budgets}.json"
-                if kept is not None and kept.exists():
-                    rec = json.loads(kept.read_text())
-                    print(f"\n{name} seed {seed}: figures from {kept}")
-                elif args.cached_only:
+                rec = kept_record(
+                    kept, args.cached_only,
+                    lambda name=name, seed=seed: plans_model(
+                        args, PlanModel(name, Path(tmp), seed), cache),
+                    say=f"{name} seed {seed}")
+                if rec is None:
                     continue
-                else:
-                    rec = plans_model(args, PlanModel(name, Path(tmp), seed), cache)
-                    if kept is not None:
-                        kept.parent.mkdir(parents=True, exist_ok=True)
-                        kept.write_text(json.dumps(rec) + "\n")
                 per_seed.setdefault(name, {})[seed] = rec
                 if seed == 0:
                     results.update({k: {f: v for f, v in r.items() if f != "per_image"}

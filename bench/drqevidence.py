@@ -48,6 +48,7 @@ from bench.drq import (  # noqa: E402
     PlanRun,
     digits_split,
     holm,
+    kept_record,
     measured_drq_problem,
     plans_model,
     sign_flip_p,
@@ -155,6 +156,14 @@ def grouped_table(per_seed: dict, variants: int) -> dict:
     return out
 
 
+def _hard_seed(args: argparse.Namespace, name: str, seed: int, data, tmp: Path, cache) -> dict:
+    """One model seed of the harder task: its FP32 accuracy and every budget's plans."""
+    t0 = time.perf_counter()
+    model = PlanModel(name, tmp, seed, data=data)
+    return {"fp32_accuracy": model.fp32_accuracy, "budgets": plans_model(args, model, cache),
+            "seconds": time.perf_counter() - t0}
+
+
 def hard(args: argparse.Namespace) -> None:
     from service.cache import StageCache
 
@@ -165,20 +174,13 @@ def hard(args: argparse.Namespace) -> None:
         for seed in range(args.first_seed, args.seeds):
             for name in args.models.split(","):
                 kept = _kept(args.cache, "drq-hard", f"{name}-s{seed}.json")
-                if kept is not None and kept.exists():
-                    rec = json.loads(kept.read_text())
-                    print(f"\n{name} seed {seed}: figures from {kept}")
-                elif args.cached_only:
+                rec = kept_record(
+                    kept, args.cached_only,
+                    lambda name=name, seed=seed: _hard_seed(
+                        args, name, seed, data, Path(tmp), cache),
+                    say=f"{name} seed {seed}")
+                if rec is None:
                     continue
-                else:
-                    t0 = time.perf_counter()
-                    model = PlanModel(name, Path(tmp), seed, data=data)
-                    rec = {"fp32_accuracy": model.fp32_accuracy,
-                           "budgets": plans_model(args, model, cache),
-                           "seconds": time.perf_counter() - t0}
-                    if kept is not None:
-                        kept.parent.mkdir(parents=True, exist_ok=True)
-                        kept.write_text(json.dumps(rec) + "\n")
                 per_seed.setdefault(name, {})[seed] = rec
     for name, recs in per_seed.items():
         accs = [recs[s]["fp32_accuracy"] for s in sorted(recs)]
@@ -203,15 +205,11 @@ def kl_omega(args: argparse.Namespace) -> None:
         for seed in range(args.first_seed, args.seeds):
             for name in args.models.split(","):
                 kept = _kept(args.cache, "kl-omega", f"{name}-s{seed}.json")
-                if kept is not None and kept.exists():
-                    recs = json.loads(kept.read_text())
-                elif args.cached_only:
+                recs = kept_record(
+                    kept, args.cached_only, lambda name=name, seed=seed: kl_omega_seed(
+                        PlanModel(name, Path(tmp), seed), cache, fracs, names))
+                if recs is None:
                     continue
-                else:
-                    recs = kl_omega_seed(PlanModel(name, Path(tmp), seed), cache, fracs, names)
-                    if kept is not None:
-                        kept.parent.mkdir(parents=True, exist_ok=True)
-                        kept.write_text(json.dumps(recs) + "\n")
                 for key, rec in recs.items():
                     per.setdefault(key, []).append(rec)
     print(f"\nper image the mean over seeds; d/se = KL difference over its paired se; p: "
