@@ -3,7 +3,8 @@ allocations and a greedy oracle that knows each layer's measured loss increase.
 
     python bench/quality.py [--models cnn,resnet18,llama] [--resources size_bytes,bops]
                             [--omega trace|diagonal|measured[:bc|:raw],...]
-                            [--weight-clip max|mse] [--bias-correction none|weight|layer]
+                            [--weight-clip max|mse|hessian] [--clip-rows hessian,mse]
+                            [--bias-correction none|weight|layer]
                             [--bc-rows weight,layer] [--calibration minmax|percentile|mse]
                             [--random 10]
 
@@ -32,6 +33,13 @@ each ``--bc-rows`` correction too).
 
 ``--omega trace:bc`` (``:raw``) runs the pipeline with ``hessian.bias_corrected`` true (false):
 Omega priced after the quantizer's bias correction (``sensitivity/meanshift.py``) or not.
+
+``--weight-clip MODE`` runs every pipeline with ``quantize.weight_clip`` MODE (Omega priced
+with those scales) and quantizes every plan with the clip ratios its sensitivity stage chose
+(``sensitivity.json``). ``--clip-rows hessian,mse`` adds, per mode, rows ``bitplan+<mode>``
+(the pipeline run again with that clip: its own Omega, its own ILP plan, quantized with its
+ratios), ``bitplan-plan+<mode>`` (bitplan's plan quantized with those ratios: the quantizer
+alone) and ``int8+<mode>`` / ``int4+<mode>``, each paired against bitplan's row.
 
 ``--bias-correction MODE`` quantizes every plan (and every measured loss increase) with
 ``QuantizeConfig(bias_correction=MODE)``; ``--bc-rows weight,layer`` adds rows
@@ -68,9 +76,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quantize import QuantizeConfig, apply, primitives  # noqa: E402
+from quantize import QuantizeConfig, apply  # noqa: E402
+from quantize.clip import ClipRatios  # noqa: E402
 from quantize.data import CalibrationSet  # noqa: E402
 from sensitivity import zoo  # noqa: E402
+from sensitivity.engine import SensitivityResult  # noqa: E402
 from service.pipeline import run_pipeline  # noqa: E402
 from solver import SolveConfig, solve  # noqa: E402
 from solver.problem import Limits, Option, Problem  # noqa: E402
@@ -132,9 +142,11 @@ class Evaluator:
     FP32; the calibration loss is that KL (label-free, as the pipeline's)."""
 
     def __init__(self, program, calib: CalibrationSet, holdout: CalibrationSet,
-                 lm: bool = False, qcfg: QuantizeConfig | None = None) -> None:
+                 lm: bool = False, qcfg: QuantizeConfig | None = None,
+                 clip: ClipRatios | None = None) -> None:
         self.program, self.calib, self.holdout, self.lm = program, calib, holdout, lm
         self.qcfg = qcfg or QuantizeConfig()
+        self.clip = clip  # the pipeline's clip ratios (sensitivity.json), for every plan
         self.x_cal, self.y_cal = calib.args[0], calib.labels
         self.x_ev, self.y_ev = holdout.args[0], holdout.labels
         with torch.no_grad():
@@ -145,8 +157,11 @@ class Evaluator:
             self.fp32_primary = self._primary(self.fp32_logp)
 
     def module(self, plan: dict, qcfg: QuantizeConfig | None = None):
-        return apply(self.program, plan, self.calib, self.calib, qcfg or self.qcfg,
-                     token_input=0 if self.lm else None).module
+        qcfg = qcfg or self.qcfg
+        if qcfg.weight_clip != self.qcfg.weight_clip:  # e.g. a --bc-rows config
+            qcfg = QuantizeConfig(**{**qcfg.to_dict(), "weight_clip": self.qcfg.weight_clip})
+        return apply(self.program, plan, self.calib, self.calib, qcfg,
+                     token_input=0 if self.lm else None, clip=self.clip).module
 
     def _primary(self, logq: torch.Tensor) -> torch.Tensor:
         if self.lm:  # next-token NLL per sequence
@@ -268,27 +283,36 @@ def trained(name: str, work: Path) -> tuple[Path, torch.Tensor, torch.Tensor | N
 
 
 def prepare(name: str, work: Path, activation_bits: list[int], omega: str = "trace",
-            qcfg: QuantizeConfig | None = None) -> tuple:
+            qcfg: QuantizeConfig | None = None, weight_clip: str | None = None) -> tuple:
+    """The pipeline on ``name`` (``weight_clip``: its ``quantize.weight_clip``, default
+    ``qcfg``'s): (problem, plan template, Evaluator quantizing with the pipeline's clip
+    ratios, pipeline seconds)."""
+    qcfg = qcfg or QuantizeConfig()
+    weight_clip = weight_clip or qcfg.weight_clip
+    qcfg = QuantizeConfig(**{**qcfg.to_dict(), "weight_clip": weight_clip})
     pt2, x, y = trained(name, work)  # x, y: the samples no model saw
     cal_y = None if y is None else y[:N_CALIB]
     calib = zoo.save_calibration(work / f"{name}-calib.safetensors", x[:N_CALIB], cal_y)
-    out = work / f"{name}-a{''.join(map(str, activation_bits))}-{omega.replace(':', '-')}"
+    out = work / (f"{name}-a{''.join(map(str, activation_bits))}-{omega.replace(':', '-')}"
+                  f"-{weight_clip}")
     estimator, _, priced = omega.partition(":")
     hessian: dict = {"omega": estimator}
     if priced:  # ':bc' prices the quantizer's bias correction, ':raw' the uncorrected error
         hessian["bias_corrected"] = priced == "bc"
     constraints = {"limits": {"size_ratio": 1.0}, "weight_bits": [4, 8],
                    "activation_bits": activation_bits, "drq": {"enabled": False},
-                   "pin": {"first": None, "last": None}, "hessian": hessian}
+                   "pin": {"first": None, "last": None}, "hessian": hessian,
+                   "quantize": {"weight_clip": weight_clip}}
     t0 = time.perf_counter()
     run_pipeline(pt2, calib, constraints, out, holdout_fraction=0.1, pareto_points=0)
     seconds = time.perf_counter() - t0
     problem = Problem.from_json((out / "problem.json").read_text())
     template = json.loads((out / "plan.json").read_text())
     program = torch.export.load(str(pt2))
+    clip = SensitivityResult.from_json((out / "sensitivity.json").read_text()).clip
     ev = Evaluator(program, CalibrationSet((x[:N_CALIB],), labels=cal_y),
                    CalibrationSet((x[N_CALIB:],), labels=None if y is None else y[N_CALIB:]),
-                   lm=y is None, qcfg=qcfg)
+                   lm=y is None, qcfg=qcfg, clip=clip)
     return problem, template, ev, seconds
 
 
@@ -325,10 +349,13 @@ def all_plans(problem: Problem, template: dict, ev: Evaluator, resource: str, li
 
 
 def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
-               extra: dict[str, Problem] | None = None, bc_rows: tuple[str, ...] = ()
-               ) -> dict:
+               extra: dict[str, Problem] | None = None, bc_rows: tuple[str, ...] = (),
+               clips: dict[str, tuple] | None = None) -> dict:
     """Rows of every method at one budget; ``extra``: the same options with another
-    estimator's Omega (``--omega``'s later entries), solved as rows ``bitplan-<omega>``."""
+    estimator's Omega (``--omega``'s later entries), solved as rows ``bitplan-<omega>``;
+    ``clips``: ``{mode: (problem, template, Evaluator)}`` of the pipeline run with that
+    weight clip (rows ``bitplan+<mode>``, ``bitplan-plan+<mode>``, ``int8+<mode>``,
+    ``int4+<mode>``)."""
     limits = Limits(**{resource: limit})
     plans: dict[str, dict[str, int] | list[dict[str, int]]] = {}
     sol = solve(Problem(problem.layers, limits, problem.ties), SolveConfig())
@@ -343,6 +370,12 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
     plans["int4"] = extreme(problem, min)
     rng = random.Random(seed)
     scores = {k: ev.score(plan_for(template, problem, c)) for k, c in plans.items()}
+    for mode, (prob_c, tmpl_c, ev_c) in (clips or {}).items():
+        own = dict(solve(Problem(prob_c.layers, limits, prob_c.ties), SolveConfig()).choices)
+        for k, c in ((f"bitplan+{mode}", own), (f"bitplan-plan+{mode}", plans["bitplan"]),
+                     (f"int8+{mode}", plans["int8"]), (f"int4+{mode}", plans["int4"])):
+            plans[k] = c
+            scores[k] = ev_c.score(plan_for(tmpl_c, prob_c, c))
     for mode in bc_rows:  # the same plans with a bias correction
         bc = QuantizeConfig(calibration=ev.qcfg.calibration, bias_correction=mode)
         for k in ("bitplan", "ilp-measured", "greedy", "int8", "int4"):
@@ -382,9 +415,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    ap.add_argument("--weight-clip", choices=["max", "mse"], default=None,
-                    help="weight scales for every method (Omega and checkpoint alike): "
-                    "max|W| or the MSE-optimal clipping (default: the library's)")
+    ap.add_argument("--weight-clip", choices=["max", "mse", "hessian"], default=None,
+                    help="quantize.weight_clip for every method (Omega and checkpoint alike): "
+                    "max|W|, the MSE-optimal or the Hessian-weighted clipping (default: the "
+                    "library's)")
+    ap.add_argument("--clip-rows", default="",
+                    help="comma list of weight clips: rows bitplan+<clip> (its own pipeline "
+                    "and plan), bitplan-plan+<clip>, int8+<clip>, int4+<clip>")
     ap.add_argument("--omega", default="trace",
                     help="the pipeline's hessian.omega (trace, diagonal, measured) for the "
                     "bitplan row, ':bc' / ':raw' appended sets hessian.bias_corrected true / "
@@ -404,7 +441,12 @@ def main() -> None:
     args = ap.parse_args()
     qcfg = QuantizeConfig(calibration=args.calibration,
                           **({} if args.bias_correction is None
-                             else {"bias_correction": args.bias_correction}))
+                             else {"bias_correction": args.bias_correction}),
+                          **({} if args.weight_clip is None
+                             else {"weight_clip": args.weight_clip}))
+    clip_rows = tuple(m for m in args.clip_rows.split(",") if m)
+    if any(m not in ("max", "mse", "hessian") for m in clip_rows):
+        ap.error(f"--clip-rows: each of max, mse, hessian; got {args.clip_rows!r}")
     bc_rows = tuple(m for m in args.bc_rows.split(",") if m)
     if any(m not in ("none", "weight", "layer") for m in bc_rows):
         ap.error(f"--bc-rows: each of none, weight, layer; got {args.bc_rows!r}")
@@ -414,9 +456,7 @@ def main() -> None:
         ap.error(f"--omega: each of trace, diagonal, measured, optionally with :bc or :raw; "
                  f"got {args.omega!r}")
     torch.set_num_threads(args.threads)
-    if args.weight_clip:
-        primitives.WEIGHT_CLIP = args.weight_clip
-    print(f"weight scales: {primitives.WEIGHT_CLIP}; bitplan's Omega: {args.omega}; "
+    print(f"weight scales: {qcfg.weight_clip}; bitplan's Omega: {args.omega}; "
           f"bias correction: {qcfg.bias_correction}; activation ranges: {qcfg.calibration}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -426,7 +466,9 @@ def main() -> None:
                 if resource not in args.resources.split(","):
                     continue
                 problem, template, ev, secs = prepare(name, Path(tmp), abits, omegas[0], qcfg)
-                extra = {o: prepare(name, Path(tmp), abits, o)[0] for o in omegas[1:]}
+                extra = {o: prepare(name, Path(tmp), abits, o, qcfg)[0] for o in omegas[1:]}
+                clips = {m: prepare(name, Path(tmp), abits, omegas[0], qcfg, m)[:3]
+                         for m in clip_rows}
                 t0 = time.perf_counter()
                 increase = measured_increase(ev, template, problem)
                 m_secs = time.perf_counter() - t0
@@ -439,7 +481,7 @@ def main() -> None:
                 for label, limit in budgets(problem, resource, fractions):
                     rows = run_budget(problem, template, ev, increase, resource, limit,
                                       args.random, args.seed, extra,
-                                      bc_rows)
+                                      bc_rows, clips)
                     results[f"{name} {label}"] = rows
                     print(f"  {label}:")
                     print(f"    {'method':18s} {head:>7s} {'vs bitplan':>18s} "

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from solver.errors import BadModelError
+from solver.errors import BadModelError, BadPlanError
 from solver.plan import Plan, parse_plan
 
 from .biascorr import codes_delta, correct_biases
 from .calibrate import calibrate, f32
 from .checkpoint import Checkpoint, encode_weight, read_checkpoint
+from .clip import ClipRatios, choose_ratios
 from .config import QuantizeConfig
 from .data import CalibrationSet
 from .evaluate import Reference, evaluate
@@ -27,7 +28,14 @@ from .fold import fold_layers
 from .graph import find_layers, module_name
 from .observe import ActivationStats, graph_copy, observe
 from .points import Grid, find_points
-from .primitives import dyadic, group_dyadic, group_multiplier_bits, quantize_weight
+from .primitives import (
+    dyadic,
+    expand_scales,
+    group_dyadic,
+    group_multiplier_bits,
+    quantize_weight,
+    weight_scales,
+)
 from .rows import PlanRow, match_rows
 
 log = logging.getLogger(__name__)
@@ -66,6 +74,7 @@ def _layer_tensors(
     g_in: Grid,
     g_out: Grid,
     quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+    low_ratio: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantized weight, integer bias and dyadic requantisation of one (folded) layer.
 
@@ -73,7 +82,9 @@ def _layer_tensors(
     ``row.group_size`` inputs: the bias on the grid of the channel's largest group scale, and
     per-group multipliers with one shift per channel (``quantize.primitives.group_dyadic``),
     bounded so the integer sum fits int64. ``quantized``: ``quantize_weight``'s (codes, scales)
-    of this weight, when computed already."""
+    of this weight, when computed already. A DRQ row also stores its low-bit weights' scales:
+    ``low_ratio`` (the clip ratios at ``min(w_bits, low_bits)``; None: 1) x the dequantized
+    weight's max|W| per channel / qmax."""
     weight = weight.detach().cpu().to(torch.float32)
     out = weight.shape[0]
     bias = torch.zeros(out) if bias is None else bias.detach().cpu().to(torch.float32)
@@ -110,6 +121,9 @@ def _layer_tensors(
     if row.drq is not None:
         t[p + "drq_threshold"] = torch.tensor(row.drq.threshold, dtype=torch.int32)
         t[p + "drq_region"] = torch.tensor(list(row.drq.region), dtype=torch.int32)
+        deq = codes.to(torch.float32) * expand_scales(s_w, codes)
+        t[p + "drq_low_scale"] = weight_scales(deq, min(row.w_bits, row.drq.low_bits), None,
+                                               low_ratio)
     return t
 
 
@@ -185,6 +199,24 @@ def _drq_modules(module: nn.Module, rows: dict[str, PlanRow]) -> dict[str, nn.Mo
     return {names[m]: sub for m, sub in module.named_modules() if m in names}
 
 
+def _clip_ratio(cfg: QuantizeConfig, clip: ClipRatios | None, name: str,
+                weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor | None:
+    """The clip ratios of one (folded) weight at ``bits``: ``clip``'s (chosen on the unfolded
+    weight; a folded BatchNorm leaves them unchanged, ``quantize.clip``), for ``"mse"`` chosen
+    here when ``clip`` has none; None for ``"max"``."""
+    if cfg.weight_clip == "max":
+        return None
+    if clip is not None and clip.mode == cfg.weight_clip and clip.has(name, bits, group_size):
+        return clip.ratio(name, bits, group_size)
+    if cfg.weight_clip == "mse":
+        return choose_ratios(weight, bits, group_size)
+    raise BadPlanError(
+        f"weight_clip {cfg.weight_clip!r}: no clip ratios for layer {name!r} at {bits} bits"
+        + ("" if group_size is None else f", group size {group_size}")
+        + "; pass the sensitivity stage's (apply(..., clip=result.clip) of a "
+        "sensitivity.measure(..., weight_clip=...) result)")
+
+
 def apply(
     program: torch.export.ExportedProgram,
     plan: Plan | dict[str, Any],
@@ -197,6 +229,7 @@ def apply(
     token_input: str | int | None = None,
     activations: ActivationStats | None = None,
     reference: Reference | None = None,
+    clip: ClipRatios | None = None,
 ) -> QuantizeResult:
     """Quantize ``program`` as ``plan`` says, calibrating on ``train``; evaluate on ``holdout``.
 
@@ -208,7 +241,9 @@ def apply(
     bias correction needs no pass, with their ``outputs`` for this plan's layer set (from an
     earlier call's ``QuantizeResult.activations``) the calibration needs none either.
     ``reference``: the FP32 program's outputs on ``holdout`` (``quantize.evaluate``), to
-    evaluate without running it again.
+    evaluate without running it again. ``clip``: the weight scales' clip ratios of the
+    sensitivity stage (``SensitivityResult.clip``), used when ``cfg.weight_clip`` is not
+    ``"max"`` (``"hessian"`` needs them: BadPlanError naming the layer otherwise).
 
     ``batch_size`` is the program's fixed export batch size (None when the batch dimension is
     dynamic; then ``cfg.batch_size`` chunks are used). Raises BadPlanError when the plan does
@@ -245,8 +280,12 @@ def apply(
         activations = activations.with_outputs(frozenset(qlayers), ranges)
     # each weight quantized once: its codes for the checkpoint, Q(W) - W for the correction
     weights = {n: folded[n][0].detach().cpu().to(torch.float32) for n in rows}
-    quantized = {n: quantize_weight(weights[n], r.w_bits, group_size=r.group_size)
+    quantized = {n: quantize_weight(weights[n], r.w_bits, group_size=r.group_size,
+                                    ratio=_clip_ratio(cfg, clip, n, weights[n], r.w_bits,
+                                                      r.group_size))
                  for n, r in rows.items()}
+    low_ratios = {n: _clip_ratio(cfg, clip, n, weights[n], min(r.w_bits, r.drq.low_bits), None)
+                  for n, r in rows.items() if r.drq is not None}
     if corrected:
         bc_grids = ({n: in_grids[n] for n in rows if n not in drq_grids}
                     if cfg.bias_correction == "layer" else None)
@@ -260,7 +299,8 @@ def apply(
     quant_layers: dict[str, Any] = {}
     for name, row in rows.items():
         g_in, g_out = in_grids[name], grids[layer_point[name].node]
-        tensors.update(_layer_tensors(row, *folded[name], g_in, g_out, quantized[name]))
+        tensors.update(_layer_tensors(row, *folded[name], g_in, g_out, quantized[name],
+                                      low_ratios.get(name)))
         quant_layers[name] = {
             "kind": row.kind,
             "w_bits": row.w_bits,

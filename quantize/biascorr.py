@@ -26,8 +26,9 @@ the same up to float rounding (the BN folded or not).
 The corrected bias is what ``quantize.apply`` writes to the checkpoint (``bias`` and
 ``bias_q``), so fake-quant, the integer executor and the exports compute with it. ``Q(W)`` is
 the quantizer the checkpoint uses (``quantize.primitives.quantize_weight``, the plan row's
-bits and group size). Cost: with the sums, one weight-sized product per layer; without, one
-forward pass plus one extra float64 op per corrected layer.
+bits and group size, with the job's clip ratios, ``quantize.clip``). Cost: with the sums, one
+weight-sized product per layer; without, one forward pass plus one extra float64 op per
+corrected layer.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ from .points import Grid
 from .primitives import expand_scales, fake_quantize_activation, quantize_weight
 
 
-def weight_delta(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """``Q(W) - W`` in float64, with the checkpoint's quantizer."""
+def weight_delta(weight: torch.Tensor, bits: int, group_size: int | None,
+                 ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """``Q(W) - W`` in float64, with the checkpoint's quantizer (``ratio``: the scales' clip
+    ratios, ``quantize.clip``; None: max|W|)."""
     w = weight.detach().cpu().to(torch.float32)
-    return codes_delta(w, *quantize_weight(w, bits, group_size=group_size))
+    return codes_delta(w, *quantize_weight(w, bits, group_size=group_size, ratio=ratio))
 
 
 def codes_delta(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -151,8 +154,9 @@ def correct_biases(
     sums: Mapping[str, InputSums] | None = None,
     deltas: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (W, b - mu)}`` for every layer in ``bits`` (``(w_bits, group_size)``), from the
-    BN-folded ``(W, b)`` of ``folded`` (``b`` None counts as zero); float32 biases. Layers in
+    """``{name: (W, b - mu)}`` for every layer in ``bits`` (``(w_bits, group_size)``, or with
+    a third entry, the clip ratios of the scales), from the BN-folded ``(W, b)`` of ``folded``
+    (``b`` None counts as zero); float32 biases. Layers in
     ``grids`` (their input grids) get the ``"layer"`` correction, the others ``"weight"``: from
     their ``sums`` (the train inputs summed per tap, ``quantize.observe``) when given, no pass;
     the pass over ``data`` through ``gm`` runs only for the layers left (none: ``gm`` unused).

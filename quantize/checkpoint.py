@@ -1,6 +1,6 @@
-"""The integer checkpoint: a ``.safetensors`` file (format ``bitplan-qckpt/2``).
+"""The integer checkpoint: a ``.safetensors`` file (format ``bitplan-qckpt/3``).
 
-Metadata (all strings): ``format`` = ``bitplan-qckpt/2``, ``version`` = ``2``, ``plan`` (the
+Metadata (all strings): ``format`` = ``bitplan-qckpt/3``, ``version`` = ``3``, ``plan`` (the
 plan JSON), ``quant`` (JSON: the quantize config, each layer's weight shape and input / output
 grids, and the materialisation points of ``quantize.points`` with their grids) and ``sha256``
 (a digest of the other metadata and every tensor's name, dtype, shape and bytes, so a tampered
@@ -27,13 +27,18 @@ Tensors, per quantized layer ``<name>`` with ``out`` output channels (and, for a
 ``requant_c``            int32 [out]            shift, 0..31 (grouped: one per output channel)
 ``drq_threshold``        int32 []               DRQ rows only: INT8 region-mean threshold
 ``drq_region``           int32 [2]              DRQ rows only: (x, y) region size
+``drq_low_scale``        float32 [out]          DRQ rows only (version 3): per-channel scale of
+                                                the low-bit weights, which are the dequantized
+                                                weight rounded at min(w_bits, low_bits) on it
+                                                (the job's clip ratio x its max|W| / qmax)
 =======================  =====================  ==============================================
 
 Reading never unpickles (safetensors only) and checks the tag, version, digest, and every
 tensor's name, dtype and shape against the embedded plan, and a DRQ layer's stored input grid
 against the plan row's ``drq.scale`` / ``drq.signed``; anything else is a BadCheckpointError.
-Version 1 files (``bitplan-qckpt/1``: per-channel scales only) still load; files are written
-as version 2.
+Version 1 and 2 files (``bitplan-qckpt/1``: per-channel scales only; ``/2``: no
+``drq_low_scale``, the low-bit weights took max|W| scales) still load (their DRQ rows get the
+max|W| low scales they were computed with); files are written as version 3.
 """
 
 from __future__ import annotations
@@ -53,12 +58,20 @@ from solver.errors import BadCheckpointError, BadPlanError
 from solver.options import group_fits
 
 from .points import Grid, Point
-from .primitives import expand_scales, pack_nibbles, qmax_signed, unpack_nibbles
+from .primitives import (
+    expand_scales,
+    pack_nibbles,
+    qmax_signed,
+    quantize_weight,
+    unpack_nibbles,
+    weight_scales,
+)
 from .rows import PlanRow, parse_rows
 
-FORMAT = "bitplan-qckpt/2"
-VERSION = "2"
-READABLE = {"bitplan-qckpt/1": "1", FORMAT: VERSION}  # format tag -> its version string
+FORMAT = "bitplan-qckpt/3"
+VERSION = "3"
+# format tag -> its version string
+READABLE = {"bitplan-qckpt/1": "1", "bitplan-qckpt/2": "2", FORMAT: VERSION}
 
 _SUFFIXES = (
     "weight_q", "weight_scale", "bias", "bias_q", "input_scale", "output_scale",
@@ -96,8 +109,9 @@ def decode_weight(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
 
-def expected_specs(row: PlanRow, weight_shape: tuple[int, ...]) -> dict[str, Spec]:
-    """Name -> (dtype, shape) of every tensor a plan row needs."""
+def expected_specs(row: PlanRow, weight_shape: tuple[int, ...], version: str = VERSION
+                   ) -> dict[str, Spec]:
+    """Name -> (dtype, shape) of every tensor a plan row needs (in a file of ``version``)."""
     out = weight_shape[0]
     numel = math.prod(weight_shape)
     p = row.name + "."
@@ -116,6 +130,8 @@ def expected_specs(row: PlanRow, weight_shape: tuple[int, ...]) -> dict[str, Spe
     if row.drq is not None:
         specs[p + "drq_threshold"] = (torch.int32, ())
         specs[p + "drq_region"] = (torch.int32, (2,))
+        if int(version) >= 3:
+            specs[p + "drq_low_scale"] = (torch.float32, (out,))
     return specs
 
 
@@ -156,6 +172,14 @@ class Checkpoint:
         codes = self.codes(name)
         scale = self.tensors[f"{name}.weight_scale"]
         return codes.to(torch.float32) * expand_scales(scale, codes)
+
+    def low_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A DRQ row's low-bit weights: (codes, per-channel scales ``drq_low_scale``) of the
+        dequantized weight at ``min(w_bits, drq.low_bits)``, as every runtime derives them."""
+        row = self.rows[name]
+        assert row.drq is not None
+        return quantize_weight(self.dequantized_weight(name), min(row.w_bits, row.drq.low_bits),
+                               scale=self.tensors[f"{name}.drq_low_scale"])
 
     def input_grid(self, name: str) -> Grid:
         g = self.quant["layers"][name]["input"]
@@ -204,9 +228,11 @@ def _fail(path: object, why: str) -> BadCheckpointError:
 
 
 def validate(
-    tensors: dict[str, torch.Tensor], plan: Any, quant: Any, where: object = "checkpoint"
+    tensors: dict[str, torch.Tensor], plan: Any, quant: Any, where: object = "checkpoint",
+    version: str = VERSION,
 ) -> None:
-    """Everything a reader relies on, checked against the embedded plan."""
+    """Everything a reader relies on, checked against the embedded plan (a file of
+    ``version``)."""
     try:
         rows = parse_rows(plan)
     except BadPlanError as exc:
@@ -233,7 +259,7 @@ def validate(
         if row.group_size is not None and not group_fits(fan_in, row.group_size):
             raise _fail(where, f"layer {row.name!r}: group_size {row.group_size} does not "
                         f"divide its fan-in {fan_in}")
-        expected.update(expected_specs(row, shape))
+        expected.update(expected_specs(row, shape, version))
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
@@ -249,7 +275,9 @@ def validate(
             )
     for row in rows:
         p = row.name + "."
-        for s in ("weight_scale", "input_scale", "output_scale"):
+        for s in ("weight_scale", "input_scale", "output_scale", "drq_low_scale"):
+            if p + s not in expected:
+                continue
             t = tensors[p + s]
             if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
                 raise _fail(where, f"{p + s} must be finite and positive")
@@ -319,7 +347,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         quant = json.loads(meta["quant"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise _fail(path, "the plan / quant metadata is missing or not JSON") from exc
-    validate(tensors, plan, quant, path)
-    if fmt != FORMAT and any(r.group_size is not None for r in parse_rows(plan)):
+    validate(tensors, plan, quant, path, READABLE[fmt])
+    if fmt == "bitplan-qckpt/1" and any(r.group_size is not None for r in parse_rows(plan)):
         raise _fail(path, f"{fmt} has no per-group weight scales, but its plan uses group_size")
-    return Checkpoint(tensors, plan, quant)
+    ckpt = Checkpoint(tensors, plan, quant)
+    for row in ckpt.rows.values():  # older files: the low-bit weights' max|W| scales
+        if row.drq is not None and f"{row.name}.drq_low_scale" not in tensors:
+            tensors[f"{row.name}.drq_low_scale"] = weight_scales(
+                ckpt.dequantized_weight(row.name), min(row.w_bits, row.drq.low_bits))
+    return ckpt

@@ -10,6 +10,7 @@ from solver.errors import BadConstraintsError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 BIAS_CORRECTIONS = ("none", "weight", "layer")
+WEIGHT_CLIPS = ("max", "mse", "hessian")  # quantize.clip.CLIP_MODES
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class QuantizeConfig:
       for bitplan's plan at every budget of ``bench/quality.py`` (``docs/quality.md``). The
       checkpoint, fake-quant, the integer executor and the ONNX export all use the corrected
       bias.
+    - ``weight_clip``: how weight scales are clipped (``quantize.clip``): ``"max"`` (max|W|
+      per channel or group maps to the largest code), ``"mse"`` (the clip ratio with the least
+      squared rounding error) or ``"hessian"`` (the least Hessian-weighted error; the ratios
+      come from the sensitivity stage, ``apply(clip=...)``). Omega prices the same scales.
     """
 
     version: int = 1
@@ -47,6 +52,7 @@ class QuantizeConfig:
     final_bits: int = 16
     batch_size: int = 64
     bias_correction: str = "weight"
+    weight_clip: str = "max"
 
     def __post_init__(self) -> None:
         if self.version != 1:
@@ -70,6 +76,11 @@ class QuantizeConfig:
         if self.bias_correction not in BIAS_CORRECTIONS:
             raise BadConstraintsError(
                 f"bias_correction must be one of {BIAS_CORRECTIONS}, got {self.bias_correction!r}"
+            )
+
+        if self.weight_clip not in WEIGHT_CLIPS:
+            raise BadConstraintsError(
+                f"weight_clip must be one of {WEIGHT_CLIPS}, got {self.weight_clip!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:

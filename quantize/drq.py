@@ -38,8 +38,10 @@ from quantize import fold
 from quantize.graph import GraphLayer, module_name, node_by_name
 from quantize.primitives import (
     activation_qrange,
+    expand_scales,
     fake_quantize_weight,
     quantize_activation,
+    quantize_weight,
 )
 
 log = logging.getLogger(__name__)
@@ -189,7 +191,9 @@ class DRQConv2d(nn.Module):
     """A Conv2d whose sensitive input regions run at INT8 (with W8) and the rest at INT4 (W4).
 
     ``weight``/``bias`` are float and already BN-folded. W8 is ``weight`` fake-quantized
-    (symmetric per output channel) at ``w_bits`` and W4 at ``min(w_bits, low_bits)``. The input
+    (symmetric per output channel) at ``w_bits`` and W4 at ``min(w_bits, low_bits)``, on the
+    per-channel scales ``low_scale`` when given (the checkpoint's ``drq_low_scale``: the job's
+    clipped scales), else max|W| / qmax. The input
     is quantized with ``input_scale`` / ``input_signed`` (the layer's calibrated INT8 grid);
     the low-bit grid covers the same range. After each forward ``last_int4_fraction`` holds the
     fraction of regions that ran at INT4; ``int4_regions`` / ``total_regions`` accumulate until
@@ -212,6 +216,7 @@ class DRQConv2d(nn.Module):
         w_bits: int,
         high_bits: int = 8,
         low_bits: int = 4,
+        low_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if weight.dim() != 4:
@@ -233,7 +238,8 @@ class DRQConv2d(nn.Module):
         self.low_bits = int(low_bits)
         w = weight.detach().to(torch.float32)
         self.register_buffer("weight_high", fake_quantize_weight(w, self.w_bits))
-        self.register_buffer("weight_low", fake_quantize_weight(w, min(self.w_bits, self.low_bits)))
+        codes, s_low = quantize_weight(w, min(self.w_bits, self.low_bits), scale=low_scale)
+        self.register_buffer("weight_low", codes.to(torch.float32) * expand_scales(s_low, codes))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
         self.reset_stats()
 

@@ -137,12 +137,13 @@ def decide(loss_drq: torch.Tensor, loss_off: torch.Tensor, loss_kind: str,
 def compare(program: torch.export.ExportedProgram, plans: Mapping[str, Any],
             train: CalibrationSet, loss_kind: str, cfg: CheckConfig | None = None, *,
             batch_size: int | None = None, device: torch.device | None = None,
-            activations: Any = None) -> CheckResult:
+            activations: Any = None, clip: Any = None) -> CheckResult:
     """Quantize ``plans["drq"]`` and ``plans["off"]`` (calibrated on ``train``, as the job
     quantizes), score both on ``train`` with the check's loss for a job whose loss is
     ``loss_kind`` (``cfg.loss``) and decide (:func:`decide`).
     ``batch_size``: the program's fixed export batch size (None: dynamic); ``activations``:
-    the job's layer input statistics of ``train`` (``quantize.observe``)."""
+    the job's layer input statistics of ``train`` (``quantize.observe``); ``clip``: the job's
+    weight clip ratios (``quantize.clip.ClipRatios``; None: max|W| scales)."""
     cfg = cfg or CheckConfig()
     device = device or torch.device("cpu")
     t0 = time.perf_counter()
@@ -151,8 +152,10 @@ def compare(program: torch.export.ExportedProgram, plans: Mapping[str, Any],
     losses = {}
     loss_kind = cfg.loss(loss_kind)
     for key in ("drq", "off"):
-        res = apply(program, plans[key], train, train, QuantizeConfig(batch_size=cfg.batch_size),
-                    batch_size=batch_size, device=device, activations=activations)
+        qcfg = QuantizeConfig(batch_size=cfg.batch_size,
+                              weight_clip="max" if clip is None else clip.mode)
+        res = apply(program, plans[key], train, train, qcfg, batch_size=batch_size,
+                    device=device, activations=activations, clip=clip)
         losses[key] = sample_losses(reference, res.module, train, loss_kind, chunk,
                                     batch_size is not None, device)
     result = decide(losses["drq"], losses["off"], loss_kind, cfg)

@@ -406,6 +406,7 @@ def _drq_module(layer: GraphLayer, row: PlanRow, ckpt: Checkpoint) -> nn.Module:
         w_bits=row.w_bits,
         high_bits=row.drq.high_bits,
         low_bits=row.drq.low_bits,
+        low_scale=ckpt.tensors[f"{layer.name}.drq_low_scale"],
     )
 
 

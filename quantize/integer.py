@@ -53,7 +53,6 @@ from .primitives import (
     dyadic_group_requantize,
     dyadic_requantize,
     quantize_activation,
-    quantize_weight,
 )
 from .rows import PlanRow
 
@@ -196,8 +195,8 @@ def _drq_layer(ckpt: Checkpoint, name: str, row: PlanRow) -> _DRQLayer:
     high, low_bits = row.drq.high_bits, row.drq.low_bits
     low = Grid(low_scale(g_in.scale, g_in.signed, high, low_bits), low_bits, g_in.signed)
     # W_low as the fake-quant DRQ conv derives it (the dequantized weight rounded per channel
-    # at min(w_bits, low_bits)): computed once, here, not during inference.
-    weight_low, s_w_low = quantize_weight(ckpt.dequantized_weight(name), min(row.w_bits, low_bits))
+    # at min(w_bits, low_bits) on the stored drq_low_scale): computed once, not in inference.
+    weight_low, s_w_low = ckpt.low_weight(name)
     m_high = ckpt.tensors[f"{name}.weight_scale"].to(torch.float64) * g_in.scale / g_out.scale
     m_low = s_w_low.to(torch.float64) * low.scale / g_out.scale
     # one shift for both terms: the largest at which every multiplier fits 30 bits, so that

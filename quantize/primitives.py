@@ -48,44 +48,30 @@ def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return flat.reshape(flat.shape[0], fan_in // group_size, group_size)
 
 
-# How weight scales are chosen: "max" maps each group's max|W| to the largest code; "mse" takes,
-# per group, the clipping of max|W| (a grid of CLIP_RATIOS) with the least squared rounding
-# error. One choice for every user of these functions (Omega, checkpoint, ONNX), so the Omega
-# of an option is the error of the quantizer the checkpoint then uses. bench/quality.py
-# compares the two (docs/quality.md).
-WEIGHT_CLIP = "max"
+# The clip-ratio grid: a weight scale is ``ratio x max|W| / qmax`` per channel (or group) with
+# ratio 1.0 (max|W|, no clipping) or one of these; ``quantize.clip`` chooses ratios (least
+# squared or Hessian-weighted rounding error) and every quantizer takes them as data.
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(29))  # 1.0 down to 0.3
 
 
 def weight_scales(
-    weight: torch.Tensor, bits: int, group_size: int | None = None, clip: str | None = None
+    weight: torch.Tensor, bits: int, group_size: int | None = None,
+    ratio: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric weight scales (float32): each group's max|W| (``clip="max"``), or the clipped
-    max|W| that minimises the group's squared rounding error (``clip="mse"``) maps to qmax.
-    ``clip`` None: the module's ``WEIGHT_CLIP``.
+    """Symmetric weight scales (float32): ``ratio x max|W| / qmax`` per group (``ratio`` None:
+    1, each group's max|W| maps to the largest code; else a float tensor of the scales'
+    shape, ``quantize.clip``'s clip ratios).
 
     Per output channel (``group_size=None``): shape ``[out]``. Per group of ``group_size``
     consecutive inputs: shape ``[out, fan_in / group_size]``.
     """
-    clip = clip or WEIGHT_CLIP
-    if clip not in ("max", "mse"):
-        raise ValueError(f"weight clip must be 'max' or 'mse', got {clip!r}")
     groups = _grouped(weight, group_size).float()
     q = qmax_signed(bits)
     absmax = groups.abs().amax(dim=2)
-    scale = (absmax / q).clamp_min(_MIN_SCALE)
-    if clip == "mse":
-        best = torch.full_like(scale, math.inf)
-        chosen = scale.clone()
-        for ratio in CLIP_RATIOS:
-            s = (absmax * ratio / q).clamp_min(_MIN_SCALE)
-            deq = torch.round(groups / s[..., None]).clamp_(-q, q) * s[..., None]
-            err = (deq - groups).pow(2).sum(dim=2)
-            better = err < best
-            best = torch.where(better, err, best)
-            chosen = torch.where(better, s, chosen)
-        scale = chosen
-    scale = scale.to(torch.float32)
+    if ratio is not None:
+        ratio = ratio.to(torch.float32).reshape(absmax.shape)
+        absmax = absmax * ratio
+    scale = (absmax / q).clamp_min(_MIN_SCALE).to(torch.float32)
     return scale.reshape(-1) if group_size is None else scale
 
 
@@ -101,30 +87,35 @@ def expand_scales(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def quantize_weight(
     weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
-    group_size: int | None = None,
+    group_size: int | None = None, ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int32, weight's shape) and scales (``[out]`` per channel, ``[out, groups]``
-    per group) of ``weight`` at ``bits``."""
+    per group) of ``weight`` at ``bits``; the scales given, else ``weight_scales(weight, bits,
+    group_size, ratio)``."""
     if scale is None:
-        scale = weight_scales(weight, bits, group_size)
+        scale = weight_scales(weight, bits, group_size, ratio)
     q = qmax_signed(bits)
     codes = torch.round(weight.detach() / expand_scales(scale, weight)).clamp_(-q, q)
     return codes.to(torch.int32), scale
 
 
 def fake_quantize_weight(
-    weight: torch.Tensor, bits: int, group_size: int | None = None
+    weight: torch.Tensor, bits: int, group_size: int | None = None,
+    ratio: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Q_b(W): weight rounded to the symmetric per-channel (or per-group) b-bit grid, in float."""
-    codes, scale = quantize_weight(weight, bits, group_size=group_size)
+    """Q_b(W): weight rounded to the symmetric per-channel (or per-group) b-bit grid, in float
+    (``ratio``: the clip ratios of the scales, ``weight_scales``)."""
+    codes, scale = quantize_weight(weight, bits, group_size=group_size, ratio=ratio)
     return codes.to(weight.dtype) * expand_scales(scale, weight).to(weight.dtype)
 
 
-def weight_quant_error(weight: torch.Tensor, bits: int, group_size: int | None = None) -> float:
+def weight_quant_error(weight: torch.Tensor, bits: int, group_size: int | None = None,
+                       ratio: torch.Tensor | None = None) -> float:
     """||Q_b(W) - W||^2 (sum of squares), the HAWQ perturbation's data term; ``group_size``
-    None for per-channel scales, else one scale per ``group_size`` consecutive inputs."""
+    None for per-channel scales, else one scale per ``group_size`` consecutive inputs;
+    ``ratio``: the scales' clip ratios (None: max|W|)."""
     w = weight.detach()
-    return float((fake_quantize_weight(w, bits, group_size) - w).pow(2).sum())
+    return float((fake_quantize_weight(w, bits, group_size, ratio) - w).pow(2).sum())
 
 
 def activation_scale(amin: float, amax: float, bits: int) -> tuple[float, bool]:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from quantize.clip import CLIP_MODES, ClipRatios, ratios_for
 from quantize.data import CalibrationSet, run_batch
 from quantize.observe import ActivationStats, observe
 from quantize.primitives import (
@@ -56,8 +57,8 @@ from .structure import gauss_newton_exact
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # 3: omega_w_kept (bias-corrected weight Omega); 2: the layer input statistics
-# ("activations"); versions 1 and 2 are still read
+VERSION = 4  # 4: the weight clip ratios ("clip"); 3: omega_w_kept (bias-corrected weight
+# Omega); 2: the layer input statistics ("activations"); versions 1 to 3 are still read
 BIAS_CORRECTIONS = ("none", "weight", "layer")  # quantize.config's, priced by measure()
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8)
 ACTIVATION_BITS = (4, 8)
@@ -128,6 +129,9 @@ class SensitivityResult:
     # the layer input ranges the activation Omegas used (None: not measured); in the JSON, so a
     # cached result hands them to the later stages too
     activations: ActivationStats | None = field(default=None, repr=False, compare=False)
+    # the weight scales' clip ratios every Omega used (quantize.clip; mode "max": no table),
+    # per layer, width and group size; in the JSON, for the quantize stage
+    clip: ClipRatios = field(default_factory=ClipRatios, repr=False, compare=False)
 
     def layer(self, name: str) -> LayerSensitivity:
         for layer in self.layers:
@@ -143,6 +147,7 @@ class SensitivityResult:
         }
         if self.activations is not None:
             d["activations"] = self.activations.to_dict()
+        d["clip"] = self.clip.to_dict()
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -150,7 +155,7 @@ class SensitivityResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SensitivityResult:
-        if d.get("version") not in (1, 2, VERSION):
+        if d.get("version") not in (1, 2, 3, VERSION):
             raise ValueError(f"unsupported sensitivity format version {d.get('version')!r}")
         return cls(
             layers=[LayerSensitivity.from_dict(x) for x in d["layers"]],
@@ -158,6 +163,7 @@ class SensitivityResult:
             model=dict(d.get("model", {})), config=dict(d.get("config", {})),
             activations=None if d.get("activations") is None
             else ActivationStats.from_dict(d["activations"]),
+            clip=ClipRatios.from_dict(d["clip"]) if "clip" in d else ClipRatios(),
         )
 
     @classmethod
@@ -220,11 +226,11 @@ def activation_errors(p: Prepared, activations: ActivationStats | None,
 
 
 def diagonal_omega(diag: torch.Tensor, weight: torch.Tensor, bits: int,
-                   group_size: int | None = None) -> float:
+                   group_size: int | None = None, ratio: torch.Tensor | None = None) -> float:
     """``sum_i H_ii * (Q_b(W)_i - W_i)^2`` (at least 0) with the quantizer the checkpoint uses
-    (``fake_quantize_weight``, per channel or per group)."""
+    (``fake_quantize_weight``, per channel or per group, with the clip ``ratio``)."""
     w = weight.detach()
-    err = (fake_quantize_weight(w, bits, group_size) - w).double().pow(2)
+    err = (fake_quantize_weight(w, bits, group_size, ratio) - w).double().pow(2)
     return max(float((diag.double() * err).sum()), 0.0)
 
 
@@ -258,9 +264,10 @@ def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
     kinds = {exact.get(layer.name, (False, False))[0] for layer in intake.layers}
     # (the diagonal's running sums, HessianConfig.diagonal, are in the measured pass already)
     accumulators = (cfg.vectors_per_pass * len(kinds) + directions) * weight_bytes
-    # the sweep's chunks copy the whole train set (the measured passes copied m samples)
-    accumulators += sum(t.numel() * t.element_size() for t in
-                        (*intake.train.args, *intake.train.kwargs.values()))
+    if device.type != "cpu":  # the sweep's chunks are copies on the device (on the CPU,
+        # views of the one resident copy the held bytes already count)
+        accumulators += sum(t.numel() * t.element_size() for t in
+                            (*intake.train.args, *intake.train.kwargs.values()))
     return plan_chunks(probe_pass, forward, len(intake.train), intake.batch_size, accumulators,
                        int(cfg.memory_budget or 0), device)
 
@@ -272,7 +279,10 @@ def group_omegas(intake: Intake, result: SensitivityResult,
     ||Q_b(W) - W||^2``, i.e. ``Tr(H_w) / n * ||Q_{b,g}(W) - W||^2`` for Hessian Omegas (the same
     isotropic model with the grouped quantizer's error); measured Omegas are scaled by the same
     error ratio (the grouped quantizers are not measured separately). A layer with a Hessian
-    diagonal in ``result.diagonals`` gets ``sum_i H_ii * (Q_{b,g}(W)_i - W_i)^2`` instead."""
+    diagonal in ``result.diagonals`` gets ``sum_i H_ii * (Q_{b,g}(W)_i - W_i)^2`` instead
+    (when ``result.config["omega"]`` is ``"diagonal"``). Every quantizer has the result's
+    clip ratios (``result.clip``); the grouped ones are chosen here and added to it (the
+    ``"hessian"`` clip needs ``result.diagonals``: before the result is cached)."""
     from dataclasses import replace
 
     from solver.options import group_fits
@@ -280,29 +290,41 @@ def group_omegas(intake: Intake, result: SensitivityResult,
     sizes = sorted({int(g) for g in group_sizes if g is not None})
     weights = dict(intake.module.named_parameters())
     by_name = {info.name: info for info in intake.layers}
+    mode = result.clip.mode
+    # the diagonal Omega (HessianConfig.diagonal; a "hessian" clip alone keeps the trace's)
+    diagonal = bool(result.config.get("diagonal")) and result.config.get("omega") != "measured"
     layers = []
+    added: dict[str, dict[tuple[int, int | None], torch.Tensor]] = {}
     for s in result.layers:
         weight = weights[by_name[s.name].graph.weight].detach()
+        diag = result.diagonals.get(s.name)
         fan_in = weight[0].numel()
         table: dict[int, dict[int, float]] = {}
         for g in (g for g in sizes if group_fits(fan_in, g)):
             table[g] = {}
             for b, omega in s.omega_w.items():
-                if s.name in result.diagonals:  # (times the per-channel quantizer's kept share)
-                    table[g][b] = diagonal_omega(result.diagonals[s.name], weight, b, g) * \
+                ratio = None
+                if mode != "max" and result.clip.has(s.name, b, g):
+                    ratio = result.clip.ratio(s.name, b, g)
+                elif mode != "max":
+                    ratio = ratios_for(mode, weight, b, g, diag)
+                    added.setdefault(s.name, {})[(b, g)] = ratio
+                if diag is not None and diagonal:  # (times the per-channel kept share)
+                    table[g][b] = diagonal_omega(diag, weight, b, g, ratio) * \
                         s.omega_w_kept.get(b, 1.0)
                     continue
-                base = weight_quant_error(weight, b)
-                grouped = weight_quant_error(weight, b, g)
+                base = weight_quant_error(weight, b, None, result.clip.ratio(s.name, b))
+                grouped = weight_quant_error(weight, b, g, ratio)
                 table[g][b] = omega * grouped / base if base > 0 else 0.0
         layers.append(replace(s, omega_wg=table))
-    return replace(result, layers=layers)
+    clip = result.clip.merged(ClipRatios(mode, added)) if added else result.clip
+    return replace(result, layers=layers, clip=clip)
 
 
 def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.device | str | None
             = None, progress: ProgressFn | None = None,
             activations: ActivationStats | None = None,
-            bias_correction: str = "none") -> SensitivityResult:
+            bias_correction: str = "none", weight_clip: str = "max") -> SensitivityResult:
     """Per-layer Hessian traces (weights and input activations) and Omega tables.
 
     ``device``: where the HVPs run (default CPU). ``progress(stage, fraction)`` is called as the
@@ -315,12 +337,22 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     ``sensitivity.meanshift``: the mean shifts measured in the activation-error pass, the
     Gauss-Newton probes taken from the sweep's output-probe passes, or from separate probe
     passes when the sweep has none), and the result's config records it (``model["kept_probes"]``:
-    how many probes of either kind).
+    how many probes of either kind). ``weight_clip`` (``quantize.clip``): how the weight scales
+    are clipped; other than ``"max"``, each layer's clip ratios per width are chosen here
+    (``"hessian"``: weighted by the weight's Hessian diagonal from the same probes, which the
+    sweep then also keeps, whatever ``cfg.diagonal`` says about the Omega) and every weight
+    Omega (and kept share) uses them; ``result.clip`` holds them for the quantize stage. The
+    ``"hessian"`` ratios exist only after the sweep, so its kept shares come from the separate
+    probe passes (``meanshift.gauss_newton_kept``).
     """
     if bias_correction not in BIAS_CORRECTIONS:
         raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, "
                          f"got {bias_correction!r}")
+    if weight_clip not in CLIP_MODES:
+        raise ValueError(f"weight_clip must be one of {CLIP_MODES}, got {weight_clip!r}")
     cfg = cfg or HessianConfig()
+    # the sweep's settings: the diagonal is also kept for a Hessian-weighted clip
+    sweep_cfg = dataclasses.replace(cfg, diagonal=True) if weight_clip == "hessian" else cfg
     device = torch.device(device or "cpu")
     start = time.perf_counter()
     graphs = [layer.graph for layer in intake.layers]
@@ -331,21 +363,34 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     chunk = cfg.batch_size
     corrected = bias_correction != "none"
     if cfg.memory_budget is not None and (chunk is None or intake.batch_size is not None):
-        memory = plan_memory(intake, cfg, device, exact, len(WEIGHT_BITS) if corrected else 0)
+        memory = plan_memory(intake, sweep_cfg, device, exact,
+                             len(WEIGHT_BITS) if corrected else 0)
         chunk = memory.hessian_chunk
     p = prepare(intake.module, graphs, intake.train, intake.loss_kind,
                 intake.chunk_size(chunk), intake.batch_size is not None, device,
-                shifts=corrected)
+                shifts=corrected and weight_clip != "hessian")
     draw = None
     if cfg.sampling != "all":  # a drawing pass takes this many samples (within the budget)
         draw = intake.chunk_size(min(cfg.batch_size or cfg.draw_size, chunk or len(intake.train)))
-    # the kept shares' probes: the sweep's output-probe vectors (sensitivity.meanshift)
     weights = dict(p.module.named_parameters())
-    directions = {info.name: weight_directions(weights[info.graph.weight], WEIGHT_BITS)
-                  for info in intake.layers} if corrected else None
-    est = hutchinson(p, cfg if draw is None else dataclasses.replace(cfg, batch_size=draw),
+    ratios: dict[str, dict[int, torch.Tensor | None]] = {}
+    if weight_clip == "mse":  # (the "hessian" ratios need the sweep's diagonal: below)
+        ratios = {info.name: {b: ratios_for("mse", weights[info.graph.weight], b)
+                              for b in WEIGHT_BITS} for info in intake.layers}
+    # the kept shares' probes: the sweep's output-probe vectors (sensitivity.meanshift), whose
+    # directions are fixed before the sweep (not with a "hessian" clip: separate passes)
+    directions = {info.name: weight_directions(weights[info.graph.weight], WEIGHT_BITS,
+                                               ratios.get(info.name))
+                  for info in intake.layers} if corrected and weight_clip != "hessian" else None
+    est = hutchinson(p, sweep_cfg if draw is None
+                     else dataclasses.replace(sweep_cfg, batch_size=draw),
                      progress, "sensitivity", exact, directions)
     del directions
+    if weight_clip == "hessian":
+        ratios = {info.name: {b: ratios_for("hessian", weights[info.graph.weight], b,
+                                            diag=est.weight_diag[info.name])
+                              for b in WEIGHT_BITS}
+                  for info in intake.layers}
     if cfg.activations and activations is None:
         for leaf in p.leaves.values():  # pass-through probes on the Hessian's model copy
             leaf.active = False
@@ -354,32 +399,40 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     moments: dict[str, ErrorMoments] = {}
     if bias_correction != "none":
         params = dict(p.module.named_parameters())
-        moments = {info.name: ErrorMoments(info.graph, params[info.graph.weight], WEIGHT_BITS)
+        # mu from the activation statistics' per-tap input sums (same train samples) where
+        # they are at hand, else summed in the activation-error pass
+        sums = activations.sums if activations is not None and activations.samples == len(
+            intake.train) else {}
+        moments = {info.name: ErrorMoments(info.graph, params[info.graph.weight], WEIGHT_BITS,
+                                           sums.get(info.name), ratios.get(info.name))
                    for info in intake.layers}
+    observers = {n: m for n, m in moments.items() if m.sums is None}
     a_err, a_numel = ({}, {})
-    if cfg.activations or moments:
+    if cfg.activations or observers:
         a_err, a_numel = activation_errors(p, activations if cfg.activations else None,
-                                           also=moments)
+                                           also=observers)
     kept: dict[str, dict[int, float]] = {}
     if moments:  # the Gauss-Newton share of each option that the correction keeps
         means = {n: {b: mm.mean(b) for b in WEIGHT_BITS} for n, mm in moments.items()}
         kept = {n: kept_from_probes(*est.shift_probes[n], WEIGHT_BITS, means[n])
-                for n in means if n in est.shift_probes}
+                for n in means if n in est.shift_probes and weight_clip != "hessian"}
         rest = {n: mu for n, mu in means.items() if n not in kept}
         if rest:  # an HVP-only sweep made no output probes: separate probe passes
             kept |= gauss_newton_kept(intake.module, graphs, intake.train, intake.loss_kind,
                                       rest, intake.chunk_size(chunk),
-                                      intake.batch_size is not None, device)
+                                      intake.batch_size is not None, device, ratios=ratios)
     rows = []
     for info in intake.layers:
         w = est.weight[info.name]
         weight = dict(p.module.named_parameters())[info.graph.weight]
         n = info.params
         diag = est.weight_diag.get(info.name)
-        if diag is not None:
-            omega_w = {b: diagonal_omega(diag, weight, b) for b in WEIGHT_BITS}
+        r = ratios.get(info.name, {})
+        if diag is not None and cfg.diagonal:
+            omega_w = {b: diagonal_omega(diag, weight, b, None, r.get(b)) for b in WEIGHT_BITS}
         else:
-            omega_w = {b: w.mean / n * weight_quant_error(weight, b) for b in WEIGHT_BITS}
+            omega_w = {b: w.mean / n * weight_quant_error(weight, b, None, r.get(b))
+                       for b in WEIGHT_BITS}
         if info.name in kept:
             omega_w = {b: v * kept[info.name][b] for b, v in omega_w.items()}
         a = est.activation.get(info.name)
@@ -411,6 +464,8 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     if memory is not None:
         model["memory"] = memory.to_dict()
     diagonals = {name: d.detach().cpu() for name, d in est.weight_diag.items()}
-    config = {**cfg.to_dict(), "bias_correction": bias_correction}
+    config = {**cfg.to_dict(), "bias_correction": bias_correction, "weight_clip": weight_clip}
+    clip = ClipRatios(weight_clip, {n: {(b, None): t for b, t in r.items() if t is not None}
+                                    for n, r in ratios.items()})
     return SensitivityResult(rows, est.iterations, seconds, model, config,
-                             diagonals=diagonals, activations=activations)
+                             diagonals=diagonals, activations=activations, clip=clip)

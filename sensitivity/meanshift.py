@@ -45,18 +45,22 @@ x samples), so hundreds of times noisier per probe on a large layer. The kept sh
 HVP-only sweep (``estimator="hvp"``, or no Gauss-Newton-exact block) therefore comes from
 :func:`gauss_newton_kept`'s own probe passes.
 
-``mu`` per layer and width comes from :class:`ErrorMoments`, an observer of the layer's input in
-the activation-error pass, with the checkpoint's quantizer (``quantize.biascorr.weight_delta``,
-per output channel) through the layer's own op (``quantize.biascorr.layer_op``), on every
-calibration sample. A folded BatchNorm scales ``dW_o`` and ``mu_o`` by the same per-channel
-factor (per-channel symmetric rounding commutes with it), so the unfolded model is used.
-Grouped quantizers' Omegas take the per-channel quantizer's ``kept``.
+``mu`` per layer and width comes from :class:`ErrorMoments`: the layer's op is linear in its
+input, so ``mu = InputSums.mean_output(dW)`` from the input summed per weight tap over every
+calibration sample (``quantize.observe``), with the checkpoint's quantizer
+(``quantize.biascorr.weight_delta``, per output channel). The sums are the activation
+statistics' own (``ActivationStats.sums``, the same train samples), or, when the sweep observes
+no activation statistics, summed by the observer in the activation-error pass. A folded
+BatchNorm scales ``dW_o`` and ``mu_o`` by the same per-channel factor (per-channel symmetric
+rounding commutes with it), so the unfolded model is used. Grouped quantizers' Omegas take the
+per-channel quantizer's ``kept``.
 
-Cost from the sweep: per layer and weight width one extra layer op per calibration chunk in
-the activation-error pass, and per probe vector one more leaf per layer in the backward and
-``D`` dot products with the weight gradient; memory: the weight errors of every width (``D``
-times the weights). :func:`gauss_newton_kept` (HVP-only sweeps): ``MeanShiftParams.probes``
-forward and backward passes of ``draw`` samples (256 x 16) and the model once more.
+Cost from the sweep: per probe vector one more leaf per layer in the backward and ``D`` dot
+products with the weight gradient; ``mu``: one weight-sized product per layer and width (and,
+without the activation statistics' sums, one small conv of the batch-summed input per chunk);
+memory: the weight errors of every width (``D`` times the weights). :func:`gauss_newton_kept`
+(HVP-only sweeps): ``MeanShiftParams.probes`` forward and backward passes of ``draw`` samples
+(256 x 16) and the model once more.
 """
 
 from __future__ import annotations
@@ -68,9 +72,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from quantize.biascorr import layer_op, weight_delta
+from quantize.biascorr import weight_delta
 from quantize.data import CalibrationSet
 from quantize.graph import GraphLayer, insert_output_modules
+from quantize.observe import InputSums, tap_sums
 
 
 @dataclass(frozen=True)
@@ -86,33 +91,42 @@ class MeanShiftParams:
 
 
 class ErrorMoments:
-    """Per weight width: the sum per output channel of ``op(x, dW)`` over every input row it
-    is called with (a leaf observer: ``x`` the real rows of the layer's input)."""
+    """Per weight width, ``mu = E[op(x, dW)]`` per output channel over every input row it is
+    called with (a leaf observer: ``x`` the real rows of the layer's input). The op is linear
+    in ``x``, so the observer only sums the input per weight tap (``quantize.observe.tap_sums``:
+    one small conv of the batch-summed input) and every width's ``mu`` is one weight-sized
+    product at the end (``InputSums.mean_output``); given the job's ``sums`` (the activation
+    statistics' pass on the same samples) it needs no calls at all."""
 
-    def __init__(self, layer: GraphLayer, weight: torch.Tensor, bits: Sequence[int]) -> None:
+    def __init__(self, layer: GraphLayer, weight: torch.Tensor, bits: Sequence[int],
+                 sums: InputSums | None = None,
+                 ratios: Mapping[int, torch.Tensor | None] | None = None) -> None:
         self.layer, self.weight, self.bits = layer, weight, tuple(int(b) for b in bits)
-        self.total = {b: torch.zeros(int(weight.shape[0]), dtype=torch.float64)
-                      for b in self.bits}
-        self.count = 0
+        self.sums = sums
+        self.ratios = dict(ratios or {})  # {bits: clip ratios} of the quantizer (quantize.clip)
+        self._total: torch.Tensor | None = None
+        self._count = 0
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return
-        v = x.detach()
-        rows = 0
-        for b in self.bits:  # dW from the weight each time: no per-width copies held
-            d = weight_delta(self.weight, b, None).to(device=v.device, dtype=v.dtype)
-            y = layer_op(self.layer, v, d)
-            axis = y.dim() - 1 if self.layer.kind == "linear" else 1
-            y = y.movedim(axis, -1).reshape(-1, y.shape[axis])
-            self.total[b] += y.double().sum(0).cpu()
-            rows = y.shape[0]
-        self.count += rows
+        total, count = tap_sums(self.layer, x)
+        self._total = total if self._total is None else self._total + total
+        self._count += count
+        self.sums = None  # observed rows replace any given sums
 
     def mean(self, bits: int) -> torch.Tensor:
         """``mu`` per output channel (float64 ``[out]``)."""
-        return self.total[int(bits)] / max(self.count, 1)
+        if int(bits) not in self.bits:
+            raise KeyError(f"width {bits} not among {self.bits}")
+        sums = self.sums
+        if sums is None:
+            if self._total is None:
+                return torch.zeros(int(self.weight.shape[0]), dtype=torch.float64)
+            sums = InputSums(self._total, self._count)
+        return sums.mean_output(weight_delta(self.weight, int(bits), None,
+                                             self.ratios.get(int(bits)))).cpu()
 
 
 class _VirtualBias(nn.Module):
@@ -139,11 +153,13 @@ def output_factor(z: torch.Tensor, u: torch.Tensor, loss_kind: str) -> torch.Ten
     return root * u - prob * (root * u).sum(dim=-1, keepdim=True)
 
 
-def weight_directions(weight: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+def weight_directions(weight: torch.Tensor, bits: Sequence[int],
+                      ratios: Mapping[int, torch.Tensor | None] | None = None) -> torch.Tensor:
     """``[len(bits), *weight.shape]``: ``Q_b(W) - W`` per width with the checkpoint's quantizer
-    (per output channel), in the weight's dtype and on its device (``hutchinson``'s
-    ``directions``)."""
-    return torch.stack([weight_delta(weight, int(b), None) for b in bits]).to(
+    (per output channel, with ``ratios[b]``, the clip ratios, where given), in the weight's
+    dtype and on its device (``hutchinson``'s ``directions``)."""
+    ratios = ratios or {}
+    return torch.stack([weight_delta(weight, int(b), None, ratios.get(int(b))) for b in bits]).to(
         device=weight.device, dtype=weight.dtype)
 
 
@@ -171,9 +187,12 @@ def gauss_newton_kept(
     fixed: bool = False,
     device: torch.device | str = "cpu",
     params: MeanShiftParams | None = None,
+    ratios: Mapping[str, Mapping[int, torch.Tensor | None]] | None = None,
 ) -> dict[str, dict[int, float]]:
     """``{layer: {bits: kept}}`` for every layer in ``means`` (``{bits: mu [out]}``): the
-    Gauss-Newton ratio of the corrected perturbation ``(dW, -mu)`` to ``dW`` (module doc)."""
+    Gauss-Newton ratio of the corrected perturbation ``(dW, -mu)`` to ``dW`` (module doc);
+    ``ratios``: ``{layer: {bits: clip ratios}}`` of the quantizer (None: max|W| scales)."""
+    ratios = ratios or {}
     params = params or MeanShiftParams()
     device = torch.device(device)
     gm = copy.deepcopy(module).to(device)
@@ -190,9 +209,8 @@ def gauss_newton_kept(
     biases = [vbias[layer.name].bias for layer in chosen]
     bits = {layer.name: sorted(int(b) for b in means[layer.name]) for layer in chosen}
     # per layer the weight errors and shifts of every width stacked: [widths, ...]
-    deltas = {layer.name: torch.stack([weight_delta(named[layer.weight], b, None) for b in
-                                       bits[layer.name]]).to(device=device,
-                                                             dtype=named[layer.weight].dtype)
+    deltas = {layer.name: weight_directions(named[layer.weight], bits[layer.name],
+                                            ratios.get(layer.name)).to(device)
               for layer in chosen}
     mus = {layer.name: torch.stack([means[layer.name][b] for b in bits[layer.name]]).to(
         device=device, dtype=named[layer.weight].dtype) for layer in chosen}

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantize.biascorr import layer_op, weight_delta
+from quantize.clip import ClipRatios
 from quantize.data import Batch, run_batch
 from quantize.graph import GraphLayer, insert_input_modules, insert_output_modules
 from quantize.observe import ActivationStats, observe
@@ -112,8 +113,10 @@ class _ShiftMeans:
     ``op(x, Q_b(W) - W)`` per weight width and of ``op(Q_a(x) - x, W)`` per activation grid."""
 
     def __init__(self, layer: GraphLayer, weight: torch.Tensor, weight_bits: Sequence[int],
-                 grids: dict[int, tuple[float, bool]]) -> None:
+                 grids: dict[int, tuple[float, bool]],
+                 ratios: dict[int, torch.Tensor | None] | None = None) -> None:
         self.layer, self.weight, self.grids = layer, weight, grids
+        self.ratios = ratios or {}
         self.weight_bits = [int(b) for b in weight_bits]
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.count = 0
@@ -127,7 +130,8 @@ class _ShiftMeans:
         v, w = x.detach(), self.weight.detach()
         rows = 0
         for b in self.weight_bits:
-            delta = weight_delta(w, b, None).to(device=v.device, dtype=v.dtype)
+            delta = weight_delta(w, b, None, self.ratios.get(b)).to(device=v.device,
+                                                                    dtype=v.dtype)
             rows = self._add(("w", b), layer_op(self.layer, v, delta))
         for a, (scale, signed) in self.grids.items():
             dq = fake_quantize_activation(v, scale, a, signed) - v
@@ -181,12 +185,16 @@ def measured_omegas(
     activations: ActivationStats | None = None,
     bias_correction: str = "none",
     loss: str = "job",
+    clip: ClipRatios | None = None,
 ) -> MeasuredOmegas:
     """Measured Omega tables for every layer of ``intake`` (an ``Intake``: module, layers,
     train, loss_kind, batch_size) on its training calibration samples; ``activations``: their
     layer input statistics (``quantize.observe``; observed here when None);
     ``bias_correction``: the quantizer's (``"none"``, ``"weight"``, ``"layer"``); ``loss``:
-    ``"job"`` (the intake's loss) or ``"label_free"`` (KL to FP32 for a classifier)."""
+    ``"job"`` (the intake's loss) or ``"label_free"`` (KL to FP32 for a classifier);
+    ``clip``: the weight scales' clip ratios (``quantize.clip``; None: max|W|), for every
+    width in ``weight_bits``."""
+    clip = clip or ClipRatios()
     if bias_correction not in BIAS_CORRECTIONS:
         raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, "
                          f"got {bias_correction!r}")
@@ -220,8 +228,11 @@ def measured_omegas(
         passes += 1
     base = mean_loss()
     params = dict(gm.named_parameters())
+    ratios = {layer.name: {int(b): clip.ratio(layer.name, int(b)) for b in weight_bits}
+              for layer in layers}
     means = _shift_means(gm, layers, probes, batches, params, weight_bits,
-                         activation_bits if bias_correction == "layer" else (), activations) \
+                         activation_bits if bias_correction == "layer" else (), activations,
+                         ratios) \
         if bias_correction != "none" else {}
     passes += bool(means)
     shifts = {layer.name: _OutputShift(-1 if layer.kind == "linear" else 1) for layer in layers}
@@ -234,7 +245,8 @@ def measured_omegas(
         original = w.detach().clone()
         omega_w[layer.name] = {}
         for bits in weight_bits:
-            w.copy_(fake_quantize_weight(original, int(bits)))
+            w.copy_(fake_quantize_weight(original, int(bits), None,
+                                         ratios[layer.name][int(bits)]))
             if means:
                 shifts[layer.name].shift = means[layer.name].mean(("w", int(bits))).to(device)
             omega_w[layer.name][int(bits)] = max(2.0 * (mean_loss() - base), 0.0)
@@ -260,13 +272,15 @@ def _shift_means(gm: torch.fx.GraphModule, layers: Sequence[GraphLayer],
                  probes: dict[str, _InputQuant], batches: list[Batch],
                  params: dict[str, torch.Tensor], weight_bits: Sequence[int],
                  activation_bits: Sequence[int], activations: ActivationStats,
+                 ratios: dict[str, dict[int, torch.Tensor | None]] | None = None,
                  ) -> dict[str, _ShiftMeans]:
     """One FP32 pass: every layer's mean output shifts (``_ShiftMeans``) on its float input."""
     means = {}
     for layer in layers:
         grids = {int(a): activations.grid(layer.name, int(a)) for a in activation_bits
                  if activations[layer.name].seen}
-        means[layer.name] = _ShiftMeans(layer, params[layer.weight], weight_bits, grids)
+        means[layer.name] = _ShiftMeans(layer, params[layer.weight], weight_bits, grids,
+                                        (ratios or {}).get(layer.name))
         probes[layer.name].observer = means[layer.name]
     try:
         for b in batches:

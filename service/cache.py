@@ -125,7 +125,9 @@ def sensitivity_key(model: str | Path, calib: str | Path, constraints: Any,
     if constraints.hessian.omega == "measured":
         settings["bits"] = [sorted(constraints.weight_bits), sorted(constraints.activation_bits),
                             constraints.uses_drq]
-    if constraints.hessian.omega == "diagonal":
+    if constraints.quantize.weight_clip != "max":  # the clip ratios Omega used
+        settings["weight_clip"] = constraints.quantize.weight_clip
+    if constraints.hessian.omega == "diagonal" or constraints.quantize.weight_clip == "hessian":
         settings["group_sizes"] = sorted(g for g in constraints.weight_group_sizes if g)
     return stage_key("sensitivity", {"model": model, "calibration": calib}, settings)
 

@@ -186,6 +186,19 @@ class Hessian(_Strict):
     )
 
 
+class Quantize(_Strict):
+    """How the quantize stage (and every Omega, which prices the same quantizer) quantizes."""
+
+    weight_clip: Literal["max", "mse", "hessian"] = Field(
+        "max",
+        description="weight scales per output channel (or group): 'max' (max|W| maps to the "
+        "largest code), 'mse' (the clipping of max|W|, 1.0 to 0.3 in steps of 0.025, with the "
+        "least squared rounding error) or 'hessian' (the clipping with the least "
+        "sum_i H_ii (Q(W)_i - W_i)^2, H_ii the Hessian diagonal from the sensitivity sweep's "
+        "own probes; chosen per layer and width there and kept in sensitivity.json)",
+    )
+
+
 class Constraints(_Strict):
     """A request's constraints (DESIGN.md "Constraints", version 1)."""
 
@@ -210,6 +223,7 @@ class Constraints(_Strict):
         None, description="{layer name: {option tag (e.g. w4a8): ms}}"
     )
     hessian: Hessian = Field(default_factory=Hessian)
+    quantize: Quantize = Field(default_factory=Quantize)
 
     @field_validator("weight_group_sizes")
     @classmethod

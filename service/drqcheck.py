@@ -82,7 +82,7 @@ def offers_drq(problem: Problem) -> bool:
 def check_drq(intake: Any, problem: Problem, solution: Solution,
               make: Callable[[Solution], dict[str, Any]], device: torch.device,
               chunk: int | None = None, activations: Any = None,
-              cfg: Any = None) -> tuple[Solution, dict[str, Any], dict[str, Any]]:
+              cfg: Any = None, clip: Any = None) -> tuple[Solution, dict[str, Any], dict[str, Any]]:
     """(solution, plan, record) to keep, for a problem that offers DRQ options: the best plan
     with DRQ rows or the best without DRQ options (one of them is ``solution``, the ILP's
     optimum; ``make`` turns a solution into its plan), by the calibration loss of both
@@ -105,6 +105,7 @@ def check_drq(intake: Any, problem: Problem, solution: Solution,
     record.update(drq_rows=sum(1 for r in plans["drq"]["layers"] if r.get("drq")),
                   objective_drq=sols["drq"].objective, objective_off=sols["off"].objective)
     result = compare(intake.program, plans, intake.train, intake.loss_kind, cfg,
-                     batch_size=intake.batch_size, device=device, activations=activations)
+                     batch_size=intake.batch_size, device=device, activations=activations,
+                     clip=clip)
     record.update(result.to_dict())
     return sols[result.kept], plans[result.kept], record

@@ -349,10 +349,10 @@ def run_pipeline(
         sens = _measure(intake, constraints, device, tick, memory_budget)  # + activations
         if constraints.hessian.omega == "measured":
             sens = _measured_omegas(intake, sens, constraints, device, tick)
-        elif constraints.hessian.omega == "diagonal":  # needs the in-memory diagonals
+        if _groups_need_diagonal(constraints):  # needs the in-memory diagonals
             sens = _group_omegas(intake, sens, constraints)
         cache.put("sensitivity", sens_key, sens.to_json())
-    if constraints.hessian.omega != "diagonal":  # diagonal: omega_wg cached with the rest
+    if not _groups_need_diagonal(constraints):  # else omega_wg cached with the rest
         sens = _group_omegas(intake, sens, constraints)
     _write_atomic(out / SENSITIVITY_FILE, sens.to_json())
     # the layer input ranges, measured once (with the sensitivity, cached with it) and handed
@@ -431,7 +431,7 @@ def run_pipeline(
         solution, plan, drq_check = check_drq(
             intake, problem, solution, lambda s: make_plan(
                 problem, s, specs, constraints.to_dict(), summary, latency_source),
-            device, _forward_chunk(sens), activations)
+            device, _forward_chunk(sens), activations, clip=sens.clip)
         _write_atomic(out / SOLUTION_FILE, solution.to_json(indent=2))
         _write_json(out / PLAN_FILE, plan)
     tick("solve", 1.0)
@@ -441,7 +441,7 @@ def run_pipeline(
     if evaluation is not None:
         intake.holdout = evaluation
     result = _quantize(intake, plan, device, tick, chunk=_forward_chunk(sens),
-                       activations=activations)
+                       activations=activations, clip=sens.clip)
     result.report["evaluation"] = {
         "source": "evaluation file" if evaluation is not None else "held-out calibration share",
         "samples": len(intake.holdout),
@@ -477,7 +477,8 @@ def run_pipeline(
         if reference is None:
             reference = _reference(point_intake, point_chunk, device)
         metrics = _quantize(point_intake, point_plan, device, quiet, chunk=point_chunk,
-                            activations=activations, reference=reference).report["metrics"]
+                            activations=activations, reference=reference,
+                            clip=sens.clip).report["metrics"]
         cache.put("evaluations", key, json.dumps(metrics))
         return metrics
 
@@ -605,18 +606,20 @@ def _observe(intake: Any, sens: Any, device: torch.device) -> Any:
                    device)
 
 
-def _quantize_config(chunk: int | None) -> Any:
+def _quantize_config(chunk: int | None, weight_clip: str = "max") -> Any:
     from quantize import QuantizeConfig
 
-    return QuantizeConfig() if chunk is None else QuantizeConfig(batch_size=chunk)
+    return QuantizeConfig(weight_clip=weight_clip) if chunk is None else QuantizeConfig(
+        batch_size=chunk, weight_clip=weight_clip)
 
 
 def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
               progress: ProgressFn, chunk: int | None = None, activations: Any = None,
-              reference: Any = None) -> Any:
+              reference: Any = None, clip: Any = None) -> Any:
     """quantize.apply on the intake's split: checkpoint, fake-quant module and report;
     ``chunk``: samples per forward pass of a dynamic-batch program; ``activations``: the job's
-    layer input statistics; ``reference``: the FP32 outputs on ``intake.holdout``."""
+    layer input statistics; ``reference``: the FP32 outputs on ``intake.holdout``; ``clip``:
+    the sensitivity stage's weight clip ratios (``quantize.weight_clip`` is their mode)."""
     from quantize import apply
 
     return apply(
@@ -624,13 +627,14 @@ def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
         plan,
         intake.train,
         intake.holdout,
-        _quantize_config(chunk),
+        _quantize_config(chunk, "max" if clip is None else clip.mode),
         batch_size=intake.batch_size,
         device=device,
         progress=progress,
         token_input=intake.token_input,
         activations=activations,
         reference=reference,
+        clip=clip,
     )
 
 
@@ -688,7 +692,15 @@ def _measure(intake: Any, constraints: Constraints, device: torch.device, tick: 
     tick("sensitivity", 0.0)
     # (measured Omega measures the corrected layers itself: no kept shares needed)
     correction = "none" if h.omega == "measured" else _omega_bias_correction(constraints)
-    return measure(intake, cfg, device, tick, bias_correction=correction)
+    return measure(intake, cfg, device, tick, bias_correction=correction,
+                   weight_clip=constraints.quantize.weight_clip)
+
+
+def _groups_need_diagonal(constraints: Constraints) -> bool:
+    """Whether the grouped Omegas (and clip ratios) need the sweep's in-memory diagonals, so
+    they are computed before the result is cached."""
+    return (constraints.hessian.omega == "diagonal"
+            or constraints.quantize.weight_clip == "hessian")
 
 
 def _omega_bias_correction(constraints: Constraints) -> str:
@@ -737,7 +749,7 @@ def _measured_omegas(
     m = measured_omegas(intake, sorted(weight_bits), sorted(set(constraints.activation_bits)),
                         device=device, progress=tick, activations=sens.activations,
                         bias_correction=_omega_bias_correction(constraints),
-                        loss=constraints.hessian.measured_loss)
+                        loss=constraints.hessian.measured_loss, clip=sens.clip)
     layers = [
         dataclasses.replace(s, omega_w=m.omega_w[s.name],
                             omega_a=m.omega_a[s.name] if s.omega_a else {})

@@ -42,7 +42,7 @@ from ..checkpoint import Checkpoint, packed, storage_bits
 from ..drq import low_scale
 from ..graph import GraphLayer
 from ..points import Grid
-from ..primitives import pack_nibbles, quantize_weight
+from ..primitives import pack_nibbles
 from ..rows import PlanRow
 from .context import Context, shape
 from .ops import conv, linear
@@ -134,13 +134,12 @@ def drq_layer(ctx: Context, node: fx.Node, layer: GraphLayer, row: PlanRow,
     """The DRQ conv of ``quantize.drq.DRQConv2d`` from standard ONNX operators."""
     assert row.drq is not None
     name, spec = layer.name, row.drq
-    weight = ckpt.dequantized_weight(name)
     w_low_bits = min(row.w_bits, spec.low_bits)
     bias = ckpt.tensors[f"{name}.bias"].to(torch.float32).numpy()
+    high = (ckpt.codes(name), ckpt.tensors[f"{name}.weight_scale"], row.w_bits)
     return drq_graph(ctx, layer, ctx.value(node.args[0], widen=False), shape(node.args[0]),
                      ckpt.input_grid(name), spec.region, spec.threshold, spec.high_bits,
-                     spec.low_bits, (*quantize_weight(weight, row.w_bits), row.w_bits),
-                     (*quantize_weight(weight, w_low_bits), w_low_bits), bias, node.name)
+                     spec.low_bits, high, (*ckpt.low_weight(name), w_low_bits), bias, node.name)
 
 
 def drq_graph(ctx: Context, layer: GraphLayer, x: str, in_shape: tuple, g8: Grid,

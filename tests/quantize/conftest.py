@@ -55,6 +55,35 @@ def make_plan(
     }
 
 
+def make_clip(program: torch.export.ExportedProgram, seed: int = 0,
+              group_sizes: tuple[int | None, ...] = (None,)):
+    """``ClipRatios("hessian")`` for every layer of ``program`` at every width (and group
+    size that fits), chosen on the unfolded weights with a random positive diagonal (a
+    stand-in for the sweep's): most channels get a ratio below 1, so the checkpoint's scales
+    differ from max|W|'s."""
+    from quantize.clip import ClipRatios, choose_ratios
+
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(program.module().named_parameters())
+    layers = {}
+    for layer in find_layers(program.module()):
+        w = params[layer.weight].detach()
+        if layer.transposed:
+            w = w.t()
+        diag = torch.rand(w.shape, generator=gen) ** 4  # uneven weights: ratios vary
+        fan_in = w[0].numel()
+        layers[layer.name] = {(b, g): choose_ratios(w, b, g, diag)
+                              for b in (2, 3, 4, 5, 6, 8) for g in group_sizes
+                              if g is None or (fan_in % g == 0 and g < fan_in)}
+    return ClipRatios("hessian", layers)
+
+
+@pytest.fixture(scope="session")
+def clip_for() -> Callable[..., object]:
+    """:func:`make_clip`, as a fixture."""
+    return make_clip
+
+
 @pytest.fixture(scope="session")
 def plan_for() -> Callable[..., dict]:
     """:func:`make_plan`, as a fixture (test modules do not import conftest)."""

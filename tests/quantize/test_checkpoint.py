@@ -69,7 +69,7 @@ def test_refuses_foreign_files(tmp_path, cnn_int8) -> None:
         read_checkpoint(tmp_path / "missing.safetensors")
     ckpt = cnn_int8.checkpoint
     for fmt, version in (("bitplan-qckpt/2", "1"), ("bitplan-qckpt/1", "2"),
-                         ("bitplan-qckpt/3", "3")):
+                         ("bitplan-qckpt/3", "2"), ("bitplan-qckpt/4", "4")):
         wrong = tmp_path / "wrong.safetensors"
         _write(wrong, ckpt.tensors, _resigned(ckpt, ckpt.tensors, format=fmt, version=version))
         with pytest.raises(BadCheckpointError, match="version|format tag"):

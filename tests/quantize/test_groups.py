@@ -236,7 +236,7 @@ def test_version_1_checkpoints_still_load(cnn_int8, cnn_program, split, tmp_path
     x = split[1].args[0][:32]
     with torch.no_grad():
         assert torch.equal(load(path, cnn_program)(x), cnn_int8.module(x))
-    assert FORMAT == "bitplan-qckpt/2"
+    assert FORMAT == "bitplan-qckpt/3"
 
 
 def test_a_version_1_file_with_group_scales_is_refused(mlp_program, plan_for, split,

@@ -30,7 +30,7 @@ def cnn_result(cnn_pt2, tiny_calib):
 def test_json_schema_and_round_trip(cnn_result):
     _, res = cnn_result
     d = json.loads(res.to_json())
-    assert d["version"] == 3
+    assert d["version"] == 4
     assert {"model", "layers", "iterations", "seconds"} <= set(d)
     assert d["model"]["layers"] == 3 and d["model"]["loss"] == "cross_entropy"
     for row in d["layers"]:
@@ -47,7 +47,7 @@ def test_json_schema_and_round_trip(cnn_result):
                                        if k != "activations"})
     assert old.activations is None and old.layers == res.layers
     with pytest.raises(ValueError):
-        SensitivityResult.from_dict({**d, "version": 4})
+        SensitivityResult.from_dict({**d, "version": 5})
 
 
 def test_omega_tables(cnn_result):

@@ -90,6 +90,36 @@ def test_mean_shift_is_the_mean_output_error(cnn, kl_intake):
             assert torch.allclose(moments.mean(bits), expected, atol=tol, rtol=1e-4)
 
 
+def test_mean_shift_of_a_depthwise_strided_conv_from_tap_sums():
+    """MobileNetV2's depthwise 3x3 stride-2 pad-1 conv and a grouped dilated one: the tap-sum
+    mean (observed in two chunks, or handed over as InputSums) equals op(x, dW) averaged over
+    samples and positions in float64."""
+    from quantize.graph import GraphLayer
+    from quantize.observe import InputSums, tap_sums
+    gen = torch.Generator().manual_seed(3)
+    for groups, cin, cout, stride, pad, dil in ((8, 8, 8, 2, 1, 1), (2, 4, 6, 1, 2, 2)):
+        layer = GraphLayer(name="c", kind="conv2d", node="c", weight="c.weight", bias=None,
+                           weight_shape=(cout, cin // groups, 3, 3), groups=groups,
+                           stride=(stride, stride), padding=(pad, pad), dilation=(dil, dil))
+        w = torch.randn(layer.weight_shape, generator=gen)
+        x = torch.randn(5, cin, 11, 9, generator=gen)
+        moments = ErrorMoments(layer, w, (2, 4))
+        moments(x[:2])
+        moments(x[2:])
+        given = ErrorMoments(layer, w, (2, 4), InputSums(*tap_sums(layer, x)))
+        for bits in (2, 4):
+            d = (fake_quantize_weight(w, bits) - w).double()
+            y = F.conv2d(x.double(), d, None, stride, pad, dil, groups)
+            expected = y.permute(0, 2, 3, 1).reshape(-1, cout).mean(0)
+            # float32 batch sums, then float64: the error scales with E[|x| |dW|] (rounding
+            # of the summed inputs), not with the mean; 1e-6 of it is >= 4e-7, 20x the
+            # largest error measured (1.9e-8)
+            scale = F.conv2d(x.double().abs(), d.abs(), None, stride, pad, dil, groups)
+            tol = 1e-6 * float(scale.mean((0, 2, 3)).max())
+            assert torch.allclose(moments.mean(bits), expected, atol=tol, rtol=0)
+            assert torch.allclose(given.mean(bits), expected, atol=tol, rtol=0)
+
+
 def _gn_ratio(cnn, x: torch.Tensor, name: str, bits: int) -> float:
     """The exact ratio v^T G v / dW^T G dW, G the Gauss-Newton matrix of the KL loss
     (diag(p) - p p^T per sample) over the samples ``x`` and v = (dW, -mu), from central
@@ -289,7 +319,7 @@ def test_corrected_omega_is_the_uncorrected_times_kept(results):
 def test_version_3_round_trip_and_version_2_read(results):
     _, res = results
     d = json.loads(res.to_json())
-    assert d["version"] == 3 and d["config"]["bias_correction"] == "weight"
+    assert d["version"] == 4 and d["config"]["bias_correction"] == "weight"
     back = SensitivityResult.from_json(res.to_json())
     assert back.to_json() == res.to_json()
     assert back.layers[0].omega_w_kept == res.layers[0].omega_w_kept
