@@ -156,12 +156,16 @@ class Evaluator:
             self.fp32_loss = 0.0 if lm else float(F.nll_loss(self.fp32_cal, self.y_cal))
             self.fp32_primary = self._primary(self.fp32_logp)
 
-    def module(self, plan: dict, qcfg: QuantizeConfig | None = None):
-        qcfg = qcfg or self.qcfg
-        if qcfg.weight_clip != self.qcfg.weight_clip:  # e.g. a --bc-rows config
-            qcfg = QuantizeConfig(**{**qcfg.to_dict(), "weight_clip": self.qcfg.weight_clip})
+    def module(self, plan: dict, qcfg: QuantizeConfig | None = None,
+               clip: ClipRatios | None = None):
+        """The plan quantized with ``qcfg`` (default the evaluator's) and ``clip`` (default the
+        evaluator's ratios; the config's weight_clip is the ratios' mode)."""
+        qcfg, clip = qcfg or self.qcfg, clip or self.clip
+        mode = "max" if clip is None else clip.mode
+        if mode != "max" or qcfg.weight_clip == "hessian":
+            qcfg = QuantizeConfig(**{**qcfg.to_dict(), "weight_clip": mode})
         return apply(self.program, plan, self.calib, self.calib, qcfg,
-                     token_input=0 if self.lm else None, clip=self.clip).module
+                     token_input=0 if self.lm else None, clip=clip).module
 
     def _primary(self, logq: torch.Tensor) -> torch.Tensor:
         if self.lm:  # next-token NLL per sequence
@@ -182,11 +186,11 @@ class Evaluator:
         return float(F.nll_loss(logq, self.y_cal))
 
     @torch.no_grad()
-    def score(self, plan: dict, qcfg: QuantizeConfig | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, plan: dict, qcfg: QuantizeConfig | None = None,
+              clip: ClipRatios | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per held-out sample: the primary measure (correct, or next-token NLL) and the KL
         to FP32 in nats."""
-        logq = F.log_softmax(self.module(plan, qcfg)(self.x_ev), dim=-1)
+        logq = F.log_softmax(self.module(plan, qcfg, clip)(self.x_ev), dim=-1)
         return self._primary(logq), self._kl(self.fp32_logp, logq)
 
 
