@@ -29,6 +29,17 @@ def drq_result(cnn_program, plan_for, heldout_eval, cnn_int8):
     return apply(cnn_program, plan, *heldout_eval, cfg)
 
 
+@pytest.fixture(scope="module")
+def drq_hessian(cnn_program, plan_for, heldout_eval, cnn_int8, clip_for):
+    """The DRQ plan with Hessian-clipped scales (conv2's low weights at 4 bits get their own
+    clip ratios, stored as drq_low_scale)."""
+    grid = cnn_int8.checkpoint.input_grid("conv2")
+    plan = plan_for(cnn_program, drq={"conv2": {**DRQ, "scale": grid.scale,
+                                                "signed": grid.signed}})
+    cfg = QuantizeConfig(calibration="percentile", percentile=99.0, weight_clip="hessian")
+    return apply(cnn_program, plan, *heldout_eval, cfg, clip=clip_for(cnn_program))
+
+
 def test_quantize_uses_the_grid_the_threshold_was_calibrated_on(cnn_program, plan_for,
                                                                  digits, calib_digits) -> None:
     """Regions calibrate their thresholds on the first ``max_samples`` (4) train digits, on the
@@ -111,12 +122,15 @@ def test_loaded_module_runs_drq(drq_result, cnn_program, split, tmp_path) -> Non
     assert 0.0 < drq[0].last_int4_fraction < 1.0
 
 
-def test_integer_executor_runs_drq_like_fake_quant(drq_result, cnn_program, split,
+@pytest.mark.parametrize("which", ["drq_result", "drq_hessian"])
+def test_integer_executor_runs_drq_like_fake_quant(which, request, cnn_program, split,
                                                    tmp_path) -> None:
     """The integer-only DRQ conv (mask from INT8 codes, INT8 and low-bit integer convolutions,
     one dyadic rescale) lands on the fake-quant DRQ conv's codes within one LSB when both get
     the same input codes; end to end the two models classify alike. (One LSB upstream can flip
-    a region's mask, so whole-model outputs may differ more on the rare sample.)"""
+    a region's mask, so whole-model outputs may differ more on the rare sample.) With max|W|
+    scales and with Hessian-clipped ones (the low weights on the stored drq_low_scale)."""
+    drq_result = request.getfixturevalue(which)
     path = drq_result.save(tmp_path / "drq.safetensors")
     executor = IntegerExecutor(cnn_program, read_checkpoint(path))
     x = split[1].args[0]
@@ -195,3 +209,41 @@ def test_checkpoint_refuses_a_drq_grid_other_than_the_plans(drq_result, tmp_path
                  written("signed", dict(ckpt.tensors), quant=quant)):
         with pytest.raises(BadCheckpointError, match="'conv2'.*DRQ threshold was calibrated"):
             read_checkpoint(path)
+
+
+def test_drq_low_scale_round_trip_and_version_2_read(drq_result, drq_hessian, cnn_program,
+                                                     split, tmp_path) -> None:
+    """Version 3 stores a DRQ row's low-bit weight scales (the job's clip ratio x the
+    dequantized weight's max|W| / qmax): they round-trip, and the loaded module, the integer
+    executor and the ONNX export all read them. A version-2 file (no drq_low_scale) loads with
+    the max|W| low scales it was computed with."""
+    from safetensors.torch import save_file
+
+    from quantize.checkpoint import FORMAT, digest
+    from quantize.primitives import weight_scales
+
+    ckpt = drq_hessian.checkpoint
+    low = ckpt.tensors["conv2.drq_low_scale"]
+    max_low = weight_scales(ckpt.dequantized_weight("conv2"), 4)
+    assert bool((low < max_low).any())  # clipped somewhere: not the max|W| scales
+    path = drq_hessian.save(tmp_path / "h.safetensors")
+    back = read_checkpoint(path)
+    assert FORMAT == "bitplan-qckpt/3" and torch.equal(back.tensors["conv2.drq_low_scale"], low)
+    codes, scale = back.low_weight("conv2")
+    (conv,) = [m for m in load(path, cnn_program).modules() if isinstance(m, DRQConv2d)]
+    assert torch.equal(conv.weight_low, codes.float() * scale.reshape(-1, 1, 1, 1))
+    assert torch.equal(IntegerExecutor(cnn_program, back).drq["conv2"].weight_low, codes)
+    # a version-2 file of the max|W| plan: same tensors minus drq_low_scale
+    plain = drq_result.checkpoint
+    old = {k: v for k, v in plain.tensors.items() if not k.endswith("drq_low_scale")}
+    meta = {**plain.metadata(), "format": "bitplan-qckpt/2", "version": "2"}
+    meta.pop("sha256")
+    meta["sha256"] = digest(old, meta)
+    v2 = tmp_path / "v2.safetensors"
+    save_file({k: v.contiguous() for k, v in old.items()}, str(v2), metadata=meta)
+    read = read_checkpoint(v2)
+    assert torch.equal(read.tensors["conv2.drq_low_scale"],
+                       plain.tensors["conv2.drq_low_scale"])
+    x = split[1].args[0][:32]
+    with torch.no_grad():
+        assert torch.equal(load(v2, cnn_program)(x), drq_result.module(x))

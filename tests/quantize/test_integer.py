@@ -6,22 +6,26 @@ import pytest
 import torch
 from torch import nn
 
-from quantize import apply
+from quantize import QuantizeConfig, apply
 from quantize.integer import IntegerExecutor, UnsupportedOpError, int_conv
 from sensitivity import zoo
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])
 @pytest.mark.parametrize("bits", ["int8", "mixed"])
-def test_integer_matches_fake_quant_within_one_lsb(model, bits, request, plan_for, split,
-                                                   tmp_path) -> None:
+@pytest.mark.parametrize("clip", ["max", "hessian"])
+def test_integer_matches_fake_quant_within_one_lsb(model, bits, clip, request, plan_for, split,
+                                                   tmp_path, clip_for) -> None:
+    """With max|W| scales and with Hessian-clipped ones (ratios below 1 on most channels:
+    the checkpoint's scales are what the executor reads, so it follows them)."""
     program = request.getfixturevalue(f"{model}_program")
     if bits == "int8":
         plan = plan_for(program)
     else:
         plan = plan_for(program, w_bits=lambda i, _: 4 if i % 2 == 0 else 8,
                         a_bits=lambda i, _: 4 if i == 1 else 8)
-    res = apply(program, plan, *split)
+    res = apply(program, plan, *split, QuantizeConfig(weight_clip=clip),
+                clip=clip_for(program) if clip == "hessian" else None)
     path = res.save(tmp_path / "m.safetensors")
     executor = IntegerExecutor.from_checkpoint(path, program)
     x = split[1].args[0]

@@ -298,6 +298,44 @@ def test_per_group_weights_are_blocked_dequantize(cnn_program, mlp_program, plan
             assert sizes[base + "_q"] + scale.nbytes == row["size_bytes"], row["name"]
 
 
+def test_hessian_clipped_scales_export_like_fake_quant(cnn_program, mlp_program, cnn_int8,
+                                                       plan_for, heldout_eval,
+                                                       clip_for) -> None:
+    """Hessian-clipped scales (ratios below 1 on most channels), per channel, per group and
+    on a DRQ conv's two branches: the export reads the checkpoint's scales (the DRQ low
+    branch its drq_low_scale) and ONNX Runtime agrees with the fake-quant module (the same
+    check as with max|W| scales)."""
+    from solver import plan as plan_module
+    from solver.options import size_bytes
+
+    grid = cnn_int8.checkpoint.input_grid("conv2")
+    drq = {"region": [2, 2], "threshold": 20, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
+           "high_bits": 8, "low_bits": 4, "scale": grid.scale, "signed": grid.signed}
+    cfg = QuantizeConfig(weight_clip="hessian")
+    plan = plan_for(cnn_program, w_bits=lambda i, n: 4 if n == "fc" else 8, drq={"conv2": drq})
+    res = apply(cnn_program, plan, *heldout_eval, cfg, clip=clip_for(cnn_program))
+    model = _check(cnn_program, res, heldout_eval[1])["model"]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    ckpt = res.checkpoint
+    codes, low_scale = ckpt.low_weight("conv2")
+    assert np.array_equal(inits["conv2_w_low_scale"], low_scale.numpy())
+    assert np.array_equal(inits["conv2_w_low_q"].astype(np.int32), codes.numpy())
+    assert np.array_equal(inits["fc_w_scale"], ckpt.tensors["fc.weight_scale"].numpy())
+    groups = {"fc1": 16, "fc2": 8}
+    plan = plan_for(mlp_program, w_bits=lambda i, n: 4 if n in groups else 8)
+    plan = {**plan, "version": plan_module.VERSION, "format": plan_module.FORMAT}
+    params = dict(mlp_program.module().named_parameters())
+    for row in plan["layers"]:
+        row["group_size"] = groups.get(row["name"])
+        if row["group_size"]:
+            out = params[row["name"] + ".weight"].shape[0]
+            row["size_bytes"] = float(size_bytes(row["params"], row["w_bits"], out,
+                                                 row["group_size"]))
+    res = apply(mlp_program, plan, *heldout_eval, cfg,
+                clip=clip_for(mlp_program, group_sizes=(None, 8, 16)))
+    _check(mlp_program, res, heldout_eval[1])
+
+
 class TransformerBlock(nn.Module):
     """A pre-norm transformer block over [N, T, D] (attention + MLP, residuals) and a head."""
 
