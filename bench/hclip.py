@@ -13,14 +13,22 @@ diagonal; a channel whose diagonal sums to <= 0 falls back to ``mse``), handed t
 ``quantize.apply(clip=...)``. Only the checkpoint's scales change (the bias correction follows
 them), so the rows say whether the quantizer helps at a fixed plan; ``bench/quality.py
 --clip-rows hessian`` measures the job with the clip (its Omega and plan too).
+
+``--cost`` instead times the sensitivity stage (``sensitivity.measure`` with the pipeline's
+Hessian defaults and its bias correction, ``weight``) with ``weight_clip`` max and hessian,
+alternating in one process (``--repeats`` each), and prints the median seconds and their
+ratio: what the Hessian clip adds (the diagonal's running sums, the ratio search, and the
+kept shares' separate probe passes, since its directions are known only after the sweep).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -39,12 +47,41 @@ from solver import SolveConfig, solve  # noqa: E402
 from solver.problem import Limits, Problem  # noqa: E402
 
 
+def cost(models: list[str], repeats: int) -> None:
+    """Median seconds of the sensitivity stage with weight_clip max and hessian, alternating."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in models:
+            pt2, x, y = quality.trained(name, work)
+            cal_y = None if y is None else y[:quality.N_CALIB]
+            calib = zoo.save_calibration(work / f"{name}-c.safetensors", x[:quality.N_CALIB],
+                                         cal_y)
+            it = intake(pt2, calib, IntakeConfig(holdout_fraction=0.1, seed=0))
+            cfg = HessianConfig(sampling="auto")  # the pipeline's defaults (tol 0.05)
+            times: dict[str, list[float]] = {"max": [], "hessian": []}
+            for _ in range(repeats):
+                for mode in times:
+                    t0 = time.perf_counter()
+                    res = measure(it, cfg, bias_correction="weight", weight_clip=mode)
+                    times[mode].append(time.perf_counter() - t0)
+                    print(f"{name} {mode}: {times[mode][-1]:.1f} s, kept probes "
+                          f"{res.model.get('kept_probes')}", flush=True)
+            med = {m: statistics.median(t) for m, t in times.items()}
+            print(f"{name}: measure() median max {med['max']:.1f} s, hessian "
+                  f"{med['hessian']:.1f} s: {med['hessian'] / med['max']:.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="cnn,resnet18")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cost", action="store_true", help="time measure() max vs hessian")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cost:
+        cost(args.models.split(","), args.repeats)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.models.split(","):
