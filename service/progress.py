@@ -18,30 +18,37 @@ def no_progress(stage: str, fraction: float) -> None:
 
 
 class Eta:
-    """Time left in a stage from its fraction: elapsed x (1 - f) / f, once the stage has
+    """Time left in a stage from its fraction, at the rate since the fraction first advanced:
+    ``(now - t1) x (1 - f) / (f - f1)``, ``(t1, f1)`` the first advance, once the stage has
     reported ``min_updates`` advances and ``min_fraction`` of its work (before that, None).
-    Sensitivity's fraction is of a projected total (``sensitivity.convergence``): while the
-    projection moves, so does this estimate."""
+    The stage's set-up before its first advance (a model copy, the memory probe) is not work
+    the fraction counts, so it is left out of the rate. Sensitivity's fraction is of a
+    projected total (``sensitivity.convergence``): while the projection moves, so does this
+    estimate."""
 
     def __init__(self, min_updates: int = 3, min_fraction: float = 0.02) -> None:
         self.min_updates = min_updates
         self.min_fraction = min_fraction
         self._stage: str | None = None
-        self._t0 = 0.0
+        self._t1 = 0.0
+        self._f1 = 0.0
         self._updates = 0
         self._last = -1.0
 
     def __call__(self, stage: str, fraction: float) -> float | None:
         now = time.monotonic()
         if stage != self._stage:
-            self._stage, self._t0, self._updates, self._last = stage, now, 0, fraction
+            self._stage, self._updates, self._last = stage, 0, fraction
             return None
         if fraction > self._last:
             self._updates += 1
             self._last = fraction
-        if self._updates < self.min_updates or fraction < self.min_fraction or fraction >= 1:
+            if self._updates == 1:
+                self._t1, self._f1 = now, fraction
+        if (self._updates < self.min_updates or fraction < self.min_fraction or fraction >= 1
+                or fraction <= self._f1):
             return None
-        return (now - self._t0) * (1.0 - fraction) / fraction
+        return (now - self._t1) * (1.0 - fraction) / (fraction - self._f1)
 
 
 def format_seconds(s: float) -> str:

@@ -28,6 +28,22 @@ def test_eta_from_the_rate_after_a_few_updates(clock):
     assert eta("solve", 0.5) is None  # a new stage starts over
 
 
+def test_eta_leaves_out_the_set_up_before_the_first_advance(clock):
+    """20 s of set-up at fraction 0, then 10 s per 10 %: at 30 %, 70 s are left (counting the
+    set-up as work would say 117 s)."""
+    eta = P.Eta(min_updates=3)
+    eta("sensitivity", 0.0)
+    clock[0] += 20
+    eta("sensitivity", 0.0)  # still setting up
+    for f in (0.1, 0.2):
+        clock[0] += 10
+        assert eta("sensitivity", f) is None
+    clock[0] += 10
+    assert eta("sensitivity", 0.3) == pytest.approx(70.0)
+    clock[0] += 5
+    assert eta("sensitivity", 0.3) == pytest.approx(25 * 0.7 / 0.2)  # no advance: rate falls
+
+
 def test_non_terminal_prints_a_line_every_ten_seconds(clock):
     out = io.StringIO()
     bar = P.TerminalProgress(out, every_s=10.0)
