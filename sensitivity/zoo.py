@@ -347,8 +347,11 @@ def export(
 def save_model(
     model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True
 ) -> Path:
+    """Export ``model`` on ``example`` and save the program to ``path``. The example is
+    cloned first: ``torch.export`` saves a view's whole storage, so ``x[:2]`` of a calibration
+    set would otherwise put the whole set into the ``.pt2``."""
     path = Path(path)
-    torch.export.save(export(model, example, dynamic_batch), str(path))
+    torch.export.save(export(model, example.clone(), dynamic_batch), str(path))
     return path
 
 

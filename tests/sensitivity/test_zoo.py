@@ -36,3 +36,16 @@ def test_reference_model_is_calibrated_and_deterministic():
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
     # BN statistics come from data: logits stay at unit scale instead of blowing up
     assert 1e-3 < float(out.std()) < 100.0
+
+
+def test_save_model_does_not_store_the_example_base(tmp_path):
+    """torch.export writes a view's whole storage: ``save_model`` clones its example, so a
+    ``.pt2`` saved on two rows of a big set is the size of one saved on two rows alone."""
+    torch.manual_seed(0)
+    model = zoo.DigitsMLP()
+    big = torch.randn(20_000, 64)  # 5.1 MB of storage behind the 2-row view
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # same names: same zip entries
+    small = zoo.save_model(model, big[:2].clone(), tmp_path / "a" / "m.pt2")
+    view = zoo.save_model(model, big[:2], tmp_path / "b" / "m.pt2")
+    assert view.stat().st_size == small.stat().st_size
+    assert small.stat().st_size < 1_000_000  # the MLP's weights are ~40 KB
