@@ -58,6 +58,9 @@ class MemoryParams:
     slack_bytes: int = 256 * 2**20  # resident set above the counted intercept (thread
     # pools, kernel caches, heap pages): 150-220 MiB on ResNet-18
     forward_max: int = 64  # forward-only chunks beyond this gain nothing on CPU
+    hessian_max_bytes: int = 2**30  # CPU: a probe pass's chunk holds at most this (counted
+    # bytes per sample x chunk): larger chunks gain no speed there (docs/benchmarks.md), and
+    # below the budget the chunk, and so the peak, does not depend on N
     forward_share: float = 0.25  # a no-grad forward's per-sample cost >= this x a probe's:
     # the later forward stages (fake quantization, statistics) hold more than a plain forward
 
@@ -270,6 +273,8 @@ def plan_chunks(
     else:
         # A tiny model's measured per-sample cost can round to 0 bytes: count it as 1.
         usable = (room - accumulator_bytes) / max(per_sample, 1.0)
+        if device.type == "cpu":
+            usable = min(usable, params.hessian_max_bytes / max(per_sample, 1.0))
         chunk = max(1, min(n_samples, math.floor(usable)))
         if chunk >= n_samples:
             chunk = n_samples  # one chunk: no accumulators needed

@@ -58,6 +58,46 @@ def test_per_sample_cost_is_counted_exactly(monkeypatch):
     assert tight.hessian_chunk == 3
 
 
+def test_cpu_chunk_is_capped_and_does_not_follow_n(monkeypatch):
+    """Below the budget a CPU chunk holds at most ``hessian_max_bytes``: the same chunk for
+    40 or 400 samples, and whatever the process already holds (the data grows with N)."""
+    params = MemoryParams()
+    cap = params.hessian_max_bytes // int(SAMPLE * params.safety)  # 17 samples of 60 MiB
+    chunks = set()
+    for n, held in ((40, 1 * 2**30), (400, 3 * 2**30)):
+        monkeypatch.setattr(mem.PeakMeter, "held", lambda self, h=held: h)
+        plan = plan_chunks(_touch, _touch, n, None, 0, 64 * 2**30, torch.device("cpu"))
+        chunks.add(plan.hessian_chunk)
+    assert chunks == {cap}
+    # a budget below the cap still decides (room for 3.5 samples: 3)
+    monkeypatch.setattr(mem.PeakMeter, "held", lambda self: 0)
+    budget = params.slack_bytes + int(3.5 * SAMPLE * params.safety)
+    assert plan_chunks(_touch, _touch, 400, None, 0, budget,
+                       torch.device("cpu")).hessian_chunk == 3
+
+
+def test_plan_memory_does_not_count_the_train_set_on_cpu(cnn_pt2, calib_digits, tmp_path):
+    """On the CPU the sweep's chunks are views of the one resident copy (held already): the
+    accumulators are the per-vector weight sums alone, the same for 20 or 80 samples."""
+    from sensitivity.engine import plan_memory
+    from sensitivity.structure import gauss_newton_exact
+
+    x, y = calib_digits
+    cfg = HessianConfig(vectors_per_pass=3, memory_budget=64 * 2**30)
+    found = []
+    for n in (20, 80):
+        it = intake(cnn_pt2, zoo.save_calibration(tmp_path / f"c{n}.safetensors", x[:n], y[:n]))
+        graphs = [layer.graph for layer in it.layers]
+        exact = gauss_newton_exact(it.module, graphs, it.loss_kind)
+        plan = plan_memory(it, cfg, torch.device("cpu"), exact, directions=2)
+        weights = dict(it.module.named_parameters())
+        weight_bytes = sum(weights[g.weight].numel() * 4 for g in graphs)
+        kinds = len({exact.get(layer.name, (False, False))[0] for layer in it.layers})
+        assert plan.accumulator_bytes == (3 * kinds + 2) * weight_bytes
+        found.append(plan.accumulator_bytes)
+    assert found[0] == found[1]
+
+
 def test_one_sample_over_budget_is_resource_limit():
     with pytest.raises(ResourceLimitError) as err:
         plan_chunks(_touch, _touch, 40, None, 0, 10 * MB, torch.device("cpu"))
