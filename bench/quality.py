@@ -81,6 +81,7 @@ from quantize.clip import ClipRatios  # noqa: E402
 from quantize.data import CalibrationSet  # noqa: E402
 from sensitivity import zoo  # noqa: E402
 from sensitivity.engine import SensitivityResult  # noqa: E402
+from service.constraints import Quantize  # noqa: E402
 from service.pipeline import run_pipeline  # noqa: E402
 from solver import SolveConfig, solve  # noqa: E402
 from solver.problem import Limits, Option, Problem  # noqa: E402
@@ -422,7 +423,7 @@ def main() -> None:
     ap.add_argument("--weight-clip", choices=["max", "mse", "hessian"], default=None,
                     help="quantize.weight_clip for every method (Omega and checkpoint alike): "
                     "max|W|, the MSE-optimal or the Hessian-weighted clipping (default: the "
-                    "library's)")
+                    "job's, quantize.weight_clip)")
     ap.add_argument("--clip-rows", default="",
                     help="comma list of weight clips: rows bitplan+<clip> (its own pipeline "
                     "and plan), bitplan-plan+<clip>, int8+<clip>, int4+<clip>")
@@ -446,8 +447,7 @@ def main() -> None:
     qcfg = QuantizeConfig(calibration=args.calibration,
                           **({} if args.bias_correction is None
                              else {"bias_correction": args.bias_correction}),
-                          **({} if args.weight_clip is None
-                             else {"weight_clip": args.weight_clip}))
+                          weight_clip=args.weight_clip or Quantize().weight_clip)
     clip_rows = tuple(m for m in args.clip_rows.split(",") if m)
     if any(m not in ("max", "mse", "hessian") for m in clip_rows):
         ap.error(f"--clip-rows: each of max, mse, hessian; got {args.clip_rows!r}")
