@@ -456,6 +456,8 @@ def run_pipeline(
     split = {"holdout_fraction": holdout_fraction, "seed": constraints.hessian.seed}
     if eval_path is not None:
         split["evaluation"] = file_digest(eval_path)
+    if sens.clip.mode != "max":  # the points' scales: the clip ratios of this sensitivity
+        split["weight_clip"] = [sens.clip.mode, sens_key]
     # the front's points are evaluated on at most PARETO_EVAL_SAMPLES of the held-out samples
     # (their metrics carry the count and interval): the job's own plan on all of them
     point_intake = _holdout_subset(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)

@@ -20,6 +20,24 @@ from service.pipeline import run_pipeline
 from solver.errors import BadConstraintsError
 
 
+def test_point_evaluations_are_not_shared_between_clips(mlp_pt2, calib_path, tmp_path) -> None:
+    """A Pareto point's cached metrics belong to its scales: a hessian job evaluates its
+    points itself, not with a max job's metrics of the same rows."""
+    cons = {"hessian": FAST_HESSIAN, "limits": {"size_ratio": 0.7},
+            "pin": {"first": None, "last": None}, "weight_bits": [4, 8]}
+    cache = StageCache(tmp_path / "cache")
+    run_pipeline(mlp_pt2, calib_path, {**cons, "quantize": {"weight_clip": "max"}},
+                 tmp_path / "m", cache=cache, pareto_points=4, pareto_evaluate=2, plots=False)
+    run_pipeline(mlp_pt2, calib_path, {**cons, "quantize": {"weight_clip": "hessian"}},
+                 tmp_path / "h", cache=cache, pareto_points=4, pareto_evaluate=2, plots=False)
+    # the front's first point is the smallest budget: every layer at its cheapest option in
+    # both jobs, the same rows; its scales, and so its KL, differ
+    first = [json.loads((tmp_path / d / "pareto.json").read_text())["fronts"]["size_bytes"]
+             ["points"][0] for d in ("m", "h")]
+    assert first[0]["options"] == first[1]["options"]
+    assert first[0]["metrics"]["kl_mean"] != first[1]["metrics"]["kl_mean"]
+
+
 def test_a_hessian_clip_job_runs_and_records_it(mlp_pt2, calib_path, tmp_path) -> None:
     cons = {"hessian": FAST_HESSIAN, "limits": {"size_ratio": 0.7},
             "pin": {"first": None, "last": None}, "weight_bits": [3, 4, 8],
