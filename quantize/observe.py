@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -122,23 +123,54 @@ class InputSums:
         return cls(torch.from_numpy(raw.astype(np.float64)).reshape(shape), int(d["count"]))
 
 
+def _pads(layer: GraphLayer, kernel: Sequence[int]) -> list[tuple[int, int]]:
+    """(before, after) zero padding per spatial dim, as torch's conv pads (``"same"``: the
+    total ``d (k - 1)`` split with the odd one after)."""
+    nd = len(kernel)
+    dil = tuple(layer.dilation) or (1,) * nd
+    if layer.padding == "valid":
+        return [(0, 0)] * nd
+    if layer.padding == "same":
+        total = [d * (k - 1) for d, k in zip(dil, kernel, strict=True)]
+        return [(t // 2, t - t // 2) for t in total]
+    pad = tuple(layer.padding) or (0,) * nd
+    return [(p, p) for p in pad]
+
+
 def tap_sums(layer: GraphLayer, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(``InputSums.total``, ``count``) of the batch ``x`` (real rows only) for ``layer``: the
     batch summed first (the op is linear; in the input's dtype, a cascade sum over the rows of
-    one batch, then float64), then per tap as the weight gradient of the summed output of a
-    conv with one output channel per group (torch's own padding and stride)."""
+    one batch, then float64), then per tap the summed image's padded values at the positions
+    that tap reads (one strided slice per kernel offset: ``start = offset x dilation``, step
+    the stride, one per output position)."""
     v = x.detach()
     if layer.kind == "linear":
         rows = v.reshape(-1, v.shape[-1])
         return rows.sum(0).to(torch.float64).cpu(), rows.shape[0]
-    conv = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d}[layer.kind]
-    summed = v.sum(0, keepdim=True).to(torch.float64)
-    w = torch.zeros(layer.groups, *layer.weight_shape[1:], dtype=torch.float64,
-                    device=v.device, requires_grad=True)
-    with torch.enable_grad():
-        out = conv(summed, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        (grad,) = torch.autograd.grad(out.sum(), w)
-    return grad.cpu(), v.shape[0] * out[0, 0].numel()
+    if layer.kind not in ("conv1d", "conv2d"):
+        raise ValueError(f"no tap sums for a {layer.kind} layer")
+    kernel = tuple(int(k) for k in layer.weight_shape[2:])
+    nd = len(kernel)
+    stride = tuple(layer.stride) or (1,) * nd
+    dil = tuple(layer.dilation) or (1,) * nd
+    summed = v.sum(0).to(torch.float64)  # [C, *spatial]
+    pads = _pads(layer, kernel)
+    flat = [p for before_after in reversed(pads) for p in before_after]  # F.pad: last dim first
+    padded = nn.functional.pad(summed, flat) if any(flat) else summed
+    out = [(padded.shape[1 + i] - dil[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+           for i in range(nd)]
+    if min(out) < 1:
+        raise ValueError(f"layer {layer.name!r}: input {tuple(v.shape)} is smaller than its "
+                         f"kernel {kernel}")
+    total = summed.new_empty((summed.shape[0], *kernel))
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
+                       for o, d, s, n in zip(offset, dil, stride, out, strict=True))
+        total[(slice(None), *offset)] = padded[(slice(None), *window)].sum(
+            dim=tuple(range(1, nd + 1)))
+    groups = int(layer.groups)
+    return (total.reshape(groups, summed.shape[0] // groups, *kernel).cpu(),
+            v.shape[0] * math.prod(out))
 
 
 @dataclass(frozen=True)

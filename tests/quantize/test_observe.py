@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quantize import QuantizeConfig, apply
 from quantize.calibrate import f32
@@ -111,3 +113,53 @@ def test_apply_with_handed_down_statistics_equals_apply_observing_itself(
     a = apply(cnn_program, plan_for(cnn_program), train, holdout, pct, activations=wide)
     b = apply(cnn_program, plan_for(cnn_program), train, holdout, pct)
     assert a.checkpoint.input_grid("conv2") == b.checkpoint.input_grid("conv2")
+
+
+def _conv_grad_taps(layer, x: torch.Tensor) -> torch.Tensor:
+    """Reference: the per-tap input sums as the weight gradient of the summed output of a
+    float64 conv with one output channel per group (torch's own padding and stride)."""
+    import torch.nn.functional as F
+    conv = {"conv1d": F.conv1d, "conv2d": F.conv2d}[layer.kind]
+    w = torch.zeros(layer.groups, *layer.weight_shape[1:], dtype=torch.float64,
+                    requires_grad=True)
+    out = conv(x.double(), w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    (grad,) = torch.autograd.grad(out.sum(), w)
+    return grad
+
+
+@settings(max_examples=60, deadline=None)
+@given(nd=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 3]), cin_g=st.integers(1, 3),
+       kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       padding=st.one_of(st.integers(0, 3), st.just("same"), st.just("valid")),
+       size=st.integers(5, 12), seed=st.integers(0, 2**16))
+def test_tap_sums_equal_the_conv_weight_gradient(nd, groups, cin_g, kernel, stride, dilation,
+                                                 padding, size, seed):
+    """tap_sums (one strided slice per kernel offset) equals the weight gradient of a conv of
+    the same geometry, for 1-d/2-d, groups, strides, dilations, int / "same" / "valid"
+    padding; the count is samples x output positions."""
+    from hypothesis import assume
+
+    from quantize.graph import GraphLayer
+    from quantize.observe import tap_sums
+    if padding == "same":
+        stride = 1  # torch refuses "same" with a stride
+    assume(size + 2 * (padding if isinstance(padding, int) else 0) > dilation * (kernel - 1))
+    cin = groups * cin_g
+    layer = GraphLayer(name="c", kind=f"conv{nd}d", node="c", weight="c.weight", bias=None,
+                       weight_shape=(groups * 2, cin_g) + (kernel,) * nd, groups=groups,
+                       stride=(stride,) * nd,
+                       padding=padding if isinstance(padding, str) else (padding,) * nd,
+                       dilation=(dilation,) * nd)
+    x = torch.randn((3, cin) + (size,) * nd, generator=torch.Generator().manual_seed(seed))
+    total, count = tap_sums(layer, x)
+    expected = _conv_grad_taps(layer, x.sum(0, keepdim=True).double())
+    assert total.shape == expected.shape
+    # both float64 sums of the same float32 batch sum, in another order: 1e-12 relative to
+    # the sum of magnitudes (measured ~1e-16)
+    scale = float(x.abs().sum()) + 1.0
+    assert torch.allclose(total, expected, rtol=0, atol=1e-12 * scale)
+    import torch.nn.functional as F
+    conv = {1: F.conv1d, 2: F.conv2d}[nd]
+    y = conv(x, torch.zeros(groups * 2, cin_g, *(kernel,) * nd), None, layer.stride,
+             layer.padding, layer.dilation, groups)
+    assert count == 3 * y[0, 0].numel()
