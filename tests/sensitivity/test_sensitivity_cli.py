@@ -20,7 +20,7 @@ def test_cli_writes_sens_json(cnn_pt2, tiny_calib, tmp_path, capsys):
                "--tol", "0.1", "--seed", "3", "--out", str(out)])
     assert rc == 0
     d = json.loads(out.read_text())
-    assert d["version"] == 3
+    assert d["version"] == 4
     assert isinstance(d["iterations"], int) and 0 < d["iterations"] <= 16
     assert isinstance(d["seconds"], float) and d["model"]["name"] == "cnn.pt2"
     assert [row["name"] for row in d["layers"]] == ["conv1", "conv2", "fc"]
