@@ -47,7 +47,7 @@ from solver import SolveConfig, solve  # noqa: E402
 from solver.problem import Limits, Problem  # noqa: E402
 
 
-def cost(models: list[str], repeats: int) -> None:
+def cost(models: list[str], repeats: int, bias_correction: str = "weight") -> None:
     """Median seconds of the sensitivity stage with weight_clip max and hessian, alternating."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -62,7 +62,7 @@ def cost(models: list[str], repeats: int) -> None:
             for _ in range(repeats):
                 for mode in times:
                     t0 = time.perf_counter()
-                    res = measure(it, cfg, bias_correction="weight", weight_clip=mode)
+                    res = measure(it, cfg, bias_correction=bias_correction, weight_clip=mode)
                     times[mode].append(time.perf_counter() - t0)
                     print(f"{name} {mode}: {times[mode][-1]:.1f} s, kept probes "
                           f"{res.model.get('kept_probes')}", flush=True)
@@ -77,10 +77,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cost", action="store_true", help="time measure() max vs hessian")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--bias-correction", default="weight", choices=["none", "weight"],
+                    help="--cost: measure()'s bias correction (none: no kept shares, so the "
+                    "diagonal and the ratio search alone)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.cost:
-        cost(args.models.split(","), args.repeats)
+        cost(args.models.split(","), args.repeats, args.bias_correction)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
