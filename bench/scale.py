@@ -173,8 +173,9 @@ def show(r: dict) -> None:
     if r["memory"]:
         m = r["memory"]
         print(f"memory plan ({m['method']}): {m['per_sample_bytes'] / 2**20:.0f} MiB a sample "
-              f"(probe pass), intercept {m['fixed_bytes'] / 2**20:.0f} MiB, forward chunk "
-              f"{m['forward_chunk']}")
+              f"(probe pass), intercept {m['fixed_bytes'] / 2**20:.0f} MiB, Hessian chunk "
+              f"{m['hessian_chunk']}, forward chunk {m['forward_chunk']}, held at the start "
+              f"{gb(m['held_bytes'])}")
     m = r["metrics"] or {}
     acc = (m.get("intervals") or {}).get("top1_agreement")
     if acc:

@@ -22,7 +22,9 @@ Per-sample cost = (peak(2m) - peak(m)) / m, intercept = peak(m) - m * per-sample
 per-sample cost. A chunk of c samples then needs slack + intercept + c * per-sample + the
 accumulators of a many-chunk pass (the summed weight gradients of the output probes and the
 shared weight vectors of the HVPs, k x the weights each), on top of what the process holds
-already (its resident set, or the CUDA allocator's live bytes). The forward-only stages
+already (its resident set, or the CUDA allocator's live bytes); on the CPU it also holds at
+most ``hessian_max_bytes`` (counted), so a budget with room to spare gives the same chunk
+whatever the process holds and however many samples there are. The forward-only stages
 (activation statistics, regions, quantize, evaluate) get their own chunk from one no-grad
 forward counted the same way.
 """
@@ -59,8 +61,9 @@ class MemoryParams:
     # pools, kernel caches, heap pages): 150-220 MiB on ResNet-18
     forward_max: int = 64  # forward-only chunks beyond this gain nothing on CPU
     hessian_max_bytes: int = 2**30  # CPU: a probe pass's chunk holds at most this (counted
-    # bytes per sample x chunk): larger chunks gain no speed there (docs/benchmarks.md), and
-    # below the budget the chunk, and so the peak, does not depend on N
+    # bytes per sample x chunk; ResNet-18: 17 samples): its probe passes ran no faster per
+    # sample at 32 than at 4-16 (docs/benchmarks.md), and below the budget the chunk, and so
+    # the peak, does not depend on N
     forward_share: float = 0.25  # a no-grad forward's per-sample cost >= this x a probe's:
     # the later forward stages (fake quantization, statistics) hold more than a plain forward
 
