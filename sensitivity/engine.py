@@ -241,7 +241,11 @@ def plan_memory(intake: Intake, cfg: HessianConfig, device: torch.device,
     ``directions``: weight-sized tensors per layer the sweep also holds (the kept shares)."""
     graphs = [layer.graph for layer in intake.layers]
     fixed = intake.batch_size is not None
-    probe_cfg = dataclasses.replace(cfg, max_iter=max(2, cfg.vectors_per_pass), min_iter=2,
+    # a looped pass (the CPU's) frees each vector's gradients before the next, so its peak is
+    # that of 2 vectors (docs/benchmarks.md); a vmap-batched pass holds all k at once
+    batched = cfg.vectorize if cfg.vectorize is not None else device.type == "cuda"
+    k = cfg.vectors_per_pass if batched else min(2, cfg.vectors_per_pass)
+    probe_cfg = dataclasses.replace(cfg, max_iter=max(2, k), vectors_per_pass=k, min_iter=2,
                                     batch_size=None, memory_budget=None, sampling="all")
 
     def first(m: int) -> CalibrationSet:

@@ -177,3 +177,41 @@ def test_rounding_error_is_the_fake_quantized_error(signed) -> None:
         exact = float((fake_quantize_activation(x.double(), scale, bits, signed)
                        - x.double()).pow(2).sum())
         assert rounding_error(x, scale, bits, signed) == pytest.approx(exact, rel=1e-5)
+
+
+def test_plan_memory_probes_a_looped_pass_with_two_vectors(cnn_pt2, tiny_calib, monkeypatch):
+    """A looped (CPU) probe pass frees each vector's gradients before the next, so the memory
+    plan measures it with 2 vectors: the measured peak is the same as with the sweep's 8
+    (the tensors a pass keeps per vector are a few floats), and a vmap-batched sweep is still
+    measured with all of its vectors."""
+    from sensitivity import engine
+    from sensitivity.hessian import prepare
+    from sensitivity.memory import PeakMeter
+    from sensitivity.structure import gauss_newton_exact
+
+    it = intake(cnn_pt2, tiny_calib)
+    graphs = [layer.graph for layer in it.layers]
+    exact = gauss_newton_exact(it.module, graphs, it.loss_kind)
+    peaks = {}
+    for k in (2, 8):
+        cfg = HessianConfig(max_iter=k, min_iter=2, vectors_per_pass=k, sampling="all")
+        q = prepare(it.module, graphs, it.train, it.loss_kind, len(it.train), False,
+                    torch.device("cpu"))
+        with PeakMeter(torch.device("cpu")) as pm:
+            engine.hutchinson(q, cfg, None, "sensitivity", exact)
+        peaks[k] = pm.peak
+    # equal up to what a pass holds per vector: its output-space probe ([n, 10] float32, made
+    # for every vector up front) and a row of the [k, blocks] float64 samples; bounded with 3
+    # probes' and 16 blocks' bytes per extra vector (measured: 368 bytes a vector)
+    per_vector = 3 * len(it.train) * 10 * 4 + 16 * 8
+    assert abs(peaks[8] - peaks[2]) <= 6 * per_vector < 0.05 * peaks[2]
+    seen = []
+    real = engine.hutchinson
+    monkeypatch.setattr(engine, "hutchinson",
+                        lambda p, cfg, *a, **kw: seen.append(cfg) or real(p, cfg, *a, **kw))
+    for vectorize, expected in ((None, 2), (True, 8)):
+        seen.clear()
+        engine.plan_memory(it, HessianConfig(vectors_per_pass=8, vectorize=vectorize,
+                                             memory_budget=8 * 2**30),
+                           torch.device("cpu"), exact)
+        assert seen and all(c.vectors_per_pass == expected for c in seen)
