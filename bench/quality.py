@@ -24,7 +24,11 @@ quantized and evaluated on the held-out samples:
 - ``greedy``: the oracle: start from the most precise option of every layer and take the
   cheapest-per-resource downgrade by measured loss increase until the budget is met;
 - ``random``: the median and best of ``--random`` allocations that fill the budget (layers in
-  random order dropped to a random cheaper option until it fits);
+  random order dropped to a random cheaper option until it fits). ``random-best`` is the best
+  value and the least KL among them on the evaluation samples (each picked on the samples it
+  is scored on, possibly two different plans: an optimistic bound, not a plan anyone could
+  pick); ``random-picked`` is the one with the least calibration loss (the greedy oracle's
+  measure), scored on the evaluation samples and paired against bitplan like the others;
 - ``int8`` / ``int4``: uniform (over budget / under it, for reference).
 
 ``--all-plans`` (models with at most 64 plans, the digits CNN) also prints every plan that
@@ -386,8 +390,12 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
         for k in ("bitplan", "ilp-measured", "greedy", "int8", "int4"):
             plans[f"{k}+{mode}"] = plans[k]
             scores[f"{k}+{mode}"] = ev.score(plan_for(template, problem, plans[k]), bc)
-    rand = [ev.score(plan_for(template, problem, random_fill(problem, resource, limit, rng)))
-            for _ in range(n_random)]
+    rand_plans = [random_fill(problem, resource, limit, rng) for _ in range(n_random)]
+    rand = [ev.score(plan_for(template, problem, c)) for c in rand_plans]
+    if rand_plans:  # the best of the random plans as a user would pick it: on calibration data
+        cal = [ev.calib_loss(plan_for(template, problem, c)) for c in rand_plans]
+        pick = min(range(len(cal)), key=cal.__getitem__)
+        plans["random-picked"], scores["random-picked"] = rand_plans[pick], rand[pick]
     n = len(ev.x_ev)
     # accuracy (higher is better) or perplexity exp(mean NLL) (lower is better)
     value = (lambda p: math.exp(float(p.mean()))) if ev.lm else (lambda p: float(p.float().mean()))
