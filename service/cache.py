@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("sensitivity", "regions", "evaluations", "latency", "fronts")
-SENSITIVITY_FORMAT = 3  # sensitivity.json's version: a new format measures again
+SENSITIVITY_FORMAT = 4  # sensitivity.json's version: a new format measures again
 _CHUNK = 1 << 20
 
 
