@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -184,12 +185,13 @@ def rounding_error(x: torch.Tensor, scale: float, bits: int, signed: bool) -> fl
 def activation_errors(p: Prepared, activations: ActivationStats | None,
                       bits: tuple[int, ...] = ACTIVATION_BITS,
                       also: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
+                      tick: Callable[[], None] | None = None,
                       ) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
     """Per layer input: {bits: ||Q_a(x) - x||^2 summed over the calibration samples} and the
     element count, with one per-tensor scale per layer from ``activations`` (the min/max of
     those samples, ``quantize.observe``; padding rows excluded). ``also``: more observers of a
     layer's input (real rows) called in the same pass; with ``activations`` None only they
-    run (the errors stay empty)."""
+    run (the errors stay empty). ``tick()`` after each chunk."""
     also = also or {}
     if activations is None:
         bits = ()
@@ -205,6 +207,8 @@ def activation_errors(p: Prepared, activations: ActivationStats | None,
                     for leaf in p.leaves.values():
                         leaf.rows = b.size
                     p.module(*b.args, **b.kwargs)
+                    if tick is not None:
+                        tick()
         finally:
             for leaf in p.leaves.values():
                 leaf.observer, leaf.rows = None, None
@@ -325,6 +329,38 @@ def group_omegas(intake: Intake, result: SensitivityResult,
     return replace(result, layers=layers, clip=clip)
 
 
+class _StageProgress:
+    """The sensitivity stage's fraction: the sweep's (``sensitivity.convergence``) until it
+    ends, then the passes after it (``expect(n)`` of them, one ``tick()`` each) moving it on
+    from there, so the bar moves until the stage is done rather than sitting at 100 %."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self.progress = progress
+        self.fraction = 0.0
+        self.base = 0.0
+        self.total = 0
+        self.done = 0
+
+    def sweep(self, stage: str, fraction: float) -> None:
+        if self.progress is not None and fraction < 1.0:  # the sweep's end is not the stage's
+            self.fraction = max(self.fraction, fraction)
+            self.progress(stage, self.fraction)
+
+    def expect(self, n: int) -> None:
+        self.base, self.total, self.done = self.fraction, int(n), 0
+
+    def tick(self, *_: Any) -> None:
+        self.done += 1
+        if self.progress is not None and self.total:  # one step short of 1 until end()
+            step = min(self.done, self.total) / (self.total + 1)
+            self.fraction = max(self.fraction, self.base + (1.0 - self.base) * step)
+            self.progress("sensitivity", self.fraction)
+
+    def end(self) -> None:
+        if self.progress is not None:
+            self.progress("sensitivity", 1.0)
+
+
 def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.device | str | None
             = None, progress: ProgressFn | None = None,
             activations: ActivationStats | None = None,
@@ -386,20 +422,29 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     directions = {info.name: weight_directions(weights[info.graph.weight], WEIGHT_BITS,
                                                ratios.get(info.name))
                   for info in intake.layers} if corrected and weight_clip != "hessian" else None
+    shown = _StageProgress(progress)
     est = hutchinson(p, sweep_cfg if draw is None
                      else dataclasses.replace(sweep_cfg, batch_size=draw),
-                     progress, "sensitivity", exact, directions)
+                     shown.sweep, "sensitivity", exact, directions)
     del directions
     if weight_clip == "hessian":
         ratios = {info.name: {b: ratios_for("hessian", weights[info.graph.weight], b,
                                             diag=est.weight_diag[info.name])
                               for b in WEIGHT_BITS}
                   for info in intake.layers}
-    if cfg.activations and activations is None:
+    # the passes after the sweep move the fraction on, per chunk (or probe): the activation
+    # statistics, the activation errors, the separate kept-share probes
+    observing = cfg.activations and activations is None
+    separate = corrected and (weight_clip == "hessian" or any(
+        info.name not in est.shift_probes for info in intake.layers))
+    shown.expect(observing * math.ceil(len(intake.train) / intake.chunk_size(chunk))
+                 + (cfg.activations or corrected) * len(p.chunks)
+                 + separate * MeanShiftParams().probes)
+    if observing:
         for leaf in p.leaves.values():  # pass-through probes on the Hessian's model copy
             leaf.active = False
         activations = observe(p.module, graphs, intake.train, intake.chunk_size(chunk),
-                              intake.batch_size is not None, device)
+                              intake.batch_size is not None, device, shown.tick)
     moments: dict[str, ErrorMoments] = {}
     if bias_correction != "none":
         params = dict(p.module.named_parameters())
@@ -414,7 +459,7 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     a_err, a_numel = ({}, {})
     if cfg.activations or observers:
         a_err, a_numel = activation_errors(p, activations if cfg.activations else None,
-                                           also=observers)
+                                           also=observers, tick=shown.tick)
     kept: dict[str, dict[int, float]] = {}
     if moments:  # the Gauss-Newton share of each option that the correction keeps
         means = {n: {b: mm.mean(b) for b in WEIGHT_BITS} for n, mm in moments.items()}
@@ -424,7 +469,9 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
         if rest:  # an HVP-only sweep made no output probes: separate probe passes
             kept |= gauss_newton_kept(intake.module, graphs, intake.train, intake.loss_kind,
                                       rest, intake.chunk_size(chunk),
-                                      intake.batch_size is not None, device, ratios=ratios)
+                                      intake.batch_size is not None, device, ratios=ratios,
+                                      tick=shown.tick)
+    shown.end()
     rows = []
     for info in intake.layers:
         w = est.weight[info.name]

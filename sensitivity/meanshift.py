@@ -66,7 +66,7 @@ memory: the weight errors of every width (``D`` times the weights). :func:`gauss
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -188,10 +188,12 @@ def gauss_newton_kept(
     device: torch.device | str = "cpu",
     params: MeanShiftParams | None = None,
     ratios: Mapping[str, Mapping[int, torch.Tensor | None]] | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> dict[str, dict[int, float]]:
     """``{layer: {bits: kept}}`` for every layer in ``means`` (``{bits: mu [out]}``): the
     Gauss-Newton ratio of the corrected perturbation ``(dW, -mu)`` to ``dW`` (module doc);
-    ``ratios``: ``{layer: {bits: clip ratios}}`` of the quantizer (None: max|W| scales)."""
+    ``ratios``: ``{layer: {bits: clip ratios}}`` of the quantizer (None: max|W| scales);
+    ``tick()`` after each probe."""
     ratios = ratios or {}
     params = params or MeanShiftParams()
     device = torch.device(device)
@@ -237,6 +239,8 @@ def gauss_newton_kept(
                     a[layer.name][:, r] += (deltas[layer.name] * gw).flatten(1).sum(1).double()
                 if gb is not None:
                     m[layer.name][:, r] += (mus[layer.name] @ gb).double()
+        if tick is not None:
+            tick()
     kept: dict[str, dict[int, float]] = {}
     for name, ar in a.items():
         raw = ar.pow(2).sum(1).cpu()

@@ -215,3 +215,32 @@ def test_plan_memory_probes_a_looped_pass_with_two_vectors(cnn_pt2, tiny_calib, 
                                              memory_budget=8 * 2**30),
                            torch.device("cpu"), exact)
         assert seen and all(c.vectors_per_pass == expected for c in seen)
+
+
+@pytest.mark.parametrize("correction", ["none", "weight"])
+def test_progress_moves_after_the_sweep_until_the_stage_ends(cnn_pt2, tiny_calib, monkeypatch,
+                                                             correction):
+    """The passes after the sweep (activation statistics and errors) advance the fraction
+    chunk by chunk from where the sweep left it: every report of those passes is higher than
+    the one before, all below 1, and 1 comes once, last."""
+    from sensitivity import engine
+
+    it = intake(cnn_pt2, tiny_calib)
+    calls: list[tuple[str, float, bool]] = []
+    phase = {"after": False}
+    real = engine.observe
+
+    def observe(*a, **kw):
+        phase["after"] = True
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "observe", observe)
+    measure(it, dataclasses.replace(FAST, batch_size=4), bias_correction=correction,
+            progress=lambda s, f: calls.append((s, f, phase["after"])))
+    fractions = [f for s, f, _ in calls if s == "sensitivity"]
+    assert fractions == sorted(fractions) and fractions.count(1.0) == 1
+    assert fractions[-1] == 1.0
+    after = [f for s, f, a in calls[:-1] if a]
+    chunks = math.ceil(len(it.train) / 4)
+    assert len(after) == 2 * chunks  # observe, then the activation errors
+    assert all(b > a for a, b in zip(after, after[1:], strict=False)) and after[-1] < 1.0
