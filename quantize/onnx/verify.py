@@ -73,6 +73,10 @@ class VerifyConfig:
     # both read the same inputs: measured <= 2e-5 (rounding, MobileNetV2 at 224x224); a wrong
     # scale, bias or op moves most values
     max_point_mismatch: float = 0.01
+    # values a point may have on another code whatever its size: one rounding flip put 1 of
+    # a small head's 80 values (1.25 %) on another code (tests/service/test_pipeline.py,
+    # two heads, seed 8), which the share alone failed
+    point_flips: int = 1
     # samples per end-to-end pass: ONNX Runtime's and the fake-quant module's activations of
     # one chunk are held at once (the check's peak, docs/benchmarks.md); the counts are summed
     # over chunks, so the report is the one-batch report (tests/quantize/test_onnx_verify.py)
@@ -87,6 +91,8 @@ class VerifyConfig:
             raise BadConstraintsError("min_top1_agreement must be in [0, 1]")
         if not 0.0 <= self.max_point_mismatch <= 1.0:
             raise BadConstraintsError("max_point_mismatch must be in [0, 1]")
+        if self.point_flips < 0:
+            raise BadConstraintsError("point_flips must be >= 0")
         if (not self.max_step_p99 > 0 or self.batch_size < 1 or self.threads < 1
                 or self.point_batch < 1):
             raise BadConstraintsError("max_step_p99, batch_size, point_batch and threads must "
@@ -217,6 +223,13 @@ def cut_at_points(model: onnx.ModelProto, values: dict[str, str]) -> onnx.ModelP
     return cut
 
 
+def point_passes(values: int, mismatched: int, cfg: VerifyConfig) -> bool:
+    """Whether a point with ``mismatched`` of its ``values`` on another code passes: at most
+    ``max_point_mismatch`` of them, or at most ``point_flips`` values (a rounding flip or
+    two, which the share would fail on a point of few values)."""
+    return mismatched <= max(cfg.max_point_mismatch * values, cfg.point_flips)
+
+
 def point_check(
     program: torch.export.ExportedProgram, ckpt: Checkpoint, model: onnx.ModelProto,
     holdout: CalibrationSet, out_unit: float, cfg: VerifyConfig | None = None,
@@ -283,11 +296,14 @@ def point_check(
             n += k
     shares = {end: st[1] / max(st[0], 1) for end, st in stats.items()}
     worst = max(shares, key=lambda e: (shares[e], stats[e][2]))
+    over = [e for e, st in stats.items() if not point_passes(st[0], st[1], cfg)]
     return {
         "points": len(values),
         "samples": n,
         "max_mismatch": shares[worst],
         "worst_point": worst,
+        "worst_mismatched": stats[worst][1],
+        "points_over": len(over),
         "max_steps": max(st[2] for st in stats.values()),
         "points_with_mismatch": sum(1 for e in values if stats[e][1]),
         "output_mismatch": shares["output"],
@@ -367,9 +383,11 @@ def verify(
         local = (f"99th percentile {result['p99_steps8']:.2f} steps of an 8-bit output grid "
                  f"(need <= {cfg.max_step_p99})")
     else:
-        local_ok = points["max_mismatch"] <= cfg.max_point_mismatch
-        local = (f"{points['max_mismatch']:.2%} of the values of {points['worst_point']!r} on "
-                 f"another code from the same inputs (need <= {cfg.max_point_mismatch:.2%})")
+        local_ok = points["points_over"] == 0
+        local = (f"{points['max_mismatch']:.2%} of the values of {points['worst_point']!r} "
+                 f"({points['worst_mismatched']}) on another code from the same inputs (need "
+                 f"<= {cfg.max_point_mismatch:.2%}, or <= {cfg.point_flips} values, at every "
+                 "point)")
     ok = (n > 0 and result["top1_agreement_decisive"] >= cfg.min_top1_agreement
           and local_ok and math.isfinite(result["max_steps"]))
     result["passed"] = bool(ok)

@@ -22,7 +22,7 @@ from quantize.data import CalibrationSet
 from quantize.onnx import VerifyConfig, export_onnx, verify
 from quantize.onnx.export import POINTS_PROP
 from sensitivity import zoo
-from solver.errors import ExportMismatchError
+from solver.errors import BadConstraintsError, ExportMismatchError
 
 PAIRS = 64
 NOISE = 0.003  # spread of each pair's difference: 1 input code = ~80 codes of fc1's output
@@ -165,3 +165,19 @@ def test_chunked_check_on_a_conv_network(cnn_program, cnn_int8, heldout_eval) ->
                    VerifyConfig(batch_size=7, point_batch=5))
     assert whole["passed"] and whole["samples"] == parts["samples"] == 397
     _same_report(whole, parts)
+
+
+def test_a_point_passes_on_its_share_or_on_a_flip_or_two() -> None:
+    """A point may have max_point_mismatch of its values on another code, or point_flips
+    values whatever its size: one flip in a small head's 80 values (1.25 %) passes, two do
+    not; a wide point keeps the share (64 of 6400 pass, 65 do not)."""
+    from quantize.onnx.verify import point_passes
+
+    cfg = VerifyConfig()
+    assert cfg.point_flips == 1 and cfg.max_point_mismatch == 0.01
+    assert point_passes(80, 1, cfg) and not point_passes(80, 2, cfg)
+    assert point_passes(6400, 64, cfg) and not point_passes(6400, 65, cfg)
+    assert point_passes(0, 0, cfg) and point_passes(10, 0, VerifyConfig(point_flips=0))
+    assert not point_passes(10, 1, VerifyConfig(point_flips=0))
+    with pytest.raises(BadConstraintsError, match="point_flips"):
+        VerifyConfig(point_flips=-1)

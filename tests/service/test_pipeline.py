@@ -118,6 +118,9 @@ class TwoHeads(nn.Module):
 
 def test_layers_sharing_an_input_are_tied(digits, tmp_path) -> None:
     x, y = digits
+    # seed 8: one rounding flip in the output's 80 values, which the export check once failed
+    # (quantize.onnx.verify.point_passes); unseeded, the weights came from the test order
+    torch.manual_seed(8)
     model_path = zoo.save_model(TwoHeads().eval(), x[:4], tmp_path / "two.pt2")
     calib = zoo.save_calibration(tmp_path / "c.safetensors", x[:40], y[:40])
     got = intake(model_path, calib)
