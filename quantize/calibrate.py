@@ -69,13 +69,14 @@ class RangeObserver(nn.Module):
         if v.numel() == 0:
             return x
         v = v.float()
-        if not bool(torch.isfinite(v).all()):
-            raise BadCalibrationError(
-                "a layer input became non-finite on the calibration data; check the inputs"
-            )
-        if self.phase == 0:
-            self.amin = min(self.amin, float(v.min()))
-            self.amax = max(self.amax, float(v.max()))
+        if self.phase == 0:  # one pass: NaN propagates to both ends, +-inf shows in one
+            lo, hi = (float(t) for t in torch.aminmax(v))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise BadCalibrationError(
+                    "a layer input became non-finite on the calibration data; check the inputs"
+                )
+            self.amin = min(self.amin, lo)
+            self.amax = max(self.amax, hi)
             self.count += v.numel()
         elif self.amax > self.amin:
             h = torch.histc(v, bins=self.bins, min=self.amin, max=self.amax).to(torch.float64)
