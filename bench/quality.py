@@ -1,7 +1,7 @@
 """Plan quality against baselines at the same budget: bitplan's plan, uniform INT8 / INT4, random
 allocations and a greedy oracle that knows each layer's measured loss increase.
 
-    python bench/quality.py [--models cnn,resnet18,llama] [--resources size_bytes,bops]
+    python bench/quality.py [--models cnn,resnet18,llama,gpt2] [--resources size_bytes,bops]
                             [--omega trace|diagonal|measured[:bc|:raw],...]
                             [--weight-clip max|mse|hessian] [--clip-rows hessian,mse]
                             [--bias-correction none|weight|layer]
@@ -10,7 +10,8 @@ allocations and a greedy oracle that knows each layer's measured loss increase.
 
 Models: the digits CNN, a residual CNN of ResNet-18's shape (width 8, digits at 16x16), both
 trained on digits 0..999 (200 calibration digits the plan sees; the other 597 only evaluate),
-and the tiny Llama-style decoder of tests/hf_zoo.py trained on stdlib docstrings (200
+and the tiny Llama-style decoder (or, ``gpt2``, the tiny GPT-2 with its Conv1D projections)
+of tests/hf_zoo.py trained on stdlib docstrings (200
 calibration and 200 held-out sequences of 32 bytes from text it never trained on; measures:
 next-token perplexity and per-token KL to FP32). For each, bitplan's pipeline runs once
 (sensitivity, options; ``problem.json`` holds every layer's options with Omega and costs).
@@ -275,11 +276,15 @@ def random_fill(problem: Problem, resource: str, limit: float, rng: random.Rando
 
 @functools.cache
 def trained(name: str, work: Path) -> tuple[Path, torch.Tensor, torch.Tensor | None]:
-    if name == "llama":  # tests/hf_zoo.py: a tiny Llama-style decoder on stdlib docstrings
+    if name in ("llama", "gpt2"):  # tests/hf_zoo.py: tiny decoders on stdlib docstrings
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import hf_zoo
 
-        model = hf_zoo.trained_llama(steps=300)
+        if name == "llama":
+            model = hf_zoo.trained_llama(steps=300)
+        else:  # GPT-2: its projections are Conv1D (an [in, out] weight), the attention fused
+            torch.manual_seed(0)
+            model = hf_zoo.train_causal(hf_zoo.gpt2(), steps=300)
         ids = hf_zoo.calibration_ids(n=N_CALIB + 200, seq=32, seed=1)
         return hf_zoo.save(model, (ids[:4],), work / f"{name}.pt2"), ids, None
     factory, side, channels = MODELS[name]
