@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/scale.py [--models resnet18,mobilenet_v2,resnet50] [--samples 256]
         [--max-iter 200] [--memory-gb G] [--device cpu] [--sampling all|chunk]
+        [--omega trace|diagonal]
 
 Each model runs in its own process (peak RSS is per process). Models are the zoo's
 torchvision-faithful definitions, random-initialised with BN statistics from random images;
@@ -36,7 +37,7 @@ CONSTRAINTS = {"limits": {"size_ratio": 0.6}, "weight_bits": [4, 8], "activation
 
 
 def child(name: str, samples: int, max_iter: int, memory_gb: float | None, device: str,
-          sampling: str | None = None) -> dict:
+          sampling: str | None = None, omega: str | None = None) -> dict:
     import torch
     import torch.nn.functional as F
     from torch import fx
@@ -87,7 +88,8 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         dev = resolve_device(device)
         budget = memory_budget(memory_gb, dev)
         cons = {**CONSTRAINTS, "hessian": {"max_iter": max_iter,
-                                           **({"sampling": sampling} if sampling else {})}}
+                                           **({"sampling": sampling} if sampling else {}),
+                                           **({"omega": omega} if omega else {})}}
         trim()  # the set-up's freed heap pages go back
         reset_peak()
         t0 = time.perf_counter()
@@ -195,11 +197,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sampling", choices=("all", "chunk"), default=None,
                     help="hessian.sampling (default: the constraints' default)")
+    ap.add_argument("--omega", choices=("trace", "diagonal"), default=None,
+                    help="hessian.omega (default: the constraints' default)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         r = child(args.child, args.samples, args.max_iter, args.memory_gb, args.device,
-                  args.sampling)
+                  args.sampling, args.omega)
         print("RESULT " + json.dumps(r))
         return
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
@@ -211,6 +215,8 @@ def main() -> None:
             cmd += ["--memory-gb", str(args.memory_gb)]
         if args.sampling is not None:
             cmd += ["--sampling", args.sampling]
+        if args.omega is not None:
+            cmd += ["--omega", args.omega]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not lines:
