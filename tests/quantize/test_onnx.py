@@ -266,24 +266,31 @@ def test_drq_layer_from_standard_ops(cnn_program, cnn_int8, plan_for, heldout_ev
     assert np.array_equal(got, want)
 
 
+def _grouped_plan(program, plan_for, groups: dict[str, int]) -> dict:
+    """``plan_for``'s plan with the layers of ``groups`` at 4 bits per group of that size
+    (their size_bytes priced per group), the rest at 8 bits per channel."""
+    from solver import plan as plan_module
+    from solver.options import size_bytes
+
+    plan = plan_for(program, w_bits=lambda i, n: 4 if n in groups else 8)
+    plan = {**plan, "version": plan_module.VERSION, "format": plan_module.FORMAT}
+    params = dict(program.module().named_parameters())
+    for row in plan["layers"]:
+        row["group_size"] = groups.get(row["name"])
+        if row["group_size"]:
+            out = params[row["name"] + ".weight"].shape[0]
+            row["size_bytes"] = float(size_bytes(row["params"], row["w_bits"], out,
+                                                 row["group_size"]))
+    return plan
+
+
 def test_per_group_weights_are_blocked_dequantize(cnn_program, mlp_program, plan_for,
                                                   heldout_eval) -> None:
     """Per-group scales (group along the flattened fan-in): DequantizeLinear with block_size;
     the initializers still hold the plan's bytes."""
-    from solver import plan as plan_module
-    from solver.options import size_bytes
-
     for program, groups in ((mlp_program, {"fc1": 16, "fc2": 8}),
                             (cnn_program, {"conv2": 24, "fc": 8})):
-        plan = plan_for(program, w_bits=lambda i, n, g=groups: 4 if n in g else 8)
-        params = dict(program.module().named_parameters())
-        plan = {**plan, "version": plan_module.VERSION, "format": plan_module.FORMAT}
-        for row in plan["layers"]:
-            row["group_size"] = groups.get(row["name"])
-            if row["group_size"]:
-                out = params[row["name"] + ".weight"].shape[0]
-                row["size_bytes"] = float(size_bytes(row["params"], row["w_bits"], out,
-                                                     row["group_size"]))
+        plan = _grouped_plan(program, plan_for, groups)
         res = apply(program, plan, *heldout_eval, QuantizeConfig())
         model = _check(program, res, heldout_eval[1])["model"]
         blocked = {n.input[0]: n for n in model.graph.node
@@ -305,9 +312,6 @@ def test_hessian_clipped_scales_export_like_fake_quant(cnn_program, mlp_program,
     on a DRQ conv's two branches: the export reads the checkpoint's scales (the DRQ low
     branch its drq_low_scale) and ONNX Runtime agrees with the fake-quant module (the same
     check as with max|W| scales)."""
-    from solver import plan as plan_module
-    from solver.options import size_bytes
-
     grid = cnn_int8.checkpoint.input_grid("conv2")
     drq = {"region": [2, 2], "threshold": 20, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
            "high_bits": 8, "low_bits": 4, "scale": grid.scale, "signed": grid.signed}
@@ -321,16 +325,7 @@ def test_hessian_clipped_scales_export_like_fake_quant(cnn_program, mlp_program,
     assert np.array_equal(inits["conv2_w_low_scale"], low_scale.numpy())
     assert np.array_equal(inits["conv2_w_low_q"].astype(np.int32), codes.numpy())
     assert np.array_equal(inits["fc_w_scale"], ckpt.tensors["fc.weight_scale"].numpy())
-    groups = {"fc1": 16, "fc2": 8}
-    plan = plan_for(mlp_program, w_bits=lambda i, n: 4 if n in groups else 8)
-    plan = {**plan, "version": plan_module.VERSION, "format": plan_module.FORMAT}
-    params = dict(mlp_program.module().named_parameters())
-    for row in plan["layers"]:
-        row["group_size"] = groups.get(row["name"])
-        if row["group_size"]:
-            out = params[row["name"] + ".weight"].shape[0]
-            row["size_bytes"] = float(size_bytes(row["params"], row["w_bits"], out,
-                                                 row["group_size"]))
+    plan = _grouped_plan(mlp_program, plan_for, {"fc1": 16, "fc2": 8})
     res = apply(mlp_program, plan, *heldout_eval, cfg,
                 clip=clip_for(mlp_program, group_sizes=(None, 8, 16)))
     _check(mlp_program, res, heldout_eval[1])
