@@ -1,7 +1,8 @@
 """Plan quality against baselines at the same budget: bitplan's plan, uniform INT8 / INT4, random
 allocations and a greedy oracle that knows each layer's measured loss increase.
 
-    python bench/quality.py [--models cnn,resnet18,llama,gpt2] [--resources size_bytes,bops]
+    python bench/quality.py [--models cnn,resnet18,llama,gpt2,bert]
+                            [--resources size_bytes,bops]
                             [--omega trace|diagonal|measured[:bc|:raw],...]
                             [--weight-clip max|mse|hessian] [--clip-rows hessian,mse]
                             [--bias-correction none|weight|layer]
@@ -13,7 +14,10 @@ trained on digits 0..999 (200 calibration digits the plan sees; the other 597 on
 and the tiny Llama-style decoder (or, ``gpt2``, the tiny GPT-2 with its Conv1D projections)
 of tests/hf_zoo.py trained on stdlib docstrings (200
 calibration and 200 held-out sequences of 32 bytes from text it never trained on; measures:
-next-token perplexity and per-token KL to FP32). For each, bitplan's pipeline runs once
+next-token perplexity and per-token KL to FP32), and (``bert``) the tiny BERT encoder of
+tests/hf_zoo.py (hidden 32, 2 layers, masked-byte training, 300 steps, seeded, one thread),
+whose job's output is the last hidden state of every token, [N, 32, 32] (``TokenEncoder``;
+same text; measures below). For each, bitplan's pipeline runs once
 (sensitivity, options; ``problem.json`` holds every layer's options with Omega and costs).
 Then, at three size budgets (0.25 / 0.5 / 0.75 of the way from all-INT4 to all-INT8 weights,
 activations 8 bits) and one BOPS budget (half way between all-W4A4 and all-W8A8, activations
@@ -52,13 +56,25 @@ alone) and ``int8+<mode>`` / ``int4+<mode>``, each paired against bitplan's row.
 quantized with that correction, paired against bitplan's row.
 
 A layer's measured loss increase for an option is the calibration loss (cross-entropy on the
-200 calibration digits; for the decoder the per-token KL to FP32) with only that layer
-quantized at that option, minus the FP32 loss. Nothing is tuned on the evaluation samples. Two
-measures on them: top-1 accuracy (one digit is 1/597 = 0.17 points) or next-token perplexity,
-and the mean KL divergence of the quantized model's output distribution to the FP32 one
-(continuous, so it separates plans that accuracy cannot). For each the script
-prints the difference to bitplan's plan, paired per sample, with its standard error: a gap
-smaller than about two standard errors is noise.
+200 calibration digits; for the decoder the per-token KL to FP32; for the encoder the mean
+squared error to the FP32 hidden states, mean over sequences, tokens and units) with only that
+layer quantized at that option, minus the FP32 loss. Nothing is tuned on the evaluation
+samples. Two measures on them: top-1 accuracy (one digit is 1/597 = 0.17 points), next-token
+perplexity or (encoder) the embedding cosine: per token the cosine similarity of the quantized
+hidden state to the FP32 one, the mean over a sequence's tokens, averaged over sequences; and
+the mean KL divergence of the quantized model's output distribution to the FP32 one
+(continuous, so it separates plans that accuracy cannot), for the encoder the mean squared
+error to the FP32 hidden states instead (in the same column and ``--json`` keys, ``kl``).
+For each the script prints the difference to bitplan's plan, paired per sample, with its
+standard error: a gap smaller than about two standard errors is noise.
+
+Why MSE is the encoder's calibration loss (greedy, ilp-measured, random-picked) and not
+1 - cosine: it is the loss the job itself differentiates for an output that is not logits
+(``sensitivity.intake._loss_kind``: no labels, no vocabulary-sized last dimension -> ``mse``),
+so the Hessian behind bitplan's Omega, ``hessian.omega: measured`` and the oracles all rank
+options by the same quantity, and the held-out cosine tests each plan on a measure none of them
+optimised. (A pooled ``hf_zoo.Encoder``, output [N, D], is a different job: the pipeline scores
+a 2-D output without labels by KL of its softmax.)
 """
 
 from __future__ import annotations
@@ -98,6 +114,9 @@ MODELS = {
     "cnn": (lambda: zoo.DigitsCNN(width=16), 8, 1),
     "resnet18": (lambda: zoo.ResNet18Like(width=8), 16, 3),
 }
+KINDS = ("classifier", "lm", "encoder")  # what a model's outputs are (see Evaluator)
+# the tiny transformers of tests/hf_zoo.py, by their Evaluator kind (others: classifiers)
+TRANSFORMERS = {"llama": "lm", "gpt2": "lm", "bert": "encoder"}
 
 
 def option_key(o: Option) -> tuple:
@@ -142,25 +161,41 @@ def plan_for(template: dict, problem: Problem, choice: dict[str, int]) -> dict:
 
 
 class Evaluator:
-    """Scores plans on held-out samples. A classifier (labels): per sample correct and KL to
-    FP32; the calibration loss is cross-entropy. A language model (``lm``: int64 token ids,
-    [N, T, V] logits, no labels): per sequence the next-token NLL and the mean per-token KL to
-    FP32; the calibration loss is that KL (label-free, as the pipeline's)."""
+    """Scores plans on held-out samples. ``kind``:
+
+    - ``classifier`` (labels): per sample correct and KL to FP32; calibration loss
+      cross-entropy;
+    - ``lm`` (int64 token ids, [N, T, V] logits, no labels): per sequence the next-token NLL
+      and the mean per-token KL to FP32; calibration loss that KL (label-free, as the
+      pipeline's);
+    - ``encoder`` (int64 token ids, [N, T, D] hidden states, no labels): per sequence the mean
+      over tokens of the cosine similarity to the FP32 hidden state, and the mean squared error
+      to it (in the ``kl`` slots); calibration loss that MSE (the pipeline's loss for an output
+      that is not logits: ``sensitivity.intake._loss_kind``).
+    """
 
     def __init__(self, program, calib: CalibrationSet, holdout: CalibrationSet,
-                 lm: bool = False, qcfg: QuantizeConfig | None = None,
+                 kind: str = "classifier", qcfg: QuantizeConfig | None = None,
                  clip: ClipRatios | None = None) -> None:
-        self.program, self.calib, self.holdout, self.lm = program, calib, holdout, lm
+        if kind not in KINDS:
+            raise ValueError(f"Evaluator kind: one of {KINDS}, got {kind!r}")
+        self.program, self.calib, self.holdout, self.kind = program, calib, holdout, kind
+        self.lm, self.encoder = kind == "lm", kind == "encoder"
         self.qcfg = qcfg or QuantizeConfig()
         self.clip = clip  # the pipeline's clip ratios (sensitivity.json), for every plan
         self.x_cal, self.y_cal = calib.args[0], calib.labels
         self.x_ev, self.y_ev = holdout.args[0], holdout.labels
         with torch.no_grad():
             fp = program.module()
-            self.fp32_cal = F.log_softmax(fp(self.x_cal), dim=-1)
-            self.fp32_logp = F.log_softmax(fp(self.x_ev), dim=-1)
-            self.fp32_loss = 0.0 if lm else float(F.nll_loss(self.fp32_cal, self.y_cal))
+            # log-probabilities (an encoder: its hidden states) of the FP32 model
+            self.fp32_cal = self._out(fp(self.x_cal))
+            self.fp32_logp = self._out(fp(self.x_ev))
+            self.fp32_loss = (float(F.nll_loss(self.fp32_cal, self.y_cal))
+                              if kind == "classifier" else 0.0)
             self.fp32_primary = self._primary(self.fp32_logp)
+
+    def _out(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.encoder else F.log_softmax(z, dim=-1)
 
     def module(self, plan: dict, qcfg: QuantizeConfig | None = None,
                clip: ClipRatios | None = None):
@@ -177,27 +212,33 @@ class Evaluator:
         if self.lm:  # next-token NLL per sequence
             nll = -logq[:, :-1].gather(-1, self.x_ev[:, 1:, None]).squeeze(-1)
             return nll.mean(1)
+        if self.encoder:  # per sequence: cosine to FP32 per token, mean over tokens
+            return F.cosine_similarity(logq, self.fp32_logp, dim=-1).mean(1)
         return logq.argmax(1) == self.y_ev
 
-    @staticmethod
-    def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        kl = (logp.exp() * (logp - logq)).sum(-1)
-        return kl.reshape(kl.shape[0], -1).mean(1)
+    def _distance(self, ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Per sample: KL(ref || out) over the last dim, or an encoder's squared error, mean
+        over tokens (and hidden units)."""
+        if self.encoder:
+            d = (out - ref).pow(2)
+        else:
+            d = (ref.exp() * (ref - out)).sum(-1)
+        return d.reshape(d.shape[0], -1).mean(1)
 
     @torch.no_grad()
     def calib_loss(self, plan: dict) -> float:
-        logq = F.log_softmax(self.module(plan)(self.x_cal), dim=-1)
-        if self.lm:
-            return float(self._kl(self.fp32_cal, logq).mean())
-        return float(F.nll_loss(logq, self.y_cal))
+        out = self._out(self.module(plan)(self.x_cal))
+        if self.kind == "classifier":
+            return float(F.nll_loss(out, self.y_cal))
+        return float(self._distance(self.fp32_cal, out).mean())
 
     @torch.no_grad()
     def score(self, plan: dict, qcfg: QuantizeConfig | None = None,
               clip: ClipRatios | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per held-out sample: the primary measure (correct, or next-token NLL) and the KL
-        to FP32 in nats."""
-        logq = F.log_softmax(self.module(plan, qcfg, clip)(self.x_ev), dim=-1)
-        return self._primary(logq), self._kl(self.fp32_logp, logq)
+        """Per held-out sample: the primary measure (correct, next-token NLL or embedding
+        cosine) and the KL to FP32 in nats (an encoder: the squared error to FP32)."""
+        out = self._out(self.module(plan, qcfg, clip)(self.x_ev))
+        return self._primary(out), self._distance(self.fp32_logp, out)
 
 
 def measured_increase(ev: Evaluator, template: dict, problem: Problem) -> dict[str, list[float]]:
@@ -276,12 +317,14 @@ def random_fill(problem: Problem, resource: str, limit: float, rng: random.Rando
 
 @functools.cache
 def trained(name: str, work: Path) -> tuple[Path, torch.Tensor, torch.Tensor | None]:
-    if name in ("llama", "gpt2"):  # tests/hf_zoo.py: tiny decoders on stdlib docstrings
+    if name in TRANSFORMERS:  # tests/hf_zoo.py: tiny transformers on stdlib docstrings
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import hf_zoo
 
         if name == "llama":
             model = hf_zoo.trained_llama(steps=300)
+        elif name == "bert":  # masked-byte training; the job sees the per-token hidden states
+            model = hf_zoo.TokenEncoder(hf_zoo.trained_bert(steps=300).model).eval()
         else:  # GPT-2: its projections are Conv1D (an [in, out] weight), the attention fused
             torch.manual_seed(0)
             model = hf_zoo.train_causal(hf_zoo.gpt2(), steps=300)
@@ -326,7 +369,7 @@ def prepare(name: str, work: Path, activation_bits: list[int], omega: str = "tra
     clip = SensitivityResult.from_json((out / "sensitivity.json").read_text()).clip
     ev = Evaluator(program, CalibrationSet((x[:N_CALIB],), labels=cal_y),
                    CalibrationSet((x[N_CALIB:],), labels=None if y is None else y[N_CALIB:]),
-                   lm=y is None, qcfg=qcfg, clip=clip)
+                   kind=TRANSFORMERS.get(name, "classifier"), qcfg=qcfg, clip=clip)
     return problem, template, ev, seconds
 
 
@@ -355,7 +398,8 @@ def all_plans(problem: Problem, template: dict, ev: Evaluator, resource: str, li
             continue
         opts = [la.options[c[la.name]] for la in problem.layers]
         bits = plan_bits(problem, c)
-        kls = [f"{m}: KL {float(ev.score(plan_for(template, problem, c), cfg)[1].mean()):.5f}"
+        dist = "MSE" if ev.encoder else "KL"
+        kls = [f"{m}: {dist} {float(ev.score(plan_for(template, problem, c), cfg)[1].mean()):.5f}"
                for m, cfg in [(ev.qcfg.bias_correction, None)]
                + [(m, QuantizeConfig(calibration=ev.qcfg.calibration, bias_correction=m))
                   for m in bc_rows]]
@@ -402,8 +446,9 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
         pick = min(range(len(cal)), key=cal.__getitem__)
         plans["random-picked"], scores["random-picked"] = rand_plans[pick], rand[pick]
     n = len(ev.x_ev)
-    # accuracy (higher is better) or perplexity exp(mean NLL) (lower is better)
+    # accuracy or embedding cosine (higher is better), or perplexity exp(mean NLL) (lower)
     value = (lambda p: math.exp(float(p.mean()))) if ev.lm else (lambda p: float(p.float().mean()))
+    continuous = ev.kind != "classifier"  # paired differences as means, not digit counts
     rand_val = sorted(value(p) for p, _ in rand)
     rand_kl = sorted(float(k.mean()) for _, k in rand)
     base_p, base_kl = scores["bitplan"]
@@ -412,8 +457,9 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
         d = p.float() - base_p.float()
         dkl = kl - base_kl
         rows[k] = {"value": value(p),
-                   "vs_bitplan": float(d.mean()) if ev.lm else int(d.sum()),
-                   "se": float(d.std()) / math.sqrt(n) if ev.lm else float(d.std()) * math.sqrt(n),
+                   "vs_bitplan": float(d.mean()) if continuous else int(d.sum()),
+                   "se": (float(d.std()) / math.sqrt(n) if continuous
+                          else float(d.std()) * math.sqrt(n)),
                    "kl": float(kl.mean()), "kl_vs_bitplan": float(dkl.mean()),
                    "kl_se": float(dkl.std()) / math.sqrt(n),
                    "use": totals(problem, plans[k])[resource] / limit,
@@ -424,6 +470,25 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
     rows["random-best"] = {"value": best, "kl": rand_kl[0]}
     rows["fp32"] = {"value": value(ev.fp32_primary), "kl": 0.0}
     return rows
+
+
+def row_line(kind: str, method: str, r: dict) -> str:
+    """One printed row. An encoder's cosines are within 1e-4 of 1 and its squared errors
+    small: 6 decimals and 3 significant digits where the others print 4 and 5 decimals."""
+    if kind == "encoder":
+        line = f"    {method:18s} {r['value']:9.6f}"
+        if "vs_bitplan" not in r:
+            return line + f" {'':24s} {r['kl']:10.3e}"
+        vs = f"{r['vs_bitplan']:+.6f} (se {r['se']:.6f})"
+        return line + (f" {vs:>24s} {r['kl']:10.3e} {r['kl_vs_bitplan']:+.2e} "
+                       f"(se {r['kl_se']:.2e})  {r['use']:.2f}")
+    line = f"    {method:18s} {r['value']:7.4f}"
+    if "vs_bitplan" not in r:
+        return line + f" {'':18s} {r['kl']:10.5f}"
+    vs = (f"{r['vs_bitplan']:+.4f} (se {r['se']:.4f})" if kind == "lm"
+          else f"{r['vs_bitplan']:+4d} (se {r['se']:4.1f})")
+    return line + (f" {vs:>18s} {r['kl']:10.5f} {r['kl_vs_bitplan']:+.5f} "
+                   f"(se {r['kl_se']:.5f})  {r['use']:.2f}")
 
 
 def main() -> None:
@@ -490,29 +555,24 @@ def main() -> None:
                 increase = measured_increase(ev, template, problem)
                 m_secs = time.perf_counter() - t0
                 n = len(ev.x_ev)
-                what = (f"{n} held-out sequences" if ev.lm
+                what = (f"{n} held-out sequences" if ev.kind != "classifier"
                         else f"{n} held-out digits (one = {100 / n:.2f} pt)")
                 print(f"\n{name}: {len(problem.layers)} layers, activations {abits}; pipeline "
                       f"{secs:.1f} s, measured loss increases {m_secs:.1f} s; {what}")
-                head = "ppl" if ev.lm else "acc"
+                head = {"lm": "ppl", "encoder": "cos"}.get(ev.kind, "acc")
+                dist = "MSE to FP32" if ev.encoder else "KL to FP32"
                 for label, limit in budgets(problem, resource, fractions):
                     rows = run_budget(problem, template, ev, increase, resource, limit,
                                       args.random, args.seed, extra,
                                       bc_rows, clips)
                     results[f"{name} {label}"] = rows
                     print(f"  {label}:")
-                    print(f"    {'method':18s} {head:>7s} {'vs bitplan':>18s} "
-                          f"{'KL to FP32':>10s} {'KL vs bitplan':>22s}  budget use")
+                    wide = ev.encoder  # row_line's wider columns
+                    print(f"    {'method':18s} {head:>{9 if wide else 7}s} "
+                          f"{'vs bitplan':>{24 if wide else 18}s} "
+                          f"{dist:>10s} {dist[:-8] + ' vs bitplan':>22s}  budget use")
                     for k, r in rows.items():
-                        line = f"    {k:18s} {r['value']:7.4f}"
-                        if "vs_bitplan" in r:
-                            vs = (f"{r['vs_bitplan']:+.4f} (se {r['se']:.4f})" if ev.lm
-                                  else f"{r['vs_bitplan']:+4d} (se {r['se']:4.1f})")
-                            line += (f" {vs:>18s} {r['kl']:10.5f} {r['kl_vs_bitplan']:+.5f} "
-                                     f"(se {r['kl_se']:.5f})  {r['use']:.2f}")
-                        else:
-                            line += f" {'':18s} {r['kl']:10.5f}"
-                        print(line)
+                        print(row_line(ev.kind, k, r))
                     if args.all_plans:
                         for k in ("bitplan", "greedy"):
                             print(f"    {k} plan: {rows[k]['plan']}")

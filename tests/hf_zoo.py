@@ -123,6 +123,19 @@ class Encoder(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+class TokenEncoder(nn.Module):
+    """``forward(input_ids) -> [N, T, hidden]``: an encoder's last hidden state per token
+    (no padding: every token attends to every other). Wraps ``Encoder.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(input_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+
 def train_causal(model: nn.Module, steps: int = 200, seq: int = 32, batch: int = 16,
                  lr: float = 3e-3, seed: int = 0) -> CausalLM:
     """Next-byte prediction on the docstrings (single-threaded, so the same on any CPU)."""
