@@ -162,7 +162,7 @@ class Hessian(_Strict):
         "all from the start again)",
     )
     omega: Literal["trace", "diagonal", "measured"] = Field(
-        "trace",
+        "diagonal",
         description="how each option's Omega is estimated: 'trace' (HAWQ-V3, Tr(H)/n * "
         "||Q(W) - W||^2 from the Hessian traces), 'diagonal' (sum_i H_ii * (Q(W)_i - W_i)^2 "
         "with the Hessian diagonal from the same probes; activations stay trace-based) or "

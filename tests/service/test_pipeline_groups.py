@@ -23,7 +23,8 @@ def test_grouped_options_are_costed_chosen_and_stored(mlp_pt2, calib_path, tmp_p
     # fc1 (64 -> 32, fan-in 64) is free; fc2 (fan-in 32) is pinned at 8 bits, per channel.
     # At 0.8 x the INT8 size (2029 bytes) fc1 can afford 3/4-bit weights per channel (1152 B)
     # or with groups of 16 (1536 B), not groups of 8 (2048 B) nor 8 bits (2176 B).
-    cons = {"hessian": FAST_HESSIAN, "limits": {"size_ratio": 0.8},
+    # (the trace Omega, whose formula is checked below; the diagonal's: test_pipeline_diagonal)
+    cons = {"hessian": {**FAST_HESSIAN, "omega": "trace"}, "limits": {"size_ratio": 0.8},
             "pin": {"first": None, "last": 8}, "weight_bits": [3, 4, 8],
             "weight_group_sizes": [None, 16, 8, 64]}
     result = run_pipeline(mlp_pt2, calib_path, cons, tmp_path / "out")
