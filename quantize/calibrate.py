@@ -141,6 +141,27 @@ def insert_after(gm: fx.GraphModule, modules: dict[str, nn.Module], prefix: str)
     return gm
 
 
+def _unfolded_ranges(gm: fx.GraphModule, stats: ActivationStats,
+                     points: list[Point]) -> dict[str, tuple[float, float]]:
+    """(min, max) of the free points whose values the job's activation statistics observed on
+    the unfolded model (``ActivationStats.points``: a folded layer returns what its conv + BN
+    returned, up to float rounding), by chain-end node. A point whose observed per-sample
+    shape differs from the folded node's (another graph) is left to the pass."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: dict[str, tuple[float, float]] = {}
+    for p in points:
+        s = stats.points.get(p.end)
+        if p.consumer is not None or s is None or not s.seen or p.end not in nodes:
+            continue
+        val = nodes[p.end].meta.get("val")
+        shape = getattr(val, "shape", None)
+        if shape is not None and all(isinstance(d, int) for d in shape[1:]) \
+                and tuple(shape[1:]) != s.shape:
+            continue
+        out[p.end] = (s.lo, s.hi)
+    return out
+
+
 def calibrate(
     gm: fx.GraphModule,
     layers: dict[str, GraphLayer],
@@ -168,7 +189,8 @@ def calibrate(
     Raises BadCalibrationError when a tensor never shows up or is non-finite.
     """
     stats = activations if activations is not None and cfg.calibration == "minmax" else None
-    known = {} if stats is None else stats.outputs.get(frozenset(layers), {})
+    known = {} if stats is None else {**_unfolded_ranges(gm, stats, points),
+                                      **stats.outputs.get(frozenset(layers), {})}
     in_grids: dict[str, Grid] = dict(given)
     for name in input_bits:
         if name not in given and stats is not None and name in stats:

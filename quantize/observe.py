@@ -20,10 +20,18 @@ Their size is the weight's input side (``C_in x kernel`` float64 per layer: 0.25
 0.59 MB for ResNet-18 / ResNet-50 / MobileNetV2), in ``to_dict`` as base64 (exact), so a
 cached sensitivity result hands them to a re-plan too.
 
-``ActivationStats.outputs`` carries the other per-job measurement of the quantize stage: the
-min / max of every free point (``quantize.points``) of the BN-folded float model, per set of
-quantized layers (the folded graph depends on it), filled by ``quantize.apply`` so the next
-plan of the same job (a Pareto point) calibrates without a pass.
+The same pass also takes the min / max of every value that can be a free point of the quantize
+stage (``quantize.points.point_ends``: a layer output, residual add or pool whose grid is not a
+layer input grid), on the unfolded model: ``ActivationStats.points``, keyed by the chain-end
+node's name on the BN-folded graph. A folded conv returns what conv + BN returned (up to float
+rounding), so ``quantize.calibrate`` takes a free point's grid from there, and the quantize
+stage's ``minmax`` calibration needs no pass of its own. A point end that is a layer's input
+(most of them) is not observed twice: its range is that layer's.
+
+``ActivationStats.outputs`` (in memory only) keeps what ``quantize.apply`` measured on the
+BN-folded float model for points not in ``points`` (none on the zoo's models), per set of
+quantized layers (the folded graph depends on it), so the next plan of the same job (a Pareto
+point) calibrates without a pass.
 
 A job measures them once (``sensitivity.measure`` returns them in
 ``SensitivityResult.activations``) and hands them to the other stages; each entry point also
@@ -49,10 +57,13 @@ from torch import fx, nn
 from solver.errors import BadCalibrationError
 
 from .data import CalibrationSet
-from .graph import GraphLayer, insert_input_modules
+from .graph import GraphLayer, insert_after_node, insert_input_modules
+from .points import EndValue, point_ends
 from .primitives import activation_scale
 
-VERSION = 2  # 2: the layer input sums (``InputSums``); version 1 is still read
+# 2: the layer input sums (``InputSums``); 3: the free points' ranges (``points``); 1 and 2 are
+# still read (without them)
+VERSION = 3
 ProgressFn = Callable[[str, float], None]
 
 
@@ -176,14 +187,16 @@ def tap_sums(layer: GraphLayer, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 @dataclass(frozen=True)
 class ActivationStats:
     """``InputStats`` per layer name, measured on ``samples`` samples; ``sums``: the layers'
-    ``InputSums``; ``outputs``: per frozenset of quantized layer names, the
-    (min, max) of each free point's end node in the BN-folded float model (minmax calibration,
-    ``quantize.calibrate``; in memory only)."""
+    ``InputSums``; ``points``: ``InputStats`` of each possible free point's value, by its
+    chain-end node on the BN-folded graph (``quantize.points.point_ends``); ``outputs``: per
+    frozenset of quantized layer names, the (min, max) of each free point's end node in the
+    BN-folded float model (minmax calibration, ``quantize.calibrate``; in memory only)."""
 
     layers: dict[str, InputStats] = field(default_factory=dict)
     samples: int = 0
     version: int = VERSION
     sums: dict[str, InputSums] = field(default_factory=dict, repr=False, compare=False)
+    points: dict[str, InputStats] = field(default_factory=dict, repr=False, compare=False)
     outputs: dict[frozenset[str], dict[str, tuple[float, float]]] = field(
         default_factory=dict, repr=False, compare=False)
 
@@ -219,25 +232,29 @@ class ActivationStats:
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "samples": self.samples,
                 "layers": {n: s.to_dict() for n, s in self.layers.items()},
-                "sums": {n: s.to_dict() for n, s in self.sums.items()}}
+                "sums": {n: s.to_dict() for n, s in self.sums.items()},
+                "points": {n: s.to_dict() for n, s in self.points.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ActivationStats:
-        if d.get("version") not in (1, VERSION):  # 1: without the sums
+        if d.get("version") not in (1, 2, VERSION):  # 1: without the sums, 2: the points
             raise ValueError(f"unsupported activation statistics version {d.get('version')!r}")
         return cls({n: InputStats.from_dict(s) for n, s in d["layers"].items()},
                    int(d["samples"]),
-                   sums={n: InputSums.from_dict(s) for n, s in d.get("sums", {}).items()})
+                   sums={n: InputSums.from_dict(s) for n, s in d.get("sums", {}).items()},
+                   points={n: InputStats.from_dict(s) for n, s in d.get("points", {}).items()})
 
 
 class _Probe(nn.Module):
     """Passes its input through and keeps its running min / max / count (and, with a layer,
     its ``InputSums``)."""
 
-    def __init__(self, name: str, layer: GraphLayer | None = None) -> None:
+    def __init__(self, name: str, layer: GraphLayer | None = None, strict: bool = True) -> None:
         super().__init__()
         self.name = name
         self.layer = layer
+        self.strict = strict  # else NaN/inf marks the statistics unusable (``bad``)
+        self.bad = False
         self.total: torch.Tensor | None = None
         self.count = 0
         self.full: int | None = None  # rows of the current batch, padding included
@@ -249,10 +266,13 @@ class _Probe(nn.Module):
         v = x.detach()
         if self.valid is not None and v.dim() and v.shape[0] == self.full:
             v = v[: self.valid]  # a batch-leading tensor: drop the padding rows
-        if v.numel() == 0:
+        if v.numel() == 0 or self.bad:
             return x
         lo, hi = (float(t) for t in torch.aminmax(v))  # one pass; NaN propagates to both
         if not (math.isfinite(lo) and math.isfinite(hi)):
+            if not self.strict:  # e.g. an attention mask's add: never a point in use
+                self.bad = True
+                return x
             raise BadCalibrationError(
                 f"the input of layer {self.name!r} has NaN/inf values on the calibration data"
             )
@@ -297,30 +317,50 @@ def observe(
     progress: ProgressFn | None = None,
     stage: str = "observe",
     sums: bool = True,
+    ends: Mapping[str, EndValue] | None = None,
 ) -> ActivationStats:
     """Input statistics of every layer in ``layers`` over all samples of ``data`` (with
-    ``sums``, also their ``InputSums``).
+    ``sums``, also their ``InputSums``), and of every possible free point (``ends``, by
+    default ``quantize.points.point_ends(module, layers)``; give them when ``module`` carries
+    inserted modules of its own, from the clean graph it was copied from: node names are kept).
 
     ``module`` is left unchanged (the probes go on a graph copy that shares its parameters when
     they are on ``device``); ``batch_size`` samples per forward, padded to it when ``fixed``
     (the program's fixed export batch). ``progress(stage, fraction)`` once a batch. Raises
-    BadCalibrationError when a layer input is NaN/inf.
+    BadCalibrationError when a layer input (or a point) is NaN/inf.
     """
     device = torch.device(device)
     probes = {layer.name: _Probe(layer.name, layer if sums else None) for layer in layers}
     gm = insert_input_modules(graph_copy(module, device), list(layers), probes, "observe")
+    if ends is None:
+        ends = point_ends(module, layers)
+    names = {n.name for n in gm.graph.nodes}
+    own = {e.node for e in ends.values() if e.input_of not in probes and e.node in names}
+    end_probes = {node: _Probe(node, strict=False) for node in sorted(own)}
+    for i, (node, probe) in enumerate(end_probes.items()):
+        insert_after_node(gm, node, probe, f"_bitplan_observe_point_{i}")
+    if end_probes:
+        gm.graph.lint()
+        gm.recompile()
+    every = [*probes.values(), *end_probes.values()]
     planned = max(1, math.ceil(len(data) / batch_size))
     for i, batch in enumerate(data.batches(batch_size, fixed=fixed)):
         b = batch.to(device)
         first = b.args[0] if b.args else next(iter(b.kwargs.values()))
-        for p in probes.values():
+        for p in every:
             p.full, p.valid = int(first.shape[0]), b.size
         gm(*b.args, **b.kwargs)
         if progress is not None:
             progress(stage, (i + 1) / planned)
     found = {n: p.sums() for n, p in probes.items()}
+    points = {}
+    for key, e in ends.items():
+        probe = probes.get(e.input_of or "") or end_probes.get(e.node)
+        if probe is not None and probe.numel and not probe.bad:
+            points[key] = probe.stats()
     return ActivationStats({n: p.stats() for n, p in probes.items()}, len(data),
-                           sums={n: s for n, s in found.items() if s is not None})
+                           sums={n: s for n, s in found.items() if s is not None},
+                           points=points)
 
 
 __all__ = ["ActivationStats", "InputStats", "InputSums", "graph_copy", "observe", "tap_sums"]

@@ -24,6 +24,8 @@ input gets its own grid and the pool rescales onto its consumer's grid.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -157,3 +159,62 @@ def _prune(gm: fx.GraphModule, points: list[Point], layer_nodes: set[str]) -> li
         kept.add(p.node)
         out.append(p)
     return out[::-1]
+
+
+@dataclass(frozen=True)
+class EndValue:
+    """Where a possible free point's value lives in the unfolded graph: ``node`` (the BN's
+    output for a layer with a BN, as folding makes the layer op return it), and ``input_of``,
+    a layer whose input is that same value (its input statistics then are the point's)."""
+
+    node: str
+    input_of: str | None = None
+
+
+def _bn_output(node: fx.Node) -> fx.Node | None:
+    """The node holding the output of the BN right after layer op ``node`` (a BN variant
+    returning a tuple: its ``getitem(bn, 0)``); None when it cannot be told."""
+    from .graph import _BN_OPS  # the BN ops find_layers folds
+
+    users = list(node.users)
+    if len(users) != 1 or users[0].target not in _BN_OPS or users[0].args[0] is not node:
+        return None
+    bn = users[0]
+    if bn.target == aten.batch_norm.default:
+        return bn
+    outs = [u for u in bn.users if u.target is operator.getitem and u.args[1] == 0]
+    return outs[0] if len(outs) == 1 else None
+
+
+def point_ends(gm: fx.GraphModule, layers: Sequence[GraphLayer]) -> dict[str, EndValue]:
+    """Every node that can be a free point's chain end once some of ``layers`` are quantized
+    and BN-folded (``find_points`` on the folded graph), by its name on the folded graph, with
+    where its value lives in the unfolded ``gm`` (which still has its BatchNorms).
+
+    A point starts at a layer op, an ``add`` or a ``mean``, and its chain end depends on the
+    graph alone, not on which layers are quantized (``chain_end``); folding a layer removes
+    its BN, so the layer op takes the BN output's place: the chain then starts at the BN
+    output, and ends at the op itself when nothing transparent follows. A layer whose BN
+    cannot be located is left out (its points are calibrated on the folded model)."""
+    by_node = {layer.node: layer for layer in layers}
+    inputs: dict[str, str] = {}  # node name -> a layer reading it as its input
+    for node in gm.graph.nodes:
+        if node.name in by_node and node.args and isinstance(node.args[0], fx.Node):
+            inputs.setdefault(node.args[0].name, by_node[node.name].name)
+    ends: dict[str, EndValue] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        start: fx.Node | None = node
+        if node.name in by_node:
+            if by_node[node.name].bn is not None:
+                start = _bn_output(node)
+        elif not (_is_add(node) or (node.target in POOL_OPS and node.args
+                                    and isinstance(node.args[0], fx.Node))):
+            continue
+        if start is None:
+            continue
+        end = chain_end(start)
+        key = node.name if end is start else end.name
+        ends[key] = EndValue(end.name, inputs.get(end.name))
+    return ends

@@ -38,6 +38,7 @@ import torch
 from quantize.clip import CLIP_MODES, ClipRatios, ratios_for
 from quantize.data import CalibrationSet, run_batch
 from quantize.observe import ActivationStats, observe
+from quantize.points import point_ends
 from quantize.primitives import (
     activation_qrange,
     fake_quantize_weight,
@@ -443,8 +444,11 @@ def measure(intake: Intake, cfg: HessianConfig | None = None, device: torch.devi
     if observing:
         for leaf in p.leaves.values():  # pass-through probes on the Hessian's model copy
             leaf.active = False
+        # the free points' ranges too (quantize's minmax calibration then runs no pass),
+        # located on the clean graph: the copy's probes and shift leaves would hide them
         activations = observe(p.module, graphs, intake.train, intake.chunk_size(chunk),
-                              intake.batch_size is not None, device, shown.tick)
+                              intake.batch_size is not None, device, shown.tick,
+                              ends=point_ends(intake.module, graphs))
     moments: dict[str, ErrorMoments] = {}
     if bias_correction != "none":
         params = dict(p.module.named_parameters())

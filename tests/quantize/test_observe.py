@@ -82,8 +82,16 @@ def test_json_round_trip(cnn_program, calib_digits):
     for name, s in stats.sums.items():
         assert torch.equal(back.sums[name].total, s.total) and back.sums[name].count == s.count
         assert s.total.dtype == torch.float64
-    # version 1 (no sums) is still read
-    old = {k: v for k, v in stats.to_dict().items() if k != "sums"}
+    # the free points' ranges (version 3), by chain-end node, exactly
+    gm = cnn_program.module()
+    full = observe(gm, find_layers(gm), CalibrationSet((calib_digits[0][:20],)), 8)
+    assert full.points and full.version == 3
+    assert ActivationStats.from_dict(json.loads(json.dumps(full.to_dict()))).points \
+        == full.points
+    # version 2 (no points) and version 1 (no sums) are still read
+    two = {k: v for k, v in full.to_dict().items() if k != "points"}
+    assert ActivationStats.from_dict({**two, "version": 2}).points == {}
+    old = {k: v for k, v in two.items() if k != "sums"}
     assert ActivationStats.from_dict({**old, "version": 1}).sums == {}
     with pytest.raises(ValueError, match="version"):
         ActivationStats.from_dict({**stats.to_dict(), "version": 99})

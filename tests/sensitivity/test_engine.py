@@ -244,3 +244,25 @@ def test_progress_moves_after_the_sweep_until_the_stage_ends(cnn_pt2, tiny_calib
     chunks = math.ceil(len(it.train) / 4)
     assert len(after) == 2 * chunks  # observe, then the activation errors
     assert all(b > a for a, b in zip(after, after[1:], strict=False)) and after[-1] < 1.0
+
+
+def test_activation_statistics_carry_every_free_point(resnet_pt2, tiny_calib):
+    """The one statistics pass also takes the free points' ranges, on the Hessian's model copy
+    (input probes, and shift leaves on every layer output with the bias correction): located
+    on the clean graph, they equal the ones observed on the intake's module, and cover every
+    free point of the BN-folded model quantize.apply calibrates (so it runs no pass)."""
+    from quantize.fold import fold_layers
+    from quantize.graph import find_layers
+    from quantize.observe import observe
+    from quantize.points import find_points
+
+    it = intake(resnet_pt2, tiny_calib)
+    res = measure(it, FAST, bias_correction="weight")
+    graphs = [info.graph for info in it.layers]
+    clean = observe(it.module, graphs, it.train, it.chunk_size(FAST.batch_size))
+    assert res.activations.points == clean.points
+    folded = it.program.module()
+    qlayers = {layer.name: layer for layer in find_layers(folded)}
+    fold_layers(folded, list(qlayers.values()))
+    free = {p.end for p in find_points(folded, qlayers) if p.consumer is None}
+    assert free and free <= res.activations.points.keys()
