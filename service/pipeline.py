@@ -441,7 +441,11 @@ def run_pipeline(
     if evaluation is not None:
         intake.holdout = evaluation
     result = _quantize(intake, plan, device, tick, chunk=_forward_chunk(sens),
-                       activations=activations, clip=sens.clip)
+                       activations=activations, clip=sens.clip, reference=job_reference)
+    # the FP32 outputs on the held-out samples, once: the job's evaluation and (sliced) the
+    # Pareto points' (None over REFERENCE_MAX_BYTES: each evaluation then runs the FP32 model)
+    tick("quantize", 0.0)
+    job_reference = _reference(intake, _forward_chunk(sens), device)
     result.report["evaluation"] = {
         "source": "evaluation file" if evaluation is not None else "held-out calibration share",
         "samples": len(intake.holdout),
@@ -462,10 +466,11 @@ def run_pipeline(
     # (their metrics carry the count and interval): the job's own plan on all of them
     point_intake = _holdout_subset(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
     split["point_samples"] = len(point_intake.holdout)
+    point_keep = _holdout_keep(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
     # measured once for every point: the free-point ranges (the job's plan measured them, for
     # its layer set), the layer input sums (with the sensitivity) and the FP32 outputs
     activations = result.activations or activations
-    reference = None
+    reference = _slice_reference(job_reference, point_keep)
     point_chunk = _forward_chunk(sens)
 
     def evaluate_plan(point_plan: dict[str, Any]) -> dict[str, Any]:
@@ -587,10 +592,25 @@ def _holdout_subset(intake: Any, n: int, seed: int) -> Any:
     """``intake`` with its held-out set cut to ``n`` samples drawn at random (seeded; a file
     sorted by class would bias its first samples)."""
     if len(intake.holdout) <= n:
-        return intake
+        return None
     gen = torch.Generator().manual_seed(seed + 1)
-    keep = torch.randperm(len(intake.holdout), generator=gen)[:n].sort().values
-    return dataclasses.replace(intake, holdout=intake.holdout.subset(keep))
+    keep = _holdout_keep(intake, n, seed)
+    return intake if keep is None else dataclasses.replace(intake,
+                                                           holdout=intake.holdout.subset(keep))
+
+
+def _slice_reference(reference: Any, keep: torch.Tensor | None) -> Any:
+    """The FP32 reference of the held-out samples ``keep`` (all: None), cut from the job's."""
+    from quantize.evaluate import Reference
+
+    if reference is None or keep is None:
+        return reference
+    return Reference(reference.outputs[keep], len(keep))
+
+
+def _holdout_keep(intake: Any, n: int, seed: int) -> torch.Tensor | None:
+    """The held-out samples ``_holdout_subset`` keeps, ascending (None: all of them)."""
+    return torch.randperm(len(intake.holdout), generator=gen)[:n].sort().values
 
 
 def _forward_chunk(sens: Any) -> int | None:

@@ -25,9 +25,10 @@ def test_points_are_evaluated_on_a_seeded_random_subset(cnn_pt2, calib_path):
 
 
 def test_points_reuse_the_jobs_measurements(cnn_pt2, calib_path, tmp_path, monkeypatch):
-    """The Pareto points calibrate and correct their biases without a pass over the train set
-    (the chosen plan's free-point ranges, the job's layer input sums) and run the FP32 model
-    once for all of them (its outputs on the points' held-out samples, kept)."""
+    """Neither the chosen plan nor the Pareto points calibrate or correct their biases with a
+    pass over the train set (the free-point ranges and layer input sums of the job's one
+    statistics pass), and the FP32 model runs once for all of them (its outputs on the
+    held-out samples, the points' cut from them)."""
     import json
 
     from svc_helpers import FAST_HESSIAN
@@ -57,5 +58,21 @@ def test_points_reuse_the_jobs_measurements(cnn_pt2, calib_path, tmp_path, monke
     evaluated = [p for f in pareto["fronts"].values() for p in f["points"] if p.get("metrics")]
     assert len(evaluated) >= 2 and res.plan["status"] == "optimal"
     it = intake(cnn_pt2, calib_path)
-    # the chosen plan's one calibration pass (batches of 64), none for the points
-    assert calls == {"calibrate": -(-len(it.train) // 64), "shifts": 0, "reference": 1}
+    assert len(it.holdout) > 32  # the points' samples are a subset (PARETO_EVAL_SAMPLES)
+    assert calls == {"calibrate": 0, "shifts": 0, "reference": 1}
+
+
+def test_the_points_reference_is_cut_from_the_jobs(cnn_pt2, calib_path):
+    """The Pareto points' FP32 outputs, cut from the job's on all held-out samples, are those
+    of the FP32 model on the points' subset (other batches: float rounding only)."""
+    from service.pipeline import _holdout_keep, _reference, _slice_reference
+
+    it = intake(cnn_pt2, calib_path)
+    sub = _holdout_subset(it, 8, seed=0)
+    keep = _holdout_keep(it, 8, seed=0)
+    cut = _slice_reference(_reference(it, 64, torch.device("cpu")), keep)
+    own = _reference(sub, 64, torch.device("cpu"))
+    assert cut.samples == own.samples == 8
+    torch.testing.assert_close(cut.outputs, own.outputs, rtol=1e-5, atol=1e-6)
+    assert _holdout_keep(it, len(it.holdout), seed=0) is None
+    assert _slice_reference(own, None) is own and _slice_reference(None, keep) is None
