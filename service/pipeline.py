@@ -440,12 +440,12 @@ def run_pipeline(
     # else; sensitivity and regions are done with the calibration set by now)
     if evaluation is not None:
         intake.holdout = evaluation
-    result = _quantize(intake, plan, device, tick, chunk=_forward_chunk(sens),
-                       activations=activations, clip=sens.clip, reference=job_reference)
     # the FP32 outputs on the held-out samples, once: the job's evaluation and (sliced) the
     # Pareto points' (None over REFERENCE_MAX_BYTES: each evaluation then runs the FP32 model)
     tick("quantize", 0.0)
     job_reference = _reference(intake, _forward_chunk(sens), device)
+    result = _quantize(intake, plan, device, tick, chunk=_forward_chunk(sens),
+                       activations=activations, clip=sens.clip, reference=job_reference)
     result.report["evaluation"] = {
         "source": "evaluation file" if evaluation is not None else "held-out calibration share",
         "samples": len(intake.holdout),
@@ -464,9 +464,9 @@ def run_pipeline(
         split["weight_clip"] = [sens.clip.mode, sens_key]
     # the front's points are evaluated on at most PARETO_EVAL_SAMPLES of the held-out samples
     # (their metrics carry the count and interval): the job's own plan on all of them
+    point_keep = _holdout_keep(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
     point_intake = _holdout_subset(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
     split["point_samples"] = len(point_intake.holdout)
-    point_keep = _holdout_keep(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
     # measured once for every point: the free-point ranges (the job's plan measured them, for
     # its layer set), the layer input sums (with the sensitivity) and the FP32 outputs
     activations = result.activations or activations
@@ -591,9 +591,6 @@ def _drq_latencies(table: dict[str, dict[str, float]], specs: list[Any]) -> None
 def _holdout_subset(intake: Any, n: int, seed: int) -> Any:
     """``intake`` with its held-out set cut to ``n`` samples drawn at random (seeded; a file
     sorted by class would bias its first samples)."""
-    if len(intake.holdout) <= n:
-        return None
-    gen = torch.Generator().manual_seed(seed + 1)
     keep = _holdout_keep(intake, n, seed)
     return intake if keep is None else dataclasses.replace(intake,
                                                            holdout=intake.holdout.subset(keep))
@@ -610,6 +607,9 @@ def _slice_reference(reference: Any, keep: torch.Tensor | None) -> Any:
 
 def _holdout_keep(intake: Any, n: int, seed: int) -> torch.Tensor | None:
     """The held-out samples ``_holdout_subset`` keeps, ascending (None: all of them)."""
+    if len(intake.holdout) <= n:
+        return None
+    gen = torch.Generator().manual_seed(seed + 1)
     return torch.randperm(len(intake.holdout), generator=gen)[:n].sort().values
 
 
