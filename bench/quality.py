@@ -508,9 +508,9 @@ def main() -> None:
     ap.add_argument("--clip-rows", default="",
                     help="comma list of weight clips: rows bitplan+<clip> (its own pipeline "
                     "and plan), bitplan-plan+<clip>, int8+<clip>, int4+<clip>")
-    ap.add_argument("--omega", default="trace",
-                    help="the pipeline's hessian.omega (trace, diagonal, measured) for the "
-                    "bitplan row, ':bc' / ':raw' appended sets hessian.bias_corrected true / "
+    ap.add_argument("--omega", default="diagonal",
+                    help="the pipeline's hessian.omega (trace, diagonal, measured; default "
+                    "the job's default, diagonal) for the bitplan row, ':bc' / ':raw' appended sets hessian.bias_corrected true / "
                     "false (none: the default); a comma list adds a row bitplan-<omega> for "
                     "each later one, paired against the first")
     ap.add_argument("--bias-correction", choices=["none", "weight", "layer"], default=None,
