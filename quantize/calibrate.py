@@ -132,12 +132,15 @@ class RangeObserver(nn.Module):
         return best[1], best[2]
 
 
-def insert_after(gm: fx.GraphModule, modules: dict[str, nn.Module], prefix: str) -> fx.GraphModule:
-    """Insert ``modules[node]`` right after each named node (all uses rewired), in place."""
+def insert_after(gm: fx.GraphModule, modules: dict[str, nn.Module], prefix: str,
+                 recompile: bool = True) -> fx.GraphModule:
+    """Insert ``modules[node]`` right after each named node (all uses rewired), in place
+    (``recompile=False``: the caller lints and recompiles once after more rewrites)."""
     for node_name, module in modules.items():
         insert_after_node(gm, node_name, module, f"_bitplan_{prefix}_{node_name}")
-    gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.graph.lint()
+        gm.recompile()
     return gm
 
 

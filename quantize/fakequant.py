@@ -361,9 +361,10 @@ class GroupedLayer(nn.Module):
 
 
 def prepare(
-    program: torch.export.ExportedProgram, ckpt: Checkpoint
+    program: torch.export.ExportedProgram, ckpt: Checkpoint, recompile: bool = True
 ) -> tuple[fx.GraphModule, dict[str, GraphLayer], dict[str, PlanRow]]:
-    """A fresh module of ``program`` with the checkpoint's layers matched and their BN removed."""
+    """A fresh module of ``program`` with the checkpoint's layers matched and their BN removed
+    (``recompile=False``: its code not regenerated yet, for a caller that rewrites more)."""
     gm = program.module()
     layers = find_layers(gm)
     rows = match_rows(list(ckpt.rows.values()), layers)
@@ -378,8 +379,9 @@ def prepare(
             raise BadCheckpointError(f"layer {name!r}: BatchNorm folding disagrees with the model")
         if layer.bn is not None:
             remove_bn(gm, layer)
-    gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.graph.lint()
+        gm.recompile()
     return gm, qlayers, rows
 
 
@@ -439,7 +441,7 @@ def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) ->
 
     Raises BadPlanError / BadCheckpointError when the checkpoint does not fit the model.
     """
-    gm, qlayers, rows = prepare(program, ckpt)
+    gm, qlayers, rows = prepare(program, ckpt, recompile=False)  # one recompile, at the end
     for name, layer in qlayers.items():
         s_w = ckpt.tensors[f"{name}.weight_scale"].to(torch.float64)
         if s_w.dim() == 2:  # per group: bias_q is on the grid of the largest group scale
@@ -478,7 +480,7 @@ def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) ->
                 acc, ckpt.tensors[f"{name}.requant_b"], ckpt.tensors[f"{name}.requant_c"], grid,
                 channel_dim=-1 if qlayers[name].kind == "linear" else 1,
             )
-    insert_after(gm, after, "outq")
+    insert_after(gm, after, "outq", recompile=False)
     inputs: dict[str, nn.Module] = {}
     for name, row in rows.items():
         if row.drq is not None:
@@ -490,7 +492,7 @@ def build_fake_quant(program: torch.export.ExportedProgram, ckpt: Checkpoint) ->
         else:
             b, c = _dyadic_pair(src.scale / g_in.scale)
             inputs[name] = Requant(torch.tensor(src.scale), b, c, g_in)
-    insert_input_modules(gm, list(qlayers.values()), inputs, "inq")
+    insert_input_modules(gm, list(qlayers.values()), inputs, "inq", recompile=False)
     for name, row in rows.items():
         layer = qlayers[name]
         op = node_by_name(gm, layer.node)

@@ -270,7 +270,8 @@ def insert_output_modules(gm: fx.GraphModule, layers: Sequence[GraphLayer],
 
 
 def insert_input_modules(
-    gm: fx.GraphModule, layers: list[GraphLayer], modules: Mapping[str, nn.Module], prefix: str
+    gm: fx.GraphModule, layers: list[GraphLayer], modules: Mapping[str, nn.Module], prefix: str,
+    recompile: bool = True,
 ) -> fx.GraphModule:
     """Insert ``modules[layer.name]`` on the input of each listed layer's op, in place.
 
@@ -286,6 +287,7 @@ def insert_input_modules(
         with gm.graph.inserting_before(op):
             new = gm.graph.call_module(target, (op.args[0],))
         op.args = (new,) + tuple(op.args[1:])
-    gm.graph.lint()
-    gm.recompile()
+    if recompile:  # else the caller lints and recompiles once after more rewrites
+        gm.graph.lint()
+        gm.recompile()
     return gm
