@@ -482,7 +482,7 @@ def row_line(kind: str, method: str, r: dict) -> str:
         line = f"    {method:18s} {1 - r['value']:9.3e}"
         if "vs_bitplan" not in r:
             return line + f" {'':20s} {r['kl']:10.3e}"
-        vs = f"{-r['vs_bitplan']:+.2e} (se {r['se']:.2e})"
+        vs = f"{0.0 - r['vs_bitplan']:+.2e} (se {r['se']:.2e})"  # not -0.00
         return line + (f" {vs:>20s} {r['kl']:10.3e} {r['kl_vs_bitplan']:+.2e} "
                        f"(se {r['kl_se']:.2e})  {r['use']:.2f}")
     line = f"    {method:18s} {r['value']:7.4f}"
@@ -510,9 +510,10 @@ def main() -> None:
                     "and plan), bitplan-plan+<clip>, int8+<clip>, int4+<clip>")
     ap.add_argument("--omega", default="diagonal",
                     help="the pipeline's hessian.omega (trace, diagonal, measured; default "
-                    "the job's default, diagonal) for the bitplan row, ':bc' / ':raw' appended sets hessian.bias_corrected true / "
-                    "false (none: the default); a comma list adds a row bitplan-<omega> for "
-                    "each later one, paired against the first")
+                    "the job's default, diagonal) for the bitplan row, ':bc' / ':raw' "
+                    "appended sets hessian.bias_corrected true / false (none: the "
+                    "default); a comma list adds a row bitplan-<omega> for each later one, "
+                    "paired against the first")
     ap.add_argument("--bias-correction", choices=["none", "weight", "layer"], default=None,
                     help="QuantizeConfig.bias_correction for every method (default: the "
                     "library's)")
