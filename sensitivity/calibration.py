@@ -7,7 +7,9 @@ then read with plain file reads, block by block, straight into the one tensor th
 input: the data is resident once (``load_file`` or a memory map would hold the file's pages
 beside the tensors), and finiteness is checked per block. With ``order`` the samples land in
 that order, so a train / held-out split is two views of the same tensors
-(``quantize.data.split_order``).
+(``quantize.data.split_order``). With ``stream`` the floating-point inputs are read once to
+check them (one block at a time) and then left in the file: they are ``quantize.data.FileRows``
+whose chunks are read when a stage needs them, so the job does not hold the data.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from quantize.data import CalibrationSet
+from quantize.data import CalibrationSet, FileRows, OpenFile
 from solver.errors import BadCalibrationError, TooLargeError
 
 HOW_TO_CALIBRATE = (
@@ -170,7 +172,7 @@ def _checked_header(path: Path, max_bytes: int | None) -> tuple[dict[str, Any], 
 
 
 def load_calibration(path: str | Path, max_bytes: int | None = None,
-                     order: torch.Tensor | None = None) -> CalibrationSet:
+                     order: torch.Tensor | None = None, stream: bool = False) -> CalibrationSet:
     """Read and validate a calibration ``.safetensors`` file.
 
     Tensors: ``inputs`` (one positional model input, [N, ...]) or ``input.<name>`` (one per
@@ -180,6 +182,8 @@ def load_calibration(path: str | Path, max_bytes: int | None = None,
     ``inputs.bind_inputs``. All tensors share N >= 2. ``max_bytes`` bounds the tensor data,
     checked from the header before anything is loaded. ``order`` (a permutation of N): sample
     i of the result is the file's sample ``order[i]`` (read in place, no second copy).
+    ``stream``: each floating-point input is checked, then returned as a ``FileRows`` of the
+    file (read on demand; labels and integer inputs are read into memory as usual).
 
     Raises:
         BadCalibrationError: naming the tensor and what to fix.
@@ -195,7 +199,7 @@ def load_calibration(path: str | Path, max_bytes: int | None = None,
     try:
         with safe_open(str(path), framework="pt"):  # the library's own header checks
             pass
-        tensors = _read_tensors(path, header, order)
+        tensors = _read_tensors(path, header, order, OpenFile(path) if stream else None)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BadCalibrationError(
             f"could not read {path.name!r} ({str(exc)[:200]}). " + HOW_TO_CALIBRATE
@@ -216,28 +220,35 @@ def load_calibration(path: str | Path, max_bytes: int | None = None,
     return CalibrationSet((), {k[len("input."):]: tensors[k] for k in keyword}, labels)
 
 
-def _read_tensors(path: Path, header: dict[str, Any],
-                  order: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, header: dict[str, Any], order: torch.Tensor | None,
+                  source: OpenFile | None = None) -> dict[str, torch.Tensor | FileRows]:
     """Every tensor of the file (``order``: samples permuted), read block by block into its
-    one tensor; a float tensor with NaN/Inf raises BadCalibrationError naming the count."""
+    one tensor; a float tensor with NaN/Inf raises BadCalibrationError naming the count. With
+    ``source`` (the file, open), a floating-point input is checked block by block through one
+    buffer and returned as ``FileRows`` of ``source``."""
     params = READ_PARAMS
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         base = 8 + header_len
         where = None if order is None else torch.empty_like(order).index_put_(
             (order,), torch.arange(len(order)))  # file sample i -> its row in the result
-        out = {}
+        out: dict[str, torch.Tensor | FileRows] = {}
         for name, entry in header.items():
             shape = [int(d) for d in entry["shape"]]
-            t = torch.empty(shape, dtype=_TORCH_DTYPES[entry["dtype"]])
-            out[name] = t
-            if t.numel() == 0:
+            dtype = _TORCH_DTYPES[entry["dtype"]]
+            streamed = source is not None and name != "labels" and dtype.is_floating_point
+            # (a streamed input keeps no rows: its tensor only gives the element size)
+            t = torch.empty([0, *shape[1:]] if streamed else shape, dtype=dtype)
+            out[name] = t if not streamed else FileRows(
+                source, base + int(entry["data_offsets"][0]), shape[1:], dtype,
+                torch.arange(shape[0]) if order is None else order)
+            if math.prod(shape) == 0:
                 continue
             rows = shape[0]
-            row_bytes = t[0].numel() * t.element_size()
+            row_bytes = math.prod(shape[1:]) * t.element_size()
             step = max(1, params.block_bytes // max(row_bytes, 1))
-            buf = None if where is None else torch.empty([min(step, rows), *shape[1:]],
-                                                         dtype=t.dtype)
+            buf = None if where is None and not streamed else torch.empty(
+                [min(step, rows), *shape[1:]], dtype=dtype)
             f.seek(base + int(entry["data_offsets"][0]))
             bad = 0
             for r0 in range(0, rows, step):
@@ -246,7 +257,7 @@ def _read_tensors(path: Path, header: dict[str, Any],
                 _fill(f, block, name)
                 if block.is_floating_point():
                     bad += int((~torch.isfinite(block)).sum())
-                if buf is not None:
+                if buf is not None and not streamed:
                     t.index_copy_(0, where[r0:r1], block)
             if bad:
                 raise BadCalibrationError(

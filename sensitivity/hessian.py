@@ -228,7 +228,7 @@ class Prepared:
     names: list[str]
     weights: list[torch.Tensor]
     leaves: dict[str, _Leaf]
-    chunks: list[Batch]
+    chunks: Sequence[Batch]  # a list, or read on demand (CalibrationSet.chunks)
     n_total: int
     loss_kind: str
     data: CalibrationSet  # the train set the chunks come from (``chunk`` sampling draws it)
@@ -267,7 +267,7 @@ def prepare(
                   for layer in layers} if shifts else {}
     if out_shifts:
         insert_output_modules(gm, list(layers), out_shifts, "hessian_shift")
-    chunks = [b.to(device) for b in data.batches(chunk, fixed=fixed)]
+    chunks = data.chunks(chunk, fixed, device)  # read chunk by chunk when streamed
     return Prepared(gm, [layer.name for layer in layers], weights, leaves, chunks,
                     len(data), loss_kind, data, fixed, out_shifts)
 

@@ -38,11 +38,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class IntakeConfig:
     """``holdout_fraction`` of the calibration samples is kept for evaluation (split by
-    ``seed``); ``max_calib_bytes`` bounds the calibration tensors."""
+    ``seed``); ``max_calib_bytes`` bounds the calibration tensors; ``stream``: the float
+    inputs stay in the calibration file and every stage reads its chunks from it
+    (``load_calibration(stream=True)``: the job does not hold the data; the file must stay
+    in place while the intake is used)."""
 
     holdout_fraction: float = 0.2
     seed: int = 0
     max_calib_bytes: int | None = None
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -118,7 +122,7 @@ def intake(
     # one copy of the data (no copy of the file beside it, none per part)
     order, n_train = split_order(count_samples(calib_path, cfg.max_calib_bytes),
                                  cfg.holdout_fraction, cfg.seed)
-    calib = load_calibration(calib_path, cfg.max_calib_bytes, order=order)
+    calib = load_calibration(calib_path, cfg.max_calib_bytes, order=order, stream=cfg.stream)
     rewrites = to_eval_semantics(program)
     gm = _module(program)
     # inputs are checked before the (slow) attention decomposition, which keeps the signature

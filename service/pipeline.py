@@ -327,7 +327,9 @@ def run_pipeline(
 
     # 1. intake
     tick("intake", 0.0)
-    intake_cfg = IntakeConfig(holdout_fraction=holdout_fraction, seed=constraints.hessian.seed)
+    # stream: the float inputs stay in the calibration file, each stage reads its chunks
+    intake_cfg = IntakeConfig(holdout_fraction=holdout_fraction, seed=constraints.hessian.seed,
+                              stream=True)
     load_key = None if loaded is None else loaded_key(model_path, calib_path, intake_cfg)
     pristine = None if loaded is None else loaded.take(load_key)  # the last job's, same files
     if pristine is not None:
@@ -534,7 +536,8 @@ def _load_evaluation(intake: Any, path: str | Path) -> Any:
     from solver.errors import BadCalibrationError
 
     try:
-        data, _ = bind_inputs(intake.program, intake.module, load_calibration(path))
+        data, _ = bind_inputs(intake.program, intake.module,
+                              load_calibration(path, stream=True))
     except BadCalibrationError as exc:
         raise BadCalibrationError(f"evaluation file: {exc.message}", exc.detail) from None
     if (data.labels is None) != (intake.train.labels is None):

@@ -1,9 +1,12 @@
 """The calibration reader: block-wise reads into one tensor per input equal safetensors' own
 loader for every dtype, in file order or permuted; NaN counts over blocks; the intake's
-train / held-out split is two views of one copy, equal to the copying split."""
+train / held-out split is two views of one copy, equal to the copying split; a streamed set
+(inputs read from the file chunk by chunk) equals the in-memory one bit for bit."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from quantize.data import CalibrationSet, split_order
+from quantize.data import CalibrationSet, FileRows, split_order
 from sensitivity import calibration
 from sensitivity.calibration import ReadParams, count_samples, load_calibration
 from sensitivity.intake import IntakeConfig, intake
@@ -125,3 +128,100 @@ def test_intake_split_is_two_views_equal_to_the_copying_split(cnn_pt2, calib_pat
         it.holdout.labels.untyped_storage().data_ptr()
     order, n_train = split_order(len(it.train) + len(it.holdout), 0.3, 5)
     assert n_train == len(train) and sorted(order.tolist()) == list(range(len(order)))
+
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 30), row=st.integers(1, 5), chunk=st.integers(1, 12),
+       dtype=st.sampled_from(FLOATS), fixed=st.booleans(), permuted=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_streamed_chunks_equal_in_memory_chunks(tmp_path_factory, n: int, row: int, chunk: int,
+                                                dtype: torch.dtype, fixed: bool,
+                                                permuted: bool, seed: int) -> None:
+    """A streamed set (inputs read from the file per chunk) gives the in-memory set's
+    batches bit for bit, for any chunk size, dtype, order and padding, also after ``rows`` /
+    ``subset`` / ``split`` and as ``chunks``; integer inputs and labels are read as usual."""
+    path = tmp_path_factory.mktemp("c") / "c.safetensors"
+    save_file({"input.a": _tensor(n, (row, 2), dtype, seed),
+               "input.b": _tensor(n, (3,), torch.float32, seed + 1),
+               "input.ids": _tensor(n, (2,), torch.int64, seed + 2),
+               "labels": torch.arange(n) % 3}, str(path))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if permuted \
+        else None
+    mem = load_calibration(path, order=order)
+    got = load_calibration(path, order=order, stream=True)
+    assert got.streamed and not mem.streamed
+    assert isinstance(got.kwargs["a"], FileRows) and isinstance(got.kwargs["ids"], torch.Tensor)
+    assert got.kwargs["a"].shape == mem.kwargs["a"].shape and len(got) == n
+
+    def same(x: CalibrationSet, y: CalibrationSet) -> None:
+        bx, by = list(x.batches(chunk, fixed)), list(y.batches(chunk, fixed))
+        assert [b.size for b in bx] == [b.size for b in by]
+        for p, q in zip(bx, by, strict=True):
+            assert p.kwargs.keys() == q.kwargs.keys()
+            for k in p.kwargs:
+                assert p.kwargs[k].dtype == q.kwargs[k].dtype
+                assert torch.equal(p.kwargs[k], q.kwargs[k])  # bit for bit (finite data)
+            assert torch.equal(p.labels, q.labels)
+
+    same(got, mem)
+    same(got.rows(1, n), mem.rows(1, n))
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 3))[: n // 2 + 1]
+    same(got.subset(pick), mem.subset(pick))
+    for g, m in zip(got.split(0.3, seed), mem.split(0.3, seed), strict=True):
+        same(g, m)
+    lazy, eager = got.chunks(chunk, fixed), mem.chunks(chunk, fixed)
+    assert len(lazy) == len(eager)
+    for i in [*range(len(lazy)), -1, 0, 0]:
+        assert torch.equal(lazy[i].kwargs["a"], eager[i].kwargs["a"])
+    assert torch.equal(got.resident().kwargs["a"], mem.kwargs["a"])
+    cast = got.kwargs["a"].to(torch.float32)
+    assert cast.dtype == torch.float32 and torch.equal(cast.read(), mem.kwargs["a"].float())
+
+
+def test_streamed_file_is_still_checked(tmp_path: Path) -> None:
+    """Streaming reads the whole file once: NaN/Inf are refused as when loading it."""
+    x = torch.zeros(10, 3)
+    x[7, 2] = float("inf")
+    path = tmp_path / "c.safetensors"
+    save_file({"inputs": x}, str(path))
+    with pytest.raises(BadCalibrationError, match="1 NaN/Inf"):
+        load_calibration(path, stream=True)
+
+
+def test_streamed_file_changed_or_copied(tmp_path: Path) -> None:
+    """A streamed set reads the file it checked: one replaced under its name is not read, one
+    rewritten in place is an error, not other data; a deep copy (a kept intake's) shares the
+    open file and pickling reopens it."""
+    path = tmp_path / "c.safetensors"
+    x = _tensor(6, (4,), torch.float32, 0)
+    save_file({"inputs": x}, str(path))
+    got = load_calibration(path, stream=True)
+    assert torch.equal(pickle.loads(pickle.dumps(got)).resident().args[0], x)
+    copied = copy.deepcopy(got)
+    assert copied.args[0].source is got.args[0].source
+    assert torch.equal(next(copied.batches(6)).args[0], x)
+    save_file({"inputs": x + 1}, str(path))  # a new file under the name: the checked one
+    assert torch.equal(next(got.batches(6)).args[0], x)  # is still read (it is open)
+    again = load_calibration(path, stream=True)
+    with open(path, "r+b") as f:  # the same file rewritten in place
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\xc0\x7f")  # the last value: NaN
+    with pytest.raises(BadCalibrationError, match="changed"):
+        next(again.batches(2))
+
+
+def test_streamed_intake_equals_in_memory_intake(cnn_pt2, calib_path) -> None:
+    """``IntakeConfig(stream=True)`` (the pipeline's): the same train / held-out samples,
+    none of them resident (the inputs are ``FileRows`` of the file)."""
+    cfg = IntakeConfig(holdout_fraction=0.3, seed=5)
+    mem = intake(cnn_pt2, calib_path, cfg)
+    it = intake(cnn_pt2, calib_path, IntakeConfig(holdout_fraction=0.3, seed=5, stream=True))
+    assert it.train.streamed and it.holdout.streamed
+    assert all(isinstance(a, FileRows) for a in (*it.train.args, *it.holdout.args))
+    for a, b in ((it.train, mem.train), (it.holdout, mem.holdout)):
+        assert torch.equal(a.resident().args[0], b.args[0])
+        assert torch.equal(a.labels, b.labels)
+    assert it.layers == mem.layers and it.loss_kind == mem.loss_kind
