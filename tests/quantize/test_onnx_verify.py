@@ -12,15 +12,19 @@ ONNX Runtime and -127 in the checkpoint (a documented deviation, not a tie, so o
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from quantize import QuantizeConfig, apply
 from quantize.data import CalibrationSet
 from quantize.onnx import VerifyConfig, export_onnx, verify
 from quantize.onnx.export import POINTS_PROP
+from quantize.onnx.verify import Deviations
 from sensitivity import zoo
 from solver.errors import BadConstraintsError, ExportMismatchError
 
@@ -181,3 +185,28 @@ def test_a_point_passes_on_its_share_or_on_a_flip_or_two() -> None:
     assert not point_passes(10, 1, VerifyConfig(point_flips=0))
     with pytest.raises(BadConstraintsError, match="point_flips"):
         VerifyConfig(point_flips=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(total=st.integers(1, 3000), cuts=st.lists(st.integers(0, 3000), max_size=8),
+       seed=st.integers(0, 2**16), ties=st.booleans())
+def test_deviations_equal_numpy_over_any_chunks(total: int, cuts: list[int], seed: int,
+                                               ties: bool) -> None:
+    """The check's output deviations, added chunk by chunk, give np.percentile's 99th
+    percentile, the max and the mean of all values, keeping at most the top 1 % (+ 1) of
+    them between chunks."""
+    rng = np.random.default_rng(seed)
+    x = np.abs(rng.standard_normal(total)) ** 3
+    if ties:
+        x = np.round(x * 4) / 4  # values on a grid: many equal deviations
+    d = Deviations(total)
+    for part in np.split(x, sorted({c % (total + 1) for c in cuts})):
+        d.add(part)
+        assert d.tail.size <= d.keep <= total // 100 + 2
+    assert d.percentile99() == np.percentile(x, 99)
+    assert d.max == x.max() and d.mean == pytest.approx(x.mean(), rel=1e-12)
+    with pytest.raises(ValueError):
+        d.add(np.zeros(1))
+    nan = Deviations(3)
+    nan.add(np.array([0.0, np.nan, 1.0]))
+    assert np.isnan(nan.percentile99()) and np.isnan(nan.max)
