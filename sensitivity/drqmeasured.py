@@ -81,8 +81,9 @@ def measured_drq_omegas(
     insert_input_modules(gm, [graphs[r.name] for r in todo], probes, "drq_measured_probe")
     fixed = intake.batch_size is not None  # type: ignore[attr-defined]
     chunk = intake.batch_size or batch_size  # type: ignore[attr-defined]
-    batches = [b.to(device) for b in intake.train.batches(chunk, fixed=fixed)]  # type: ignore
-    n = sum(b.size for b in batches)
+    # a list on the device; for a streamed train set, each chunk read when a pass needs it
+    batches = intake.train.chunks(chunk, fixed, device)  # type: ignore[attr-defined]
+    n = len(intake.train)  # type: ignore[attr-defined]
     targets: list[torch.Tensor | None] = [None] * len(batches)
     if kind != "cross_entropy":
         targets = [_first(run_batch(gm, b)).detach() for b in batches]

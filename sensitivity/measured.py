@@ -211,8 +211,9 @@ def measured_omegas(
     gm = copy.deepcopy(intake.module).to(device)  # type: ignore[attr-defined]
     probes = {layer.name: _InputQuant() for layer in layers}
     insert_input_modules(gm, layers, probes, "measured_probe")
-    batches = [b.to(device) for b in intake.train.batches(chunk, fixed=fixed)]  # type: ignore
-    n = sum(b.size for b in batches)
+    # a list on the device; for a streamed train set, each chunk read when a pass needs it
+    batches = intake.train.chunks(chunk, fixed, device)  # type: ignore[attr-defined]
+    n = len(intake.train)  # type: ignore[attr-defined]
 
     def mean_loss() -> float:
         nonlocal passes

@@ -201,3 +201,14 @@ def test_label_free_is_the_jobs_own_loss_for_a_distance_job():
     assert measured_loss_kind("mse", "label_free") == "mse"
     with pytest.raises(ValueError, match="loss"):
         measured_loss_kind("cross_entropy", "labels")
+
+
+def test_streamed_train_set_measures_the_same(cnn_intake, cnn_pt2, calib_path, one_thread):
+    """The pipeline's intake streams the calibration file (``IntakeConfig(stream=True)``):
+    the measured Omegas, read chunk by chunk from the file, equal the in-memory intake's."""
+    streamed = intake(cnn_pt2, calib_path, IntakeConfig(holdout_fraction=0.2, seed=0,
+                                                         stream=True))
+    assert streamed.train.streamed
+    a = measured_omegas(cnn_intake, weight_bits=[4], activation_bits=[8])
+    b = measured_omegas(streamed, weight_bits=[4], activation_bits=[8])
+    assert a.fp32_loss == b.fp32_loss and a.omega_w == b.omega_w and a.omega_a == b.omega_a
