@@ -448,14 +448,16 @@ def run_budget(problem, template, ev, increase, resource, limit, n_random, seed,
         plans["random-picked"], scores["random-picked"] = rand_plans[pick], rand[pick]
     n = len(ev.x_ev)
     # accuracy or embedding cosine (higher is better), or perplexity exp(mean NLL) (lower)
-    value = (lambda p: math.exp(float(p.mean()))) if ev.lm else (lambda p: float(p.float().mean()))
+    # an encoder's float64 cosines stay float64: float32 cannot resolve them near 1
+    cast = torch.Tensor.double if ev.encoder else torch.Tensor.float
+    value = (lambda p: math.exp(float(p.mean()))) if ev.lm else (lambda p: float(cast(p).mean()))
     continuous = ev.kind != "classifier"  # paired differences as means, not digit counts
     rand_val = sorted(value(p) for p, _ in rand)
     rand_kl = sorted(float(k.mean()) for _, k in rand)
     base_p, base_kl = scores["bitplan"]
     rows = {}
     for k, (p, kl) in scores.items():
-        d = p.float() - base_p.float()
+        d = cast(p) - cast(base_p)
         dkl = kl - base_kl
         rows[k] = {"value": value(p),
                    "vs_bitplan": float(d.mean()) if continuous else int(d.sum()),

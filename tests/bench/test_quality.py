@@ -87,6 +87,15 @@ def test_encoder_rows_at_a_size_budget(encoder_job) -> None:
     assert rows["int8"]["value"] > rows["int4"]["value"]
     assert rows["bitplan"]["vs_bitplan"] == 0 and rows["bitplan"]["se"] == 0
     assert isinstance(rows["int4"]["vs_bitplan"], float)  # a mean, not a digit count
+    # the cosines are summarised in float64 (float32 steps are 6e-8 near 1, the size of the
+    # bench's BERT differences)
+    cos4 = ev.score(quality.plan_for(template, problem, quality.extreme(problem, min)))[0]
+    cos_b = ev.score(quality.plan_for(template, problem, dict(
+        quality.solve(quality.Problem(problem.layers, quality.Limits(size_bytes=limit),
+                                      problem.ties), quality.SolveConfig()).choices)))[0]
+    assert rows["int4"]["value"] == pytest.approx(float(cos4.mean()), rel=0, abs=1e-12)
+    assert rows["int4"]["vs_bitplan"] == pytest.approx(float((cos4 - cos_b).mean()), rel=0,
+                                                       abs=1e-12)
     line = quality.row_line("encoder", "int4", rows["int4"])
     assert line.split()[:2] == ["int4", f"{1 - rows['int4']['value']:.3e}"]  # 1 - cos
     # the summary rows (random-median, random-best, fp32) have no paired columns
