@@ -9,7 +9,9 @@ Each model runs in its own process (peak RSS is per process). Models are the zoo
 torchvision-faithful definitions, random-initialised with BN statistics from random images;
 the calibration set is random images labelled with the FP32 model's top-1 (timing and memory
 only: the accuracy figure is agreement with FP32). Per stage: wall time, peak RSS during the
-stage (``/proc/self/clear_refs`` reset at the stage's start, ``VmHWM`` at its end), forward
+stage (``/proc/self/clear_refs`` reset at the stage's start, ``VmHWM`` at its end) and the
+resident set at its start (what the job holds then: the stage's peak minus it is its own
+working memory), forward
 calls of a whole program; for the sensitivity stage also the probe passes, chunks and
 per-sample backward passes, and the ratio of its time to the time of the same number of plain
 forward and backward passes (a forward of a chunk and a ``loss.backward()`` over the weights,
@@ -70,6 +72,10 @@ def child(name: str, samples: int, max_iter: int, memory_gb: float | None, devic
         if stage != current["stage"]:
             close()
             reset_peak()
+            # what the job holds when the stage starts (the pipeline trimmed the heap just
+            # before): its peak minus this is the stage's own working memory
+            stages.setdefault(stage, {"seconds": 0.0, "peak_rss": 0, "forwards": 0,
+                                      "start_rss": proc_status()["VmRSS"]})
             current.update(stage=stage, t=time.perf_counter(), f=forwards["n"])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,11 +158,13 @@ def stage_table(stages: dict[str, dict], total_s: float) -> None:
     """Print one row per stage: wall time, share of the whole plan, peak RSS and, where the
     stages count them, forward passes."""
     counts = all("forwards" in s for s in stages.values())
+    starts = all("start_rss" in s for s in stages.values())
     print(f"{'stage':<12} {'wall s':>8} {'share':>6} {'peak RSS':>9}"
-          + (f" {'forwards':>9}" if counts else ""))
+          + (f" {'at start':>9}" if starts else "") + (f" {'forwards':>9}" if counts else ""))
     for st, s in stages.items():
         print(f"{st:<12} {s['seconds']:8.1f} {s['seconds'] / total_s:6.1%} "
-              f"{gb(s['peak_rss'])}" + (f" {s['forwards']:9d}" if counts else ""))
+              f"{gb(s['peak_rss'])}" + (f" {gb(s['start_rss'])}" if starts else "")
+              + (f" {s['forwards']:9d}" if counts else ""))
 
 
 def show(r: dict) -> None:
