@@ -206,12 +206,13 @@ def calibrate(
         p.end: RangeObserver(info, cfg.histogram_bins) for p in points
         if p.consumer is None and p.end not in known
     }
-    insert_after(gm, out_obs, "obs_out")
-    insert_input_modules(gm, [layers[n] for n in in_obs], in_obs, "obs_in")
-    gm.to(device)
+    phases = (2 if cfg.calibration in ("percentile", "mse") else 1) if in_obs or out_obs else 0
+    if phases:  # else ``gm`` is left as it is (no observer, no code regenerated)
+        insert_after(gm, out_obs, "obs_out")
+        insert_input_modules(gm, [layers[n] for n in in_obs], in_obs, "obs_in")
+        gm.to(device)
     fixed = batch_size is not None
     size = batch_size if fixed else cfg.batch_size
-    phases = (2 if cfg.calibration in ("percentile", "mse") else 1) if in_obs or out_obs else 0
     n_batches = max(1, math.ceil(len(data) / size))
     for phase in range(phases):
         for obs in [*in_obs.values(), *out_obs.values()]:
