@@ -245,20 +245,53 @@ def _fake_point_nodes(gm: fx.GraphModule, points: list[Point]) -> dict[str, str]
 
 def cut_at_points(model: onnx.ModelProto, values: dict[str, str]) -> onnx.ModelProto:
     """A copy of ``model`` in which every value of ``values`` (point -> ONNX value) is a graph
-    output and its readers read a new float graph input ``<value>_ref`` instead."""
+    output and its readers read a new float graph input ``<value>_ref`` instead.
+
+    Where the value is ``DequantizeLinear(QuantizeLinear(x))``, the readers read the input
+    through a copy of that pair (the point's own grid: the identity on the reference's
+    on-grid values), so ONNX Runtime's graph optimiser sees the Q/DQ pattern of the exported
+    graph. A bare float input in its place lets it fuse the reader differently (a MatMul fed
+    a float input and a dequantized weight is quantized dynamically, at a range-derived
+    scale) and the cut graph then computes what the exported one does not."""
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
     taken = {o for n in cut.graph.node for o in n.output} | {i.name for i in cut.graph.input}
-    refs = {}
-    for v in dict.fromkeys(values.values()):
-        ref = v + "_ref"
-        while ref in taken:
-            ref += "_"
-        refs[v] = ref
+
+    def fresh(name: str) -> str:
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    refs = {v: fresh(v + "_ref") for v in dict.fromkeys(values.values())}
+    producer = {o: n for n in cut.graph.node for o in n.output}
+    read = dict(refs)  # value -> what its readers read
+    pairs: dict[int, list[onnx.NodeProto]] = {}  # index of a DequantizeLinear -> its copies
+    index = {id(n): i for i, n in enumerate(cut.graph.node)}
+    for v, ref in refs.items():
+        dq = producer.get(v)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
+            else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        q2, dq2 = onnx.NodeProto(), onnx.NodeProto()
+        q2.CopyFrom(q)
+        dq2.CopyFrom(dq)
+        q2.name, dq2.name = fresh(f"{q.name or 'q'}_ref"), fresh(f"{dq.name or 'dq'}_ref")
+        q2.input[0], q2.output[0] = ref, fresh(ref + "_q")
+        dq2.input[0], dq2.output[0] = q2.output[0], fresh(ref + "_dq")
+        pairs[index[id(dq)]] = [q2, dq2]
+        read[v] = dq2.output[0]
     for node in cut.graph.node:
         for i, name in enumerate(node.input):
-            if name in refs:
-                node.input[i] = refs[name]
+            if name in read:
+                node.input[i] = read[name]
+    if pairs:  # each copy right after the original pair: after its scale, before its readers
+        nodes = list(cut.graph.node)
+        del cut.graph.node[:]
+        for i, node in enumerate(nodes):
+            cut.graph.node.append(node)
+            cut.graph.node.extend(pairs.get(i, []))
     for v, ref in refs.items():
         cut.graph.input.append(helper.make_tensor_value_info(ref, TensorProto.FLOAT, None))
         cut.graph.output.append(helper.make_tensor_value_info(v, TensorProto.FLOAT, None))
