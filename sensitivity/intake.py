@@ -47,10 +47,13 @@ class IntakeConfig:
     seed: int = 0
     max_calib_bytes: int | None = None
     stream: bool = False
+    loss: str = "auto"  # "auto" | one of sensitivity.hessian.LOSS_KINDS (see _loss_kind)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.loss not in ("auto", "cross_entropy", "kl", "mse"):
+            raise ValueError(f"loss must be auto, cross_entropy, kl or mse, got {self.loss!r}")
         if self.max_calib_bytes is not None and self.max_calib_bytes <= 0:
             raise ValueError("max_calib_bytes must be positive")
 
@@ -141,7 +144,7 @@ def intake(
             "in the exported graph); bitplan quantizes conv and linear weights."
         )
     infos, out_shape, out = layer_table(gm, layers, positional(calib, gm), batch_size)
-    loss_kind, token_input = _loss_kind(out, calib.labels, id_rows)
+    loss_kind, token_input = _loss_kind(out, calib.labels, id_rows, cfg.loss)
     if token_input is not None and token_input not in calib.kwargs:
         order = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
         token_input = order.index(token_input)  # positional: its index in the args
@@ -164,16 +167,28 @@ def _module(program: torch.export.ExportedProgram) -> fx.GraphModule:
                             + HOW_TO_EXPORT) from None
 
 
+def check_loss_labels(loss: str, has_labels: bool) -> None:
+    """BadCalibrationError when the asked ``loss`` needs labels the calibration file lacks."""
+    if loss == "cross_entropy" and not has_labels:
+        raise BadCalibrationError(
+            "loss 'cross_entropy' needs labels: add a 'labels' tensor to the calibration file, "
+            "or ask for loss 'kl' or 'mse' (or 'auto')")
+
+
 def _loss_kind(out: torch.Tensor, labels: torch.Tensor | None,
-               id_rows: dict[str, int]) -> tuple[str, str | int | None]:
+               id_rows: dict[str, int], loss: str = "auto") -> tuple[str, str | int | None]:
     """(loss kind, the token-id input scored by next-token perplexity or None).
 
-    Labels [N] with [N, classes] outputs, or [N, T] with [N, T, classes] logits: cross-entropy.
-    Without labels: KL to the FP32 softmax over the last dimension (mean over samples, or over
-    tokens for [N, T, V] logits, recognised by an integer input indexing an embedding of V
-    rows), else MSE to the FP32 outputs.
+    ``loss`` "auto": labels [N] with [N, classes] outputs, or [N, T] with [N, T, classes]
+    logits: cross-entropy. Without labels: KL to the FP32 softmax over the last dimension (mean
+    over samples, or over tokens for [N, T, V] logits, recognised by an integer input indexing
+    an embedding of V rows), else MSE to the FP32 outputs. Another ``loss`` is taken as asked
+    (cross-entropy checks the labels as above; the token input is still recognised for KL).
     """
-    if labels is not None:
+    check_loss_labels(loss, labels is not None)
+    if loss == "mse":
+        return "mse", None
+    if labels is not None and loss in ("auto", "cross_entropy"):
         want = list(out.shape[:-1])
         if out.dim() not in (2, 3) or list(labels.shape[1:]) != want[1:]:
             raise BadCalibrationError(
@@ -196,4 +211,4 @@ def _loss_kind(out: torch.Tensor, labels: torch.Tensor | None,
         token = next((name for name, rows in id_rows.items() if rows == vocab), None)
         if token is not None:
             return "kl", token
-    return "mse", None
+    return ("kl", None) if loss == "kl" else ("mse", None)

@@ -125,6 +125,8 @@ def sensitivity_key(model: str | Path, calib: str | Path, constraints: Any,
     if constraints.hessian.omega == "measured":
         settings["bits"] = [sorted(constraints.weight_bits), sorted(constraints.activation_bits),
                             constraints.uses_drq]
+    if constraints.loss != "auto":  # the loss whose curvature (or increase) was measured
+        settings["loss"] = constraints.loss
     if constraints.quantize.weight_clip != "max":  # the clip ratios Omega used
         settings["weight_clip"] = constraints.quantize.weight_clip
     if constraints.hessian.omega == "diagonal" or constraints.quantize.weight_clip == "hessian":

@@ -226,6 +226,14 @@ class Constraints(_Strict):
     )
     hessian: Hessian = Field(default_factory=Hessian)
     quantize: Quantize = Field(default_factory=Quantize)
+    loss: Literal["auto", "cross_entropy", "kl", "mse"] = Field(
+        "auto",
+        description="the loss whose curvature ranks the layers (and that the measured Omega "
+        "measures): 'auto' (cross-entropy with labels; without them KL to the FP32 softmax "
+        "for [N, classes] outputs and token logits, MSE to the FP32 outputs otherwise), "
+        "'cross_entropy' (needs labels), 'kl', or 'mse' (e.g. an embedding model, whose [N, D] "
+        "output 'auto' would take for logits)",
+    )
 
     @field_validator("weight_group_sizes")
     @classmethod

@@ -329,7 +329,7 @@ def run_pipeline(
     tick("intake", 0.0)
     # stream: the float inputs stay in the calibration file, each stage reads its chunks
     intake_cfg = IntakeConfig(holdout_fraction=holdout_fraction, seed=constraints.hessian.seed,
-                              stream=True)
+                              stream=True, loss=constraints.loss)
     load_key = None if loaded is None else loaded_key(model_path, calib_path, intake_cfg)
     pristine = None if loaded is None else loaded.take(load_key)  # the last job's, same files
     if pristine is not None:
@@ -460,6 +460,8 @@ def run_pipeline(
     _save_checkpoint(result, out)  # model.safetensors and report.json
     # 8. the trade-off: Pareto fronts, a few of their points evaluated, plots
     split = {"holdout_fraction": holdout_fraction, "seed": constraints.hessian.seed}
+    if constraints.loss != "auto":  # the metrics a point reports follow the loss kind
+        split["loss"] = constraints.loss
     if eval_path is not None:
         split["evaluation"] = file_digest(eval_path)
     if sens.clip.mode != "max":  # the points' scales: the clip ratios of this sensitivity

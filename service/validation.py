@@ -76,7 +76,7 @@ def validate_submission(
 
     Raises BadModelError / BadCalibrationError / BadConstraintsError / TooLargeError.
     """
-    from sensitivity.intake import IntakeConfig, load_calibration
+    from sensitivity.intake import IntakeConfig, check_loss_labels, load_calibration
     from sensitivity.signature import SignatureUnreadable, check_inputs, read_signature
 
     check_model_file(model_path)
@@ -85,6 +85,7 @@ def validate_submission(
         holdout_fraction=holdout_fraction,
         seed=constraints.hessian.seed,
         max_calib_bytes=max_calib_bytes,
+        loss=constraints.loss,
     )
     try:
         signature = read_signature(model_path)
@@ -92,4 +93,6 @@ def validate_submission(
         log.info("model signature not readable from its JSON (%s): loading the model", exc)
         checked_intake(model_path, calib_path, cfg)
         return
-    check_inputs(signature, load_calibration(calib_path, max_calib_bytes))
+    calib = load_calibration(calib_path, max_calib_bytes)
+    check_loss_labels(constraints.loss, calib.labels is not None)
+    check_inputs(signature, calib)

@@ -100,6 +100,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampling", choices=("auto", "chunk", "all"),
                    help="samples a Hessian probe pass sees: a random chunk, all, or auto "
                    "(default: chunk while it is projected to reach tol sooner)")
+    p.add_argument("--omega", choices=("trace", "diagonal", "measured"),
+                   help="how each option's Omega is estimated (default diagonal)")
+    p.add_argument("--weight-clip", choices=("max", "mse", "hessian"),
+                   help="weight scales: max|W|, the least squared error, or the least "
+                   "Hessian-weighted error (default max)")
+    p.add_argument("--loss", choices=("auto", "cross_entropy", "kl", "mse"),
+                   help="the job's loss (default auto: cross-entropy with labels, else KL to "
+                   "FP32 for logits, MSE otherwise; mse for an embedding model)")
     add_device_argument(p)
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="samples kept for eval")
     p.add_argument("--memory-gb", type=float, default=None,
@@ -155,11 +163,15 @@ def constraints_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if pin:
         doc["pin"] = pin
     hessian = dict(doc.get("hessian") or {})
-    for key in ("max_iter", "tol", "seed", "sampling"):
+    for key in ("max_iter", "tol", "seed", "sampling", "omega"):
         if getattr(args, key) is not None:
             hessian[key] = getattr(args, key)
     if hessian:
         doc["hessian"] = hessian
+    if args.weight_clip is not None:
+        doc["quantize"] = {**(doc.get("quantize") or {}), "weight_clip": args.weight_clip}
+    if args.loss is not None:
+        doc["loss"] = args.loss
     return doc
 
 

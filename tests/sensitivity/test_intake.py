@@ -331,3 +331,29 @@ def test_concurrent_loads(cnn_pt2, mlp_pt2):
     with ThreadPoolExecutor(len(paths)) as pool:
         programs = list(pool.map(load, paths))
     assert all(isinstance(p, torch.export.ExportedProgram) for p in programs)
+
+
+@pytest.mark.parametrize("loss, labelled, kind", [
+    ("auto", True, "cross_entropy"), ("auto", False, "kl"),
+    ("mse", True, "mse"), ("mse", False, "mse"),  # e.g. an embedding model's [N, D] output
+    ("kl", True, "kl"), ("kl", False, "kl"), ("cross_entropy", True, "cross_entropy")])
+def test_the_asked_loss_is_the_jobs_loss(mlp_pt2, calib_path, calib_unlabelled_path, loss,
+                                         labelled, kind):
+    it = intake(mlp_pt2, calib_path if labelled else calib_unlabelled_path,
+                IntakeConfig(loss=loss))
+    assert it.loss_kind == kind and it.token_input is None
+
+
+def test_cross_entropy_without_labels_says_what_to_add(mlp_pt2, calib_unlabelled_path):
+    with pytest.raises(BadCalibrationError, match="needs labels: add a 'labels' tensor"):
+        intake(mlp_pt2, calib_unlabelled_path, IntakeConfig(loss="cross_entropy"))
+    with pytest.raises(ValueError, match="loss must be"):
+        IntakeConfig(loss="hinge")
+
+
+def test_a_3d_output_takes_kl_over_its_last_dim_when_asked(tmp_path):
+    lin = nn.Linear(8, 5)
+    path = zoo.save_model(lin, torch.rand(4, 6, 8), tmp_path / "l.pt2")
+    cal = zoo.save_calibration(tmp_path / "l.safetensors", torch.rand(10, 6, 8))
+    assert intake(path, cal).loss_kind == "mse"  # no token input indexing a vocabulary
+    assert intake(path, cal, IntakeConfig(loss="kl")).loss_kind == "kl"

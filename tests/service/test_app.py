@@ -57,6 +57,15 @@ def _bad_uploads(model: bytes, calib: bytes) -> dict[str, tuple[bytes, bytes, st
             "bad_calibration",
         ),
         "one sample": (model, _st({"inputs": x[:1]}), ok, 422, "bad_calibration"),
+        "cross-entropy without labels": (
+            model, _st({"inputs": x}),
+            json.dumps({"limits": {"size_mb": 1}, "loss": "cross_entropy"}), 422,
+            "bad_calibration",
+        ),
+        "unknown loss": (
+            model, calib, json.dumps({"limits": {"size_mb": 1}, "loss": "hinge"}), 422,
+            "bad_constraints",
+        ),
         "constraints not JSON": (model, calib, "{size_mb: 1", 422, "bad_constraints"),
         "no limit": (model, calib, json.dumps({"limits": {}}), 422, "bad_constraints"),
         "negative limit": (model, calib, constraints(size_mb=-1.0), 422, "bad_constraints"),

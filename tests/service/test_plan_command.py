@@ -1,4 +1,5 @@
-"""``bitplan plan``'s flags: weight group sizes, the Hessian sampling, and the per-layer table."""
+"""``bitplan plan``'s flags: weight group sizes, the Hessian sampling, Omega, weight clip and
+loss, and the per-layer table."""
 
 from __future__ import annotations
 
@@ -21,6 +22,22 @@ def test_weight_group_sizes_and_sampling_flags():
     assert c.hessian.sampling == "all"
     default = parse_constraints(constraints_from_args(_args()))
     assert default.weight_group_sizes == [None]
+
+
+def test_omega_weight_clip_and_loss_flags(tmp_path):
+    c = parse_constraints(constraints_from_args(
+        _args("--omega", "trace", "--weight-clip", "hessian", "--loss", "mse")))
+    assert (c.hessian.omega, c.quantize.weight_clip, c.loss) == ("trace", "hessian", "mse")
+    default = parse_constraints(constraints_from_args(_args()))
+    assert (default.hessian.omega, default.quantize.weight_clip, default.loss) == (
+        "diagonal", "max", "auto")
+    # flags override a constraints file and keep its other quantize / hessian fields
+    path = tmp_path / "c.json"
+    path.write_text('{"limits": {"size_ratio": 0.5}, "hessian": {"tol": 0.2}, '
+                    '"quantize": {"weight_clip": "mse"}, "loss": "kl"}')
+    c = parse_constraints(constraints_from_args(_args("--constraints", str(path),
+                                                      "--weight-clip", "max")))
+    assert (c.hessian.tol, c.quantize.weight_clip, c.loss) == (0.2, "max", "kl")
 
 
 @pytest.mark.parametrize("bad", ["none,abc", "none,,x"])
