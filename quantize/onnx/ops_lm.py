@@ -197,15 +197,27 @@ def _full(ctx: Context, node: fx.Node) -> str:
                                                  _NUMPY[dtype_of(node)]))
 
 
-@handles(aten.full_like.default)
+@handles(aten.full_like.default, aten.ones_like.default, aten.zeros_like.default)
 def _full_like(ctx: Context, node: fx.Node) -> str:
     """``ConstantOfShape(Shape(x))`` with the fill value in the result's type (the shape may
-    be dynamic: the batch)."""
+    be dynamic: the batch); ``ones_like`` / ``zeros_like`` fill 1 / 0 (e.g. an all-ones
+    attention mask built from the ids)."""
     from onnx import numpy_helper
 
+    target = str(node.target)
+    fill = 1 if "ones_like" in target else 0 if "zeros_like" in target else node.args[1]
     dims = ctx.builder.op("Shape", [ctx.value(node.args[0])], node.name + "_shape")
-    value = numpy_helper.from_array(np.full([1], node.args[1], _NUMPY[dtype_of(node)]))
+    value = numpy_helper.from_array(np.full([1], fill, _NUMPY[dtype_of(node)]))
     return ctx.builder.op("ConstantOfShape", [dims], node.name, value=value)
+
+
+@handles(aten.gather.default)
+def _gather(ctx: Context, node: fx.Node) -> str:
+    """``torch.gather(x, dim, index)`` is ONNX ``GatherElements`` on axis ``dim`` (e.g. BERT's
+    token-type ids gathered at the position ids)."""
+    rank = len(shape(node.args[0]))
+    return ctx.builder.op("GatherElements", [ctx.value(node.args[0]), ctx.value(node.args[2])],
+                          node.name, axis=int(node.args[1]) % rank)
 
 
 @handles(aten.scalar_tensor.default)

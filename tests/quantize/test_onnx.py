@@ -475,6 +475,32 @@ def test_tiny_llama_exports_and_matches_fake_quant(tied, plan_for) -> None:
         assert users == ["Gather", "Transpose"]  # one initializer, two ops
 
 
+def test_tiny_bert_exports_and_matches_fake_quant(plan_for) -> None:
+    """The tiny BERT of tests/hf_zoo.py, per-token hidden states (its all-ones mask built by
+    ``ones_like`` from the ids, token-type ids gathered at the position ids: ``aten.gather``,
+    ONNX GatherElements): the float export equals the program, and W8 / W4 linears with
+    8-bit inputs pass the export check."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import hf_zoo
+
+    model = hf_zoo.TokenEncoder(hf_zoo.trained_bert(steps=30).model)
+    ids = hf_zoo.calibration_ids(n=40, seq=16, seed=1)
+    program = hf_zoo.export(model, (ids[:2],))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"aten.gather.default", "aten.ones_like.default"} <= ops
+    fp = session(export_onnx(program, None))
+    with torch.no_grad():
+        want = program.module()(ids[:3]).numpy()
+    got = fp.run(None, {fp.get_inputs()[0].name: ids[:3].numpy()})[0]
+    assert np.abs(got - want).max() < 1e-4  # float32 reassociation only (measured 4.8e-7)
+    plan = plan_for(program, w_bits=lambda i, n: 4 if i % 2 else 8)
+    res = apply(program, plan, CalibrationSet((ids[:24],)), CalibrationSet((ids[24:],)),
+                QuantizeConfig(batch_size=8))
+    out = export_onnx(program, res.checkpoint)
+    report = verify(program, res.checkpoint, out, CalibrationSet((ids[24:],)))
+    assert report["passed"] and report["p99_steps8"] <= P99_STEPS
+
+
 def test_in_context_profile_of_a_fixed_batch_program(cnn_fixed_batch_pt2) -> None:
     """A program exported for batches of 16 is timed at 16 (it runs at no other size)."""
     from quantize.onnx.profile import ProfileConfig, profile
