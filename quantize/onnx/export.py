@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -59,19 +58,6 @@ def _value_info(name: str, node: fx.Node) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, _DTYPES[val.dtype], dims)
 
 
-def _check_shared_weights(gm: fx.GraphModule, weights: set[str]) -> None:
-    uses = Counter(
-        str(a.target) for n in gm.graph.nodes if n.op == "call_function"
-        for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"
-    )
-    shared = sorted(w for w in weights if uses[w] > 1)
-    if shared:
-        raise UnsupportedExportError(
-            f"quantized weights used by several ops are not exported: {shared}",
-            detail={"weights": shared},
-        )
-
-
 def export_onnx(
     program: torch.export.ExportedProgram, checkpoint: Checkpoint | str | Path | None,
     int8_kernels: bool = True,
@@ -85,7 +71,9 @@ def export_onnx(
 
     Weights are INT8 / INT4 initializers feeding DequantizeLinear (axis 0, per output
     channel), biases int32 at ``S_w * S_in``, activations Q/DQ on the checkpoint's grids,
-    DRQ layers from standard operators; unquantized parts stay float.
+    DRQ layers from standard operators; unquantized parts stay float. A quantized weight
+    that another op also reads (a tied embedding table) stays float for that op, as in the
+    fake-quant module: the file holds both.
     Raises BadCheckpointError / BadPlanError when the checkpoint does not fit the program,
     UnsupportedExportError (naming the op or layer) when a part cannot be expressed.
     """
@@ -94,7 +82,6 @@ def export_onnx(
     else:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
         gm, qlayers, rows = prepare(program, ckpt)
-    _check_shared_weights(gm, {layer.weight for layer in qlayers.values()})
     by_node = {layer.node: layer for layer in qlayers.values()}
     points = ckpt.points() if ckpt is not None else []
     end_grid = {p.end: g for p, g in points}

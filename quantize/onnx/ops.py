@@ -310,16 +310,20 @@ def _batch_norm(ctx: Context, node: fx.Node) -> object:
     return (out, None, None)
 
 
-@handles(aten.layer_norm.default)
-def _layer_norm(ctx: Context, node: fx.Node) -> str:
+@handles(aten.layer_norm.default, aten.native_layer_norm.default)
+def _layer_norm(ctx: Context, node: fx.Node) -> object:
+    """``LayerNormalization``; ``native_layer_norm`` (the decomposed graph's form) returns
+    (out, mean, rstd), of which only ``out`` is exported."""
+    native = node.target == aten.native_layer_norm.default
     x, normalized = node.args[0], list(node.args[1])
     w = _arg(node, 2, "weight")
     b = _arg(node, 3, "bias")
-    eps = float(_arg(node, 4, "eps", 1e-5))
+    eps = float(node.args[4]) if native else float(_arg(node, 4, "eps", 1e-5))
     scale = ctx.value(w) if w is not None else ctx.builder.const(np.ones(normalized))
     bias = ctx.value(b) if b is not None else ctx.builder.const(np.zeros(normalized))
-    return ctx.builder.op("LayerNormalization", [ctx.value(x), scale, bias], node.name,
-                          axis=-len(normalized), epsilon=eps)
+    out = ctx.builder.op("LayerNormalization", [ctx.value(x), scale, bias], node.name,
+                         axis=-len(normalized), epsilon=eps)
+    return (out, None, None) if native else out
 
 
 @handles(aten.embedding.default)

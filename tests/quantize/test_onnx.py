@@ -501,6 +501,35 @@ def test_tiny_bert_exports_and_matches_fake_quant(plan_for) -> None:
     assert report["passed"] and report["p99_steps8"] <= P99_STEPS
 
 
+def test_gpt2_with_its_tied_lm_head_quantized_exports(plan_for, tmp_path) -> None:
+    """The tiny GPT-2 as a job sees it (the intake's program: LayerNorm as
+    ``native_layer_norm``; the lm_head a quantized layer whose weight the token embedding also
+    reads): the embedding's Gather reads the float table, as in the fake-quant module, the
+    lm_head its INT4 / INT8 copy, and the export check passes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import hf_zoo
+
+    from sensitivity.intake import intake
+
+    torch.manual_seed(0)
+    model = hf_zoo.train_causal(hf_zoo.gpt2(), steps=30)
+    ids = hf_zoo.calibration_ids(n=40, seq=16, seed=1)
+    pt2 = hf_zoo.save(model, (ids[:4],), tmp_path / "g.pt2")
+    program = intake(pt2, zoo.save_calibration(tmp_path / "c.safetensors", ids)).program
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.native_layer_norm.default" in ops
+    plan = plan_for(program, w_bits=lambda i, n: 4 if i % 2 else 8)
+    assert "model.lm_head" in [r["name"] for r in plan["layers"]]
+    res = apply(program, plan, CalibrationSet((ids[:24],)), CalibrationSet((ids[24:],)),
+                QuantizeConfig(batch_size=8))
+    out = export_onnx(program, res.checkpoint)
+    gathers = [n for n in out.graph.node if n.op_type == "Gather"
+               and "model.lm_head.weight" in n.input]
+    assert len(gathers) == 1  # the float table, beside the lm_head's integer initializer
+    report = verify(program, res.checkpoint, out, CalibrationSet((ids[24:],)))
+    assert report["passed"] and report["p99_steps8"] <= P99_STEPS
+
+
 def test_in_context_profile_of_a_fixed_batch_program(cnn_fixed_batch_pt2) -> None:
     """A program exported for batches of 16 is timed at 16 (it runs at no other size)."""
     from quantize.onnx.profile import ProfileConfig, profile
