@@ -146,10 +146,20 @@ def _gelu(ctx: Context, node: fx.Node) -> str:
     return ctx.builder.op("Gelu", [ctx.value(node.args[0])], node.name, approximate=approx)
 
 
-@handles(aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default)
+@handles(aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default,
+         aten.clamp_min.default, aten.clamp_max.default)
 def _clip(ctx: Context, node: fx.Node) -> str:
-    lo = _arg(node, 1, "min_val" if "hardtanh" in str(node.target) else "min", -1.0)
-    hi = _arg(node, 2, "max_val" if "hardtanh" in str(node.target) else "max", 1.0)
+    """``Clip``: hardtanh's bounds default to -1 / 1; a clamp's missing bound is no bound
+    (``clamp(x, 1.0)`` is ``clamp_min``)."""
+    target = str(node.target)
+    if "hardtanh" in target:
+        lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+    elif "clamp_min" in target:
+        lo, hi = _arg(node, 1, "min"), None
+    elif "clamp_max" in target:
+        lo, hi = None, _arg(node, 1, "max")
+    else:
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
     ins = [ctx.value(node.args[0]),
            "" if lo is None else ctx.builder.const(float(lo)),
            "" if hi is None else ctx.builder.const(float(hi))]

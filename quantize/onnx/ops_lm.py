@@ -22,7 +22,7 @@ from torch import fx
 from solver.errors import UnsupportedExportError
 
 from .context import Context, shape
-from .ops import _arg, aten, handles
+from .ops import _arg, _axes, aten, handles
 
 _ONNX = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE,
          torch.float16: TensorProto.FLOAT16, torch.int64: TensorProto.INT64,
@@ -139,6 +139,18 @@ def _diff(ctx: Context, node: fx.Node) -> str:
                               b.const([axis], np.int64)], node.name + tag)
 
     return b.op("Sub", [part(1, 2**63 - 1, "_hi"), part(0, -1, "_lo")], node.name)
+
+
+@handles(aten.sum.dim_IntList)
+def _sum(ctx: Context, node: fx.Node) -> str:
+    """``ReduceSum`` in the result's type (e.g. an encoder's masked mean pooling: a mask
+    summed over the tokens)."""
+    x, dtype = ctx.value(node.args[0]), dtype_of(node)
+    if dtype_of(node.args[0]) != dtype:
+        x = ctx.builder.op("Cast", [x], node.name + "_cast", to=_onnx_type(dtype, node.name))
+    axes = _axes(_arg(node, 1, "dim"), len(shape(node.args[0])))
+    return ctx.builder.op("ReduceSum", [x, ctx.builder.const(axes, np.int64)], node.name,
+                          keepdims=int(bool(_arg(node, 2, "keepdim", False))))
 
 
 @handles(aten.cumsum.default)

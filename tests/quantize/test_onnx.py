@@ -530,6 +530,36 @@ def test_gpt2_with_its_tied_lm_head_quantized_exports(plan_for, tmp_path) -> Non
     assert report["passed"] and report["p99_steps8"] <= P99_STEPS
 
 
+class _Bounds(nn.Module):
+    """One-sided clamps (a masked mean's ``clamp_min(1.0)`` denominator) and sums over dims."""
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        w = m.unsqueeze(-1).to(x.dtype)
+        mean = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return torch.cat([mean, x.clamp(min=0.5).sum(1), x.clamp(max=-0.5).sum(1),
+                          torch.clamp_max(x, 0.25).sum(1, keepdim=True).squeeze(1),
+                          torch.nn.functional.hardtanh(x).sum(1)], 1)
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_one_sided_clamps_and_sums_export_as_the_program_runs(decomposed) -> None:
+    """A clamp with one bound is bounded on that side only (a missing max once read as 1.0,
+    which made an encoder's masked mean pooling a sum); ``sum`` over dims is ReduceSum with
+    the mask cast first. In the exported form and decomposed to core ops."""
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(5, 7, 3, generator=g) * 2, (torch.rand(5, 7, generator=g) > 0.3).long()
+    program = torch.export.export(_Bounds(), (x, m))
+    if decomposed:
+        program = program.run_decompositions()
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.sum.dim_IntList" in ops
+    fp = session(export_onnx(program, None))
+    want = program.module()(x, m).numpy()
+    names = [i.name for i in fp.get_inputs()]
+    got = fp.run(None, {names[0]: x.numpy(), names[1]: m.numpy()})[0]
+    assert np.abs(got - want).max() < 1e-5  # float32 rounding only
+
+
 def test_in_context_profile_of_a_fixed_batch_program(cnn_fixed_batch_pt2) -> None:
     """A program exported for batches of 16 is timed at 16 (it runs at no other size)."""
     from quantize.onnx.profile import ProfileConfig, profile

@@ -73,6 +73,9 @@ def test_transformer_planned_downloaded_and_loaded(arch, start_server, tmp_path)
     assert any(f["op"] == "embedding" for f in floats)  # embeddings stay float, and it says so
     assert "stay in floating point" in format_summary(plan, report)
     metrics = report["metrics"]
+    # model.onnx is written and passed the check against the fake-quant module
+    assert report["onnx"]["exported"] and report["onnx"]["passed"], report["onnx"]
+    assert server.client.get(f"/jobs/{job_id}/onnx").status_code == 200
 
     got = _replay(model, calib, _download(server, job_id, tmp_path),
                   0 if arch == "decoder" else None)
