@@ -445,6 +445,24 @@ def test_profile_config_refuses_bad_methods() -> None:
     assert ProfileConfig(layers=("conv1",), method="isolated").layers == ("conv1",)
 
 
+def _token_model_exports(program, ids: torch.Tensor, plan_for) -> onnx.ModelProto:
+    """A token model's float export equals its program (float32 reassociation only), and its
+    W8 / W4-alternating quantized export (8-bit inputs) passes the export check; returns the
+    quantized ONNX model."""
+    fp = session(export_onnx(program, None))
+    with torch.no_grad():
+        want = program.module()(ids[:3]).numpy()
+    got = fp.run(None, {fp.get_inputs()[0].name: ids[:3].numpy()})[0]
+    assert np.abs(got - want).max() < 1e-4
+    plan = plan_for(program, w_bits=lambda i, n: 4 if i % 2 else 8)
+    res = apply(program, plan, CalibrationSet((ids[:24],)), CalibrationSet((ids[24:],)),
+                QuantizeConfig(batch_size=8))
+    out = export_onnx(program, res.checkpoint)
+    report = verify(program, res.checkpoint, out, CalibrationSet((ids[24:],)))
+    assert report["passed"] and report["p99_steps8"] <= P99_STEPS
+    return out
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_llama_exports_and_matches_fake_quant(tied, plan_for) -> None:
     """The tiny Llama of tests/hf_zoo.py (causal mask from arange / cumsum / advanced
@@ -458,17 +476,7 @@ def test_tiny_llama_exports_and_matches_fake_quant(tied, plan_for) -> None:
     model = hf_zoo.trained_llama(tied=tied, steps=30)
     ids = hf_zoo.calibration_ids(n=40, seq=16, seed=1)
     program = hf_zoo.export(model, (ids[:2],))
-    fp = session(export_onnx(program, None))
-    with torch.no_grad():
-        want = program.module()(ids[:3]).numpy()
-    got = fp.run(None, {fp.get_inputs()[0].name: ids[:3].numpy()})[0]
-    assert np.abs(got - want).max() < 1e-4  # float32 reassociation only
-    plan = plan_for(program, w_bits=lambda i, n: 4 if i % 2 else 8)
-    res = apply(program, plan, CalibrationSet((ids[:24],)), CalibrationSet((ids[24:],)),
-                QuantizeConfig(batch_size=8))
-    out = export_onnx(program, res.checkpoint)
-    report = verify(program, res.checkpoint, out, CalibrationSet((ids[24:],)))
-    assert report["passed"] and report["p99_steps8"] <= P99_STEPS
+    out = _token_model_exports(program, ids, plan_for)
     if tied:  # lm_head stays float (a shared weight) and reads the embedding's table
         users = sorted(n.op_type for n in out.graph.node for i in n.input
                        if i == "model.lm_head.weight")
@@ -488,17 +496,7 @@ def test_tiny_bert_exports_and_matches_fake_quant(plan_for) -> None:
     program = hf_zoo.export(model, (ids[:2],))
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"aten.gather.default", "aten.ones_like.default"} <= ops
-    fp = session(export_onnx(program, None))
-    with torch.no_grad():
-        want = program.module()(ids[:3]).numpy()
-    got = fp.run(None, {fp.get_inputs()[0].name: ids[:3].numpy()})[0]
-    assert np.abs(got - want).max() < 1e-4  # float32 reassociation only (measured 4.8e-7)
-    plan = plan_for(program, w_bits=lambda i, n: 4 if i % 2 else 8)
-    res = apply(program, plan, CalibrationSet((ids[:24],)), CalibrationSet((ids[24:],)),
-                QuantizeConfig(batch_size=8))
-    out = export_onnx(program, res.checkpoint)
-    report = verify(program, res.checkpoint, out, CalibrationSet((ids[24:],)))
-    assert report["passed"] and report["p99_steps8"] <= P99_STEPS
+    _token_model_exports(program, ids, plan_for)  # float: measured 4.8e-7 from the program
 
 
 def test_gpt2_with_its_tied_lm_head_quantized_exports(plan_for, tmp_path) -> None:
