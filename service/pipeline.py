@@ -469,7 +469,7 @@ def run_pipeline(
     # the front's points are evaluated on at most PARETO_EVAL_SAMPLES of the held-out samples
     # (their metrics carry the count and interval): the job's own plan on all of them
     point_keep = _holdout_keep(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
-    point_intake = _holdout_subset(intake, PARETO_EVAL_SAMPLES, constraints.hessian.seed)
+    point_intake = _holdout_subset(intake, point_keep)
     split["point_samples"] = len(point_intake.holdout)
     # measured once for every point: the free-point ranges (the job's plan measured them, for
     # its layer set), the layer input sums (with the sensitivity) and the FP32 outputs
@@ -593,10 +593,9 @@ def _drq_latencies(table: dict[str, dict[str, float]], specs: list[Any]) -> None
                 row[key.split("drq")[0] + mode.tag] = row[key]
 
 
-def _holdout_subset(intake: Any, n: int, seed: int) -> Any:
-    """``intake`` with its held-out set cut to ``n`` samples drawn at random (seeded; a file
-    sorted by class would bias its first samples)."""
-    keep = _holdout_keep(intake, n, seed)
+def _holdout_subset(intake: Any, keep: torch.Tensor | None) -> Any:
+    """``intake`` with its held-out set cut to the samples ``keep`` (``_holdout_keep``; None:
+    all of them)."""
     return intake if keep is None else dataclasses.replace(intake,
                                                            holdout=intake.holdout.subset(keep))
 
@@ -611,7 +610,8 @@ def _slice_reference(reference: Any, keep: torch.Tensor | None) -> Any:
 
 
 def _holdout_keep(intake: Any, n: int, seed: int) -> torch.Tensor | None:
-    """The held-out samples ``_holdout_subset`` keeps, ascending (None: all of them)."""
+    """``n`` held-out samples drawn at random (seeded; a file sorted by class would bias its
+    first samples), ascending (None: all of them, when there are no more than ``n``)."""
     if len(intake.holdout) <= n:
         return None
     gen = torch.Generator().manual_seed(seed + 1)

@@ -5,23 +5,23 @@ from __future__ import annotations
 import torch
 
 from sensitivity.intake import intake
-from service.pipeline import _holdout_subset
+from service.pipeline import _holdout_keep, _holdout_subset
 
 
 def test_points_are_evaluated_on_a_seeded_random_subset(cnn_pt2, calib_path):
     it = intake(cnn_pt2, calib_path)
     n = len(it.holdout)
     assert n > 8
-    sub = _holdout_subset(it, 8, seed=0)
+    sub = _holdout_subset(it, _holdout_keep(it, 8, seed=0))
     assert len(sub.holdout) == 8 and len(sub.train) == len(it.train)
     rows = {tuple(x.flatten().tolist()) for x in it.holdout.args[0]}
     picked = [tuple(x.flatten().tolist()) for x in sub.holdout.args[0]]
     assert all(r in rows for r in picked)  # held-out samples only
-    again = _holdout_subset(it, 8, seed=0)
+    again = _holdout_subset(it, _holdout_keep(it, 8, seed=0))
     assert torch.equal(again.holdout.args[0], sub.holdout.args[0])  # deterministic
     first = it.holdout.args[0][:8]
     assert not torch.equal(sub.holdout.args[0], first)  # not the file's first samples
-    assert _holdout_subset(it, n, seed=0) is it
+    assert _holdout_subset(it, _holdout_keep(it, n, seed=0)) is it
 
 
 def test_points_reuse_the_jobs_measurements(cnn_pt2, calib_path, tmp_path, monkeypatch):
@@ -65,11 +65,11 @@ def test_points_reuse_the_jobs_measurements(cnn_pt2, calib_path, tmp_path, monke
 def test_the_points_reference_is_cut_from_the_jobs(cnn_pt2, calib_path):
     """The Pareto points' FP32 outputs, cut from the job's on all held-out samples, are those
     of the FP32 model on the points' subset (other batches: float rounding only)."""
-    from service.pipeline import _holdout_keep, _reference, _slice_reference
+    from service.pipeline import _reference, _slice_reference
 
     it = intake(cnn_pt2, calib_path)
-    sub = _holdout_subset(it, 8, seed=0)
     keep = _holdout_keep(it, 8, seed=0)
+    sub = _holdout_subset(it, keep)
     cut = _slice_reference(_reference(it, 64, torch.device("cpu")), keep)
     own = _reference(sub, 64, torch.device("cpu"))
     assert cut.samples == own.samples == 8
