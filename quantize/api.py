@@ -25,11 +25,11 @@ from .data import CalibrationSet
 from .evaluate import Reference, evaluate
 from .fakequant import build_fake_quant
 from .fold import fold_layers
-from .graph import find_layers, module_name
+from .graph import find_layers, module_name, program_module
 from .observe import ActivationStats, graph_copy, observe
 from .points import Grid, find_points
 from .primitives import (
-    dyadic,
+    dyadic_many,
     expand_scales,
     group_dyadic,
     group_multiplier_bits,
@@ -104,9 +104,7 @@ def _layer_tensors(
                                          int(bias_q.abs().max()))
         b, c = group_dyadic(s_w.to(torch.float64) * g_in.scale / g_out.scale, max_bits)
     else:
-        pairs = [dyadic(float(m)) for m in acc_scale / g_out.scale]
-        b = torch.tensor([b for b, _ in pairs])
-        c = torch.tensor([c for _, c in pairs])
+        b, c = dyadic_many(acc_scale / g_out.scale)
     p = row.name + "."
     t = {
         p + "weight_q": encode_weight(codes, row.w_bits),
@@ -252,7 +250,7 @@ def apply(
     """
     cfg = cfg or QuantizeConfig()
     device = device or torch.device("cpu")
-    gm = program.module()
+    gm = program_module(program)
     layers = find_layers(gm)
     plan = parse_plan(plan)  # the one validator (solver.plan.Plan.from_dict)
     rows = match_rows(list(plan.rows), layers)
@@ -333,7 +331,7 @@ def apply(
     if reference is not None and reference.samples != len(holdout):
         reference = None  # of another held-out set
     metrics = evaluate(
-        None if reference is not None else program.module().to(device), qmodule, holdout,
+        None if reference is not None else program_module(program).to(device), qmodule, holdout,
         batch_size or cfg.batch_size, fixed=fixed, device=device, progress=progress,
         token_input=token_input, reference=reference,
     )

@@ -25,6 +25,7 @@ from torch import nn
 from .api import apply
 from .config import QuantizeConfig
 from .data import CalibrationSet, run_batch
+from .graph import program_module
 
 KINDS = ("cross_entropy", "kl", "mse")
 
@@ -148,7 +149,7 @@ def compare(program: torch.export.ExportedProgram, plans: Mapping[str, Any],
     device = device or torch.device("cpu")
     t0 = time.perf_counter()
     chunk = batch_size or cfg.batch_size
-    reference = program.module().to(device)
+    reference = program_module(program).to(device)
     losses = {}
     loss_kind = cfg.loss(loss_kind)
     for key in ("drq", "off"):

@@ -47,7 +47,14 @@ from solver.errors import BadCheckpointError, BadModelError
 from .calibrate import insert_after
 from .checkpoint import Checkpoint
 from .fold import remove_bn, set_layer_params
-from .graph import GraphLayer, find_layers, insert_input_modules, module_name, node_by_name
+from .graph import (
+    GraphLayer,
+    find_layers,
+    insert_input_modules,
+    module_name,
+    node_by_name,
+    program_module,
+)
 from .points import TRANSPARENT_OPS, Grid
 from .primitives import (
     activation_qrange,
@@ -365,7 +372,7 @@ def prepare(
 ) -> tuple[fx.GraphModule, dict[str, GraphLayer], dict[str, PlanRow]]:
     """A fresh module of ``program`` with the checkpoint's layers matched and their BN removed
     (``recompile=False``: its code not regenerated yet, for a caller that rewrites more)."""
-    gm = program.module()
+    gm = program_module(program)
     layers = find_layers(gm)
     rows = match_rows(list(ckpt.rows.values()), layers)
     qlayers = {layer.name: layer for layer in layers if layer.name in rows}

@@ -19,6 +19,10 @@ and calls ``find_layers``, so sensitivity, checkpoint, fake-quant and the intege
 
 from __future__ import annotations
 
+import copy
+import threading
+import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -233,6 +237,27 @@ def find_layers(gm: fx.GraphModule) -> list[GraphLayer]:
             )
         layers.append(layer)
     return layers
+
+
+_UNLIFTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNLIFTED_LOCK = threading.Lock()
+
+
+def program_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """A new GraphModule of ``program.module()``: its own graph and module tree, free to rewrite
+    (``find_layers``, folding, inserted modules), on the program's own weight tensors (nothing
+    copied, as ``program.module()`` itself). The program is unlifted once, at its first call;
+    later calls copy that graph, several times cheaper (docs/internals.md). Unlike
+    ``program.module()`` the copy has no input-check hook (the graph's own shape guards still
+    run): it is for the stages' internal passes on data bound at intake."""
+    with _UNLIFTED_LOCK:
+        template = _UNLIFTED.get(program)
+        if template is None:
+            template = _UNLIFTED[program] = program.module()
+    with warnings.catch_warnings():
+        # torch's own pytree spec copy warns about a deprecated isinstance check.
+        warnings.simplefilter("ignore", FutureWarning)
+        return fx.GraphModule(template, copy.deepcopy(template.graph))
 
 
 def node_by_name(gm: fx.GraphModule, name: str) -> fx.Node:

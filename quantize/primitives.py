@@ -191,6 +191,24 @@ def dyadic(m: float, max_bits: int = 31, max_shift: int = 31) -> tuple[int, int]
     raise ValueError(f"multiplier {m} is too large for a {max_bits}-bit dyadic number")
 
 
+def dyadic_many(m: torch.Tensor, max_bits: int = 31,
+                max_shift: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dyadic` of every element of ``m`` at once: int64 ``b`` and ``c`` of ``m``'s shape,
+    equal to the scalar function's (``m * 2^c`` is exact in float64, and ``torch.round`` rounds
+    half to even as Python's ``round``)."""
+    m64 = m.detach().to(torch.float64)
+    if not bool(torch.isfinite(m64).all()):
+        raise ValueError("dyadic needs finite multipliers")
+    shifts = torch.arange(max_shift, -1, -1, dtype=torch.float64)  # the largest c first
+    b = torch.round(m64.reshape(-1, 1) * torch.exp2(shifts))
+    fits = b.abs() <= 2**max_bits - 1
+    if not bool(fits.any(dim=1).all()):
+        raise ValueError(f"a multiplier is too large for a {max_bits}-bit dyadic number")
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # the first c that fits
+    return (b.gather(1, first).reshape(m.shape).to(torch.int64),
+            (max_shift - first).reshape(m.shape).to(torch.int64))
+
+
 def dyadic_requantize(acc: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Integer-only ``round(acc * b / 2^c)``: ``(acc * b + 2^(c-1)) >> c`` in int64.
 
@@ -215,8 +233,7 @@ def group_dyadic(m: torch.Tensor, max_bits: int = 31) -> tuple[torch.Tensor, tor
     groups]`` and ``c [out]``.
     """
     m64 = m.detach().to(torch.float64)
-    shifts = [dyadic(float(row.abs().max()), max_bits=max_bits)[1] for row in m64]
-    c = torch.tensor(shifts, dtype=torch.int64)
+    c = dyadic_many(m64.abs().amax(dim=1), max_bits=max_bits)[1]
     b = torch.round(m64 * torch.exp2(c.to(torch.float64)).unsqueeze(1)).to(torch.int64)
     return b, c
 

@@ -669,9 +669,10 @@ def _reference(intake: Any, chunk: int | None, device: torch.device) -> Any:
     """The FP32 program's outputs on ``intake.holdout``, batched as ``_quantize`` evaluates
     (None when over ``REFERENCE_MAX_BYTES``: each point then runs the FP32 model itself)."""
     from quantize.evaluate import reference_outputs
+    from quantize.graph import program_module
 
     size = intake.batch_size or _quantize_config(chunk).batch_size
-    return reference_outputs(intake.program.module().to(device), intake.holdout, size,
+    return reference_outputs(program_module(intake.program).to(device), intake.holdout, size,
                              fixed=intake.batch_size is not None, device=device,
                              max_bytes=REFERENCE_MAX_BYTES)
 

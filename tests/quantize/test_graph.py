@@ -102,3 +102,41 @@ def test_conv1d_projections_of_one_input_are_tied(tmp_path) -> None:
     it = intake(path, tmp_path / "c.safetensors")
     assert [layer.name for layer in it.layers] == ["q", "k", "v", "out"]
     assert shared_input_ties(it.module, it.layers) == [("q", "k"), ("q", "v")]
+
+
+def test_program_module_copies_are_independent_and_share_the_weights(conv1d_program, resnet,
+                                                                       digits, monkeypatch) -> None:
+    """``program_module``: the program is unlifted once; each call is a fresh module whose
+    rewrites (linear canonicalisation, BN folding) reach neither the next copy nor
+    ``program.module()``, on the program's own weight tensors (no copy)."""
+    from quantize.fold import fold_layers
+    from quantize.graph import program_module
+
+    x, _ = digits
+    _, program = conv1d_program
+    unlifts = [0]
+    real = torch.export.ExportedProgram.module
+
+    def counting(self, *args, **kwargs):
+        unlifts[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "module", counting)
+    fresh = zoo.export(resnet.eval(), x[:4])  # a program never unlifted before
+    first = program_module(fresh)
+    layers = find_layers(first)
+    assert any(la.bn is not None for la in layers)
+    fold_layers(first, layers)  # BN removed and weights replaced, in ``first`` only
+    second = program_module(fresh)
+    assert unlifts[0] == 1
+    assert [la.bn for la in find_layers(second)] == [la.bn for la in layers]
+    with torch.no_grad():
+        assert torch.equal(second(x[:8]), real(fresh)(x[:8]))
+    stored = {t.data_ptr() for t in fresh.state_dict.values()}
+    assert {p.data_ptr() for p in second.parameters()} <= stored
+
+    a = program_module(program)  # GPT-2 Conv1D: find_layers stores W^T under W's name
+    find_layers(a)
+    b = program_module(program)
+    assert dict(a.named_parameters())["fc.weight"].shape == (24, 64)
+    assert dict(b.named_parameters())["fc.weight"].shape == (64, 24)  # still as exported

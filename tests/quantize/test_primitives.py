@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantize.checkpoint import decode_weight, encode_weight, storage_bits
-from quantize.primitives import dyadic, dyadic_requantize, qmax_signed
+from quantize.primitives import dyadic, dyadic_many, dyadic_requantize, qmax_signed
 
 
 @settings(max_examples=60, deadline=None)
@@ -52,6 +53,34 @@ def test_dyadic_error_bound(m: float) -> None:
     assert -(2**31) <= b <= 2**31 - 1  # fits int32
     # half a step of the 2^-c grid, measured exactly
     assert abs(Fraction(b, 2**c) - Fraction(m)) <= Fraction(1, 2 ** (c + 1))
+
+
+_multiplier = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False).filter(
+    lambda m: m == 0 or abs(m) >= 1e-12)
+# exact ties of the finest grid (odd / 2^32: half a step at c = 31) and of coarser ones
+_tie = st.builds(lambda j, k: (2 * j + 1) / 2.0 ** k, st.integers(-(2**20), 2**20),
+                 st.integers(1, 40))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ms=st.lists(st.one_of(_multiplier, _tie), min_size=1, max_size=12),
+       max_bits=st.sampled_from([31, 30, 16]))
+def test_dyadic_many_equals_dyadic(ms: list[float], max_bits: int) -> None:
+    """The vectorised form gives the scalar function's (b, c) for every element, ties
+    included (both round half to even)."""
+    try:
+        expected = [dyadic(m, max_bits=max_bits) for m in ms]
+    except ValueError:  # some multiplier does not fit: both refuse
+        with pytest.raises(ValueError):
+            dyadic_many(torch.tensor(ms, dtype=torch.float64), max_bits=max_bits)
+        return
+    b, c = dyadic_many(torch.tensor(ms, dtype=torch.float64), max_bits=max_bits)
+    assert list(zip(b.tolist(), c.tolist(), strict=True)) == expected
+
+
+def test_dyadic_many_refuses_non_finite() -> None:
+    with pytest.raises(ValueError):
+        dyadic_many(torch.tensor([1.0, float("inf")]))
 
 
 @settings(max_examples=100, deadline=None)
