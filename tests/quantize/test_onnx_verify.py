@@ -82,6 +82,8 @@ def test_an_amplifying_network_passes_on_its_points(amplified) -> None:
     assert pts["worst_point"] == "relu" and pts["points_with_mismatch"] == 1
     assert 0.0 < pts["max_mismatch"] <= 10 / 6400 and pts["max_steps"] > 20
     assert pts["output_mismatch"] == 0.0
+    # every point passed: the near-tie width is twice the measured deviation
+    assert rep["tie_steps8"] == pytest.approx(2 * rep["p99_steps8"])
 
 
 def test_without_the_point_map_the_end_to_end_bar_applies(amplified) -> None:
@@ -245,3 +247,17 @@ def test_a_point_read_by_a_matmul_is_checked_on_the_exported_graphs_kernels(plan
     assert rep["passed"] and pts["points"] == 2 and pts["samples"] == 20
     # measured: no value on another code, largest deviation 0.0 steps (a flip is 1 step)
     assert pts["points_with_mismatch"] == 0 and pts["max_steps"] < 0.01
+
+
+def test_ties_widen_with_the_measured_deviation_only_when_every_point_passed() -> None:
+    """A random-weight MobileNetV2 at 224x224 (bench/scale.py's, max_iter 4) carries rounding
+    to a 7.7-step 99th percentile with every point within one code, and flipped a sample whose
+    top two were 8.8 steps apart: that is a tie (width 2 x 7.7). A failing point check, or a
+    file without the point map, keeps the configured width (2 x 4), so a wrong export cannot
+    excuse its own flips."""
+    from quantize.onnx.verify import tie_steps8
+
+    cfg = VerifyConfig()
+    assert tie_steps8(cfg, 7.7, points_passed=True) == pytest.approx(15.4)
+    assert tie_steps8(cfg, 7.7, points_passed=False) == 2 * cfg.max_step_p99
+    assert tie_steps8(cfg, 1.0, points_passed=True) == 2 * cfg.max_step_p99  # never narrower
