@@ -219,7 +219,7 @@ def apply(
     program: torch.export.ExportedProgram,
     plan: Plan | dict[str, Any],
     train: CalibrationSet,
-    holdout: CalibrationSet,
+    holdout: CalibrationSet | None,
     cfg: QuantizeConfig | None = None,
     batch_size: int | None = None,
     device: torch.device | None = None,
@@ -229,7 +229,9 @@ def apply(
     reference: Reference | None = None,
     clip: ClipRatios | None = None,
 ) -> QuantizeResult:
-    """Quantize ``program`` as ``plan`` says, calibrating on ``train``; evaluate on ``holdout``.
+    """Quantize ``program`` as ``plan`` says, calibrating on ``train``; evaluate on ``holdout``
+    (None: no evaluation, the report's ``metrics`` empty, for a caller that scores the module
+    itself).
 
     ``token_input`` names a language model's token-id input (keyword name or positional index)
     for the next-token perplexities of the report (see ``quantize.evaluate``). ``activations``:
@@ -328,14 +330,15 @@ def apply(
     for m in drq_modules.values():
         m.reset_stats()
     fixed = batch_size is not None
-    if reference is not None and reference.samples != len(holdout):
+    if holdout is not None and reference is not None and reference.samples != len(holdout):
         reference = None  # of another held-out set
-    metrics = evaluate(
+    metrics = {} if holdout is None else evaluate(
         None if reference is not None else program_module(program).to(device), qmodule, holdout,
         batch_size or cfg.batch_size, fixed=fixed, device=device, progress=progress,
         token_input=token_input, reference=reference,
     )
-    drq_fractions = {k: float(m.int4_fraction) for k, m in drq_modules.items()}
+    drq_fractions = {} if holdout is None else \
+        {k: float(m.int4_fraction) for k, m in drq_modules.items()}
     report = _report(ckpt, rows, len(layers), metrics, cfg, len(train), drq_fractions)
     log.info("quantized %d layers; metrics %s", len(rows), metrics)
     return QuantizeResult(tensors, ckpt.metadata(), report, ckpt, qmodule, activations)

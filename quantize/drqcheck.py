@@ -25,6 +25,7 @@ from torch import nn
 from .api import apply
 from .config import QuantizeConfig
 from .data import CalibrationSet, run_batch
+from .evaluate import REFERENCE_MAX_BYTES, Reference, reference_outputs
 from .graph import program_module
 
 KINDS = ("cross_entropy", "kl", "mse")
@@ -83,29 +84,37 @@ class CheckResult:
                 "reason": self.reason, "seconds": self.seconds}
 
 
-def sample_losses(reference: nn.Module, module: nn.Module, data: CalibrationSet, loss_kind: str,
-                  batch_size: int, fixed: bool = False,
+def sample_losses(reference: nn.Module | Reference | None, module: nn.Module, data: CalibrationSet,
+                  loss_kind: str, batch_size: int, fixed: bool = False,
                   device: torch.device | None = None) -> torch.Tensor:
     """``module``'s loss per sample of ``data`` ([N], float64): cross-entropy at the labels,
     KL(softmax(reference) || softmax(module)) over the last dim, or MSE to ``reference``'s
     outputs (the job's loss kinds, as ``sensitivity.measured``; a mean over tokens for
-    [N, T, V] outputs). Cross-entropy without labels falls back to KL."""
+    [N, T, V] outputs). Cross-entropy without labels falls back to KL. ``reference``: the FP32
+    module, or its outputs on ``data`` measured once (``quantize.evaluate.reference_outputs``);
+    unused (may be None) for cross-entropy at labels."""
     if loss_kind not in KINDS:
         raise ValueError(f"loss kind must be one of {KINDS}, got {loss_kind!r}")
     if loss_kind == "cross_entropy" and data.labels is None:
         loss_kind = "kl"
+    if loss_kind != "cross_entropy" and reference is None:
+        raise ValueError(f"loss kind {loss_kind!r} needs the FP32 reference")
     device = device or torch.device("cpu")
     out = []
+    start = 0
     with torch.no_grad():
         for b in data.batches(batch_size, fixed=fixed):
             b = b.to(device)
+            rows = slice(start, start + b.size)
+            start += b.size
             q = run_batch(module, b).to(torch.float64)
             if loss_kind == "cross_entropy":
                 labels = b.labels[: b.size]
                 per = F.cross_entropy(q.reshape(-1, q.shape[-1]), labels.reshape(-1),
                                       reduction="none").reshape(labels.shape)
             else:
-                t = run_batch(reference, b).to(torch.float64)
+                t = (reference.outputs[rows].to(device) if isinstance(reference, Reference)
+                     else run_batch(reference, b)).to(torch.float64)
                 if loss_kind == "kl":
                     logp = F.log_softmax(t, dim=-1)
                     per = (logp.exp() * (logp - F.log_softmax(q, dim=-1))).sum(-1)
@@ -149,15 +158,22 @@ def compare(program: torch.export.ExportedProgram, plans: Mapping[str, Any],
     device = device or torch.device("cpu")
     t0 = time.perf_counter()
     chunk = batch_size or cfg.batch_size
-    reference = program_module(program).to(device)
+    fixed = batch_size is not None
     losses = {}
     loss_kind = cfg.loss(loss_kind)
+    if loss_kind == "cross_entropy" and train.labels is not None:
+        reference: nn.Module | Reference | None = None  # scored at the labels alone
+    else:  # the FP32 outputs, measured once for both plans (its module when too large)
+        module = program_module(program).to(device)
+        reference = reference_outputs(module, train, chunk, fixed=fixed, device=device,
+                                      max_bytes=REFERENCE_MAX_BYTES) or module
     for key in ("drq", "off"):
         qcfg = QuantizeConfig(batch_size=cfg.batch_size,
                               weight_clip="max" if clip is None else clip.mode)
-        res = apply(program, plans[key], train, train, qcfg, batch_size=batch_size,
+        # no evaluation inside apply: the module is scored here, once
+        res = apply(program, plans[key], train, None, qcfg, batch_size=batch_size,
                     device=device, activations=activations, clip=clip)
-        losses[key] = sample_losses(reference, res.module, train, loss_kind, chunk,
-                                    batch_size is not None, device)
+        losses[key] = sample_losses(reference, res.module, train, loss_kind, chunk, fixed,
+                                    device)
     result = decide(losses["drq"], losses["off"], loss_kind, cfg)
     return dataclasses.replace(result, seconds=time.perf_counter() - t0)

@@ -15,6 +15,10 @@ ProgressFn = Callable[[str, float], None]
 
 
 IGNORE_INDEX = -100  # a per-token label that is not scored
+# FP32 outputs measured once are kept for every plan scored on the same samples up to this
+# size (a classifier's are kilobytes; a language model's [N, T, V] logits may not be worth
+# holding: above it, each plan runs the FP32 module again)
+REFERENCE_MAX_BYTES = 256 * 2**20
 Z95 = 1.959964  # two-sided 95 % normal quantile
 TOO_FEW = 0.01  # an interval half-width above one point cannot tell typical plans apart
 

@@ -46,9 +46,6 @@ ONNX_FILE = "model.onnx"
 LATENCY_FILE = "latency.json"  # hardware onnxruntime-cpu: the measured per-layer latencies
 PARETO_EVAL_SAMPLES = 32  # held-out samples a Pareto point is evaluated on (bounds evaluate's
 # share of a large job; docs/benchmarks.md)
-# the FP32 outputs on the points' held-out samples are kept for all points up to this size (a
-# classifier's are kilobytes; a language model's [N, T, V] logits may not be worth holding)
-REFERENCE_MAX_BYTES = 256 * 2**20
 PARETO_FILE, PLOTS_DIR = "pareto.json", "plots"
 SENSITIVITY_FILE, REGIONS_FILE, PROBLEM_FILE, SOLUTION_FILE = (
     "sensitivity.json",
@@ -668,7 +665,7 @@ def _quantize(intake: Any, plan: dict[str, Any], device: torch.device,
 def _reference(intake: Any, chunk: int | None, device: torch.device) -> Any:
     """The FP32 program's outputs on ``intake.holdout``, batched as ``_quantize`` evaluates
     (None when over ``REFERENCE_MAX_BYTES``: each point then runs the FP32 model itself)."""
-    from quantize.evaluate import reference_outputs
+    from quantize.evaluate import REFERENCE_MAX_BYTES, reference_outputs
     from quantize.graph import program_module
 
     size = intake.batch_size or _quantize_config(chunk).batch_size

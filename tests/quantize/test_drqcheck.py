@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from quantize import QuantizeConfig, apply
 from quantize.data import CalibrationSet
 from quantize.drqcheck import CheckConfig, compare, decide, sample_losses
+from quantize.evaluate import reference_outputs
 
 DRQ = {"region": [2, 2], "threshold": 40, "sensitive_fraction": 0.3, "mac_fraction": 0.3,
        "high_bits": 8, "low_bits": 4}
@@ -83,6 +84,14 @@ def test_sample_losses_match_the_loss_functions(cnn_program, heldout_eval) -> No
     # no labels: cross-entropy falls back to KL to the reference
     unlabelled = CalibrationSet((x,))
     assert torch.allclose(sample_losses(ref, scaled, unlabelled, "cross_entropy", 64), kl)
+    # the FP32 outputs measured once score like the FP32 module, chunked or padded alike
+    outputs = reference_outputs(ref, train, 64)
+    for kind, want in (("kl", kl), ("mse", sample_losses(ref, scaled, train, "mse", 64))):
+        assert torch.equal(sample_losses(outputs, scaled, train, kind, 64), want)
+        assert torch.allclose(sample_losses(outputs, scaled, train, kind, 100, fixed=True),
+                              want, atol=1e-12)
+    with pytest.raises(ValueError, match="FP32 reference"):
+        sample_losses(None, scaled, train, "kl", 64)
 
 
 def test_compare_scores_both_plans_on_the_calibration_samples(cnn_program, plan_for,
@@ -104,8 +113,11 @@ def test_compare_scores_both_plans_on_the_calibration_samples(cnn_program, plan_
         logp = F.log_softmax(cnn_program.module()(x).double(), 1)
     for key in ("drq", "off"):
         module = apply(cnn_program, plans[key], train, train, QuantizeConfig()).module
+        bare = apply(cnn_program, plans[key], train, None, QuantizeConfig())  # not evaluated
+        assert bare.report["metrics"] == {}
         with torch.no_grad():
             out = module(x).double()
+            assert torch.equal(bare.module(x).double(), out)
         kl = float((logp.exp() * (logp - F.log_softmax(out, 1))).sum(1).mean())
         assert getattr(r, f"loss_{key}") == pytest.approx(kl, rel=1e-9)
         assert getattr(ce, f"loss_{key}") == pytest.approx(float(F.cross_entropy(out, y)),
