@@ -303,14 +303,45 @@ class QuantMean(nn.Module):
         return f"dims={self.dims}, scale={self.scale:.6g}, bits={self.bits}"
 
 
+def group_sums(x_codes: torch.Tensor, codes: torch.Tensor, group_size: int, kind: str,
+               conv: tuple) -> torch.Tensor:
+    """Exact per-group dot products (float64 sums of integers) of a layer's input codes with
+    its weight codes, ``[..., O, G]`` (channels and groups last): groups of ``group_size``
+    consecutive columns of the flattened fan-in (``in/groups * kernel``, the weight's memory
+    order); ``conv = (stride, padding, dilation, groups)`` for ``conv1d`` / ``conv2d``."""
+    out = codes.shape[0]
+    flat = codes.reshape(out, -1)
+    n_groups = flat.shape[1] // group_size
+    if kind == "linear":
+        xg = x_codes.reshape(*x_codes.shape[:-1], n_groups, group_size)
+        return torch.einsum("...gk,ogk->...og", xg, flat.reshape(out, n_groups, -1))
+    fn = nn.functional.conv1d if kind == "conv1d" else nn.functional.conv2d
+    # a group's columns span input channels c0 .. c1 of each conv group (``kk`` columns a
+    # channel): its convolution reads those channels alone, the other columns zeroed, so the
+    # groups together cost about one convolution, not one each
+    cin, kernel = codes.shape[1], codes.shape[2:]
+    kk, conv_groups = math.prod(kernel), conv[3]
+    n, spatial = x_codes.shape[0], x_codes.shape[2:]
+    x5 = x_codes.reshape(n, conv_groups, cin, *spatial)
+    sums = []
+    for g in range(n_groups):
+        lo, hi = g * group_size, (g + 1) * group_size
+        c0, c1 = lo // kk, -(-hi // kk)
+        w = torch.zeros(out, (c1 - c0) * kk, dtype=flat.dtype, device=flat.device)
+        w[:, lo - c0 * kk:hi - c0 * kk] = flat[:, lo:hi]
+        xs = x5[:, :, c0:c1].reshape(n, conv_groups * (c1 - c0), *spatial)
+        sums.append(fn(xs, w.reshape(out, c1 - c0, *kernel), None, *conv))
+    return torch.stack(sums, dim=-1).movedim(1, -2)  # [N, ..., O, G]
+
+
 class GroupedLayer(nn.Module):
     """A linear or conv layer with one weight scale per group of ``group_size`` inputs.
 
     Forward: the input's codes on the layer's input grid, one exact dot product per group
-    (float64 sums of integers: an einsum for linear, one convolution per group with the other
-    groups' weights zeroed for conv), then ``quantize.primitives.dyadic_group_requantize`` and
-    the clamp to the output grid. The float layer with the dequantized weight gives the
-    straight-through gradient.
+    (float64 sums of integers: an einsum for linear; for conv one convolution per group on the
+    input channels its columns touch, the other columns zeroed), then
+    ``quantize.primitives.dyadic_group_requantize`` and the clamp to the output grid. The
+    float layer with the dequantized weight gives the straight-through gradient.
     """
 
     def __init__(self, layer: GraphLayer, ckpt: Checkpoint, group_size: int, grid: Grid) -> None:
@@ -338,20 +369,7 @@ class GroupedLayer(nn.Module):
         return conv(x, w, bias, *self.conv)
 
     def _group_sums(self, x_codes: torch.Tensor) -> torch.Tensor:
-        """Exact per-group integer dot products, ``[..., O, G]`` (channels and groups last)."""
-        out = self.codes.shape[0]
-        flat = self.codes.reshape(out, -1)
-        n_groups = flat.shape[1] // self.group_size
-        if self.kind == "linear":
-            xg = x_codes.reshape(*x_codes.shape[:-1], n_groups, self.group_size)
-            return torch.einsum("...gk,ogk->...og", xg, flat.reshape(out, n_groups, -1))
-        sums = []
-        for g in range(n_groups):
-            masked = torch.zeros_like(flat)
-            cols = slice(g * self.group_size, (g + 1) * self.group_size)
-            masked[:, cols] = flat[:, cols]
-            sums.append(self._float(x_codes, masked.reshape(self.codes.shape), None))
-        return torch.stack(sums, dim=-1).movedim(1, -2)  # [N, ..., O, G]
+        return group_sums(x_codes, self.codes, self.group_size, self.kind, self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ref = self._float(x, self.weight.to(x.dtype), self.bias.to(x.dtype))

@@ -150,6 +150,29 @@ def test_stored_bytes_equal_the_solver_size(out, groups, group, bits, kernel, se
     assert torch.equal(decode_weight(stored, shape), codes)
 
 
+@settings(max_examples=40, deadline=None)
+@given(groups=st.sampled_from([1, 2, 3]), cin=st.sampled_from([1, 2, 4]),
+       kernel=st.sampled_from([(1, 1), (3, 3), (2, 3), (3,), (1,)]),
+       group=st.sampled_from([1, 2, 3, 4, 5, 6, 8, 9]), seed=st.integers(0, 2**31 - 1))
+def test_fake_quant_group_sums_equal_the_integer_models(groups, cin, kernel, group,
+                                                        seed) -> None:
+    """``fakequant.group_sums`` (one float64 convolution per group on the input channels its
+    columns touch, groups straddling channels included) gives the integer model's exact sums."""
+    from quantize.fakequant import group_sums
+
+    fan_in = cin * math.prod(kernel)
+    if fan_in % group:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    spatial = (7, 6)[: len(kernel)]
+    x = torch.randint(-128, 128, (2, cin * groups, *spatial), generator=gen)
+    w = torch.randint(-127, 128, (3 * groups, cin, *kernel), generator=gen)
+    conv = ((1,) * len(kernel), (1,) * len(kernel), (1,) * len(kernel), groups)
+    want = int_group_sums(x, w, group, conv)  # [N, O, G, ...]
+    got = group_sums(x.double(), w.double(), group, f"conv{len(kernel)}d", conv)
+    assert torch.equal(got.to(torch.int64), want.movedim(1, -1).movedim(1, -1))
+
+
 def test_group_sums_of_a_1d_convolution() -> None:
     gen = torch.Generator().manual_seed(3)
     x = torch.randint(0, 16, (2, 4, 13), generator=gen)
