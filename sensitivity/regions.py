@@ -406,21 +406,38 @@ def update_stats(
     with_error: bool = True,
 ) -> None:
     """Add a batch of layer inputs ``a`` ([N, C, H, W], float) to ``stats``."""
+    add_stats(stats, *layer_codes(a, scale, signed, high_bits, low_bits, with_error))
+
+
+def layer_codes(
+    a: torch.Tensor, scale: float, signed: bool, high_bits: int, low_bits: int,
+    with_error: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A batch of layer inputs' INT8 codes and, ``with_error``, the squared error of every
+    value at INT8 and at INT4 (float64): what every region size of the layer bins."""
     codes = quantize_activation(a, scale, high_bits, signed)
-    sums, counts = region_sums(codes, stats.region)
-    # floor(sum / count) is exact here: sums and counts are exact integers far below 2^53.
-    bins = torch.floor(sums / counts).to(torch.int64).clamp_(0, stats.count.numel() - 1).reshape(-1)
-    stats.count += torch.bincount(bins, minlength=stats.count.numel()).to(torch.float64)
-    stats.samples += a.shape[0]
-    if stats.uses is not None:
-        uses = stats.uses.expand(a.shape[0], -1, -1).reshape(-1)
-        stats.macs += torch.bincount(bins, weights=uses, minlength=stats.macs.numel())
     if not with_error:
-        return
+        return codes, None, None
     s_low = low_scale(scale, signed, high_bits, low_bits)
     # Differences in the activation dtype (as the runtime computes them), squares in float64.
     e_high = (codes * scale - a).to(torch.float64).pow(2)
     e_low = (quantize_activation(a, s_low, low_bits, signed) * s_low - a).to(torch.float64).pow(2)
+    return codes, e_high, e_low
+
+
+def add_stats(stats: RegionStats, codes: torch.Tensor, e_high: torch.Tensor | None,
+              e_low: torch.Tensor | None) -> None:
+    """Add a batch's ``layer_codes`` to ``stats`` (its region size's sums and histograms)."""
+    sums, counts = region_sums(codes, stats.region)
+    # floor(sum / count) is exact here: sums and counts are exact integers far below 2^53.
+    bins = torch.floor(sums / counts).to(torch.int64).clamp_(0, stats.count.numel() - 1).reshape(-1)
+    stats.count += torch.bincount(bins, minlength=stats.count.numel()).to(torch.float64)
+    stats.samples += codes.shape[0]
+    if stats.uses is not None:
+        uses = stats.uses.expand(codes.shape[0], -1, -1).reshape(-1)
+        stats.macs += torch.bincount(bins, weights=uses, minlength=stats.macs.numel())
+    if e_high is None or e_low is None:
+        return
     for err, acc in ((e_high, stats.err_high), (e_low, stats.err_low)):
         per_region = region_sums(err, stats.region)[0].reshape(-1)
         acc += torch.bincount(bins, weights=per_region, minlength=acc.numel())
@@ -594,10 +611,12 @@ class _Collector:
 
     def __call__(self, name: str, a: torch.Tensor) -> None:
         scale, signed = self.grids[name]
-        for table in self.tables:
-            for st in table.get(name, ()):
-                update_stats(st, a, scale, signed, self.cfg.high_bits, self.cfg.low_bits,
-                             self.with_error)
+        stats = [st for table in self.tables for st in table.get(name, ())]
+        if stats:  # the codes and errors once, binned by every region size
+            done = layer_codes(a, scale, signed, self.cfg.high_bits, self.cfg.low_bits,
+                               self.with_error)
+            for st in stats:
+                add_stats(st, *done)
 
 
 def _modes(
