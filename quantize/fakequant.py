@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -59,7 +59,6 @@ from .points import TRANSPARENT_OPS, Grid
 from .primitives import (
     activation_qrange,
     dyadic,
-    dyadic_group_requantize,
     expand_scales,
     fake_quantize_activation,
 )
@@ -303,45 +302,53 @@ class QuantMean(nn.Module):
         return f"dims={self.dims}, scale={self.scale:.6g}, bits={self.bits}"
 
 
-def group_sums(x_codes: torch.Tensor, codes: torch.Tensor, group_size: int, kind: str,
-               conv: tuple) -> torch.Tensor:
-    """Exact per-group dot products (float64 sums of integers) of a layer's input codes with
-    its weight codes, ``[..., O, G]`` (channels and groups last): groups of ``group_size``
-    consecutive columns of the flattened fan-in (``in/groups * kernel``, the weight's memory
-    order); ``conv = (stride, padding, dilation, groups)`` for ``conv1d`` / ``conv2d``."""
+def weight_parts(codes: torch.Tensor, b: torch.Tensor, group_size: int,
+                 bits: int) -> list[torch.Tensor]:
+    """The integer weights ``codes[o, f] * b[o, f // group_size]`` (each group's dyadic
+    multiplier folded into its codes; ``f`` along the flattened fan-in, the weight's memory
+    order), split into float64 parts of ``bits`` bits in ``codes``' shape:
+    ``sum_j parts[j] * 2^(bits * j)`` is that product exactly. The parts below the top one lie
+    in ``[0, 2^bits)``; the top one carries the sign."""
     out = codes.shape[0]
-    flat = codes.reshape(out, -1)
-    n_groups = flat.shape[1] // group_size
-    if kind == "linear":
-        xg = x_codes.reshape(*x_codes.shape[:-1], n_groups, group_size)
-        return torch.einsum("...gk,ogk->...og", xg, flat.reshape(out, n_groups, -1))
-    fn = nn.functional.conv1d if kind == "conv1d" else nn.functional.conv2d
-    # a group's columns span input channels c0 .. c1 of each conv group (``kk`` columns a
-    # channel): its convolution reads those channels alone, the other columns zeroed, so the
-    # groups together cost about one convolution, not one each
-    cin, kernel = codes.shape[1], codes.shape[2:]
-    kk, conv_groups = math.prod(kernel), conv[3]
-    n, spatial = x_codes.shape[0], x_codes.shape[2:]
-    x5 = x_codes.reshape(n, conv_groups, cin, *spatial)
-    sums = []
-    for g in range(n_groups):
-        lo, hi = g * group_size, (g + 1) * group_size
-        c0, c1 = lo // kk, -(-hi // kk)
-        w = torch.zeros(out, (c1 - c0) * kk, dtype=flat.dtype, device=flat.device)
-        w[:, lo - c0 * kk:hi - c0 * kk] = flat[:, lo:hi]
-        xs = x5[:, :, c0:c1].reshape(n, conv_groups * (c1 - c0), *spatial)
-        sums.append(fn(xs, w.reshape(out, c1 - c0, *kernel), None, *conv))
-    return torch.stack(sums, dim=-1).movedim(1, -2)  # [N, ..., O, G]
+    prod = (codes.to(torch.int64).reshape(out, -1, group_size)
+            * b.to(torch.int64).unsqueeze(-1)).reshape(codes.shape)
+    parts = []
+    while bool((prod.abs() >= 1 << bits).any()):
+        parts.append((prod & ((1 << bits) - 1)).to(torch.float64))  # the low bits, >= 0
+        prod = prod >> bits  # arithmetic: prod == (prod >> bits) * 2^bits + (prod & mask)
+    return [*parts, prod.to(torch.float64)]
+
+
+def part_bits(fan_in: int, x_max: int) -> int:
+    """The widest part (``weight_parts``) whose products with ``fan_in`` input codes of
+    magnitude <= ``x_max`` sum below 2^52 in float64, where every partial sum of integers is
+    exact whatever the summation order."""
+    return max(1, 52 - math.ceil(math.log2(fan_in * max(x_max, 1) + 1)))
+
+
+def grouped_total(x_codes: torch.Tensor, parts: Sequence[torch.Tensor], bits: int,
+                  layer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``sum_g acc[g] * b[g]`` per output (int64, the layer's output layout): each part of the
+    folded weights (``weight_parts``) applied to the input codes by ``layer`` (a float64 linear
+    or convolution, exact by ``part_bits``), shifted into place and summed in int64."""
+    total = None
+    for j, part in enumerate(parts):
+        s = torch.round(layer(x_codes, part)).to(torch.int64) << (bits * j)
+        total = s if total is None else total + s
+    assert total is not None
+    return total
 
 
 class GroupedLayer(nn.Module):
     """A linear or conv layer with one weight scale per group of ``group_size`` inputs.
 
-    Forward: the input's codes on the layer's input grid, one exact dot product per group
-    (float64 sums of integers: an einsum for linear; for conv one convolution per group on the
-    input channels its columns touch, the other columns zeroed), then
-    ``quantize.primitives.dyadic_group_requantize`` and the clamp to the output grid. The
-    float layer with the dequantized weight gives the straight-through gradient.
+    Forward: the input's codes on the layer's input grid; the sum over groups of each group's
+    integer dot product times its dyadic multiplier, as one layer applied to weights with the
+    multipliers folded in (``weight_parts``: float64 parts small enough that every sum is exact,
+    ``grouped_total``); the bias and the rounding shift of
+    ``quantize.primitives.dyadic_group_requantize`` in int64, the same integers; the clamp to
+    the output grid. The float layer with the dequantized weight gives the straight-through
+    gradient.
     """
 
     def __init__(self, layer: GraphLayer, ckpt: Checkpoint, group_size: int, grid: Grid) -> None:
@@ -357,10 +364,16 @@ class GroupedLayer(nn.Module):
         bias = t[f"{name}.bias_q"].to(torch.float64) * s_w.amax(dim=1).to(torch.float64)
         self.register_buffer("weight", codes.to(torch.float32) * expand_scales(s_w, codes))
         self.register_buffer("bias", (bias * self.s_in).to(torch.float32))
-        self.register_buffer("codes", codes.to(torch.float64))
-        self.register_buffer("b", t[f"{name}.requant_b"].to(torch.int64))
+        b = t[f"{name}.requant_b"].to(torch.int64)
+        lo, hi = ckpt.input_grid(name).qrange
+        self.bits = part_bits(codes[0].numel(), max(abs(lo), abs(hi)))
+        parts = weight_parts(codes, b, group_size, self.bits)
+        self.n_parts = len(parts)
+        for j, part in enumerate(parts):
+            self.register_buffer(f"part{j}", part)
         self.register_buffer("c", t[f"{name}.requant_c"].to(torch.int64))
-        self.register_buffer("bias_q", t[f"{name}.bias_q"].to(torch.int64))
+        # the bias on the grid of the row's largest group multiplier, as the integer model adds it
+        self.register_buffer("bias_b", t[f"{name}.bias_q"].to(torch.int64) * b.amax(dim=1))
 
     def _float(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "linear":
@@ -368,16 +381,16 @@ class GroupedLayer(nn.Module):
         conv = nn.functional.conv1d if self.kind == "conv1d" else nn.functional.conv2d
         return conv(x, w, bias, *self.conv)
 
-    def _group_sums(self, x_codes: torch.Tensor) -> torch.Tensor:
-        return group_sums(x_codes, self.codes, self.group_size, self.kind, self.conv)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ref = self._float(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
         x_codes = torch.round(x.detach().to(torch.float64) / self.s_in)
-        acc = torch.round(self._group_sums(x_codes)).to(torch.int64)
-        q = dyadic_group_requantize(acc, self.b, self.c, self.bias_q)
-        if self.kind != "linear":
-            q = q.movedim(-1, 1)
+        parts = [getattr(self, f"part{j}") for j in range(self.n_parts)]
+        total = grouped_total(x_codes, parts, self.bits, lambda v, w: self._float(v, w, None))
+        shape = [1] * total.dim()
+        shape[-1 if self.kind == "linear" else 1] = -1
+        c = self.c.reshape(shape)
+        half = torch.where(c > 0, torch.ones_like(c) << (c - 1).clamp_min(0), 0)
+        q = (total + self.bias_b.reshape(shape) + half) >> c
         out = (q.clamp(self.lo, self.hi).to(torch.float64) * self.scale).to(x.dtype)
         return ref + (out - ref).detach()
 

@@ -150,27 +150,48 @@ def test_stored_bytes_equal_the_solver_size(out, groups, group, bits, kernel, se
     assert torch.equal(decode_weight(stored, shape), codes)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(groups=st.sampled_from([1, 2, 3]), cin=st.sampled_from([1, 2, 4]),
-       kernel=st.sampled_from([(1, 1), (3, 3), (2, 3), (3,), (1,)]),
-       group=st.sampled_from([1, 2, 3, 4, 5, 6, 8, 9]), seed=st.integers(0, 2**31 - 1))
-def test_fake_quant_group_sums_equal_the_integer_models(groups, cin, kernel, group,
-                                                        seed) -> None:
-    """``fakequant.group_sums`` (one float64 convolution per group on the input channels its
-    columns touch, groups straddling channels included) gives the integer model's exact sums."""
-    from quantize.fakequant import group_sums
+       kernel=st.sampled_from([None, (1, 1), (3, 3), (2, 3), (3,), (1,)]),
+       group=st.sampled_from([1, 2, 3, 4, 6, 8, 9]), in_bits=st.sampled_from([4, 8]),
+       b_bits=st.sampled_from([3, 16, 31]), seed=st.integers(0, 2**31 - 1))
+def test_fake_quant_group_totals_equal_the_integer_models(groups, cin, kernel, group, in_bits,
+                                                          b_bits, seed) -> None:
+    """``fakequant.grouped_total`` (the group multipliers folded into the weights, split into
+    float64 parts that sum exactly) gives the integer model's ``sum_g acc[g] * b[g]``, for
+    linear and conv layers, groups straddling channels, multipliers up to 31 bits; and
+    ``weight_parts`` adds back up to the folded weights."""
+    from quantize.fakequant import grouped_total, part_bits, weight_parts
 
-    fan_in = cin * math.prod(kernel)
-    if fan_in % group:
+    k = 1 if kernel is None else math.prod(kernel)
+    if (cin * k) % group:
         return
     gen = torch.Generator().manual_seed(seed)
-    spatial = (7, 6)[: len(kernel)]
-    x = torch.randint(-128, 128, (2, cin * groups, *spatial), generator=gen)
-    w = torch.randint(-127, 128, (3 * groups, cin, *kernel), generator=gen)
-    conv = ((1,) * len(kernel), (1,) * len(kernel), (1,) * len(kernel), groups)
-    want = int_group_sums(x, w, group, conv)  # [N, O, G, ...]
-    got = group_sums(x.double(), w.double(), group, f"conv{len(kernel)}d", conv)
-    assert torch.equal(got.to(torch.int64), want.movedim(1, -1).movedim(1, -1))
+    x_max = 2 ** (in_bits - 1)
+    out = 3 * groups
+    if kernel is None:  # linear: [N, T, in] inputs
+        x = torch.randint(-x_max, x_max, (2, 3, cin * k), generator=gen)
+        w = torch.randint(-127, 128, (out, cin * k), generator=gen)
+        conv, fn = None, torch.nn.functional.linear
+    else:
+        spatial = (7, 6)[: len(kernel)]
+        x = torch.randint(-x_max, x_max, (2, cin * groups, *spatial), generator=gen)
+        w = torch.randint(-127, 128, (out, cin, *kernel), generator=gen)
+        conv = ((1,) * len(kernel), (1,) * len(kernel), (1,) * len(kernel), groups)
+        op = torch.nn.functional.conv1d if len(kernel) == 1 else torch.nn.functional.conv2d
+        fn = lambda v, wt: op(v, wt, None, *conv)  # noqa: E731
+    n_groups = cin * k // group
+    b = torch.randint(1, 2**b_bits, (out, n_groups), generator=gen)
+    bits = part_bits(cin * k, x_max)
+    parts = weight_parts(w, b, group, bits)
+    folded = (w.reshape(out, n_groups, group) * b.unsqueeze(-1)).reshape(w.shape)
+    assert torch.equal(sum(p.to(torch.int64) << (bits * j) for j, p in enumerate(parts)), folded)
+    sums = int_group_sums(x, w, group, conv)  # [..., O, G] linear, [N, O, G, ...] conv
+    if kernel is None:
+        want = (sums * b).sum(-1)
+    else:
+        want = (sums * b.reshape(1, out, n_groups, *[1] * len(kernel))).sum(2)
+    assert torch.equal(grouped_total(x.double(), parts, bits, fn), want)
 
 
 def test_group_sums_of_a_1d_convolution() -> None:
