@@ -24,8 +24,8 @@ from torch import nn
 
 from .api import apply
 from .config import QuantizeConfig
-from .data import CalibrationSet, run_batch
-from .evaluate import REFERENCE_MAX_BYTES, Reference, reference_outputs
+from .data import CalibrationSet
+from .evaluate import REFERENCE_MAX_BYTES, Reference, Runner, reference_outputs
 from .graph import program_module
 
 KINDS = ("cross_entropy", "kl", "mse")
@@ -102,25 +102,32 @@ def sample_losses(reference: nn.Module | Reference | None, module: nn.Module, da
     device = device or torch.device("cpu")
     out = []
     start = 0
+    fp32 = reference if isinstance(reference, nn.Module) and loss_kind != "cross_entropy" \
+        else None
+    run = Runner([module, fp32])  # channels-last for image models, as evaluate runs them
     with torch.no_grad():
-        for b in data.batches(batch_size, fixed=fixed):
-            b = b.to(device)
-            rows = slice(start, start + b.size)
-            start += b.size
-            q = run_batch(module, b).to(torch.float64)
-            if loss_kind == "cross_entropy":
-                labels = b.labels[: b.size]
-                per = F.cross_entropy(q.reshape(-1, q.shape[-1]), labels.reshape(-1),
-                                      reduction="none").reshape(labels.shape)
-            else:
-                t = (reference.outputs[rows].to(device) if isinstance(reference, Reference)
-                     else run_batch(reference, b)).to(torch.float64)
-                if loss_kind == "kl":
-                    logp = F.log_softmax(t, dim=-1)
-                    per = (logp.exp() * (logp - F.log_softmax(q, dim=-1))).sum(-1)
+        try:
+            for b in data.batches(batch_size, fixed=fixed):
+                b = b.to(device)
+                rows = slice(start, start + b.size)
+                start += b.size
+                outs = run(b)
+                q = outs[0].to(torch.float64)
+                if loss_kind == "cross_entropy":
+                    labels = b.labels[: b.size]
+                    per = F.cross_entropy(q.reshape(-1, q.shape[-1]), labels.reshape(-1),
+                                          reduction="none").reshape(labels.shape)
                 else:
-                    per = (q - t).pow(2)
-            out.append(per.reshape(b.size, -1).mean(1).cpu())
+                    t = (reference.outputs[rows].to(device) if isinstance(reference, Reference)
+                         else outs[1]).to(torch.float64)
+                    if loss_kind == "kl":
+                        logp = F.log_softmax(t, dim=-1)
+                        per = (logp.exp() * (logp - F.log_softmax(q, dim=-1))).sum(-1)
+                    else:
+                        per = (q - t).pow(2)
+                out.append(per.reshape(b.size, -1).mean(1).cpu())
+        finally:
+            run.close()
     return torch.cat(out)
 
 

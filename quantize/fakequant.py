@@ -95,6 +95,29 @@ def _as3d(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:]))
 
 
+_NHWC = (0, 2, 3, 1)  # a channels-last 4-D tensor's dims in memory order
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Stored channels-last and not also plain contiguous (e.g. 1x1 maps are both)."""
+    return x.dim() == 4 and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense(x: torch.Tensor, channel_dim: int | None = None
+           ) -> tuple[torch.Tensor, int | None, Callable[[torch.Tensor], torch.Tensor]]:
+    """``x`` (detached) as a contiguous tensor in its own memory order, ``channel_dim``'s
+    place in it, and the inverse for a result of that shape: a channels-last 4-D tensor is
+    viewed as NHWC (no copy) and the result viewed back as channels-last NCHW, so the chains
+    keep the layout the convolutions chose (``quantize.evaluate`` runs image models
+    channels-last); any other tensor is made contiguous."""
+    x = x.detach()
+    if _channels_last(x):
+        dim = None if channel_dim is None else _NHWC.index(channel_dim % 4)
+        return x.permute(*_NHWC), dim, lambda y: y.permute(0, 3, 1, 2)
+    return x.contiguous(), channel_dim, lambda y: y
+
+
 def _blocks(shape: tuple[int, int, int]):
     """Index tuples into an ``[outer, channels, inner]`` tensor covering it in pieces of about
     ``_block_size()`` elements (whole inner rows where they fit, whole channel planes where
@@ -144,7 +167,8 @@ class FakeQuant(nn.Module):
             return fake_quantize_activation(x, self.scale, self.bits, self.signed)
         # fake_quantize_activation's operations, block by block, in place
         lo, hi = activation_qrange(self.bits, self.signed)
-        x3 = _as3d(x.detach().contiguous(), None)
+        xd, _, back = _dense(x)
+        x3 = _as3d(xd, None)
         out = torch.empty_like(x3)
 
         def block(idx: tuple[slice, slice, slice]) -> None:
@@ -153,7 +177,7 @@ class FakeQuant(nn.Module):
             o.round_().clamp_(lo, hi).mul_(self.scale).sub_(xs).add_(xs)
 
         _blockwise(block, tuple(x3.shape))
-        return out.reshape(x.shape)
+        return back(out.reshape(xd.shape))
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
@@ -209,7 +233,8 @@ class Requant(nn.Module):
         """``(clamp(dyadic_round(codes_of(x, src), b, c)) * scale).to(x.dtype)``, block by block
         (``+ x - x`` in place when ``ste``: the forward value of ``x + (out - x)``)."""
         channels = max(self.src_scale.numel(), self.multiplier.numel())
-        x3 = _as3d(x.detach().contiguous(), self.channel_dim if channels > 1 else None)
+        xd, dim, back = _dense(x, self.channel_dim if channels > 1 else None)
+        x3 = _as3d(xd, dim)
         if channels > 1 and x3.shape[1] != channels:
             raise BadCheckpointError(f"a requantisation of {channels} channels got a tensor "
                                      f"of shape {tuple(x.shape)}")
@@ -217,16 +242,18 @@ class Requant(nn.Module):
 
         def block(idx: tuple[slice, slice, slice]) -> None:
             xs, o = x3[idx], out[idx]
-            y = xs.to(torch.float64)
-            y.div_(_per_channel(self.src_scale, idx[1])).round_()  # codes_of
+            # codes_of: x promoted to float64 (exactly: the divisor is a dimensioned float64
+            # tensor, which sets the type) and divided, in one pass
+            src = self.src_scale[idx[1]] if self.src_scale.numel() > 1 else self.src_scale
+            y = torch.div(xs, src.reshape(1, -1, 1)).round_()
             y.mul_(_per_channel(self.multiplier, idx[1])).add_(0.5).floor_()  # dyadic_round
-            y.clamp_(self.lo, self.hi).mul_(self.scale)
-            o.copy_(y)
+            # the grid value in float64, stored as x's dtype in the same pass
+            torch.mul(y.clamp_(self.lo, self.hi), self.scale, out=o)
             if ste:
                 o.sub_(xs).add_(xs)
 
         _blockwise(block, tuple(x3.shape))
-        return out.reshape(x.shape)
+        return back(out.reshape(xd.shape))
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
@@ -259,7 +286,11 @@ class QuantAdd(nn.Module):
             return (total.clamp(self.lo, self.hi) * self.scale).to(a.dtype)
         # the same operations block by block (b / 2^c as one exact float64 multiplier)
         mults = [None if p is None else float(p[0]) / 2.0 ** int(p[1]) for p in self.pairs]
-        a3, b3 = _as3d(a.detach().contiguous(), None), _as3d(b.detach().contiguous(), None)
+        if _channels_last(a) == _channels_last(b):
+            (ad, _, back), (bd, _, _) = _dense(a), _dense(b)
+        else:  # the two in different layouts: both contiguous NCHW
+            ad, bd, back = a.detach().contiguous(), b.detach().contiguous(), lambda y: y
+        a3, b3 = _as3d(ad, None), _as3d(bd, None)
         out = torch.empty_like(a3)
 
         def block(idx: tuple[slice, slice, slice]) -> None:
@@ -273,7 +304,7 @@ class QuantAdd(nn.Module):
             out[idx].copy_(total.clamp_(self.lo, self.hi).mul_(self.scale))
 
         _blockwise(block, tuple(a3.shape))
-        return out.reshape(a.shape)
+        return back(out.reshape(ad.shape))
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"

@@ -63,7 +63,8 @@ def test_bad_inputs_are_refused() -> None:
                       CalibrationSet((torch.zeros(2, 3),)), "hinge", 2)
 
 
-def test_sample_losses_match_the_loss_functions(cnn_program, heldout_eval) -> None:
+def test_sample_losses_match_the_loss_functions(cnn_program, heldout_eval,
+                                                monkeypatch) -> None:
     train, _ = heldout_eval
     ref = cnn_program.module()
     scaled = lambda x: ref(x) * 0.5  # noqa: E731 (another model: softened logits)
@@ -84,7 +85,9 @@ def test_sample_losses_match_the_loss_functions(cnn_program, heldout_eval) -> No
     # no labels: cross-entropy falls back to KL to the reference
     unlabelled = CalibrationSet((x,))
     assert torch.allclose(sample_losses(ref, scaled, unlabelled, "cross_entropy", 64), kl)
-    # the FP32 outputs measured once score like the FP32 module, chunked or padded alike
+    # the FP32 outputs measured once score like the FP32 module, chunked or padded alike (run
+    # as exported, as the module here: channels-last convolutions sum in another order)
+    monkeypatch.setattr("quantize.evaluate.CHANNELS_LAST", False)
     outputs = reference_outputs(ref, train, 64)
     for kind, want in (("kl", kl), ("mse", sample_losses(ref, scaled, train, "mse", 64))):
         assert torch.equal(sample_losses(outputs, scaled, train, kind, 64), want)
@@ -119,7 +122,8 @@ def test_compare_scores_both_plans_on_the_calibration_samples(cnn_program, plan_
             out = module(x).double()
             assert torch.equal(bare.module(x).double(), out)
         kl = float((logp.exp() * (logp - F.log_softmax(out, 1))).sum(1).mean())
-        assert getattr(r, f"loss_{key}") == pytest.approx(kl, rel=1e-9)
+        # rel 1e-6: the check runs the FP32 model channels-last (measured 3.1e-8 apart)
+        assert getattr(r, f"loss_{key}") == pytest.approx(kl, rel=1e-6)
         assert getattr(ce, f"loss_{key}") == pytest.approx(float(F.cross_entropy(out, y)),
                                                           rel=1e-9)
     assert r.loss_drq != r.loss_off

@@ -270,3 +270,31 @@ def test_build_fake_quant_generates_its_code_once(cnn_program, cnn_int8, monkeyp
     base, calls[0] = calls[0], 0  # building the program's module (its code generated once)
     build_fake_quant(cnn_program, cnn_int8.checkpoint)
     assert calls[0] == base + 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 5),
+                       st.integers(1, 5)),
+       block=st.sampled_from([1, 7, 64, TEAM_BLOCK]), seed=st.integers(0, 2**31 - 1))
+def test_the_chains_keep_a_channels_last_layout(shape, block, seed) -> None:
+    """A channels-last input (what ``quantize.evaluate`` runs image models in) gives the
+    same values as the NCHW one, in the same layout, with no layout copy: FakeQuant, a
+    per-channel Requant and QuantAdd (both inputs channels-last, or one of each)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 3
+    y = torch.randn(shape, generator=gen) * 3
+    cl = torch.channels_last
+    acc = torch.rand(shape[1], generator=gen, dtype=torch.float64) * 0.01 + 1e-3
+    b = torch.randint(1 << 20, 1 << 30, (shape[1],), generator=gen)
+    modules = [FakeQuant(Grid(0.05, 8, True)),
+               Requant(acc, b, torch.full((shape[1],), 31), Grid(0.07, 8, True))]
+    with mock.patch.object(fakequant, "BLOCK", block), torch.no_grad():
+        for m in modules:
+            want, got = m(x), m(x.contiguous(memory_format=cl))
+            assert torch.equal(got, want)
+            assert got.is_contiguous(memory_format=cl)
+        add = QuantAdd(Grid(0.1, 8, True), Grid(0.05, 8, True), Grid(0.07, 8, True))
+        want = add(x, y)
+        for a, c in ((x.contiguous(memory_format=cl), y.contiguous(memory_format=cl)),
+                     (x.contiguous(memory_format=cl), y)):
+            assert torch.equal(add(a, c), want)

@@ -125,7 +125,9 @@ def test_pipeline_keeps_drq_only_when_it_measures_better(cnn_pt2, calib_path, tm
         logp = F.log_softmax(job.program.module()(job.train.args[0]).double(), 1)
         logq = F.log_softmax(kept(job.train.args[0]).double(), 1)
     loss = float((logp.exp() * (logp - logq)).sum(1).mean())
-    assert loss == pytest.approx(check["loss_" + check["kept"]], rel=1e-9)
+    # the check runs the image model channels-last, its convolutions summing in another order
+    # than here (measured 1.8e-7 relative apart; bound 50x that)
+    assert loss == pytest.approx(check["loss_" + check["kept"]], rel=1e-5)
 
     # the same check with an unreachable margin keeps the plan without DRQ
     drq_solution = solve(problem)
