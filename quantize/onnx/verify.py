@@ -56,6 +56,7 @@ from solver.errors import (
 
 from ..checkpoint import Checkpoint
 from ..data import CalibrationSet
+from ..evaluate import Runner
 from ..fakequant import build_fake_quant
 from ..points import Grid, Point
 
@@ -423,20 +424,25 @@ def verify(
     margins: list[np.ndarray] = []
     diff: Deviations | None = None  # of every output value, without keeping them all
     ref_scale = 0.0
+    forward = Runner([fake])  # channels-last for an image model, as quantize.evaluate runs it
     with torch.no_grad():
-        for batch in holdout.batches(fixed_batch or cfg.batch_size, fixed=fixed_batch is not None):
-            if batch.kwargs:
-                raise ExportMismatchError("programs with keyword inputs are not verified")
-            ref = fake(*batch.args).detach().to(torch.float64).numpy()[: batch.size]
-            got = run(sess, batch.args).astype(np.float64)[: batch.size]
-            n += batch.size
-            flat = ref.reshape(batch.size, -1)
-            agrees.append(flat.argmax(1) == got.reshape(batch.size, -1).argmax(1))
-            margins.append(top_margin(flat))
-            if diff is None:
-                diff = Deviations(len(holdout) * flat.shape[1])
-            diff.add(np.abs(ref - got))
-            ref_scale = max(ref_scale, float(np.abs(ref).max()) if ref.size else 0.0)
+        try:
+            size, fixed = fixed_batch or cfg.batch_size, fixed_batch is not None
+            for batch in holdout.batches(size, fixed=fixed):
+                if batch.kwargs:
+                    raise ExportMismatchError("programs with keyword inputs are not verified")
+                ref = forward(batch)[0].detach().to(torch.float64).numpy()
+                got = run(sess, batch.args).astype(np.float64)[: batch.size]
+                n += batch.size
+                flat = ref.reshape(batch.size, -1)
+                agrees.append(flat.argmax(1) == got.reshape(batch.size, -1).argmax(1))
+                margins.append(top_margin(flat))
+                if diff is None:
+                    diff = Deviations(len(holdout) * flat.shape[1])
+                diff.add(np.abs(ref - got))
+                ref_scale = max(ref_scale, float(np.abs(ref).max()) if ref.size else 0.0)
+        finally:
+            forward.close()  # the float layers' weights are the program's
     if diff is None:
         diff = Deviations(1)
         diff.add(np.zeros(1))
