@@ -71,13 +71,17 @@ def region_sums(x_int: torch.Tensor, region: tuple[int, int]) -> tuple[torch.Ten
     ``counts`` float64 ``[ceil(H/y), ceil(W/x)]`` = channels x pixels in the (possibly partial)
     region.
     """
+    return plane_region_sums(channel_plane(x_int), region, x_int.shape[1])
+
+
+def channel_plane(x_int: torch.Tensor) -> torch.Tensor:
+    """Sum of |value| over channels of an ``[N, C, H, W]`` map, float64 ``[N, H, W]``: the part
+    of :func:`region_sums` that does not depend on the region size (computed once, pooled by
+    each size with :func:`plane_region_sums`)."""
     if x_int.dim() != 4:
         raise ValueError(
             f"region statistics need an [N, C, H, W] map, got shape {tuple(x_int.shape)}"
         )
-    x, y = _check_region(region)
-    n, c, h, w = x_int.shape
-    rows, cols = region_grid(h, w, region)
     # Summing over channels first keeps the big tensor in its own dtype; a float32 sum of INT8
     # codes (|q| <= 255) is exact for C < 65793 channels, and only the channel-reduced map moves
     # to float64. int8 is widened first because abs(-128) overflows in int8.
@@ -86,11 +90,20 @@ def region_sums(x_int: torch.Tensor, region: tuple[int, int]) -> tuple[torch.Ten
     acc = None
     if x_int.is_floating_point():
         acc = torch.float64 if x_int.dtype == torch.float64 else torch.float32
-    plane = x_int.abs().sum(dim=1, dtype=acc).to(torch.float64)
+    return x_int.abs().sum(dim=1, dtype=acc).to(torch.float64)
+
+
+def plane_region_sums(plane: torch.Tensor, region: tuple[int, int],
+                      channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`region_sums` of a map whose :func:`channel_plane` is ``plane`` ``[N, H, W]``
+    and which has ``channels`` channels."""
+    x, y = _check_region(region)
+    n, h, w = plane.shape
+    rows, cols = region_grid(h, w, region)
     plane = F.pad(plane, (0, cols * x - w, 0, rows * y - h))
     sums = plane.reshape(n, rows, y, cols, x).sum(dim=(2, 4))
-    ones = torch.zeros(rows * y, cols * x, dtype=torch.float64, device=x_int.device)
-    ones[:h, :w] = c
+    ones = torch.zeros(rows * y, cols * x, dtype=torch.float64, device=plane.device)
+    ones[:h, :w] = channels
     counts = ones.reshape(rows, y, cols, x).sum(dim=(1, 3))
     return sums, counts
 

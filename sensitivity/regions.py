@@ -49,7 +49,15 @@ from torch import fx, nn
 
 from quantize.calibrate import f32
 from quantize.data import CalibrationSet
-from quantize.drq import DRQLayerSettings, input_uses, low_scale, region_grid, region_sums
+from quantize.drq import (
+    DRQLayerSettings,
+    channel_plane,
+    input_uses,
+    low_scale,
+    plane_region_sums,
+    region_grid,
+    region_sums,
+)
 from quantize.graph import GraphLayer, insert_input_modules
 from quantize.observe import ActivationStats, graph_copy, observe
 from quantize.primitives import activation_qrange, quantize_activation
@@ -412,23 +420,27 @@ def update_stats(
 def layer_codes(
     a: torch.Tensor, scale: float, signed: bool, high_bits: int, low_bits: int,
     with_error: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """A batch of layer inputs' INT8 codes and, ``with_error``, the squared error of every
-    value at INT8 and at INT4 (float64): what every region size of the layer bins."""
+) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+    """What every region size of a layer bins, for a batch of its inputs ``a`` [N, C, H, W]:
+    the channel planes (``quantize.drq.channel_plane``, float64 [N, H, W]) of the INT8 codes'
+    |value| and, ``with_error``, of the squared error of every value at INT8 and at INT4;
+    and the channel count."""
     codes = quantize_activation(a, scale, high_bits, signed)
     if not with_error:
-        return codes, None, None
+        return channel_plane(codes), a.shape[1], None, None
     s_low = low_scale(scale, signed, high_bits, low_bits)
     # Differences in the activation dtype (as the runtime computes them), squares in float64.
     e_high = (codes * scale - a).to(torch.float64).pow(2)
     e_low = (quantize_activation(a, s_low, low_bits, signed) * s_low - a).to(torch.float64).pow(2)
-    return codes, e_high, e_low
+    # squares are >= 0: their channel plane is their sum over channels (no abs pass)
+    return channel_plane(codes), a.shape[1], e_high.sum(dim=1), e_low.sum(dim=1)
 
 
-def add_stats(stats: RegionStats, codes: torch.Tensor, e_high: torch.Tensor | None,
-              e_low: torch.Tensor | None) -> None:
-    """Add a batch's ``layer_codes`` to ``stats`` (its region size's sums and histograms)."""
-    sums, counts = region_sums(codes, stats.region)
+def add_stats(stats: RegionStats, codes: torch.Tensor, channels: int,
+              e_high: torch.Tensor | None, e_low: torch.Tensor | None) -> None:
+    """Add a batch's ``layer_codes`` (channel planes) to ``stats`` (its region size's sums
+    and histograms)."""
+    sums, counts = plane_region_sums(codes, stats.region, channels)
     # floor(sum / count) is exact here: sums and counts are exact integers far below 2^53.
     bins = torch.floor(sums / counts).to(torch.int64).clamp_(0, stats.count.numel() - 1).reshape(-1)
     stats.count += torch.bincount(bins, minlength=stats.count.numel()).to(torch.float64)
@@ -439,7 +451,7 @@ def add_stats(stats: RegionStats, codes: torch.Tensor, e_high: torch.Tensor | No
     if e_high is None or e_low is None:
         return
     for err, acc in ((e_high, stats.err_high), (e_low, stats.err_low)):
-        per_region = region_sums(err, stats.region)[0].reshape(-1)
+        per_region = plane_region_sums(err, stats.region, channels)[0].reshape(-1)
         acc += torch.bincount(bins, weights=per_region, minlength=acc.numel())
 
 

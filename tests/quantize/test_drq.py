@@ -19,6 +19,7 @@ from quantize.drq import (
     low_scale,
     region_mask,
     region_means,
+    region_sums,
     upsample_mask,
 )
 from quantize.graph import find_layers
@@ -206,3 +207,21 @@ def test_apply_drq_refuses_linear_and_unknown_layers() -> None:
         apply_drq(gm, layers, {"fc": s})
     with pytest.raises(ValueError, match="unknown"):
         apply_drq(gm, layers, {"nope": s})
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 9), w=st.integers(1, 9),
+       rx=st.integers(1, 4), ry=st.integers(1, 4),
+       dtype=st.sampled_from([torch.int8, torch.int32, torch.float32, torch.float64]),
+       seed=st.integers(0, 2**31 - 1))
+def test_a_channel_plane_pooled_per_region_is_region_sums(n, c, h, w, rx, ry, dtype,
+                                                          seed) -> None:
+    """The region calibration reduces a map over channels once and pools that plane for
+    every region size: the same sums and counts as ``region_sums`` on the map."""
+    from quantize.drq import channel_plane, plane_region_sums
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-128, 128, (n, c, h, w), generator=gen).to(dtype)
+    sums, counts = region_sums(x, (rx, ry))
+    got_sums, got_counts = plane_region_sums(channel_plane(x), (rx, ry), c)
+    assert torch.equal(got_sums, sums) and torch.equal(got_counts, counts)
