@@ -61,6 +61,7 @@ from .primitives import (
     dyadic,
     expand_scales,
     fake_quantize_activation,
+    round_shift,
 )
 from .rows import PlanRow, match_rows
 
@@ -419,9 +420,7 @@ class GroupedLayer(nn.Module):
         total = grouped_total(x_codes, parts, self.bits, lambda v, w: self._float(v, w, None))
         shape = [1] * total.dim()
         shape[-1 if self.kind == "linear" else 1] = -1
-        c = self.c.reshape(shape)
-        half = torch.where(c > 0, torch.ones_like(c) << (c - 1).clamp_min(0), 0)
-        q = (total + self.bias_b.reshape(shape) + half) >> c
+        q = round_shift(total + self.bias_b.reshape(shape), self.c.reshape(shape))
         out = (q.clamp(self.lo, self.hi).to(torch.float64) * self.scale).to(x.dtype)
         return ref + (out - ref).detach()
 

@@ -209,19 +209,23 @@ def dyadic_many(m: torch.Tensor, max_bits: int = 31,
             (max_shift - first).reshape(m.shape).to(torch.int64))
 
 
+def round_shift(total: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Integer ``round(total / 2^c)``, half up: ``(total + 2^(c-1)) >> c`` in int64 (``c``
+    broadcasts against ``total``; ``c = 0`` adds nothing)."""
+    c64 = c.to(torch.int64)
+    half = torch.where(
+        c64 > 0, torch.ones_like(c64) << (c64 - 1).clamp_min(0), torch.zeros_like(c64)
+    )
+    return (total.to(torch.int64) + half) >> c64
+
+
 def dyadic_requantize(acc: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Integer-only ``round(acc * b / 2^c)``: ``(acc * b + 2^(c-1)) >> c`` in int64.
 
     Rounds half up (towards +inf) via the added half step and an arithmetic shift, the usual
     choice of integer-only inference engines. ``b``/``c`` broadcast against ``acc``.
     """
-    acc64 = acc.to(torch.int64)
-    b64 = b.to(torch.int64)
-    c64 = c.to(torch.int64)
-    half = torch.where(
-        c64 > 0, torch.ones_like(c64) << (c64 - 1).clamp_min(0), torch.zeros_like(c64)
-    )
-    return (acc64 * b64 + half) >> c64
+    return round_shift(acc.to(torch.int64) * b.to(torch.int64), c)
 
 
 def group_dyadic(m: torch.Tensor, max_bits: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,11 +254,8 @@ def dyadic_group_requantize(
     output, all in int64 (the caller bounds ``b`` so the sum cannot overflow).
     """
     b64 = b.to(torch.int64)
-    c64 = c.to(torch.int64)
     total = (acc.to(torch.int64) * b64).sum(dim=-1) + bias_q.to(torch.int64) * b64.amax(dim=1)
-    half = torch.where(c64 > 0, torch.ones_like(c64) << (c64 - 1).clamp_min(0),
-                       torch.zeros_like(c64))
-    return (total + half) >> c64
+    return round_shift(total, c)
 
 
 def group_multiplier_bits(fan_in: int, w_bits: int, in_bits: int, bias_bound: int = 0) -> int:
