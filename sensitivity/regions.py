@@ -404,19 +404,6 @@ def choose_threshold(reached: torch.Tensor, fraction: float) -> int:
     return int(torch.nonzero(gap == gap.min())[0, 0])
 
 
-def update_stats(
-    stats: RegionStats,
-    a: torch.Tensor,
-    scale: float,
-    signed: bool,
-    high_bits: int,
-    low_bits: int,
-    with_error: bool = True,
-) -> None:
-    """Add a batch of layer inputs ``a`` ([N, C, H, W], float) to ``stats``."""
-    add_stats(stats, *layer_codes(a, scale, signed, high_bits, low_bits, with_error))
-
-
 def layer_codes(
     a: torch.Tensor, scale: float, signed: bool, high_bits: int, low_bits: int,
     with_error: bool = True,
@@ -770,8 +757,9 @@ __all__ = [
     "RegionConfig",
     "RegionResult",
     "RegionStats",
+    "add_stats",
     "calibrate",
     "choose_threshold",
+    "layer_codes",
     "region_grid",
-    "update_stats",
 ]
