@@ -56,10 +56,9 @@ def mean_interval(total: float, squares: float, n: int) -> tuple[float, float] |
     return mean - half, mean + half
 
 
-# Image models run channels-last here (the layout the CPU's convolutions are fastest in; the
-# fake-quant chains keep it, quantize.fakequant._dense): MobileNetV2's fake-quant forward on
-# 32 images 2.1 -> 1.45 s, the same outputs bit for bit (docs/internals.md). A graph that
-# cannot run so (a view of a channels-last map) runs as exported.
+# Image models run channels-last here: the layout the CPU's convolutions are fastest in, which
+# the fake-quant chains keep (quantize.fakequant._dense); measured in docs/internals.md. A graph
+# that cannot run so (a view of a channels-last map) runs as exported.
 CHANNELS_LAST = True
 
 
