@@ -323,13 +323,14 @@ def point_passes(values: int, mismatched: int, cfg: VerifyConfig) -> bool:
 def point_check(
     program: torch.export.ExportedProgram, ckpt: Checkpoint, model: onnx.ModelProto,
     holdout: CalibrationSet, out_unit: float, cfg: VerifyConfig | None = None,
-    fixed_batch: int | None = None,
+    fixed_batch: int | None = None, fake: fx.GraphModule | None = None,
 ) -> dict[str, Any] | None:
     """Every materialised point and the model output, computed by ONNX Runtime from the
     fake-quant module's values of the points before them (:func:`cut_at_points`), against
     the fake-quant module's values: the share of values on another code (another 8-bit step
     for grids wider than 8 bits; ``out_unit`` for the model output) and the largest
-    deviation, worst point first. None for a file without bitplan's point map."""
+    deviation, worst point first. None for a file without bitplan's point map. ``fake``: the
+    checkpoint's fake-quant module when built already (``verify``'s), else built here."""
     from .export import POINTS_PROP
 
     cfg = cfg or VerifyConfig()
@@ -341,7 +342,7 @@ def point_check(
     if set(values) - set(grids):
         raise ExportMismatchError("the ONNX file's points are not the checkpoint's: "
                                   f"{sorted(set(values) - set(grids))[:5]}")
-    fake = build_fake_quant(program, ckpt)
+    fake = fake if fake is not None else build_fake_quant(program, ckpt)
     nodes = _fake_point_nodes(fake, [grids[end][0] for end in values])
     units = {end: grids[end][1].scale * 2.0 ** max(0, grids[end][1].bits - 8) for end in values}
     sess = session(cut_at_points(model, values), cfg.threads)
@@ -470,7 +471,7 @@ def verify(
         "model_bytes": model.ByteSize(),
         "criteria": cfg.to_dict(),
     }
-    points = point_check(program, ckpt, model, holdout, unit8, cfg, fixed_batch)
+    points = point_check(program, ckpt, model, holdout, unit8, cfg, fixed_batch, fake)
     result["points"] = points
     if points is None:  # a file without the point map: the end-to-end bar instead
         local_ok = result["p99_steps8"] <= cfg.max_step_p99
