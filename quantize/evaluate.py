@@ -62,15 +62,17 @@ def mean_interval(total: float, squares: float, n: int) -> tuple[float, float] |
 CHANNELS_LAST = True
 
 
+def _is_image(a: object) -> bool:
+    return torch.is_tensor(a) and a.dim() == 4 and a.is_floating_point()
+
+
 def _image_args(batch: Batch) -> bool:
-    return any(torch.is_tensor(a) and a.dim() == 4 and a.is_floating_point()
-               for a in [*batch.args, *batch.kwargs.values()])
+    return any(_is_image(a) for a in [*batch.args, *batch.kwargs.values()])
 
 
 def _as_channels_last(batch: Batch) -> Batch:
     def conv(a: object) -> object:
-        return a.contiguous(memory_format=torch.channels_last) if torch.is_tensor(a) \
-            and a.dim() == 4 and a.is_floating_point() else a
+        return a.contiguous(memory_format=torch.channels_last) if _is_image(a) else a
     return Batch(tuple(conv(a) for a in batch.args),
                  {k: conv(v) for k, v in batch.kwargs.items()}, batch.labels, batch.size)
 
